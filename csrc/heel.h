@@ -1,0 +1,147 @@
+/*
+ * heel.h - the C core of heel: Landlock rulesets, the seccomp filter, the
+ * spawn trampoline and the pid-namespace init.
+ *
+ * Everything here is prepared by the parent (Python) and handed over as
+ * plain data; the child between clone() and execve() only runs
+ * async-signal-safe system calls.  heel_cdef.h repeats the declarations that
+ * cffi needs, without preprocessor lines; keep the two in step.
+ */
+#ifndef HEEL_H
+#define HEEL_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* Baked into the compiled module and compared with heel/_version.py at import. */
+#define HEEL_NATIVE_VERSION "0.1.0"
+
+/* ---- Landlock (landlock.c) ------------------------------------------- */
+
+/* The Landlock ABI the running kernel speaks (1, 2, ...), or -errno when
+ * Landlock is missing (-ENOSYS) or disabled at boot (-EOPNOTSUPP). */
+int heel_landlock_abi(void);
+
+/* A ruleset handling exactly these rights; the caller masks them to the ABI.
+ * Returns a close-on-exec fd or -errno. */
+int heel_landlock_create(uint64_t handled_fs, uint64_t handled_net, uint64_t scoped);
+
+/* Allow `allowed` beneath `path` (a directory, or the file itself).
+ * Returns 0 or -errno. */
+int heel_landlock_add_path(int ruleset_fd, const char *path, uint64_t allowed);
+
+/* Allow `allowed` (bind/connect) for TCP `port`.  Returns 0 or -errno. */
+int heel_landlock_add_port(int ruleset_fd, uint64_t port, uint64_t allowed);
+
+/* ---- seccomp (seccomp.c) --------------------------------------------- */
+
+/* One classic BPF instruction; the same layout as struct sock_filter. */
+struct heel_bpf_insn {
+    uint16_t code;
+    uint8_t jt;
+    uint8_t jf;
+    uint32_t k;
+};
+
+struct heel_seccomp_opts {
+    int allow_unix_sockets;   /* socket(AF_UNIX, ...); socketpair(AF_UNIX) is always allowed */
+    int allow_inet_stream;    /* socket(AF_INET/AF_INET6, SOCK_STREAM, ...) */
+    int allow_netlink_route;  /* socket(AF_NETLINK, *, NETLINK_ROUTE) */
+};
+
+/* Assemble the filter into out[0..cap).  Returns the number of instructions
+ * or -errno (-ENOSPC when cap is too small, -ENOTSUP on an unknown arch). */
+int heel_seccomp_build(const struct heel_seccomp_opts *opts,
+                       struct heel_bpf_insn *out, int cap);
+
+/* The AUDIT_ARCH_* value the filter accepts on this build (0 if unknown). */
+uint32_t heel_seccomp_arch(void);
+
+/* ---- the spawn trampoline (spawn.c) ---------------------------------- */
+
+/* Mount operations run in the child's new mount namespace, in order. */
+enum heel_mount_kind {
+    HEEL_MNT_KEEP_RW = 1,  /* clone `path` before the root turns read-only; put it back writable after */
+    HEEL_MNT_READONLY = 2, /* make the tree at `path` read-only (and leave the rest as is) */
+    HEEL_MNT_BIND = 3,     /* clone `source` (writable) and attach it at `path` */
+    HEEL_MNT_PROC = 4,     /* a fresh procfs for the new pid namespace at `path` */
+    HEEL_MNT_TMPFS = 5,    /* an empty private tmpfs at `path` */
+};
+
+struct heel_mount_op {
+    int kind;
+    const char *source;
+    const char *path;
+};
+
+struct heel_rlimit {
+    int resource;
+    uint64_t soft;
+    uint64_t hard;
+};
+
+struct heel_spawn_plan {
+    int init_fd;                  /* O_PATH fd of the heel-init executable */
+    char *const *argv;            /* argv of heel-init (it carries the command) */
+    char *const *envp;            /* the command's environment */
+    const char *cwd;
+    const int *fds;               /* fds[i] becomes fd i in the child; every other fd is closed */
+    int nfds;
+    int report_fd;                /* index in fds of the control socket: failures go there */
+    const struct heel_rlimit *rlimits;
+    int nrlimits;
+    int clone_flags;              /* CLONE_NEW* namespaces to create (0: none) */
+    const char *uid_map;          /* written when CLONE_NEWUSER is set */
+    const char *gid_map;
+    const struct heel_mount_op *mounts; /* when CLONE_NEWNS is set */
+    int nmounts;
+    int readonly_root;            /* make / read-only (recursively) before the KEEP_RW mounts return */
+    int landlock_fd;              /* -1: none */
+    uint64_t proc_access;         /* Landlock rights on the fresh /proc (see spawn.c) */
+    const struct heel_bpf_insn *filter;
+    int filter_len;               /* 0: no seccomp */
+    int pdeathsig;                /* 0: none */
+};
+
+/* Stages of the child's setup, reported with an errno when one fails. */
+enum heel_stage {
+    HEEL_STAGE_CLONE = 1,
+    HEEL_STAGE_SIGNALS = 2,
+    HEEL_STAGE_USERNS = 3,
+    HEEL_STAGE_MOUNT = 4,
+    HEEL_STAGE_FDS = 5,
+    HEEL_STAGE_SETSID = 6,
+    HEEL_STAGE_CHDIR = 7,
+    HEEL_STAGE_RLIMIT = 8,
+    HEEL_STAGE_CAPS = 9,
+    HEEL_STAGE_NO_NEW_PRIVS = 10,
+    HEEL_STAGE_LANDLOCK = 11,
+    HEEL_STAGE_SECCOMP = 12,
+    HEEL_STAGE_EXEC_INIT = 13,
+    HEEL_STAGE_INIT = 14,         /* heel-init itself failed (fork, signalfd, ...) */
+    HEEL_STAGE_EXEC = 15,         /* execve of the command */
+};
+
+/* Messages on the control socket, native byte order, fixed size. */
+enum heel_msg_kind {
+    HEEL_MSG_ERROR = 1,   /* a = stage, b = errno; the command never ran */
+    HEEL_MSG_STARTED = 2, /* a = the command's pid as heel-init sees it */
+    HEEL_MSG_EXITED = 3,  /* a = the command's raw wait status */
+    HEEL_MSG_KILL = 4,    /* host -> init: kill every process of the sandbox and exit */
+};
+
+struct heel_msg {
+    int32_t kind;
+    int32_t a;
+    int32_t b;
+};
+
+/* heel-init's argv: heel-init CTL_FD FLAGS PROGRAM ARGV0 ARGS... */
+#define HEEL_INIT_PIDNS 1   /* heel-init is pid 1 of a pid namespace */
+
+/* Clone a child that applies the plan and execs heel-init.  Returns the pid
+ * (and a pidfd in *pidfd_out) or -errno when clone itself failed.  A later
+ * failure arrives as HEEL_MSG_ERROR on the control socket. */
+int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);
+
+#endif

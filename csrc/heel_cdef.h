@@ -1,0 +1,86 @@
+/* Declarations for cffi's cdef (no preprocessor lines allowed): the same
+ * as heel.h, with "..." where the compiler fills in the values. */
+
+const char *heel_native_version(void);
+
+int heel_landlock_abi(void);
+int heel_landlock_create(uint64_t handled_fs, uint64_t handled_net, uint64_t scoped);
+int heel_landlock_add_path(int ruleset_fd, const char *path, uint64_t allowed);
+int heel_landlock_add_port(int ruleset_fd, uint64_t port, uint64_t allowed);
+
+struct heel_bpf_insn {
+    uint16_t code;
+    uint8_t jt;
+    uint8_t jf;
+    uint32_t k;
+};
+
+struct heel_seccomp_opts {
+    int allow_unix_sockets;
+    int allow_inet_stream;
+    int allow_netlink_route;
+};
+
+int heel_seccomp_build(const struct heel_seccomp_opts *opts,
+                       struct heel_bpf_insn *out, int cap);
+uint32_t heel_seccomp_arch(void);
+
+enum heel_mount_kind {
+    HEEL_MNT_KEEP_RW, HEEL_MNT_READONLY, HEEL_MNT_BIND, HEEL_MNT_PROC, HEEL_MNT_TMPFS, ...
+};
+
+struct heel_mount_op {
+    int kind;
+    const char *source;
+    const char *path;
+};
+
+struct heel_rlimit {
+    int resource;
+    uint64_t soft;
+    uint64_t hard;
+};
+
+struct heel_spawn_plan {
+    int init_fd;
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;
+    const int *fds;
+    int nfds;
+    int report_fd;
+    const struct heel_rlimit *rlimits;
+    int nrlimits;
+    int clone_flags;
+    const char *uid_map;
+    const char *gid_map;
+    const struct heel_mount_op *mounts;
+    int nmounts;
+    int readonly_root;
+    int landlock_fd;
+    uint64_t proc_access;
+    const struct heel_bpf_insn *filter;
+    int filter_len;
+    int pdeathsig;
+};
+
+enum heel_stage {
+    HEEL_STAGE_CLONE, HEEL_STAGE_SIGNALS, HEEL_STAGE_USERNS, HEEL_STAGE_MOUNT,
+    HEEL_STAGE_FDS, HEEL_STAGE_SETSID, HEEL_STAGE_CHDIR, HEEL_STAGE_RLIMIT,
+    HEEL_STAGE_CAPS, HEEL_STAGE_NO_NEW_PRIVS, HEEL_STAGE_LANDLOCK,
+    HEEL_STAGE_SECCOMP, HEEL_STAGE_EXEC_INIT, HEEL_STAGE_INIT, HEEL_STAGE_EXEC, ...
+};
+
+enum heel_msg_kind {
+    HEEL_MSG_ERROR, HEEL_MSG_STARTED, HEEL_MSG_EXITED, HEEL_MSG_KILL, ...
+};
+
+struct heel_msg {
+    int32_t kind;
+    int32_t a;
+    int32_t b;
+};
+
+#define HEEL_INIT_PIDNS ...
+
+int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);

@@ -1,0 +1,408 @@
+/*
+ * seccomp.c - the classic BPF seccomp filter every sandboxed process runs under.
+ *
+ * The program, over struct seccomp_data (A is the BPF accumulator):
+ *
+ *   A = arch;  A != native arch          -> ERRNO(EPERM)   refuses int 0x80 next to the 64-bit table
+ *   A = nr;    A has the x32 bit         -> ERRNO(EPERM)   x86-64 only
+ *   clone3                               -> ERRNO(ENOSYS)  libc falls back to clone(), whose flags we see
+ *   clone          [flags]               -> ALLOW or ERRNO(EPERM)
+ *   each denied syscall                  -> ERRNO(EPERM)
+ *   personality, mknod, mknodat, ioctl, socket, socketpair [arguments]
+ *   anything else                        -> ALLOW
+ *
+ * A syscall whose arguments are checked gets a block guarded by "if (A == nr)".
+ * The block loads arguments into A and ends in a return on every path, so
+ * whoever skips it still finds nr in A.  Blocks are a few instructions long,
+ * well within the 8-bit forward jumps of classic BPF; end_if() checks anyway.
+ *
+ * Arguments are compared by their low 32 bits only: the kernel itself reads
+ * no more for these int/unsigned int/umode_t parameters (clone's flags go
+ * through lower_32_bits()), so upper bits cannot smuggle a value past a check.
+ */
+/* S_IFMT and friends are XSI names that a strict -std=c99 would hide. */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
+#include <errno.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <netinet/in.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/netlink.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+
+#include "heel.h"
+
+#ifndef AUDIT_ARCH_X86_64
+#define AUDIT_ARCH_X86_64 0xc000003eu
+#endif
+#ifndef AUDIT_ARCH_AARCH64
+#define AUDIT_ARCH_AARCH64 0xc00000b7u
+#endif
+
+/* Both supported ABIs are little-endian: the low word of an argument comes
+ * first.  aarch64_be has no AUDIT_ARCH of its own and stays unsupported. */
+#if defined(__x86_64__)
+#define NATIVE_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__) && defined(__AARCH64EL__)
+#define NATIVE_ARCH AUDIT_ARCH_AARCH64
+#else
+#define NATIVE_ARCH 0u
+#endif
+
+/* Numbers from 424 on are shared by x86-64 and aarch64; older headers may
+ * lack them, and a kernel that has them must still see them refused. */
+#if defined(__x86_64__) || defined(__aarch64__)
+#ifndef __NR_io_uring_setup
+#define __NR_io_uring_setup 425
+#endif
+#ifndef __NR_io_uring_enter
+#define __NR_io_uring_enter 426
+#endif
+#ifndef __NR_io_uring_register
+#define __NR_io_uring_register 427
+#endif
+#ifndef __NR_open_tree
+#define __NR_open_tree 428
+#endif
+#ifndef __NR_move_mount
+#define __NR_move_mount 429
+#endif
+#ifndef __NR_fsopen
+#define __NR_fsopen 430
+#endif
+#ifndef __NR_fsconfig
+#define __NR_fsconfig 431
+#endif
+#ifndef __NR_fsmount
+#define __NR_fsmount 432
+#endif
+#ifndef __NR_fspick
+#define __NR_fspick 433
+#endif
+#ifndef __NR_clone3
+#define __NR_clone3 435
+#endif
+#ifndef __NR_pidfd_getfd
+#define __NR_pidfd_getfd 438
+#endif
+#ifndef __NR_mount_setattr
+#define __NR_mount_setattr 442
+#endif
+#ifndef __NR_quotactl_fd
+#define __NR_quotactl_fd 443
+#endif
+#ifndef __NR_open_tree_attr
+#define __NR_open_tree_attr 467
+#endif
+#endif
+
+#ifdef __x86_64__
+#ifndef __X32_SYSCALL_BIT
+#define __X32_SYSCALL_BIT 0x40000000u
+#endif
+#endif
+
+#define ALLOW SECCOMP_RET_ALLOW
+#define FAIL(e) (SECCOMP_RET_ERRNO | ((e) & SECCOMP_RET_DATA))
+
+#define DATA_NR offsetof(struct seccomp_data, nr)
+#define DATA_ARCH offsetof(struct seccomp_data, arch)
+#define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
+
+/* The namespaces a sandboxed process must not create: each would hand it
+ * capabilities over a fresh view of the system (CLONE_NEWTIME is left out
+ * because 0x80 is part of clone()'s exit-signal byte). */
+#define CLONE_NEW_ANY (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | \
+                       CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET)
+
+/* The kernel surface that sandboxed code has no business touching: tracing
+ * other processes, mounts and namespaces, modules and kexec, bpf and perf,
+ * keyrings, io_uring (it bypasses seccomp for the operations it queues),
+ * and host-wide settings such as time, swap, quotas and reboot. */
+static const uint32_t denied_syscalls[] = {
+    __NR_ptrace,
+    __NR_process_vm_readv,
+    __NR_process_vm_writev,
+    __NR_mount,
+    __NR_umount2,
+#ifdef __NR_umount
+    __NR_umount,
+#endif
+    __NR_pivot_root,
+    __NR_fsopen,
+    __NR_fsconfig,
+    __NR_fsmount,
+    __NR_fspick,
+    __NR_move_mount,
+    __NR_open_tree,
+    __NR_open_tree_attr,
+    __NR_mount_setattr,
+    __NR_unshare,
+    __NR_setns,
+    __NR_kexec_load,
+#ifdef __NR_kexec_file_load
+    __NR_kexec_file_load,
+#endif
+    __NR_init_module,
+    __NR_finit_module,
+    __NR_delete_module,
+    __NR_bpf,
+    __NR_perf_event_open,
+    __NR_userfaultfd,
+    __NR_keyctl,
+    __NR_add_key,
+    __NR_request_key,
+    __NR_io_uring_setup,
+    __NR_io_uring_enter,
+    __NR_io_uring_register,
+    __NR_acct,
+    __NR_swapon,
+    __NR_swapoff,
+    __NR_reboot,
+    __NR_quotactl,
+    __NR_quotactl_fd,
+    __NR_open_by_handle_at,
+    __NR_name_to_handle_at,
+#ifdef __NR_iopl
+    __NR_iopl,
+#endif
+#ifdef __NR_ioperm
+    __NR_ioperm,
+#endif
+    __NR_settimeofday,
+    __NR_clock_settime,
+    __NR_clock_adjtime,
+    __NR_adjtimex,
+#ifdef __NR_stime
+    __NR_stime,
+#endif
+    __NR_syslog,
+#ifdef __NR_lookup_dcookie
+    __NR_lookup_dcookie,
+#endif
+    __NR_vhangup,
+#ifdef __NR_uselib
+    __NR_uselib,
+#endif
+#ifdef __NR_nfsservctl
+    __NR_nfsservctl,
+#endif
+#ifdef __NR__sysctl
+    __NR__sysctl,
+#endif
+    __NR_chroot,
+    __NR_pidfd_getfd,
+};
+
+/* ---- a tiny assembler ------------------------------------------------ */
+
+struct bpf_asm {
+    struct heel_bpf_insn *out;
+    int cap;
+    int len;  /* instructions emitted; keeps counting past cap so the caller learns the size */
+    int err;  /* a block too long for an 8-bit jump */
+};
+
+/* A list of constants as the (array, count) pair the helpers take. */
+#define ONE_OF(...) (const uint32_t[]){__VA_ARGS__}, \
+    (int)(sizeof((const uint32_t[]){__VA_ARGS__}) / sizeof(uint32_t))
+
+static int emit(struct bpf_asm *a, uint16_t code, uint8_t jt, uint8_t jf, uint32_t k)
+{
+    if (a->len < a->cap)
+        a->out[a->len] = (struct heel_bpf_insn){code, jt, jf, k};
+    return a->len++;
+}
+
+static void load(struct bpf_asm *a, uint32_t offset)
+{
+    emit(a, BPF_LD | BPF_W | BPF_ABS, 0, 0, offset);
+}
+
+static void ret(struct bpf_asm *a, uint32_t action)
+{
+    emit(a, BPF_RET | BPF_K, 0, 0, action);
+}
+
+static void ret_if_eq(struct bpf_asm *a, uint32_t k, uint32_t action)
+{
+    emit(a, BPF_JMP | BPF_JEQ | BPF_K, 0, 1, k);
+    ret(a, action);
+}
+
+static void ret_if_ne(struct bpf_asm *a, uint32_t k, uint32_t action)
+{
+    emit(a, BPF_JMP | BPF_JEQ | BPF_K, 1, 0, k);
+    ret(a, action);
+}
+
+/* Return `action` when A and `mask` share a bit. */
+static void ret_if_any_bit(struct bpf_asm *a, uint32_t mask, uint32_t action)
+{
+    emit(a, BPF_JMP | BPF_JSET | BPF_K, 0, 1, mask);
+    ret(a, action);
+}
+
+/* Return `in` when A is one of ks[0..n), else `out`.  n is at most a few. */
+static void ret_in(struct bpf_asm *a, const uint32_t *ks, int n, uint32_t in, uint32_t out)
+{
+    for (int i = 0; i < n; i++)
+        emit(a, BPF_JMP | BPF_JEQ | BPF_K, (uint8_t)(n - i), 0, ks[i]);
+    ret(a, out);
+    ret(a, in);
+}
+
+/* Open a block entered when A is one of ks[0..n); end_if() closes it by
+ * patching the last comparison's false branch to jump past the block. */
+static int begin_if(struct bpf_asm *a, const uint32_t *ks, int n)
+{
+    for (int i = 0; i < n - 1; i++)
+        emit(a, BPF_JMP | BPF_JEQ | BPF_K, (uint8_t)(n - 1 - i), 0, ks[i]);
+    return emit(a, BPF_JMP | BPF_JEQ | BPF_K, 0, 0, ks[n - 1]);
+}
+
+static void end_if(struct bpf_asm *a, int at)
+{
+    int skip = a->len - at - 1;
+
+    if (skip > 255)
+        a->err = -E2BIG;
+    else if (at < a->cap)
+        a->out[at].jf = (uint8_t)skip;
+}
+
+/* ---- the checks -------------------------------------------------------- */
+
+/* mknod/mknodat: regular files, fifos and sockets are fine; device nodes
+ * would open the host's hardware if the file system let them be used. */
+static void mknod_check(struct bpf_asm *a, uint32_t nr, int mode_arg)
+{
+    int at = begin_if(a, ONE_OF(nr));
+
+    load(a, ARG_LO(mode_arg));
+    emit(a, BPF_ALU | BPF_AND | BPF_K, 0, 0, S_IFMT);
+    ret_in(a, ONE_OF(S_IFCHR, S_IFBLK), FAIL(EPERM), ALLOW);
+    end_if(a, at);
+}
+
+/* socket(domain, type, protocol).  A family the options enable but whose
+ * type or protocol is refused, or a known family the options leave off, gets
+ * EPERM: a policy refusal the user should see as one.  Every other family
+ * gets EAFNOSUPPORT, what a kernel without it says, so probing code (IPv6,
+ * AF_PACKET, AF_VSOCK, ...) takes its usual fallback.  Stream sockets keep
+ * to TCP (protocol 0 or IPPROTO_TCP): SCTP and MPTCP also speak SOCK_STREAM,
+ * and Landlock's port rules cover TCP only. */
+static void socket_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    int at = begin_if(a, ONE_OF(__NR_socket));
+
+    load(a, ARG_LO(0));
+    ret_if_eq(a, AF_UNIX, opts->allow_unix_sockets ? ALLOW : FAIL(EPERM));
+    if (opts->allow_inet_stream) {
+        int inet = begin_if(a, ONE_OF(AF_INET, AF_INET6));
+
+        load(a, ARG_LO(1));
+        /* The low nibble is the type; SOCK_NONBLOCK and SOCK_CLOEXEC sit above it. */
+        emit(a, BPF_ALU | BPF_AND | BPF_K, 0, 0, 0xf);
+        ret_if_ne(a, SOCK_STREAM, FAIL(EPERM));
+        load(a, ARG_LO(2));
+        ret_in(a, ONE_OF(0, IPPROTO_TCP), ALLOW, FAIL(EPERM));
+        end_if(a, inet);
+    } else {
+        ret_if_eq(a, AF_INET, FAIL(EPERM));
+        ret_if_eq(a, AF_INET6, FAIL(EPERM));
+    }
+    if (opts->allow_netlink_route) {
+        int netlink = begin_if(a, ONE_OF(AF_NETLINK));
+
+        load(a, ARG_LO(2));
+        ret_in(a, ONE_OF(NETLINK_ROUTE), ALLOW, FAIL(EPERM));
+        end_if(a, netlink);
+    } else {
+        ret_if_eq(a, AF_NETLINK, FAIL(EPERM));
+    }
+    ret(a, FAIL(EAFNOSUPPORT));
+    end_if(a, at);
+}
+
+uint32_t heel_seccomp_arch(void)
+{
+    return NATIVE_ARCH;
+}
+
+int heel_seccomp_build(const struct heel_seccomp_opts *opts,
+                       struct heel_bpf_insn *out, int cap)
+{
+    struct bpf_asm a = {out, cap < 0 ? 0 : cap, 0, 0};
+    int at;
+
+    if (NATIVE_ARCH == 0)
+        return -ENOTSUP;
+    if (opts == NULL)
+        return -EINVAL;
+
+    /* A syscall number only means something within its own table. */
+    load(&a, DATA_ARCH);
+    ret_if_ne(&a, NATIVE_ARCH, FAIL(EPERM));
+    load(&a, DATA_NR);
+#ifdef __x86_64__
+    /* x32 syscalls carry the arch of x86-64 but a table of their own. */
+    emit(&a, BPF_JMP | BPF_JGE | BPF_K, 0, 1, __X32_SYSCALL_BIT);
+    ret(&a, FAIL(EPERM));
+#endif
+
+    /* clone3 passes its flags in memory, out of a filter's reach; ENOSYS
+     * (not EPERM) is what makes glibc and others retry with clone(). */
+    ret_if_eq(&a, __NR_clone3, FAIL(ENOSYS));
+    at = begin_if(&a, ONE_OF(__NR_clone));
+    load(&a, ARG_LO(0));
+    ret_if_any_bit(&a, CLONE_NEW_ANY, FAIL(EPERM));
+    ret(&a, ALLOW);
+    end_if(&a, at);
+
+    for (size_t i = 0; i < sizeof(denied_syscalls) / sizeof(denied_syscalls[0]); i++)
+        ret_if_eq(&a, denied_syscalls[i], FAIL(EPERM));
+
+    /* Only PER_LINUX (0) and the query (0xffffffff): other personalities
+     * turn off ASLR (ADDR_NO_RANDOMIZE) or change how the kernel treats us. */
+    at = begin_if(&a, ONE_OF(__NR_personality));
+    load(&a, ARG_LO(0));
+    ret_in(&a, ONE_OF(0, 0xffffffffu), ALLOW, FAIL(EPERM));
+    end_if(&a, at);
+
+#ifdef __NR_mknod
+    mknod_check(&a, __NR_mknod, 1);
+#endif
+    mknod_check(&a, __NR_mknodat, 2);
+
+    /* TIOCSTI pushes input into a terminal, TIOCLINUX reads and pastes the
+     * console: both reach past the sandbox through an inherited tty.  The
+     * kernel reads cmd as unsigned int, hence the low word only. */
+    at = begin_if(&a, ONE_OF(__NR_ioctl));
+    load(&a, ARG_LO(1));
+    ret_in(&a, ONE_OF(TIOCSTI, TIOCLINUX), FAIL(EPERM), ALLOW);
+    end_if(&a, at);
+
+    socket_check(&a, opts);
+
+    /* A connected pair of unix sockets reaches nobody outside the process tree. */
+    at = begin_if(&a, ONE_OF(__NR_socketpair));
+    load(&a, ARG_LO(0));
+    ret_in(&a, ONE_OF(AF_UNIX), ALLOW, FAIL(EPERM));
+    end_if(&a, at);
+
+    ret(&a, ALLOW);
+
+    if (a.err)
+        return a.err;
+    if (a.len > a.cap)
+        return -ENOSPC;
+    return a.len;
+}

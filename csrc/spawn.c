@@ -1,0 +1,413 @@
+/*
+ * spawn.c - the fork/exec trampoline.
+ *
+ * The host is a large, threaded Python process.  A plain fork() would copy
+ * its page tables (tens of milliseconds for a few GiB) and run the child in
+ * a copy of a multi-threaded address space.  Instead the child is created
+ * with CLONE_VM|CLONE_VFORK: it borrows the parent's memory on a stack of its
+ * own while the parent waits, applies the plan that Python prepared, and
+ * execs heel-init.  Until that exec the child calls only async-signal-safe
+ * system calls, touches no lock and allocates nothing.
+ *
+ * Order of the child's steps, and why:
+ *   signals    every handler back to SIG_DFL (the parent's handlers are
+ *              Python's, and must not run here); all signals stay blocked.
+ *   userns     uid/gid maps of the new user namespace (we hold all
+ *              capabilities inside it until exec).
+ *   mounts     private propagation, then the read-only view of the file
+ *              system, with the writable places put back and a fresh /proc.
+ *   chdir, setsid (no controlling terminal: no TIOCSTI into the host's tty).
+ *   caps       securebits and an empty bounding set, so that even uid 0
+ *              gains no capability at exec.
+ *   no_new_privs, then Landlock (restrict_self needs no_new_privs).
+ *   fds        stdio and the passed fds at 0..n-1, heel-init's fd at n,
+ *              every other fd closed.
+ *   rlimits    after the fd layout, so a small RLIMIT_NOFILE cannot stop it.
+ *   pdeathsig, seccomp last (it also filters the steps above), exec.
+ * A failure is reported as (stage, errno) on the control socket, then the
+ * child exits with 127.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+
+#include "heel.h"
+
+/* New mount API numbers and flags, defined here for older headers. */
+#ifndef __NR_open_tree
+#define __NR_open_tree 428
+#endif
+#ifndef __NR_move_mount
+#define __NR_move_mount 429
+#endif
+#ifndef __NR_mount_setattr
+#define __NR_mount_setattr 442
+#endif
+#ifndef __NR_landlock_add_rule
+#define __NR_landlock_add_rule 445
+#endif
+#ifndef __NR_landlock_restrict_self
+#define __NR_landlock_restrict_self 446
+#endif
+#ifndef __NR_close_range
+#define __NR_close_range 436
+#endif
+#define HEEL_OPEN_TREE_CLONE 1
+#define HEEL_AT_RECURSIVE 0x8000
+#define HEEL_AT_EMPTY_PATH 0x1000
+#define HEEL_MOVE_MOUNT_F_EMPTY_PATH 0x4
+#define HEEL_MOUNT_ATTR_RDONLY 0x1
+
+struct heel_mount_attr {
+    uint64_t attr_set;
+    uint64_t attr_clr;
+    uint64_t propagation;
+    uint64_t userns_fd;
+};
+
+#ifndef SECBIT_NOROOT
+#define SECBIT_NOROOT (1 << 0)
+#define SECBIT_NOROOT_LOCKED (1 << 1)
+#define SECBIT_NO_SETUID_FIXUP (1 << 2)
+#define SECBIT_NO_SETUID_FIXUP_LOCKED (1 << 3)
+#define SECBIT_KEEP_CAPS_LOCKED (1 << 5)
+#define SECBIT_NO_CAP_AMBIENT_RAISE (1 << 6)
+#define SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED (1 << 7)
+#endif
+
+/* The most mount operations and passed fds one plan may carry: the child
+ * keeps an fd for each on its stack. */
+#define HEEL_MAX_MOUNTS 256
+#define HEEL_MAX_FDS 256
+#define HEEL_CHILD_STACK (256 * 1024)
+
+struct child_ctx {
+    const struct heel_spawn_plan *plan;
+};
+
+/* ---- helpers that run in the child ----------------------------------- */
+
+static void write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+static _Noreturn void fail(int report_fd, int stage, int err)
+{
+    struct heel_msg msg = {HEEL_MSG_ERROR, stage, err};
+    /* send() with MSG_NOSIGNAL: a host that went away must not SIGPIPE us. */
+    ssize_t n;
+    do {
+        n = send(report_fd, &msg, sizeof(msg), MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    _exit(127);
+}
+
+static int write_file(const char *path, const char *data)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = strlen(data);
+    ssize_t n = write(fd, data, len);
+    int err = errno;
+    close(fd);
+    if (n != (ssize_t)len) {
+        errno = n < 0 ? err : EIO;
+        return -1;
+    }
+    return 0;
+}
+
+static int write_id_maps(const struct heel_spawn_plan *p)
+{
+    /* "deny" first: an unprivileged process may write gid_map only then. */
+    if (write_file("/proc/self/setgroups", "deny") < 0 && errno != ENOENT)
+        return -1;
+    if (write_file("/proc/self/uid_map", p->uid_map) < 0)
+        return -1;
+    return write_file("/proc/self/gid_map", p->gid_map);
+}
+
+static int clone_tree(const char *path)
+{
+    return (int)syscall(__NR_open_tree, AT_FDCWD, path,
+                        HEEL_OPEN_TREE_CLONE | HEEL_AT_RECURSIVE | O_CLOEXEC);
+}
+
+static int set_readonly(int dirfd, const char *path, unsigned flags)
+{
+    struct heel_mount_attr attr = {.attr_set = HEEL_MOUNT_ATTR_RDONLY};
+    return (int)syscall(__NR_mount_setattr, dirfd, path, flags | HEEL_AT_RECURSIVE,
+                        &attr, sizeof(attr));
+}
+
+static int attach_tree(int fd, const char *path)
+{
+    return (int)syscall(__NR_move_mount, fd, "", AT_FDCWD, path,
+                        HEEL_MOVE_MOUNT_F_EMPTY_PATH);
+}
+
+/* A fresh procfs stacked on the host's /proc is invisible to the parent's
+ * Landlock rules: the rule on the host's /proc is on a mount root, which
+ * Landlock's walk skips ("hidden mount point"), and the new inodes did not
+ * exist when the ruleset was built.  So the child adds the rule for its own
+ * /proc.  The ruleset is shared, so each command adds one rule to it; Python
+ * rebuilds the ruleset from time to time to bound that growth. */
+static int allow_proc(const struct heel_spawn_plan *p, const char *path)
+{
+    struct {
+        uint64_t allowed_access;
+        int32_t parent_fd;
+    } __attribute__((packed)) rule;
+    long rc;
+    int fd;
+
+    if (p->landlock_fd < 0 || !p->proc_access)
+        return 0;
+    fd = open(path, O_PATH | O_CLOEXEC | O_DIRECTORY);
+    if (fd < 0)
+        return -1;
+    rule.allowed_access = p->proc_access;
+    rule.parent_fd = fd;
+    rc = syscall(__NR_landlock_add_rule, p->landlock_fd, 1 /* PATH_BENEATH */, &rule, 0);
+    close(fd);
+    return rc < 0 ? -1 : 0;
+}
+
+/* Build the mount view.  Clones of the places that stay writable are taken
+ * before the root turns read-only and attached again afterwards, so they
+ * keep their own (writable) flags. */
+static int setup_mounts(const struct heel_spawn_plan *p)
+{
+    int tree[HEEL_MAX_MOUNTS];
+    int i;
+
+    if (p->nmounts > HEEL_MAX_MOUNTS) {
+        errno = E2BIG;
+        return -1;
+    }
+    /* Nothing done here may propagate back to the host's mounts. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        return -1;
+
+    for (i = 0; i < p->nmounts; i++) {
+        const struct heel_mount_op *op = &p->mounts[i];
+        tree[i] = -1;
+        if (op->kind == HEEL_MNT_KEEP_RW || op->kind == HEEL_MNT_READONLY)
+            tree[i] = clone_tree(op->path);
+        else if (op->kind == HEEL_MNT_BIND)
+            tree[i] = clone_tree(op->source);
+        else
+            continue;
+        if (tree[i] < 0)
+            return -1;
+    }
+    if (p->readonly_root && set_readonly(AT_FDCWD, "/", 0) < 0)
+        return -1;
+
+    for (i = 0; i < p->nmounts; i++) {
+        const struct heel_mount_op *op = &p->mounts[i];
+        switch (op->kind) {
+        case HEEL_MNT_READONLY:
+            if (set_readonly(tree[i], "", HEEL_AT_EMPTY_PATH) < 0)
+                return -1;
+            /* fall through: attach the read-only copy over the original */
+        case HEEL_MNT_KEEP_RW:
+        case HEEL_MNT_BIND:
+            if (attach_tree(tree[i], op->path) < 0)
+                return -1;
+            close(tree[i]);
+            break;
+        case HEEL_MNT_PROC:
+            if (mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+                return -1;
+            if (allow_proc(p, op->path) < 0)
+                return -1;
+            break;
+        case HEEL_MNT_TMPFS:
+            if (mount("tmpfs", op->path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+                return -1;
+            break;
+        default:
+            errno = EINVAL;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Take every capability away for good: nothing in the bounding set, no
+ * ambient set, and securebits that stop uid 0 from regaining them at exec. */
+static int drop_capabilities(void)
+{
+    int cap;
+    if (prctl(PR_SET_SECUREBITS,
+              SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
+              SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
+              SECBIT_KEEP_CAPS_LOCKED |
+              SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
+              0, 0, 0) < 0)
+        return -1;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        return -1;
+    for (cap = 0; cap < 64; cap++) {
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            if (errno == EINVAL) /* past the last capability this kernel has */
+                break;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* fds[i] -> i, heel-init's fd -> n (close-on-exec), everything else closed.
+ * Sources first go above n so that no dup2() overwrites a source still
+ * needed.  Returns the new number of heel-init's fd, or -1. */
+static int layout_fds(const struct heel_spawn_plan *p)
+{
+    int high[HEEL_MAX_FDS];
+    int n = p->nfds, i, init_fd;
+
+    if (n > HEEL_MAX_FDS) {
+        errno = E2BIG;
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        high[i] = fcntl(p->fds[i], F_DUPFD_CLOEXEC, n + 1);
+        if (high[i] < 0)
+            return -1;
+    }
+    init_fd = fcntl(p->init_fd, F_DUPFD_CLOEXEC, n + 1);
+    if (init_fd < 0)
+        return -1;
+    for (i = 0; i < n; i++)
+        if (dup2(high[i], i) < 0) /* dup2 clears close-on-exec on i */
+            return -1;
+    if (dup3(init_fd, n, O_CLOEXEC) < 0)
+        return -1;
+    if (syscall(__NR_close_range, n + 1, ~0U, 0) < 0) {
+        /* Before Linux 5.9: close up to the fd limit one by one. */
+        struct rlimit rl;
+        int fd, max = 65536;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+            rl.rlim_cur < (rlim_t)max)
+            max = (int)rl.rlim_cur;
+        for (fd = n + 1; fd < max; fd++)
+            close(fd);
+    }
+    return n;
+}
+
+static int child_main(void *arg)
+{
+    const struct heel_spawn_plan *p = ((struct child_ctx *)arg)->plan;
+    int report = p->fds[p->report_fd];
+    struct sigaction dfl;
+    sigset_t empty;
+    int sig, init_fd;
+
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    for (sig = 1; sig < NSIG; sig++)
+        sigaction(sig, &dfl, NULL); /* EINVAL for SIGKILL, SIGSTOP, libc's own: fine */
+
+    if ((p->clone_flags & CLONE_NEWUSER) && write_id_maps(p) < 0)
+        fail(report, HEEL_STAGE_USERNS, errno);
+    if ((p->clone_flags & CLONE_NEWNS) && setup_mounts(p) < 0)
+        fail(report, HEEL_STAGE_MOUNT, errno);
+    if (p->cwd && chdir(p->cwd) < 0)
+        fail(report, HEEL_STAGE_CHDIR, errno);
+    if (setsid() < 0)
+        fail(report, HEEL_STAGE_SETSID, errno);
+    /* Without a user namespace an unprivileged caller has no capabilities to
+     * drop and may not touch securebits: only then is EPERM expected. */
+    if (drop_capabilities() < 0 &&
+        (errno != EPERM || (p->clone_flags & CLONE_NEWUSER) || geteuid() == 0))
+        fail(report, HEEL_STAGE_CAPS, errno);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        fail(report, HEEL_STAGE_NO_NEW_PRIVS, errno);
+    if (p->landlock_fd >= 0) {
+        if (syscall(__NR_landlock_restrict_self, p->landlock_fd, 0) < 0)
+            fail(report, HEEL_STAGE_LANDLOCK, errno);
+    }
+    init_fd = layout_fds(p);
+    if (init_fd < 0)
+        fail(report, HEEL_STAGE_FDS, errno);
+    report = p->report_fd;
+    for (int i = 0; i < p->nrlimits; i++) {
+        struct rlimit rl = {p->rlimits[i].soft, p->rlimits[i].hard};
+        if (setrlimit(p->rlimits[i].resource, &rl) < 0)
+            fail(report, HEEL_STAGE_RLIMIT, errno);
+    }
+    if (p->pdeathsig && prctl(PR_SET_PDEATHSIG, p->pdeathsig, 0, 0, 0) < 0)
+        fail(report, HEEL_STAGE_SIGNALS, errno);
+    if (p->filter_len > 0) {
+        struct sock_fprog prog = {
+            .len = (unsigned short)p->filter_len,
+            .filter = (struct sock_filter *)p->filter,
+        };
+        if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
+            fail(report, HEEL_STAGE_SECCOMP, errno);
+    }
+    sigemptyset(&empty);
+    sigprocmask(SIG_SETMASK, &empty, NULL);
+    syscall(SYS_execveat, init_fd, "", p->argv, p->envp, HEEL_AT_EMPTY_PATH);
+    fail(report, HEEL_STAGE_EXEC_INIT, errno);
+}
+
+int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out)
+{
+    struct child_ctx ctx = {plan};
+    sigset_t all, old;
+    int pidfd = -1, pid, err;
+
+    if (plan->report_fd < 0 || plan->report_fd >= plan->nfds)
+        return -EINVAL;
+    if ((unsigned)plan->filter_len > 0xffff)
+        return -E2BIG;
+
+    char *stack = mmap(NULL, HEEL_CHILD_STACK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED)
+        return -errno;
+
+    /* No signal handler of the parent may run on the child's stack. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid = clone(child_main, stack + HEEL_CHILD_STACK,
+                CLONE_VM | CLONE_VFORK | CLONE_PIDFD | plan->clone_flags | SIGCHLD,
+                &ctx, &pidfd);
+    err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    munmap(stack, HEEL_CHILD_STACK);
+
+    if (pid < 0)
+        return -err;
+    *pidfd_out = pidfd;
+    return pid;
+}

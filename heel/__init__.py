@@ -1,0 +1,72 @@
+"""heel: run code written by a language model inside the operating system's
+native sandbox (Landlock + seccomp + namespaces on Linux).
+
+    import trio, heel
+
+    async def main():
+        async with heel.Sandbox(heel.SandboxConfig()) as sb:
+            out = await sb.command("python3").arg("-c").arg("print(6 * 7)").output()
+            print(out.stdout.decode(), out.returncode)
+
+    trio.run(main)
+
+The trio-based parts (Sandbox, Process) are imported on first use, so that
+``python -m heel run`` starts without importing trio.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+from .config import IsolationLevel, ResourceLimits, SandboxConfig, SecurityConfig
+from .errors import (
+    CommandFailed,
+    CommandNotFound,
+    CommandTimeout,
+    HeelError,
+    PolicyError,
+    SandboxClosed,
+    SandboxUnavailable,
+    SpawnError,
+)
+from .policy import DenyAll, NetworkPolicy
+
+if TYPE_CHECKING:
+    from .probe import ProbeReport, probe
+    from .process import Process
+    from .sandbox import Command, ExitStatus, Output, Sandbox, Stdio
+
+_LAZY = {
+    "Sandbox": "sandbox",
+    "Command": "sandbox",
+    "Output": "sandbox",
+    "ExitStatus": "sandbox",
+    "Stdio": "sandbox",
+    "Process": "process",
+    "probe": "probe",
+    "ProbeReport": "probe",
+}
+
+__all__ = [
+    "__version__", "Sandbox", "Command", "Output", "ExitStatus", "Stdio", "Process",
+    "SandboxConfig", "SecurityConfig", "ResourceLimits", "IsolationLevel",
+    "NetworkPolicy", "DenyAll", "probe", "ProbeReport",
+    "HeelError", "PolicyError", "SandboxUnavailable", "SandboxClosed", "SpawnError",
+    "CommandNotFound", "CommandFailed", "CommandTimeout",
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'heel' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

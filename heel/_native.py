@@ -1,0 +1,187 @@
+"""The one module that touches the compiled C core (``heel._heel``).
+
+Everything else in heel goes through the small functions here, which turn
+C conventions (negative errno returns) into Python ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._version import __version__
+from .errors import SandboxUnavailable
+
+try:
+    from ._heel import ffi, lib
+except ImportError as exc:  # a source tree that was never built
+    raise ImportError(
+        "heel's compiled module is missing: install heel with pip "
+        "(`pip install .` or `pip install -e .` from a source tree)"
+    ) from exc
+
+_native_version = ffi.string(lib.heel_native_version()).decode()
+if _native_version != __version__:
+    raise ImportError(
+        f"heel's compiled module is version {_native_version} but the Python sources are "
+        f"{__version__}: rebuild it (pip install -e . again after editing csrc/)"
+    )
+
+INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_heel_init")
+
+STAGES = {
+    lib.HEEL_STAGE_CLONE: "clone",
+    lib.HEEL_STAGE_SIGNALS: "signals",
+    lib.HEEL_STAGE_USERNS: "userns",
+    lib.HEEL_STAGE_MOUNT: "mount",
+    lib.HEEL_STAGE_FDS: "fds",
+    lib.HEEL_STAGE_SETSID: "setsid",
+    lib.HEEL_STAGE_CHDIR: "chdir",
+    lib.HEEL_STAGE_RLIMIT: "rlimit",
+    lib.HEEL_STAGE_CAPS: "capabilities",
+    lib.HEEL_STAGE_NO_NEW_PRIVS: "no_new_privs",
+    lib.HEEL_STAGE_LANDLOCK: "landlock",
+    lib.HEEL_STAGE_SECCOMP: "seccomp",
+    lib.HEEL_STAGE_EXEC_INIT: "exec_init",
+    lib.HEEL_STAGE_INIT: "init",
+    lib.HEEL_STAGE_EXEC: "exec",
+}
+
+MSG_SIZE = ffi.sizeof("struct heel_msg")
+MSG_ERROR = lib.HEEL_MSG_ERROR
+MSG_STARTED = lib.HEEL_MSG_STARTED
+MSG_EXITED = lib.HEEL_MSG_EXITED
+MSG_KILL = lib.HEEL_MSG_KILL
+INIT_PIDNS = lib.HEEL_INIT_PIDNS
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, or 0 when Landlock is unavailable."""
+    abi = lib.heel_landlock_abi()
+    return abi if abi > 0 else 0
+
+
+def landlock_ruleset(handled_fs: int, handled_net: int, scoped: int) -> int:
+    return _check(lib.heel_landlock_create(handled_fs, handled_net, scoped), "landlock_create_ruleset")
+
+
+def landlock_add_path(ruleset_fd: int, path: str, allowed: int) -> None:
+    _check(lib.heel_landlock_add_path(ruleset_fd, os.fsencode(path), allowed), f"landlock rule for {path}")
+
+
+def landlock_add_port(ruleset_fd: int, port: int, allowed: int) -> None:
+    _check(lib.heel_landlock_add_port(ruleset_fd, port, allowed), f"landlock rule for port {port}")
+
+
+def seccomp_arch() -> int:
+    return lib.heel_seccomp_arch()
+
+
+def seccomp_filter(*, allow_unix_sockets: bool, allow_inet_stream: bool, allow_netlink_route: bool):
+    """Assemble the seccomp program; returns (cdata array, length)."""
+    opts = ffi.new("struct heel_seccomp_opts *")
+    opts.allow_unix_sockets = int(allow_unix_sockets)
+    opts.allow_inet_stream = int(allow_inet_stream)
+    opts.allow_netlink_route = int(allow_netlink_route)
+    cap = 1024
+    buf = ffi.new("struct heel_bpf_insn[]", cap)
+    n = lib.heel_seccomp_build(opts, buf, cap)
+    if n < 0:
+        raise SandboxUnavailable("seccomp", f"the filter cannot be built here: {os.strerror(-n)}")
+    return buf, n
+
+
+class SpawnPlan:
+    """A heel_spawn_plan with every buffer it points to kept alive."""
+
+    def __init__(
+        self,
+        *,
+        init_fd: int,
+        argv: list[bytes],
+        envp: list[bytes],
+        cwd: str | None,
+        fds: list[int],
+        report_fd: int,
+        rlimits: list[tuple[int, int, int]],
+        clone_flags: int,
+        uid_map: bytes,
+        gid_map: bytes,
+        mounts: list[tuple[int, str | None, str]],
+        readonly_root: bool,
+        landlock_fd: int,
+        proc_access: int,
+        seccomp: tuple | None,
+        pdeathsig: int,
+    ) -> None:
+        keep = []
+
+        def cstr(value):
+            if value is None:
+                return ffi.NULL
+            data = ffi.new("char[]", os.fsencode(value))
+            keep.append(data)
+            return data
+
+        def cstr_array(items):
+            arr = ffi.new("char *[]", len(items) + 1)
+            for i, item in enumerate(items):
+                arr[i] = cstr(item)
+            arr[len(items)] = ffi.NULL
+            keep.append(arr)
+            return arr
+
+        p = ffi.new("struct heel_spawn_plan *")
+        p.init_fd = init_fd
+        p.argv = cstr_array(argv)
+        p.envp = cstr_array(envp)
+        p.cwd = cstr(cwd)
+        fd_arr = ffi.new("int[]", fds)
+        keep.append(fd_arr)
+        p.fds = fd_arr
+        p.nfds = len(fds)
+        p.report_fd = report_fd
+        rl = ffi.new("struct heel_rlimit[]", max(1, len(rlimits)))
+        for i, (resource, soft, hard) in enumerate(rlimits):
+            rl[i].resource = resource
+            rl[i].soft = soft
+            rl[i].hard = hard
+        keep.append(rl)
+        p.rlimits = rl
+        p.nrlimits = len(rlimits)
+        p.clone_flags = clone_flags
+        p.uid_map = cstr(uid_map)
+        p.gid_map = cstr(gid_map)
+        mnt = ffi.new("struct heel_mount_op[]", max(1, len(mounts)))
+        for i, (kind, source, path) in enumerate(mounts):
+            mnt[i].kind = kind
+            mnt[i].source = cstr(source)
+            mnt[i].path = cstr(path)
+        keep.append(mnt)
+        p.mounts = mnt
+        p.nmounts = len(mounts)
+        p.readonly_root = int(readonly_root)
+        p.landlock_fd = landlock_fd
+        p.proc_access = proc_access
+        if seccomp is not None:
+            p.filter, p.filter_len = seccomp
+            keep.append(seccomp[0])
+        else:
+            p.filter = ffi.NULL
+            p.filter_len = 0
+        p.pdeathsig = pdeathsig
+        self._plan = p
+        self._keep = keep
+
+    def spawn(self) -> tuple[int, int]:
+        """Clone the child; returns (pid, pidfd).  Raises OSError if clone fails."""
+        pidfd = ffi.new("int *", -1)
+        pid = lib.heel_spawn(self._plan, pidfd)
+        if pid < 0:
+            raise OSError(-pid, f"clone: {os.strerror(-pid)}")
+        return pid, pidfd[0]

@@ -1,0 +1,313 @@
+"""From a SandboxConfig to a plan: pure Python, inspectable, testable without
+spawning anything.
+
+A plan says which Landlock rules to add, which mounts the child makes in its
+mount namespace, the environment, the rlimits and the seccomp options.
+Protected places (home, credentials, cloud configs) are kept out of every
+grant by *expanding* the grant around them: Landlock cannot deny a path inside
+a granted one, so instead of granting a directory that contains a protected
+place, heel grants each of its entries except that place (and lists the
+directory itself).  In a mount namespace, protected places inside writable
+regions are additionally made read-only mounts, since Landlock does not
+mediate chmod, chown, utime or xattr changes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _landlock as ll
+from .config import IsolationLevel, SandboxConfig
+from .errors import PolicyError
+
+#: What every program needs to run: read and execute.
+RUNTIME_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: Device nodes every level may read and write (never block devices).
+DEVICE_NODES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
+#: Device trees that terminals need (ioctl allowed; TIOCSTI is refused by seccomp).
+TERMINAL_DEVICES = ("/dev/pts", "/dev/ptmx")
+GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri", "/dev/kfd")
+GPU_DRIVER_INFO = ("/proc/driver/nvidia",)  # closed by a mount when allow_gpu is off
+#: Trees never granted wholesale: devices, kernel interfaces.
+SYSTEM_TREES = ("/dev", "/proc", "/sys")
+
+CREDENTIALS_IN_HOME = (
+    ".ssh", ".gnupg", ".netrc", ".git-credentials", ".pypirc", ".npmrc", ".yarnrc",
+    ".docker/config.json", ".cargo/credentials", ".cargo/credentials.toml", ".config/gh",
+    ".config/hub", ".pgpass", ".my.cnf", ".password-store", ".local/share/keyrings",
+    ".gnome2/keyrings", ".bash_history", ".zsh_history", ".sh_history", ".history",
+    ".python_history", ".node_repl_history", ".psql_history", ".mysql_history",
+    ".local/share/fish/fish_history", ".terraform.d/credentials.tfrc.json",
+)
+SYSTEM_CREDENTIALS = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+    "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*key", "/etc/security/opasswd",
+)
+CLOUD_IN_HOME = (".aws", ".azure", ".config/gcloud", ".kube", ".oci", ".config/doctl")
+
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Host variables that are copied in because programs need them and they hold no secret.
+PASSED_THROUGH = ("LANG", "LANGUAGE", "TERM", "COLORTERM", "TZ")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Landlock: allow ``access`` beneath ``path``."""
+
+    path: str
+    access: int
+
+
+@dataclass(frozen=True)
+class MountOp:
+    """One step of the child's mount namespace (see csrc/heel.h)."""
+
+    kind: str  # "keep_rw", "readonly", "bind", "proc", "tmpfs"
+    path: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What this machine can enforce (see heel.probe())."""
+
+    landlock_abi: int
+    seccomp: bool
+    namespaces: bool  # user + mount + pid + net + ipc namespaces with the mount view
+    euid: int = field(default_factory=os.geteuid)
+    egid: int = field(default_factory=os.getegid)
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    level: IsolationLevel
+    workdir: str
+    host_tmp: str  # the private tmp on the host
+    tmp: str  # the private tmp as the sandbox sees it
+    rules: tuple[Rule, ...]
+    handled_fs: int
+    handled_net: int
+    scoped: int
+    namespaces: bool
+    mounts: tuple[MountOp, ...]
+    readonly_root: bool
+    env: dict[str, str]
+    rlimits: tuple[tuple[int, int, int], ...]
+    seccomp: dict[str, bool]
+    protected: tuple[str, ...]
+    #: directories inside host_tmp that must exist as mount points
+    mountpoints: tuple[str, ...] = ()
+
+
+def home_directories() -> list[str]:
+    """The invoking user's home (from the password database) and $HOME."""
+    homes = []
+    try:
+        homes.append(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        pass
+    if os.environ.get("HOME"):
+        homes.append(os.environ["HOME"])
+    out = []
+    for home in homes:
+        home = os.path.abspath(home)
+        if home != "/" and home not in out:
+            out.append(home)
+    return out
+
+
+def protected_paths(config: SandboxConfig) -> list[str]:
+    """Every place that stays closed, existing or not, with symlinks resolved too."""
+    sec = config.security
+    paths: list[str] = []
+    for home in home_directories():
+        if sec.protect_user_home:
+            paths.append(home)
+        if sec.protect_credentials:
+            paths += [os.path.join(home, p) for p in CREDENTIALS_IN_HOME]
+        if sec.protect_cloud_config:
+            paths += [os.path.join(home, p) for p in CLOUD_IN_HOME]
+    if sec.protect_credentials:
+        for pattern in SYSTEM_CREDENTIALS:
+            paths += glob.glob(pattern) if "*" in pattern else [pattern]
+    out: list[str] = []
+    for path in paths:
+        for variant in (os.path.normpath(path), os.path.realpath(path)):
+            if variant not in out:
+                out.append(variant)
+    return out
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def expand(path: str, access: int, denied: list[str]) -> list[Rule]:
+    """Rules granting ``access`` beneath ``path`` except beneath any denied path.
+
+    A directory that holds a denied place is not granted itself (only listed,
+    READ_DIR); each of its entries is granted in turn, recursively.  Symbolic
+    links are skipped there: Landlock checks the target of a link, and
+    following one could grant a denied place.
+    """
+    inside = [d for d in denied if _under(d, path)]
+    if not inside:
+        return [Rule(path, access)]
+    if any(d == path for d in inside):
+        return []
+    rules = [Rule(path, access & ll.READ_DIR)] if access & ll.READ_DIR else []
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:
+        return rules
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        rules += expand(entry.path, access, inside)
+    return rules
+
+
+def _existing(patterns) -> list[str]:
+    out = []
+    for pattern in patterns:
+        out += sorted(glob.glob(pattern)) if "*" in pattern else ([pattern] if os.path.lexists(pattern) else [])
+    return out
+
+
+def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list[Rule]:
+    out = []
+    for rule in expand(path, access, denied):
+        real = os.path.realpath(rule.path)
+        mask = abi_mask if os.path.isdir(real) else abi_mask & ll.FILE_RIGHTS
+        if access & mask and os.path.exists(real):
+            out.append(Rule(real, rule.access & mask))
+    return out
+
+
+def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
+               init_path: str) -> SandboxPlan:
+    level = config.level
+    denied = protected_paths(config)
+    handled = ll.handled_fs(env.landlock_abi)
+
+    # An explicit grant of a protected place is a contradiction, not a wish.
+    explicit = [("workdir", workdir)] + [(kind, str(p)) for kind in ("readable", "writable", "executable")
+                                         for p in getattr(config, kind)]
+    for kind, path in explicit:
+        for d in denied:
+            if _under(path, d):
+                raise PolicyError(
+                    f"{kind} path {path} is inside the protected place {d}; "
+                    "turn the matching protection off in SecurityConfig to grant it")
+
+    grants: list[tuple[str, int]] = []
+    runtime = [d for d in RUNTIME_DIRS if os.path.exists(d)]
+    grants += [(d, ll.READ | ll.EXEC) for d in runtime]
+    grants += [(d, ll.DEVICE) for d in _existing(DEVICE_NODES)]
+    grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(TERMINAL_DEVICES)]
+    grants += [("/proc", ll.READ)]
+    grants.append((init_path, ll.READ_FILE | ll.EXECUTE))
+    if config.security.allow_gpu:
+        grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(GPU_DEVICES)]
+        grants += [(d, ll.READ) for d in _existing(GPU_DRIVER_INFO)]
+        grants += [("/sys", ll.READ)]
+    if env.namespaces and os.path.isdir("/dev/shm"):
+        grants.append(("/dev/shm", ll.READ | ll.WRITE))  # a private tmpfs there
+    if level is IsolationLevel.DEFAULT:
+        grants += [("/", ll.READ | ll.EXEC), ("/sys", ll.READ)]
+    elif level is IsolationLevel.PERMISSIVE:
+        grants.append(("/", ll.READ | ll.EXEC | ll.WRITE))
+        grants += [("/proc", ll.READ), ("/sys", ll.READ)]
+    grants += [(str(p), ll.READ) for p in config.readable]
+    grants += [(str(p), ll.READ | ll.EXEC) for p in config.executable]
+    writable = [workdir, host_tmp] + [str(p) for p in config.writable]
+    grants += [(p, ll.READ | ll.EXEC | ll.WRITE) for p in writable]
+
+    rules: list[Rule] = []
+    for path, access in grants:
+        # The broad grants of a level never reach into the system trees:
+        # those get exactly the nodes listed above.
+        skip = [t for t in SYSTEM_TREES if path == "/"] + denied
+        for rule in _rules_for(path, access, skip, handled):
+            if rule not in rules:
+                rules.append(rule)
+
+    mounts: list[MountOp] = []
+    mountpoints: list[str] = []
+    tmp_inside = host_tmp
+    if env.namespaces:
+        readonly_root = level is not IsolationLevel.PERMISSIVE
+        rw_regions = [] if not readonly_root else [p for p in writable if p != host_tmp]
+        if os.path.isdir("/tmp"):
+            tmp_inside = "/tmp"
+            mounts.append(MountOp("bind", "/tmp", source=host_tmp))
+            for region in rw_regions:
+                if _under(region, "/tmp"):
+                    mountpoints.append(os.path.join(host_tmp, os.path.relpath(region, "/tmp")))
+        mounts += [MountOp("keep_rw", p) for p in rw_regions]
+        regions = ["/"] if not readonly_root else writable
+        for d in denied:
+            if os.path.lexists(d) and not os.path.islink(d) and any(_under(d, r) for r in regions):
+                mounts.append(MountOp("readonly", d))
+        if os.path.isdir("/dev/shm"):
+            mounts.append(MountOp("tmpfs", "/dev/shm"))
+        mounts.append(MountOp("proc", "/proc"))
+        if not config.security.allow_gpu:
+            # The fresh /proc has the driver's files again: cover them.
+            mounts += [MountOp("tmpfs", p) for p in GPU_DRIVER_INFO if os.path.isdir(p)]
+        # Parents before children; the private /tmp before anything under it.
+        mounts.sort(key=lambda m: (len(Path(m.path).parts), m.kind != "bind"))
+    else:
+        readonly_root = False
+
+    variables = {"PATH": PATH, "HOME": workdir, "TMPDIR": tmp_inside}
+    for name, value in os.environ.items():
+        if name in PASSED_THROUGH or name.startswith("LC_"):
+            variables[name] = value
+    for name in config.env_passthrough:
+        if name in os.environ:
+            variables[name] = os.environ[name]
+    variables.update(config.env)
+
+    limits = config.limits
+    rlimits = [(resource.RLIMIT_CORE, 0, 0)]
+    if limits.memory:
+        rlimits.append((resource.RLIMIT_DATA, limits.memory, limits.memory))
+    if limits.cpu_time:
+        seconds = max(1, int(-(-limits.cpu_time // 1)))
+        rlimits.append((resource.RLIMIT_CPU, seconds, seconds + 1))
+    if limits.file_size:
+        rlimits.append((resource.RLIMIT_FSIZE, limits.file_size, limits.file_size))
+    if limits.open_files:
+        rlimits.append((resource.RLIMIT_NOFILE, limits.open_files, limits.open_files))
+    if limits.processes:
+        # heel-init is one of the processes too.
+        rlimits.append((resource.RLIMIT_NPROC, limits.processes + 1, limits.processes + 1))
+
+    return SandboxPlan(
+        level=level,
+        workdir=workdir,
+        host_tmp=host_tmp,
+        tmp=tmp_inside,
+        rules=tuple(rules),
+        handled_fs=handled,
+        handled_net=ll.handled_net(env.landlock_abi),
+        scoped=ll.scopes(env.landlock_abi),
+        namespaces=env.namespaces,
+        mounts=tuple(mounts),
+        readonly_root=readonly_root,
+        env=variables,
+        rlimits=tuple(rlimits),
+        seccomp={
+            "allow_unix_sockets": config.security.allow_unix_sockets,
+            "allow_inet_stream": not config.network.denies_everything,
+            "allow_netlink_route": False,
+        },
+        protected=tuple(denied),
+        mountpoints=tuple(mountpoints),
+    )

@@ -1,0 +1,264 @@
+"""Sandbox configuration: levels, protections, limits.
+
+Every class here is frozen and validated when it is built: a bad value raises
+:class:`~heel.errors.PolicyError` at once, never later inside a spawn.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Union
+
+from .errors import PolicyError
+from .policy import DenyAll, NetworkPolicy
+
+__all__ = ["IsolationLevel", "SecurityConfig", "ResourceLimits", "SandboxConfig", "parse_size"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class IsolationLevel(enum.Enum):
+    """How much of the file system the sandbox sees.
+
+    STRICT: read, write and execute only in the workdir (and its private tmp);
+    read and execute the system runtime (/usr, /lib*, /bin, /sbin, the
+    non-secret part of /etc, a few /dev nodes, its own /proc).
+    DEFAULT: STRICT plus read-only access to the rest of the file system.
+    PERMISSIVE: read and write everywhere.
+    At every level the protected places stay closed.
+    """
+
+    STRICT = "strict"
+    DEFAULT = "default"
+    PERMISSIVE = "permissive"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Protections that hold at every isolation level."""
+
+    protect_user_home: bool = True
+    protect_credentials: bool = True
+    protect_cloud_config: bool = True
+    allow_gpu: bool = True
+    #: socket(AF_UNIX): off by default, so the sandbox cannot connect to host
+    #: sockets (D-Bus, docker.sock, ssh-agent); socketpair() always works.
+    allow_unix_sockets: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("protect_user_home", "protect_credentials", "protect_cloud_config",
+                     "allow_gpu", "allow_unix_sockets"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(f"SecurityConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """A byte count from an int or a string such as ``"512M"`` or ``"2GiB"``."""
+    if isinstance(value, bool):
+        raise PolicyError(f"{what} must be a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise PolicyError(f"{what}: cannot read {value!r} as a size (examples: 4096, 512M, 2G)")
+        number = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise PolicyError(f"{what} must be an int or a string such as '512M', got {type(value).__name__}")
+    if number <= 0:
+        raise PolicyError(f"{what} must be positive, got {value!r}")
+    return number
+
+
+def _positive_number(value, what: str, *, integer: bool = False):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"{what} must be a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise PolicyError(f"{what} must be a whole number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise PolicyError(f"{what} must be positive, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Limits for each command.
+
+    timeout: wall-clock seconds, then the whole process tree is killed.
+    memory: bytes of data memory per process (RLIMIT_DATA: heap and private
+    mappings; not the address space, so GPU runtimes still start).
+    cpu_time: CPU seconds per process (RLIMIT_CPU).
+    file_size: the largest file a process may write (RLIMIT_FSIZE).
+    open_files: open file descriptors per process (RLIMIT_NOFILE).
+    processes: processes the command may have at once (RLIMIT_NPROC, counted
+    inside the command's own user namespace).
+    output_bytes: captured stdout+stderr; past it the command is killed and
+    the output marked truncated.
+    Sizes accept ints or strings such as ``"512M"``.
+    """
+
+    timeout: float | None = None
+    memory: int | str | None = None
+    cpu_time: float | None = None
+    file_size: int | str | None = None
+    open_files: int | None = None
+    processes: int | None = None
+    output_bytes: int | str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_number(self.timeout, "timeout")
+        _positive_number(self.cpu_time, "cpu_time")
+        _positive_number(self.open_files, "open_files", integer=True)
+        _positive_number(self.processes, "processes", integer=True)
+        for name in ("memory", "file_size", "output_bytes"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_size(value, name))
+        if self.open_files is not None and self.open_files < 3:
+            raise PolicyError("open_files must be at least 3 (stdin, stdout and stderr)")
+
+
+def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    out = []
+    try:
+        items = list(value)
+    except TypeError:
+        raise PolicyError(f"{what} must be a list of paths, got {value!r}") from None
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise PolicyError(f"{what}: {item!r} is not a path")
+        text = os.fspath(item)
+        if not text or "\0" in text:
+            raise PolicyError(f"{what}: {text!r} is not a valid path")
+        path = Path(os.path.expanduser(text))
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.exists():
+            raise PolicyError(f"{what}: {text} does not exist")
+        out.append(path.resolve())
+    return tuple(out)
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Everything a :class:`~heel.Sandbox` enforces.  Keyword arguments only.
+
+    level: an :class:`IsolationLevel` (or its name).
+    security: the :class:`SecurityConfig` protections.
+    readable / writable / executable: extra paths, granted beneath.
+    env: variables set inside; env_passthrough: names copied from the host.
+    workdir: None for a fresh private directory removed on close, or a
+    directory that is used and kept.
+    limits: :class:`ResourceLimits` for each command.
+    network: a network policy; :class:`~heel.DenyAll` (no network) by default.
+    best_effort: run even when a protection cannot be enforced on this
+    machine (``heel.probe()`` says which); by default that is an error.
+    """
+
+    level: IsolationLevel = IsolationLevel.DEFAULT
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    readable: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
+    executable: tuple[Path, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    env_passthrough: tuple[str, ...] = ()
+    workdir: Path | None = None
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    network: NetworkPolicy = field(default_factory=DenyAll)
+    best_effort: bool = False
+
+    def __init__(
+        self,
+        *,
+        level: IsolationLevel | str = IsolationLevel.DEFAULT,
+        security: SecurityConfig | None = None,
+        readable: Iterable[PathLike] = (),
+        writable: Iterable[PathLike] = (),
+        executable: Iterable[PathLike] = (),
+        env: Mapping[str, str] | None = None,
+        env_passthrough: Iterable[str] = (),
+        workdir: PathLike | None = None,
+        limits: ResourceLimits | None = None,
+        network: NetworkPolicy | None = None,
+        best_effort: bool = False,
+    ) -> None:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if isinstance(level, str):
+            try:
+                level = IsolationLevel(level.lower())
+            except ValueError:
+                raise PolicyError(f"unknown isolation level {level!r}: use strict, default or permissive") from None
+        if not isinstance(level, IsolationLevel):
+            raise PolicyError(f"level must be an IsolationLevel, got {level!r}")
+        put("level", level)
+        security = SecurityConfig() if security is None else security
+        if not isinstance(security, SecurityConfig):
+            raise PolicyError(f"security must be a SecurityConfig, got {security!r}")
+        put("security", security)
+        put("readable", _paths(readable, "readable"))
+        put("writable", _paths(writable, "writable"))
+        put("executable", _paths(executable, "executable"))
+        put("env", _env(env or {}))
+        names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
+        for name in names:
+            if not isinstance(name, str) or not _ENV_NAME.match(name):
+                raise PolicyError(f"env_passthrough: {name!r} is not a variable name")
+        put("env_passthrough", names)
+        if workdir is not None:
+            (wd,) = _paths([workdir], "workdir")
+            if not wd.is_dir():
+                raise PolicyError(f"workdir: {wd} is not a directory")
+            workdir = wd
+        put("workdir", workdir)
+        limits = ResourceLimits() if limits is None else limits
+        if not isinstance(limits, ResourceLimits):
+            raise PolicyError(f"limits must be a ResourceLimits, got {limits!r}")
+        put("limits", limits)
+        network = DenyAll() if network is None else network
+        if not isinstance(network, NetworkPolicy):
+            raise PolicyError(f"network must be a network policy such as heel.DenyAll(), got {network!r}")
+        if not network.denies_everything:
+            raise PolicyError(f"network policy {network!r} is not supported by this version of heel yet: use DenyAll()")
+        put("network", network)
+        if not isinstance(best_effort, bool):
+            raise PolicyError(f"best_effort must be a bool, got {best_effort!r}")
+        put("best_effort", best_effort)
+
+    def __hash__(self) -> int:  # env is a dict: hash what identifies the config
+        return hash((self.level, self.security, self.readable, self.writable, self.executable,
+                     tuple(sorted(self.env.items())), self.env_passthrough, self.workdir,
+                     self.limits, self.best_effort))
+
+
+def _env(env: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(env, Mapping):
+        raise PolicyError(f"env must be a mapping of names to strings, got {env!r}")
+    out = {}
+    for key, value in env.items():
+        check_env_item(key, value)
+        out[key] = value
+    return out
+
+
+def check_env_item(key, value) -> None:
+    """Raise PolicyError unless key=value is a valid environment entry."""
+    if not isinstance(key, str) or not _ENV_NAME.match(key):
+        raise PolicyError(f"env: {key!r} is not a variable name")
+    if not isinstance(value, str) or "\0" in value:
+        raise PolicyError(f"env: the value of {key} must be a string without NUL bytes")

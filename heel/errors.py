@@ -1,0 +1,112 @@
+"""heel's exceptions.
+
+Every exception heel raises on purpose derives from :class:`HeelError`::
+
+    HeelError
+    ├── PolicyError (ValueError)         a configuration that cannot be right;
+    │                                    raised when the config is built
+    ├── SandboxUnavailable               this machine cannot enforce what was asked
+    │                                    (no Landlock, no seccomp, no user namespaces);
+    │                                    says which protection and what to do
+    ├── SandboxClosed (RuntimeError)     the sandbox was used after it was closed
+    ├── SpawnError (OSError)             the command could not be started; carries
+    │   │                                the setup ``stage`` and ``errno``
+    │   └── CommandNotFound (FileNotFoundError)
+    ├── CommandFailed                    ``run(check=True)``: non-zero exit status
+    │   (subprocess.CalledProcessError)
+    └── CommandTimeout (TimeoutError)    ``run(check=True)``: the timeout killed it
+
+Errors that mean a bad argument also derive from ``ValueError``, OS-level ones
+from ``OSError``, so code that does not know heel still catches them sensibly.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import subprocess
+
+__all__ = [
+    "HeelError",
+    "PolicyError",
+    "SandboxUnavailable",
+    "SandboxClosed",
+    "SpawnError",
+    "CommandNotFound",
+    "CommandFailed",
+    "CommandTimeout",
+]
+
+
+class HeelError(Exception):
+    """The root of heel's exceptions."""
+
+
+class PolicyError(HeelError, ValueError):
+    """A sandbox configuration or policy is invalid."""
+
+
+class SandboxUnavailable(HeelError):
+    """The kernel cannot enforce a protection that the configuration requires."""
+
+    def __init__(self, protection: str, reason: str, hint: str = "") -> None:
+        self.protection = protection
+        self.reason = reason
+        self.hint = hint
+        message = f"{protection} cannot be enforced: {reason}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class SandboxClosed(HeelError, RuntimeError):
+    """The sandbox has been closed."""
+
+
+class SpawnError(HeelError, OSError):
+    """A sandboxed command failed to start.
+
+    ``stage`` names the setup step that failed (``"exec"``, ``"landlock"``,
+    ``"mount"``, ...); ``errno`` and ``strerror`` are those of the failed call.
+    """
+
+    def __init__(self, stage: str, err: int, program: str = "") -> None:
+        self.stage = stage
+        self.program = program
+        detail = f"{program}: " if program else ""
+        OSError.__init__(self, err, f"{detail}sandbox setup failed at {stage}: {os.strerror(err)}")
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.errno, self.program))
+
+
+class CommandNotFound(SpawnError, FileNotFoundError):
+    """The program to run does not exist (inside the sandbox's view)."""
+
+
+def spawn_error(stage: str, err: int, program: str = "") -> SpawnError:
+    """The right SpawnError subclass for a (stage, errno) pair."""
+    if stage == "exec" and err == _errno.ENOENT:
+        return CommandNotFound(stage, err, program)
+    return SpawnError(stage, err, program)
+
+
+class CommandFailed(HeelError, subprocess.CalledProcessError):
+    """``run(check=True)``: the command exited with a non-zero status."""
+
+    def __str__(self) -> str:
+        return subprocess.CalledProcessError.__str__(self)
+
+
+class CommandTimeout(HeelError, TimeoutError):
+    """``run(check=True)``: the command ran past its timeout and was killed."""
+
+    def __init__(self, cmd, timeout: float, stdout: bytes | None = None, stderr: bytes | None = None):
+        self.cmd = cmd
+        self.timeout = timeout
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(f"command {cmd!r} timed out after {timeout} seconds")

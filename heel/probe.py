@@ -1,0 +1,145 @@
+"""What this machine can enforce: ``heel.probe()`` and ``heel doctor``.
+
+Every answer comes from trying: the probe starts a real sandboxed ``true``
+with all layers on (and, if that fails, with fewer), so "enforced" means the
+kernel accepted it, not that a header said it should.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from . import _native
+from ._plan import Environment, build_plan
+from ._spawn import Prepared
+from .config import IsolationLevel, SandboxConfig
+from .errors import HeelError, SandboxUnavailable
+
+__all__ = ["probe", "ProbeReport", "Protection"]
+
+ENFORCED = "enforced"
+DEGRADED = "degraded"
+UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class Protection:
+    name: str
+    status: str  # "enforced", "degraded" or "unavailable"
+    detail: str
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    landlock_abi: int
+    seccomp: bool
+    user_namespaces: bool
+    euid: int
+    protections: tuple[Protection, ...]
+    namespace_error: str = ""
+
+    def status(self, name: str) -> str:
+        for p in self.protections:
+            if p.name == name:
+                return p.status
+        raise KeyError(name)
+
+
+def _trial(env: Environment) -> str:
+    """Run `true` under a STRICT plan for env; '' on success, else why not."""
+    from . import _sync
+
+    base = tempfile.mkdtemp(prefix="heel-probe-")
+    try:
+        work, tmp = os.path.join(base, "work"), os.path.join(base, "tmp")
+        os.mkdir(work)
+        os.mkdir(tmp)
+        config = SandboxConfig(level=IsolationLevel.STRICT, workdir=work)
+        plan = build_plan(config, workdir=work, host_tmp=tmp, env=env, init_path=_native.INIT_PATH)
+        prepared = Prepared(plan)
+        try:
+            with open(os.devnull, "r+b") as null:
+                code, _ = _sync.run(prepared, ["true"], plan.env, work, (null.fileno(),) * 3, timeout=10)
+        finally:
+            prepared.close()
+        return "" if code == 0 else f"`true` exited with {code}"
+    except (OSError, HeelError) as exc:
+        return str(exc)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> tuple[Environment, str]:
+    """The strongest Environment this machine runs, and why namespaces failed if they did."""
+    abi = _native.landlock_abi()
+    seccomp = _native.seccomp_arch() != 0
+    full = Environment(landlock_abi=abi, seccomp=seccomp, namespaces=True)
+    why = _trial(full)
+    if not why:
+        return full, ""
+    return Environment(landlock_abi=abi, seccomp=seccomp, namespaces=False), why
+
+
+def require(env: Environment, config: SandboxConfig, why_no_namespaces: str) -> list[str]:
+    """Raise SandboxUnavailable for what the config needs and this machine lacks,
+    unless best_effort; returns the list of what is missing."""
+    missing = []
+    if env.landlock_abi < 1:
+        missing.append(("Landlock", "the kernel has no Landlock (Linux >= 5.13 with lsm=landlock)"))
+    if not env.seccomp:
+        missing.append(("seccomp", "this architecture is not supported by heel's filter"))
+    if not env.namespaces:
+        missing.append(("user namespaces",
+                        f"{why_no_namespaces or 'unavailable'}; without them chmod/chown/utime outside the "
+                        "workdir, processes that call setsid, and the process limit cannot be contained"))
+    if missing and not config.best_effort:
+        name, reason = missing[0]
+        raise SandboxUnavailable(name, reason, "see `python -m heel doctor`; best_effort=True runs anyway")
+    return [name for name, _ in missing]
+
+
+def probe() -> ProbeReport:
+    """What this machine enforces, protection by protection."""
+    env, why = environment()
+    abi = env.landlock_abi
+    ns = env.namespaces
+    root = env.euid == 0
+
+    def p(name, ok, detail_ok, detail_bad, partial=False):
+        status = ENFORCED if ok else (DEGRADED if partial else UNAVAILABLE)
+        return Protection(name, status, detail_ok if ok else detail_bad)
+
+    items = [
+        p("landlock", abi >= 1, f"ABI {abi}", "no Landlock in this kernel"),
+        p("seccomp", env.seccomp, "deny list, socket and ioctl filters, architecture check",
+          "unsupported architecture"),
+        p("filesystem", abi >= 1, "Landlock allow-list", "no file system allow-list"),
+        p("file_refer", abi >= 2, "cross-directory links and renames checked",
+          "ABI 1: every cross-directory rename or link is refused", partial=abi >= 1),
+        p("truncate", abi >= 3 or ns, "truncate outside writable places refused",
+          "truncate(2) outside the workdir is not mediated"),
+        p("tcp", abi >= 4, "TCP bind/connect refused (Landlock ABI 4)",
+          "only seccomp's socket filter stops TCP", partial=env.seccomp),
+        p("device_ioctl", abi >= 5, "ioctl only on granted devices", "ioctl on opened devices not mediated",
+          partial=env.seccomp),
+        p("scoping", abi >= 6, "no signals to host processes, no host abstract unix sockets",
+          "signals and abstract sockets are contained only by the namespaces", partial=ns),
+        p("user_namespace", ns, "unprivileged user namespace per command", why or "unavailable"),
+        p("mount_view", ns, "read-only view outside writable places (no chmod/chown/utime/xattr)",
+          "chmod, chown, utime and xattr changes outside the workdir are possible"),
+        p("pid_namespace", ns, "every process dies with the command or the sandbox",
+          "processes that escape the subreaper may outlive the sandbox", partial=True),
+        p("network_namespace", ns, "no route out, no UDP, no DNS",
+          "relies on Landlock TCP rules and seccomp", partial=abi >= 4),
+        p("capabilities", True, "none inside (bounding set emptied, securebits locked)", ""),
+        p("process_limit", ns or not root, "RLIMIT_NPROC counted inside the command's user namespace",
+          "RLIMIT_NPROC does not bind uid 0 without a user namespace"),
+    ]
+    return ProbeReport(landlock_abi=abi, seccomp=env.seccomp, user_namespaces=ns, euid=env.euid,
+                       protections=tuple(items), namespace_error=why)

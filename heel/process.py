@@ -1,0 +1,137 @@
+"""A running sandboxed command, under trio.
+
+trio cannot wrap a pid it did not start, so heel has its own Process, shaped
+like trio's: ``wait()``, ``poll()``, ``send_signal()``, ``terminate()``,
+``kill()``, ``pid``, ``returncode`` and trio streams for stdin/stdout/stderr.
+It waits on a pidfd, so there is no SIGCHLD handler and no race with pid reuse.
+
+``pid`` is heel-init's pid on the host: the command runs as its child (pid 2
+in its pid namespace).  Signals sent to the Process are forwarded by
+heel-init to the command; ``kill()`` kills the command and every process it
+started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import trio
+
+from . import _sync
+from ._spawn import MSG_SIZE, decode_message, raise_for_error
+
+__all__ = ["Process"]
+
+
+class Process:
+    """A command running in a sandbox.  Create it with ``Command.spawn()``."""
+
+    def __init__(self, *, pid: int, pidfd: int, ctl: socket.socket, args: list[str],
+                 pid_namespace: bool, stdin: trio.lowlevel.FdStream | None,
+                 stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None) -> None:
+        self.pid = pid
+        self.args = args
+        self.stdin: trio.abc.SendStream | None = stdin
+        self.stdout: trio.abc.ReceiveStream | None = stdout
+        self.stderr: trio.abc.ReceiveStream | None = stderr
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._ctl = ctl
+        ctl.setblocking(False)
+        self._pid_namespace = pid_namespace
+        self._killed = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.returncode is None else f"returncode={self.returncode}"
+        return f"<heel.Process pid={self.pid} {self.args!r} {state}>"
+
+    async def _started(self) -> None:
+        """Wait for heel-init's first message: started, or why not."""
+        data = b""
+        while len(data) < MSG_SIZE:
+            await trio.lowlevel.wait_readable(self._ctl)
+            try:
+                chunk = self._ctl.recv(MSG_SIZE - len(data))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                # heel-init died before a word: reap it and say so.
+                status = await self.wait()
+                raise _sync._native_error(status, self.args[0])
+            data += chunk
+        raise_for_error(decode_message(data), self.args[0])
+
+    async def wait(self) -> int:
+        """Wait for the command to exit; returns its code (or -signal)."""
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            self._reap()
+        assert self.returncode is not None
+        return self.returncode
+
+    def poll(self) -> int | None:
+        """The return code if the command has exited, else None."""
+        if self.returncode is None:
+            info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None:
+                self._reap()
+        return self.returncode
+
+    def _reap(self) -> None:
+        init_status = _sync.waitid_status(self._pidfd)
+        self.returncode = _sync.exit_status(self._ctl, self._killed, init_status)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self._pidfd >= 0:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._ctl.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._ctl)
+            self._ctl.close()
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the command (heel-init forwards it).  SIGKILL kills
+        the whole tree, like kill()."""
+        if sig == signal.SIGKILL:
+            self.kill()
+        elif self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill the command and every process it started."""
+        if self.returncode is None and not self._killed:
+            self._killed = True
+            _sync.kill_tree(self._pidfd, self._ctl, self._pid_namespace, grace=0)
+
+    async def aclose(self) -> None:
+        """Close the streams, kill what is left, and reap."""
+        with trio.CancelScope(shield=True):
+            for stream in (self.stdin, self.stdout, self.stderr):
+                if stream is not None:
+                    await stream.aclose()
+            if self.returncode is None:
+                self.kill()
+                with trio.move_on_after(5):
+                    await self.wait()
+                if self.returncode is None:  # heel-init did not answer the kill message
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                    await self.wait()
+
+    async def __aenter__(self) -> "Process":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+

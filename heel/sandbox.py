@@ -1,0 +1,393 @@
+"""The trio API: ``Sandbox``, its ``Command`` builder and their results."""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import trio
+
+from . import _native
+from ._plan import SandboxPlan, build_plan
+from ._spawn import Prepared, launch
+from .config import PathLike, SandboxConfig, check_env_item
+from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
+from .probe import environment, require
+from .process import Process
+
+__all__ = ["Sandbox", "Command", "Output", "ExitStatus", "Stdio"]
+
+
+class Stdio(enum.Enum):
+    """Where a standard stream of a command goes."""
+
+    PIPE = "pipe"        #: a pipe to the host: captured by output(), a stream on Process
+    INHERIT = "inherit"  #: the host process's own stream
+    NULL = "null"        #: /dev/null
+
+
+@dataclass(frozen=True)
+class Output:
+    """What ``Command.output()`` returns."""
+
+    stdout: bytes
+    stderr: bytes
+    returncode: int
+    timed_out: bool = False
+    #: output_bytes was reached: the command was killed and the rest dropped
+    truncated: bool = False
+
+    @property
+    def success(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """What ``Command.status()`` returns."""
+
+    returncode: int
+    timed_out: bool = False
+
+    @property
+    def success(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+class Sandbox:
+    """A sandbox: a workdir, a plan and the commands run in it.
+
+    ``async with Sandbox(config) as sb:`` prepares the Landlock ruleset and
+    seccomp program once; every command then runs under them.  Closing the
+    sandbox kills every process still running in it (with all their
+    descendants) and removes the temporary workdir.
+    """
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        if config is None:
+            config = SandboxConfig()
+        if not isinstance(config, SandboxConfig):
+            raise PolicyError(f"Sandbox needs a SandboxConfig, got {config!r}")
+        self.config = config
+        self._base: str | None = None
+        self._prepared: Prepared | None = None
+        self._processes: set[Process] = set()
+        self._closed = False
+        self.degraded: list[str] = []
+
+    async def __aenter__(self) -> "Sandbox":
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def open(self) -> None:
+        if self._prepared is not None or self._closed:
+            raise SandboxClosed("a Sandbox can be opened once")
+        env, why = environment()
+        self.degraded = require(env, self.config, why)
+        base = tempfile.mkdtemp(prefix="heel-")
+        try:
+            tmp = os.path.join(base, "tmp")
+            os.mkdir(tmp, 0o700)
+            if self.config.workdir is None:
+                workdir = os.path.join(base, "work")
+                os.mkdir(workdir, 0o700)
+            else:
+                workdir = str(self.config.workdir)
+            plan = build_plan(self.config, workdir=workdir, host_tmp=tmp, env=env,
+                              init_path=_native.INIT_PATH)
+            self._prepared = Prepared(plan)
+        except BaseException:
+            shutil.rmtree(base, ignore_errors=True)
+            raise
+        self._base = base
+
+    async def aclose(self) -> None:
+        """Kill every process of the sandbox and remove its temporary files."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            for process in list(self._processes):
+                process.kill()
+            for process in list(self._processes):
+                await process.aclose()
+            self._processes.clear()
+            if self._prepared is not None:
+                self._prepared.close()
+            if self._base is not None:
+                shutil.rmtree(self._base, ignore_errors=True)
+
+    @property
+    def plan(self) -> SandboxPlan:
+        """The plan this sandbox enforces (paths, rules, mounts, environment)."""
+        return self._live().plan
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.plan.workdir)
+
+    def _live(self) -> Prepared:
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        if self._prepared is None:
+            raise SandboxClosed("the sandbox is not open: use `async with Sandbox(config) as sb:`")
+        return self._prepared
+
+    def command(self, program: PathLike) -> "Command":
+        """A builder for one command: ``sb.command("ls").arg("-l").output()``."""
+        return Command(self, program)
+
+    async def run(self, command: Sequence[PathLike] | str, *, input: bytes | None = None,
+                  capture_stdout: bool = False, capture_stderr: bool = False, check: bool = True,
+                  cwd: PathLike | None = None, env: Mapping[str, str] | None = None,
+                  timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run a command to completion, shaped like ``trio.run_process``.
+
+        A string is a shell command (``sh -c``).  Output that is not captured
+        goes to the host's stdout/stderr.  With ``check`` (the default) a
+        non-zero exit raises CommandFailed and a timeout CommandTimeout.
+        """
+        argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        if not argv:
+            raise PolicyError("run() needs a command")
+        cmd = self.command(argv[0]).args(argv[1:])
+        cmd.stdin(input if input is not None else Stdio.NULL)
+        cmd.stdout(Stdio.PIPE if capture_stdout else Stdio.INHERIT)
+        cmd.stderr(Stdio.PIPE if capture_stderr else Stdio.INHERIT)
+        if cwd is not None:
+            cmd.current_dir(cwd)
+        if env:
+            cmd.envs(env)
+        if timeout is not None:
+            cmd.timeout(timeout)
+        out = await cmd.output()
+        stdout = out.stdout if capture_stdout else None
+        stderr = out.stderr if capture_stderr else None
+        if check and out.timed_out:
+            raise CommandTimeout(argv, cmd.effective_timeout(), stdout, stderr)
+        if check and out.returncode != 0:
+            raise CommandFailed(out.returncode, argv, stdout, stderr)
+        return subprocess.CompletedProcess(argv, out.returncode, stdout, stderr)
+
+    async def _spawn(self, cmd: "Command", stdin, stdout, stderr) -> Process:
+        prepared = self._live()
+        plan = prepared.plan
+        env = dict(plan.env)
+        for key in cmd._env_remove:
+            env.pop(key, None)
+        env.update(cmd._env)
+        cwd = plan.workdir if cmd._cwd is None else cmd._cwd
+        host_fds: list[int] = []
+        child_fds: list[int] = []
+        streams: list = []
+        try:
+            for which, spec in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+                if spec is Stdio.INHERIT:
+                    child_fds.append({"stdin": 0, "stdout": 1, "stderr": 2}[which])
+                    streams.append(None)
+                elif spec is Stdio.NULL:
+                    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    host_fds.append(fd)
+                    child_fds.append(fd)
+                    streams.append(None)
+                else:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    ours, theirs = (w, r) if which == "stdin" else (r, w)
+                    host_fds.append(theirs)
+                    child_fds.append(theirs)
+                    streams.append(trio.lowlevel.FdStream(ours))
+            pid, pidfd, ctl = launch(prepared, cmd._argv, env, cwd, tuple(child_fds))
+        except BaseException:
+            for stream in streams:
+                if stream is not None:
+                    await stream.aclose()
+            raise
+        finally:
+            for fd in host_fds:
+                os.close(fd)
+        process = Process(pid=pid, pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
+                          pid_namespace=plan.namespaces, stdin=streams[0], stdout=streams[1],
+                          stderr=streams[2])
+        self._processes.add(process)
+        try:
+            await process._started()
+        except BaseException:
+            await process.aclose()
+            self._processes.discard(process)
+            raise
+        return process
+
+    def _forget(self, process: Process) -> None:
+        self._processes.discard(process)
+
+
+class Command:
+    """One command to run in a sandbox; every setter returns the builder."""
+
+    def __init__(self, sandbox: Sandbox, program: PathLike) -> None:
+        self._sandbox = sandbox
+        self._argv = [_arg(program, "program")]
+        if not self._argv[0]:
+            raise PolicyError("the program name is empty")
+        self._env: dict[str, str] = {}
+        self._env_remove: set[str] = set()
+        self._cwd: str | None = None
+        self._stdin: Stdio | bytes | None = None
+        self._stdout: Stdio | None = None
+        self._stderr: Stdio | None = None
+        self._timeout: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<heel.Command {self._argv!r}>"
+
+    def arg(self, value: PathLike) -> "Command":
+        self._argv.append(_arg(value, "argument"))
+        return self
+
+    def args(self, values: Iterable[PathLike]) -> "Command":
+        if isinstance(values, (str, bytes)):
+            raise PolicyError("args() takes a list of arguments; use arg() for one")
+        for value in values:
+            self.arg(value)
+        return self
+
+    def env(self, key: str, value: str) -> "Command":
+        check_env_item(key, value)
+        self._env[key] = value
+        self._env_remove.discard(key)
+        return self
+
+    def envs(self, values: Mapping[str, str]) -> "Command":
+        for key, value in values.items():
+            self.env(key, value)
+        return self
+
+    def env_remove(self, key: str) -> "Command":
+        self._env.pop(key, None)
+        self._env_remove.add(key)
+        return self
+
+    def current_dir(self, path: PathLike) -> "Command":
+        text = os.fspath(path)
+        if not isinstance(text, str) or "\0" in text:
+            raise PolicyError(f"current_dir: {path!r} is not a valid path")
+        if not os.path.isabs(text):
+            text = os.path.join(self._sandbox.plan.workdir, text)
+        self._cwd = text
+        return self
+
+    def stdin(self, value: Stdio | bytes) -> "Command":
+        if not isinstance(value, (Stdio, bytes, bytearray, memoryview)):
+            raise PolicyError(f"stdin takes a Stdio or bytes, got {type(value).__name__}")
+        self._stdin = value if isinstance(value, Stdio) else bytes(value)
+        return self
+
+    def stdout(self, value: Stdio) -> "Command":
+        if not isinstance(value, Stdio):
+            raise PolicyError(f"stdout takes a Stdio, got {value!r}")
+        self._stdout = value
+        return self
+
+    def stderr(self, value: Stdio) -> "Command":
+        if not isinstance(value, Stdio):
+            raise PolicyError(f"stderr takes a Stdio, got {value!r}")
+        self._stderr = value
+        return self
+
+    def timeout(self, seconds: float) -> "Command":
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+                or not math.isfinite(seconds) or seconds <= 0:
+            raise PolicyError(f"timeout must be a positive number of seconds, got {seconds!r}")
+        self._timeout = seconds
+        return self
+
+    def effective_timeout(self) -> float | None:
+        return self._timeout if self._timeout is not None else self._sandbox.config.limits.timeout
+
+    async def spawn(self) -> Process:
+        """Start the command; streams default to stdin=NULL, stdout/stderr=INHERIT.
+
+        A Process from spawn() is not bound by the timeout: the caller owns
+        it (``async with await cmd.spawn() as p:`` kills it on exit)."""
+        stdin = self._stdin if isinstance(self._stdin, Stdio) else Stdio.NULL if self._stdin is None else Stdio.PIPE
+        return await self._sandbox._spawn(self, stdin, self._stdout or Stdio.INHERIT,
+                                          self._stderr or Stdio.INHERIT)
+
+    async def status(self) -> ExitStatus:
+        """Run to completion with stdout/stderr inherited (unless set)."""
+        out = await self._run(self._stdout or Stdio.INHERIT, self._stderr or Stdio.INHERIT)
+        return ExitStatus(out.returncode, out.timed_out)
+
+    async def output(self) -> Output:
+        """Run to completion and capture stdout and stderr (unless set)."""
+        return await self._run(self._stdout or Stdio.PIPE, self._stderr or Stdio.PIPE)
+
+    async def _run(self, stdout: Stdio, stderr: Stdio) -> Output:
+        data = self._stdin if isinstance(self._stdin, bytes) else None
+        stdin = Stdio.PIPE if data is not None else (self._stdin or Stdio.NULL)
+        process = await self._sandbox._spawn(self, stdin, stdout, stderr)
+        limit = self._sandbox.config.limits.output_bytes
+        captured = {"stdout": bytearray(), "stderr": bytearray()}
+        state = {"truncated": False}
+        timeout = self.effective_timeout()
+
+        async def feed() -> None:
+            try:
+                if data:
+                    await process.stdin.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the command stopped reading: not our failure
+            finally:
+                await process.stdin.aclose()
+
+        async def drain(name: str, stream) -> None:
+            buf = captured[name]
+            while chunk := await stream.receive_some(65536):
+                if limit is not None and len(captured["stdout"]) + len(captured["stderr"]) + len(chunk) > limit:
+                    room = limit - len(captured["stdout"]) - len(captured["stderr"])
+                    buf += chunk[:max(0, room)]
+                    state["truncated"] = True
+                    process.kill()
+                    return
+                buf += chunk
+
+        try:
+            with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                async with trio.open_nursery() as nursery:
+                    if process.stdin is not None:
+                        nursery.start_soon(feed)
+                    if process.stdout is not None:
+                        nursery.start_soon(drain, "stdout", process.stdout)
+                    if process.stderr is not None:
+                        nursery.start_soon(drain, "stderr", process.stderr)
+                    await process.wait()
+            timed_out = scope.cancelled_caught
+            if timed_out:
+                process.kill()
+        finally:
+            await process.aclose()
+            self._sandbox._forget(process)
+        return Output(bytes(captured["stdout"]), bytes(captured["stderr"]), process.returncode,
+                      timed_out=timed_out, truncated=state["truncated"])
+
+
+def _arg(value, what: str) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, str):
+        raise PolicyError(f"{what} must be a string or path, got {type(value).__name__}")
+    if "\0" in value:
+        raise PolicyError(f"{what} {value!r} contains a NUL byte")
+    return value

@@ -1,0 +1,39 @@
+"""Build heel: the cffi extension (csrc/build.py) and heel-init, the small
+executable that runs as the sandbox's pid 1 (csrc/init.c)."""
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExtWithInit(build_ext):
+    """build_ext that also compiles and links heel-init next to the module."""
+
+    def run(self):
+        super().run()
+        if sys.platform.startswith("linux"):
+            self.build_init()
+
+    def build_init(self):
+        from setuptools._distutils.ccompiler import new_compiler
+        from setuptools._distutils.sysconfig import customize_compiler
+
+        compiler = new_compiler()
+        customize_compiler(compiler)
+        objects = compiler.compile(
+            [os.path.join("csrc", "init.c")],
+            output_dir=self.build_temp,
+            include_dirs=["csrc"],
+            extra_postargs=["-O2", "-Wall"],
+        )
+        package_dir = "heel" if self.inplace else os.path.join(self.build_lib, "heel")
+        compiler.link_executable(objects, "_heel_init", output_dir=package_dir)
+
+
+setup(
+    cffi_modules=["csrc/build.py:ffibuilder"],
+    cmdclass={"build_ext": BuildExtWithInit},
+    # The extension uses only the stable ABI: one wheel serves every CPython >= 3.10.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
