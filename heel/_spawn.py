@@ -10,13 +10,16 @@ Both the trio API and the synchronous CLI path use it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import struct
+import tempfile
 
 from . import _native
 from ._native import lib
-from ._plan import SandboxPlan
+from ._plan import SandboxPlan, build_plan
+from .config import SandboxConfig
 from .errors import SandboxUnavailable, spawn_error
 
 CLONE_NEWNS = 0x00020000
@@ -164,3 +167,37 @@ def returncode_from_status(status: int) -> int:
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+class Session:
+    """What an open sandbox owns on the host: its temporary directory (the
+    private tmp, and the workdir unless the config names one) and the
+    prepared native objects.  Used by heel.Sandbox and by the CLI."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        from .probe import environment, require
+
+        env, why = environment()
+        self.degraded = require(env, config, why)
+        self.base = tempfile.mkdtemp(prefix="heel-")
+        try:
+            tmp = os.path.join(self.base, "tmp")
+            os.mkdir(tmp, 0o700)
+            if config.workdir is None:
+                workdir = os.path.join(self.base, "work")
+                os.mkdir(workdir, 0o700)
+            else:
+                workdir = str(config.workdir)
+            plan = build_plan(config, workdir=workdir, host_tmp=tmp, env=env, init_path=_native.INIT_PATH)
+            self.prepared = Prepared(plan)
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+
+    @property
+    def plan(self) -> SandboxPlan:
+        return self.prepared.plan
+
+    def close(self) -> None:
+        self.prepared.close()
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -5,21 +5,17 @@ from __future__ import annotations
 import enum
 import math
 import os
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import trio
 
-from . import _native
-from ._plan import SandboxPlan, build_plan
-from ._spawn import Prepared, launch
+from ._plan import SandboxPlan
+from ._spawn import Prepared, Session, launch
 from .config import PathLike, SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
-from .probe import environment, require
 from .process import Process
 
 __all__ = ["Sandbox", "Command", "Output", "ExitStatus", "Stdio"]
@@ -76,8 +72,7 @@ class Sandbox:
         if not isinstance(config, SandboxConfig):
             raise PolicyError(f"Sandbox needs a SandboxConfig, got {config!r}")
         self.config = config
-        self._base: str | None = None
-        self._prepared: Prepared | None = None
+        self._session: Session | None = None
         self._processes: set[Process] = set()
         self._closed = False
         self.degraded: list[str] = []
@@ -90,26 +85,11 @@ class Sandbox:
         await self.aclose()
 
     def open(self) -> None:
-        if self._prepared is not None or self._closed:
+        """Prepare the sandbox (``async with`` does this)."""
+        if self._session is not None or self._closed:
             raise SandboxClosed("a Sandbox can be opened once")
-        env, why = environment()
-        self.degraded = require(env, self.config, why)
-        base = tempfile.mkdtemp(prefix="heel-")
-        try:
-            tmp = os.path.join(base, "tmp")
-            os.mkdir(tmp, 0o700)
-            if self.config.workdir is None:
-                workdir = os.path.join(base, "work")
-                os.mkdir(workdir, 0o700)
-            else:
-                workdir = str(self.config.workdir)
-            plan = build_plan(self.config, workdir=workdir, host_tmp=tmp, env=env,
-                              init_path=_native.INIT_PATH)
-            self._prepared = Prepared(plan)
-        except BaseException:
-            shutil.rmtree(base, ignore_errors=True)
-            raise
-        self._base = base
+        self._session = Session(self.config)
+        self.degraded = self._session.degraded
 
     async def aclose(self) -> None:
         """Kill every process of the sandbox and remove its temporary files."""
@@ -122,10 +102,8 @@ class Sandbox:
             for process in list(self._processes):
                 await process.aclose()
             self._processes.clear()
-            if self._prepared is not None:
-                self._prepared.close()
-            if self._base is not None:
-                shutil.rmtree(self._base, ignore_errors=True)
+            if self._session is not None:
+                self._session.close()
 
     @property
     def plan(self) -> SandboxPlan:
@@ -139,9 +117,9 @@ class Sandbox:
     def _live(self) -> Prepared:
         if self._closed:
             raise SandboxClosed("the sandbox is closed")
-        if self._prepared is None:
+        if self._session is None:
             raise SandboxClosed("the sandbox is not open: use `async with Sandbox(config) as sb:`")
-        return self._prepared
+        return self._session.prepared
 
     def command(self, program: PathLike) -> "Command":
         """A builder for one command: ``sb.command("ls").arg("-l").output()``."""
