@@ -17,6 +17,7 @@ class BuildExtWithInit(build_ext):
 
     def build_init(self):
         from setuptools._distutils.ccompiler import new_compiler
+        from setuptools._distutils.errors import LinkError
         from setuptools._distutils.sysconfig import customize_compiler
 
         compiler = new_compiler()
@@ -28,7 +29,13 @@ class BuildExtWithInit(build_ext):
             extra_postargs=["-O2", "-Wall"],
         )
         package_dir = "heel" if self.inplace else os.path.join(self.build_lib, "heel")
-        compiler.link_executable(objects, "_heel_init", output_dir=package_dir)
+        # Static when the C library allows it: exec'ing a static binary skips
+        # the dynamic loader, which is a good part of a command's start-up.
+        try:
+            compiler.link_executable(objects, "_heel_init", output_dir=package_dir,
+                                     extra_postargs=["-static"])
+        except LinkError:
+            compiler.link_executable(objects, "_heel_init", output_dir=package_dir)
 
 
 setup(

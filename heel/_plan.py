@@ -94,6 +94,10 @@ class SandboxPlan:
     handled_net: int
     scoped: int
     namespaces: bool
+    #: a network namespace of its own (only loopback); not needed when the
+    #: sandbox may create no internet socket at all and Landlock scopes
+    #: abstract unix sockets
+    network_namespace: bool
     mounts: tuple[MountOp, ...]
     readonly_root: bool
     env: dict[str, str]
@@ -134,13 +138,27 @@ def protected_paths(config: SandboxConfig) -> list[str]:
             paths += [os.path.join(home, p) for p in CLOUD_IN_HOME]
     if sec.protect_credentials:
         for pattern in SYSTEM_CREDENTIALS:
-            paths += glob.glob(pattern) if "*" in pattern else [pattern]
+            # What the file permissions already close to this user needs no
+            # rule (for uid 0 nothing is closed: every one of them counts).
+            paths += [p for p in (glob.glob(pattern) if "*" in pattern else [pattern])
+                      if os.path.lexists(p) and _accessible(p)]
     out: list[str] = []
     for path in paths:
         for variant in (os.path.normpath(path), os.path.realpath(path)):
             if variant not in out:
                 out.append(variant)
     return out
+
+
+def _accessible(path: str) -> bool:
+    """Could the sandbox (same uid, no capabilities) read or change this path?"""
+    if os.geteuid() == 0:
+        return True
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() or os.access(path, os.R_OK) or os.access(path, os.W_OK)
 
 
 def _under(path: str, parent: str) -> bool:
@@ -190,7 +208,12 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
 
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
-               init_path: str) -> SandboxPlan:
+               init_path: str, host_shm: str | None = None) -> SandboxPlan:
+    """The plan for ``config`` on a machine that can enforce ``env``.
+
+    ``host_tmp`` (and ``host_shm``) are the sandbox's private directories on
+    the host; in a mount namespace they appear at /tmp and /dev/shm.
+    """
     level = config.level
     denied = protected_paths(config)
     handled = ll.handled_fs(env.landlock_abi)
@@ -216,8 +239,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(GPU_DEVICES)]
         grants += [(d, ll.READ) for d in _existing(GPU_DRIVER_INFO)]
         grants += [("/sys", ll.READ)]
-    if env.namespaces and os.path.isdir("/dev/shm"):
-        grants.append(("/dev/shm", ll.READ | ll.WRITE))  # a private tmpfs there
+    shm = host_shm if env.namespaces and host_shm and os.path.isdir("/dev/shm") else None
+    if shm:
+        grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm
     if level is IsolationLevel.DEFAULT:
         grants += [("/", ll.READ | ll.EXEC), ("/sys", ll.READ)]
     elif level is IsolationLevel.PERMISSIVE:
@@ -242,20 +266,25 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     tmp_inside = host_tmp
     if env.namespaces:
         readonly_root = level is not IsolationLevel.PERMISSIVE
-        rw_regions = [] if not readonly_root else [p for p in writable if p != host_tmp]
-        if os.path.isdir("/tmp"):
+        private_tmp = os.path.isdir("/tmp")
+        hidden = lambda p: private_tmp and _under(p, "/tmp")  # noqa: E731  (by the private /tmp)
+        # Writable places come back writable over the read-only root, and
+        # anything granted under /tmp is brought into the private /tmp.
+        rw_regions = [p for p in writable if p != host_tmp and (readonly_root or hidden(p))]
+        ro_regions = [str(p) for p in (*config.readable, *config.executable) if hidden(str(p))]
+        if private_tmp:
             tmp_inside = "/tmp"
             mounts.append(MountOp("bind", "/tmp", source=host_tmp))
-            for region in rw_regions:
-                if _under(region, "/tmp"):
-                    mountpoints.append(os.path.join(host_tmp, os.path.relpath(region, "/tmp")))
+            mountpoints += [os.path.join(host_tmp, os.path.relpath(p, "/tmp"))
+                            for p in rw_regions + ro_regions if hidden(p)]
         mounts += [MountOp("keep_rw", p) for p in rw_regions]
+        mounts += [MountOp("readonly", p) for p in ro_regions]
         regions = ["/"] if not readonly_root else writable
         for d in denied:
             if os.path.lexists(d) and not os.path.islink(d) and any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
-        if os.path.isdir("/dev/shm"):
-            mounts.append(MountOp("tmpfs", "/dev/shm"))
+        if shm:
+            mounts.append(MountOp("bind", "/dev/shm", source=shm))
         mounts.append(MountOp("proc", "/proc"))
         if not config.security.allow_gpu:
             # The fresh /proc has the driver's files again: cover them.
@@ -299,6 +328,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         handled_net=ll.handled_net(env.landlock_abi),
         scoped=ll.scopes(env.landlock_abi),
         namespaces=env.namespaces,
+        network_namespace=env.namespaces and (
+            not config.network.denies_everything
+            or (config.security.allow_unix_sockets and env.landlock_abi < 6)),
         mounts=tuple(mounts),
         readonly_root=readonly_root,
         env=variables,

@@ -65,7 +65,9 @@ class Prepared:
             raise
         for path in plan.mountpoints:
             os.makedirs(path, exist_ok=True)
-        self.clone_flags = NAMESPACES if plan.namespaces else 0
+        self.clone_flags = 0
+        if plan.namespaces:
+            self.clone_flags = NAMESPACES if plan.network_namespace else NAMESPACES & ~CLONE_NEWNET
         self.mounts = [(_MOUNT_KINDS[m.kind], m.source, m.path) for m in plan.mounts]
         uid, gid = os.geteuid(), os.getegid()
         self.uid_map = f"{uid} {uid} 1\n".encode()
@@ -182,13 +184,16 @@ class Session:
         self.base = tempfile.mkdtemp(prefix="heel-")
         try:
             tmp = os.path.join(self.base, "tmp")
+            shm = os.path.join(self.base, "shm")
             os.mkdir(tmp, 0o700)
+            os.mkdir(shm, 0o700)
             if config.workdir is None:
                 workdir = os.path.join(self.base, "work")
                 os.mkdir(workdir, 0o700)
             else:
                 workdir = str(config.workdir)
-            plan = build_plan(config, workdir=workdir, host_tmp=tmp, env=env, init_path=_native.INIT_PATH)
+            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, env=env,
+                              init_path=_native.INIT_PATH)
             self.prepared = Prepared(plan)
         except BaseException:
             shutil.rmtree(self.base, ignore_errors=True)
