@@ -19,7 +19,7 @@ import time
 import trio
 
 import heel
-import heel.probe
+import heel._probe
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -48,15 +48,15 @@ async def main(runs: int) -> None:
         async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
             rows.append((f"heel, level={level}", await timed(lambda: sb.command("true").status(), runs)))
     # The same without namespaces (the best-effort fallback): shows their share.
-    env, _ = heel.probe.environment()
-    real = heel.probe.environment
-    heel.probe.environment = lambda: (dataclasses.replace(env, namespaces=False), "benchmark")
+    env, _ = heel._probe.environment()
+    real = heel._probe.environment
+    heel._probe.environment = lambda: (dataclasses.replace(env, namespaces=False), "benchmark")
     try:
         async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:
             rows.append(("heel without namespaces (best effort)",
                          await timed(lambda: sb.command("true").status(), runs)))
     finally:
-        heel.probe.environment = real
+        heel._probe.environment = real
 
     base = statistics.median(rows[0][1])
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Linux {platform.release()}, "

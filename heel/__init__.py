@@ -33,7 +33,7 @@ from .errors import (
 from .policy import DenyAll, NetworkPolicy
 
 if TYPE_CHECKING:
-    from .probe import ProbeReport, probe
+    from ._probe import ProbeReport, probe
     from .process import Process
     from .sandbox import Command, ExitStatus, Output, Sandbox, Stdio
 
@@ -44,8 +44,8 @@ _LAZY = {
     "ExitStatus": "sandbox",
     "Stdio": "sandbox",
     "Process": "process",
-    "probe": "probe",
-    "ProbeReport": "probe",
+    "probe": "_probe",
+    "ProbeReport": "_probe",
 }
 
 __all__ = [

@@ -177,7 +177,7 @@ class Session:
     prepared native objects.  Used by heel.Sandbox and by the CLI."""
 
     def __init__(self, config: SandboxConfig) -> None:
-        from .probe import environment, require
+        from ._probe import environment, require
 
         env, why = environment()
         self.degraded = require(env, config, why)

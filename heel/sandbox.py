@@ -108,7 +108,9 @@ class Sandbox:
     @property
     def plan(self) -> SandboxPlan:
         """The plan this sandbox enforces (paths, rules, mounts, environment)."""
-        return self._live().plan
+        if self._session is None:
+            raise SandboxClosed("the sandbox is not open: use `async with Sandbox(config) as sb:`")
+        return self._session.plan
 
     @property
     def workdir(self) -> Path:

@@ -1,0 +1,253 @@
+"""The Python API: configuration, errors, commands and their results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import trio
+
+import heel
+from heel import IsolationLevel, PolicyError, ResourceLimits, SandboxConfig, SecurityConfig
+
+
+# ---- configuration: bad input fails when the config is built ------------
+
+@pytest.mark.parametrize("kwargs", [
+    {"level": "extreme"},
+    {"level": 3},
+    {"readable": ["/definitely/not/here"]},
+    {"writable": [""]},
+    {"writable": ["/tmp/a\0b"]},
+    {"workdir": "/etc/hostname"},  # not a directory
+    {"env": {"1BAD": "x"}},
+    {"env": {"OK": 3}},
+    {"env": {"OK": "a\0b"}},
+    {"env_passthrough": ["no spaces please"]},
+    {"security": "strict"},
+    {"limits": {"timeout": 3}},
+    {"network": "deny"},
+    {"best_effort": "yes"},
+])
+def test_bad_config_raises_policy_error(kwargs):
+    with pytest.raises(PolicyError):
+        SandboxConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"timeout": 0}, {"timeout": -1}, {"timeout": float("nan")}, {"memory": "lots"},
+    {"memory": 0}, {"open_files": 2}, {"processes": 1.5}, {"cpu_time": True},
+    {"file_size": "-1M"}, {"output_bytes": []},
+])
+def test_bad_limits_raise_policy_error(kwargs):
+    with pytest.raises(PolicyError):
+        ResourceLimits(**kwargs)
+
+
+def test_policy_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        SandboxConfig(level="nope")
+    assert issubclass(heel.SpawnError, OSError)
+    assert issubclass(heel.CommandNotFound, FileNotFoundError)
+    assert issubclass(heel.CommandTimeout, TimeoutError)
+
+
+def test_sizes_and_levels_are_parsed():
+    limits = ResourceLimits(memory="512M", file_size="1GiB", output_bytes=4096)
+    assert (limits.memory, limits.file_size, limits.output_bytes) == (512 << 20, 1 << 30, 4096)
+    assert SandboxConfig(level="STRICT").level is IsolationLevel.STRICT
+
+
+def test_config_is_frozen():
+    config = SandboxConfig()
+    with pytest.raises(AttributeError):
+        config.level = IsolationLevel.PERMISSIVE  # type: ignore[misc]
+
+
+def test_explicit_grant_inside_protected_place_is_refused(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    config = SandboxConfig(readable=[home / ".ssh"], security=SecurityConfig(protect_user_home=False))
+
+    async def open_it():
+        async with heel.Sandbox(config):
+            pass
+
+    with pytest.raises(PolicyError, match="protected"):
+        trio.run(open_it)
+
+
+# ---- commands ------------------------------------------------------------
+
+async def test_output_captures_both_streams_and_the_code():
+    async with heel.Sandbox() as sb:
+        out = await sb.command("sh").args(["-c", "echo out; echo err >&2; exit 3"]).output()
+    assert (out.stdout, out.stderr, out.returncode, out.timed_out) == (b"out\n", b"err\n", 3, False)
+    assert not out.success
+
+
+async def test_stdin_bytes_arguments_env_and_cwd():
+    async with heel.Sandbox() as sb:
+        (sb.workdir / "sub").mkdir()
+        out = await (sb.command("sh").arg("-c").arg('cat; printf "%s|%s|%s" "$1" "$GREETING" "$(pwd)"')
+                     .arg("zero").arg("one two").env("GREETING", "hi").current_dir("sub")
+                     .stdin(b"in\n").output())
+    assert out.stdout == f"in\none two|hi|{sb.workdir}/sub".encode()
+
+
+async def test_commands_share_the_workdir():
+    async with heel.Sandbox() as sb:
+        await sb.command("sh").args(["-c", "echo 42 > shared.txt"]).status()
+        out = await sb.command("cat").arg("shared.txt").output()
+        assert out.stdout == b"42\n"
+        assert (sb.workdir / "shared.txt").read_text() == "42\n"
+
+
+async def test_environment_is_clean_and_points_at_private_places(monkeypatch):
+    monkeypatch.setenv("HEEL_TEST_SECRET", "do-not-leak")
+    async with heel.Sandbox(SandboxConfig(env={"EXTRA": "1"})) as sb:
+        out = await sb.command("env").output()
+    env = dict(line.split("=", 1) for line in out.stdout.decode().splitlines())
+    assert "HEEL_TEST_SECRET" not in env
+    assert env["EXTRA"] == "1"
+    assert env["HOME"] == str(sb.workdir)
+    assert env["TMPDIR"] == "/tmp"
+    assert set(env) <= {"PATH", "HOME", "TMPDIR", "EXTRA", "LANG", "LANGUAGE", "TERM", "COLORTERM", "TZ"} \
+        | {k for k in env if k.startswith("LC_")}
+
+
+async def test_env_remove():
+    async with heel.Sandbox(SandboxConfig(env={"GONE": "1"})) as sb:
+        out = await sb.command("sh").args(["-c", 'echo "[$GONE]"']).env_remove("GONE").output()
+    assert out.stdout == b"[]\n"
+
+
+async def test_timeout_is_reported():
+    async with heel.Sandbox() as sb:
+        with trio.fail_after(10):
+            out = await sb.command("sleep").arg("30").timeout(0.3).output()
+    assert out.timed_out and out.returncode == -signal.SIGKILL
+
+
+async def test_run_is_shaped_like_trio_run_process():
+    async with heel.Sandbox() as sb:
+        done = await sb.run(["sh", "-c", "cat; exit 0"], input=b"x", capture_stdout=True)
+        assert isinstance(done, subprocess.CompletedProcess)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"x", None)
+        with pytest.raises(heel.CommandFailed) as failed:
+            await sb.run("exit 4", capture_stderr=True)
+        assert failed.value.returncode == 4
+        assert isinstance(failed.value, subprocess.CalledProcessError)
+        unchecked = await sb.run("exit 5", check=False)
+        assert unchecked.returncode == 5
+        with pytest.raises(heel.CommandTimeout):
+            await sb.run(["sleep", "30"], timeout=0.3)
+
+
+async def test_spawn_gives_streams_and_signals():
+    async with heel.Sandbox() as sb:
+        cmd = sb.command("sh").args(["-c", "trap 'echo got-term; exit 7' TERM; echo ready; "
+                                           "while :; do sleep 0.05; done"])
+        process = await cmd.stdout(heel.Stdio.PIPE).spawn()
+        async with process:
+            with trio.fail_after(10):
+                assert await process.stdout.receive_some(100) == b"ready\n"
+                process.send_signal(signal.SIGTERM)
+                rest = b""
+                while chunk := await process.stdout.receive_some(100):
+                    rest += chunk
+                assert rest == b"got-term\n"
+                assert await process.wait() == 7
+        assert process.returncode == 7 and process.poll() == 7
+
+
+async def test_spawn_stdin_pipe():
+    async with heel.Sandbox() as sb:
+        process = await sb.command("cat").stdin(heel.Stdio.PIPE).stdout(heel.Stdio.PIPE).spawn()
+        async with process:
+            await process.stdin.send_all(b"echo\n")
+            await process.stdin.aclose()
+            data = b""
+            while chunk := await process.stdout.receive_some(100):
+                data += chunk
+            assert data == b"echo\n"
+            assert await process.wait() == 0
+
+
+async def test_missing_program_and_bad_cwd_are_spawn_errors():
+    async with heel.Sandbox() as sb:
+        with pytest.raises(heel.CommandNotFound) as missing:
+            await sb.command("no-such-program-heel").output()
+        assert missing.value.errno == 2 and missing.value.stage == "exec"
+        with pytest.raises(heel.SpawnError) as bad_cwd:
+            await sb.command("true").current_dir("/no/such/dir").output()
+        assert bad_cwd.value.stage == "chdir"
+        # The sandbox is still usable after a failed spawn.
+        assert (await sb.command("true").status()).success
+
+
+@pytest.mark.parametrize("build", [
+    lambda sb: sb.command("a\0b"),
+    lambda sb: sb.command("true").arg(3),
+    lambda sb: sb.command("true").args("abc"),
+    lambda sb: sb.command("true").env("A B", "x"),
+    lambda sb: sb.command("true").timeout(-1),
+    lambda sb: sb.command("true").stdout("pipe"),
+    lambda sb: sb.command("true").stdin(42),
+])
+async def test_bad_command_arguments_raise_policy_error(build):
+    async with heel.Sandbox() as sb:
+        with pytest.raises(PolicyError):
+            build(sb)
+
+
+async def test_closed_sandbox_refuses_commands():
+    sb = heel.Sandbox()
+    with pytest.raises(heel.SandboxClosed):
+        sb.command("true")  # not open yet: no workdir to resolve
+        await sb.command("true").output()
+    async with sb:
+        pass
+    with pytest.raises(heel.SandboxClosed):
+        await sb.command("true").output()
+
+
+async def test_given_workdir_is_used_and_kept(tmp_path):
+    async with heel.Sandbox(SandboxConfig(workdir=tmp_path)) as sb:
+        assert sb.workdir == tmp_path.resolve()
+        await sb.command("sh").args(["-c", "echo kept > file"]).status()
+    assert (tmp_path / "file").read_text() == "kept\n"
+
+
+async def test_fresh_workdir_is_removed_on_close():
+    async with heel.Sandbox() as sb:
+        workdir = sb.workdir
+        await sb.command("sh").args(["-c", "mkdir -p a/b && echo x > a/b/c"]).status()
+        assert (workdir / "a/b/c").exists()
+    assert not workdir.exists()
+
+
+async def test_output_limit_truncates_and_kills():
+    async with heel.Sandbox(SandboxConfig(limits=ResourceLimits(output_bytes=10000))) as sb:
+        with trio.fail_after(10):
+            out = await sb.command("yes").output()
+    assert out.truncated and len(out.stdout) == 10000 and out.returncode != 0
+
+
+def test_probe_reports_every_protection():
+    report = heel.probe()
+    names = {p.name for p in report.protections}
+    assert {"landlock", "seccomp", "mount_view", "pid_namespace", "capabilities"} <= names
+    for p in report.protections:
+        assert p.status in ("enforced", "degraded", "unavailable")
+    if report.landlock_abi:
+        assert report.status("landlock") == "enforced"
+
+
+def test_import_heel_does_not_import_trio():
+    code = "import sys, heel; heel.SandboxConfig(); print('trio' in sys.modules)"
+    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
