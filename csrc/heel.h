@@ -66,12 +66,14 @@ enum heel_mount_kind {
     HEEL_MNT_BIND = 3,     /* clone `source` (writable) and attach it at `path` */
     HEEL_MNT_PROC = 4,     /* a fresh procfs for the new pid namespace at `path` */
     HEEL_MNT_TMPFS = 5,    /* an empty private tmpfs at `path` */
+    HEEL_MNT_DEVPTS = 6,   /* a private devpts instance (the sandbox sees only its own ptys) */
 };
 
 struct heel_mount_op {
     int kind;
     const char *source;
     const char *path;
+    uint64_t access;       /* Landlock rights on a file system mounted fresh (PROC, TMPFS, DEVPTS) */
 };
 
 struct heel_rlimit {
@@ -97,7 +99,6 @@ struct heel_spawn_plan {
     int nmounts;
     int readonly_root;            /* make / read-only (recursively) before the KEEP_RW mounts return */
     int landlock_fd;              /* -1: none */
-    uint64_t proc_access;         /* Landlock rights on the fresh /proc (see spawn.c) */
     const struct heel_bpf_insn *filter;
     int filter_len;               /* 0: no seccomp */
     int pdeathsig;                /* 0: none */

@@ -26,13 +26,15 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
 uint32_t heel_seccomp_arch(void);
 
 enum heel_mount_kind {
-    HEEL_MNT_KEEP_RW, HEEL_MNT_READONLY, HEEL_MNT_BIND, HEEL_MNT_PROC, HEEL_MNT_TMPFS, ...
+    HEEL_MNT_KEEP_RW, HEEL_MNT_READONLY, HEEL_MNT_BIND, HEEL_MNT_PROC, HEEL_MNT_TMPFS,
+    HEEL_MNT_DEVPTS, ...
 };
 
 struct heel_mount_op {
     int kind;
     const char *source;
     const char *path;
+    uint64_t access;
 };
 
 struct heel_rlimit {
@@ -58,7 +60,6 @@ struct heel_spawn_plan {
     int nmounts;
     int readonly_root;
     int landlock_fd;
-    uint64_t proc_access;
     const struct heel_bpf_insn *filter;
     int filter_len;
     int pdeathsig;

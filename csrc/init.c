@@ -483,6 +483,10 @@ int main(int argc, char **argv)
     sfd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
     if (sfd < 0)
         fail(ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+    /* Not dumpable: the command runs with our uid and Landlock domain, and
+     * must not be able to read or write our memory through /proc/1/mem
+     * (the flag does not survive the command's exec). */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     /* Without a pid namespace, orphans would go to an init outside the
      * sandbox; as a subreaper heel-init gets them, and can kill them. */
     if (!sb.pidns && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)

@@ -172,13 +172,14 @@ static int attach_tree(int fd, const char *path)
                         HEEL_MOVE_MOUNT_F_EMPTY_PATH);
 }
 
-/* A fresh procfs stacked on the host's /proc is invisible to the parent's
- * Landlock rules: the rule on the host's /proc is on a mount root, which
- * Landlock's walk skips ("hidden mount point"), and the new inodes did not
- * exist when the ruleset was built.  So the child adds the rule for its own
- * /proc.  The ruleset is shared, so each command adds one rule to it; Python
- * rebuilds the ruleset from time to time to bound that growth. */
-static int allow_proc(const struct heel_spawn_plan *p, const char *path)
+/* A file system mounted fresh in the child (its /proc, its devpts) is
+ * invisible to the parent's Landlock rules: the rule on the host's /proc is
+ * on a mount root, which Landlock's walk skips ("hidden mount point"), and
+ * the new inodes did not exist when the ruleset was built.  So the child
+ * adds the rule for what it mounted.  The ruleset is shared, so each command
+ * adds a rule or two to it; Python rebuilds the ruleset from time to time to
+ * bound that growth. */
+static int allow_new_mount(const struct heel_spawn_plan *p, const struct heel_mount_op *op)
 {
     struct {
         uint64_t allowed_access;
@@ -187,12 +188,12 @@ static int allow_proc(const struct heel_spawn_plan *p, const char *path)
     long rc;
     int fd;
 
-    if (p->landlock_fd < 0 || !p->proc_access)
+    if (p->landlock_fd < 0 || !op->access)
         return 0;
-    fd = open(path, O_PATH | O_CLOEXEC | O_DIRECTORY);
+    fd = open(op->path, O_PATH | O_CLOEXEC | O_DIRECTORY);
     if (fd < 0)
         return -1;
-    rule.allowed_access = p->proc_access;
+    rule.allowed_access = op->access;
     rule.parent_fd = fd;
     rc = syscall(__NR_landlock_add_rule, p->landlock_fd, 1 /* PATH_BENEATH */, &rule, 0);
     close(fd);
@@ -246,11 +247,22 @@ static int setup_mounts(const struct heel_spawn_plan *p)
         case HEEL_MNT_PROC:
             if (mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
                 return -1;
-            if (allow_proc(p, op->path) < 0)
+            if (allow_new_mount(p, op) < 0)
                 return -1;
             break;
         case HEEL_MNT_TMPFS:
             if (mount("tmpfs", op->path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+                return -1;
+            if (allow_new_mount(p, op) < 0)
+                return -1;
+            break;
+        case HEEL_MNT_DEVPTS:
+            /* Since Linux 4.7 /dev/ptmx opens the instance in the pts
+             * directory next to it: this one. */
+            if (mount("devpts", op->path, "devpts", MS_NOSUID | MS_NOEXEC,
+                      "newinstance,ptmxmode=0666,mode=0620") < 0)
+                return -1;
+            if (allow_new_mount(p, op) < 0)
                 return -1;
             break;
         default:

@@ -112,10 +112,9 @@ class SpawnPlan:
         clone_flags: int,
         uid_map: bytes,
         gid_map: bytes,
-        mounts: list[tuple[int, str | None, str]],
+        mounts: list[tuple[int, str | None, str, int]],
         readonly_root: bool,
         landlock_fd: int,
-        proc_access: int,
         seccomp: tuple | None,
         pdeathsig: int,
     ) -> None:
@@ -158,16 +157,16 @@ class SpawnPlan:
         p.uid_map = cstr(uid_map)
         p.gid_map = cstr(gid_map)
         mnt = ffi.new("struct heel_mount_op[]", max(1, len(mounts)))
-        for i, (kind, source, path) in enumerate(mounts):
+        for i, (kind, source, path, access) in enumerate(mounts):
             mnt[i].kind = kind
             mnt[i].source = cstr(source)
             mnt[i].path = cstr(path)
+            mnt[i].access = access
         keep.append(mnt)
         p.mounts = mnt
         p.nmounts = len(mounts)
         p.readonly_root = int(readonly_root)
         p.landlock_fd = landlock_fd
-        p.proc_access = proc_access
         if seccomp is not None:
             p.filter, p.filter_len = seccomp
             keep.append(seccomp[0])

@@ -67,9 +67,11 @@ class Rule:
 class MountOp:
     """One step of the child's mount namespace (see csrc/heel.h)."""
 
-    kind: str  # "keep_rw", "readonly", "bind", "proc", "tmpfs"
+    kind: str  # "keep_rw", "readonly", "bind", "proc", "tmpfs", "devpts"
     path: str
     source: str | None = None
+    #: Landlock rights the child grants on a file system it mounts fresh
+    access: int = 0
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                 mounts.append(MountOp("readonly", d))
         if shm:
             mounts.append(MountOp("bind", "/dev/shm", source=shm))
-        mounts.append(MountOp("proc", "/proc"))
+        mounts.append(MountOp("proc", "/proc", access=ll.READ & handled))
+        if os.path.isdir("/dev/pts"):
+            # Its own ptys only: the host's terminals stay out of reach.
+            mounts.append(MountOp("devpts", "/dev/pts", access=(ll.DEVICE | ll.READ_DIR) & handled))
         if not config.security.allow_gpu:
             # The fresh /proc has the driver's files again: cover them.
             mounts += [MountOp("tmpfs", p) for p in GPU_DRIVER_INFO if os.path.isdir(p)]

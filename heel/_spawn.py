@@ -35,6 +35,7 @@ _MOUNT_KINDS = {
     "bind": lib.HEEL_MNT_BIND,
     "proc": lib.HEEL_MNT_PROC,
     "tmpfs": lib.HEEL_MNT_TMPFS,
+    "devpts": lib.HEEL_MNT_DEVPTS,
 }
 _MSG = struct.Struct("=iii")
 CTL_FD = 3  # the control socket's number in the child: after stdin, stdout, stderr
@@ -43,8 +44,9 @@ CTL_FD = 3  # the control socket's number in the child: after stdin, stdout, std
 class Prepared:
     """The native side of a plan; close() releases the fds."""
 
-    #: Each command in a pid namespace adds a rule for its own /proc to the
-    #: shared ruleset (see spawn.c); after this many the ruleset is rebuilt.
+    #: Each command in a mount namespace adds rules for its own /proc and
+    #: devpts to the shared ruleset (see spawn.c); after this many commands
+    #: the ruleset is rebuilt.
     RULESET_REUSE = 1024
 
     def __init__(self, plan: SandboxPlan) -> None:
@@ -52,7 +54,6 @@ class Prepared:
         self.landlock_fd = -1
         self.init_fd = -1
         self.launches = 0
-        self.proc_access = next((r.access for r in plan.rules if r.path == "/proc"), 0)
         try:
             if not os.access(_native.INIT_PATH, os.X_OK):
                 raise SandboxUnavailable(
@@ -68,7 +69,7 @@ class Prepared:
         self.clone_flags = 0
         if plan.namespaces:
             self.clone_flags = NAMESPACES if plan.network_namespace else NAMESPACES & ~CLONE_NEWNET
-        self.mounts = [(_MOUNT_KINDS[m.kind], m.source, m.path) for m in plan.mounts]
+        self.mounts = [(_MOUNT_KINDS[m.kind], m.source, m.path, m.access) for m in plan.mounts]
         uid, gid = os.geteuid(), os.getegid()
         self.uid_map = f"{uid} {uid} 1\n".encode()
         self.gid_map = f"{gid} {gid} 1\n".encode()
@@ -134,7 +135,6 @@ def launch(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
             mounts=prepared.mounts,
             readonly_root=plan.readonly_root,
             landlock_fd=prepared.ruleset_for_launch(),
-            proc_access=prepared.proc_access if plan.namespaces else 0,
             seccomp=prepared.seccomp,
             pdeathsig=signal.SIGKILL,
         )
