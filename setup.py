@@ -6,14 +6,16 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+if not sys.platform.startswith("linux"):
+    sys.exit("heel supports only Linux for now (Landlock + seccomp); macOS and Windows are not implemented")
+
 
 class BuildExtWithInit(build_ext):
     """build_ext that also compiles and links heel-init next to the module."""
 
     def run(self):
         super().run()
-        if sys.platform.startswith("linux"):
-            self.build_init()
+        self.build_init()
 
     def build_init(self):
         from setuptools._distutils.ccompiler import new_compiler

@@ -3,18 +3,38 @@
  *
  * The program, over struct seccomp_data (A is the BPF accumulator):
  *
- *   A = arch;  A != native arch          -> ERRNO(EPERM)   refuses int 0x80 next to the 64-bit table
- *   A = nr;    A has the x32 bit         -> ERRNO(EPERM)   x86-64 only
- *   clone3                               -> ERRNO(ENOSYS)  libc falls back to clone(), whose flags we see
- *   clone          [flags]               -> ALLOW or ERRNO(EPERM)
- *   each denied syscall                  -> ERRNO(EPERM)
- *   personality, mknod, mknodat, ioctl, socket, socketpair [arguments]
- *   anything else                        -> ALLOW
+ *   prologue   A = arch;  A != native arch   -> ERRNO(EPERM)   refuses int 0x80 next to the 64-bit table
+ *              A = nr;    A has the x32 bit  -> ERRNO(EPERM)   x86-64 only
+ *   search     a balanced binary search ("A >= k?" splits) that takes the
+ *              syscall number to its exit
+ *   exits      RET ALLOW                                       every syscall not listed
+ *              RET ERRNO(EPERM)                                each denied syscall
+ *              RET ERRNO(ENOSYS)                               clone3
+ *              clone, personality, mknod, mknodat, ioctl, socket, socketpair:
+ *              one argument check each, which loads its arguments and
+ *              ends in a return on every path
  *
- * A syscall whose arguments are checked gets a block guarded by "if (A == nr)".
- * The block loads arguments into A and ends in a return on every path, so
- * whoever skips it still finds nr in A.  Blocks are a few instructions long,
- * well within the 8-bit forward jumps of classic BPF; end_if() checks anyway.
+ * The search: the listed syscalls, sorted, cut the number line into
+ * segments, each with one exit: a listed number is a segment of its own,
+ * the allowed numbers between two listed ones another, and adjacent numbers
+ * with the same exit share one (io_uring_setup ... fspick are nine denied
+ * numbers in a row).  The search splits the segments in halves until one
+ * is left and jumps to its exit; with ~70 segments that is 7 comparisons,
+ * and n segments take n - 1 instructions.
+ *
+ * Why a search and not a chain of "A == nr?" tests: since Linux 5.11 the
+ * kernel runs the filter once per syscall number when it is installed, to
+ * learn which numbers it always allows and skip it for those afterwards.
+ * That costs (number of syscalls) x (length of the path), and every
+ * sandboxed command pays it: a chain walks ~60 tests for an allowed
+ * syscall, the search 7.  The syscalls that still run the filter (the
+ * listed ones) get the same saving.
+ *
+ * Jumps: a conditional jump's jt/jf is an 8-bit forward offset.  Every jump
+ * here goes forward by construction (a split's halves and the exits come
+ * after it); the longest reaches 108 instructions on x86-64 today (split to
+ * check).  Past 255, build fails with -E2BIG rather than emit a wrong offset;
+ * a BPF_JA (32-bit offset) hop would be the fix then.
  *
  * Arguments are compared by their low 32 bits only: the kernel itself reads
  * no more for these int/unsigned int/umode_t parameters (clone's flags go
@@ -207,18 +227,32 @@ struct bpf_asm {
     struct heel_bpf_insn *out;
     int cap;
     int len;  /* instructions emitted; keeps counting past cap so the caller learns the size */
-    int err;  /* a block too long for an 8-bit jump */
+    int err;  /* a jump too long for its offset field */
 };
 
 /* A list of constants as the (array, count) pair the helpers take. */
 #define ONE_OF(...) (const uint32_t[]){__VA_ARGS__}, \
     (int)(sizeof((const uint32_t[]){__VA_ARGS__}) / sizeof(uint32_t))
 
+#define COUNT(array) ((int)(sizeof(array) / sizeof((array)[0])))
+
 static int emit(struct bpf_asm *a, uint16_t code, uint8_t jt, uint8_t jf, uint32_t k)
 {
     if (a->len < a->cap)
         a->out[a->len] = (struct heel_bpf_insn){code, jt, jf, k};
     return a->len++;
+}
+
+/* The jt/jf offset that takes the jump at `from` to `to`: forward, 8 bits. */
+static uint8_t reach(struct bpf_asm *a, int from, int to)
+{
+    int skip = to - from - 1;
+
+    if (skip < 0 || skip > 255) {
+        a->err = -E2BIG;
+        return 0;
+    }
+    return (uint8_t)skip;
 }
 
 static void load(struct bpf_asm *a, uint32_t offset)
@@ -270,26 +304,67 @@ static int begin_if(struct bpf_asm *a, const uint32_t *ks, int n)
 
 static void end_if(struct bpf_asm *a, int at)
 {
-    int skip = a->len - at - 1;
+    uint8_t skip = reach(a, at, a->len);
 
-    if (skip > 255)
-        a->err = -E2BIG;
-    else if (at < a->cap)
-        a->out[at].jf = (uint8_t)skip;
+    if (at < a->cap)
+        a->out[at].jf = skip;
 }
 
-/* ---- the checks -------------------------------------------------------- */
+/* ---- the argument checks ------------------------------------------------
+ *
+ * Each is entered with A = nr, loads what it needs and ends in a return on
+ * every path.
+ */
+
+/* clone: no new namespaces.  clone3 has an exit of its own, see heel_seccomp_build(). */
+static void clone_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    load(a, ARG_LO(0));
+    ret_if_any_bit(a, CLONE_NEW_ANY, FAIL(EPERM));
+    ret(a, ALLOW);
+}
+
+/* Only PER_LINUX (0) and the query (0xffffffff): other personalities
+ * turn off ASLR (ADDR_NO_RANDOMIZE) or change how the kernel treats us. */
+static void personality_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    load(a, ARG_LO(0));
+    ret_in(a, ONE_OF(0, 0xffffffffu), ALLOW, FAIL(EPERM));
+}
 
 /* mknod/mknodat: regular files, fifos and sockets are fine; device nodes
  * would open the host's hardware if the file system let them be used. */
-static void mknod_check(struct bpf_asm *a, uint32_t nr, int mode_arg)
+static void mknod_mode_check(struct bpf_asm *a, int mode_arg)
 {
-    int at = begin_if(a, ONE_OF(nr));
-
     load(a, ARG_LO(mode_arg));
     emit(a, BPF_ALU | BPF_AND | BPF_K, 0, 0, S_IFMT);
     ret_in(a, ONE_OF(S_IFCHR, S_IFBLK), FAIL(EPERM), ALLOW);
-    end_if(a, at);
+}
+
+#ifdef __NR_mknod
+static void mknod_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    mknod_mode_check(a, 1);  /* mknod(path, mode, dev) */
+}
+#endif
+
+static void mknodat_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    mknod_mode_check(a, 2);  /* mknodat(dirfd, path, mode, dev) */
+}
+
+/* TIOCSTI pushes input into a terminal, TIOCLINUX reads and pastes the
+ * console: both reach past the sandbox through an inherited tty.  The
+ * kernel reads cmd as unsigned int, hence the low word only. */
+static void ioctl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    load(a, ARG_LO(1));
+    ret_in(a, ONE_OF(TIOCSTI, TIOCLINUX), FAIL(EPERM), ALLOW);
 }
 
 /* socket(domain, type, protocol).  A family the options enable but whose
@@ -301,8 +376,6 @@ static void mknod_check(struct bpf_asm *a, uint32_t nr, int mode_arg)
  * and Landlock's port rules cover TCP only. */
 static void socket_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
-    int at = begin_if(a, ONE_OF(__NR_socket));
-
     load(a, ARG_LO(0));
     ret_if_eq(a, AF_UNIX, opts->allow_unix_sockets ? ALLOW : FAIL(EPERM));
     if (opts->allow_inet_stream) {
@@ -329,7 +402,131 @@ static void socket_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts
         ret_if_eq(a, AF_NETLINK, FAIL(EPERM));
     }
     ret(a, FAIL(EAFNOSUPPORT));
-    end_if(a, at);
+}
+
+/* A connected pair of unix sockets reaches nobody outside the process tree. */
+static void socketpair_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    load(a, ARG_LO(0));
+    ret_in(a, ONE_OF(AF_UNIX), ALLOW, FAIL(EPERM));
+}
+
+/* The syscalls whose arguments decide, and the check each one gets. */
+static const struct arg_check {
+    uint32_t nr;
+    void (*emit)(struct bpf_asm *a, const struct heel_seccomp_opts *opts);
+} arg_checks[] = {
+    {__NR_clone, clone_check},
+    {__NR_personality, personality_check},
+#ifdef __NR_mknod
+    {__NR_mknod, mknod_check},
+#endif
+    {__NR_mknodat, mknodat_check},
+    {__NR_ioctl, ioctl_check},
+    {__NR_socket, socket_check},
+    {__NR_socketpair, socketpair_check},
+};
+
+/* ---- the search ---------------------------------------------------------- */
+
+/* Where a syscall number leads.  The exits follow the search in this order:
+ * three returns, then the code of each argument check. */
+enum {
+    EXIT_ALLOW,
+    EXIT_EPERM,
+    EXIT_ENOSYS,
+    EXIT_CHECK,   /* EXIT_CHECK + i: arg_checks[i] */
+    EXIT_COUNT = EXIT_CHECK + COUNT(arg_checks),
+};
+
+/* A syscall the policy names, and where it leads. */
+struct listed {
+    uint32_t nr;
+    int exit;
+};
+
+#define MAX_LISTED (1 + COUNT(denied_syscalls) + COUNT(arg_checks))
+
+/* Add nr to list[0..n), which stays sorted by number; returns the new count.
+ * A number already there keeps the exit it has: the caller adds the denials
+ * first, so a number listed twice by mistake is refused, never let through. */
+static int add_listed(struct listed *list, int n, uint32_t nr, int exit)
+{
+    int i = n;
+
+    while (i > 0 && list[i - 1].nr > nr)
+        i--;
+    if (i > 0 && list[i - 1].nr == nr)
+        return n;
+    for (int j = n; j > i; j--)
+        list[j] = list[j - 1];
+    list[i] = (struct listed){nr, exit};
+    return n + 1;
+}
+
+/* The syscall numbers, 0 to 2^32 - 1, cut into segments: segment i runs
+ * from seg[i].from up to the next segment's start (or to the end) and
+ * leads to seg[i].exit.  Neighbours have different exits, so a run of
+ * adjacent numbers with one exit (io_uring_setup ... fspick on both
+ * arches) is a single segment. */
+struct segment {
+    uint32_t from;
+    int exit;
+};
+
+/* Each listed number adds at most two segments: its own, and the allowed
+ * gap after it. */
+#define MAX_SEGMENTS (1 + 2 * MAX_LISTED)
+
+/* Let the numbers from `from` on lead to `exit`, in seg[0..n) (n >= 1).
+ * Calls come in rising order of `from`: this either starts a segment or,
+ * when the last one starts at `from`, changes its exit; a segment whose exit
+ * equals its neighbour's is merged into it.  Returns the new count. */
+static int cut(struct segment *seg, int n, uint32_t from, int exit)
+{
+    struct segment *last = &seg[n - 1];
+
+    if (last->from == from) {
+        last->exit = exit;
+        if (n > 1 && last[-1].exit == exit)
+            n--;
+    } else if (last->exit != exit) {
+        seg[n++] = (struct segment){from, exit};
+    }
+    return n;
+}
+
+/* Emit the search that takes A to the exit of its segment among seg[0..n),
+ * given the exits' positions.  Every split is "A >= first number of the upper
+ * half": the lower half's code comes right after the split, the upper half's
+ * after that, and a half that is one segment is a jump straight to its exit.
+ * n segments take n - 1 splits; the path is ceil(log2(n)) of them. */
+static int search(struct bpf_asm *a, const struct segment *seg, int n, const int *exit_at)
+{
+    if (n == 1)
+        return exit_at[seg[0].exit];
+
+    int lower = n / 2;
+    int at = emit(a, BPF_JMP | BPF_JGE | BPF_K, 0, 0, seg[lower].from);
+    int below = search(a, seg, lower, exit_at);
+    int above = search(a, seg + lower, n - lower, exit_at);
+    uint8_t jt = reach(a, at, above), jf = reach(a, at, below);
+
+    if (at < a->cap) {
+        a->out[at].jt = jt;
+        a->out[at].jf = jf;
+    }
+    return at;
+}
+
+/* The length of a check's code, found by emitting it nowhere. */
+static int check_len(const struct arg_check *check, const struct heel_seccomp_opts *opts)
+{
+    struct bpf_asm dry = {NULL, 0, 0, 0};
+
+    check->emit(&dry, opts);
+    return dry.len;
 }
 
 uint32_t heel_seccomp_arch(void)
@@ -341,12 +538,29 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
                        struct heel_bpf_insn *out, int cap)
 {
     struct bpf_asm a = {out, cap < 0 ? 0 : cap, 0, 0};
-    int at;
+    struct listed list[MAX_LISTED];
+    struct segment seg[MAX_SEGMENTS] = {{0, EXIT_ALLOW}};
+    int exit_at[EXIT_COUNT];
+    int n_listed = 0, n_seg = 1;
 
     if (NATIVE_ARCH == 0)
         return -ENOTSUP;
     if (opts == NULL)
         return -EINVAL;
+
+    /* clone3 passes its flags in memory, out of a filter's reach; ENOSYS
+     * (not EPERM) is what makes glibc and others retry with clone(). */
+    n_listed = add_listed(list, n_listed, __NR_clone3, EXIT_ENOSYS);
+    for (int i = 0; i < COUNT(denied_syscalls); i++)
+        n_listed = add_listed(list, n_listed, denied_syscalls[i], EXIT_EPERM);
+    for (int i = 0; i < COUNT(arg_checks); i++)
+        n_listed = add_listed(list, n_listed, arg_checks[i].nr, EXIT_CHECK + i);
+
+    for (int i = 0; i < n_listed; i++) {
+        n_seg = cut(seg, n_seg, list[i].nr, list[i].exit);
+        if (list[i].nr != UINT32_MAX)
+            n_seg = cut(seg, n_seg, list[i].nr + 1, EXIT_ALLOW);
+    }
 
     /* A syscall number only means something within its own table. */
     load(&a, DATA_ARCH);
@@ -358,47 +572,25 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
     ret(&a, FAIL(EPERM));
 #endif
 
-    /* clone3 passes its flags in memory, out of a filter's reach; ENOSYS
-     * (not EPERM) is what makes glibc and others retry with clone(). */
-    ret_if_eq(&a, __NR_clone3, FAIL(ENOSYS));
-    at = begin_if(&a, ONE_OF(__NR_clone));
-    load(&a, ARG_LO(0));
-    ret_if_any_bit(&a, CLONE_NEW_ANY, FAIL(EPERM));
+    /* The exits start after the search's n_seg - 1 splits. */
+    exit_at[EXIT_ALLOW] = a.len + n_seg - 1;
+    exit_at[EXIT_EPERM] = exit_at[EXIT_ALLOW] + 1;
+    exit_at[EXIT_ENOSYS] = exit_at[EXIT_EPERM] + 1;
+    exit_at[EXIT_CHECK] = exit_at[EXIT_ENOSYS] + 1;
+    for (int i = 1; i < COUNT(arg_checks); i++)
+        exit_at[EXIT_CHECK + i] = exit_at[EXIT_CHECK + i - 1] + check_len(&arg_checks[i - 1], opts);
+
+    search(&a, seg, n_seg, exit_at);
+
+    /* The exits, in the order of the EXIT_ constants. */
     ret(&a, ALLOW);
-    end_if(&a, at);
-
-    for (size_t i = 0; i < sizeof(denied_syscalls) / sizeof(denied_syscalls[0]); i++)
-        ret_if_eq(&a, denied_syscalls[i], FAIL(EPERM));
-
-    /* Only PER_LINUX (0) and the query (0xffffffff): other personalities
-     * turn off ASLR (ADDR_NO_RANDOMIZE) or change how the kernel treats us. */
-    at = begin_if(&a, ONE_OF(__NR_personality));
-    load(&a, ARG_LO(0));
-    ret_in(&a, ONE_OF(0, 0xffffffffu), ALLOW, FAIL(EPERM));
-    end_if(&a, at);
-
-#ifdef __NR_mknod
-    mknod_check(&a, __NR_mknod, 1);
-#endif
-    mknod_check(&a, __NR_mknodat, 2);
-
-    /* TIOCSTI pushes input into a terminal, TIOCLINUX reads and pastes the
-     * console: both reach past the sandbox through an inherited tty.  The
-     * kernel reads cmd as unsigned int, hence the low word only. */
-    at = begin_if(&a, ONE_OF(__NR_ioctl));
-    load(&a, ARG_LO(1));
-    ret_in(&a, ONE_OF(TIOCSTI, TIOCLINUX), FAIL(EPERM), ALLOW);
-    end_if(&a, at);
-
-    socket_check(&a, opts);
-
-    /* A connected pair of unix sockets reaches nobody outside the process tree. */
-    at = begin_if(&a, ONE_OF(__NR_socketpair));
-    load(&a, ARG_LO(0));
-    ret_in(&a, ONE_OF(AF_UNIX), ALLOW, FAIL(EPERM));
-    end_if(&a, at);
-
-    ret(&a, ALLOW);
+    ret(&a, FAIL(EPERM));
+    ret(&a, FAIL(ENOSYS));
+    for (int i = 0; i < COUNT(arg_checks); i++) {
+        if (a.len != exit_at[EXIT_CHECK + i])
+            return -EFAULT;  /* the layout above is wrong: a bug here */
+        arg_checks[i].emit(&a, opts);
+    }
 
     if (a.err)
         return a.err;
