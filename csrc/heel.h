@@ -74,6 +74,7 @@ struct heel_mount_op {
     const char *source;
     const char *path;
     uint64_t access;       /* Landlock rights on a file system mounted fresh (PROC, TMPFS, DEVPTS) */
+    int idmap;             /* KEEP_RW, BIND: map the owners through the plan's userns_fd */
 };
 
 struct heel_rlimit {
@@ -102,6 +103,11 @@ struct heel_spawn_plan {
     const struct heel_bpf_insn *filter;
     int filter_len;               /* 0: no seccomp */
     int pdeathsig;                /* 0: none */
+    /* When heel runs as root: a user namespace (see heel_userns_create)
+     * that maps uid/gid 0 to an unprivileged id.  The child, still real root,
+     * builds its mounts (writable places idmapped through it), then enters
+     * it and becomes its uid/gid 0: the unprivileged id outside.  -1: none. */
+    int userns_fd;
 };
 
 /* Stages of the child's setup, reported with an errno when one fails. */
@@ -144,5 +150,10 @@ struct heel_msg {
  * (and a pidfd in *pidfd_out) or -errno when clone itself failed.  A later
  * failure arrives as HEEL_MSG_ERROR on the control socket. */
 int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);
+
+/* A user namespace with these maps (written by the caller, which needs
+ * CAP_SETUID/CAP_SETGID for a map other than its own ids).  Returns an fd
+ * for setns() and idmapped mounts, or -errno. */
+int heel_userns_create(const char *uid_map, const char *gid_map);
 
 #endif

@@ -35,6 +35,7 @@ struct heel_mount_op {
     const char *source;
     const char *path;
     uint64_t access;
+    int idmap;
 };
 
 struct heel_rlimit {
@@ -63,6 +64,7 @@ struct heel_spawn_plan {
     const struct heel_bpf_insn *filter;
     int filter_len;
     int pdeathsig;
+    int userns_fd;
 };
 
 enum heel_stage {
@@ -85,3 +87,4 @@ struct heel_msg {
 #define HEEL_INIT_PIDNS ...
 
 int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);
+int heel_userns_create(const char *uid_map, const char *gid_map);

@@ -16,6 +16,10 @@
  *              capabilities inside it until exec).
  *   mounts     private propagation, then the read-only view of the file
  *              system, with the writable places put back and a fresh /proc.
+ *   identity   when heel runs as root there is no new user namespace above:
+ *              the child builds the mounts as real root (the writable places
+ *              idmapped), then enters a prepared user namespace whose uid 0
+ *              is an unprivileged id outside.
  *   chdir, setsid (no controlling terminal: no TIOCSTI into the host's tty).
  *   caps       securebits and an empty bounding set, so that even uid 0
  *              gains no capability at exec.
@@ -39,7 +43,9 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <stdio.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <linux/filter.h>
@@ -71,6 +77,7 @@
 #define HEEL_AT_EMPTY_PATH 0x1000
 #define HEEL_MOVE_MOUNT_F_EMPTY_PATH 0x4
 #define HEEL_MOUNT_ATTR_RDONLY 0x1
+#define HEEL_MOUNT_ATTR_IDMAP 0x00100000
 
 struct heel_mount_attr {
     uint64_t attr_set;
@@ -166,6 +173,18 @@ static int set_readonly(int dirfd, const char *path, unsigned flags)
                         &attr, sizeof(attr));
 }
 
+/* Files owned by uid/gid 0 on disk appear owned by the namespace's 0 (the
+ * sandbox's unprivileged id), and what the sandbox creates is stored as 0. */
+static int set_idmap(int tree, int userns_fd)
+{
+    struct heel_mount_attr attr = {
+        .attr_set = HEEL_MOUNT_ATTR_IDMAP,
+        .userns_fd = (uint64_t)userns_fd,
+    };
+    return (int)syscall(__NR_mount_setattr, tree, "", HEEL_AT_EMPTY_PATH | HEEL_AT_RECURSIVE,
+                        &attr, sizeof(attr));
+}
+
 static int attach_tree(int fd, const char *path)
 {
     return (int)syscall(__NR_move_mount, fd, "", AT_FDCWD, path,
@@ -227,6 +246,8 @@ static int setup_mounts(const struct heel_spawn_plan *p)
             continue;
         if (tree[i] < 0)
             return -1;
+        if (op->idmap && set_idmap(tree[i], p->userns_fd) < 0)
+            return -1;
     }
     if (p->readonly_root && set_readonly(AT_FDCWD, "/", 0) < 0)
         return -1;
@@ -271,6 +292,20 @@ static int setup_mounts(const struct heel_spawn_plan *p)
         }
     }
     return 0;
+}
+
+/* Enter the prepared user namespace and become its uid/gid 0, which is an
+ * unprivileged id outside: no owner rights over the host's files, and an
+ * RLIMIT_NPROC that binds (it never binds the real uid 0). */
+static int become_namespace_root(int userns_fd)
+{
+    if (syscall(SYS_setns, userns_fd, CLONE_NEWUSER) < 0)
+        return -1;
+    if (syscall(SYS_setgroups, 0, NULL) < 0)
+        return -1;
+    if (syscall(SYS_setresgid, 0, 0, 0) < 0)
+        return -1;
+    return (int)syscall(SYS_setresuid, 0, 0, 0);
 }
 
 /* Take every capability away for good: nothing in the bounding set, no
@@ -352,6 +387,8 @@ static int child_main(void *arg)
         fail(report, HEEL_STAGE_USERNS, errno);
     if ((p->clone_flags & CLONE_NEWNS) && setup_mounts(p) < 0)
         fail(report, HEEL_STAGE_MOUNT, errno);
+    if (p->userns_fd >= 0 && become_namespace_root(p->userns_fd) < 0)
+        fail(report, HEEL_STAGE_USERNS, errno);
     if (p->cwd && chdir(p->cwd) < 0)
         fail(report, HEEL_STAGE_CHDIR, errno);
     if (setsid() < 0)
@@ -359,7 +396,7 @@ static int child_main(void *arg)
     /* Without a user namespace an unprivileged caller has no capabilities to
      * drop and may not touch securebits: only then is EPERM expected. */
     if (drop_capabilities() < 0 &&
-        (errno != EPERM || (p->clone_flags & CLONE_NEWUSER) || geteuid() == 0))
+        (errno != EPERM || (p->clone_flags & CLONE_NEWUSER) || p->userns_fd >= 0 || geteuid() == 0))
         fail(report, HEEL_STAGE_CAPS, errno);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(report, HEEL_STAGE_NO_NEW_PRIVS, errno);
@@ -422,4 +459,75 @@ int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out)
         return -err;
     *pidfd_out = pidfd;
     return pid;
+}
+
+/* ---- a user namespace for the root identity --------------------------- */
+
+struct holder_ctx {
+    int wait_fd;
+    int parent_end;
+};
+
+/* The namespace's first process only has to exist until the parent has
+ * written the maps and opened the namespace: it waits for EOF on a pipe.
+ * It shares the parent's memory (CLONE_VM, no copy of a large Python
+ * process) and makes raw system calls only. */
+static int holder_main(void *arg)
+{
+    struct holder_ctx *ctx = arg;
+    char c;
+    syscall(SYS_close, ctx->parent_end); /* our copy of the write end: else no EOF */
+    syscall(SYS_read, ctx->wait_fd, &c, 1);
+    syscall(SYS_exit, 0);
+    return 0;
+}
+
+static int write_proc(int pid, const char *file, const char *data)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/%s", pid, file);
+    return write_file(path, data);
+}
+
+int heel_userns_create(const char *uid_map, const char *gid_map)
+{
+    int pipefd[2], pid, fd = -1, err = 0;
+    char path[64];
+    struct holder_ctx ctx;
+    const size_t stack_size = 16 * 1024;
+
+    if (pipe2(pipefd, O_CLOEXEC) < 0)
+        return -errno;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        err = errno;
+        goto out_pipe;
+    }
+    ctx.wait_fd = pipefd[0];
+    ctx.parent_end = pipefd[1];
+    pid = clone(holder_main, stack + stack_size, CLONE_VM | CLONE_NEWUSER | SIGCHLD, &ctx);
+    if (pid < 0) {
+        err = errno;
+        goto out_stack;
+    }
+    if (write_proc(pid, "uid_map", uid_map) < 0 || write_proc(pid, "gid_map", gid_map) < 0) {
+        err = errno;
+    } else {
+        snprintf(path, sizeof(path), "/proc/%d/ns/user", pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            err = errno;
+    }
+    close(pipefd[1]);
+    pipefd[1] = -1;
+    while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
+        ;
+out_stack:
+    munmap(stack, stack_size);
+out_pipe:
+    close(pipefd[0]);
+    if (pipefd[1] >= 0)
+        close(pipefd[1]);
+    return fd >= 0 ? fd : -err;
 }

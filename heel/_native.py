@@ -78,6 +78,11 @@ def landlock_add_port(ruleset_fd: int, port: int, allowed: int) -> None:
     _check(lib.heel_landlock_add_port(ruleset_fd, port, allowed), f"landlock rule for port {port}")
 
 
+def userns_create(uid_map: str, gid_map: str) -> int:
+    """A user namespace with these maps; returns its fd."""
+    return _check(lib.heel_userns_create(uid_map.encode(), gid_map.encode()), "user namespace")
+
+
 def seccomp_arch() -> int:
     return lib.heel_seccomp_arch()
 
@@ -112,11 +117,12 @@ class SpawnPlan:
         clone_flags: int,
         uid_map: bytes,
         gid_map: bytes,
-        mounts: list[tuple[int, str | None, str, int]],
+        mounts: list[tuple[int, str | None, str, int, bool]],
         readonly_root: bool,
         landlock_fd: int,
         seccomp: tuple | None,
         pdeathsig: int,
+        userns_fd: int = -1,
     ) -> None:
         keep = []
 
@@ -157,11 +163,12 @@ class SpawnPlan:
         p.uid_map = cstr(uid_map)
         p.gid_map = cstr(gid_map)
         mnt = ffi.new("struct heel_mount_op[]", max(1, len(mounts)))
-        for i, (kind, source, path, access) in enumerate(mounts):
+        for i, (kind, source, path, access, idmap) in enumerate(mounts):
             mnt[i].kind = kind
             mnt[i].source = cstr(source)
             mnt[i].path = cstr(path)
             mnt[i].access = access
+            mnt[i].idmap = int(idmap)
         keep.append(mnt)
         p.mounts = mnt
         p.nmounts = len(mounts)
@@ -174,6 +181,7 @@ class SpawnPlan:
             p.filter = ffi.NULL
             p.filter_len = 0
         p.pdeathsig = pdeathsig
+        p.userns_fd = userns_fd
         self._plan = p
         self._keep = keep
 

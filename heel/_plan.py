@@ -50,6 +50,10 @@ SYSTEM_CREDENTIALS = (
 )
 CLOUD_IN_HOME = (".aws", ".azure", ".config/gcloud", ".kube", ".oci", ".config/doctl")
 
+#: Outside id of a sandbox that root starts (it is uid/gid 0 inside its
+#: user namespace): it owns nothing on the host, and RLIMIT_NPROC binds it.
+ROOT_SANDBOX_ID = 2_000_000_000
+
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Host variables that are copied in because programs need them and they hold no secret.
 PASSED_THROUGH = ("LANG", "LANGUAGE", "TERM", "COLORTERM", "TZ")
@@ -72,6 +76,8 @@ class MountOp:
     source: str | None = None
     #: Landlock rights the child grants on a file system it mounts fresh
     access: int = 0
+    #: show files owned by uid/gid 0 as the sandbox's own (root identity)
+    idmap: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,8 @@ class SandboxPlan:
     protected: tuple[str, ...]
     #: directories inside host_tmp that must exist as mount points
     mountpoints: tuple[str, ...] = ()
+    #: when heel runs as root: the unprivileged outside id the sandbox runs as
+    sandbox_id: int | None = None
 
 
 def home_directories() -> list[str]:
@@ -266,6 +274,11 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     mounts: list[MountOp] = []
     mountpoints: list[str] = []
     tmp_inside = host_tmp
+    # Root does not run sandboxes as root, except at PERMISSIVE, whose whole
+    # point is to write everywhere (see README).
+    sandbox_id = (ROOT_SANDBOX_ID if env.namespaces and env.euid == 0
+                  and level is not IsolationLevel.PERMISSIVE else None)
+    idmap = sandbox_id is not None
     if env.namespaces:
         readonly_root = level is not IsolationLevel.PERMISSIVE
         private_tmp = os.path.isdir("/tmp")
@@ -276,17 +289,17 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         ro_regions = [str(p) for p in (*config.readable, *config.executable) if hidden(str(p))]
         if private_tmp:
             tmp_inside = "/tmp"
-            mounts.append(MountOp("bind", "/tmp", source=host_tmp))
+            mounts.append(MountOp("bind", "/tmp", source=host_tmp, idmap=idmap))
             mountpoints += [os.path.join(host_tmp, os.path.relpath(p, "/tmp"))
                             for p in rw_regions + ro_regions if hidden(p)]
-        mounts += [MountOp("keep_rw", p) for p in rw_regions]
+        mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]
         regions = ["/"] if not readonly_root else writable
         for d in denied:
             if os.path.lexists(d) and not os.path.islink(d) and any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
         if shm:
-            mounts.append(MountOp("bind", "/dev/shm", source=shm))
+            mounts.append(MountOp("bind", "/dev/shm", source=shm, idmap=idmap))
         mounts.append(MountOp("proc", "/proc", access=ll.READ & handled))
         if os.path.isdir("/dev/pts"):
             # Its own ptys only: the host's terminals stay out of reach.
@@ -347,4 +360,5 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         },
         protected=tuple(denied),
         mountpoints=tuple(mountpoints),
+        sandbox_id=sandbox_id,
     )

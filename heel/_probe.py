@@ -98,6 +98,11 @@ def require(env: Environment, config: SandboxConfig, why_no_namespaces: str) -> 
         missing.append(("user namespaces",
                         f"{why_no_namespaces or 'unavailable'}; without them chmod/chown/utime outside the "
                         "workdir, processes that call setsid, and the process limit cannot be contained"))
+    if config.limits.processes and env.euid == 0 and (
+            not env.namespaces or config.level is IsolationLevel.PERMISSIVE):
+        missing.append(("the process limit",
+                        "RLIMIT_NPROC never binds uid 0, and root runs PERMISSIVE sandboxes as uid 0 "
+                        "(other levels, or a non-root caller, have a limit that binds)"))
     if missing and not config.best_effort:
         name, reason = missing[0]
         raise SandboxUnavailable(name, reason, "see `python -m heel doctor`; best_effort=True runs anyway")

@@ -53,6 +53,7 @@ class Prepared:
         self.plan = plan
         self.landlock_fd = -1
         self.init_fd = -1
+        self.userns_fd = -1
         self.launches = 0
         try:
             if not os.access(_native.INIT_PATH, os.X_OK):
@@ -61,6 +62,9 @@ class Prepared:
             self.init_fd = os.open(_native.INIT_PATH, os.O_PATH | os.O_CLOEXEC)
             self.landlock_fd = self._ruleset()
             self.seccomp = _native.seccomp_filter(**plan.seccomp)
+            if plan.sandbox_id is not None:
+                ids = f"0 {plan.sandbox_id} 1\n"
+                self.userns_fd = _native.userns_create(ids, ids)
         except BaseException:
             self.close()
             raise
@@ -69,7 +73,9 @@ class Prepared:
         self.clone_flags = 0
         if plan.namespaces:
             self.clone_flags = NAMESPACES if plan.network_namespace else NAMESPACES & ~CLONE_NEWNET
-        self.mounts = [(_MOUNT_KINDS[m.kind], m.source, m.path, m.access) for m in plan.mounts]
+            if self.userns_fd >= 0:  # the child enters that one instead
+                self.clone_flags &= ~CLONE_NEWUSER
+        self.mounts = [(_MOUNT_KINDS[m.kind], m.source, m.path, m.access, m.idmap) for m in plan.mounts]
         uid, gid = os.geteuid(), os.getegid()
         self.uid_map = f"{uid} {uid} 1\n".encode()
         self.gid_map = f"{gid} {gid} 1\n".encode()
@@ -97,7 +103,7 @@ class Prepared:
         return self.landlock_fd
 
     def close(self) -> None:
-        for name in ("landlock_fd", "init_fd"):
+        for name in ("landlock_fd", "init_fd", "userns_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -137,6 +143,7 @@ def launch(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
             landlock_fd=prepared.ruleset_for_launch(),
             seccomp=prepared.seccomp,
             pdeathsig=signal.SIGKILL,
+            userns_fd=prepared.userns_fd,
         )
         pid, pidfd = native.spawn()
     except BaseException:
