@@ -62,7 +62,7 @@ uint32_t heel_seccomp_arch(void);
 /* Mount operations run in the child's new mount namespace, in order. */
 enum heel_mount_kind {
     HEEL_MNT_KEEP_RW = 1,  /* clone `path` before the root turns read-only; put it back writable after */
-    HEEL_MNT_READONLY = 2, /* make the tree at `path` read-only (and leave the rest as is) */
+    HEEL_MNT_READONLY = 2, /* a read-only copy of `source` (or of `path` itself) over `path` */
     HEEL_MNT_BIND = 3,     /* clone `source` (writable) and attach it at `path` */
     HEEL_MNT_PROC = 4,     /* a fresh procfs for the new pid namespace at `path` */
     HEEL_MNT_TMPFS = 5,    /* an empty private tmpfs at `path` */

@@ -238,10 +238,10 @@ static int setup_mounts(const struct heel_spawn_plan *p)
     for (i = 0; i < p->nmounts; i++) {
         const struct heel_mount_op *op = &p->mounts[i];
         tree[i] = -1;
-        if (op->kind == HEEL_MNT_KEEP_RW || op->kind == HEEL_MNT_READONLY)
+        if (op->kind == HEEL_MNT_KEEP_RW)
             tree[i] = clone_tree(op->path);
-        else if (op->kind == HEEL_MNT_BIND)
-            tree[i] = clone_tree(op->source);
+        else if (op->kind == HEEL_MNT_READONLY || op->kind == HEEL_MNT_BIND)
+            tree[i] = clone_tree(op->source ? op->source : op->path);
         else
             continue;
         if (tree[i] < 0)

@@ -218,11 +218,13 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
 
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
-               init_path: str, host_shm: str | None = None) -> SandboxPlan:
+               init_path: str, host_shm: str | None = None,
+               host_mask: str | None = None) -> SandboxPlan:
     """The plan for ``config`` on a machine that can enforce ``env``.
 
     ``host_tmp`` (and ``host_shm``) are the sandbox's private directories on
     the host; in a mount namespace they appear at /tmp and /dev/shm.
+    ``host_mask`` is an empty directory that covers protected directories.
     """
     level = config.level
     denied = protected_paths(config)
@@ -294,9 +296,19 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                             for p in rw_regions + ro_regions if hidden(p)]
         mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]
+        # Protected directories are covered by an empty read-only directory:
+        # Landlock lets the sandbox list the directories that lead to a
+        # protected place, and this keeps the names inside unseen.  Protected
+        # files inside writable regions become read-only (no chmod, no utime).
         regions = ["/"] if not readonly_root else writable
-        for d in denied:
-            if os.path.lexists(d) and not os.path.islink(d) and any(_under(d, r) for r in regions):
+        masked: list[str] = []
+        for d in sorted(denied, key=len):
+            if not os.path.lexists(d) or os.path.islink(d) or any(_under(d, m) for m in masked):
+                continue
+            if os.path.isdir(d) and host_mask:
+                masked.append(d)
+                mounts.append(MountOp("readonly", d, source=host_mask))
+            elif any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
         if shm:
             mounts.append(MountOp("bind", "/dev/shm", source=shm, idmap=idmap))

@@ -192,15 +192,17 @@ class Session:
         try:
             tmp = os.path.join(self.base, "tmp")
             shm = os.path.join(self.base, "shm")
+            mask = os.path.join(self.base, "empty")
             os.mkdir(tmp, 0o700)
             os.mkdir(shm, 0o700)
+            os.mkdir(mask, 0o555)
             if config.workdir is None:
                 workdir = os.path.join(self.base, "work")
                 os.mkdir(workdir, 0o700)
             else:
                 workdir = str(config.workdir)
-            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, env=env,
-                              init_path=_native.INIT_PATH)
+            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask,
+                              env=env, init_path=_native.INIT_PATH)
             self.prepared = Prepared(plan)
         except BaseException:
             shutil.rmtree(self.base, ignore_errors=True)

@@ -1,0 +1,104 @@
+"""Fixtures for tests that attack a real sandbox and look from the host.
+
+Inside a sandbox /tmp is private, so every target "outside the workdir"
+lives under /var/tmp, in a directory made for the test and removed after it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from helpers import unique_marker
+
+#: Files of the fake home: path -> content.  Each credential carries a
+#: secret that must never show up in a sandbox's output.
+CREDENTIALS = {
+    ".ssh/id_rsa": "-----BEGIN OPENSSH PRIVATE KEY----- heel-secret-ssh",
+    ".aws/credentials": "[default]\naws_secret_access_key = heel-secret-aws\n",
+    ".netrc": "machine example.com login me password heel-secret-netrc\n",
+    ".config/gh/hosts.yml": "github.com:\n  oauth_token: heel-secret-gh\n",
+    ".bash_history": "export TOKEN=heel-secret-history\n",
+}
+ORDINARY_IN_HOME = {"notes.txt": "heel-ordinary-notes\n"}
+
+
+def _rmtree(path: str) -> None:
+    # A test may have taken permissions away (that is what some attacks try).
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+            except OSError:
+                pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def outside_dir():
+    """A fresh directory under /var/tmp: outside the workdir, visible at DEFAULT."""
+    path = tempfile.mkdtemp(dir="/var/tmp", prefix="heel-test-")
+    # Open to everyone: file modes never stand in the sandbox's way, so a
+    # refusal seen by a test is the sandbox's doing, whatever uid runs inside.
+    os.chmod(path, 0o777)
+    try:
+        yield path
+    finally:
+        _rmtree(path)
+
+
+def make_home(base: str, *, with_ssh: bool = True) -> str:
+    home = os.path.join(base, "home")
+    os.mkdir(home)
+    files = dict(CREDENTIALS) if with_ssh else {k: v for k, v in CREDENTIALS.items() if not k.startswith(".ssh/")}
+    files.update(ORDINARY_IN_HOME)
+    for rel, content in files.items():
+        path = os.path.join(home, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(content)
+    # Readable and writable by the file modes: only heel stands in the way.
+    for root, dirs, files in os.walk(home):
+        os.chmod(root, 0o777)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666)
+    return home
+
+
+@pytest.fixture
+def fake_home(outside_dir, monkeypatch):
+    """A home with credentials in it, as $HOME of the host (heel protects $HOME)."""
+    home = make_home(outside_dir)
+    monkeypatch.setenv("HOME", home)
+    return home
+
+
+@pytest.fixture
+def fake_home_without_ssh(outside_dir, monkeypatch):
+    home = make_home(outside_dir, with_ssh=False)
+    monkeypatch.setenv("HOME", home)
+    return home
+
+
+@pytest.fixture
+def host_sleeper():
+    """A host process (not in any sandbox) with a secret in its environment."""
+    marker = unique_marker()
+    env = dict(os.environ, HEEL_HOST_SECRET="heel-secret-environ")
+    proc = subprocess.Popen(["sleep", marker], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def root_only():
+    if os.geteuid() != 0:
+        pytest.skip("this test is about running as root")

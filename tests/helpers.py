@@ -1,0 +1,84 @@
+"""Small helpers shared by the security and lifecycle tests.
+
+Every security test attempts the forbidden thing for real inside a real
+sandbox and checks from the host that it failed; these helpers only run
+commands, look at files and look for processes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import heel
+
+#: A bound on every command a test runs inside a sandbox.
+COMMAND_TIMEOUT = 20
+
+
+async def sh(sb: "heel.Sandbox", script: str, *, timeout: float = COMMAND_TIMEOUT) -> "heel.Output":
+    """Run ``sh -c script`` in the sandbox and capture its output."""
+    return await sb.command("sh").args(["-c", script]).timeout(timeout).output()
+
+
+async def py(sb: "heel.Sandbox", code: str, *args: str, timeout: float = COMMAND_TIMEOUT) -> "heel.Output":
+    """Run ``python3 -c code args...`` (the system Python) in the sandbox."""
+    return await sb.command("python3").args(["-c", textwrap.dedent(code), *args]).timeout(timeout).output()
+
+
+def host_py(code: str, *args: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+    """The same kind of script run on the host, unsandboxed: the control."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
+                          timeout=timeout)
+
+
+def explain(out) -> str:
+    """A readable account of an Output (or CompletedProcess) for assertion messages."""
+    return (f"returncode={out.returncode} timed_out={getattr(out, 'timed_out', None)}\n"
+            f"stdout={out.stdout[-2000:]!r}\nstderr={out.stderr[-2000:]!r}")
+
+
+def snapshot(path: str) -> dict | None:
+    """Everything the host can observe about a file: content, metadata, xattrs.
+
+    ctime is in it: any change of mode, owner, times, xattrs or links moves it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    data = open(path, "rb").read() if os.path.isfile(path) and not os.path.islink(path) else None
+    try:
+        xattrs = {name: os.getxattr(path, name, follow_symlinks=False)
+                  for name in os.listxattr(path, follow_symlinks=False)}
+    except OSError:
+        xattrs = None
+    return {
+        "data": data, "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
+        "nlink": st.st_nlink, "size": st.st_size, "mtime": st.st_mtime_ns,
+        "ctime": st.st_ctime_ns, "ino": st.st_ino, "xattrs": xattrs,
+    }
+
+
+def unique_marker() -> str:
+    """A `sleep` argument no other process on the host has: NNN.NNNNNN seconds."""
+    return f"{random.randint(600, 999)}.{random.randint(100000, 999999)}"
+
+
+def processes_with(arg: str) -> list[int]:
+    """Host pids whose command line has ``arg`` as one of its arguments."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if arg.encode() in argv:
+            found.append(int(entry))
+    return found

@@ -1,0 +1,237 @@
+"""Lifecycle: timeouts, orphans, closing, a host that dies, the workdir,
+spawn errors, exit statuses, signals and the output limit.
+
+"Nothing is left" is checked from the host by scanning /proc for a `sleep`
+whose argument is unique to the test; each test first sees those processes
+running (the control), then sees them gone.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import trio
+
+import heel
+from helpers import explain, processes_with, sh, unique_marker
+
+DEFAULT = heel.IsolationLevel.DEFAULT
+
+
+async def wait_for_processes(marker: str, count: int, timeout: float = 10) -> list[int]:
+    """Poll the host's /proc until `count` processes carry `marker`."""
+    with trio.fail_after(timeout):
+        while len(found := processes_with(marker)) < count:
+            await trio.sleep(0.02)
+    return found
+
+
+async def test_timeout_kills_grandchildren():
+    marker = unique_marker()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        result = {}
+
+        async def run():
+            start = time.monotonic()
+            result["out"] = await sh(sb, f"sleep {marker} & sleep {marker} & wait", timeout=1)
+            result["elapsed"] = time.monotonic() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_for_processes(marker, 2)  # control: they do run on the host
+        out = result["out"]
+        assert out.timed_out, explain(out)
+        assert result["elapsed"] < 5, result["elapsed"]
+        assert processes_with(marker) == [], "a grandchild outlived the timeout"
+
+
+DAEMONS = {
+    "setsid": """
+        setsid sh -c 'touch started; exec sleep {marker}' </dev/null >/dev/null 2>&1 &
+        while [ ! -e started ]; do sleep 0.02; done
+        exit 0
+    """,
+    "double_fork": """
+        python3 -c '
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open("started", "w").close()
+        os.execvp("sleep", ["sleep", sys.argv[1]])
+    os._exit(0)
+while not os.path.exists("started"):
+    time.sleep(0.02)
+' {marker}
+    """,
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAEMONS))
+async def test_daemon_does_not_outlive_its_command(how):
+    marker = unique_marker()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await sh(sb, textwrap.dedent(DAEMONS[how]).format(marker=marker))
+        assert out.returncode == 0 and not out.timed_out, explain(out)
+        assert (sb.workdir / "started").exists()  # control: the daemon did start
+        assert processes_with(marker) == [], "the daemon outlived the command"
+    assert processes_with(marker) == []
+
+
+async def test_closing_the_sandbox_kills_spawned_processes():
+    marker = unique_marker()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        process = await sb.command("sh").args(
+            ["-c", f"sleep {marker} & setsid sleep {marker} & exec sleep {marker}"]).spawn()
+        await wait_for_processes(marker, 3)
+        assert process.returncode is None
+    assert processes_with(marker) == [], "a process outlived its sandbox"
+    assert process.returncode is not None
+
+
+async def test_process_kill_kills_the_tree():
+    marker = unique_marker()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        async with await sb.command("sh").args(["-c", f"sleep {marker} & sleep {marker}; :"]).spawn() as p:
+            await wait_for_processes(marker, 2)
+            p.kill()
+            with trio.fail_after(10):
+                code = await p.wait()
+            assert code == -signal.SIGKILL
+            assert processes_with(marker) == []
+
+
+HOST_SCRIPT = """
+import sys, trio, heel
+marker = sys.argv[1]
+async def main():
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        p = await sb.command("sh").args(["-c", f"sleep {marker} & setsid sleep {marker} & exec sleep {marker}"]).spawn()
+        print("ready", p.pid, flush=True)
+        await trio.sleep(60)
+trio.run(main)
+"""
+
+
+async def test_sigkill_of_the_host_process_kills_the_sandbox():
+    marker = unique_marker()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(heel.__file__))] + sys.path))
+    host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, marker], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        readable, _, _ = select.select([host.stdout], [], [], 20)
+        line = host.stdout.readline() if readable else b""
+        assert line.startswith(b"ready"), (line, host.poll())
+        init_pid = int(line.split()[1])
+        await wait_for_processes(marker, 3)  # control: the sandbox runs
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        with trio.fail_after(5):
+            while processes_with(marker):
+                await trio.sleep(0.05)
+        assert not os.path.exists(f"/proc/{init_pid}/cmdline") or \
+            b"heel" not in open(f"/proc/{init_pid}/cmdline", "rb").read()
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        host.stdout.close()
+        host.stderr.close()
+
+
+async def test_fresh_workdir_is_removed_on_close():
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        workdir = sb.workdir
+        assert workdir.is_dir()
+        out = await sh(sb, "echo made inside > file.txt; mkdir -p a/b; echo x > a/b/c")
+        assert out.returncode == 0, explain(out)
+        assert (workdir / "file.txt").read_text() == "made inside\n"
+    assert not workdir.exists()
+
+
+async def test_given_workdir_is_kept(outside_dir):
+    workdir = os.path.join(outside_dir, "work")
+    os.mkdir(workdir)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, workdir=workdir)) as sb:
+        assert str(sb.workdir) == os.path.realpath(workdir)
+        out = await sh(sb, "pwd; echo kept > kept.txt")
+        assert out.returncode == 0 and out.stdout.strip() == os.path.realpath(workdir).encode(), explain(out)
+    assert open(os.path.join(workdir, "kept.txt")).read() == "kept\n"
+
+
+@pytest.mark.parametrize("program", ["heel-no-such-program", "/usr/bin/heel-no-such-program"])
+async def test_missing_program(program):
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        with pytest.raises(heel.CommandNotFound) as info:
+            await sb.command(program).timeout(20).output()
+        assert isinstance(info.value, FileNotFoundError)
+        with pytest.raises(FileNotFoundError):
+            await sb.command(program).spawn()
+        # Control: an existing program runs.
+        out = await sb.command("true").timeout(20).output()
+        assert out.returncode == 0
+
+
+@pytest.mark.parametrize("script, code", [
+    ("true", 0),
+    ("exit 3", 3),
+    ("kill -TERM $$", -signal.SIGTERM),
+    ("kill -KILL $$", -signal.SIGKILL),
+    ("kill -SEGV $$", -signal.SIGSEGV),
+])
+async def test_exit_codes_and_signals(script, code):
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await sh(sb, script)
+    assert out.returncode == code and not out.timed_out, explain(out)
+
+
+async def test_send_signal_reaches_the_command():
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        code = """
+import os, signal, time
+def handler(sig, frame):
+    os.write(1, b'got %d\\n' % sig)
+    os._exit(7)
+signal.signal(signal.SIGTERM, handler)
+os.write(1, b'ready\\n')
+time.sleep(30)
+"""
+        async with await sb.command("python3").args(["-c", code]).stdout(heel.Stdio.PIPE).spawn() as p:
+            with trio.fail_after(20):
+                seen = b""
+                while b"ready" not in seen:
+                    seen += await p.stdout.receive_some(100)
+                p.send_signal(signal.SIGTERM)
+                assert await p.wait() == 7
+                while chunk := await p.stdout.receive_some(100):
+                    seen += chunk
+            assert b"got 15" in seen
+
+        # Without a handler SIGTERM ends the command, and terminate() says so.
+        async with await sb.command("sleep").arg("30").spawn() as p:
+            await trio.sleep(0.1)
+            p.terminate()
+            with trio.fail_after(10):
+                assert await p.wait() == -signal.SIGTERM
+
+
+async def test_output_limit_truncates_and_kills():
+    limits = heel.ResourceLimits(output_bytes=100_000)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        start = time.monotonic()
+        out = await sb.command("yes").timeout(20).output()
+        assert time.monotonic() - start < 10
+        assert out.truncated and not out.timed_out, explain(out)
+        assert 0 < len(out.stdout) <= 100_000
+        assert out.returncode == -signal.SIGKILL, explain(out)
+        # Control: a small output is whole and not marked.
+        out = await sh(sb, "echo hello")
+        assert out.stdout == b"hello\n" and not out.truncated, explain(out)

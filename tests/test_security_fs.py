@@ -1,0 +1,487 @@
+"""File-system attacks, each tried for real in a sandbox and checked from the host.
+
+Every attack sits next to a control: the same operation where the policy
+allows it (inside the workdir, on an ordinary file, at a laxer level) works,
+so a refusal is heel's doing and not a broken test.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import heel
+from conftest import CREDENTIALS, ORDINARY_IN_HOME
+from helpers import explain, py, snapshot
+
+DEFAULT = heel.IsolationLevel.DEFAULT
+STRICT = heel.IsolationLevel.STRICT
+PERMISSIVE = heel.IsolationLevel.PERMISSIVE
+
+#: One file operation each: `p` is the target file.  Exit 3 means refused.
+FILE_OPS = {
+    "write": "open(p, 'w').write('pwned')",
+    "append": "open(p, 'a').write('pwned')",
+    "create_beside": "open(p + '.new', 'x').write('pwned')",
+    "delete": "os.unlink(p)",
+    "rename": "os.rename(p, p + '.moved')",
+    "rename_into_workdir": "os.rename(p, os.path.join(os.getcwd(), 'stolen'))",
+    "truncate": "os.truncate(p, 0)",
+    "chmod": "os.chmod(p, 0o600)",
+    # To the owner it already has: allowed by the file's owner rights alone.
+    "chown": "os.chown(p, os.getuid(), os.getgid())",
+    "utime": "os.utime(p, (0, 0))",
+    "setxattr": "os.setxattr(p, 'user.heel', b'pwned')",
+}
+
+OP_SCRIPT = """
+import os, sys
+p = sys.argv[1]
+try:
+    {op}
+except OSError as e:
+    print('refused', e.errno, e)
+    sys.exit(3)
+print('done')
+"""
+
+
+def make_target(directory: str) -> str:
+    """A file outside the sandbox's reach that its mode would let anyone change."""
+    path = os.path.join(directory, "target.txt")
+    with open(path, "w") as f:
+        f.write("original content\n")
+    os.chmod(path, 0o666)
+    return path
+
+
+async def make_own_target(sb) -> str:
+    """The control's file: made by the sandbox itself in its workdir, so it is its own."""
+    out = await py(sb, "open('target.txt', 'w').write('original content\\n')")
+    assert out.returncode == 0, explain(out)
+    return os.path.join(sb.workdir, "target.txt")
+
+
+def observe(directory: str, path: str):
+    """The host's view of the target and of its directory."""
+    return snapshot(path), sorted(os.listdir(directory))
+
+
+def xattrs_supported(directory: str) -> bool:
+    probe = os.path.join(directory, ".xattr-probe")
+    open(probe, "w").close()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(probe)
+
+
+@pytest.mark.parametrize("op", sorted(FILE_OPS))
+async def test_file_operation_outside_workdir_is_refused(op, outside_dir):
+    if op == "setxattr" and not xattrs_supported(outside_dir):
+        pytest.skip("the file system under /var/tmp has no user xattrs")
+    script = OP_SCRIPT.format(op=FILE_OPS[op])
+    outside = make_target(outside_dir)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        inside = await make_own_target(sb)
+        if op == "setxattr" and not xattrs_supported(str(sb.workdir)):
+            pytest.skip("the workdir's file system has no user xattrs")
+
+        before = observe(outside_dir, outside)
+        attack = await py(sb, script, outside)
+        assert attack.returncode == 3, explain(attack)
+        assert observe(outside_dir, outside) == before, "the host file or its directory changed"
+
+        # Control: the very same operation on a file in the workdir works.
+        before_inside = observe(str(sb.workdir), inside)
+        control = await py(sb, script, inside)
+        assert control.returncode == 0 and control.stdout.strip() == b"done", explain(control)
+        assert observe(str(sb.workdir), inside) != before_inside
+
+
+@pytest.mark.parametrize("target", ["outside", "workdir"])
+async def test_write_through_symlink(target, outside_dir):
+    outside = make_target(outside_dir)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        inside = await make_own_target(sb)
+        path = outside if target == "outside" else inside
+        before = snapshot(path)
+        out = await py(sb, """
+            import os, sys
+            os.symlink(sys.argv[1], 'link')
+            try:
+                open('link', 'w').write('pwned')
+            except OSError as e:
+                print('refused', e.errno, e)
+                sys.exit(3)
+            """, path)
+        if target == "outside":
+            assert out.returncode == 3, explain(out)
+            assert snapshot(path) == before
+        else:
+            assert out.returncode == 0, explain(out)
+            assert open(path).read() == "pwned"
+
+
+@pytest.mark.parametrize("target", ["outside", "workdir"])
+async def test_create_through_symlinked_directory(target, outside_dir):
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        directory = outside_dir if target == "outside" else os.path.join(sb.workdir, "sub")
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o777)
+        before = sorted(os.listdir(directory))
+        out = await py(sb, """
+            import os, sys
+            os.symlink(sys.argv[1], 'dirlink')
+            try:
+                open('dirlink/planted', 'x').write('pwned')
+            except OSError as e:
+                print('refused', e.errno, e)
+                sys.exit(3)
+            """, directory)
+        if target == "outside":
+            assert out.returncode == 3, explain(out)
+            assert sorted(os.listdir(directory)) == before
+        else:
+            assert out.returncode == 0, explain(out)
+            assert open(os.path.join(directory, "planted")).read() == "pwned"
+
+
+@pytest.mark.parametrize("target", ["outside", "workdir"])
+async def test_hardlink_into_workdir(target, outside_dir):
+    outside = make_target(outside_dir)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        inside = await make_own_target(sb)
+        path = outside if target == "outside" else inside
+        out = await py(sb, """
+            import os, sys
+            try:
+                os.link(sys.argv[1], 'hardlink')
+            except OSError as e:
+                print('refused', e.errno, e)
+                sys.exit(e.errno)
+            """, path)
+        if target == "outside":
+            assert out.returncode in (errno.EXDEV, errno.EACCES, errno.EPERM), explain(out)
+            assert os.stat(outside).st_nlink == 1
+            assert not os.path.lexists(os.path.join(sb.workdir, "hardlink"))
+        else:
+            assert out.returncode == 0, explain(out)
+            assert os.stat(inside).st_nlink == 2
+
+
+# ---- credentials and the home directory -------------------------------------
+
+READ_ATTEMPTS = """
+import os, sys
+home = os.environ['HEEL_FAKE_HOME']
+for rel in sys.argv[1:]:
+    path = os.path.join(home, rel)
+    variants = {
+        'direct': path,
+        'via /proc/self/root': '/proc/self/root' + path,
+        'via dotdot': os.path.join(home, '.config', '..', rel),
+    }
+    try:
+        os.symlink(path, 'sym-' + rel.replace('/', '_'))
+        variants['via symlink'] = 'sym-' + rel.replace('/', '_')
+    except OSError:
+        pass
+    for how, candidate in variants.items():
+        try:
+            data = open(candidate).read()
+            print('LEAKED', rel, how, data)
+        except OSError as e:
+            print('refused', rel, how, e.errno)
+    try:
+        os.link(path, 'hard-' + rel.replace('/', '_'))
+        print('LEAKED', rel, 'hardlink', open('hard-' + rel.replace('/', '_')).read())
+    except OSError as e:
+        print('refused', rel, 'hardlink', e.errno)
+"""
+
+
+@pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])
+async def test_credentials_are_unreadable(level, fake_home):
+    security = heel.SecurityConfig(protect_user_home=False)
+    config = heel.SandboxConfig(level=level, security=security, env={"HEEL_FAKE_HOME": fake_home})
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, READ_ATTEMPTS, *CREDENTIALS)
+        assert out.returncode == 0, explain(out)
+        assert b"LEAKED" not in out.stdout and b"heel-secret" not in out.stdout + out.stderr, explain(out)
+        for rel in CREDENTIALS:
+            assert f"refused {rel} direct".encode() in out.stdout, explain(out)
+
+        # Control: the home itself is readable, only the credentials are closed.
+        control = await py(sb, READ_ATTEMPTS, *ORDINARY_IN_HOME)
+        assert f"LEAKED notes.txt direct {ORDINARY_IN_HOME['notes.txt']}".encode() in control.stdout, \
+            explain(control)
+
+
+CHANGE_EACH = """
+import os, sys
+for p in sys.argv[1:]:
+    try:
+        {op}
+        print('CHANGED', p)
+    except OSError as e:
+        print('refused', p, e.errno)
+"""
+
+
+LIST_DIR = """
+import os, sys
+try:
+    print(sorted(os.listdir(sys.argv[1])))
+except OSError as e:
+    print('refused', e.errno)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("protected, security", [
+    (".ssh", heel.SecurityConfig(protect_user_home=False)),
+    (".aws", heel.SecurityConfig(protect_user_home=False)),
+    ("", heel.SecurityConfig()),
+])
+async def test_protected_directories_cannot_be_listed(protected, security, fake_home):
+    """A closed place does not tell the names of what it holds either: listing
+    it is refused, or (covered by an empty directory in the mount namespace)
+    shows nothing."""
+    directory = os.path.join(fake_home, protected)
+    assert os.listdir(directory)  # there are names to hide
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, security=security)) as sb:
+        out = await py(sb, LIST_DIR, directory)
+        assert out.returncode == 3 or out.stdout == b"[]\n", explain(out)
+        for name in os.listdir(directory):
+            assert name.encode() not in out.stdout, explain(out)
+        # Control: a directory next to it, not protected, lists.
+        out = await py(sb, LIST_DIR, os.path.dirname(fake_home))
+        assert out.returncode == 0 and b"home" in out.stdout, explain(out)
+
+
+async def test_credentials_cannot_be_changed_at_permissive(fake_home):
+    security = heel.SecurityConfig(protect_user_home=False)
+    config = heel.SandboxConfig(level=PERMISSIVE, security=security)
+    async with heel.Sandbox(config) as sb:
+        paths = [os.path.join(fake_home, rel) for rel in CREDENTIALS]
+        before = {p: snapshot(p) for p in paths}
+        for op in ("chmod", "write", "truncate", "delete", "utime", "rename", "setxattr"):
+            out = await py(sb, CHANGE_EACH.format(op=FILE_OPS[op]), *paths)
+            assert out.returncode == 0 and b"CHANGED" not in out.stdout, f"{op}: " + explain(out)
+            assert out.stdout.count(b"refused") == len(paths), f"{op}: " + explain(out)
+        assert {p: snapshot(p) for p in paths} == before
+
+        # Moving the whole directory aside (then reading it) is no way around.
+        ssh = os.path.join(fake_home, ".ssh")
+        out = await py(sb, "import os, sys; os.rename(sys.argv[1], sys.argv[1] + '-moved')", ssh)
+        assert out.returncode != 0, explain(out)
+        assert os.path.isdir(ssh) and not os.path.exists(ssh + "-moved")
+
+        # Control: an ordinary file of the same home is writable at PERMISSIVE.
+        notes = os.path.join(fake_home, "notes.txt")
+        out = await py(sb, "import sys; open(sys.argv[1], 'w').write('changed')", notes)
+        assert out.returncode == 0, explain(out)
+        assert open(notes).read() == "changed"
+
+
+async def test_missing_ssh_dir_cannot_be_created(fake_home_without_ssh):
+    home = fake_home_without_ssh
+    ssh = os.path.join(home, ".ssh")
+    security = heel.SecurityConfig(protect_user_home=False)
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE, security=security)) as sb:
+        out = await py(sb, """
+            import os, sys
+            ssh = sys.argv[1]
+            for attempt in ('mkdir', 'symlink'):
+                try:
+                    if attempt == 'mkdir':
+                        os.makedirs(ssh, exist_ok=True)
+                    else:
+                        os.symlink(os.getcwd(), ssh)
+                    open(os.path.join(ssh, 'authorized_keys'), 'w').write('ssh-ed25519 AAAA attacker')
+                    print('PLANTED', attempt)
+                except OSError as e:
+                    print('refused', attempt, e.errno)
+            """, ssh)
+        assert out.returncode == 0 and b"PLANTED" not in out.stdout, explain(out)
+        assert not os.path.lexists(ssh)
+        assert not os.path.exists(os.path.join(sb.workdir, "authorized_keys"))
+
+        # Control: the same home's ordinary file is writable at this level.
+        notes = os.path.join(home, "notes.txt")
+        out = await py(sb, "import sys; open(sys.argv[1], 'a').write('more')", notes)
+        assert out.returncode == 0, explain(out)
+        assert open(notes).read().endswith("more")
+
+
+@pytest.mark.parametrize("protect_user_home", [True, False])
+async def test_protect_user_home(protect_user_home, fake_home):
+    security = heel.SecurityConfig(protect_user_home=protect_user_home)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, security=security)) as sb:
+        out = await py(sb, """
+            import os, sys
+            try:
+                print(open(os.path.join(sys.argv[1], 'notes.txt')).read())
+                print(sorted(os.listdir(sys.argv[1])))
+            except OSError as e:
+                print('refused', e.errno)
+                sys.exit(3)
+            """, fake_home)
+        if protect_user_home:
+            assert out.returncode == 3 and b"heel-ordinary" not in out.stdout, explain(out)
+        else:
+            assert out.returncode == 0 and b"heel-ordinary-notes" in out.stdout, explain(out)
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_strict_sees_only_the_runtime(level, outside_dir):
+    secret = os.path.join(outside_dir, "data.txt")
+    with open(secret, "w") as f:
+        f.write("heel-outside-data")
+    os.chmod(secret, 0o644)
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        out = await py(sb, """
+            import sys
+            try:
+                print(open(sys.argv[1]).read())
+            except OSError as e:
+                print('refused', e.errno)
+                sys.exit(3)
+            """, secret)
+        if level is STRICT:
+            assert out.returncode == 3 and b"heel-outside-data" not in out.stdout, explain(out)
+        else:
+            assert out.returncode == 0 and b"heel-outside-data" in out.stdout, explain(out)
+
+        # The system runtime stays usable at every level.
+        runtime = "/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd"
+        out = await py(sb, "import sys; sys.stdout.write(open(sys.argv[1]).read())", runtime)
+        assert out.returncode == 0 and out.stdout == open(runtime, "rb").read(), explain(out)
+        out = await sb.command("/usr/bin/env").timeout(20).output()
+        assert out.returncode == 0 and b"PATH=" in out.stdout, explain(out)
+
+
+async def test_writable_grants_one_directory(outside_dir):
+    granted = os.path.join(outside_dir, "granted")
+    os.mkdir(granted)
+    os.chmod(granted, 0o777)
+    sibling = make_target(outside_dir)
+    before = snapshot(sibling)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, writable=[granted])) as sb:
+        out = await py(sb, "import sys; open(sys.argv[1], 'w').write('made inside')",
+                       os.path.join(granted, "new.txt"))
+        assert out.returncode == 0, explain(out)
+        assert open(os.path.join(granted, "new.txt")).read() == "made inside"
+
+        out = await py(sb, OP_SCRIPT.format(op=FILE_OPS["write"]), sibling)
+        assert out.returncode == 3, explain(out)
+        assert snapshot(sibling) == before
+
+
+@pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])
+async def test_permissive_writes_outside_workdir(level, outside_dir):
+    path = os.path.join(outside_dir, "written.txt")
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        out = await py(sb, OP_SCRIPT.format(op="open(p, 'w').write('from the sandbox')"), path)
+    if level is PERMISSIVE:
+        assert out.returncode == 0, explain(out)
+        assert open(path).read() == "from the sandbox"
+    else:
+        assert out.returncode == 3, explain(out)
+        assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("writable, security", [
+    (".ssh", heel.SecurityConfig(protect_user_home=False)),
+    (".aws", heel.SecurityConfig(protect_user_home=False)),
+    ("", heel.SecurityConfig()),
+    (".config/gh", heel.SecurityConfig()),
+])
+async def test_writable_inside_protected_place_is_a_policy_error(writable, security, fake_home):
+    path = os.path.join(fake_home, writable)
+    with pytest.raises(heel.PolicyError):
+        async with heel.Sandbox(heel.SandboxConfig(writable=[path], security=security)):
+            pass
+
+
+async def test_writable_protected_place_with_protection_off(fake_home):
+    """Control for the PolicyError: turning the protections off grants the place."""
+    ssh = os.path.join(fake_home, ".ssh")
+    security = heel.SecurityConfig(protect_user_home=False, protect_credentials=False)
+    async with heel.Sandbox(heel.SandboxConfig(writable=[ssh], security=security)) as sb:
+        out = await py(sb, "import sys; open(sys.argv[1], 'w').write('ssh-ed25519 AAAA mine')",
+                       os.path.join(ssh, "authorized_keys"))
+        assert out.returncode == 0, explain(out)
+    assert open(os.path.join(ssh, "authorized_keys")).read() == "ssh-ed25519 AAAA mine"
+
+
+# ---- /proc of host processes -------------------------------------------------
+
+async def test_proc_of_host_process_is_unreachable(host_sleeper):
+    pid = host_sleeper.pid
+    # Control on the host: this process's environ does hold the secret.
+    assert b"heel-secret-environ" in open(f"/proc/{pid}/environ", "rb").read()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, """
+            import os, sys
+            pid = sys.argv[1]
+            for path, mode in ((f'/proc/{pid}/root/etc/hostname', os.O_RDONLY),
+                               (f'/proc/{pid}/mem', os.O_RDWR),
+                               (f'/proc/{pid}/mem', os.O_RDONLY),
+                               (f'/proc/{pid}/environ', os.O_RDONLY),
+                               (f'/proc/{pid}/cwd', os.O_RDONLY | os.O_DIRECTORY)):
+                try:
+                    fd = os.open(path, mode)
+                    print('OPENED', path, os.read(fd, 4096))
+                except OSError as e:
+                    print('refused', path, e.errno)
+            print(open('/proc/self/status').read())
+            """, str(pid))
+        assert out.returncode == 0, explain(out)
+        assert b"OPENED" not in out.stdout and b"heel-secret" not in out.stdout, explain(out)
+        # Control: the sandbox reads its own /proc.
+        assert b"NoNewPrivs:" in out.stdout, explain(out)
+    assert host_sleeper.poll() is None
+
+
+# ---- identity when heel runs as root -------------------------------------------
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_root_has_no_owner_rights_over_host_files(root_only, level, outside_dir):
+    """Started as root, the sandbox has no capabilities *and* no owner rights:
+    a root-owned 0600 file that the level (or a `readable` grant) shows is
+    still unreadable, while its 0644 neighbour reads."""
+    private = os.path.join(outside_dir, "root-private.txt")
+    public = os.path.join(outside_dir, "root-public.txt")
+    for path, mode in ((private, 0o600), (public, 0o644)):
+        with open(path, "w") as f:
+            f.write(f"heel-{os.path.basename(path)}")
+        os.chmod(path, mode)
+    config = heel.SandboxConfig(level=level, readable=[outside_dir] if level is STRICT else [])
+    read = OP_SCRIPT.format(op="print(open(p).read())")
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, read, private)
+        assert out.returncode == 3 and b"heel-root-private" not in out.stdout, explain(out)
+        assert out.stdout.startswith(f"refused {errno.EACCES}".encode()), explain(out)
+        # Control: the file next to it, readable by its mode, reads.
+        out = await py(sb, read, public)
+        assert out.returncode == 0 and b"heel-root-public.txt" in out.stdout, explain(out)
+
+
+async def test_root_keeps_owner_rights_at_permissive(root_only, outside_dir):
+    """PERMISSIVE means writing everywhere: started by root it runs as root
+    (still without capabilities), so root's own files are its own there."""
+    private = os.path.join(outside_dir, "root-private.txt")
+    with open(private, "w") as f:
+        f.write("heel-root-private")
+    os.chmod(private, 0o600)
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+        out = await py(sb, OP_SCRIPT.format(op="print(open(p).read()); os.chmod(p, 0o640)"), private)
+    assert out.returncode == 0 and b"heel-root-private" in out.stdout, explain(out)
+    assert os.stat(private).st_mode & 0o777 == 0o640

@@ -1,0 +1,452 @@
+"""Kernel attack surface, attacked for real from inside a sandbox.
+
+Each probe is a small python3 script (ctypes for raw system calls) that
+prints ``<name> ok`` or ``<name> errno <n>``.  The same probe run on the host,
+unsandboxed, is the control where the host allows the operation: then the
+sandbox's refusal is the sandbox's doing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+import heel
+from helpers import explain, host_py, py, sh
+
+DEFAULT = heel.IsolationLevel.DEFAULT
+
+PRELUDE = """
+import ctypes, errno, os, signal, socket, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+X86 = os.uname().machine == 'x86_64'
+NR = dict(
+    ptrace=101 if X86 else 117,
+    process_vm_readv=310 if X86 else 270,
+    mount=165 if X86 else 40,
+    unshare=272 if X86 else 97,
+    clone=56 if X86 else 220,
+    io_uring_setup=425,
+    bpf=321 if X86 else 280,
+    keyctl=250 if X86 else 219,
+    add_key=248 if X86 else 217,
+    perf_event_open=298 if X86 else 241,
+    userfaultfd=323 if X86 else 282,
+    setns=308 if X86 else 268,
+    getpid=39 if X86 else 172,
+)
+
+def sys_call(name, *args):
+    ctypes.set_errno(0)
+    rc = libc.syscall(ctypes.c_long(NR[name]), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    return rc, ctypes.get_errno()
+
+def report(name, rc, err):
+    print(name, 'ok' if rc >= 0 else f'errno {err}', flush=True)
+
+def forked_sleeper():
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    return pid
+"""
+
+PROBES = {
+    "ptrace_traceme": """
+pid = os.fork()
+if pid == 0:
+    rc, err = sys_call('ptrace', 0, 0, 0, 0)  # PTRACE_TRACEME
+    os._exit(0 if rc == 0 else err)
+_, status = os.waitpid(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+report('ptrace_traceme', 0 if code == 0 else -1, code)
+""",
+    "ptrace_attach": """
+child = forked_sleeper()
+rc, err = sys_call('ptrace', 16, child, 0, 0)  # PTRACE_ATTACH to our own child
+if rc == 0:
+    os.waitpid(child, 0)
+os.kill(child, signal.SIGKILL); os.waitpid(child, 0)
+report('ptrace_attach', rc, err)
+""",
+    "ptrace_seize_exec_child": """
+import subprocess
+other = subprocess.Popen(['sleep', '30'])  # another program of the same sandbox
+time.sleep(0.1)
+rc, err = sys_call('ptrace', 0x4206, other.pid, 0, 0)  # PTRACE_SEIZE
+other.kill(); other.wait()
+report('ptrace_seize_exec_child', rc, err)
+""",
+    # The parent: heel-init inside a sandbox (no host control: on the host
+    # the parent is the test runner itself).
+    "ptrace_seize_parent": """
+rc, err = sys_call('ptrace', 0x4206, os.getppid(), 0, 0)  # PTRACE_SEIZE
+report('ptrace_seize_parent', rc, err)
+""",
+    "process_vm_readv": """
+secret = ctypes.create_string_buffer(b'heel-child-memory', 64)
+child = forked_sleeper()   # same address space layout: the buffer is at the same place
+local = ctypes.create_string_buffer(64)
+class iovec(ctypes.Structure):
+    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
+liov = iovec(ctypes.cast(local, ctypes.c_void_p), 64)
+riov = iovec(ctypes.cast(secret, ctypes.c_void_p), 64)
+rc, err = sys_call('process_vm_readv', child, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+os.kill(child, signal.SIGKILL); os.waitpid(child, 0)
+report('process_vm_readv', rc, err)
+""",
+    "mount": """
+os.makedirs('mnt', exist_ok=True)
+rc, err = sys_call('mount', b'none', b'mnt', b'tmpfs', 0, None)
+report('mount', rc, err)
+""",
+    "unshare_user": """
+rc, err = sys_call('unshare', 0x10000000, 0)  # CLONE_NEWUSER
+report('unshare_user', rc, err)
+""",
+    "clone_newuser": """
+rc, err = sys_call('clone', 0x10000000 | signal.SIGCHLD, 0, 0, 0, 0)
+if rc == 0:
+    os._exit(0)
+if rc > 0:
+    os.waitpid(rc, 0)
+report('clone_newuser', rc, err)
+""",
+    "io_uring_setup": """
+params = ctypes.create_string_buffer(120)
+rc, err = sys_call('io_uring_setup', 8, params)
+report('io_uring_setup', rc, err)
+""",
+    "bpf": """
+# BPF_MAP_CREATE of a small array map
+attr = ctypes.create_string_buffer(struct.pack('=IIII', 2, 4, 4, 1), 128)
+rc, err = sys_call('bpf', 0, attr, 128)
+report('bpf', rc, err)
+""",
+    "keyctl": """
+rc, err = sys_call('keyctl', 0, ctypes.c_long(-3).value, 1)  # GET_KEYRING_ID of the session keyring
+report('keyctl', rc, err)
+""",
+    "add_key": """
+rc, err = sys_call('add_key', b'user', b'heel-test', b'secret', 6, ctypes.c_long(-2).value)
+report('add_key', rc, err)
+""",
+    "perf_event_open": """
+attr = ctypes.create_string_buffer(128)
+struct.pack_into('=IIQ', attr, 0, 1, 128, 0)   # PERF_TYPE_SOFTWARE, size, PERF_COUNT_SW_CPU_CLOCK
+struct.pack_into('=Q', attr, 40, 1 << 5 | 1 << 6)  # exclude_kernel | exclude_hv
+rc, err = sys_call('perf_event_open', attr, 0, -1, -1, 0)
+report('perf_event_open', rc, err)
+""",
+    "userfaultfd": """
+rc, err = sys_call('userfaultfd', 1)  # UFFD_USER_MODE_ONLY
+report('userfaultfd', rc, err)
+""",
+    # The x32 table: same arch as x86-64, syscall number with bit 30 set.
+    "x32_getpid": """
+ctypes.set_errno(0)
+rc = libc.syscall(ctypes.c_long(0x40000000 | NR['getpid']))
+report('x32_getpid', rc, ctypes.get_errno())
+""",
+}
+
+
+def probe_script(name: str) -> str:
+    return PRELUDE + PROBES[name]
+
+
+def parse(out: bytes, name: str) -> int:
+    """0 when the probe's operation worked, else its errno."""
+    m = re.search(rf"^{name} (ok|errno (\d+))$".encode(), out, re.M)
+    assert m, out
+    return 0 if m.group(1) == b"ok" else int(m.group(2))
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+async def test_kernel_surface_is_refused(name):
+    if name == "x32_getpid" and platform.machine() != "x86_64":
+        pytest.skip("x32 is an x86-64 question")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, probe_script(name))
+        assert out.returncode == 0, explain(out)
+        assert parse(out.stdout, name) == errno.EPERM, explain(out)
+
+
+# Where the host (as whoever runs the tests) may do the thing, the same probe
+# must work there: the sandbox, not the machine, is what refuses it.
+HOST_CONTROLS = ["ptrace_traceme", "ptrace_attach", "ptrace_seize_exec_child", "process_vm_readv",
+                 "keyctl", "add_key", "io_uring_setup", "unshare_user", "clone_newuser"]
+
+
+@pytest.mark.parametrize("name", HOST_CONTROLS)
+def test_kernel_probe_works_on_the_host(name, tmp_path):
+    out = host_py(f"import os; os.chdir({str(tmp_path)!r})\n" + probe_script(name))
+    assert out.returncode == 0, explain(out)
+    result = parse(out.stdout, name)
+    if result != 0 and name in ("unshare_user", "clone_newuser", "io_uring_setup", "keyctl", "add_key"):
+        pytest.skip(f"the host itself refuses {name} (errno {result}): no control here")
+    assert result == 0, explain(out)
+
+
+INT80 = r"""
+#include <stdio.h>
+int main(void)
+{
+    long ret;
+    /* eax = 20: getpid in the 32-bit table */
+    __asm__ volatile ("int $0x80" : "=a"(ret) : "a"(20L) : "memory");
+    printf("%ld\n", ret);
+    return 0;
+}
+"""
+
+
+async def test_int80_32bit_syscall_is_refused(tmp_path):
+    if platform.machine() != "x86_64":
+        pytest.skip("int 0x80 is an x86-64 question")
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the int 0x80 program")
+    source = tmp_path / "int80.c"
+    source.write_text(INT80)
+    binary = tmp_path / "int80"
+    subprocess.run(["gcc", "-O0", "-o", str(binary), str(source)], check=True, timeout=60)
+    host = subprocess.run([str(binary)], capture_output=True, timeout=10)
+    if host.returncode != 0 or int(host.stdout) <= 0:
+        pytest.skip(f"this kernel has no 32-bit syscall table to attack: {host!r}")
+    assert int(host.stdout) > 0  # the control: on the host, int 0x80 getpid answers a pid
+
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        shutil.copy(binary, sb.workdir / "int80")
+        out = await sb.command("./int80").timeout(20).output()
+        assert out.returncode == 0, explain(out)
+        assert int(out.stdout) == -errno.EPERM, explain(out)
+
+
+SOCKETS = {
+    "raw_icmp": "socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP",
+    "packet": "socket.AF_PACKET, socket.SOCK_RAW, 0",
+    "udp": "socket.AF_INET, socket.SOCK_DGRAM, 0",
+    "udp6": "socket.AF_INET6, socket.SOCK_DGRAM, 0",
+    "tcp": "socket.AF_INET, socket.SOCK_STREAM, 0",
+    "netlink_route": "socket.AF_NETLINK, socket.SOCK_RAW, 0",
+    "netlink_audit": "socket.AF_NETLINK, socket.SOCK_RAW, 9",
+    "vsock": "40, socket.SOCK_STREAM, 0",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SOCKETS))
+async def test_socket_families_are_refused(kind):
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, f"""
+            import socket, sys
+            try:
+                s = socket.socket({SOCKETS[kind]})
+                print('CREATED', s)
+            except OSError as e:
+                print('refused', e.errno)
+                sys.exit(3)
+            """)
+        assert out.returncode == 3 and b"CREATED" not in out.stdout, explain(out)
+
+        # Control: socketpair() is how processes inside talk, and it works.
+        out = await py(sb, """
+            import socket
+            a, b = socket.socketpair()
+            a.sendall(b'ping'); print(b.recv(4).decode())
+            """)
+        assert out.returncode == 0 and out.stdout == b"ping\n", explain(out)
+
+
+TIOCSTI = """
+import ctypes, errno, fcntl, os, sys, termios
+libc = ctypes.CDLL(None, use_errno=True)
+master, slave = os.openpty()
+name = os.ttyname(slave)
+pid = os.fork()
+if pid == 0:
+    # A new session whose controlling terminal is this pty: the case in
+    # which the kernel itself lets TIOCSTI through (legacy_tiocsti=1).
+    os.setsid()
+    fd = os.open(name, os.O_RDWR)
+    results = []
+    try:
+        fcntl.ioctl(fd, termios.TIOCSTI, b'x')
+        results.append('ok')
+    except OSError as e:
+        results.append(str(e.errno))
+    ctypes.set_errno(0)
+    c = ctypes.c_char(b'y')
+    rc = libc.ioctl(fd, ctypes.c_ulong(termios.TIOCSTI | (1 << 32)), ctypes.byref(c))
+    results.append('ok' if rc == 0 else str(ctypes.get_errno()))
+    print(' '.join(results), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+async def test_tiocsti_is_refused():
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, TIOCSTI)
+        assert out.returncode == 0, explain(out)
+        assert out.stdout.split() == [str(errno.EPERM).encode()] * 2, explain(out)
+    # Control: on the host the same code is not refused with EPERM (it either
+    # works, or the kernel's legacy_tiocsti=0 answers EIO).
+    host = host_py(TIOCSTI)
+    assert host.returncode == 0, explain(host)
+    assert str(errno.EPERM).encode() not in host.stdout.split(), explain(host)
+
+
+async def test_no_capabilities_and_no_new_privs():
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await sh(sb, "cat /proc/self/status")
+        assert out.returncode == 0, explain(out)
+    status = dict(line.split(":\t", 1) for line in out.stdout.decode().splitlines() if ":\t" in line)
+    assert status["NoNewPrivs"].strip() == "1"
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[cap], 16) == 0, (cap, status[cap])
+    # Control: the host process that ran this test has a bounding set.
+    host = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+    assert int(host["CapBnd"], 16) != 0
+
+
+SETUID_PROBE = r"""
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void)
+{
+    char line[256];
+    FILE *f = fopen("/proc/self/status", "r");
+    printf("euid=%d\n", (int)geteuid());
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "CapEff:", 7) == 0 || strncmp(line, "CapPrm:", 7) == 0)
+            fputs(line, stdout);
+    return 0;
+}
+"""
+
+
+async def test_setuid_root_binary_gains_no_capabilities(root_only, outside_dir):
+    source = os.path.join(outside_dir, "setuid.c")
+    binary = os.path.join(outside_dir, "setuid-probe")
+    with open(source, "w") as f:
+        f.write(SETUID_PROBE)
+    subprocess.run(["gcc", "-o", binary, source], check=True, timeout=60)
+    os.chown(binary, 0, 0)
+    os.chmod(binary, 0o4755)
+    # Control: run by an unprivileged user on the host, the setuid bit makes it root.
+    host = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", binary],
+                          capture_output=True, timeout=10)
+    if host.returncode != 0 or b"euid=0" not in host.stdout:
+        pytest.skip(f"setuid does not work under {outside_dir} on this host: {host!r}")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await sb.command(binary).timeout(20).output()
+    assert out.returncode == 0, explain(out)
+    assert re.search(rb"CapEff:\s+0+\n", out.stdout) and re.search(rb"CapPrm:\s+0+\n", out.stdout), \
+        explain(out)
+
+
+# ---- secrets in the environment ---------------------------------------------
+
+async def test_host_environment_secrets_stay_out(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "heel-secret-aws-env")
+    monkeypatch.setenv("GITHUB_TOKEN", "heel-secret-gh-env")
+    monkeypatch.setenv("HEEL_PASSED", "heel-passed-value")
+    config = heel.SandboxConfig(level=DEFAULT, env_passthrough=["HEEL_PASSED"])
+    async with heel.Sandbox(config) as sb:
+        out = await sh(sb, "env; cat /proc/self/environ /proc/1/environ | tr '\\0' '\\n'")
+    assert out.returncode == 0, explain(out)
+    assert b"heel-secret" not in out.stdout, explain(out)
+    # Control: a variable the config names does get through.
+    assert b"HEEL_PASSED=heel-passed-value" in out.stdout, explain(out)
+
+
+# ---- resource limits -------------------------------------------------------------
+
+FORK_BOMB = """
+import os, sys
+r, w = os.pipe()
+children = 0
+try:
+    while children < 200:
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)   # wait until the parent closes the pipe
+            os._exit(0)
+        children += 1
+except OSError as e:
+    print('fork refused', e.errno)
+print('children', children, flush=True)
+os.close(w)
+for _ in range(children):
+    os.wait()
+"""
+
+
+async def test_fork_bomb_is_bounded():
+    limits = heel.ResourceLimits(processes=20)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        out = await py(sb, FORK_BOMB)
+    assert out.returncode == 0, explain(out)
+    children = int(re.search(rb"children (\d+)", out.stdout).group(1))
+    assert b"fork refused" in out.stdout, explain(out)
+    # Control that forking works at all, and the bound (python itself is one of the 20).
+    assert 5 <= children <= 20, explain(out)
+    # The host is fine.
+    assert subprocess.run(["true"], timeout=10).returncode == 0
+
+
+async def test_memory_limit():
+    limits = heel.ResourceLimits(memory="256M")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        big = await py(sb, "b = bytearray(1 << 30); print('ALLOCATED', len(b))")
+        assert b"ALLOCATED" not in big.stdout and big.returncode != 0, explain(big)
+        assert b"MemoryError" in big.stderr, explain(big)
+        # Control: a modest allocation works.
+        small = await py(sb, "b = bytearray(16 << 20); b[-1] = 1; print('ALLOCATED', len(b))")
+        assert small.returncode == 0 and b"ALLOCATED" in small.stdout, explain(small)
+
+
+async def test_cpu_time_limit_kills_busy_loop():
+    limits = heel.ResourceLimits(cpu_time=1)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        start = time.monotonic()
+        out = await py(sb, "while True: pass")
+        elapsed = time.monotonic() - start
+        assert not out.timed_out, explain(out)
+        assert out.returncode in (-24, -9), explain(out)  # SIGXCPU, then SIGKILL at the hard limit
+        assert elapsed < 10, elapsed
+        # Control: a short computation finishes under the same limit.
+        out = await py(sb, "print(sum(range(10000)))")
+        assert out.returncode == 0 and out.stdout == b"49995000\n", explain(out)
+
+
+async def test_file_size_limit():
+    limits = heel.ResourceLimits(file_size="1M")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        out = await sh(sb, "head -c 3000000 /dev/zero > big")
+        assert out.returncode != 0, explain(out)  # SIGXFSZ kills head (or EFBIG)
+        assert os.path.getsize(sb.workdir / "big") <= 1 << 20
+        out = await py(sb, """
+            import errno
+            try:
+                open('big2', 'wb').write(bytes(3000000))
+            except OSError as e:
+                print('refused', errno.errorcode[e.errno])
+            """)
+        assert b"refused EFBIG" in out.stdout, explain(out)
+        assert os.path.getsize(sb.workdir / "big2") <= 1 << 20
+        # Control: a file under the limit is written whole.
+        out = await sh(sb, "head -c 100000 /dev/zero > small")
+        assert out.returncode == 0, explain(out)
+        assert os.path.getsize(sb.workdir / "small") == 100000

@@ -1,0 +1,278 @@
+"""Network and IPC reach: the sandbox tries to talk to, or signal, the host.
+
+The host side holds the listener (or the process) and checks afterwards that
+nothing arrived (or that it is still alive); a host-side client proves the
+listener would have seen a connection.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import signal
+import socket
+import time
+
+import pytest
+
+import heel
+from helpers import explain, py
+
+DEFAULT = heel.IsolationLevel.DEFAULT
+STRICT = heel.IsolationLevel.STRICT
+PERMISSIVE = heel.IsolationLevel.PERMISSIVE
+
+
+def nothing_arrived(sock: socket.socket, wait: float = 0.3) -> bool:
+    """True when no connection (or datagram) is waiting on sock after `wait` seconds."""
+    readable, _, _ = select.select([sock], [], [], wait)
+    return not readable
+
+
+def accept_one(server: socket.socket) -> bytes:
+    readable, _, _ = select.select([server], [], [], 5)
+    assert readable, "the host-side control did not reach the listener"
+    conn, _ = server.accept()
+    with conn:
+        conn.settimeout(5)
+        return conn.recv(100)
+
+
+@pytest.fixture
+def tcp_listener():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def udp_receiver():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    with receiver:
+        yield receiver
+
+
+@pytest.fixture
+def unix_listener(outside_dir):
+    path = os.path.join(outside_dir, "host.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(8)
+    server.setblocking(False)
+    with server:
+        yield server, path
+
+
+@pytest.fixture
+def abstract_listener():
+    name = b"\0heel-test-" + secrets.token_hex(8).encode()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(name)
+    server.listen(8)
+    server.setblocking(False)
+    with server:
+        yield server, name
+
+
+CONNECT_TCP = """
+import socket, sys
+port = int(sys.argv[1])
+for family, host in ((socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::ffff:127.0.0.1')):
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(3)
+        s.connect((host, port))
+        s.sendall(b'leak')
+        print('CONNECTED', host)
+    except OSError as e:
+        print('refused', host, e.errno)
+"""
+
+
+async def test_tcp_to_host_listener(tcp_listener):
+    port = tcp_listener.getsockname()[1]
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+        out = await py(sb, CONNECT_TCP, str(port))
+    assert out.returncode == 0 and b"CONNECTED" not in out.stdout, explain(out)
+    assert out.stdout.count(b"refused") == 2, explain(out)
+    assert nothing_arrived(tcp_listener), "a connection from the sandbox reached the host"
+    # Control: the listener does see a connection from the host.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"host")
+        assert accept_one(tcp_listener) == b"host"
+
+
+async def test_udp_to_host(udp_receiver):
+    port = udp_receiver.getsockname()[1]
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+        out = await py(sb, """
+            import socket, sys
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.sendto(b'leak', ('127.0.0.1', int(sys.argv[1])))
+                print('SENT')
+            except OSError as e:
+                print('refused', e.errno)
+            """, str(port))
+    assert out.returncode == 0 and b"SENT" not in out.stdout, explain(out)
+    assert nothing_arrived(udp_receiver), "a datagram from the sandbox reached the host"
+    # Control: a datagram from the host arrives.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.sendto(b"host", ("127.0.0.1", port))
+    assert not nothing_arrived(udp_receiver, wait=5)
+    assert udp_receiver.recv(100) == b"host"
+
+
+CONNECT_UNIX = """
+import socket, sys
+name = sys.argv[1]
+if name.startswith('@'):
+    name = '\\0' + name[1:]
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(3)
+    s.connect(name)
+    s.sendall(b'leak')
+    print('CONNECTED')
+except OSError as e:
+    print('refused', e.errno)
+    sys.exit(3)
+"""
+
+
+def unix_arg(name) -> str:
+    return "@" + name[1:].decode() if isinstance(name, bytes) else name
+
+
+@pytest.mark.parametrize("kind", ["pathname", "abstract"])
+async def test_host_unix_sockets_unreachable_by_default(kind, request):
+    server, name = request.getfixturevalue(f"{'unix' if kind == 'pathname' else 'abstract'}_listener")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, CONNECT_UNIX, unix_arg(name))
+    assert out.returncode == 3 and b"CONNECTED" not in out.stdout, explain(out)
+    assert nothing_arrived(server), "a connection from the sandbox reached the host socket"
+    # Control: the host can connect to it.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(name)
+        client.sendall(b"host")
+        assert accept_one(server) == b"host"
+
+
+async def test_abstract_host_socket_unreachable_with_unix_sockets_allowed(abstract_listener):
+    server, name = abstract_listener
+    security = heel.SecurityConfig(allow_unix_sockets=True)
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE, security=security)) as sb:
+        out = await py(sb, CONNECT_UNIX, unix_arg(name))
+    assert out.returncode == 3 and b"CONNECTED" not in out.stdout, explain(out)
+    assert nothing_arrived(server)
+
+
+async def test_pathname_host_socket_reachable_with_unix_sockets_allowed(unix_listener):
+    """What allow_unix_sockets=True means: socket(AF_UNIX) is allowed, and a
+    pathname socket of the host that the sandbox can see is then reachable
+    (Landlock before ABI 9 does not mediate connect() to a unix socket; the
+    read-only view does not stop it either).  Abstract sockets stay closed."""
+    server, path = unix_listener
+    security = heel.SecurityConfig(allow_unix_sockets=True)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, security=security)) as sb:
+        out = await py(sb, CONNECT_UNIX, path)
+    assert out.returncode == 0 and b"CONNECTED" in out.stdout, explain(out)
+    assert accept_one(server) == b"leak"
+
+
+async def test_unix_sockets_allowed_reach_even_unlisted_pathname_sockets(unix_listener):
+    """What allow_unix_sockets=True means, stated as a test: Landlock does not
+    mediate connect() to a pathname socket, so at STRICT, where the socket's
+    directory cannot even be listed, a connection still arrives.  The README
+    says so; the default (False) refuses socket(AF_UNIX) altogether."""
+    server, path = unix_listener
+    security = heel.SecurityConfig(allow_unix_sockets=True)
+    async with heel.Sandbox(heel.SandboxConfig(level=STRICT, security=security)) as sb:
+        hidden = await py(sb, "import os, sys; os.listdir(os.path.dirname(sys.argv[1]))", path)
+        assert hidden.returncode != 0, explain(hidden)  # the directory itself is not readable
+        out = await py(sb, CONNECT_UNIX, path)
+    assert b"CONNECTED" in out.stdout, explain(out)
+    assert accept_one(server) == b"leak"
+
+
+INTERNAL_UNIX = """
+import os, socket, sys
+path = os.path.join(os.getcwd(), 'inner.sock')
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(1)
+pid = os.fork()
+if pid == 0:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    client.sendall(b'inside')
+    os._exit(0)
+conn, _ = server.accept()
+print(conn.recv(100).decode())
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize("allow", [True, False])
+async def test_unix_sockets_inside_the_sandbox(allow):
+    security = heel.SecurityConfig(allow_unix_sockets=allow)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, security=security)) as sb:
+        out = await py(sb, INTERNAL_UNIX)
+        if allow:
+            assert out.returncode == 0 and out.stdout == b"inside\n", explain(out)
+        else:
+            assert out.returncode != 0 and b"PermissionError" in out.stderr, explain(out)
+        # socketpair() works either way.
+        pair = await py(sb, """
+            import os, socket
+            a, b = socket.socketpair()
+            if os.fork() == 0:
+                a.sendall(b'pair'); os._exit(0)
+            print(b.recv(4).decode()); os.wait()
+            """)
+        assert pair.returncode == 0 and pair.stdout == b"pair\n", explain(pair)
+
+
+async def test_signals_do_not_reach_host_processes(host_sleeper):
+    pid = host_sleeper.pid
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+        out = await py(sb, """
+            import os, signal, subprocess, sys
+            pid = int(sys.argv[1])
+            for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP):
+                try:
+                    os.kill(pid, sig)
+                    print('SIGNALLED', pid, sig)
+                except OSError as e:
+                    print('refused', sig, e.errno)
+            print('shell kill:', subprocess.run(['kill', '-TERM', str(pid)], capture_output=True).returncode)
+            # Control: a process of the sandbox itself can be signalled.
+            child = subprocess.Popen(['sleep', '30'])
+            os.kill(child.pid, signal.SIGTERM)
+            print('own child:', child.wait())
+            """, str(pid))
+        assert out.returncode == 0, explain(out)
+        assert b"SIGNALLED" not in out.stdout and b"shell kill: 0" not in out.stdout, explain(out)
+        assert b"own child: -15" in out.stdout, explain(out)
+        # Everything at once: kill(-1) reaches every process the caller may signal.
+        # (ESRCH: nothing the caller may signal; the host process must survive either way.)
+        out = await py(sb, """
+            import os, signal
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            print('sent')
+            """)
+        assert out.returncode == 0 and out.stdout == b"sent\n", explain(out)
+    time.sleep(0.2)
+    assert host_sleeper.poll() is None, "the host process was killed from inside the sandbox"
+    with open(f"/proc/{pid}/stat") as f:
+        assert f.read().split(") ")[1][0] in "SR", "the host process was stopped from inside the sandbox"
