@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from typing import Callable
 
 import trio
 
@@ -30,7 +31,8 @@ class Process:
 
     def __init__(self, *, pid: int, pidfd: int, ctl: socket.socket, args: list[str],
                  pid_namespace: bool, stdin: trio.lowlevel.FdStream | None,
-                 stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None) -> None:
+                 stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None,
+                 on_reaped: Callable[["Process"], None] | None = None) -> None:
         self.pid = pid
         self.args = args
         self.stdin: trio.abc.SendStream | None = stdin
@@ -42,6 +44,7 @@ class Process:
         ctl.setblocking(False)
         self._pid_namespace = pid_namespace
         self._killed = False
+        self._on_reaped = on_reaped
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"
@@ -85,6 +88,8 @@ class Process:
         init_status = _sync.waitid_status(self._pidfd)
         self.returncode = _sync.exit_status(self._ctl, self._killed, init_status)
         self._close_fds()
+        if self._on_reaped is not None:
+            self._on_reaped(self)
 
     def _close_fds(self) -> None:
         if self._pidfd >= 0:

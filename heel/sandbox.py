@@ -197,18 +197,14 @@ class Sandbox:
                 os.close(fd)
         process = Process(pid=pid, pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           pid_namespace=plan.namespaces, stdin=streams[0], stdout=streams[1],
-                          stderr=streams[2])
+                          stderr=streams[2], on_reaped=self._processes.discard)
         self._processes.add(process)
         try:
             await process._started()
         except BaseException:
             await process.aclose()
-            self._processes.discard(process)
             raise
         return process
-
-    def _forget(self, process: Process) -> None:
-        self._processes.discard(process)
 
 
 class Command:
@@ -356,7 +352,6 @@ class Command:
                 process.kill()
         finally:
             await process.aclose()
-            self._sandbox._forget(process)
         return Output(bytes(captured["stdout"]), bytes(captured["stderr"]), process.returncode,
                       timed_out=timed_out, truncated=state["truncated"])
 
