@@ -1,0 +1,5 @@
+"""``python -m heel``: the command line (see :mod:`heel.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""The options of ``heel run`` and ``heel shell``, defined once.
+
+:data:`SETTINGS` is the single list of sandbox options: the argparse parser is
+built from it, the keys of a ``--config`` TOML file are checked against it, and
+both end in one :class:`~heel.SandboxConfig`.  A TOML key is the long option
+without its dashes, ``-`` written ``_`` (``--protect-home`` is
+``protect_home``).  Values on the command line override the file's; the
+repeatable options (``--readable``, ``--env``, ...) add to the file's lists.
+
+This module imports neither typer nor trio: ``heel run`` must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, NamedTuple
+
+from .config import (
+    IsolationLevel,
+    ResourceLimits,
+    SandboxConfig,
+    SecurityConfig,
+    check_env_item,
+    parse_size,
+)
+from .errors import PolicyError
+
+__all__ = ["SETTINGS", "Setting", "UsageError", "parse", "build_config"]
+
+RUN_HELP = "Run COMMAND in a sandbox; its exit status is heel's."
+SHELL_HELP = "Start an interactive shell in a sandbox."
+
+#: Kinds whose values accumulate: the command line adds to the file's.
+_LIST_KINDS = ("paths", "names")
+
+
+class UsageError(PolicyError):
+    """A command line or config file that heel cannot read."""
+
+
+class Setting(NamedTuple):
+    """One sandbox option.
+
+    key: the TOML key and the argparse dest; the flag is ``--`` + key with
+    dashes.  target: ``section.field`` where the value goes, section being
+    ``config`` (SandboxConfig), ``security`` (SecurityConfig) or ``limits``
+    (ResourceLimits).  kind: how a value is read (see :func:`_convert`).
+    A NamedTuple rather than a dataclass: it is made at every start of
+    ``heel run``, and a dataclass costs a millisecond more.
+    """
+
+    key: str
+    target: str
+    kind: str
+    help: str
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def add_to(self, group: argparse._ActionsContainer) -> None:
+        """Declare this option on an argparse parser (or group).  Every
+        default is None, so that "not given" never overrides the file."""
+        if self.kind == "level":
+            group.add_argument(self.flag, dest=self.key, choices=[lv.value for lv in IsolationLevel],
+                               default=None, help=self.help)
+        elif self.kind == "flag":
+            group.add_argument(self.flag, dest=self.key, action=argparse.BooleanOptionalAction,
+                               default=None, help=self.help)
+        elif self.kind == "switch":
+            group.add_argument(self.flag, dest=self.key, action="store_const", const=True,
+                               default=None, help=self.help)
+        elif self.kind in (*_LIST_KINDS, "env"):
+            group.add_argument(self.flag, dest=self.key, action="append", default=None,
+                               metavar=self.metavar, help=self.help)
+        else:
+            group.add_argument(self.flag, dest=self.key, default=None, metavar=self.metavar,
+                               help=self.help)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("level", "config.level", "level",
+            "how much of the file system the sandbox sees (default: default)"),
+    Setting("workdir", "config.workdir", "dir",
+            "use DIR as the working directory and keep it (default: a fresh one, removed)", "DIR"),
+    Setting("readable", "config.readable", "paths", "also allow reading PATH (repeatable)", "PATH"),
+    Setting("writable", "config.writable", "paths", "also allow writing PATH (repeatable)", "PATH"),
+    Setting("executable", "config.executable", "paths",
+            "also allow reading and executing PATH (repeatable)", "PATH"),
+    Setting("allow_gpu", "security.allow_gpu", "flag", "give access to GPU devices (default: on)"),
+    Setting("protect_home", "security.protect_user_home", "flag",
+            "keep the home directory closed (default: on)"),
+    Setting("protect_credentials", "security.protect_credentials", "flag",
+            "keep keys, tokens and shell histories closed (default: on)"),
+    Setting("protect_cloud", "security.protect_cloud_config", "flag",
+            "keep cloud configurations (~/.aws, ~/.kube, ...) closed (default: on)"),
+    Setting("env", "config.env", "env", "set a variable inside (repeatable)", "KEY=VALUE"),
+    Setting("pass_env", "config.env_passthrough", "names",
+            "copy the host's variable NAME inside (repeatable)", "NAME"),
+    Setting("timeout", "limits.timeout", "seconds",
+            "kill the command after SECONDS of wall-clock time; heel then exits 124", "SECONDS"),
+    Setting("memory", "limits.memory", "size", "data memory per process (e.g. 512M, 2G)", "SIZE"),
+    Setting("max_procs", "limits.processes", "count", "processes the command may have at once", "N"),
+    Setting("cpu_time", "limits.cpu_time", "seconds", "CPU seconds per process", "SECONDS"),
+    Setting("max_file_size", "limits.file_size", "size", "the largest file a process may write", "SIZE"),
+    Setting("best_effort", "config.best_effort", "switch",
+            "run even where a protection cannot be enforced here (see `heel doctor`)"),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (and reported as one line with
+    exit status 125 by the CLI) instead of printing usage and exiting 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def make_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of ``heel run`` (command="run") or ``heel shell``."""
+    parser = _Parser(prog=f"heel {command}", allow_abbrev=False,
+                     description=RUN_HELP if command == "run" else SHELL_HELP)
+    options = parser.add_argument_group("sandbox options")
+    for setting in SETTINGS:
+        setting.add_to(options)
+    parser.add_argument("--config", metavar="FILE",
+                        help="read these options from a TOML file (level = \"strict\", "
+                             "writable = [\"/x\"], env = {K = \"v\"}, timeout = 5, ...); "
+                             "options given here override it")
+    if command == "run":
+        parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS]...",
+                            help="the program to run and its arguments")
+    return parser
+
+
+def parse(command: str, args: list[str]) -> argparse.Namespace:
+    """Parse ``heel run``/``heel shell`` arguments (without the subcommand)."""
+    namespace = make_parser(command).parse_args(args)
+    if command == "run":
+        argv = namespace.command
+        if argv[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER
+            argv = argv[1:]
+        if not argv:
+            raise UsageError("run: no command given (usage: heel run [OPTIONS] [--] COMMAND [ARGS]...)")
+        namespace.command = argv
+    return namespace
+
+
+def build_config(namespace: argparse.Namespace) -> SandboxConfig:
+    """The SandboxConfig that the parsed options (and their --config file) describe."""
+    values: dict[str, Any] = {}
+    if namespace.config is not None:
+        values = load_file(namespace.config)
+    for setting in SETTINGS:
+        raw = getattr(namespace, setting.key)
+        if raw is None:
+            continue
+        value = _convert(setting, raw, setting.flag, base=None)
+        if setting.kind in _LIST_KINDS:
+            value = values.get(setting.key, ()) + value
+        elif setting.kind == "env":
+            value = {**values.get(setting.key, {}), **value}
+        values[setting.key] = value
+    return _config_from(values)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML config file, read and checked; relative paths in
+    it are taken from the file's directory."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise UsageError("--config needs Python 3.11 or the tomli package") from None
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise UsageError(f"config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_BY_KEY))
+    if unknown:
+        raise UsageError(f"config {path}: unknown setting {unknown[0]!r} "
+                         f"(known: {', '.join(_BY_KEY)})")
+    base = os.path.dirname(os.path.abspath(path))
+    return {key: _convert(_BY_KEY[key], value, f"config {path}: {key}", base)
+            for key, value in data.items()}
+
+
+def _config_from(values: dict[str, Any]) -> SandboxConfig:
+    sections: dict[str, dict[str, Any]] = {"config": {}, "security": {}, "limits": {}}
+    for key, value in values.items():
+        section, field = _BY_KEY[key].target.split(".")
+        sections[section][field] = value
+    return SandboxConfig(**sections["config"], security=SecurityConfig(**sections["security"]),
+                         limits=ResourceLimits(**sections["limits"]))
+
+
+def _convert(setting: Setting, value: Any, label: str, base: str | None) -> Any:
+    """One option's value, from the command line (strings, lists of strings)
+    or from TOML (typed); ``label`` names it in errors, ``base`` is the
+    directory that relative paths start from (None: the current one)."""
+    kind = setting.kind
+    if kind == "level":
+        if not isinstance(value, str):
+            raise UsageError(f"{label} must be one of strict, default, permissive; got {value!r}")
+        return value
+    if kind == "dir":
+        return _path(value, label, base)
+    if kind == "paths":
+        return tuple(_path(item, label, base) for item in _strings(value, label))
+    if kind in ("flag", "switch"):
+        if not isinstance(value, bool):
+            raise UsageError(f"{label} must be true or false, got {value!r}")
+        return value
+    if kind == "names":
+        return _strings(value, label)
+    if kind == "env":
+        return _env(value, label)
+    if kind == "seconds":
+        return _number(value, label, float, "a number of seconds")
+    if kind == "count":
+        return _number(value, label, int, "a whole number")
+    if kind == "size":
+        return parse_size(value, label)
+    raise AssertionError(f"unknown setting kind {kind!r}")
+
+
+def _strings(value: Any, label: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise UsageError(f"{label} must be a list of strings, got {value!r}")
+    return tuple(items)
+
+
+def _path(value: Any, label: str, base: str | None) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{label} must be a path, got {value!r}")
+    path = os.path.expanduser(value)
+    return path if base is None else os.path.join(base, path)
+
+
+def _env(value: Any, label: str) -> dict[str, str]:
+    if isinstance(value, dict):  # from TOML: a table
+        pairs = list(value.items())
+    else:  # from the command line: KEY=VALUE strings
+        pairs = []
+        for item in value:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise UsageError(f"{label}: expected KEY=VALUE, got {item!r}")
+            pairs.append((key, text))
+    for key, text in pairs:
+        try:
+            check_env_item(key, text)
+        except PolicyError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+    return dict(pairs)
+
+
+def _number(value: Any, label: str, number_type: type, what: str) -> Any:
+    """A positive int or float from a string or a TOML number."""
+    try:
+        # TOML's true is an int to Python, and 2.5 must not become 2 processes
+        if isinstance(value, bool) or not isinstance(value, (str, int, number_type)):
+            raise ValueError
+        number = number_type(value)
+    except ValueError:
+        raise UsageError(f"{label} must be {what}, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise UsageError(f"{label} must be positive, got {value!r}")
+    return number

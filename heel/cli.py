@@ -1,0 +1,218 @@
+"""heel's command line: ``heel run``, ``heel shell`` and ``heel doctor``.
+
+``run`` and ``shell`` take a fast path: their options are parsed with
+argparse (:mod:`heel._cliargs`) and the command runs through the synchronous
+runner, so that ``heel run -- true`` imports neither typer nor trio (each costs
+more than the sandboxed command itself).  Everything else goes to a typer app,
+imported only then.
+
+Exit status of ``run`` and ``shell``: the command's own; 128+N when a signal N
+killed it; 124 when the timeout killed it; 127 when the program does not exist
+in the sandbox; 125 when heel itself failed (bad option or config, a
+protection this machine cannot enforce, a setup step that failed); 130 after
+Ctrl-C.  Every failure of heel's is one line on stderr, starting ``heel:``.
+"""
+
+# No `from __future__ import annotations`: typer reads the annotations of the
+# commands defined in _make_app, and a string "typer.Context" would be looked
+# up in this module's globals, where typer is deliberately not imported.
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from .config import SandboxConfig
+from .errors import CommandNotFound, HeelError, SandboxUnavailable
+
+__all__ = ["main", "run_command", "default_shell"]
+
+EXIT_TIMEOUT = 124  # as coreutils' timeout(1)
+EXIT_HEEL_FAILED = 125  # as timeout(1), env(1): the wrapper, not the command, failed
+EXIT_NOT_FOUND = 127  # as a shell
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+#: Shells that `heel shell` takes from $SHELL.
+SHELLS = ("bash", "sh", "zsh")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``heel`` console script: returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["run"], ["shell"]):
+        return run_command(args[0], args[1:])
+    return _typer_main(args)
+
+
+def _say(message: str) -> None:
+    """One line on stderr from heel itself (never mixed into the command's stdout)."""
+    sys.stderr.write(f"heel: {message}\n")
+    sys.stderr.flush()
+
+
+class _Terminated(BaseException):
+    """heel got SIGTERM or SIGHUP: unwind, so that the sandboxed tree is killed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _terminate_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into an exception while a command runs.
+
+    The command runs in its own session, so a closed terminal's SIGHUP or a
+    SIGTERM reaches heel only; unwinding lets the runner kill the whole tree
+    (the default action would leave that to PDEATHSIG, which reaches heel-init
+    only, not its descendants when there is no pid namespace).
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, action in previous.items():
+            signal.signal(sig, action)
+
+
+def default_shell() -> str:
+    """The shell for ``heel shell``: $SHELL when it is bash, sh or zsh and
+    exists, else /bin/bash, else /bin/sh."""
+    shell = os.environ.get("SHELL", "")
+    if os.path.basename(shell) in SHELLS and os.path.isabs(shell) and os.access(shell, os.X_OK):
+        return shell
+    return "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
+
+
+def run_command(command: str, args: list[str]) -> int:
+    """``heel run ARGS`` (command="run") or ``heel shell ARGS``: the exit status."""
+    from . import _cliargs
+
+    try:
+        namespace = _cliargs.parse(command, args)
+        config = _cliargs.build_config(namespace)
+        argv = namespace.command if command == "run" else [default_shell()]
+        with _terminate_on_signals():
+            return _execute(config, argv)
+    except CommandNotFound as exc:
+        _say(f"{exc.program}: command not found in the sandbox")
+        return EXIT_NOT_FOUND
+    except SandboxUnavailable as exc:
+        # The exception's hint speaks to Python callers (best_effort=True).
+        _say(f"{exc.protection} cannot be enforced: {exc.reason} "
+             "(see `heel doctor`; --best-effort runs anyway)")
+        return EXIT_HEEL_FAILED
+    except (HeelError, OSError) as exc:
+        _say(str(exc))
+        return EXIT_HEEL_FAILED
+    except KeyboardInterrupt:
+        # The runner has killed the sandboxed tree while unwinding.
+        return EXIT_INTERRUPTED
+    except _Terminated as exc:
+        return 128 + exc.signum
+
+
+def _execute(config: SandboxConfig, argv: list[str]) -> int:
+    """Run argv in a sandbox for config, on heel's own stdin, stdout and stderr."""
+    from ._spawn import Session
+    from ._sync import run
+
+    session = Session(config)
+    try:
+        timeout = config.limits.timeout
+        code, timed_out = run(session.prepared, argv, env=session.plan.env,
+                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
+    finally:
+        session.close()
+    if timed_out:
+        _say(f"{argv[0]}: timed out after {timeout:g} seconds and was killed")
+        return EXIT_TIMEOUT
+    return 128 - code if code < 0 else code
+
+
+def _typer_main(args: list[str]) -> int:
+    """Everything but run and shell: the typer app, with its usage errors
+    reported like run's (one line, exit status 125)."""
+    from typer.exceptions import TyperException
+
+    app = _make_app()
+    try:
+        # A bare `heel` shows the help rather than an error.
+        code = app(args=args or ["--help"], prog_name="heel", standalone_mode=False)
+    except TyperException as exc:
+        _say(f"{exc.format_message().rstrip('.')} (see `heel --help`)")
+        return EXIT_HEEL_FAILED
+    return code if isinstance(code, int) else 0
+
+
+def _make_app():
+    """The typer app.  Built on demand, because importing typer is slow."""
+    import typer
+
+    from . import _cliargs
+    from ._version import __version__
+
+    app = typer.Typer(name="heel", no_args_is_help=True, add_completion=False,
+                      help="Run untrusted code in the operating system's native sandbox "
+                           "(Landlock + seccomp + namespaces).")
+
+    def show_version(value: bool) -> None:
+        if value:
+            typer.echo(f"heel {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def top(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                         help="Print heel's version and exit.")) -> None:
+        """Run untrusted code in the operating system's native sandbox."""
+
+    # run and shell are parsed by argparse (see main); these entries list them
+    # in `heel --help` and hand their arguments over unparsed.
+    passthrough = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+    @app.command("run", help=_cliargs.RUN_HELP + " See `heel run --help`.",
+                 context_settings=passthrough, add_help_option=False)
+    def run_entry(ctx: typer.Context) -> None:
+        raise typer.Exit(run_command("run", ctx.args))
+
+    @app.command("shell", help=_cliargs.SHELL_HELP + " See `heel shell --help`.",
+                 context_settings=passthrough, add_help_option=False)
+    def shell_entry(ctx: typer.Context) -> None:
+        raise typer.Exit(run_command("shell", ctx.args))
+
+    @app.command("doctor")
+    def doctor_entry() -> None:
+        """Show what this machine enforces, protection by protection."""
+        raise typer.Exit(doctor())
+
+    return app
+
+
+def doctor() -> int:
+    """Print the probe as a table; 0 when heel's default sandbox runs here, else 1."""
+    from ._probe import environment, probe, require
+
+    report = probe()
+    uname = os.uname()
+    print(f"kernel       {uname.sysname} {uname.release} ({uname.machine})")
+    print(f"landlock ABI {report.landlock_abi or 'none'}")
+    print(f"euid         {report.euid}{' (root: capabilities are dropped inside)' if report.euid == 0 else ''}")
+    print()
+    rows = [("protection", "status", "detail")] + [(p.name, p.status, p.detail) for p in report.protections]
+    name_width = max(len(row[0]) for row in rows)
+    status_width = max(len(row[1]) for row in rows)
+    for name, status, detail in rows:
+        print(f"{name:<{name_width}}  {status:<{status_width}}  {detail}".rstrip())
+    print()
+    env, why = environment()
+    try:
+        require(env, SandboxConfig(), why)
+    except SandboxUnavailable as exc:
+        print(f"not ready: {exc.protection} cannot be enforced: {exc.reason}")
+        return 1
+    print("ready: every protection heel requires is enforced")
+    return 0

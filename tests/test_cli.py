@@ -1,0 +1,256 @@
+"""The command line: ``python -m heel run/shell/doctor`` in a subprocess.
+
+Synchronous on purpose (the CLI must not run inside trio).  Host-side
+fixtures live under /var/tmp: inside the sandbox /tmp is private.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from heel import _cliargs
+from heel.errors import PolicyError
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
+
+
+def heel(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+         timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heel", *args], input=input, capture_output=True,
+                          env=env, timeout=timeout)
+
+
+def assert_heel_error(result: subprocess.CompletedProcess, code: int) -> str:
+    """heel failed by itself: the exit status, one 'heel:' line, no traceback."""
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+@pytest.fixture
+def host_dir():
+    """A directory on the host that the sandbox can see (unlike the host's /tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="heel-cli-test-", dir="/var/tmp"))
+    # Open to every uid: started as root, heel runs the command as another
+    # one, and a refusal a test sees must be the sandbox's, not the file mode's.
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_exit_status_passes_through():
+    assert heel("run", "--", "sh", "-c", "exit 7").returncode == 7
+    assert heel("run", "true").returncode == 0
+
+
+def test_killed_by_signal_is_128_plus_n():
+    assert heel("run", "sh", "-c", "kill -TERM $$").returncode == 128 + signal.SIGTERM
+
+
+def test_stdin_and_stdout_pass_through():
+    result = heel("run", "cat", input=b"through the sandbox\n")
+    assert result.returncode == 0
+    assert result.stdout == b"through the sandbox\n"
+
+
+def test_timeout_exits_124_with_one_line():
+    started = time.monotonic()
+    result = heel("run", "--timeout", "0.5", "sleep", "30")
+    assert time.monotonic() - started < 15
+    stderr = assert_heel_error(result, 124)
+    assert "timed out" in stderr
+
+
+def test_missing_program_exits_127():
+    stderr = assert_heel_error(heel("run", "no-such-program-heel"), 127)
+    assert "no-such-program-heel" in stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--level", "bogus", "true"],
+    ["run", "--no-such-option", "true"],
+    ["run"],
+    ["run", "--env", "NOEQUALS", "true"],
+    ["run", "--timeout", "soon", "true"],
+    ["run", "--max-procs", "0", "true"],
+    ["run", "--writable", "/var/tmp/heel-does-not-exist", "true"],
+    ["no-such-subcommand"],
+])
+def test_bad_usage_exits_125(args):
+    assert_heel_error(heel(*args), 125)
+
+
+@pytest.mark.parametrize("size", ["12q", "lots", "-5M"])
+def test_memory_parse_errors_exit_125(size):
+    stderr = assert_heel_error(heel("run", "--memory", size, "true"), 125)
+    assert "--memory" in stderr
+
+
+def test_memory_limit_is_applied():
+    result = heel("run", "--memory", "256M", "sh", "-c", "ulimit -d")
+    assert result.stdout.decode().strip() == str(256 * 1024)  # ulimit -d counts KiB
+
+
+def test_config_file(host_dir):
+    secret = host_dir / "secret.txt"
+    secret.write_text("on the host\n")
+    secret.chmod(0o644)
+    config = host_dir / "heel.toml"
+    # Relative paths in the file start from the file's directory.
+    config.write_text('level = "strict"\nreadable = ["secret.txt"]\nenv = {GREETING = "hello"}\n'
+                      'timeout = 10\nmemory = "512M"\nprotect_home = false\n')
+    result = heel("run", "--config", str(config), "sh", "-c", f'echo "$GREETING"; cat {secret}')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello\non the host\n"
+    # The command line overrides the file.
+    result = heel("run", "--config", str(config), "--env", "GREETING=bye", "sh", "-c", 'echo "$GREETING"')
+    assert result.stdout == b"bye\n"
+
+
+@pytest.mark.parametrize("text", ['bogus_key = 1\n', 'timeout = "x\n', 'memory = "lots"\n',
+                                  'max_procs = 2.5\n', 'level = 3\n', 'protect_home = "no"\n'])
+def test_bad_config_file_exits_125(host_dir, text):
+    config = host_dir / "heel.toml"
+    config.write_text(text)
+    assert_heel_error(heel("run", "--config", str(config), "true"), 125)
+
+
+def test_env_and_pass_env():
+    env = {**os.environ, "HEEL_TEST_SECRET": "hunter2"}
+    show = ["sh", "-c", 'echo "[$HEEL_TEST_SECRET] [$SET_HERE]"']
+    assert heel("run", *show, env=env).stdout == b"[] []\n"
+    result = heel("run", "--pass-env", "HEEL_TEST_SECRET", "--env", "SET_HERE=x=1", *show, env=env)
+    assert result.stdout == b"[hunter2] [x=1]\n"
+
+
+def test_workdir_is_used_and_kept(host_dir):
+    result = heel("run", "--workdir", str(host_dir), "sh", "-c", "pwd; echo kept > out.txt")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == str(host_dir)
+    assert (host_dir / "out.txt").read_text() == "kept\n"
+
+
+def test_strict_level_hides_what_default_shows(host_dir):
+    target = host_dir / "visible.txt"
+    target.write_text("readable\n")
+    target.chmod(0o644)
+    assert heel("run", "cat", str(target)).stdout == b"readable\n"
+    assert heel("run", "--level", "strict", "cat", str(target)).returncode != 0
+
+
+def test_writable(host_dir):
+    target = host_dir / "written.txt"
+    write = ["sh", "-c", f"echo written > {target}"]
+    assert heel("run", *write).returncode != 0
+    assert not target.exists()
+    assert heel("run", "--writable", str(host_dir), *write).returncode == 0
+    assert target.read_text() == "written\n"
+
+
+def test_shell_reads_commands_from_stdin():
+    result = heel("shell", input=b"echo hi; exit 3\n")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == b"hi\n"
+
+
+def test_ctrl_c_kills_the_tree_and_exits_130():
+    marker = "4711.25"  # an unlikely sleep duration, to find leftovers by
+    # The test may run with SIGINT ignored (a background job): the CLI must see it.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heel", "run", "sh", "-c", f"sleep {marker} & sleep {marker}"],
+        stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(1)  # let it start
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 130
+        assert b"Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    time.sleep(0.2)
+    leftovers = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True)
+    assert leftovers.stdout == b""
+
+
+def test_doctor():
+    from heel.config import SandboxConfig
+    from heel.errors import SandboxUnavailable
+    from heel._probe import environment, require
+
+    env, why = environment()
+    try:
+        require(env, SandboxConfig(), why)
+        expected = 0
+    except SandboxUnavailable:
+        expected = 1
+    result = heel("doctor")
+    assert result.returncode == expected
+    assert "landlock" in result.stdout.decode()
+
+
+def test_top_level_help_lists_the_commands():
+    result = heel("--help")
+    assert result.returncode == 0
+    for command in ("run", "shell", "doctor"):
+        assert command in result.stdout.decode()
+    assert heel("run", "--help").returncode == 0
+
+
+def test_run_imports_neither_typer_nor_trio():
+    """`heel run` must start fast: typer and trio each cost more than the command."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "heel", "run", "--", "true"],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
+    assert not {"typer", "trio"} & imported
+
+
+# The option table, in process: no sandbox needed.
+
+def test_command_line_overrides_and_extends_the_file(host_dir):
+    (host_dir / "a").mkdir()
+    (host_dir / "b").mkdir()
+    config = host_dir / "heel.toml"
+    config.write_text('level = "strict"\ntimeout = 5\nreadable = ["a"]\nenv = {K = "file", L = "file"}\n'
+                      'allow_gpu = false\n')
+    namespace = _cliargs.parse("run", ["--config", str(config), "--timeout", "9", "--readable",
+                                       str(host_dir / "b"), "--env", "K=cli", "--", "true"])
+    built = _cliargs.build_config(namespace)
+    assert namespace.command == ["true"]
+    assert built.level.value == "strict"
+    assert built.limits.timeout == 9
+    assert built.readable == (host_dir / "a", host_dir / "b")
+    assert built.env == {"K": "cli", "L": "file"}
+    assert built.security.allow_gpu is False
+    assert built.security.protect_user_home is True
+
+
+def test_every_setting_is_a_flag_and_a_config_key():
+    parser = _cliargs.make_parser("run")
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    for setting in _cliargs.SETTINGS:
+        assert setting.flag in flags
+        assert setting.flag == "--" + setting.key.replace("_", "-")
+
+
+def test_options_after_the_command_belong_to_it():
+    namespace = _cliargs.parse("run", ["sh", "--level", "strict"])
+    assert namespace.command == ["sh", "--level", "strict"]
+    assert namespace.level is None
+
+
+def test_usage_errors_are_policy_errors():
+    with pytest.raises(PolicyError, match="--memory"):
+        _cliargs.build_config(_cliargs.parse("run", ["--memory", "x", "true"]))
