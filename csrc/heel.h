@@ -71,8 +71,8 @@ enum heel_mount_kind {
 
 struct heel_mount_op {
     int kind;
-    const char *source;
-    const char *path;
+    const char *source;    /* READONLY, BIND: what to clone (READONLY: `path` when NULL) */
+    const char *path;      /* sources and paths are resolved without following symlinks */
     uint64_t access;       /* Landlock rights on a file system mounted fresh (PROC, TMPFS, DEVPTS) */
     int idmap;             /* KEEP_RW, BIND: map the owners through the plan's userns_fd */
 };

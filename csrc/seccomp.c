@@ -9,17 +9,19 @@
  *              syscall number to its exit
  *   exits      RET ALLOW                                       every syscall not listed
  *              RET ERRNO(EPERM)                                each denied syscall
- *              RET ERRNO(ENOSYS)                               clone3
- *              clone, personality, mknod, mknodat, ioctl, socket, socketpair:
- *              one argument check each, which loads its arguments and
- *              ends in a return on every path
+ *              RET ERRNO(ENOSYS)                               clone3, openat2
+ *              clone, personality, mknod, mknodat, ioctl, socket, socketpair,
+ *              chmod, fchmod, fchmodat, fchmodat2, creat, open, openat:
+ *              one argument check each (syscalls with the same check share
+ *              its code), which loads its arguments and ends in a return on
+ *              every path
  *
  * The search: the listed syscalls, sorted, cut the number line into
  * segments, each with one exit: a listed number is a segment of its own,
  * the allowed numbers between two listed ones another, and adjacent numbers
  * with the same exit share one (io_uring_setup ... fspick are nine denied
  * numbers in a row).  The search splits the segments in halves until one
- * is left and jumps to its exit; with ~70 segments that is 7 comparisons,
+ * is left and jumps to its exit; with ~85 segments that is 7 comparisons,
  * and n segments take n - 1 instructions.
  *
  * Why a search and not a chain of "A == nr?" tests: since Linux 5.11 the
@@ -28,13 +30,15 @@
  * That costs (number of syscalls) x (length of the path), and every
  * sandboxed command pays it: a chain walks ~60 tests for an allowed
  * syscall, the search 7.  The syscalls that still run the filter (the
- * listed ones) get the same saving.
+ * listed ones) get the same saving; open and openat are among them since
+ * their mode is checked, about a dozen instructions on each call.
  *
  * Jumps: a conditional jump's jt/jf is an 8-bit forward offset.  Every jump
  * here goes forward by construction (a split's halves and the exits come
- * after it); the longest reaches 108 instructions on x86-64 today (split to
- * check).  Past 255, build fails with -E2BIG rather than emit a wrong offset;
- * a BPF_JA (32-bit offset) hop would be the fix then.
+ * after it); the longest reaches 149 instructions on x86-64 today (the
+ * split before open, to open's check, the last one).  Past 255, build fails
+ * with -E2BIG rather than emit a wrong offset; a BPF_JA (32-bit offset) hop
+ * would be the fix then.
  *
  * Arguments are compared by their low 32 bits only: the kernel itself reads
  * no more for these int/unsigned int/umode_t parameters (clone's flags go
@@ -45,6 +49,7 @@
 #define _DEFAULT_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -121,7 +126,26 @@
 #ifndef __NR_open_tree_attr
 #define __NR_open_tree_attr 467
 #endif
+#ifndef __NR_openat2
+#define __NR_openat2 437
 #endif
+#ifndef __NR_fchmodat2
+#define __NR_fchmodat2 452
+#endif
+#ifndef __NR_statmount
+#define __NR_statmount 457
+#endif
+#ifndef __NR_listmount
+#define __NR_listmount 458
+#endif
+#endif
+
+/* The kernel's __O_TMPFILE bit alone: glibc's __O_TMPFILE also carries
+ * O_DIRECTORY, which by itself creates nothing.  The same value on both arches. */
+#define KERNEL_O_TMPFILE 020000000u
+
+/* The mode bits no sandboxed process may set on a file: see setuid_mode_check(). */
+#define SETID_BITS (S_ISUID | S_ISGID)
 
 #ifdef __x86_64__
 #ifndef __X32_SYSCALL_BIT
@@ -143,9 +167,14 @@
                        CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET)
 
 /* The kernel surface that sandboxed code has no business touching: tracing
- * other processes, mounts and namespaces, modules and kexec, bpf and perf,
- * keyrings, io_uring (it bypasses seccomp for the operations it queues),
- * and host-wide settings such as time, swap, quotas and reboot. */
+ * other processes, mounts and namespaces (and listing the host's mounts with
+ * listmount/statmount), modules and kexec, bpf and perf, fanotify (it watches
+ * whole mounts and file systems), keyrings, io_uring (it bypasses seccomp for
+ * the operations it queues), the x86 LDT (a long history of kernel bugs,
+ * needed by little besides Wine and 16-bit code), and host-wide settings such
+ * as time, swap, quotas and reboot.  kcmp stays allowed: it compares the
+ * kernel objects of two processes we may already ptrace-read, which inside
+ * our pid namespace are our own. */
 static const uint32_t denied_syscalls[] = {
     __NR_ptrace,
     __NR_process_vm_readv,
@@ -164,6 +193,8 @@ static const uint32_t denied_syscalls[] = {
     __NR_open_tree,
     __NR_open_tree_attr,
     __NR_mount_setattr,
+    __NR_listmount,
+    __NR_statmount,
     __NR_unshare,
     __NR_setns,
     __NR_kexec_load,
@@ -176,6 +207,7 @@ static const uint32_t denied_syscalls[] = {
     __NR_bpf,
     __NR_perf_event_open,
     __NR_userfaultfd,
+    __NR_fanotify_init,
     __NR_keyctl,
     __NR_add_key,
     __NR_request_key,
@@ -195,6 +227,9 @@ static const uint32_t denied_syscalls[] = {
 #endif
 #ifdef __NR_ioperm
     __NR_ioperm,
+#endif
+#ifdef __NR_modify_ldt
+    __NR_modify_ldt,
 #endif
     __NR_settimeofday,
     __NR_clock_settime,
@@ -284,6 +319,13 @@ static void ret_if_any_bit(struct bpf_asm *a, uint32_t mask, uint32_t action)
     ret(a, action);
 }
 
+/* Return `action` when A and `mask` share no bit. */
+static void ret_unless_any_bit(struct bpf_asm *a, uint32_t mask, uint32_t action)
+{
+    emit(a, BPF_JMP | BPF_JSET | BPF_K, 1, 0, mask);
+    ret(a, action);
+}
+
 /* Return `in` when A is one of ks[0..n), else `out`.  n is at most a few. */
 static void ret_in(struct bpf_asm *a, const uint32_t *ks, int n, uint32_t in, uint32_t out)
 {
@@ -334,11 +376,65 @@ static void personality_check(struct bpf_asm *a, const struct heel_seccomp_opts 
     ret_in(a, ONE_OF(0, 0xffffffffu), ALLOW, FAIL(EPERM));
 }
 
-/* mknod/mknodat: regular files, fifos and sockets are fine; device nodes
- * would open the host's hardware if the file system let them be used. */
+/* No setuid or setgid bit on any file, for every user.  When heel runs as
+ * root the sandbox's writable places are idmapped, so what it creates is
+ * root's on disk: a copy of /bin/sh made setuid there is a root shell for
+ * whoever on the host runs it later.  Refusing the bits outright is cheaper
+ * than telling that case apart, and the same for everyone.  The sticky bit
+ * grants nothing and stays allowed. */
+static void setuid_mode_check(struct bpf_asm *a, int mode_arg)
+{
+    load(a, ARG_LO(mode_arg));
+    ret_if_any_bit(a, SETID_BITS, FAIL(EPERM));
+    ret(a, ALLOW);
+}
+
+/* chmod(path, mode), fchmod(fd, mode), creat(path, mode). */
+static void mode_arg1_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    setuid_mode_check(a, 1);
+}
+
+/* fchmodat(dirfd, path, mode) and fchmodat2(dirfd, path, mode, flags). */
+static void mode_arg2_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    setuid_mode_check(a, 2);
+}
+
+/* open and openat use their mode only when they create a file (O_CREAT, or
+ * O_TMPFILE's own bit); otherwise the kernel ignores it, and so must we:
+ * open(path, O_RDONLY) leaves whatever was in the register there. */
+static void open_mode_check(struct bpf_asm *a, int flags_arg)
+{
+    load(a, ARG_LO(flags_arg));
+    ret_unless_any_bit(a, O_CREAT | KERNEL_O_TMPFILE, ALLOW);
+    setuid_mode_check(a, flags_arg + 1);
+}
+
+#ifdef __NR_open
+static void open_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    open_mode_check(a, 1);  /* open(path, flags, mode) */
+}
+#endif
+
+static void openat_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    open_mode_check(a, 2);  /* openat(dirfd, path, flags, mode) */
+}
+
+/* mknod/mknodat: regular files, fifos and sockets are fine, though without
+ * setuid/setgid bits (a regular file made setuid, as with chmod above);
+ * device nodes would open the host's hardware if the file system let them
+ * be used. */
 static void mknod_mode_check(struct bpf_asm *a, int mode_arg)
 {
     load(a, ARG_LO(mode_arg));
+    ret_if_any_bit(a, SETID_BITS, FAIL(EPERM));
     emit(a, BPF_ALU | BPF_AND | BPF_K, 0, 0, S_IFMT);
     ret_in(a, ONE_OF(S_IFCHR, S_IFBLK), FAIL(EPERM), ALLOW);
 }
@@ -358,13 +454,16 @@ static void mknodat_check(struct bpf_asm *a, const struct heel_seccomp_opts *opt
 }
 
 /* TIOCSTI pushes input into a terminal, TIOCLINUX reads and pastes the
- * console: both reach past the sandbox through an inherited tty.  The
- * kernel reads cmd as unsigned int, hence the low word only. */
+ * console: both reach past the sandbox through an inherited tty.  TIOCSETD
+ * changes the line discipline of that tty (the host's terminal, left broken
+ * or turned into something else, and a path into rarely used ldisc code),
+ * TIOCSSERIAL reconfigures the serial port behind it.  The kernel reads cmd
+ * as unsigned int, hence the low word only. */
 static void ioctl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
     (void)opts;
     load(a, ARG_LO(1));
-    ret_in(a, ONE_OF(TIOCSTI, TIOCLINUX), FAIL(EPERM), ALLOW);
+    ret_in(a, ONE_OF(TIOCSTI, TIOCLINUX, TIOCSETD, TIOCSSERIAL), FAIL(EPERM), ALLOW);
 }
 
 /* socket(domain, type, protocol).  A family the options enable but whose
@@ -404,15 +503,26 @@ static void socket_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts
     ret(a, FAIL(EAFNOSUPPORT));
 }
 
-/* A connected pair of unix sockets reaches nobody outside the process tree. */
+/* A connected pair of unix stream or seqpacket sockets reaches nobody
+ * outside the process tree: they cannot be connected again, and sendto()
+ * on them ignores (stream: refuses) an address.  A datagram pair can do
+ * both, and would reach any pathname socket of the host it can name
+ * (/dev/log, a daemon's socket), socket(AF_UNIX) refused or not. */
 static void socketpair_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
     (void)opts;
     load(a, ARG_LO(0));
-    ret_in(a, ONE_OF(AF_UNIX), ALLOW, FAIL(EPERM));
+    ret_if_ne(a, AF_UNIX, FAIL(EPERM));
+    load(a, ARG_LO(1));
+    /* The low nibble is the type; SOCK_NONBLOCK and SOCK_CLOEXEC sit above it. */
+    emit(a, BPF_ALU | BPF_AND | BPF_K, 0, 0, 0xf);
+    ret_in(a, ONE_OF(SOCK_STREAM, SOCK_SEQPACKET), ALLOW, FAIL(EPERM));
 }
 
-/* The syscalls whose arguments decide, and the check each one gets. */
+/* The syscalls whose arguments decide, and the check each one gets.
+ * Syscalls that name the same check share one copy of its code (and, when
+ * their numbers are adjacent, as chmod and fchmod are on x86-64, one
+ * segment of the search). */
 static const struct arg_check {
     uint32_t nr;
     void (*emit)(struct bpf_asm *a, const struct heel_seccomp_opts *opts);
@@ -426,12 +536,37 @@ static const struct arg_check {
     {__NR_ioctl, ioctl_check},
     {__NR_socket, socket_check},
     {__NR_socketpair, socketpair_check},
+#ifdef __NR_chmod
+    {__NR_chmod, mode_arg1_check},
+#endif
+    {__NR_fchmod, mode_arg1_check},
+#ifdef __NR_creat
+    {__NR_creat, mode_arg1_check},
+#endif
+    {__NR_fchmodat, mode_arg2_check},
+    {__NR_fchmodat2, mode_arg2_check},
+#ifdef __NR_open
+    {__NR_open, open_check},
+#endif
+    {__NR_openat, openat_check},
 };
+
+/* The first entry of arg_checks[] with the same check as entry i: the one
+ * whose code entry i uses. */
+static int first_alike(int i)
+{
+    int j = 0;
+
+    while (arg_checks[j].emit != arg_checks[i].emit)
+        j++;
+    return j;
+}
 
 /* ---- the search ---------------------------------------------------------- */
 
 /* Where a syscall number leads.  The exits follow the search in this order:
- * three returns, then the code of each argument check. */
+ * three returns, then the code of each argument check (one copy per check,
+ * see first_alike()). */
 enum {
     EXIT_ALLOW,
     EXIT_EPERM,
@@ -446,7 +581,7 @@ struct listed {
     int exit;
 };
 
-#define MAX_LISTED (1 + COUNT(denied_syscalls) + COUNT(arg_checks))
+#define MAX_LISTED (2 + COUNT(denied_syscalls) + COUNT(arg_checks))
 
 /* Add nr to list[0..n), which stays sorted by number; returns the new count.
  * A number already there keeps the exit it has: the caller adds the denials
@@ -549,12 +684,16 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
         return -EINVAL;
 
     /* clone3 passes its flags in memory, out of a filter's reach; ENOSYS
-     * (not EPERM) is what makes glibc and others retry with clone(). */
+     * (not EPERM) is what makes glibc and others retry with clone().
+     * openat2 likewise keeps its mode in a struct open_how: ENOSYS is what
+     * a kernel before 5.6 says, and callers fall back to openat() (glibc's
+     * open() never uses openat2), where the mode can be checked. */
     n_listed = add_listed(list, n_listed, __NR_clone3, EXIT_ENOSYS);
+    n_listed = add_listed(list, n_listed, __NR_openat2, EXIT_ENOSYS);
     for (int i = 0; i < COUNT(denied_syscalls); i++)
         n_listed = add_listed(list, n_listed, denied_syscalls[i], EXIT_EPERM);
     for (int i = 0; i < COUNT(arg_checks); i++)
-        n_listed = add_listed(list, n_listed, arg_checks[i].nr, EXIT_CHECK + i);
+        n_listed = add_listed(list, n_listed, arg_checks[i].nr, EXIT_CHECK + first_alike(i));
 
     for (int i = 0; i < n_listed; i++) {
         n_seg = cut(seg, n_seg, list[i].nr, list[i].exit);
@@ -576,9 +715,12 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
     exit_at[EXIT_ALLOW] = a.len + n_seg - 1;
     exit_at[EXIT_EPERM] = exit_at[EXIT_ALLOW] + 1;
     exit_at[EXIT_ENOSYS] = exit_at[EXIT_EPERM] + 1;
-    exit_at[EXIT_CHECK] = exit_at[EXIT_ENOSYS] + 1;
-    for (int i = 1; i < COUNT(arg_checks); i++)
-        exit_at[EXIT_CHECK + i] = exit_at[EXIT_CHECK + i - 1] + check_len(&arg_checks[i - 1], opts);
+    for (int i = 0, at = exit_at[EXIT_ENOSYS] + 1; i < COUNT(arg_checks); i++) {
+        if (first_alike(i) < i)
+            continue;  /* never an exit: its syscall leads to the first alike */
+        exit_at[EXIT_CHECK + i] = at;
+        at += check_len(&arg_checks[i], opts);
+    }
 
     search(&a, seg, n_seg, exit_at);
 
@@ -587,6 +729,8 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
     ret(&a, FAIL(EPERM));
     ret(&a, FAIL(ENOSYS));
     for (int i = 0; i < COUNT(arg_checks); i++) {
+        if (first_alike(i) < i)
+            continue;
         if (a.len != exit_at[EXIT_CHECK + i])
             return -EFAULT;  /* the layout above is wrong: a bug here */
         arg_checks[i].emit(&a, opts);

@@ -72,10 +72,22 @@
 #ifndef __NR_close_range
 #define __NR_close_range 436
 #endif
+#ifndef __NR_openat2
+#define __NR_openat2 437
+#endif
 #define HEEL_OPEN_TREE_CLONE 1
 #define HEEL_AT_RECURSIVE 0x8000
 #define HEEL_AT_EMPTY_PATH 0x1000
 #define HEEL_MOVE_MOUNT_F_EMPTY_PATH 0x4
+#define HEEL_MOVE_MOUNT_T_EMPTY_PATH 0x40
+#define HEEL_RESOLVE_NO_MAGICLINKS 0x02
+#define HEEL_RESOLVE_NO_SYMLINKS 0x04
+
+struct heel_open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
 #define HEEL_MOUNT_ATTR_RDONLY 0x1
 #define HEEL_MOUNT_ATTR_IDMAP 0x00100000
 
@@ -160,10 +172,30 @@ static int write_id_maps(const struct heel_spawn_plan *p)
     return write_file("/proc/self/gid_map", p->gid_map);
 }
 
+/* Every path the child mounts on, and every source, is resolved without
+ * following symlinks: the sandbox writes inside some of these trees between
+ * commands (its private /tmp holds the workdir's mount point), and a planted
+ * link must not steer a mount elsewhere.  (The sources are resolved here in
+ * the child, not pinned by the parent: open_tree() clones only mounts of the
+ * caller's own namespace.) */
+static int open_no_symlinks(const char *path)
+{
+    struct heel_open_how how = {
+        .flags = O_PATH | O_CLOEXEC,
+        .resolve = HEEL_RESOLVE_NO_SYMLINKS | HEEL_RESOLVE_NO_MAGICLINKS,
+    };
+    return (int)syscall(__NR_openat2, AT_FDCWD, path, &how, sizeof(how));
+}
+
 static int clone_tree(const char *path)
 {
-    return (int)syscall(__NR_open_tree, AT_FDCWD, path,
-                        HEEL_OPEN_TREE_CLONE | HEEL_AT_RECURSIVE | O_CLOEXEC);
+    int source = open_no_symlinks(path);
+    if (source < 0)
+        return -1;
+    int tree = (int)syscall(__NR_open_tree, source, "",
+                            HEEL_AT_EMPTY_PATH | HEEL_OPEN_TREE_CLONE | HEEL_AT_RECURSIVE | O_CLOEXEC);
+    close(source);
+    return tree;
 }
 
 static int set_readonly(int dirfd, const char *path, unsigned flags)
@@ -187,8 +219,13 @@ static int set_idmap(int tree, int userns_fd)
 
 static int attach_tree(int fd, const char *path)
 {
-    return (int)syscall(__NR_move_mount, fd, "", AT_FDCWD, path,
-                        HEEL_MOVE_MOUNT_F_EMPTY_PATH);
+    int target = open_no_symlinks(path);
+    if (target < 0)
+        return -1;
+    int rc = (int)syscall(__NR_move_mount, fd, "", target, "",
+                          HEEL_MOVE_MOUNT_F_EMPTY_PATH | HEEL_MOVE_MOUNT_T_EMPTY_PATH);
+    close(target);
+    return rc;
 }
 
 /* A file system mounted fresh in the child (its /proc, its devpts) is

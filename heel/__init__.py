@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 from .config import IsolationLevel, ResourceLimits, SandboxConfig, SecurityConfig
 from .errors import (
-    CommandFailed,
     CommandNotFound,
     CommandTimeout,
     HeelError,
@@ -33,6 +32,7 @@ from .errors import (
 from .policy import DenyAll, NetworkPolicy
 
 if TYPE_CHECKING:
+    from .errors import CommandFailed
     from ._probe import ProbeReport, probe
     from .process import Process
     from .sandbox import Command, ExitStatus, Output, Sandbox, Stdio
@@ -46,6 +46,7 @@ _LAZY = {
     "Process": "process",
     "probe": "_probe",
     "ProbeReport": "_probe",
+    "CommandFailed": "errors",
 }
 
 __all__ = [

@@ -175,18 +175,19 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def expand(path: str, access: int, denied: list[str]) -> list[Rule]:
+def expand(path: str, access: int, denied: list[str], is_dir: bool = True) -> list[Rule]:
     """Rules granting ``access`` beneath ``path`` except beneath any denied path.
 
     A directory that holds a denied place is not granted itself (only listed,
     READ_DIR); each of its entries is granted in turn, recursively.  Symbolic
     links are skipped there: Landlock checks the target of a link, and
-    following one could grant a denied place.
+    following one could grant a denied place.  A rule on a file carries only
+    the rights that apply to files.
     """
     inside = [d for d in denied if _under(d, path)]
     if not inside:
-        return [Rule(path, access)]
-    if any(d == path for d in inside):
+        return [Rule(path, access if is_dir else access & ll.FILE_RIGHTS)]
+    if path in inside:
         return []
     rules = [Rule(path, access & ll.READ_DIR)] if access & ll.READ_DIR else []
     try:
@@ -194,9 +195,8 @@ def expand(path: str, access: int, denied: list[str]) -> list[Rule]:
     except OSError:
         return rules
     for entry in entries:
-        if entry.is_symlink():
-            continue
-        rules += expand(entry.path, access, inside)
+        if not entry.is_symlink():
+            rules += expand(entry.path, access, inside, entry.is_dir(follow_symlinks=False))
     return rules
 
 
@@ -208,13 +208,12 @@ def _existing(patterns) -> list[str]:
 
 
 def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list[Rule]:
-    out = []
-    for rule in expand(path, access, denied):
-        real = os.path.realpath(rule.path)
-        mask = abi_mask if os.path.isdir(real) else abi_mask & ll.FILE_RIGHTS
-        if access & mask and os.path.exists(real):
-            out.append(Rule(real, rule.access & mask))
-    return out
+    """The rules for one grant: the path resolved once (expansion then only
+    walks real directories), the rights masked to what the ABI handles."""
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        return []
+    return [r for r in expand(real, access & abi_mask, denied, os.path.isdir(real)) if r.access]
 
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
@@ -264,14 +263,13 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     writable = [workdir, host_tmp] + [str(p) for p in config.writable]
     grants += [(p, ll.READ | ll.EXEC | ll.WRITE) for p in writable]
 
-    rules: list[Rule] = []
+    rules: dict[Rule, None] = {}  # ordered, without repeats
     for path, access in grants:
         # The broad grants of a level never reach into the system trees:
         # those get exactly the nodes listed above.
         skip = [t for t in SYSTEM_TREES if path == "/"] + denied
         for rule in _rules_for(path, access, skip, handled):
-            if rule not in rules:
-                rules.append(rule)
+            rules.setdefault(rule)
 
     mounts: list[MountOp] = []
     mountpoints: list[str] = []
@@ -289,6 +287,12 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # anything granted under /tmp is brought into the private /tmp.
         rw_regions = [p for p in writable if p != host_tmp and (readonly_root or hidden(p))]
         ro_regions = [str(p) for p in (*config.readable, *config.executable) if hidden(str(p))]
+        # A region inside a writable one comes with it (the clones are
+        # recursive); mounting it again would resolve a path the sandbox
+        # itself can rewrite.
+        rw_regions = [p for p in rw_regions
+                      if not any(q != p and _under(p, q) for q in rw_regions + [host_tmp])]
+        ro_regions = [p for p in ro_regions if not any(_under(p, q) for q in rw_regions + [host_tmp])]
         if private_tmp:
             tmp_inside = "/tmp"
             mounts.append(MountOp("bind", "/tmp", source=host_tmp, idmap=idmap))

@@ -86,6 +86,19 @@ def environment() -> tuple[Environment, str]:
     return Environment(landlock_abi=abi, seccomp=seccomp, namespaces=False), why
 
 
+#: Setup stages where a missing kernel feature (user namespaces, the mount
+#: API) shows up.
+NAMESPACE_STAGES = frozenset({"clone", "userns", "mount"})
+
+
+def assumed_environment() -> Environment:
+    """The strongest environment, not tried: for a one-shot caller (the CLI)
+    that spares the trial run and falls back to environment() when its first
+    spawn fails in a namespace stage."""
+    return Environment(landlock_abi=_native.landlock_abi(), seccomp=_native.seccomp_arch() != 0,
+                       namespaces=True)
+
+
 def require(env: Environment, config: SandboxConfig, why_no_namespaces: str) -> list[str]:
     """Raise SandboxUnavailable for what the config needs and this machine lacks,
     unless best_effort; returns the list of what is missing."""

@@ -47,7 +47,7 @@ class Prepared:
     #: Each command in a mount namespace adds rules for its own /proc and
     #: devpts to the shared ruleset (see spawn.c); after this many commands
     #: the ruleset is rebuilt.
-    RULESET_REUSE = 1024
+    RULESET_REUSE = 64
 
     def __init__(self, plan: SandboxPlan) -> None:
         self.plan = plan
@@ -183,10 +183,13 @@ class Session:
     private tmp, and the workdir unless the config names one) and the
     prepared native objects.  Used by heel.Sandbox and by the CLI."""
 
-    def __init__(self, config: SandboxConfig) -> None:
+    def __init__(self, config: SandboxConfig, env=None) -> None:
+        """``env``: the Environment to plan for; by default the probed one."""
         from ._probe import environment, require
 
-        env, why = environment()
+        why = ""
+        if env is None:
+            env, why = environment()
         self.degraded = require(env, config, why)
         self.base = tempfile.mkdtemp(prefix="heel-")
         try:

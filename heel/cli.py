@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .config import SandboxConfig
-from .errors import CommandNotFound, HeelError, SandboxUnavailable
+from .errors import CommandNotFound, HeelError, SandboxUnavailable, SpawnError
 
 __all__ = ["main", "run_command", "default_shell"]
 
@@ -118,14 +118,26 @@ def run_command(command: str, args: list[str]) -> int:
 
 def _execute(config: SandboxConfig, argv: list[str]) -> int:
     """Run argv in a sandbox for config, on heel's own stdin, stdout and stderr."""
+    from ._probe import NAMESPACE_STAGES, assumed_environment
     from ._spawn import Session
     from ._sync import run
 
-    session = Session(config)
+    timeout = config.limits.timeout
+    # One command: skip the probe's trial run and assume namespaces work.  If
+    # they do not, the command failed before it started, so the real probe
+    # decides and the command runs once, as that allows (or is refused).
+    session = Session(config, assumed_environment())
     try:
-        timeout = config.limits.timeout
-        code, timed_out = run(session.prepared, argv, env=session.plan.env,
-                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
+        try:
+            code, timed_out = run(session.prepared, argv, env=session.plan.env,
+                                  cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
+        except OSError as exc:  # SpawnError, or clone itself refused
+            if isinstance(exc, SpawnError) and exc.stage not in NAMESPACE_STAGES:
+                raise
+            session.close()
+            session = Session(config)
+            code, timed_out = run(session.prepared, argv, env=session.plan.env,
+                                  cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
     finally:
         session.close()
     if timed_out:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import subprocess
 
 __all__ = [
     "HeelError",
@@ -94,12 +93,6 @@ def spawn_error(stage: str, err: int, program: str = "") -> SpawnError:
     return SpawnError(stage, err, program)
 
 
-class CommandFailed(HeelError, subprocess.CalledProcessError):
-    """``run(check=True)``: the command exited with a non-zero status."""
-
-    def __str__(self) -> str:
-        return subprocess.CalledProcessError.__str__(self)
-
 
 class CommandTimeout(HeelError, TimeoutError):
     """``run(check=True)``: the command ran past its timeout and was killed."""
@@ -110,3 +103,23 @@ class CommandTimeout(HeelError, TimeoutError):
         self.stdout = stdout
         self.stderr = stderr
         super().__init__(f"command {cmd!r} timed out after {timeout} seconds")
+
+
+def __getattr__(name: str):
+    # CommandFailed derives from subprocess.CalledProcessError; importing
+    # subprocess costs the CLI's fast path more than it ever needs, so the
+    # class is made on first use.
+    if name == "CommandFailed":
+        import subprocess
+
+        class CommandFailed(HeelError, subprocess.CalledProcessError):
+            """``run(check=True)``: the command exited with a non-zero status."""
+
+            __module__ = __name__
+
+            def __str__(self) -> str:
+                return subprocess.CalledProcessError.__str__(self)
+
+        globals()["CommandFailed"] = CommandFailed
+        return CommandFailed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
