@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import tempfile
 
@@ -108,6 +109,18 @@ class Prepared:
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+
+def needs_relay(fd: int) -> bool:
+    """Whether a host fd that the caller wants to hand to the sandbox as one
+    of its standard streams must be relayed through a pipe instead.
+
+    Pipes, sockets and character devices (terminals, /dev/null) are passed
+    as they are.  Anything else, a regular file above all, is not: through
+    /proc/self/fd the sandbox would reach the file itself and could chmod,
+    truncate or utime it, none of which Landlock mediates."""
+    mode = os.fstat(fd).st_mode
+    return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
 
 
 def encode_env(env: dict[str, str]) -> list[bytes]:

@@ -10,7 +10,8 @@ import socket
 import time
 
 from . import _native
-from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, launch, raise_for_error
+from ._spawn import (MSG_SIZE, Prepared, decode_message, encode_message, launch, needs_relay,
+                     raise_for_error)
 
 
 def recv_message(sock: socket.socket, *, block: bool = True):
@@ -76,10 +77,103 @@ def waitid_status(pidfd: int) -> int:
     return -info.si_status
 
 
+class Relays:
+    """Pipes in place of the host stdio fds that must not be passed as they
+    are (see needs_relay), and the copying between them and the host."""
+
+    CHUNK = 65536
+
+    def __init__(self, stdio: tuple[int, int, int]) -> None:
+        self.child_fds = list(stdio)
+        self._child_ends: list[int] = []
+        self.outputs: dict[int, int] = {}  # our read end -> host fd
+        self.input: int | None = None  # host fd the sandbox reads from
+        self.input_pipe = -1
+        self._pending = b""
+        for index, fd in enumerate(stdio):
+            if not needs_relay(fd):
+                continue
+            r, w = os.pipe2(os.O_CLOEXEC)
+            if index == 0:
+                self.input, self.input_pipe = fd, w
+                os.set_blocking(w, False)
+                self.child_fds[0] = r
+                self._child_ends.append(r)
+            else:
+                self.outputs[r] = fd
+                self.child_fds[index] = w
+                self._child_ends.append(w)
+
+    def started(self) -> None:
+        """The child holds its ends now: close ours."""
+        for fd in self._child_ends:
+            os.close(fd)
+        self._child_ends = []
+
+    def wanted(self) -> tuple[list[int], list[int]]:
+        return list(self.outputs), ([self.input_pipe] if self.input_pipe >= 0 else [])
+
+    def pump(self, readable, writable) -> None:
+        for r in readable:
+            if r in self.outputs:
+                self._copy_out(r)
+        if self.input_pipe in writable:
+            self._copy_in()
+
+    def _copy_out(self, r: int) -> None:
+        data = os.read(r, self.CHUNK)
+        if not data:
+            os.close(r)
+            del self.outputs[r]
+            return
+        _write_all(self.outputs[r], data)
+
+    def _copy_in(self) -> None:
+        if not self._pending:
+            self._pending = os.read(self.input, self.CHUNK)
+            if not self._pending:  # end of the host's file: end of the sandbox's stdin
+                self._close_input()
+                return
+        try:
+            self._pending = self._pending[os.write(self.input_pipe, self._pending):]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:  # the command stopped reading
+            self._close_input()
+
+    def _close_input(self) -> None:
+        os.close(self.input_pipe)
+        self.input_pipe = -1
+
+    def finish(self) -> None:
+        """Every sandboxed process is gone: copy what is left, close the rest."""
+        for r in list(self.outputs):
+            while r in self.outputs:
+                self._copy_out(r)
+        if self.input_pipe >= 0:
+            self._close_input()
+        self.started()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
         stdio: tuple[int, int, int], timeout: float | None = None) -> tuple[int, bool]:
-    """Run to completion; returns (returncode, timed_out).  Raises SpawnError."""
-    pid, pidfd, ctl = launch(prepared, argv, env, cwd, stdio)
+    """Run to completion; returns (returncode, timed_out).  Raises SpawnError.
+
+    ``stdio`` are host fds; those that are files reach the command through
+    pipes (see Relays)."""
+    relays = Relays(stdio)
+    try:
+        pid, pidfd, ctl = launch(prepared, argv, env, cwd, tuple(relays.child_fds))
+    except BaseException:
+        relays.finish()
+        raise
+    relays.started()
     killed = timed_out = False
     reaped = False
     try:
@@ -89,13 +183,17 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if select.select([pidfd], [], [], left)[0]:
+            readers, writers = relays.wanted()
+            readable, writable, _ = select.select([pidfd, *readers], writers, [], left)
+            relays.pump(readable, writable)
+            if pidfd in readable:
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline and not killed:
                 kill_tree(pidfd, ctl, prepared.plan.namespaces)
                 killed = timed_out = True
         init_status = waitid_status(pidfd)
         reaped = True
+        relays.finish()
         if first is None:
             raise _native_error(init_status, argv[0])
         return exit_status(ctl, killed, init_status), timed_out
@@ -103,6 +201,7 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
         if not reaped:
             kill_tree(pidfd, ctl, prepared.plan.namespaces)
             os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+            relays.finish()
         os.close(pidfd)
         ctl.close()
 

@@ -45,6 +45,7 @@ class Process:
         self._pid_namespace = pid_namespace
         self._killed = False
         self._on_reaped = on_reaped
+        self._relays: list[trio.Event] = []  # copies of inherited host files still running
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"

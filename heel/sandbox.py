@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import trio
 
 from ._plan import SandboxPlan
-from ._spawn import Prepared, Session, launch
+from ._spawn import Prepared, Session, launch, needs_relay
 from .config import PathLike, SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
 from .process import Process
@@ -73,26 +73,35 @@ class Sandbox:
             raise PolicyError(f"Sandbox needs a SandboxConfig, got {config!r}")
         self.config = config
         self._session: Session | None = None
+        self._nursery: trio.Nursery | None = None
+        self._relays: list[trio.Event] = []
         self._processes: set[Process] = set()
         self._closed = False
         self.degraded: list[str] = []
 
     async def __aenter__(self) -> "Sandbox":
-        self.open()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
-    def open(self) -> None:
-        """Prepare the sandbox (``async with`` does this)."""
         if self._session is not None or self._closed:
             raise SandboxClosed("a Sandbox can be opened once")
         self._session = Session(self.config)
         self.degraded = self._session.degraded
+        # Background work of the sandbox (copying stdio that must not be
+        # passed as it is) runs in a nursery that lives as long as it does.
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            await self.aclose()
+        finally:
+            # The nursery's tasks never raise, and the body's exception is not
+            # the nursery's: it goes on as it is, not wrapped in a group.
+            await self._nursery_manager.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
-        """Kill every process of the sandbox and remove its temporary files."""
+        """Kill every process of the sandbox and remove its temporary files.
+
+        ``async with`` calls this; call it yourself only to close early."""
         if self._closed:
             return
         self._closed = True
@@ -102,6 +111,13 @@ class Sandbox:
             for process in list(self._processes):
                 await process.aclose()
             self._processes.clear()
+            # The relays end at the end of their pipes, now that every
+            # process is gone; give them a moment to copy what is left.
+            with trio.move_on_after(2):
+                for done in self._relays:
+                    await done.wait()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
             if self._session is not None:
                 self._session.close()
 
@@ -167,13 +183,14 @@ class Sandbox:
             env.pop(key, None)
         env.update(cmd._env)
         cwd = plan.workdir if cmd._cwd is None else cmd._cwd
-        host_fds: list[int] = []
+        host_fds: list[int] = []  # the child's ends: closed here once it has them
         child_fds: list[int] = []
         streams: list = []
+        relays: list = []  # (coroutine function, args) started once the command runs
         try:
-            for which, spec in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
-                if spec is Stdio.INHERIT:
-                    child_fds.append({"stdin": 0, "stdout": 1, "stderr": 2}[which])
+            for index, spec in enumerate((stdin, stdout, stderr)):
+                if spec is Stdio.INHERIT and not needs_relay(index):
+                    child_fds.append(index)
                     streams.append(None)
                 elif spec is Stdio.NULL:
                     fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -182,22 +199,34 @@ class Sandbox:
                     streams.append(None)
                 else:
                     r, w = os.pipe2(os.O_CLOEXEC)
-                    ours, theirs = (w, r) if which == "stdin" else (r, w)
+                    ours, theirs = (w, r) if index == 0 else (r, w)
                     host_fds.append(theirs)
                     child_fds.append(theirs)
-                    streams.append(trio.lowlevel.FdStream(ours))
+                    stream = trio.lowlevel.FdStream(ours)
+                    if spec is Stdio.INHERIT:  # a host file: copied, never handed over
+                        relays.append((_relay_in if index == 0 else _relay_out, stream, index))
+                        streams.append(None)
+                    else:
+                        streams.append(stream)
             pid, pidfd, ctl = launch(prepared, cmd._argv, env, cwd, tuple(child_fds))
         except BaseException:
-            for stream in streams:
+            for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
                     await stream.aclose()
             raise
         finally:
             for fd in host_fds:
                 os.close(fd)
+        relay_done = []
+        for function, stream, host_fd in relays:
+            done = trio.Event()
+            self._relays.append(done)
+            relay_done.append(done)
+            self._nursery.start_soon(function, stream, host_fd, done)
         process = Process(pid=pid, pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           pid_namespace=plan.namespaces, stdin=streams[0], stdout=streams[1],
                           stderr=streams[2], on_reaped=self._processes.discard)
+        process._relays = relay_done
         self._processes.add(process)
         try:
             await process._started()
@@ -311,11 +340,11 @@ class Command:
     async def _run(self, stdout: Stdio, stderr: Stdio) -> Output:
         data = self._stdin if isinstance(self._stdin, bytes) else None
         stdin = Stdio.PIPE if data is not None else (self._stdin or Stdio.NULL)
-        process = await self._sandbox._spawn(self, stdin, stdout, stderr)
         limit = self._sandbox.config.limits.output_bytes
         captured = {"stdout": bytearray(), "stderr": bytearray()}
         state = {"truncated": False}
         timeout = self.effective_timeout()
+        process: Process | None = None
 
         async def feed() -> None:
             try:
@@ -339,6 +368,7 @@ class Command:
 
         try:
             with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                process = await self._sandbox._spawn(self, stdin, stdout, stderr)
                 async with trio.open_nursery() as nursery:
                     if process.stdin is not None:
                         nursery.start_soon(feed)
@@ -348,12 +378,44 @@ class Command:
                         nursery.start_soon(drain, "stderr", process.stderr)
                     await process.wait()
             timed_out = scope.cancelled_caught
+            if process is None:  # the timeout struck before the command started
+                raise trio.TooSlowError(f"{self._argv[0]} did not start within {timeout} seconds")
             if timed_out:
                 process.kill()
         finally:
-            await process.aclose()
+            if process is not None:
+                await process.aclose()
+        # What the command wrote to inherited host files is all copied.
+        for done in process._relays:
+            await done.wait()
         return Output(bytes(captured["stdout"]), bytes(captured["stderr"]), process.returncode,
                       timed_out=timed_out, truncated=state["truncated"])
+
+
+async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, done: trio.Event) -> None:
+    """Copy a command's output into a host file (see heel._spawn.needs_relay)."""
+    try:
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(host_fd, view):]
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the host's file went away: the command's output has nowhere to go
+    finally:
+        done.set()
+
+
+async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, done: trio.Event) -> None:
+    """Copy a host file into a command's stdin."""
+    try:
+        async with stream:
+            while chunk := os.read(host_fd, 65536):
+                await stream.send_all(chunk)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the command stopped reading
+    finally:
+        done.set()
 
 
 def _arg(value, what: str) -> str:

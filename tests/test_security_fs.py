@@ -485,3 +485,43 @@ async def test_root_keeps_owner_rights_at_permissive(root_only, outside_dir):
         out = await py(sb, OP_SCRIPT.format(op="print(open(p).read()); os.chmod(p, 0o640)"), private)
     assert out.returncode == 0 and b"heel-root-private" in out.stdout, explain(out)
     assert os.stat(private).st_mode & 0o777 == 0o640
+
+
+# ---- standard streams that are host files ---------------------------------
+
+TAMPER_STDOUT = ("chmod 777 /proc/self/fd/1; "
+                 "python3 -c 'import os; os.ftruncate(1, 0); os.utime(\"/proc/self/fd/1\", (0, 0))'; "
+                 "echo after")
+
+SANDBOX_TO_FILE = """
+import sys, trio, heel
+async def main():
+    async with heel.Sandbox() as sb:
+        status = await sb.command("sh").args(["-c", sys.argv[1]]).status()
+        print("status", status.returncode, file=sys.stderr)
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("via", ["cli", "api"])
+def test_inherited_file_stdout_cannot_be_tampered_with(outside_dir, via):
+    """A host file given as stdout reaches the command only through a pipe:
+    through /proc/self/fd/1 the command cannot chmod, truncate or utime it.
+    Control: what it writes still lands in the file."""
+    import subprocess
+    import sys
+
+    log = os.path.join(outside_dir, "log.txt")
+    with open(log, "w") as f:
+        f.write("kept line\n")
+    os.chmod(log, 0o600)
+    before = os.stat(log)
+    argv = ([sys.executable, "-m", "heel", "run", "--", "sh", "-c", TAMPER_STDOUT] if via == "cli"
+            else [sys.executable, "-c", SANDBOX_TO_FILE, TAMPER_STDOUT])
+    with open(log, "a") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=60)
+    after = os.stat(log)
+    with open(log) as f:
+        content = f.read()
+    assert content == "kept line\nafter\n", (content, done.stderr)
+    assert after.st_mode == before.st_mode and after.st_mtime >= before.st_mtime, done.stderr
