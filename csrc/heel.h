@@ -44,7 +44,7 @@ struct heel_bpf_insn {
 };
 
 struct heel_seccomp_opts {
-    int allow_unix_sockets;   /* socket(AF_UNIX, ...); socketpair(AF_UNIX) is always allowed */
+    int allow_unix_sockets;   /* socket(AF_UNIX, ...); socketpair(AF_UNIX) stream/seqpacket always */
     int allow_inet_stream;    /* socket(AF_INET/AF_INET6, SOCK_STREAM, ...) */
     int allow_netlink_route;  /* socket(AF_NETLINK, *, NETLINK_ROUTE) */
 };

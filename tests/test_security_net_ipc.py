@@ -276,3 +276,43 @@ async def test_signals_do_not_reach_host_processes(host_sleeper):
     assert host_sleeper.poll() is None, "the host process was killed from inside the sandbox"
     with open(f"/proc/{pid}/stat") as f:
         assert f.read().split(") ")[1][0] in "SR", "the host process was stopped from inside the sandbox"
+
+
+async def test_datagram_socketpair_cannot_reach_host_unix_socket(outside_dir):
+    """socketpair(AF_UNIX, SOCK_DGRAM) would give a socket that sendto() can
+    aim at any pathname socket of the host (/dev/log, a daemon's), with
+    socket(AF_UNIX) refused: only stream and seqpacket pairs are allowed."""
+    os.chmod(outside_dir, 0o777)
+    path = os.path.join(outside_dir, "host-dgram.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        os.chmod(path, 0o666)
+        receiver.setblocking(False)
+        async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+            out = await py(sb, """
+                import socket, sys
+                try:
+                    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    a.sendto(b'leak', sys.argv[1])
+                    print('SENT')
+                except OSError as e:
+                    print('refused', e.errno)
+                """, path)
+            assert out.returncode == 0 and b"SENT" not in out.stdout, explain(out)
+            assert out.stdout == b"refused 1\n", explain(out)
+            # Control: the stream pair that processes inside talk over works.
+            pair = await py(sb, """
+                import socket
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                a.sendall(b'pair'); print(b.recv(4).decode())
+                """)
+            assert pair.returncode == 0 and pair.stdout == b"pair\n", explain(pair)
+        try:
+            leaked = receiver.recv(100)
+        except BlockingIOError:
+            leaked = None
+        assert leaked is None, f"a datagram from the sandbox reached the host socket: {leaked!r}"
+        # Control: a datagram from the host does arrive.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"host", path)
+        assert receiver.recv(100) == b"host"
