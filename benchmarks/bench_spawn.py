@@ -10,7 +10,6 @@ same process, and the ratio.  Also breaks the sandbox cost down by layer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -50,7 +49,7 @@ async def main(runs: int) -> None:
     # The same without namespaces (the best-effort fallback): shows their share.
     env, _ = heel._probe.environment()
     real = heel._probe.environment
-    heel._probe.environment = lambda: (dataclasses.replace(env, namespaces=False), "benchmark")
+    heel._probe.environment = lambda: (env._replace(namespaces=False), "benchmark")
     try:
         async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:
             rows.append(("heel without namespaces (best effort)",

@@ -18,8 +18,7 @@ import glob
 import os
 import pwd
 import resource
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import namedtuple
 
 from . import _landlock as ll
 from .config import IsolationLevel, SandboxConfig
@@ -59,63 +58,57 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASSED_THROUGH = ("LANG", "LANGUAGE", "TERM", "COLORTERM", "TZ")
 
 
-@dataclass(frozen=True)
-class Rule:
+# Plain named tuples rather than dataclasses: `heel run` builds a plan at
+# every start, and importing dataclasses costs it more than the command.
+
+class Rule(namedtuple("Rule", "path access")):
     """Landlock: allow ``access`` beneath ``path``."""
 
-    path: str
-    access: int
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class MountOp:
-    """One step of the child's mount namespace (see csrc/heel.h)."""
+class MountOp(namedtuple("MountOp", "kind path source access idmap", defaults=(None, 0, False))):
+    """One step of the child's mount namespace (see csrc/heel.h).
 
-    kind: str  # "keep_rw", "readonly", "bind", "proc", "tmpfs", "devpts"
-    path: str
-    source: str | None = None
-    #: Landlock rights the child grants on a file system it mounts fresh
-    access: int = 0
-    #: show files owned by uid/gid 0 as the sandbox's own (root identity)
-    idmap: bool = False
+    kind: "keep_rw", "readonly", "bind", "proc", "tmpfs" or "devpts".
+    source: what to clone for "bind" and "readonly" ("readonly": path itself
+    when None).  access: the Landlock rights the child grants on a file system
+    it mounts fresh.  idmap: show files owned by uid/gid 0 as the sandbox's
+    own (the root identity).
+    """
 
-
-@dataclass(frozen=True)
-class Environment:
-    """What this machine can enforce (see heel.probe())."""
-
-    landlock_abi: int
-    seccomp: bool
-    namespaces: bool  # user + mount + pid + net + ipc namespaces with the mount view
-    euid: int = field(default_factory=os.geteuid)
-    egid: int = field(default_factory=os.getegid)
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class SandboxPlan:
-    level: IsolationLevel
-    workdir: str
-    host_tmp: str  # the private tmp on the host
-    tmp: str  # the private tmp as the sandbox sees it
-    rules: tuple[Rule, ...]
-    handled_fs: int
-    handled_net: int
-    scoped: int
-    namespaces: bool
-    #: a network namespace of its own (only loopback); not needed when the
-    #: sandbox may create no internet socket at all and Landlock scopes
-    #: abstract unix sockets
-    network_namespace: bool
-    mounts: tuple[MountOp, ...]
-    readonly_root: bool
-    env: dict[str, str]
-    rlimits: tuple[tuple[int, int, int], ...]
-    seccomp: dict[str, bool]
-    protected: tuple[str, ...]
-    #: directories inside host_tmp that must exist as mount points
-    mountpoints: tuple[str, ...] = ()
-    #: when heel runs as root: the unprivileged outside id the sandbox runs as
-    sandbox_id: int | None = None
+class Environment(namedtuple("Environment", "landlock_abi seccomp namespaces euid egid")):
+    """What this machine can enforce (see heel.probe()).  namespaces: user,
+    mount, pid, ipc (and net) namespaces with the mount view."""
+
+    __slots__ = ()
+
+    def __new__(cls, landlock_abi: int, seccomp: bool, namespaces: bool,
+                euid: int | None = None, egid: int | None = None) -> "Environment":
+        return super().__new__(cls, landlock_abi, seccomp, namespaces,
+                               os.geteuid() if euid is None else euid,
+                               os.getegid() if egid is None else egid)
+
+
+class SandboxPlan(namedtuple("SandboxPlan", [
+        "level", "workdir", "host_tmp", "tmp", "rules", "handled_fs", "handled_net", "scoped",
+        "namespaces", "network_namespace", "mounts", "readonly_root", "env", "rlimits", "seccomp",
+        "protected", "mountpoints", "sandbox_id"])):
+    """Everything a sandbox enforces, computed from its config.
+
+    host_tmp is the private tmp on the host, tmp the same as the sandbox sees
+    it.  rules: the Landlock rules.  network_namespace: a network namespace of
+    its own (only loopback); not needed when the sandbox may create no
+    internet socket at all and Landlock scopes abstract unix sockets.
+    mountpoints: directories inside host_tmp that must exist as mount points.
+    sandbox_id: when heel runs as root, the unprivileged outside id the
+    sandbox runs as.
+    """
+
+    __slots__ = ()
 
 
 def home_directories() -> list[str]:
@@ -324,7 +317,7 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
             # The fresh /proc has the driver's files again: cover them.
             mounts += [MountOp("tmpfs", p) for p in GPU_DRIVER_INFO if os.path.isdir(p)]
         # Parents before children; the private /tmp before anything under it.
-        mounts.sort(key=lambda m: (len(Path(m.path).parts), m.kind != "bind"))
+        mounts.sort(key=lambda m: (m.path.rstrip("/").count("/"), m.kind != "bind"))
     else:
         readonly_root = False
 

@@ -12,7 +12,7 @@ import functools
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections import namedtuple
 
 from . import _native
 from ._plan import Environment, build_plan
@@ -27,21 +27,17 @@ DEGRADED = "degraded"
 UNAVAILABLE = "unavailable"
 
 
-@dataclass(frozen=True)
-class Protection:
-    name: str
-    status: str  # "enforced", "degraded" or "unavailable"
-    detail: str
+class Protection(namedtuple("Protection", "name status detail")):
+    """One protection: status is "enforced", "degraded" or "unavailable"."""
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class ProbeReport:
-    landlock_abi: int
-    seccomp: bool
-    user_namespaces: bool
-    euid: int
-    protections: tuple[Protection, ...]
-    namespace_error: str = ""
+class ProbeReport(namedtuple("ProbeReport", "landlock_abi seccomp user_namespaces euid protections "
+                                            "namespace_error", defaults=("",))):
+    """What heel.probe() found."""
+
+    __slots__ = ()
 
     def status(self, name: str) -> str:
         for p in self.protections:

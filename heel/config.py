@@ -10,16 +10,61 @@ import enum
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Mapping, Union
+from types import MappingProxyType
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from .errors import PolicyError
 from .policy import DenyAll, NetworkPolicy
 
 __all__ = ["IsolationLevel", "SecurityConfig", "ResourceLimits", "SandboxConfig", "parse_size"]
 
-PathLike = Union[str, "os.PathLike[str]"]
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Union
+
+    PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Frozen:
+    """An immutable value: its fields are set once in __init__ (through
+    _set), compared and hashed by value, and shown in repr.  Plain classes
+    rather than dataclasses, because `heel run` builds these at every start
+    and importing dataclasses alone costs it more than the command."""
+
+    _fields: tuple[str, ...] = ()
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: make a new one with replace()")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v
+                          for v in self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated like a new one)."""
+        values = {name: getattr(self, name) for name in self._fields}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise PolicyError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
+        values.update(changes)
+        return type(self)(**values)
 
 
 class IsolationLevel(enum.Enum):
@@ -38,23 +83,34 @@ class IsolationLevel(enum.Enum):
     PERMISSIVE = "permissive"
 
 
-@dataclass(frozen=True)
-class SecurityConfig:
-    """Protections that hold at every isolation level."""
+class SecurityConfig(Frozen):
+    """Protections that hold at every isolation level.
 
-    protect_user_home: bool = True
-    protect_credentials: bool = True
-    protect_cloud_config: bool = True
-    allow_gpu: bool = True
-    #: socket(AF_UNIX): off by default, so the sandbox cannot connect to host
-    #: sockets (D-Bus, docker.sock, ssh-agent); socketpair() always works.
-    allow_unix_sockets: bool = False
+    protect_user_home, protect_credentials, protect_cloud_config: keep those
+    places closed.  allow_gpu: grant the GPU device nodes and driver files.
+    allow_unix_sockets: socket(AF_UNIX); off by default, so the sandbox cannot
+    connect to host sockets (D-Bus, docker.sock, ssh-agent); socketpair()
+    works either way.
+    """
 
-    def __post_init__(self) -> None:
-        for name in ("protect_user_home", "protect_credentials", "protect_cloud_config",
-                     "allow_gpu", "allow_unix_sockets"):
-            if not isinstance(getattr(self, name), bool):
-                raise PolicyError(f"SecurityConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    _fields = ("protect_user_home", "protect_credentials", "protect_cloud_config", "allow_gpu",
+               "allow_unix_sockets")
+    protect_user_home: bool
+    protect_credentials: bool
+    protect_cloud_config: bool
+    allow_gpu: bool
+    allow_unix_sockets: bool
+
+    def __init__(self, *, protect_user_home: bool = True, protect_credentials: bool = True,
+                 protect_cloud_config: bool = True, allow_gpu: bool = True,
+                 allow_unix_sockets: bool = False) -> None:
+        for name, value in (("protect_user_home", protect_user_home),
+                            ("protect_credentials", protect_credentials),
+                            ("protect_cloud_config", protect_cloud_config),
+                            ("allow_gpu", allow_gpu), ("allow_unix_sockets", allow_unix_sockets)):
+            if not isinstance(value, bool):
+                raise PolicyError(f"SecurityConfig.{name} must be a bool, got {value!r}")
+            self._set(name, value)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -91,8 +147,7 @@ def _positive_number(value, what: str, *, integer: bool = False):
     return value
 
 
-@dataclass(frozen=True)
-class ResourceLimits:
+class ResourceLimits(Frozen):
     """Limits for each command.
 
     timeout: wall-clock seconds, then the whole process tree is killed.
@@ -101,30 +156,32 @@ class ResourceLimits:
     cpu_time: CPU seconds per process (RLIMIT_CPU).
     file_size: the largest file a process may write (RLIMIT_FSIZE).
     open_files: open file descriptors per process (RLIMIT_NOFILE).
-    processes: processes the command may have at once (RLIMIT_NPROC, counted
-    inside the command's own user namespace).
+    processes: processes at once (RLIMIT_NPROC, counted inside the user
+    namespace: the command's own, or the sandbox's when heel runs as root).
     output_bytes: captured stdout+stderr; past it the command is killed and
     the output marked truncated.
     Sizes accept ints or strings such as ``"512M"``.
     """
 
-    timeout: float | None = None
-    memory: int | str | None = None
-    cpu_time: float | None = None
-    file_size: int | str | None = None
-    open_files: int | None = None
-    processes: int | None = None
-    output_bytes: int | str | None = None
+    _fields = ("timeout", "memory", "cpu_time", "file_size", "open_files", "processes", "output_bytes")
+    timeout: float | None
+    memory: int | None
+    cpu_time: float | None
+    file_size: int | None
+    open_files: int | None
+    processes: int | None
+    output_bytes: int | None
 
-    def __post_init__(self) -> None:
-        _positive_number(self.timeout, "timeout")
-        _positive_number(self.cpu_time, "cpu_time")
-        _positive_number(self.open_files, "open_files", integer=True)
-        _positive_number(self.processes, "processes", integer=True)
-        for name in ("memory", "file_size", "output_bytes"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, parse_size(value, name))
+    def __init__(self, *, timeout: float | None = None, memory: int | str | None = None,
+                 cpu_time: float | None = None, file_size: int | str | None = None,
+                 open_files: int | None = None, processes: int | None = None,
+                 output_bytes: int | str | None = None) -> None:
+        self._set("timeout", _positive_number(timeout, "timeout"))
+        self._set("cpu_time", _positive_number(cpu_time, "cpu_time"))
+        self._set("open_files", _positive_number(open_files, "open_files", integer=True))
+        self._set("processes", _positive_number(processes, "processes", integer=True))
+        for name, value in (("memory", memory), ("file_size", file_size), ("output_bytes", output_bytes)):
+            self._set(name, None if value is None else parse_size(value, name))
         if self.open_files is not None and self.open_files < 3:
             raise PolicyError("open_files must be at least 3 (stdin, stdout and stderr)")
 
@@ -143,6 +200,8 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
         text = os.fspath(item)
         if not text or "\0" in text:
             raise PolicyError(f"{what}: {text!r} is not a valid path")
+        from pathlib import Path  # only when there are paths: it costs `heel run` otherwise
+
         path = Path(os.path.expanduser(text))
         if not path.is_absolute():
             path = Path.cwd() / path
@@ -155,8 +214,7 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-@dataclass(frozen=True)
-class SandboxConfig:
+class SandboxConfig(Frozen):
     """Everything a :class:`~heel.Sandbox` enforces.  Keyword arguments only.
 
     level: an :class:`IsolationLevel` (or its name).
@@ -171,17 +229,19 @@ class SandboxConfig:
     machine (``heel.probe()`` says which); by default that is an error.
     """
 
-    level: IsolationLevel = IsolationLevel.DEFAULT
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    readable: tuple[Path, ...] = ()
-    writable: tuple[Path, ...] = ()
-    executable: tuple[Path, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    env_passthrough: tuple[str, ...] = ()
-    workdir: Path | None = None
-    limits: ResourceLimits = field(default_factory=ResourceLimits)
-    network: NetworkPolicy = field(default_factory=DenyAll)
-    best_effort: bool = False
+    _fields = ("level", "security", "readable", "writable", "executable", "env", "env_passthrough",
+               "workdir", "limits", "network", "best_effort")
+    level: IsolationLevel
+    security: SecurityConfig
+    readable: tuple[Path, ...]
+    writable: tuple[Path, ...]
+    executable: tuple[Path, ...]
+    env: Mapping[str, str]
+    env_passthrough: tuple[str, ...]
+    workdir: Path | None
+    limits: ResourceLimits
+    network: NetworkPolicy
+    best_effort: bool
 
     def __init__(
         self,
@@ -198,7 +258,7 @@ class SandboxConfig:
         network: NetworkPolicy | None = None,
         best_effort: bool = False,
     ) -> None:
-        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        put = self._set
         if isinstance(level, str):
             try:
                 level = IsolationLevel(level.lower())
@@ -214,7 +274,7 @@ class SandboxConfig:
         put("readable", _paths(readable, "readable"))
         put("writable", _paths(writable, "writable"))
         put("executable", _paths(executable, "executable"))
-        put("env", _env(env or {}))
+        put("env", MappingProxyType(_env(env or {})))
         names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
         for name in names:
             if not isinstance(name, str) or not _ENV_NAME.match(name):
@@ -239,11 +299,6 @@ class SandboxConfig:
         if not isinstance(best_effort, bool):
             raise PolicyError(f"best_effort must be a bool, got {best_effort!r}")
         put("best_effort", best_effort)
-
-    def __hash__(self) -> int:  # env is a dict: hash what identifies the config
-        return hash((self.level, self.security, self.readable, self.writable, self.executable,
-                     tuple(sorted(self.env.items())), self.env_passthrough, self.workdir,
-                     self.limits, self.best_effort))
 
 
 def _env(env: Mapping[str, str]) -> dict[str, str]:

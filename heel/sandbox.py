@@ -8,15 +8,18 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import trio
 
 from ._plan import SandboxPlan
 from ._spawn import Prepared, Session, launch, needs_relay
-from .config import PathLike, SandboxConfig, check_env_item
+from .config import SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
 from .process import Process
+
+if TYPE_CHECKING:
+    from .config import PathLike
 
 __all__ = ["Sandbox", "Command", "Output", "ExitStatus", "Stdio"]
 
