@@ -16,7 +16,9 @@ The trio-based parts (Sandbox, Process) are imported on first use, so that
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# Not typing.TYPE_CHECKING: importing typing costs `heel run` ~7 ms; type
+# checkers treat this name the same way.
+TYPE_CHECKING = False
 
 from ._version import __version__
 from .config import IsolationLevel, ResourceLimits, SandboxConfig, SecurityConfig

@@ -12,7 +12,9 @@ import os
 import re
 from types import MappingProxyType
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+# Not typing.TYPE_CHECKING: importing typing costs `heel run` ~7 ms; type
+# checkers treat this name the same way.
+TYPE_CHECKING = False
 
 from .errors import PolicyError
 from .policy import DenyAll, NetworkPolicy
