@@ -15,14 +15,7 @@
 #include <unistd.h>
 
 #include "heel.h"
-
-/* The landlock_* syscalls use the unified numbers on every architecture. */
-#ifndef __NR_landlock_create_ruleset
-#define __NR_landlock_create_ruleset 444
-#endif
-#ifndef __NR_landlock_add_rule
-#define __NR_landlock_add_rule 445
-#endif
+#include "syscalls.h"
 
 #define HEEL_LANDLOCK_CREATE_RULESET_VERSION (1U << 0)
 #define HEEL_LANDLOCK_RULE_PATH_BENEATH 1

@@ -63,6 +63,7 @@
 #include <linux/seccomp.h>
 
 #include "heel.h"
+#include "syscalls.h"
 
 #ifndef AUDIT_ARCH_X86_64
 #define AUDIT_ARCH_X86_64 0xc000003eu
@@ -79,65 +80,6 @@
 #define NATIVE_ARCH AUDIT_ARCH_AARCH64
 #else
 #define NATIVE_ARCH 0u
-#endif
-
-/* Numbers from 424 on are shared by x86-64 and aarch64; older headers may
- * lack them, and a kernel that has them must still see them refused. */
-#if defined(__x86_64__) || defined(__aarch64__)
-#ifndef __NR_io_uring_setup
-#define __NR_io_uring_setup 425
-#endif
-#ifndef __NR_io_uring_enter
-#define __NR_io_uring_enter 426
-#endif
-#ifndef __NR_io_uring_register
-#define __NR_io_uring_register 427
-#endif
-#ifndef __NR_open_tree
-#define __NR_open_tree 428
-#endif
-#ifndef __NR_move_mount
-#define __NR_move_mount 429
-#endif
-#ifndef __NR_fsopen
-#define __NR_fsopen 430
-#endif
-#ifndef __NR_fsconfig
-#define __NR_fsconfig 431
-#endif
-#ifndef __NR_fsmount
-#define __NR_fsmount 432
-#endif
-#ifndef __NR_fspick
-#define __NR_fspick 433
-#endif
-#ifndef __NR_clone3
-#define __NR_clone3 435
-#endif
-#ifndef __NR_pidfd_getfd
-#define __NR_pidfd_getfd 438
-#endif
-#ifndef __NR_mount_setattr
-#define __NR_mount_setattr 442
-#endif
-#ifndef __NR_quotactl_fd
-#define __NR_quotactl_fd 443
-#endif
-#ifndef __NR_open_tree_attr
-#define __NR_open_tree_attr 467
-#endif
-#ifndef __NR_openat2
-#define __NR_openat2 437
-#endif
-#ifndef __NR_fchmodat2
-#define __NR_fchmodat2 452
-#endif
-#ifndef __NR_statmount
-#define __NR_statmount 457
-#endif
-#ifndef __NR_listmount
-#define __NR_listmount 458
-#endif
 #endif
 
 /* The kernel's __O_TMPFILE bit alone: glibc's __O_TMPFILE also carries

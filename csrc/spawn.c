@@ -52,29 +52,9 @@
 #include <linux/seccomp.h>
 
 #include "heel.h"
+#include "syscalls.h"
 
-/* New mount API numbers and flags, defined here for older headers. */
-#ifndef __NR_open_tree
-#define __NR_open_tree 428
-#endif
-#ifndef __NR_move_mount
-#define __NR_move_mount 429
-#endif
-#ifndef __NR_mount_setattr
-#define __NR_mount_setattr 442
-#endif
-#ifndef __NR_landlock_add_rule
-#define __NR_landlock_add_rule 445
-#endif
-#ifndef __NR_landlock_restrict_self
-#define __NR_landlock_restrict_self 446
-#endif
-#ifndef __NR_close_range
-#define __NR_close_range 436
-#endif
-#ifndef __NR_openat2
-#define __NR_openat2 437
-#endif
+/* New mount API flags, defined here for older headers. */
 #define HEEL_OPEN_TREE_CLONE 1
 #define HEEL_AT_RECURSIVE 0x8000
 #define HEEL_AT_EMPTY_PATH 0x1000
