@@ -88,7 +88,12 @@ class Prepared:
         fd = _native.landlock_ruleset(plan.handled_fs, plan.handled_net, plan.scoped)
         try:
             for rule in plan.rules:
-                _native.landlock_add_path(fd, rule.path, rule.access)
+                try:
+                    _native.landlock_add_path(fd, rule.path, rule.access)
+                except FileNotFoundError:
+                    # Gone since the plan listed it (the host's file system
+                    # lives on): nothing there to grant.
+                    pass
         except BaseException:
             os.close(fd)
             raise

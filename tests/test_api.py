@@ -251,3 +251,21 @@ def test_import_heel_does_not_import_trio():
     code = "import sys, heel; heel.SandboxConfig(); print('trio' in sys.modules)"
     out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_a_path_that_vanishes_after_planning_is_skipped(tmp_path):
+    """The plan lists the host's directories when the sandbox opens; one
+    removed before the ruleset is (re)built must not break the sandbox."""
+    from heel._plan import Rule
+    from heel._spawn import Prepared
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    async with heel.Sandbox() as sb:
+        plan = sb.plan._replace(rules=sb.plan.rules + (Rule(str(gone), 1),))
+        gone.rmdir()
+        prepared = Prepared(plan)
+        try:
+            assert prepared.landlock_fd >= 0
+        finally:
+            prepared.close()
