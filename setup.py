@@ -1,5 +1,6 @@
 """Build heel: the cffi extension (csrc/build.py) and heel-init, the small
-executable that runs as the sandbox's pid 1 (csrc/init.c)."""
+executable that runs as the sandbox's pid 1 and starts its commands
+(csrc/init.c, with the seccomp filter of csrc/seccomp.c)."""
 import os
 import sys
 
@@ -25,7 +26,7 @@ class BuildExtWithInit(build_ext):
         compiler = new_compiler()
         customize_compiler(compiler)
         objects = compiler.compile(
-            [os.path.join("csrc", "init.c")],
+            [os.path.join("csrc", "init.c"), os.path.join("csrc", "seccomp.c")],
             output_dir=self.build_temp,
             include_dirs=["csrc"],
             extra_postargs=["-O2", "-Wall"],

@@ -77,22 +77,14 @@ struct heel_mount_op {
     int idmap;             /* KEEP_RW, BIND: map the owners through the plan's userns_fd */
 };
 
-struct heel_rlimit {
-    int resource;
-    uint64_t soft;
-    uint64_t hard;
-};
-
 struct heel_spawn_plan {
     int init_fd;                  /* O_PATH fd of the heel-init executable */
-    char *const *argv;            /* argv of heel-init (it carries the command) */
-    char *const *envp;            /* the command's environment */
+    char *const *argv;            /* argv of heel-init */
+    char *const *envp;
     const char *cwd;
     const int *fds;               /* fds[i] becomes fd i in the child; every other fd is closed */
     int nfds;
     int report_fd;                /* index in fds of the control socket: failures go there */
-    const struct heel_rlimit *rlimits;
-    int nrlimits;
     int clone_flags;              /* CLONE_NEW* namespaces to create (0: none) */
     const char *uid_map;          /* written when CLONE_NEWUSER is set */
     const char *gid_map;
@@ -100,8 +92,6 @@ struct heel_spawn_plan {
     int nmounts;
     int readonly_root;            /* make / read-only (recursively) before the KEEP_RW mounts return */
     int landlock_fd;              /* -1: none */
-    const struct heel_bpf_insn *filter;
-    int filter_len;               /* 0: no seccomp */
     int pdeathsig;                /* 0: none */
     /* When heel runs as root: a user namespace (see heel_userns_create)
      * that maps uid/gid 0 to an unprivileged id.  The child, still real root,
@@ -127,6 +117,7 @@ enum heel_stage {
     HEEL_STAGE_EXEC_INIT = 13,
     HEEL_STAGE_INIT = 14,         /* heel-init itself failed (fork, signalfd, ...) */
     HEEL_STAGE_EXEC = 15,         /* execve of the command */
+    HEEL_STAGE_REQUEST = 16,      /* heel-init could not read the command request */
 };
 
 /* Messages on the control socket, native byte order, fixed size. */
@@ -143,8 +134,41 @@ struct heel_msg {
     int32_t b;
 };
 
-/* heel-init's argv: heel-init CTL_FD FLAGS PROGRAM ARGV0 ARGS... */
-#define HEEL_INIT_PIDNS 1   /* heel-init is pid 1 of a pid namespace */
+/* heel-init's argv: heel-init CTL_FD FLAGS.  heel-init is the sandbox's
+ * zygote: it starts every command of the sandbox (see init.c). */
+#define HEEL_INIT_PIDNS 1          /* pid 1 of a pid namespace: each command gets one nested */
+#define HEEL_INIT_UNIX_SOCKETS 2   /* seccomp: allow socket(AF_UNIX) */
+#define HEEL_INIT_INET_STREAM 4    /* seccomp: allow TCP sockets */
+#define HEEL_INIT_NETLINK_ROUTE 8  /* seccomp: allow NETLINK_ROUTE sockets */
+#define HEEL_INIT_SCOPE 16         /* each command in a Landlock scope of its own (ABI >= 6) */
+
+/* Landlock scopes (ABI 6): abstract unix sockets and signals. */
+#define HEEL_LANDLOCK_SCOPES 3
+
+/* A command request, host -> heel-init, on heel-init's control socket: a
+ * native-endian uint32 payload length sent with SCM_RIGHTS carrying exactly
+ * four fds (stdin, stdout, stderr, the command's control socket), then the
+ * payload: struct heel_request_head, nrlimits struct heel_rlimit, then the
+ * NUL-terminated strings cwd, program, argv[0..nargv), env[0..nenv).
+ * The reply is an int32 (the command's heel-init pid, or -errno) sent with
+ * a pidfd for it (SCM_RIGHTS) on success.  Everything after that goes over
+ * the command's own control socket (struct heel_msg). */
+#define HEEL_REQUEST_FDS 4
+#define HEEL_REQUEST_MAX (16 * 1024 * 1024)
+
+struct heel_request_head {
+    uint32_t nargv;
+    uint32_t nenv;
+    uint32_t nrlimits;
+    uint32_t reserved;
+};
+
+struct heel_rlimit {
+    int32_t resource;
+    uint32_t reserved;
+    uint64_t soft;
+    uint64_t hard;
+};
 
 /* Clone a child that applies the plan and execs heel-init.  Returns the pid
  * (and a pidfd in *pidfd_out) or -errno when clone itself failed.  A later

@@ -8,21 +8,6 @@ int heel_landlock_create(uint64_t handled_fs, uint64_t handled_net, uint64_t sco
 int heel_landlock_add_path(int ruleset_fd, const char *path, uint64_t allowed);
 int heel_landlock_add_port(int ruleset_fd, uint64_t port, uint64_t allowed);
 
-struct heel_bpf_insn {
-    uint16_t code;
-    uint8_t jt;
-    uint8_t jf;
-    uint32_t k;
-};
-
-struct heel_seccomp_opts {
-    int allow_unix_sockets;
-    int allow_inet_stream;
-    int allow_netlink_route;
-};
-
-int heel_seccomp_build(const struct heel_seccomp_opts *opts,
-                       struct heel_bpf_insn *out, int cap);
 uint32_t heel_seccomp_arch(void);
 
 enum heel_mount_kind {
@@ -38,12 +23,6 @@ struct heel_mount_op {
     int idmap;
 };
 
-struct heel_rlimit {
-    int resource;
-    uint64_t soft;
-    uint64_t hard;
-};
-
 struct heel_spawn_plan {
     int init_fd;
     char *const *argv;
@@ -52,8 +31,6 @@ struct heel_spawn_plan {
     const int *fds;
     int nfds;
     int report_fd;
-    const struct heel_rlimit *rlimits;
-    int nrlimits;
     int clone_flags;
     const char *uid_map;
     const char *gid_map;
@@ -61,8 +38,6 @@ struct heel_spawn_plan {
     int nmounts;
     int readonly_root;
     int landlock_fd;
-    const struct heel_bpf_insn *filter;
-    int filter_len;
     int pdeathsig;
     int userns_fd;
 };
@@ -71,7 +46,8 @@ enum heel_stage {
     HEEL_STAGE_CLONE, HEEL_STAGE_SIGNALS, HEEL_STAGE_USERNS, HEEL_STAGE_MOUNT,
     HEEL_STAGE_FDS, HEEL_STAGE_SETSID, HEEL_STAGE_CHDIR, HEEL_STAGE_RLIMIT,
     HEEL_STAGE_CAPS, HEEL_STAGE_NO_NEW_PRIVS, HEEL_STAGE_LANDLOCK,
-    HEEL_STAGE_SECCOMP, HEEL_STAGE_EXEC_INIT, HEEL_STAGE_INIT, HEEL_STAGE_EXEC, ...
+    HEEL_STAGE_SECCOMP, HEEL_STAGE_EXEC_INIT, HEEL_STAGE_INIT, HEEL_STAGE_EXEC,
+    HEEL_STAGE_REQUEST, ...
 };
 
 enum heel_msg_kind {
@@ -85,6 +61,25 @@ struct heel_msg {
 };
 
 #define HEEL_INIT_PIDNS ...
+#define HEEL_INIT_UNIX_SOCKETS ...
+#define HEEL_INIT_INET_STREAM ...
+#define HEEL_INIT_NETLINK_ROUTE ...
+#define HEEL_INIT_SCOPE ...
+#define HEEL_REQUEST_FDS ...
+
+struct heel_request_head {
+    uint32_t nargv;
+    uint32_t nenv;
+    uint32_t nrlimits;
+    uint32_t reserved;
+};
+
+struct heel_rlimit {
+    int32_t resource;
+    uint32_t reserved;
+    uint64_t soft;
+    uint64_t hard;
+};
 
 int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);
 int heel_userns_create(const char *uid_map, const char *gid_map);

@@ -1,42 +1,66 @@
 /*
- * init.c - heel-init, the first process of every sandbox.
+ * init.c - heel-init: the zygote of a sandbox, and the init of each command.
  *
- * The spawn trampoline (spawn.c) execs heel-init as its last step, so
- * heel-init runs under the same namespaces, Landlock domain, seccomp filter,
- * rlimits and no_new_privs as the command.  heel-init:
- *   - starts the command as its child and tells the host whether execve
- *     worked;
+ * The spawn trampoline (spawn.c) builds a sandbox once, when it opens: the
+ * namespaces, the mount view, the Landlock domain, no_new_privs.  Its last
+ * step execs heel-init, which then serves the host for as long as the
+ * sandbox lives, as a zygote: for each command the host sends a request
+ * (heel.h: argv, environment, cwd, rlimits and four fds), and heel-init
+ *   - forks the command's init, a child subreaper (still heel-init's code,
+ *     no exec), and answers with its pid and a pidfd for it.
+ * The command's init then
+ *   - forks the command, which sets up its fds, cwd and rlimits, enters a
+ *     Landlock domain of its own that scopes signals and abstract unix
+ *     sockets (so it cannot signal its init, other commands or heel-init),
+ *     gives up every capability, installs the seccomp filter and execs;
+ *   - tells the host on the command's own control socket whether execve
+ *     worked (struct heel_msg);
  *   - forwards the host's signals to the command;
- *   - reaps every process that ends up as its child;
  *   - when the command exits, or the host asks for it or goes away, kills
- *     every remaining process of the sandbox, and only then reports the
- *     command's wait status, so that "exited" means "nothing is left".
+ *     every remaining process of the command (orphans come to it, the
+ *     subreaper), and only then reports the command's wait status, so that
+ *     "exited" means "nothing is left".
+ * So a command costs two forks of this small process instead of new
+ * namespaces, mounts and a Landlock ruleset each time.  The commands share
+ * the sandbox's pid namespace (and its /proc, which then agrees with
+ * getpid()).
  *
- * Usage: heel-init CTL_FD FLAGS PROGRAM ARGV0 [ARGS...]
- * CTL_FD is the control socket (struct heel_msg both ways).  FLAGS holds
- * HEEL_INIT_PIDNS when heel-init is pid 1 of its own pid namespace; without
- * it heel-init becomes a child subreaper instead.  Exit status: 0 after a
- * shutdown, 125 when heel-init itself failed, 127 when the command could not
- * be executed.  The host reads the details from the messages.
+ * Usage: heel-init CTL_FD FLAGS (HEEL_INIT_* in heel.h).  With
+ * HEEL_INIT_PIDNS heel-init is pid 1 of the sandbox's pid namespace; when
+ * the host's end of CTL_FD closes (the host exited or died) it exits, and
+ * its end is the end of every process in the namespace.  Without a pid
+ * namespace it is a subreaper, and kills its descendants before it exits.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+
 #include "heel.h"
+#include "syscalls.h"
+
+#ifndef __NR_pidfd_open
+#define __NR_pidfd_open 434
+#endif
 
 #define EXIT_INIT_FAILED 125
 #define EXIT_EXEC_FAILED 127
@@ -50,18 +74,50 @@
  * with forks. */
 #define MAX_KILL_ROUNDS 10000
 
-/* Signals the host may send to heel-init, passed on to the command. */
+#define FILTER_CAP 1024
+
+#ifndef SECBIT_NOROOT
+#define SECBIT_NOROOT (1 << 0)
+#define SECBIT_NOROOT_LOCKED (1 << 1)
+#define SECBIT_NO_SETUID_FIXUP (1 << 2)
+#define SECBIT_NO_SETUID_FIXUP_LOCKED (1 << 3)
+#define SECBIT_KEEP_CAPS_LOCKED (1 << 5)
+#define SECBIT_NO_CAP_AMBIENT_RAISE (1 << 6)
+#define SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED (1 << 7)
+#endif
+
+/* Signals the host may send to a command's init, passed on to the command. */
 static const int forwarded_signals[] = {
     SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM, SIGCONT,
 };
 
-struct sandbox {
-    int ctl;            /* the control socket */
-    int pidns;          /* heel-init is pid 1 of its own pid namespace */
-    pid_t command;
-    int command_reaped; /* command_status is valid; command's pid may be recycled */
-    int command_status;
+/* What every command of the sandbox shares, set up once in main(). */
+struct zygote {
+    int ctl;            /* heel-init's control socket to the host */
+    int sfd;            /* its signalfd */
+    int pidns;          /* heel-init is pid 1 of the sandbox's pid namespace */
+    int scope;          /* Landlock scopes for each command (0: none on this kernel) */
+    sigset_t orig_mask; /* the signal mask commands start with */
 };
+
+/* One command: its request, and then its init's state. */
+struct command {
+    struct heel_request_head head;
+    const struct heel_rlimit *rlimits;
+    const char *cwd;
+    const char *program;
+    char **argv;
+    char **envp;
+    int fds[HEEL_REQUEST_FDS]; /* stdin, stdout, stderr, control socket */
+    char *payload;
+    /* the command's init */
+    int ctl;
+    pid_t pid;
+    int reaped;         /* status is valid; the pid may be recycled */
+    int status;
+};
+
+static struct heel_bpf_insn filter_code[FILTER_CAP];
 
 /* Send one message whole.  MSG_NOSIGNAL: a host that went away is an
  * ordinary error here, not a SIGPIPE.  The host may have made the socket
@@ -91,7 +147,7 @@ __attribute__((noreturn))
 static void fail(int ctl, int stage, int err, int exit_status)
 {
     send_msg(ctl, HEEL_MSG_ERROR, stage, err);
-    exit(exit_status);
+    _exit(exit_status);
 }
 
 /* Read until len bytes or end of file.  Returns the count, or -1. */
@@ -128,8 +184,8 @@ static int parse_decimal(const char *s)
 }
 
 /* An ignored disposition survives execve.  An ignored SIGCHLD would make the
- * kernel reap the command behind our back, and the command must start from
- * the defaults, so heel-init does not rely on its caller having reset them. */
+ * kernel reap children behind our back, and commands must start from the
+ * defaults, so heel-init does not rely on its caller having reset them. */
 static void reset_signal_dispositions(void)
 {
     struct sigaction dfl;
@@ -140,6 +196,8 @@ static void reset_signal_dispositions(void)
         sigaction(sig, &dfl, NULL); /* EINVAL for SIGKILL, SIGSTOP, libc's own: fine */
 }
 
+/* ---- starting the command ---------------------------------------------- */
+
 /* execvp without glibc's extras, in the forked child.  Returns the errno to
  * report.  As execvp: a PROGRAM with a '/' is used as is; otherwise each PATH
  * entry is tried in order (an empty entry is the current directory), a
@@ -148,20 +206,23 @@ static void reset_signal_dispositions(void)
  * glibc, a file the kernel cannot execute (ENOEXEC: no #! line) is not
  * retried with /bin/sh: that would be a guess about an untrusted file, and
  * the user can name the interpreter. */
-static int exec_command(const char *program, char *const argv[])
+static int exec_command(const char *program, char *const argv[], char *const envp[])
 {
-    const char *path = getenv("PATH");
+    const char *path = NULL;
     size_t program_len = strlen(program);
     int err = ENOENT, seen_eacces = 0;
     char candidate[PATH_MAX];
     const char *dir, *dir_end;
 
     if (strchr(program, '/') != NULL) {
-        execve(program, argv, environ);
+        execve(program, argv, envp);
         return errno;
     }
     if (program_len == 0)
         return ENOENT;
+    for (char *const *e = envp; *e != NULL; e++)
+        if (strncmp(*e, "PATH=", 5) == 0)
+            path = *e + 5;
     if (path == NULL)
         path = DEFAULT_PATH;
 
@@ -178,7 +239,7 @@ static int exec_command(const char *program, char *const argv[])
             if (dir_len > 0)
                 candidate[dir_len++] = '/';
             memcpy(candidate + dir_len, program, program_len + 1);
-            execve(candidate, argv, environ);
+            execve(candidate, argv, envp);
             switch (errno) {
             case EACCES:
                 seen_eacces = 1;
@@ -199,41 +260,157 @@ static int exec_command(const char *program, char *const argv[])
     return seen_eacces ? EACCES : err;
 }
 
-/* Fork and exec the command.  Returns its pid once execve has succeeded; on
- * any failure reports it and exits.  A close-on-exec pipe tells the two
- * apart: end of file with no data means execve went through, otherwise the
- * child wrote its errno before exiting. */
-static pid_t start_command(int ctl, const sigset_t *orig_mask, const char *program,
-                           char *const argv[])
+/* Take every capability away for good: nothing in the bounding set, no
+ * ambient set, and securebits that stop uid 0 from regaining them at exec.
+ * Without a user namespace an unprivileged process has none to give up and
+ * may not touch securebits: EPERM then. */
+static int drop_capabilities(void)
 {
-    int exec_pipe[2], err;
+    int cap;
+
+    if (prctl(PR_SET_SECUREBITS,
+              SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
+              SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
+              SECBIT_KEEP_CAPS_LOCKED |
+              SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
+              0, 0, 0) < 0)
+        return errno == EPERM ? 0 : -1;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        return -1;
+    for (cap = 0; cap < 64; cap++) {
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            if (errno == EINVAL) /* past the last capability this kernel has */
+                break;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Empty the effective, permitted and inheritable sets of this process. */
+static void drop_own_capabilities(void)
+{
+    struct {
+        uint32_t version;
+        int pid;
+    } header = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
+    struct {
+        uint32_t effective, permitted, inheritable;
+    } data[2];
+
+    memset(data, 0, sizeof(data));
+    syscall(SYS_capset, &header, data);
+}
+
+/* A Landlock domain of the command's own that handles no access right but
+ * scopes signals and abstract unix sockets: nothing outside it, its init
+ * included, can be signalled or reached from inside. */
+static int enter_scope(uint64_t scoped)
+{
+    struct {
+        uint64_t handled_access_fs, handled_access_net, scoped;
+    } attr = {0, 0, scoped};
+    int fd = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
+
+    if (fd < 0)
+        return -1;
+    int rc = (int)syscall(__NR_landlock_restrict_self, fd, 0);
+    close(fd);
+    return rc;
+}
+
+/* In the forked child: tell the command's init what failed, and end. */
+__attribute__((noreturn))
+static void child_failed(int report, int stage, int err)
+{
+    int msg[2] = {stage, err};
+    while (write(report, msg, sizeof(msg)) < 0 && errno == EINTR)
+        continue;
+    _exit(EXIT_EXEC_FAILED);
+}
+
+/* stdin, stdout and stderr at 0, 1 and 2, the report pipe at 3 (closed by
+ * execve), every other fd closed.  Sources first go above 3, so that no
+ * dup2() overwrites a source still needed. */
+static int layout_fds(const struct command *c, int report)
+{
+    int high[3], i;
+
+    for (i = 0; i < 3; i++) {
+        high[i] = fcntl(c->fds[i], F_DUPFD_CLOEXEC, 4);
+        if (high[i] < 0)
+            return -1;
+    }
+    report = fcntl(report, F_DUPFD_CLOEXEC, 4);
+    if (report < 0)
+        return -1;
+    for (i = 0; i < 3; i++)
+        if (dup2(high[i], i) < 0) /* dup2 clears close-on-exec on i */
+            return -1;
+    if (dup3(report, 3, O_CLOEXEC) < 0)
+        return -1;
+    if (syscall(__NR_close_range, 4, ~0U, 0) < 0) {
+        /* Before Linux 5.9: close up to the fd limit one by one. */
+        struct rlimit rl;
+        int fd, max = 65536;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+            rl.rlim_cur < (rlim_t)max)
+            max = (int)rl.rlim_cur;
+        for (fd = 4; fd < max; fd++)
+            close(fd);
+    }
+    return 0;
+}
+
+/* The command's side of the fork: everything that is the command's alone,
+ * then execve.  (No capabilities and the seccomp filter it has already,
+ * from heel-init.)  The order: a session of its own (no controlling
+ * terminal: no TIOCSTI into the host's tty, and a process group that is a
+ * handle on the command's processes); the fds; the cwd; the rlimits (after
+ * the fds, so that a small RLIMIT_NOFILE cannot stop the layout); the
+ * Landlock scope. */
+__attribute__((noreturn))
+static void become_command(const struct zygote *z, const struct command *c, int report)
+{
+    setsid(); /* fails (EPERM) only for a process group leader, which a fresh child is not */
+    if (layout_fds(c, report) < 0)
+        child_failed(report, HEEL_STAGE_FDS, errno);
+    report = 3;
+    if (chdir(c->cwd) < 0)
+        child_failed(report, HEEL_STAGE_CHDIR, errno);
+    for (uint32_t i = 0; i < c->head.nrlimits; i++) {
+        struct rlimit rl = {c->rlimits[i].soft, c->rlimits[i].hard};
+        if (setrlimit(c->rlimits[i].resource, &rl) < 0)
+            child_failed(report, HEEL_STAGE_RLIMIT, errno);
+    }
+    if (z->scope && enter_scope(z->scope) < 0)
+        child_failed(report, HEEL_STAGE_LANDLOCK, errno);
+    sigprocmask(SIG_SETMASK, &z->orig_mask, NULL);
+    child_failed(report, HEEL_STAGE_EXEC, exec_command(c->program, c->argv, c->envp));
+}
+
+/* Fork the command.  Returns its pid once execve has succeeded; on any
+ * failure reports it and exits.  A close-on-exec pipe tells the two apart:
+ * end of file with no data means execve went through, otherwise the child
+ * wrote (stage, errno) before exiting. */
+static pid_t start_command(const struct zygote *z, const struct command *c)
+{
+    int exec_pipe[2], msg[2];
     ssize_t n;
     pid_t pid;
 
     if (pipe2(exec_pipe, O_CLOEXEC) < 0)
-        fail(ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+        fail(c->ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
     pid = fork();
     if (pid < 0)
-        fail(ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+        fail(c->ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
     if (pid == 0) {
         close(exec_pipe[0]);
-        sigprocmask(SIG_SETMASK, orig_mask, NULL);
-        /* A session and process group of its own: heel-init's stay apart
-         * from the command's job control, and the group is a handle on the
-         * command's processes when /proc cannot list them.  setsid() fails
-         * (EPERM) only when the caller's pid is already a process group's
-         * id, which a fresh child's is not. */
-        setsid();
-        err = exec_command(program, argv);
-        while (write(exec_pipe[1], &err, sizeof(err)) < 0 && errno == EINTR)
-            continue;
-        _exit(EXIT_EXEC_FAILED);
+        become_command(z, c, exec_pipe[1]);
     }
 
     close(exec_pipe[1]);
-    n = read_full(exec_pipe[0], &err, sizeof(err));
-    if (n < 0)
-        err = errno;
+    n = read_full(exec_pipe[0], msg, sizeof(msg));
     close(exec_pipe[0]);
     if (n == 0)
         return pid;
@@ -242,23 +419,25 @@ static pid_t start_command(int ctl, const sigset_t *orig_mask, const char *progr
     kill(pid, SIGKILL);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
         continue;
-    if (n == (ssize_t)sizeof(err))
-        fail(ctl, HEEL_STAGE_EXEC, err, EXIT_EXEC_FAILED);
+    if (n == (ssize_t)sizeof(msg))
+        fail(c->ctl, msg[0], msg[1], EXIT_EXEC_FAILED);
     /* A pipe write this small is atomic, so a short read cannot happen. */
-    fail(ctl, HEEL_STAGE_INIT, n < 0 ? err : EIO, EXIT_INIT_FAILED);
+    fail(c->ctl, HEEL_STAGE_INIT, n < 0 ? errno : EIO, EXIT_INIT_FAILED);
 }
 
+/* ---- the command's init ------------------------------------------------ */
+
 /* Reap every child that has exited, without blocking.  Returns how many
- * were reaped, or -1 when heel-init has no child left at all. */
-static int reap_exited(struct sandbox *sb)
+ * were reaped, or -1 when there is no child left at all. */
+static int reap_exited(struct command *c)
 {
     int reaped = 0, status;
     pid_t pid;
 
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        if (pid == sb->command) {
-            sb->command_status = status;
-            sb->command_reaped = 1;
+        if (c != NULL && pid == c->pid) {
+            c->status = status;
+            c->reaped = 1;
         }
         reaped++;
     }
@@ -268,7 +447,7 @@ static int reap_exited(struct sandbox *sb)
 }
 
 /* Drain the signalfd.  Returns 1 once the command has exited. */
-static int handle_signals(struct sandbox *sb, int sfd)
+static int handle_signals(struct command *c, int sfd)
 {
     struct signalfd_siginfo info[8];
     ssize_t n;
@@ -281,14 +460,14 @@ static int handle_signals(struct sandbox *sb, int sfd)
             return 0; /* EAGAIN: drained */
         for (size_t i = 0; i < (size_t)n / sizeof(info[0]); i++) {
             if (info[i].ssi_signo == SIGCHLD) {
-                reap_exited(sb);
-                if (sb->command_reaped)
+                reap_exited(c);
+                if (c->reaped)
                     return 1;
             } else {
-                /* The command is reaped only just above, and the sandbox
+                /* The command is reaped only just above, and its init
                  * ends right then, so this pid still names the command
                  * (at worst a zombie), never a recycled pid. */
-                kill(sb->command, (int)info[i].ssi_signo);
+                kill(c->pid, (int)info[i].ssi_signo);
             }
         }
     }
@@ -314,15 +493,15 @@ static int handle_ctl(int ctl, struct ctl_reader *r)
     if (r->have < sizeof(r->msg))
         return 0;
     r->have = 0;
-    return r->msg.kind == HEEL_MSG_KILL; /* other kinds mean nothing to heel-init */
+    return r->msg.kind == HEEL_MSG_KILL; /* other kinds mean nothing here */
 }
 
-/* Serve signals and the host until the sandbox must end. */
-static void run_until_end(struct sandbox *sb, int sfd)
+/* Serve signals and the host until the command's end. */
+static void run_until_end(struct command *c, int sfd)
 {
     struct pollfd fds[2] = {
         {.fd = sfd, .events = POLLIN},
-        {.fd = sb->ctl, .events = POLLIN},
+        {.fd = c->ctl, .events = POLLIN},
     };
     struct ctl_reader reader = {.have = 0};
 
@@ -330,64 +509,55 @@ static void run_until_end(struct sandbox *sb, int sfd)
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            return; /* heel-init can no longer watch the sandbox: end it */
+            return; /* the command can no longer be watched: end it */
         }
         /* Signals first: the command's exit is reported if it came first. */
-        if (fds[0].revents != 0 && handle_signals(sb, sfd))
+        if (fds[0].revents != 0 && handle_signals(c, sfd))
             return;
         /* Any event, POLLHUP and POLLERR included, shows in the read. */
-        if (fds[1].revents != 0 && handle_ctl(sb->ctl, &reader))
+        if (fds[1].revents != 0 && handle_ctl(c->ctl, &reader))
             return;
     }
 }
 
-/* Pid-namespace mode.  kill(-1) from pid 1 reaches every other process of
- * the namespace and nothing outside it; a process being killed cannot fork
- * any more, so one call suffices.  Everything is SIGKILLed, so a blocking
- * wait ends. */
-static void kill_namespace(struct sandbox *sb)
+/* heel-init as pid 1, when the host is gone.  kill(-1) from pid 1 reaches
+ * every other process of the namespace and nothing outside it; a process
+ * being killed cannot fork any more, so one call suffices.  Everything is
+ * SIGKILLed, so a blocking wait ends. */
+static void kill_namespace(void)
 {
-    int status;
-    pid_t pid;
-
     kill(-1, SIGKILL);
-    for (;;) {
-        pid = waitpid(-1, &status, 0);
-        if (pid > 0 && pid == sb->command) {
-            sb->command_status = status;
-            sb->command_reaped = 1;
-        } else if (pid < 0 && errno != EINTR) {
-            return; /* ECHILD: nothing is left */
-        }
-    }
+    while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
+        continue; /* until ECHILD: nothing is left */
 }
 
 /* Without /proc, kill what can be named safely.  The command's pid is used
- * only while it is unreaped, and its process group only while one of
- * heel-init's children is still in it: either way the id is held and cannot
- * have been recycled by an unrelated process.  An orphan that left the group
- * (setsid) cannot be reached this way.  Returns how many targets there were. */
-static int kill_command_group(const struct sandbox *sb)
+ * only while it is unreaped, and its process group only while one of our
+ * children is still in it: either way the id is held and cannot have been
+ * recycled by an unrelated process.  An orphan that left the group (setsid)
+ * cannot be reached this way.  Returns how many targets there were. */
+static int kill_command_group(const struct command *c)
 {
     siginfo_t info;
     int targets = 0;
 
-    if (!sb->command_reaped) {
-        kill(sb->command, SIGKILL);
+    if (c == NULL)
+        return 0;
+    if (!c->reaped) {
+        kill(c->pid, SIGKILL);
         targets++;
     }
-    if (waitid(P_PGID, (id_t)sb->command, &info, WEXITED | WNOHANG | WNOWAIT) == 0) {
-        kill(-sb->command, SIGKILL);
+    if (waitid(P_PGID, (id_t)c->pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0) {
+        kill(-c->pid, SIGKILL);
         targets++;
     }
     return targets;
 }
 
-/* SIGKILL heel-init's direct children, as /proc lists them.  Nothing is
- * reaped while the list is used, so each pid in it still names that child
- * (a zombie keeps its pid), never a recycled one.  Returns how many
- * targets there were. */
-static int kill_children(const struct sandbox *sb)
+/* SIGKILL our direct children, as /proc lists them.  Nothing is reaped while
+ * the list is used, so each pid in it still names that child (a zombie keeps
+ * its pid), never a recycled one.  Returns how many targets there were. */
+static int kill_children(const struct command *c)
 {
     char path[64], buf[4096];
     long long pid = 0;
@@ -395,27 +565,27 @@ static int kill_children(const struct sandbox *sb)
     ssize_t len;
     int fd;
 
-    /* Single-threaded: heel-init's only thread has tid == pid. */
+    /* Single-threaded: the only thread has tid == pid. */
     snprintf(path, sizeof(path), "/proc/self/task/%d/children", (int)getpid());
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return kill_command_group(sb);
+        return kill_command_group(c);
     len = read_full(fd, buf, sizeof(buf));
     close(fd);
     if (len < 0)
-        return kill_command_group(sb);
+        return kill_command_group(c);
     /* "PID PID ... ": each pid ends with a space.  One cut off by a full
      * buffer has none yet and is left for the next round. */
     for (ssize_t i = 0; i < len; i++) {
-        char c = buf[i];
-        if (c == ' ') {
+        char ch = buf[i];
+        if (ch == ' ') {
             if (pid > 0 && pid <= INT_MAX) {
                 kill((pid_t)pid, SIGKILL);
                 targets++;
             }
             pid = 0;
-        } else if (pid >= 0 && c >= '0' && c <= '9' && pid <= INT_MAX) {
-            pid = pid * 10 + (c - '0');
+        } else if (pid >= 0 && ch >= '0' && ch <= '9' && pid <= INT_MAX) {
+            pid = pid * 10 + (ch - '0');
         } else {
             pid = -1; /* not a pid: skip to the next space */
         }
@@ -423,21 +593,21 @@ static int kill_children(const struct sandbox *sb)
     return targets;
 }
 
-/* Subreaper mode.  Killing a process orphans its children, which the
- * kernel hands to heel-init, the subreaper, for the next round; the rounds
- * go on until heel-init has no child at all.  They stop early when a round
- * has nothing to kill and nothing to reap: /proc lists every child, zombies
- * included, so that only happens without /proc, once the children left are
- * out of the fallback's reach. */
-static void kill_descendants(struct sandbox *sb)
+/* Killing a process orphans its children, which the kernel hands to us,
+ * the subreaper, for the next round; the rounds go on until there is no
+ * child at all.  They stop early when a round has nothing to kill and
+ * nothing to reap: /proc lists every child, zombies included, so that only
+ * happens without /proc, once the children left are out of the fallback's
+ * reach. */
+static void kill_descendants(struct command *c)
 {
     const struct timespec pause = {.tv_sec = 0, .tv_nsec = 1000 * 1000};
 
     for (int round = 0; round < MAX_KILL_ROUNDS; round++) {
         int targets, reaped;
 
-        targets = kill_children(sb);
-        reaped = reap_exited(sb);
+        targets = kill_children(c);
+        reaped = reap_exited(c);
         if (reaped < 0 || (targets == 0 && reaped == 0))
             return;
         /* Nothing had died yet: give SIGKILL a moment rather than spin. */
@@ -446,64 +616,321 @@ static void kill_descendants(struct sandbox *sb)
     }
 }
 
+/* The command's init: the child heel-init cloned for one request. */
+__attribute__((noreturn))
+static void command_init(const struct zygote *z, struct command *c)
+{
+    int sfd, report;
+    sigset_t handled;
+
+    /* The zygote's own fds are not the command's business. */
+    close(z->ctl);
+    close(z->sfd);
+    c->ctl = c->fds[3];
+    if (fcntl(c->ctl, F_SETFD, FD_CLOEXEC) < 0)
+        _exit(EXIT_INIT_FAILED);
+
+    /* The handled signals are blocked already (inherited from the zygote)
+     * and read from a signalfd of our own. */
+    sigemptyset(&handled);
+    sigaddset(&handled, SIGCHLD);
+    for (size_t i = 0; i < sizeof(forwarded_signals) / sizeof(forwarded_signals[0]); i++)
+        sigaddset(&handled, forwarded_signals[i]);
+    sfd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (sfd < 0)
+        fail(c->ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+    /* Orphans of the command come to us, not to the zygote, so that the
+     * command's end can be the end of all it started. */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        fail(c->ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+
+    c->pid = start_command(z, c);
+    for (int i = 0; i < 3; i++)
+        close(c->fds[i]);
+    send_msg(c->ctl, HEEL_MSG_STARTED, c->pid, 0);
+
+    run_until_end(c, sfd);
+    /* Only an exit seen before the shutdown is the command's own; one
+     * caused by the shutdown (the host's end) is not reported. */
+    report = c->reaped;
+    kill_descendants(c);
+    if (report)
+        send_msg(c->ctl, HEEL_MSG_EXITED, c->status, 0);
+    _exit(0);
+}
+
+/* ---- the zygote ---------------------------------------------------------- */
+
+/* Receive the header of a request and its fds.  Returns the payload length,
+ * 0 at end of file, or -errno. */
+static long receive_header(int ctl, int fds[HEEL_REQUEST_FDS])
+{
+    uint32_t length;
+    char control[CMSG_SPACE(sizeof(int) * HEEL_REQUEST_FDS)];
+    struct iovec iov = {.iov_base = &length, .iov_len = sizeof(length)};
+    struct msghdr msg = {
+        .msg_iov = &iov,
+        .msg_iovlen = 1,
+        .msg_control = control,
+        .msg_controllen = sizeof(control),
+    };
+    struct cmsghdr *cmsg;
+    ssize_t n;
+    int got = 0;
+
+    do {
+        n = recvmsg(ctl, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    if (n == 0)
+        return 0;
+    for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+            size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            int *passed = (int *)(void *)CMSG_DATA(cmsg);
+            for (size_t i = 0; i < count; i++) {
+                if (got < HEEL_REQUEST_FDS)
+                    fds[got++] = passed[i];
+                else
+                    close(passed[i]);
+            }
+        }
+    }
+    if (got != HEEL_REQUEST_FDS || (msg.msg_flags & MSG_CTRUNC) ||
+        (n < (ssize_t)sizeof(length) && read_full(ctl, (char *)&length + n,
+                                                   sizeof(length) - (size_t)n) !=
+                                            (ssize_t)(sizeof(length) - (size_t)n))) {
+        for (int i = 0; i < got; i++)
+            close(fds[i]);
+        return -EPROTO;
+    }
+    if (length < sizeof(struct heel_request_head) || length > HEEL_REQUEST_MAX) {
+        for (int i = 0; i < got; i++)
+            close(fds[i]);
+        return -EPROTO;
+    }
+    return (long)length;
+}
+
+/* Point at the next NUL-terminated string of the payload; NULL if none. */
+static char *next_string(char **cursor, const char *end)
+{
+    char *s = *cursor;
+    char *nul = memchr(s, '\0', (size_t)(end - s));
+
+    if (nul == NULL)
+        return NULL;
+    *cursor = nul + 1;
+    return s;
+}
+
+/* Parse a payload into c (which keeps pointers into it).  Returns 0 or -EPROTO. */
+static int parse_request(struct command *c, char *payload, size_t length)
+{
+    const char *end = payload + length;
+    char *cursor;
+    size_t rl_bytes;
+
+    memcpy(&c->head, payload, sizeof(c->head));
+    if (c->head.nargv < 1 || c->head.nargv > length || c->head.nenv > length ||
+        c->head.nrlimits > 64)
+        return -EPROTO;
+    rl_bytes = (size_t)c->head.nrlimits * sizeof(struct heel_rlimit);
+    if (sizeof(c->head) + rl_bytes > length)
+        return -EPROTO;
+    c->rlimits = (const struct heel_rlimit *)(void *)(payload + sizeof(c->head));
+    cursor = payload + sizeof(c->head) + rl_bytes;
+    c->argv = calloc((size_t)c->head.nargv + 1, sizeof(char *));
+    c->envp = calloc((size_t)c->head.nenv + 1, sizeof(char *));
+    if (c->argv == NULL || c->envp == NULL)
+        return -ENOMEM;
+    if ((c->cwd = next_string(&cursor, end)) == NULL ||
+        (c->program = next_string(&cursor, end)) == NULL)
+        return -EPROTO;
+    for (uint32_t i = 0; i < c->head.nargv; i++)
+        if ((c->argv[i] = next_string(&cursor, end)) == NULL)
+            return -EPROTO;
+    for (uint32_t i = 0; i < c->head.nenv; i++)
+        if ((c->envp[i] = next_string(&cursor, end)) == NULL)
+            return -EPROTO;
+    return cursor == end ? 0 : -EPROTO;
+}
+
+/* Answer a request: the command's init's pid and a pidfd for it, or -errno. */
+static void reply(int ctl, int32_t result, int pidfd)
+{
+    char control[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &result, .iov_len = sizeof(result)};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    ssize_t n;
+
+    if (pidfd >= 0) {
+        struct cmsghdr *cmsg;
+        memset(control, 0, sizeof(control));
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof(control);
+        cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &pidfd, sizeof(int));
+    }
+    do {
+        n = sendmsg(ctl, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+}
+
+static void free_command(struct command *c)
+{
+    free(c->argv);
+    free(c->envp);
+    free(c->payload);
+    for (int i = 0; i < HEEL_REQUEST_FDS; i++)
+        if (c->fds[i] >= 0)
+            close(c->fds[i]);
+}
+
+/* Read one request and start its command.  Returns 1 when the host has
+ * gone away (end of file or a broken socket). */
+static int serve_request(const struct zygote *z)
+{
+    struct command c;
+    long length;
+    int err, pidfd;
+    pid_t pid;
+
+    memset(&c, 0, sizeof(c));
+    for (int i = 0; i < HEEL_REQUEST_FDS; i++)
+        c.fds[i] = -1;
+    length = receive_header(z->ctl, c.fds);
+    if (length == 0 || length == -ECONNRESET)
+        return 1;
+    if (length < 0) {
+        reply(z->ctl, (int32_t)length, -1);
+        return length != -EPROTO;
+    }
+    c.payload = malloc((size_t)length);
+    if (c.payload == NULL) {
+        err = -ENOMEM;
+    } else if (read_full(z->ctl, c.payload, (size_t)length) != length) {
+        free_command(&c);
+        return 1; /* a request cut short: the host is gone or broken */
+    } else {
+        err = parse_request(&c, c.payload, (size_t)length);
+    }
+    if (err < 0) {
+        reply(z->ctl, err, -1);
+        free_command(&c);
+        return 0;
+    }
+
+    pid = fork();
+    if (pid < 0) {
+        reply(z->ctl, -errno, -1);
+        free_command(&c);
+        return 0;
+    }
+    if (pid == 0)
+        command_init(z, &c);
+    pidfd = (int)syscall(__NR_pidfd_open, pid, 0);
+    if (pidfd < 0) {
+        /* The child is ours and not reaped: its pid is still its own. */
+        err = -errno;
+        kill(pid, SIGKILL);
+        reply(z->ctl, err, -1);
+    } else {
+        reply(z->ctl, (int32_t)pid, pidfd);
+        close(pidfd);
+    }
+    free_command(&c);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    struct sandbox sb;
-    sigset_t handled, orig_mask;
-    int ctl, flags, sfd, report;
+    struct zygote z;
+    struct heel_seccomp_opts opts;
+    struct sock_fprog filter;
+    sigset_t handled;
+    int flags, n;
 
-    ctl = argc > 1 ? parse_decimal(argv[1]) : -1;
-    /* The command must not inherit the control socket.  Without a valid fd
-     * there is nobody to tell about a bad usage. */
-    if (ctl < 0 || fcntl(ctl, F_SETFD, FD_CLOEXEC) < 0)
+    memset(&z, 0, sizeof(z));
+    z.ctl = argc > 1 ? parse_decimal(argv[1]) : -1;
+    /* No command may inherit the control socket.  Without a valid fd there
+     * is nobody to tell about a bad usage. */
+    if (z.ctl < 0 || fcntl(z.ctl, F_SETFD, FD_CLOEXEC) < 0)
         return EXIT_INIT_FAILED;
-    flags = argc > 2 ? parse_decimal(argv[2]) : -1;
-    if (argc < 5 || flags < 0 || (flags & ~HEEL_INIT_PIDNS) != 0)
-        fail(ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
+    flags = argc == 3 ? parse_decimal(argv[2]) : -1;
+    if (flags < 0 || (flags & ~(HEEL_INIT_PIDNS | HEEL_INIT_UNIX_SOCKETS | HEEL_INIT_INET_STREAM |
+                                HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE)) != 0)
+        fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
+    z.pidns = (flags & HEEL_INIT_PIDNS) != 0;
+    z.scope = (flags & HEEL_INIT_SCOPE) ? HEEL_LANDLOCK_SCOPES : 0;
     /* kill(-1) is the pid-namespace shutdown; from anything but pid 1 it
      * would reach the user's processes outside the sandbox. */
-    if ((flags & HEEL_INIT_PIDNS) && getpid() != 1)
-        fail(ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
+    if (z.pidns && getpid() != 1)
+        fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
 
-    memset(&sb, 0, sizeof(sb));
-    sb.ctl = ctl;
-    sb.pidns = (flags & HEEL_INIT_PIDNS) != 0;
+    /* The filter of heel-init and so of every command. */
+    opts.allow_unix_sockets = (flags & HEEL_INIT_UNIX_SOCKETS) != 0;
+    opts.allow_inet_stream = (flags & HEEL_INIT_INET_STREAM) != 0;
+    opts.allow_netlink_route = (flags & HEEL_INIT_NETLINK_ROUTE) != 0;
+    n = heel_seccomp_build(&opts, filter_code, FILTER_CAP);
+    if (n <= 0)
+        fail(z.ctl, HEEL_STAGE_SECCOMP, n < 0 ? -n : EINVAL, EXIT_INIT_FAILED);
+    filter.len = (unsigned short)n;
+    filter.filter = (struct sock_filter *)filter_code;
 
-    /* Handled signals are blocked and read from a signalfd.  As pid 1 this
-     * is also what lets them in at all: the kernel drops signals with the
-     * default action that are sent to a namespace's init, but a blocked
-     * signal is queued. */
     reset_signal_dispositions();
     sigemptyset(&handled);
     sigaddset(&handled, SIGCHLD);
     for (size_t i = 0; i < sizeof(forwarded_signals) / sizeof(forwarded_signals[0]); i++)
         sigaddset(&handled, forwarded_signals[i]);
-    if (sigprocmask(SIG_BLOCK, &handled, &orig_mask) < 0)
-        fail(ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
-    sfd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sfd < 0)
-        fail(ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
-    /* Not dumpable: the command runs with our uid and Landlock domain, and
-     * must not be able to read or write our memory through /proc/1/mem
-     * (the flag does not survive the command's exec). */
+    if (sigprocmask(SIG_BLOCK, &handled, &z.orig_mask) < 0)
+        fail(z.ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+    z.sfd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (z.sfd < 0)
+        fail(z.ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+    /* Not dumpable: commands run with our uid and Landlock domain, and must
+     * not be able to read or write our memory through /proc/PID/mem (the
+     * flag does not survive a command's exec). */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    /* Without a pid namespace, orphans would go to an init outside the
-     * sandbox; as a subreaper heel-init gets them, and can kill them. */
-    if (!sb.pidns && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
-        fail(ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+    if (!z.pidns && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        fail(z.ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+    /* What heel-init does from here on needs no capability and none of
+     * what the filter refuses: give both up now, once, for every command
+     * it will start. */
+    if (drop_capabilities() < 0)
+        fail(z.ctl, HEEL_STAGE_CAPS, errno, EXIT_INIT_FAILED);
+    drop_own_capabilities();
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter) < 0)
+        fail(z.ctl, HEEL_STAGE_SECCOMP, errno, EXIT_INIT_FAILED);
+    send_msg(z.ctl, HEEL_MSG_STARTED, getpid(), 0);
 
-    sb.command = start_command(ctl, &orig_mask, argv[3], &argv[4]);
-    send_msg(ctl, HEEL_MSG_STARTED, sb.command, 0);
-
-    run_until_end(&sb, sfd);
-    /* Only an exit seen before the shutdown is the command's own; one
-     * caused by the shutdown (the host's end) is not reported. */
-    report = sb.command_reaped;
-    if (sb.pidns)
-        kill_namespace(&sb);
+    for (;;) {
+        struct pollfd fds[2] = {
+            {.fd = z.sfd, .events = POLLIN},
+            {.fd = z.ctl, .events = POLLIN},
+        };
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (fds[0].revents != 0) {
+            struct signalfd_siginfo info[8];
+            while (read(z.sfd, info, sizeof(info)) > 0)
+                continue; /* only SIGCHLD matters here: */
+            reap_exited(NULL); /* commands' inits, and orphans as pid 1 */
+        }
+        if (fds[1].revents != 0 && serve_request(&z))
+            break;
+    }
+    /* The host is gone: so is the sandbox. */
+    if (z.pidns)
+        kill_namespace();
     else
-        kill_descendants(&sb);
-    if (report)
-        send_msg(ctl, HEEL_MSG_EXITED, sb.command_status, 0);
+        kill_descendants(NULL);
     return 0;
 }

@@ -1,19 +1,21 @@
 /*
- * spawn.c - the fork/exec trampoline.
+ * spawn.c - the trampoline that builds a sandbox and starts its heel-init.
  *
  * The host is a large, threaded Python process.  A plain fork() would copy
  * its page tables (tens of milliseconds for a few GiB) and run the child in
  * a copy of a multi-threaded address space.  Instead the child is created
  * with CLONE_VM|CLONE_VFORK: it borrows the parent's memory on a stack of its
  * own while the parent waits, applies the plan that Python prepared, and
- * execs heel-init.  Until that exec the child calls only async-signal-safe
- * system calls, touches no lock and allocates nothing.
+ * execs heel-init, the sandbox's zygote (init.c), which starts every command.
+ * Until that exec the child calls only async-signal-safe system calls,
+ * touches no lock and allocates nothing.  This runs once per sandbox.
  *
  * Order of the child's steps, and why:
  *   signals    every handler back to SIG_DFL (the parent's handlers are
  *              Python's, and must not run here); all signals stay blocked.
  *   userns     uid/gid maps of the new user namespace (we hold all
- *              capabilities inside it until exec).
+ *              capabilities inside it: heel-init needs them to give each
+ *              command a pid namespace; commands give them up).
  *   mounts     private propagation, then the read-only view of the file
  *              system, with the writable places put back and a fresh /proc.
  *   identity   when heel runs as root there is no new user namespace above:
@@ -21,13 +23,12 @@
  *              idmapped), then enters a prepared user namespace whose uid 0
  *              is an unprivileged id outside.
  *   chdir, setsid (no controlling terminal: no TIOCSTI into the host's tty).
- *   caps       securebits and an empty bounding set, so that even uid 0
- *              gains no capability at exec.
- *   no_new_privs, then Landlock (restrict_self needs no_new_privs).
- *   fds        stdio and the passed fds at 0..n-1, heel-init's fd at n,
- *              every other fd closed.
- *   rlimits    after the fd layout, so a small RLIMIT_NOFILE cannot stop it.
- *   pdeathsig, seccomp last (it also filters the steps above), exec.
+ *   no_new_privs, then Landlock (restrict_self needs no_new_privs): the
+ *              domain every command inherits.
+ *   fds        the passed fds at 0..n-1, heel-init's fd at n, every other
+ *              fd closed.
+ *   pdeathsig, exec.  (rlimits, capabilities and seccomp are each
+ *              command's, applied by heel-init before the command's exec.)
  * A failure is reported as (stage, errno) on the control socket, then the
  * child exits with 127.
  */
@@ -48,8 +49,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 
 #include "heel.h"
 #include "syscalls.h"
@@ -78,15 +77,6 @@ struct heel_mount_attr {
     uint64_t userns_fd;
 };
 
-#ifndef SECBIT_NOROOT
-#define SECBIT_NOROOT (1 << 0)
-#define SECBIT_NOROOT_LOCKED (1 << 1)
-#define SECBIT_NO_SETUID_FIXUP (1 << 2)
-#define SECBIT_NO_SETUID_FIXUP_LOCKED (1 << 3)
-#define SECBIT_KEEP_CAPS_LOCKED (1 << 5)
-#define SECBIT_NO_CAP_AMBIENT_RAISE (1 << 6)
-#define SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED (1 << 7)
-#endif
 
 /* The most mount operations and passed fds one plan may carry: the child
  * keeps an fd for each on its stack. */
@@ -325,30 +315,6 @@ static int become_namespace_root(int userns_fd)
     return (int)syscall(SYS_setresuid, 0, 0, 0);
 }
 
-/* Take every capability away for good: nothing in the bounding set, no
- * ambient set, and securebits that stop uid 0 from regaining them at exec. */
-static int drop_capabilities(void)
-{
-    int cap;
-    if (prctl(PR_SET_SECUREBITS,
-              SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
-              SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
-              SECBIT_KEEP_CAPS_LOCKED |
-              SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
-              0, 0, 0) < 0)
-        return -1;
-    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
-        return -1;
-    for (cap = 0; cap < 64; cap++) {
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
-            if (errno == EINVAL) /* past the last capability this kernel has */
-                break;
-            return -1;
-        }
-    }
-    return 0;
-}
-
 /* fds[i] -> i, heel-init's fd -> n (close-on-exec), everything else closed.
  * Sources first go above n so that no dup2() overwrites a source still
  * needed.  Returns the new number of heel-init's fd, or -1. */
@@ -410,11 +376,6 @@ static int child_main(void *arg)
         fail(report, HEEL_STAGE_CHDIR, errno);
     if (setsid() < 0)
         fail(report, HEEL_STAGE_SETSID, errno);
-    /* Without a user namespace an unprivileged caller has no capabilities to
-     * drop and may not touch securebits: only then is EPERM expected. */
-    if (drop_capabilities() < 0 &&
-        (errno != EPERM || (p->clone_flags & CLONE_NEWUSER) || p->userns_fd >= 0 || geteuid() == 0))
-        fail(report, HEEL_STAGE_CAPS, errno);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(report, HEEL_STAGE_NO_NEW_PRIVS, errno);
     if (p->landlock_fd >= 0) {
@@ -425,21 +386,8 @@ static int child_main(void *arg)
     if (init_fd < 0)
         fail(report, HEEL_STAGE_FDS, errno);
     report = p->report_fd;
-    for (int i = 0; i < p->nrlimits; i++) {
-        struct rlimit rl = {p->rlimits[i].soft, p->rlimits[i].hard};
-        if (setrlimit(p->rlimits[i].resource, &rl) < 0)
-            fail(report, HEEL_STAGE_RLIMIT, errno);
-    }
     if (p->pdeathsig && prctl(PR_SET_PDEATHSIG, p->pdeathsig, 0, 0, 0) < 0)
         fail(report, HEEL_STAGE_SIGNALS, errno);
-    if (p->filter_len > 0) {
-        struct sock_fprog prog = {
-            .len = (unsigned short)p->filter_len,
-            .filter = (struct sock_filter *)p->filter,
-        };
-        if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
-            fail(report, HEEL_STAGE_SECCOMP, errno);
-    }
     sigemptyset(&empty);
     sigprocmask(SIG_SETMASK, &empty, NULL);
     syscall(SYS_execveat, init_fd, "", p->argv, p->envp, HEEL_AT_EMPTY_PATH);
@@ -454,8 +402,6 @@ int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out)
 
     if (plan->report_fd < 0 || plan->report_fd >= plan->nfds)
         return -EINVAL;
-    if ((unsigned)plan->filter_len > 0xffff)
-        return -E2BIG;
 
     char *stack = mmap(NULL, HEEL_CHILD_STACK, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);

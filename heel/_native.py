@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 from ._version import __version__
-from .errors import SandboxUnavailable
 
 try:
     from ._heel import ffi, lib
@@ -44,6 +43,7 @@ STAGES = {
     lib.HEEL_STAGE_EXEC_INIT: "exec_init",
     lib.HEEL_STAGE_INIT: "init",
     lib.HEEL_STAGE_EXEC: "exec",
+    lib.HEEL_STAGE_REQUEST: "request",
 }
 
 MSG_SIZE = ffi.sizeof("struct heel_msg")
@@ -87,20 +87,6 @@ def seccomp_arch() -> int:
     return lib.heel_seccomp_arch()
 
 
-def seccomp_filter(*, allow_unix_sockets: bool, allow_inet_stream: bool, allow_netlink_route: bool):
-    """Assemble the seccomp program; returns (cdata array, length)."""
-    opts = ffi.new("struct heel_seccomp_opts *")
-    opts.allow_unix_sockets = int(allow_unix_sockets)
-    opts.allow_inet_stream = int(allow_inet_stream)
-    opts.allow_netlink_route = int(allow_netlink_route)
-    cap = 1024
-    buf = ffi.new("struct heel_bpf_insn[]", cap)
-    n = lib.heel_seccomp_build(opts, buf, cap)
-    if n < 0:
-        raise SandboxUnavailable("seccomp", f"the filter cannot be built here: {os.strerror(-n)}")
-    return buf, n
-
-
 class SpawnPlan:
     """A heel_spawn_plan with every buffer it points to kept alive."""
 
@@ -113,16 +99,14 @@ class SpawnPlan:
         cwd: str | None,
         fds: list[int],
         report_fd: int,
-        rlimits: list[tuple[int, int, int]],
         clone_flags: int,
         uid_map: bytes,
         gid_map: bytes,
         mounts: list[tuple[int, str | None, str, int, bool]],
         readonly_root: bool,
         landlock_fd: int,
-        seccomp: tuple | None,
         pdeathsig: int,
-        userns_fd: int = -1,
+        userns_fd: int,
     ) -> None:
         keep = []
 
@@ -151,14 +135,6 @@ class SpawnPlan:
         p.fds = fd_arr
         p.nfds = len(fds)
         p.report_fd = report_fd
-        rl = ffi.new("struct heel_rlimit[]", max(1, len(rlimits)))
-        for i, (resource, soft, hard) in enumerate(rlimits):
-            rl[i].resource = resource
-            rl[i].soft = soft
-            rl[i].hard = hard
-        keep.append(rl)
-        p.rlimits = rl
-        p.nrlimits = len(rlimits)
         p.clone_flags = clone_flags
         p.uid_map = cstr(uid_map)
         p.gid_map = cstr(gid_map)
@@ -174,12 +150,6 @@ class SpawnPlan:
         p.nmounts = len(mounts)
         p.readonly_root = int(readonly_root)
         p.landlock_fd = landlock_fd
-        if seccomp is not None:
-            p.filter, p.filter_len = seccomp
-            keep.append(seccomp[0])
-        else:
-            p.filter = ffi.NULL
-            p.filter_len = 0
         p.pdeathsig = pdeathsig
         p.userns_fd = userns_fd
         self._plan = p

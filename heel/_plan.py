@@ -342,8 +342,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     if limits.open_files:
         rlimits.append((resource.RLIMIT_NOFILE, limits.open_files, limits.open_files))
     if limits.processes:
-        # heel-init is one of the processes too.
-        rlimits.append((resource.RLIMIT_NPROC, limits.processes + 1, limits.processes + 1))
+        # Counted in the sandbox's user namespace, where heel-init and the
+        # command's init are processes too.
+        rlimits.append((resource.RLIMIT_NPROC, limits.processes + 2, limits.processes + 2))
 
     return SandboxPlan(
         level=level,

@@ -1,27 +1,32 @@
-"""Turning a plan into native objects, and starting one command.
+"""Starting a sandbox, and one command in it.
 
-``Prepared`` holds what every command of a sandbox shares: the Landlock
-ruleset fd, the seccomp program, heel-init's fd, the namespace flags and
-mounts.  It is built once, when the sandbox opens.  ``launch`` starts one
-command and returns its pid, pidfd and control socket; it does not wait.
-Both the trio API and the synchronous CLI path use it.
+When a sandbox opens, ``Session`` plans it and ``Prepared`` builds it: the
+trampoline (csrc/spawn.c) creates the namespaces, the mount view and the
+Landlock domain once, and execs heel-init, the sandbox's zygote
+(csrc/init.c).  ``launch`` then asks the zygote for each command: it sends
+the argv, environment, cwd, rlimits and fds, and gets back a pidfd for the
+command's init.  It does not wait for the command.  Both the trio API and the
+synchronous CLI path use it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import shutil
 import signal
 import socket
 import stat
 import struct
 import tempfile
+import threading
 
 from . import _native
 from ._native import lib
 from ._plan import SandboxPlan, build_plan
 from .config import SandboxConfig
-from .errors import SandboxUnavailable, spawn_error
+from .errors import SandboxClosed, SandboxUnavailable, spawn_error
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -39,47 +44,83 @@ _MOUNT_KINDS = {
     "devpts": lib.HEEL_MNT_DEVPTS,
 }
 _MSG = struct.Struct("=iii")
-CTL_FD = 3  # the control socket's number in the child: after stdin, stdout, stderr
+MSG_SIZE = _MSG.size
+_LENGTH = struct.Struct("=I")
+_HEAD = struct.Struct("=IIII")
+_RLIMIT = struct.Struct("=iIQQ")  # struct heel_rlimit
+_REPLY = struct.Struct("=i")
+CTL_FD = 3  # heel-init's control socket in the child: after stdin, stdout, stderr
 
 
 class Prepared:
-    """The native side of a plan; close() releases the fds."""
-
-    #: Each command in a mount namespace adds rules for its own /proc and
-    #: devpts to the shared ruleset (see spawn.c); after this many commands
-    #: the ruleset is rebuilt.
-    RULESET_REUSE = 64
+    """A running sandbox: its zygote, and the way to ask it for commands.
+    close() kills everything in the sandbox."""
 
     def __init__(self, plan: SandboxPlan) -> None:
         self.plan = plan
-        self.landlock_fd = -1
-        self.init_fd = -1
-        self.userns_fd = -1
-        self.launches = 0
+        self._lock = threading.Lock()  # one request at a time on the zygote's socket
+        self._pidfd = -1
+        self._ctl: socket.socket | None = None
+        for path in plan.mountpoints:
+            os.makedirs(path, exist_ok=True)
         try:
-            if not os.access(_native.INIT_PATH, os.X_OK):
-                raise SandboxUnavailable(
-                    "heel-init", f"{_native.INIT_PATH} is missing", "reinstall heel: the build makes it")
-            self.init_fd = os.open(_native.INIT_PATH, os.O_PATH | os.O_CLOEXEC)
-            self.landlock_fd = self._ruleset()
-            self.seccomp = _native.seccomp_filter(**plan.seccomp)
-            if plan.sandbox_id is not None:
-                ids = f"0 {plan.sandbox_id} 1\n"
-                self.userns_fd = _native.userns_create(ids, ids)
+            self._start()
         except BaseException:
             self.close()
             raise
-        for path in plan.mountpoints:
-            os.makedirs(path, exist_ok=True)
-        self.clone_flags = 0
-        if plan.namespaces:
-            self.clone_flags = NAMESPACES if plan.network_namespace else NAMESPACES & ~CLONE_NEWNET
-            if self.userns_fd >= 0:  # the child enters that one instead
-                self.clone_flags &= ~CLONE_NEWUSER
-        self.mounts = [(_MOUNT_KINDS[m.kind], m.source, m.path, m.access, m.idmap) for m in plan.mounts]
-        uid, gid = os.geteuid(), os.getegid()
-        self.uid_map = f"{uid} {uid} 1\n".encode()
-        self.gid_map = f"{gid} {gid} 1\n".encode()
+
+    def _start(self) -> None:
+        plan = self.plan
+        if not os.access(_native.INIT_PATH, os.X_OK):
+            raise SandboxUnavailable("heel-init", f"{_native.INIT_PATH} is missing",
+                                     "reinstall heel: the build makes it")
+        opened: list[int] = []
+        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._ctl = host_end
+        try:
+            init_fd = os.open(_native.INIT_PATH, os.O_PATH | os.O_CLOEXEC)
+            opened.append(init_fd)
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            opened.append(null)
+            landlock_fd = self._ruleset()
+            if landlock_fd >= 0:
+                opened.append(landlock_fd)
+            userns_fd = -1
+            if plan.sandbox_id is not None:
+                ids = f"0 {plan.sandbox_id} 1\n"
+                userns_fd = _native.userns_create(ids, ids)
+                opened.append(userns_fd)
+            clone_flags = 0
+            if plan.namespaces:
+                clone_flags = NAMESPACES if plan.network_namespace else NAMESPACES & ~CLONE_NEWNET
+                if userns_fd >= 0:  # the child enters that one instead
+                    clone_flags &= ~CLONE_NEWUSER
+            uid, gid = os.geteuid(), os.getegid()
+            native = _native.SpawnPlan(
+                init_fd=init_fd,
+                argv=[b"heel-init", str(CTL_FD).encode(), str(_init_flags(plan)).encode()],
+                envp=[],
+                cwd=plan.workdir,
+                fds=[null, null, null, child_end.fileno()],
+                report_fd=CTL_FD,
+                clone_flags=clone_flags,
+                uid_map=f"{uid} {uid} 1\n".encode(),
+                gid_map=f"{gid} {gid} 1\n".encode(),
+                mounts=[(_MOUNT_KINDS[m.kind], m.source, m.path, m.access, m.idmap) for m in plan.mounts],
+                readonly_root=plan.readonly_root,
+                landlock_fd=landlock_fd,
+                pdeathsig=signal.SIGKILL,
+                userns_fd=userns_fd,
+            )
+            _, self._pidfd = native.spawn()
+        finally:
+            child_end.close()
+            for fd in opened:
+                os.close(fd)
+        first = _recv_exactly(host_end, MSG_SIZE)
+        if first is None:
+            raise SandboxUnavailable("the sandbox", "heel-init exited before it started")
+        raise_for_error(decode_message(first), "heel-init")
 
     def _ruleset(self) -> int:
         plan = self.plan
@@ -99,21 +140,105 @@ class Prepared:
             raise
         return fd
 
-    def ruleset_for_launch(self) -> int:
-        """The ruleset fd for the next command, rebuilt every RULESET_REUSE launches."""
-        self.launches += 1
-        if self.plan.namespaces and self.launches % self.RULESET_REUSE == 0 and self.landlock_fd >= 0:
-            fresh = self._ruleset()
-            os.close(self.landlock_fd)
-            self.landlock_fd = fresh
-        return self.landlock_fd
+    def launch(self, argv: list[str], env: dict[str, str], cwd: str,
+               stdio: tuple[int, int, int]) -> tuple[int, int, socket.socket]:
+        """Start one command.  Returns (host pid of its init, pidfd, control socket).
+
+        Failures of the command's own setup arrive later as an error message
+        on the control socket (see raise_for_error)."""
+        payload = _encode_request(argv, env, cwd, self.plan.rlimits)
+        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                if self._ctl is None:
+                    raise SandboxClosed("the sandbox is closed")
+                try:
+                    socket.send_fds(self._ctl, [_LENGTH.pack(len(payload))],
+                                    [*stdio, child_end.fileno()])
+                    self._ctl.sendall(payload)
+                    data, fds, _, _ = socket.recv_fds(self._ctl, _REPLY.size, 1)
+                except OSError as exc:
+                    raise SandboxClosed(f"the sandbox's heel-init is gone: {exc}") from None
+            if len(data) != _REPLY.size:
+                for fd in fds:
+                    os.close(fd)
+                raise SandboxClosed("the sandbox's heel-init is gone")
+            (result,) = _REPLY.unpack(data)
+            if result < 0 or not fds:
+                for fd in fds:
+                    os.close(fd)
+                raise spawn_error("clone", -result if result < 0 else errno.EIO, argv[0])
+            pidfd = fds[0]
+        except BaseException:
+            host_end.close()
+            raise
+        finally:
+            child_end.close()
+        return _host_pid(pidfd), pidfd, host_end
 
     def close(self) -> None:
-        for name in ("landlock_fd", "init_fd", "userns_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        """Kill every process of the sandbox and reap its heel-init."""
+        if self._ctl is not None:
+            with self._lock:
+                self._ctl.close()
+                self._ctl = None
+        if self._pidfd >= 0:
+            # In a pid namespace heel-init is its pid 1: its death is every
+            # process's.  Without one, the closed socket has told it to kill
+            # what it started; give it a moment before the SIGKILL.
+            if not self.plan.namespaces:
+                select.select([self._pidfd], [], [], 2.0)
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def _init_flags(plan: SandboxPlan) -> int:
+    flags = lib.HEEL_INIT_PIDNS if plan.namespaces else 0
+    if plan.seccomp["allow_unix_sockets"]:
+        flags |= lib.HEEL_INIT_UNIX_SOCKETS
+    if plan.seccomp["allow_inet_stream"]:
+        flags |= lib.HEEL_INIT_INET_STREAM
+    if plan.seccomp["allow_netlink_route"]:
+        flags |= lib.HEEL_INIT_NETLINK_ROUTE
+    if plan.scoped:
+        flags |= lib.HEEL_INIT_SCOPE
+    return flags
+
+
+def _encode_request(argv: list[str], env: dict[str, str], cwd: str, rlimits) -> bytes:
+    """A command request's payload (see heel.h)."""
+    strings = [os.fsencode(cwd), os.fsencode(argv[0])] + [os.fsencode(a) for a in argv]
+    strings += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    return b"".join([
+        _HEAD.pack(len(argv), len(env), len(rlimits), 0),
+        *(_RLIMIT.pack(resource, 0, soft, hard) for resource, soft, hard in rlimits),
+        *(s + b"\0" for s in strings),
+    ])
+
+
+def _host_pid(pidfd: int) -> int:
+    """The pid of a pidfd's process as the host sees it (heel-init reports
+    it in the sandbox's pid namespace)."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as info:
+        for line in info:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return -1
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 def needs_relay(fd: int) -> bool:
@@ -128,50 +253,6 @@ def needs_relay(fd: int) -> bool:
     return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
 
 
-def encode_env(env: dict[str, str]) -> list[bytes]:
-    return [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-
-
-def launch(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
-           stdio: tuple[int, int, int], extra_fds: tuple[int, ...] = ()):
-    """Start one command.  Returns (pid, pidfd, host end of the control socket).
-
-    Setup failures arrive later as an error message on the control socket
-    (see read_message); this only raises when clone() itself fails.
-    """
-    plan = prepared.plan
-    host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        flags = _native.INIT_PIDNS if plan.namespaces else 0
-        init_argv = [b"heel-init", str(CTL_FD).encode(), str(flags).encode(),
-                     os.fsencode(argv[0])] + [os.fsencode(a) for a in argv]
-        native = _native.SpawnPlan(
-            init_fd=prepared.init_fd,
-            argv=init_argv,
-            envp=encode_env(env),
-            cwd=cwd,
-            fds=[*stdio, child_end.fileno(), *extra_fds],
-            report_fd=CTL_FD,
-            rlimits=list(plan.rlimits),
-            clone_flags=prepared.clone_flags,
-            uid_map=prepared.uid_map,
-            gid_map=prepared.gid_map,
-            mounts=prepared.mounts,
-            readonly_root=plan.readonly_root,
-            landlock_fd=prepared.ruleset_for_launch(),
-            seccomp=prepared.seccomp,
-            pdeathsig=signal.SIGKILL,
-            userns_fd=prepared.userns_fd,
-        )
-        pid, pidfd = native.spawn()
-    except BaseException:
-        host_end.close()
-        raise
-    finally:
-        child_end.close()
-    return pid, pidfd, host_end
-
-
 def decode_message(data: bytes) -> tuple[int, int, int]:
     return _MSG.unpack(data)
 
@@ -180,26 +261,16 @@ def encode_message(kind: int, a: int = 0, b: int = 0) -> bytes:
     return _MSG.pack(kind, a, b)
 
 
-MSG_SIZE = _MSG.size
-
-
 def raise_for_error(message: tuple[int, int, int], program: str) -> None:
     kind, a, b = message
     if kind == _native.MSG_ERROR:
         raise spawn_error(_native.STAGES.get(a, str(a)), b, program)
 
 
-def returncode_from_status(status: int) -> int:
-    """A raw wait status as subprocess reports it: the code, or -signal."""
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
 class Session:
     """What an open sandbox owns on the host: its temporary directory (the
     private tmp, and the workdir unless the config names one) and the
-    prepared native objects.  Used by heel.Sandbox and by the CLI."""
+    running sandbox.  Used by heel.Sandbox and by the CLI."""
 
     def __init__(self, config: SandboxConfig, env=None) -> None:
         """``env``: the Environment to plan for; by default the probed one."""

@@ -10,8 +10,7 @@ import socket
 import time
 
 from . import _native
-from ._spawn import (MSG_SIZE, Prepared, decode_message, encode_message, launch, needs_relay,
-                     raise_for_error)
+from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, needs_relay, raise_for_error
 
 
 def recv_message(sock: socket.socket, *, block: bool = True):
@@ -33,48 +32,39 @@ def recv_message(sock: socket.socket, *, block: bool = True):
     return decode_message(data)
 
 
-def exit_status(ctl: socket.socket, killed: bool, init_status: int) -> int:
-    """The command's return code, after heel-init has exited: the EXITED
-    message when heel-init sent one, otherwise what happened to heel-init."""
+def exit_status(ctl: socket.socket, killed: bool) -> int:
+    """The command's return code, once its init has exited: the EXITED
+    message when the init sent one; otherwise it was killed (by heel, or
+    with the whole sandbox), which reads as SIGKILL."""
     status = None
     while (msg := recv_message(ctl, block=False)) is not None:
         if msg[0] == _native.MSG_EXITED:
             status = msg[1]
-    if status is not None:
-        if os.WIFSIGNALED(status):
-            return -os.WTERMSIG(status)
-        return os.WEXITSTATUS(status)
-    if killed:
+    if status is None:
         return -signal.SIGKILL
-    return init_status
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
 
 
-def kill_tree(pidfd: int, ctl: socket.socket, pid_namespace: bool, grace: float = 2.0) -> None:
+def kill_tree(pidfd: int, ctl: socket.socket, grace: float = 2.0) -> None:
     """Kill the command and every process it started.
 
-    In a pid namespace SIGKILL to heel-init (its pid 1) makes the kernel kill
-    all the rest.  Without one, heel-init must kill the tree itself: it is
-    asked to, and given ``grace`` seconds before it is killed too (with
-    grace=0 the caller waits for it instead).
+    The command's init is asked to: it kills its descendants, which it can
+    find all of as their subreaper, and exits.  It gets ``grace`` seconds
+    before it is SIGKILLed itself (with grace=0 the caller waits for it
+    instead, and does that).  Everything left then dies with the sandbox.
     """
-    if not pid_namespace:
-        try:
-            ctl.send(encode_message(_native.MSG_KILL), socket.MSG_NOSIGNAL)
-            if grace == 0 or select.select([pidfd], [], [], grace)[0]:
-                return
-        except OSError:
-            pass
+    try:
+        ctl.send(encode_message(_native.MSG_KILL), socket.MSG_NOSIGNAL)
+        if grace == 0 or select.select([pidfd], [], [], grace)[0]:
+            return
+    except OSError:
+        pass
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def waitid_status(pidfd: int) -> int:
-    info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-    if info.si_code == os.CLD_EXITED:
-        return info.si_status
-    return -info.si_status
 
 
 class Relays:
@@ -169,17 +159,18 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     pipes (see Relays)."""
     relays = Relays(stdio)
     try:
-        pid, pidfd, ctl = launch(prepared, argv, env, cwd, tuple(relays.child_fds))
+        _, pidfd, ctl = prepared.launch(argv, env, cwd, tuple(relays.child_fds))
     except BaseException:
         relays.finish()
         raise
     relays.started()
     killed = timed_out = False
-    reaped = False
+    ended = False
     try:
         first = recv_message(ctl)
-        if first is not None:
-            raise_for_error(first, argv[0])
+        if first is None:
+            raise _init_vanished(argv[0])
+        raise_for_error(first, argv[0])
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -189,28 +180,25 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
             if pidfd in readable:
                 break
             if deadline is not None and time.monotonic() >= deadline and not killed:
-                kill_tree(pidfd, ctl, prepared.plan.namespaces)
+                kill_tree(pidfd, ctl)
                 killed = timed_out = True
-        init_status = waitid_status(pidfd)
-        reaped = True
+        ended = True
         relays.finish()
-        if first is None:
-            raise _native_error(init_status, argv[0])
-        return exit_status(ctl, killed, init_status), timed_out
+        return exit_status(ctl, killed), timed_out
     finally:
-        if not reaped:
-            kill_tree(pidfd, ctl, prepared.plan.namespaces)
-            os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        if not ended:
+            kill_tree(pidfd, ctl)
+            select.select([pidfd], [], [], 5.0)
             relays.finish()
         os.close(pidfd)
         ctl.close()
 
 
-def _native_error(init_status: int, program: str):
-    """heel-init went away without a word: report that as a spawn error."""
+def _init_vanished(program: str):
+    """A command's init went away without a word: report that as a spawn error."""
     from .errors import SpawnError
     import errno
 
     err = SpawnError("init", errno.ECHILD, program)
-    err.strerror = f"{program}: heel-init exited with status {init_status} before starting the command"
+    err.strerror = f"{program}: heel-init ended before starting the command"
     return err

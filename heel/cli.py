@@ -129,20 +129,17 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
 
     timeout = config.limits.timeout
     # One command: skip the probe's trial run and assume namespaces work.  If
-    # they do not, the command failed before it started, so the real probe
-    # decides and the command runs once, as that allows (or is refused).
-    session = Session(config, assumed_environment())
+    # they do not, building the sandbox fails before anything ran, so the
+    # real probe decides and the sandbox is built as that allows (or refused).
     try:
-        try:
-            code, timed_out = run(session.prepared, argv, env=session.plan.env,
-                                  cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
-        except OSError as exc:  # SpawnError, or clone itself refused
-            if isinstance(exc, SpawnError) and exc.stage not in NAMESPACE_STAGES:
-                raise
-            session.close()
-            session = Session(config)
-            code, timed_out = run(session.prepared, argv, env=session.plan.env,
-                                  cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
+        session = Session(config, assumed_environment())
+    except OSError as exc:  # SpawnError, or clone itself refused
+        if isinstance(exc, SpawnError) and exc.stage not in NAMESPACE_STAGES:
+            raise
+        session = Session(config)
+    try:
+        code, timed_out = run(session.prepared, argv, env=session.plan.env,
+                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
     finally:
         session.close()
     if timed_out:

@@ -5,8 +5,8 @@ like trio's: ``wait()``, ``poll()``, ``send_signal()``, ``terminate()``,
 ``kill()``, ``pid``, ``returncode`` and trio streams for stdin/stdout/stderr.
 It waits on a pidfd, so there is no SIGCHLD handler and no race with pid reuse.
 
-``pid`` is heel-init's pid on the host: the command runs as its child (pid 2
-in its pid namespace).  Signals sent to the Process are forwarded by
+``pid`` is the host's pid of the command's init (heel-init's code, pid 1 of
+the command's pid namespace); the command runs as its child.  Signals sent to the Process are forwarded by
 heel-init to the command; ``kill()`` kills the command and every process it
 started.
 """
@@ -14,6 +14,7 @@ started.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 from typing import Callable
@@ -30,7 +31,7 @@ class Process:
     """A command running in a sandbox.  Create it with ``Command.spawn()``."""
 
     def __init__(self, *, pid: int, pidfd: int, ctl: socket.socket, args: list[str],
-                 pid_namespace: bool, stdin: trio.lowlevel.FdStream | None,
+                 stdin: trio.lowlevel.FdStream | None,
                  stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None,
                  on_reaped: Callable[["Process"], None] | None = None) -> None:
         self.pid = pid
@@ -42,7 +43,6 @@ class Process:
         self._pidfd = pidfd
         self._ctl = ctl
         ctl.setblocking(False)
-        self._pid_namespace = pid_namespace
         self._killed = False
         self._on_reaped = on_reaped
         self._relays: list[trio.Event] = []  # copies of inherited host files still running
@@ -63,9 +63,9 @@ class Process:
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
-                # heel-init died before a word: reap it and say so.
-                status = await self.wait()
-                raise _sync._native_error(status, self.args[0])
+                # The command's init ended before a word: say so.
+                await self.wait()
+                raise _sync._init_vanished(self.args[0])
             data += chunk
         raise_for_error(decode_message(data), self.args[0])
 
@@ -79,15 +79,14 @@ class Process:
 
     def poll(self) -> int | None:
         """The return code if the command has exited, else None."""
-        if self.returncode is None:
-            info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            if info is not None:
-                self._reap()
+        if self.returncode is None and select.select([self._pidfd], [], [], 0)[0]:
+            self._reap()
         return self.returncode
 
     def _reap(self) -> None:
-        init_status = _sync.waitid_status(self._pidfd)
-        self.returncode = _sync.exit_status(self._ctl, self._killed, init_status)
+        # The command's init is the sandbox zygote's child, not ours: the
+        # zygote reaps it, and the status comes in the init's last message.
+        self.returncode = _sync.exit_status(self._ctl, self._killed)
         self._close_fds()
         if self._on_reaped is not None:
             self._on_reaped(self)
@@ -119,7 +118,7 @@ class Process:
         """Kill the command and every process it started."""
         if self.returncode is None and not self._killed:
             self._killed = True
-            _sync.kill_tree(self._pidfd, self._ctl, self._pid_namespace, grace=0)
+            _sync.kill_tree(self._pidfd, self._ctl, grace=0)
 
     async def aclose(self) -> None:
         """Close the streams, kill what is left, and reap."""

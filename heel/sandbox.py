@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import trio
 
 from ._plan import SandboxPlan
-from ._spawn import Prepared, Session, launch, needs_relay
+from ._spawn import Prepared, Session, needs_relay
 from .config import SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
 from .process import Process
@@ -211,7 +211,7 @@ class Sandbox:
                         streams.append(None)
                     else:
                         streams.append(stream)
-            pid, pidfd, ctl = launch(prepared, cmd._argv, env, cwd, tuple(child_fds))
+            pid, pidfd, ctl = prepared.launch(cmd._argv, env, cwd, tuple(child_fds))
         except BaseException:
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
@@ -227,7 +227,7 @@ class Sandbox:
             relay_done.append(done)
             self._nursery.start_soon(function, stream, host_fd, done)
         process = Process(pid=pid, pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
-                          pid_namespace=plan.namespaces, stdin=streams[0], stdout=streams[1],
+                          stdin=streams[0], stdout=streams[1],
                           stderr=streams[2], on_reaped=self._processes.discard)
         process._relays = relay_done
         self._processes.add(process)
