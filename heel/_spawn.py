@@ -142,7 +142,7 @@ class Prepared:
 
     def launch(self, argv: list[str], env: dict[str, str], cwd: str,
                stdio: tuple[int, int, int]) -> tuple[int, int, socket.socket]:
-        """Start one command.  Returns (host pid of its init, pidfd, control socket).
+        """Start one command.  Returns (pidfd of its init, control socket).
 
         Failures of the command's own setup arrive later as an error message
         on the control socket (see raise_for_error)."""
@@ -174,7 +174,7 @@ class Prepared:
             raise
         finally:
             child_end.close()
-        return _host_pid(pidfd), pidfd, host_end
+        return pidfd, host_end
 
     def close(self) -> None:
         """Kill every process of the sandbox and reap its heel-init."""
@@ -221,7 +221,7 @@ def _encode_request(argv: list[str], env: dict[str, str], cwd: str, rlimits) -> 
     ])
 
 
-def _host_pid(pidfd: int) -> int:
+def host_pid(pidfd: int) -> int:
     """The pid of a pidfd's process as the host sees it (heel-init reports
     it in the sandbox's pid namespace)."""
     with open(f"/proc/self/fdinfo/{pidfd}") as info:

@@ -159,7 +159,7 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     pipes (see Relays)."""
     relays = Relays(stdio)
     try:
-        _, pidfd, ctl = prepared.launch(argv, env, cwd, tuple(relays.child_fds))
+        pidfd, ctl = prepared.launch(argv, env, cwd, tuple(relays.child_fds))
     except BaseException:
         relays.finish()
         raise

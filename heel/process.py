@@ -22,7 +22,7 @@ from typing import Callable
 import trio
 
 from . import _sync
-from ._spawn import MSG_SIZE, decode_message, raise_for_error
+from ._spawn import MSG_SIZE, decode_message, host_pid, raise_for_error
 
 __all__ = ["Process"]
 
@@ -30,11 +30,11 @@ __all__ = ["Process"]
 class Process:
     """A command running in a sandbox.  Create it with ``Command.spawn()``."""
 
-    def __init__(self, *, pid: int, pidfd: int, ctl: socket.socket, args: list[str],
+    def __init__(self, *, pidfd: int, ctl: socket.socket, args: list[str],
                  stdin: trio.lowlevel.FdStream | None,
                  stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None,
                  on_reaped: Callable[["Process"], None] | None = None) -> None:
-        self.pid = pid
+        self._pid: int | None = None
         self.args = args
         self.stdin: trio.abc.SendStream | None = stdin
         self.stdout: trio.abc.ReceiveStream | None = stdout
@@ -46,6 +46,14 @@ class Process:
         self._killed = False
         self._on_reaped = on_reaped
         self._relays: list[trio.Event] = []  # copies of inherited host files still running
+
+    @property
+    def pid(self) -> int:
+        """The host's pid of the command's init (the command is its child).
+        Read from the pidfd on first use; -1 once the process is gone."""
+        if self._pid is None:
+            self._pid = host_pid(self._pidfd) if self._pidfd >= 0 else -1
+        return self._pid
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"

@@ -211,7 +211,7 @@ class Sandbox:
                         streams.append(None)
                     else:
                         streams.append(stream)
-            pid, pidfd, ctl = prepared.launch(cmd._argv, env, cwd, tuple(child_fds))
+            pidfd, ctl = prepared.launch(cmd._argv, env, cwd, tuple(child_fds))
         except BaseException:
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
@@ -226,7 +226,7 @@ class Sandbox:
             self._relays.append(done)
             relay_done.append(done)
             self._nursery.start_soon(function, stream, host_fd, done)
-        process = Process(pid=pid, pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
+        process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
                           stderr=streams[2], on_reaped=self._processes.discard)
         process._relays = relay_done
