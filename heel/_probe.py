@@ -144,7 +144,7 @@ def probe() -> ProbeReport:
           partial=env.seccomp),
         p("scoping", abi >= 6, "no signals to host processes, no host abstract unix sockets",
           "signals and abstract sockets are contained only by the namespaces", partial=ns),
-        p("user_namespace", ns, "unprivileged user namespace per command", why or "unavailable"),
+        p("user_namespace", ns, "an unprivileged user namespace per sandbox", why or "unavailable"),
         p("mount_view", ns, "read-only view outside writable places (no chmod/chown/utime/xattr)",
           "chmod, chown, utime and xattr changes outside the workdir are possible"),
         p("pid_namespace", ns, "every process dies with the command or the sandbox",
@@ -152,7 +152,7 @@ def probe() -> ProbeReport:
         p("network_namespace", ns, "no route out, no UDP, no DNS",
           "relies on Landlock TCP rules and seccomp", partial=abi >= 4),
         p("capabilities", True, "none inside (bounding set emptied, securebits locked)", ""),
-        p("process_limit", ns or not root, "RLIMIT_NPROC counted inside the command's user namespace",
+        p("process_limit", ns or not root, "RLIMIT_NPROC counted inside the sandbox's user namespace",
           "RLIMIT_NPROC does not bind uid 0 without a user namespace"),
     ]
     return ProbeReport(landlock_abi=abi, seccomp=env.seccomp, user_namespaces=ns, euid=env.euid,

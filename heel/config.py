@@ -158,8 +158,8 @@ class ResourceLimits(Frozen):
     cpu_time: CPU seconds per process (RLIMIT_CPU).
     file_size: the largest file a process may write (RLIMIT_FSIZE).
     open_files: open file descriptors per process (RLIMIT_NOFILE).
-    processes: processes at once (RLIMIT_NPROC, counted inside the user
-    namespace: the command's own, or the sandbox's when heel runs as root).
+    processes: processes at once (RLIMIT_NPROC, counted inside the sandbox's
+    user namespace: across its commands running at the same time).
     output_bytes: captured stdout+stderr; past it the command is killed and
     the output marked truncated.
     Sizes accept ints or strings such as ``"512M"``.
