@@ -17,6 +17,7 @@ import subprocess
 import time
 
 import pytest
+import trio
 
 import heel
 from helpers import explain, host_py, py, sh
@@ -511,3 +512,48 @@ report('getpid', rc, ctypes.get_errno())
             assert parse(out.stdout, "modify_ldt") == errno.EPERM, explain(out)
         assert parse(out.stdout, "fanotify_init") == errno.EPERM, explain(out)
         assert parse(out.stdout, "getpid") == 0, explain(out)  # control: the raw syscall path works
+
+
+PEEK_AT_OTHER_COMMAND = """
+import os, signal, sys
+def argv_of(p):
+    try:
+        return open(f'/proc/{p}/cmdline', 'rb').read().split(b'\\0')[:-1]
+    except OSError:
+        return None
+pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and argv_of(p) == [b'sleep', b'31.25']]
+print('found', len(pids))
+pid = pids[0]
+def attempt(name, fn):
+    try:
+        fn()
+        print(name, 'ok')
+    except OSError as e:
+        print(name, 'refused', e.errno)
+attempt('cmdline', lambda: open(f'/proc/{pid}/cmdline', 'rb').read())
+attempt('environ', lambda: open(f'/proc/{pid}/environ', 'rb').read())
+attempt('mem', lambda: open(f'/proc/{pid}/mem', 'rb'))
+attempt('kill', lambda: os.kill(pid, signal.SIGTERM))
+attempt('kill-self-child', lambda: os.kill(os.getpid(), 0))
+"""
+
+
+async def test_commands_of_one_sandbox_cannot_reach_each_other():
+    """Each command is in a Landlock scope of its own: another command of the
+    same sandbox can see it in /proc (control: cmdline), but not read its
+    environment or memory, nor signal it."""
+    if not heel.probe().landlock_abi >= 6:
+        pytest.skip("needs Landlock ABI 6 (scoping)")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        victim = await sb.command("sh").args(["-c", "export SECRET=heel-cross; exec sleep 31.25"]).spawn()
+        async with victim:
+            await trio.sleep(0.2)
+            out = await py(sb, PEEK_AT_OTHER_COMMAND)
+            assert out.returncode == 0, explain(out)
+            lines = out.stdout.decode().splitlines()
+            assert lines[:2] == ["found 1", "cmdline ok"], explain(out)
+            assert lines[-1] == "kill-self-child ok", explain(out)
+            for name in ("environ", "mem", "kill"):
+                assert f"{name} refused" in out.stdout.decode(), explain(out)
+            assert b"heel-cross" not in out.stdout
+            assert victim.poll() is None  # still running: the SIGTERM never arrived
