@@ -12,7 +12,7 @@
  *   - forks the command, which sets up its fds, cwd and rlimits, enters a
  *     Landlock domain of its own that scopes signals and abstract unix
  *     sockets (so it cannot signal its init, other commands or heel-init),
- *     gives up every capability, installs the seccomp filter and execs;
+ *     and execs (the seccomp filter it inherits: heel-init installs it once);
  *   - tells the host on the command's own control socket whether execve
  *     worked (struct heel_msg);
  *   - forwards the host's signals to the command;
@@ -75,16 +75,6 @@
 #define MAX_KILL_ROUNDS 10000
 
 #define FILTER_CAP 1024
-
-#ifndef SECBIT_NOROOT
-#define SECBIT_NOROOT (1 << 0)
-#define SECBIT_NOROOT_LOCKED (1 << 1)
-#define SECBIT_NO_SETUID_FIXUP (1 << 2)
-#define SECBIT_NO_SETUID_FIXUP_LOCKED (1 << 3)
-#define SECBIT_KEEP_CAPS_LOCKED (1 << 5)
-#define SECBIT_NO_CAP_AMBIENT_RAISE (1 << 6)
-#define SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED (1 << 7)
-#endif
 
 /* Signals the host may send to a command's init, passed on to the command. */
 static const int forwarded_signals[] = {
@@ -258,48 +248,6 @@ static int exec_command(const char *program, char *const argv[], char *const env
         dir = dir_end + 1;
     } while (*dir_end != '\0');
     return seen_eacces ? EACCES : err;
-}
-
-/* Take every capability away for good: nothing in the bounding set, no
- * ambient set, and securebits that stop uid 0 from regaining them at exec.
- * Without a user namespace an unprivileged process has none to give up and
- * may not touch securebits: EPERM then. */
-static int drop_capabilities(void)
-{
-    int cap;
-
-    if (prctl(PR_SET_SECUREBITS,
-              SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
-              SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
-              SECBIT_KEEP_CAPS_LOCKED |
-              SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
-              0, 0, 0) < 0)
-        return errno == EPERM ? 0 : -1;
-    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
-        return -1;
-    for (cap = 0; cap < 64; cap++) {
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
-            if (errno == EINVAL) /* past the last capability this kernel has */
-                break;
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* Empty the effective, permitted and inheritable sets of this process. */
-static void drop_own_capabilities(void)
-{
-    struct {
-        uint32_t version;
-        int pid;
-    } header = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
-    struct {
-        uint32_t effective, permitted, inheritable;
-    } data[2];
-
-    memset(data, 0, sizeof(data));
-    syscall(SYS_capset, &header, data);
 }
 
 /* A Landlock domain of the command's own that handles no access right but
@@ -898,12 +846,9 @@ int main(int argc, char **argv)
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     if (!z.pidns && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
         fail(z.ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
-    /* What heel-init does from here on needs no capability and none of
-     * what the filter refuses: give both up now, once, for every command
-     * it will start. */
-    if (drop_capabilities() < 0)
-        fail(z.ctl, HEEL_STAGE_CAPS, errno, EXIT_INIT_FAILED);
-    drop_own_capabilities();
+    /* What heel-init does from here on needs none of what the filter
+     * refuses: install it now, once, for every command it will start.  (It
+     * has no capability since its exec: spawn.c saw to that.) */
     if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter) < 0)
         fail(z.ctl, HEEL_STAGE_SECCOMP, errno, EXIT_INIT_FAILED);
     send_msg(z.ctl, HEEL_MSG_STARTED, getpid(), 0);

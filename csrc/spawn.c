@@ -14,8 +14,7 @@
  *   signals    every handler back to SIG_DFL (the parent's handlers are
  *              Python's, and must not run here); all signals stay blocked.
  *   userns     uid/gid maps of the new user namespace (we hold all
- *              capabilities inside it: heel-init needs them to give each
- *              command a pid namespace; commands give them up).
+ *              capabilities inside it until exec).
  *   mounts     private propagation, then the read-only view of the file
  *              system, with the writable places put back and a fresh /proc.
  *   identity   when heel runs as root there is no new user namespace above:
@@ -23,12 +22,14 @@
  *              idmapped), then enters a prepared user namespace whose uid 0
  *              is an unprivileged id outside.
  *   chdir, setsid (no controlling terminal: no TIOCSTI into the host's tty).
+ *   caps       securebits and an empty bounding set, so that even uid 0
+ *              gains no capability at exec.
  *   no_new_privs, then Landlock (restrict_self needs no_new_privs): the
  *              domain every command inherits.
  *   fds        the passed fds at 0..n-1, heel-init's fd at n, every other
  *              fd closed.
- *   pdeathsig, exec.  (rlimits, capabilities and seccomp are each
- *              command's, applied by heel-init before the command's exec.)
+ *   pdeathsig, exec.  (The seccomp filter is heel-init's first step;
+ *              rlimits are each command's.)
  * A failure is reported as (stage, errno) on the control socket, then the
  * child exits with 127.
  */
@@ -69,6 +70,16 @@ struct heel_open_how {
 };
 #define HEEL_MOUNT_ATTR_RDONLY 0x1
 #define HEEL_MOUNT_ATTR_IDMAP 0x00100000
+
+#ifndef SECBIT_NOROOT
+#define SECBIT_NOROOT (1 << 0)
+#define SECBIT_NOROOT_LOCKED (1 << 1)
+#define SECBIT_NO_SETUID_FIXUP (1 << 2)
+#define SECBIT_NO_SETUID_FIXUP_LOCKED (1 << 3)
+#define SECBIT_KEEP_CAPS_LOCKED (1 << 5)
+#define SECBIT_NO_CAP_AMBIENT_RAISE (1 << 6)
+#define SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED (1 << 7)
+#endif
 
 struct heel_mount_attr {
     uint64_t attr_set;
@@ -301,6 +312,31 @@ static int setup_mounts(const struct heel_spawn_plan *p)
     return 0;
 }
 
+/* Take every capability away for good: nothing in the bounding set, no
+ * ambient set, and securebits that stop uid 0 from regaining them at exec.
+ * heel-init and the commands need none. */
+static int drop_capabilities(void)
+{
+    int cap;
+    if (prctl(PR_SET_SECUREBITS,
+              SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
+              SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
+              SECBIT_KEEP_CAPS_LOCKED |
+              SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
+              0, 0, 0) < 0)
+        return -1;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        return -1;
+    for (cap = 0; cap < 64; cap++) {
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            if (errno == EINVAL) /* past the last capability this kernel has */
+                break;
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Enter the prepared user namespace and become its uid/gid 0, which is an
  * unprivileged id outside: no owner rights over the host's files, and an
  * RLIMIT_NPROC that binds (it never binds the real uid 0). */
@@ -376,6 +412,11 @@ static int child_main(void *arg)
         fail(report, HEEL_STAGE_CHDIR, errno);
     if (setsid() < 0)
         fail(report, HEEL_STAGE_SETSID, errno);
+    /* Without a user namespace an unprivileged caller has no capabilities to
+     * drop and may not touch securebits: only then is EPERM expected. */
+    if (drop_capabilities() < 0 &&
+        (errno != EPERM || (p->clone_flags & CLONE_NEWUSER) || p->userns_fd >= 0 || geteuid() == 0))
+        fail(report, HEEL_STAGE_CAPS, errno);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(report, HEEL_STAGE_NO_NEW_PRIVS, errno);
     if (p->landlock_fd >= 0) {
