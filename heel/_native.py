@@ -46,12 +46,9 @@ STAGES = {
     lib.HEEL_STAGE_REQUEST: "request",
 }
 
-MSG_SIZE = ffi.sizeof("struct heel_msg")
 MSG_ERROR = lib.HEEL_MSG_ERROR
-MSG_STARTED = lib.HEEL_MSG_STARTED
 MSG_EXITED = lib.HEEL_MSG_EXITED
 MSG_KILL = lib.HEEL_MSG_KILL
-INIT_PIDNS = lib.HEEL_INIT_PIDNS
 
 
 def _check(rc: int, what: str) -> int:

@@ -43,12 +43,17 @@ _MOUNT_KINDS = {
     "tmpfs": lib.HEEL_MNT_TMPFS,
     "devpts": lib.HEEL_MNT_DEVPTS,
 }
-_MSG = struct.Struct("=iii")
+_MSG = struct.Struct("=iii")  # struct heel_msg
 MSG_SIZE = _MSG.size
 _LENGTH = struct.Struct("=I")
-_HEAD = struct.Struct("=IIII")
+_HEAD = struct.Struct("=IIII")  # struct heel_request_head
 _RLIMIT = struct.Struct("=iIQQ")  # struct heel_rlimit
 _REPLY = struct.Struct("=i")
+for _layout, _c_type in ((_MSG, "struct heel_msg"), (_HEAD, "struct heel_request_head"),
+                         (_RLIMIT, "struct heel_rlimit")):
+    if _layout.size != _native.ffi.sizeof(_c_type):  # the protocol with heel-init, checked once
+        raise ImportError(f"heel: {_c_type} is {_native.ffi.sizeof(_c_type)} bytes in C, "
+                          f"{_layout.size} in Python")
 CTL_FD = 3  # heel-init's control socket in the child: after stdin, stdout, stderr
 
 

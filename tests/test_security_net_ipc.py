@@ -316,3 +316,43 @@ async def test_datagram_socketpair_cannot_reach_host_unix_socket(outside_dir):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"host", path)
         assert receiver.recv(100) == b"host"
+
+
+PORT_RULE = """
+import ctypes, socket, sys
+from heel import _landlock as ll, _native
+allowed, denied = int(sys.argv[1]), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+fd = _native.landlock_ruleset(0, ll.BIND_TCP | ll.CONNECT_TCP, 0)
+_native.landlock_add_port(fd, allowed, ll.CONNECT_TCP)
+assert libc.syscall(446, fd, 0) == 0  # landlock_restrict_self
+for port in (allowed, denied):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        print(port, "connected")
+    except OSError as e:
+        print(port, "refused", e.errno)
+"""
+
+
+def test_landlock_tcp_port_rule():
+    """heel's Landlock port rules (ABI 4), on the kernel: a process that
+    restricted itself connects to the port its rule allows and no other
+    (the network policy issue builds on this)."""
+    import subprocess
+    import sys
+
+    if heel.probe().landlock_abi < 4:
+        pytest.skip("needs Landlock ABI 4")
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        allowed, denied = (s.getsockname()[1] for s in listeners)
+        done = subprocess.run([sys.executable, "-c", PORT_RULE, str(allowed), str(denied)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"{allowed} connected", f"{denied} refused 13"], done.stdout
+    finally:
+        for s in listeners:
+            s.close()
