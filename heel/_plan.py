@@ -183,13 +183,24 @@ def expand(path: str, access: int, denied: list[str], is_dir: bool = True) -> li
     if path in inside:
         return []
     rules = [Rule(path, access & ll.READ_DIR)] if access & ll.READ_DIR else []
+    # The denied places below, by the entry of `path` that leads to them:
+    # every other entry is granted whole, without looking further.
+    prefix = path.rstrip("/") + "/"
+    below: dict[str, list[str]] = {}
+    for d in inside:
+        below.setdefault(d[len(prefix):].split("/", 1)[0], []).append(d)
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
     except OSError:
         return rules
     for entry in entries:
-        if not entry.is_symlink():
-            rules += expand(entry.path, access, inside, entry.is_dir(follow_symlinks=False))
+        if entry.is_symlink():
+            continue
+        is_entry_dir = entry.is_dir(follow_symlinks=False)
+        if entry.name in below:
+            rules += expand(entry.path, access, below[entry.name], is_entry_dir)
+        else:
+            rules.append(Rule(entry.path, access if is_entry_dir else access & ll.FILE_RIGHTS))
     return rules
 
 
