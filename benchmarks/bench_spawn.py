@@ -46,6 +46,12 @@ async def main(runs: int) -> None:
     for level in ("strict", "permissive"):
         async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
             rows.append((f"heel, level={level}", await timed(lambda: sb.command("true").status(), runs)))
+    async def open_and_close() -> None:
+        async with heel.Sandbox():
+            pass
+
+    rows.append(("open + close a sandbox (per sandbox, not per command)",
+                 await timed(open_and_close, max(20, runs // 10))))
     # The same without namespaces (the best-effort fallback): shows their share.
     env, _ = heel._probe.environment()
     real = heel._probe.environment
@@ -60,10 +66,10 @@ async def main(runs: int) -> None:
     base = statistics.median(rows[0][1])
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Linux {platform.release()}, "
           f"Python {platform.python_version()}, {runs} runs each")
-    print(f"{'what':42} {'p50 ms':>8} {'p95 ms':>8} {'x base':>7}")
+    print(f"{'what':54} {'p50 ms':>8} {'p95 ms':>8} {'x base':>7}")
     for name, samples in rows:
         p50 = statistics.median(samples)
-        print(f"{name:42} {p50:8.2f} {percentile(samples, 0.95):8.2f} {p50 / base:7.2f}")
+        print(f"{name:54} {p50:8.2f} {percentile(samples, 0.95):8.2f} {p50 / base:7.2f}")
 
 
 if __name__ == "__main__":
