@@ -12,6 +12,7 @@ synchronous CLI path use it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import shutil
@@ -272,6 +273,47 @@ def raise_for_error(message: tuple[int, int, int], program: str) -> None:
         raise spawn_error(_native.STAGES.get(a, str(a)), b, program)
 
 
+#: The name of heel's temporary directories; the lock file in each is held
+#: (flock) by the process that owns it, for as long as it lives.
+TEMP_PREFIX = "heel-"
+_LOCK = ".owner-lock"
+
+
+def sweep_orphaned_temp_dirs() -> None:
+    """Remove the temporary directories of sandboxes whose host process died
+    without closing them (SIGKILL, a crash): their lock is free.
+
+    Only this user's directories are looked at, and nothing in them is
+    followed: a directory in /tmp may have been planted by anyone."""
+    base = tempfile.gettempdir()
+    euid = os.geteuid()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != euid:
+                continue
+            dir_fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                lock = os.open(_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            continue  # gone, not ours, or being made: leave it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner is alive
+        finally:
+            os.close(lock)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
 class Session:
     """What an open sandbox owns on the host: its temporary directory (the
     private tmp, and the workdir unless the config names one) and the
@@ -285,8 +327,14 @@ class Session:
         if env is None:
             env, why = environment()
         self.degraded = require(env, config, why)
-        self.base = tempfile.mkdtemp(prefix="heel-")
+        sweep_orphaned_temp_dirs()
+        self.base = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        self._lock = -1
         try:
+            # Held until close, or until this process dies: then the next
+            # sandbox to open removes the directory (sweep_orphaned_temp_dirs).
+            self._lock = os.open(os.path.join(self.base, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
             tmp = os.path.join(self.base, "tmp")
             shm = os.path.join(self.base, "shm")
             mask = os.path.join(self.base, "empty")
@@ -302,7 +350,7 @@ class Session:
                               env=env, init_path=_native.INIT_PATH)
             self.prepared = Prepared(plan)
         except BaseException:
-            shutil.rmtree(self.base, ignore_errors=True)
+            self._remove()
             raise
 
     @property
@@ -311,4 +359,10 @@ class Session:
 
     def close(self) -> None:
         self.prepared.close()
+        self._remove()
+
+    def _remove(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1

@@ -114,7 +114,7 @@ marker = sys.argv[1]
 async def main():
     async with heel.Sandbox(heel.SandboxConfig()) as sb:
         p = await sb.command("sh").args(["-c", f"sleep {marker} & setsid sleep {marker} & exec sleep {marker}"]).spawn()
-        print("ready", p.pid, flush=True)
+        print("ready", p.pid, sb.workdir.parent, flush=True)
         await trio.sleep(60)
 trio.run(main)
 """
@@ -131,7 +131,9 @@ async def test_sigkill_of_the_host_process_kills_the_sandbox():
         line = host.stdout.readline() if readable else b""
         assert line.startswith(b"ready"), (line, host.poll())
         init_pid = int(line.split()[1])
+        temp_dir = line.split()[2].decode()
         await wait_for_processes(marker, 3)  # control: the sandbox runs
+        assert os.path.isdir(temp_dir)
         host.send_signal(signal.SIGKILL)
         host.wait(timeout=10)
         with trio.fail_after(5):
@@ -139,6 +141,12 @@ async def test_sigkill_of_the_host_process_kills_the_sandbox():
                 await trio.sleep(0.05)
         assert not os.path.exists(f"/proc/{init_pid}/cmdline") or \
             b"heel" not in open(f"/proc/{init_pid}/cmdline", "rb").read()
+        # The dead host could not remove its temporary directory; the next
+        # sandbox to open does.
+        assert os.path.isdir(temp_dir)
+        async with heel.Sandbox():
+            pass
+        assert not os.path.exists(temp_dir)
     finally:
         if host.poll() is None:
             host.kill()
