@@ -134,8 +134,9 @@ struct heel_msg {
     int32_t b;
 };
 
-/* heel-init's argv: heel-init CTL_FD FLAGS.  heel-init is the sandbox's
- * zygote: it starts every command of the sandbox (see init.c). */
+/* heel-init's argv: heel-init CTL_FD FLAGS [IPC_FD].  heel-init is the
+ * sandbox's zygote: it starts every command of the sandbox (see init.c). */
+#define HEEL_IPC_FD 3              /* where a command finds the IPC socket */
 #define HEEL_INIT_PIDNS 1          /* pid 1 of a pid namespace: each command gets one nested */
 #define HEEL_INIT_UNIX_SOCKETS 2   /* seccomp: allow socket(AF_UNIX) */
 #define HEEL_INIT_INET_STREAM 4    /* seccomp: allow TCP sockets */

@@ -25,7 +25,9 @@
  * the sandbox's pid namespace (and its /proc, which then agrees with
  * getpid()).
  *
- * Usage: heel-init CTL_FD FLAGS (HEEL_INIT_* in heel.h).  With
+ * Usage: heel-init CTL_FD FLAGS [IPC_FD] (HEEL_INIT_* in heel.h).  IPC_FD,
+ * when given, is the sandbox's IPC socket: every command gets it as fd
+ * HEEL_IPC_FD (heel.client speaks over it).  With
  * HEEL_INIT_PIDNS heel-init is pid 1 of the sandbox's pid namespace; when
  * the host's end of CTL_FD closes (the host exited or died) it exits, and
  * its end is the end of every process in the namespace.  Without a pid
@@ -85,6 +87,7 @@ static const int forwarded_signals[] = {
 struct zygote {
     int ctl;            /* heel-init's control socket to the host */
     int sfd;            /* its signalfd */
+    int ipc_fd;         /* the sandbox's IPC socket, given to every command (-1: none) */
     int pidns;          /* heel-init is pid 1 of the sandbox's pid namespace */
     int scope;          /* Landlock scopes for each command (0: none on this kernel) */
     sigset_t orig_mask; /* the signal mask commands start with */
@@ -277,34 +280,42 @@ static void child_failed(int report, int stage, int err)
     _exit(EXIT_EXEC_FAILED);
 }
 
-/* stdin, stdout and stderr at 0, 1 and 2, the report pipe at 3 (closed by
- * execve), every other fd closed.  Sources first go above 3, so that no
- * dup2() overwrites a source still needed. */
-static int layout_fds(const struct command *c, int report)
+/* stdin, stdout and stderr at 0, 1 and 2; the sandbox's IPC socket, when
+ * there is one, at HEEL_IPC_FD (3); the report pipe next (closed by
+ * execve); every other fd closed.  Sources first go above all of these, so
+ * that no dup2() overwrites a source still needed.  *report follows the
+ * report pipe, so that a failure can still be told.  Returns 0 or -1. */
+static int layout_fds(const struct zygote *z, const struct command *c, int *report)
 {
-    int high[3], i;
+    int src[5], n = 0, i, first_free;
 
-    for (i = 0; i < 3; i++) {
-        high[i] = fcntl(c->fds[i], F_DUPFD_CLOEXEC, 4);
-        if (high[i] < 0)
+    for (i = 0; i < 3; i++)
+        src[n++] = c->fds[i];
+    if (z->ipc_fd >= 0)
+        src[n++] = z->ipc_fd;
+    src[n++] = *report;
+    for (i = 0; i < n; i++) {
+        src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, n);
+        if (src[i] < 0)
             return -1;
     }
-    report = fcntl(report, F_DUPFD_CLOEXEC, 4);
-    if (report < 0)
-        return -1;
-    for (i = 0; i < 3; i++)
-        if (dup2(high[i], i) < 0) /* dup2 clears close-on-exec on i */
+    *report = src[n - 1];
+    /* dup2 clears close-on-exec on its target: all but the report pipe. */
+    for (i = 0; i < n - 1; i++)
+        if (dup2(src[i], i) < 0)
             return -1;
-    if (dup3(report, 3, O_CLOEXEC) < 0)
+    if (dup3(src[n - 1], n - 1, O_CLOEXEC) < 0)
         return -1;
-    if (syscall(__NR_close_range, 4, ~0U, 0) < 0) {
+    *report = n - 1;
+    first_free = n;
+    if (syscall(__NR_close_range, first_free, ~0U, 0) < 0) {
         /* Before Linux 5.9: close up to the fd limit one by one. */
         struct rlimit rl;
         int fd, max = 65536;
         if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
             rl.rlim_cur < (rlim_t)max)
             max = (int)rl.rlim_cur;
-        for (fd = 4; fd < max; fd++)
+        for (fd = first_free; fd < max; fd++)
             close(fd);
     }
     return 0;
@@ -321,9 +332,8 @@ __attribute__((noreturn))
 static void become_command(const struct zygote *z, const struct command *c, int report)
 {
     setsid(); /* fails (EPERM) only for a process group leader, which a fresh child is not */
-    if (layout_fds(c, report) < 0)
+    if (layout_fds(z, c, &report) < 0)
         child_failed(report, HEEL_STAGE_FDS, errno);
-    report = 3;
     if (chdir(c->cwd) < 0)
         child_failed(report, HEEL_STAGE_CHDIR, errno);
     for (uint32_t i = 0; i < c->head.nrlimits; i++) {
@@ -809,7 +819,10 @@ int main(int argc, char **argv)
      * is nobody to tell about a bad usage. */
     if (z.ctl < 0 || fcntl(z.ctl, F_SETFD, FD_CLOEXEC) < 0)
         return EXIT_INIT_FAILED;
-    flags = argc == 3 ? parse_decimal(argv[2]) : -1;
+    flags = argc == 3 || argc == 4 ? parse_decimal(argv[2]) : -1;
+    z.ipc_fd = argc == 4 ? parse_decimal(argv[3]) : -1;
+    if (argc == 4 && (z.ipc_fd < 0 || fcntl(z.ipc_fd, F_SETFD, FD_CLOEXEC) < 0))
+        fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     if (flags < 0 || (flags & ~(HEEL_INIT_PIDNS | HEEL_INIT_UNIX_SOCKETS | HEEL_INIT_INET_STREAM |
                                 HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE)) != 0)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);

@@ -35,6 +35,7 @@ from .policy import DenyAll, NetworkPolicy
 
 if TYPE_CHECKING:
     from .errors import CommandFailed
+    from .ipc import IpcCommand, IpcRouter
     from ._probe import ProbeReport, probe
     from .process import Process
     from .sandbox import Command, ExitStatus, Output, Sandbox, Stdio
@@ -49,12 +50,14 @@ _LAZY = {
     "probe": "_probe",
     "ProbeReport": "_probe",
     "CommandFailed": "errors",
+    "IpcCommand": "ipc",
+    "IpcRouter": "ipc",
 }
 
 __all__ = [
     "__version__", "Sandbox", "Command", "Output", "ExitStatus", "Stdio", "Process",
     "SandboxConfig", "SecurityConfig", "ResourceLimits", "IsolationLevel",
-    "NetworkPolicy", "DenyAll", "probe", "ProbeReport",
+    "NetworkPolicy", "DenyAll", "probe", "ProbeReport", "IpcCommand", "IpcRouter",
     "HeelError", "PolicyError", "SandboxUnavailable", "SandboxClosed", "SpawnError",
     "CommandNotFound", "CommandFailed", "CommandTimeout",
 ]

@@ -40,7 +40,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-import msgpack
+try:
+    import msgpack
+except ImportError:  # inside a sandbox whose Python lacks msgpack: the copy heel puts there
+    from ._vendor import msgpack  # type: ignore[no-redef]
 
 __all__ = [
     "PARSE_ERROR",

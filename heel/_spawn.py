@@ -62,8 +62,10 @@ class Prepared:
     """A running sandbox: its zygote, and the way to ask it for commands.
     close() kills everything in the sandbox."""
 
-    def __init__(self, plan: SandboxPlan) -> None:
+    def __init__(self, plan: SandboxPlan, ipc_fd: int = -1) -> None:
+        """``ipc_fd``: the sandbox's end of the IPC socket, given to every command."""
         self.plan = plan
+        self._ipc_fd = ipc_fd
         self._lock = threading.Lock()  # one request at a time on the zygote's socket
         self._pidfd = -1
         self._ctl: socket.socket | None = None
@@ -104,10 +106,11 @@ class Prepared:
             uid, gid = os.geteuid(), os.getegid()
             native = _native.SpawnPlan(
                 init_fd=init_fd,
-                argv=[b"heel-init", str(CTL_FD).encode(), str(_init_flags(plan)).encode()],
+                argv=[b"heel-init", str(CTL_FD).encode(), str(_init_flags(plan)).encode()]
+                + ([str(CTL_FD + 1).encode()] if self._ipc_fd >= 0 else []),
                 envp=[],
                 cwd=plan.workdir,
-                fds=[null, null, null, child_end.fileno()],
+                fds=[null, null, null, child_end.fileno()] + ([self._ipc_fd] if self._ipc_fd >= 0 else []),
                 report_fd=CTL_FD,
                 clone_flags=clone_flags,
                 uid_map=f"{uid} {uid} 1\n".encode(),
@@ -330,6 +333,8 @@ class Session:
         sweep_orphaned_temp_dirs()
         self.base = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         self._lock = -1
+        #: the host's end of the IPC socket (heel.ipc.serve), when the config has a router
+        self.ipc: socket.socket | None = None
         try:
             # Held until close, or until this process dies: then the next
             # sandbox to open removes the directory (sweep_orphaned_temp_dirs).
@@ -348,7 +353,16 @@ class Session:
                 workdir = str(config.workdir)
             plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask,
                               env=env, init_path=_native.INIT_PATH)
-            self.prepared = Prepared(plan)
+            ipc_fd = -1
+            if config.ipc is not None:
+                plan = _prepare_ipc(plan, config.ipc)
+                self.ipc, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                ipc_fd = theirs.fileno()
+            try:
+                self.prepared = Prepared(plan, ipc_fd)
+            finally:
+                if ipc_fd >= 0:
+                    theirs.close()
         except BaseException:
             self._remove()
             raise
@@ -362,7 +376,70 @@ class Session:
         self._remove()
 
     def _remove(self) -> None:
+        if self.ipc is not None:
+            self.ipc.close()
         shutil.rmtree(self.base, ignore_errors=True)
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
+
+
+#: What heel.client needs inside a sandbox, copied there: the standard
+#: library does the rest.
+_CLIENT_FILES = ("client.py", "_ipc_codec.py")
+
+_LAUNCHER = """#!/bin/sh
+# heel inside a sandbox: only `heel ipc` is here (see heel.client).
+if [ "$1" = ipc ]; then
+    shift
+    exec {python} -m heel.client "$@"
+fi
+echo "heel: inside a sandbox only 'heel ipc NAME [ARGS...]' works" >&2
+exit 2
+"""
+
+_WRAPPER = """#!/bin/sh
+# {name}: the host's IPC command of that name (heel ipc {name} ARGS...).
+exec heel ipc {name} "$@"
+"""
+
+
+def _prepare_ipc(plan: SandboxPlan, router) -> SandboxPlan:
+    """Make heel.client importable and `heel ipc` runnable inside: a small
+    package and launchers in the sandbox's private tmp, whatever Python the
+    sandbox runs.  Returns the plan with the environment that finds them."""
+    import msgpack
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.join(plan.host_tmp, ".heel")
+    package = os.path.join(root, "lib", "heel")
+    vendor = os.path.join(package, "_vendor", "msgpack")
+    bin_dir = os.path.join(root, "bin")
+    for path in (vendor, bin_dir):
+        os.makedirs(path)
+    with open(os.path.join(package, "__init__.py"), "w") as f:
+        f.write('"""heel inside a sandbox: only heel.client is here."""\n')
+    open(os.path.join(package, "_vendor", "__init__.py"), "w").close()
+    for name in _CLIENT_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(package, name))
+    # msgpack's pure-Python modules: its C extension may not fit the sandbox's Python.
+    source = os.path.dirname(os.path.abspath(msgpack.__file__))
+    for name in os.listdir(source):
+        if name.endswith(".py"):
+            shutil.copyfile(os.path.join(source, name), os.path.join(vendor, name))
+    scripts = {"heel": _LAUNCHER.format(python="python3")}
+    # A wrapper per command, unless its name would shadow something heel
+    # itself needs on the PATH.
+    scripts.update({name: _WRAPPER.format(name=name) for name in router.names if name != "heel"})
+    for name, text in scripts.items():
+        path = os.path.join(bin_dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o755)
+    inside = os.path.join(plan.tmp, ".heel")
+    env = dict(plan.env)
+    env["HEEL_IPC_FD"] = str(lib.HEEL_IPC_FD)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(inside, "lib"), env.get("PYTHONPATH")]))
+    # At the end of PATH: the sandbox's own programs win over a wrapper's name.
+    env["PATH"] = env["PATH"] + os.pathsep + os.path.join(inside, "bin")
+    return plan._replace(env=env)

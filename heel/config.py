@@ -229,10 +229,11 @@ class SandboxConfig(Frozen):
     network: a network policy; :class:`~heel.DenyAll` (no network) by default.
     best_effort: run even when a protection cannot be enforced on this
     machine (``heel.probe()`` says which); by default that is an error.
+    ipc: an :class:`~heel.IpcRouter` whose commands the sandbox may call.
     """
 
     _fields = ("level", "security", "readable", "writable", "executable", "env", "env_passthrough",
-               "workdir", "limits", "network", "best_effort")
+               "workdir", "limits", "network", "best_effort", "ipc")
     level: IsolationLevel
     security: SecurityConfig
     readable: tuple[Path, ...]
@@ -244,6 +245,7 @@ class SandboxConfig(Frozen):
     limits: ResourceLimits
     network: NetworkPolicy
     best_effort: bool
+    ipc: object
 
     def __init__(
         self,
@@ -259,6 +261,7 @@ class SandboxConfig(Frozen):
         limits: ResourceLimits | None = None,
         network: NetworkPolicy | None = None,
         best_effort: bool = False,
+        ipc=None,
     ) -> None:
         put = self._set
         if isinstance(level, str):
@@ -301,6 +304,12 @@ class SandboxConfig(Frozen):
         if not isinstance(best_effort, bool):
             raise PolicyError(f"best_effort must be a bool, got {best_effort!r}")
         put("best_effort", best_effort)
+        if ipc is not None:
+            from .ipc import IpcRouter  # trio: only for those who use IPC
+
+            if not isinstance(ipc, IpcRouter):
+                raise PolicyError(f"ipc must be a heel.IpcRouter, got {ipc!r}")
+        put("ipc", ipc)
 
 
 def _env(env: Mapping[str, str]) -> dict[str, str]:

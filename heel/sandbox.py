@@ -91,6 +91,10 @@ class Sandbox:
         # passed as it is) runs in a nursery that lives as long as it does.
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
+        if self._session.ipc is not None:
+            from .ipc import serve
+
+            self._nursery.start_soon(serve, self.config.ipc, self._session.ipc)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -1,0 +1,142 @@
+"""Calling the host's commands from inside a sandbox.
+
+    from heel.client import call
+    hits = call("web_search", query="trio", limit=3)
+
+and, from a shell, ``heel ipc web_search --query trio --limit 3``.  This
+module needs only the standard library and msgpack, and heel makes both
+importable inside every sandbox that has an IPC router (whatever Python runs
+there), so nothing has to be installed.
+
+Each process opens one connection, on first use: it makes a socketpair and
+passes one end to the host over the sandbox's IPC socket (fd 3, or
+$HEEL_IPC_FD).  Calls are synchronous; threads of one process share the
+connection, one call at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import sys
+import threading
+
+from . import _ipc_codec as codec
+
+__all__ = ["call", "IpcError", "main"]
+
+
+class IpcError(Exception):
+    """The host answered with an error: ``code`` (see docs/ipc.md) and ``message``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+_lock = threading.Lock()
+_ids = itertools.count(1)
+_state: dict = {"pid": None, "sock": None, "connection": None}
+
+
+def _connect() -> tuple[socket.socket, codec.Connection]:
+    fd = int(os.environ.get("HEEL_IPC_FD", "3"))
+    try:
+        broker = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise IpcError(codec.INTERNAL_ERROR, f"no IPC channel here (fd {fd}: {exc.strerror}); "
+                       "is this a heel sandbox with an IPC router?") from None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        socket.send_fds(broker, [b"c"], [theirs.fileno()])
+    finally:
+        theirs.close()
+        broker.close()
+    return ours, codec.Connection("client")
+
+
+def call(name: str, **params):
+    """Call the host's command ``name`` with keyword parameters; returns its result.
+
+    Raises IpcError when the host answers with an error, ConnectionError when
+    the host went away."""
+    with _lock:
+        if _state["pid"] != os.getpid():  # a forked child opens its own
+            _state["sock"], _state["connection"] = _connect()
+            _state["pid"] = os.getpid()
+        sock, connection = _state["sock"], _state["connection"]
+        msgid = next(_ids) % codec.MAX_MSGID
+        try:
+            sock.sendall(connection.send(codec.Request(msgid, name, params)))
+            while True:
+                event = connection.next_event()
+                if event is codec.NEED_DATA:
+                    connection.receive_data(sock.recv(65536))
+                    continue
+                if event is codec.CLOSED:
+                    raise ConnectionError("the host closed the IPC connection")
+                break
+        except (OSError, codec.ProtocolError):
+            _state["pid"] = None  # the next call reconnects
+            raise
+    if event.msgid != msgid:
+        raise IpcError(codec.INTERNAL_ERROR, f"a reply to {event.msgid} came for {msgid}")
+    if event.error is not None:
+        raise IpcError(*event.error)
+    return event.result
+
+
+def _parse_args(args: list[str]) -> tuple[str, dict]:
+    """``NAME [--key value]... | NAME --json OBJECT | NAME -`` (JSON on stdin).
+
+    A value is read as JSON when it parses as JSON (3, true, [1,2], "text"),
+    else taken as the string it is."""
+    if not args or args[0].startswith("-"):
+        raise ValueError("usage: heel ipc NAME [--key value ...] | NAME --json '{...}' | NAME - (JSON on stdin)")
+    name, rest = args[0], args[1:]
+    if rest == ["-"]:
+        params = json.load(sys.stdin)
+    elif rest[:1] == ["--json"]:
+        if len(rest) != 2:
+            raise ValueError("--json takes one JSON object")
+        params = json.loads(rest[1])
+    else:
+        params = {}
+        if len(rest) % 2:
+            raise ValueError(f"{rest[-1]} has no value")
+        for key, value in zip(rest[::2], rest[1::2]):
+            if not key.startswith("--") or len(key) < 3:
+                raise ValueError(f"expected --key value, got {key!r}")
+            try:
+                params[key[2:].replace("-", "_")] = json.loads(value)
+            except ValueError:
+                params[key[2:].replace("-", "_")] = value
+    if not isinstance(params, dict):
+        raise ValueError("the parameters must be a JSON object")
+    return name, params
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``heel ipc NAME [ARGS...]``: prints the result (text as is, anything
+    else as JSON) and exits 0; on error prints one line to stderr, exits 1."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        name, params = _parse_args(args)
+        result = call(name, **params)
+    except (ValueError, IpcError, OSError) as exc:
+        print(f"heel ipc: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, str):
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    elif isinstance(result, bytes):
+        sys.stdout.buffer.write(result)
+    else:
+        print(json.dumps(result, default=repr))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

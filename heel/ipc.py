@@ -1,0 +1,274 @@
+"""Host commands that sandboxed code can call.
+
+The host gives the sandbox a few safe doors (a web search, a database query,
+a file fetch) instead of a network::
+
+    router = heel.IpcRouter()
+
+    @router.command("web_search")
+    async def web_search(query: str, limit: int = 5) -> list[str]:
+        ...
+
+    async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+        await sb.run(["heel", "ipc", "web_search", "--query", "trio"])
+
+Inside, ``heel ipc NAME --key value``, ``heel.client.call(NAME, **params)``
+or the wrapper ``NAME --key value`` reach it.  The transport is a socket
+that only the sandbox's processes hold (see docs/ipc.md): every command gets
+it as fd 3, and each calling process opens a connection of its own by
+passing a fresh socketpair end over it.  Handlers run in the sandbox's
+nursery, several at once; closing the sandbox cancels those still running.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import stat
+import types
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+
+from . import _ipc_codec as codec
+from .errors import PolicyError
+
+__all__ = ["IpcCommand", "IpcRouter"]
+
+#: Parameter types a command may declare, as msgpack carries them.
+_TYPES = (str, int, float, bool, bytes, list, dict, type(None))
+
+
+class IpcCommand:
+    """A command the sandbox can call by name.
+
+    Subclass it, set ``name`` and ``parameters`` (parameter name -> type, or a
+    tuple of types; the types msgpack carries: str, int, float, bool, bytes,
+    list, dict, None), list the parameters that may be left out in
+    ``optional``, and implement ``async def handle(self, **params)``.  The
+    result must be msgpack-serialisable.  ``IpcRouter.command`` builds one
+    from a plain async function.
+    """
+
+    name: str = ""
+    parameters: Mapping[str, Any] = {}
+    optional: frozenset[str] = frozenset()
+
+    async def handle(self, **params: Any) -> Any:
+        raise NotImplementedError
+
+    def check(self, params: Mapping[str, Any]) -> str | None:
+        """Why ``params`` do not fit this command, or None when they do."""
+        unknown = sorted(set(params) - set(self.parameters))
+        if unknown:
+            return f"{self.name} has no parameter {unknown[0]!r}"
+        missing = sorted(set(self.parameters) - set(params) - set(self.optional))
+        if missing:
+            return f"{self.name} needs the parameter {missing[0]!r}"
+        for key, value in params.items():
+            expected = self.parameters[key]
+            if expected is Any:
+                continue
+            allowed = expected if isinstance(expected, tuple) else (expected,)
+            if float in allowed and type(value) is int:
+                continue  # an int is a fine float
+            if not any(type(value) is t or (t is not bool and t is not int and isinstance(value, t))
+                       for t in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                return f"{self.name}: {key} must be {names}, not {type(value).__name__}"
+        return None
+
+
+class _FunctionCommand(IpcCommand):
+    """An IpcCommand around an async function, its parameters from the type hints."""
+
+    def __init__(self, name: str, function: Callable[..., Awaitable[Any]]) -> None:
+        if not inspect.iscoroutinefunction(function):
+            raise PolicyError(f"IPC command {name!r}: {function!r} is not an async function")
+        hints = typing.get_type_hints(function)
+        parameters: dict[str, Any] = {}
+        optional = set()
+        for param in inspect.signature(function).parameters.values():
+            if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                raise PolicyError(f"IPC command {name!r}: parameter {param.name} must be a named parameter")
+            parameters[param.name] = _msgpack_types(name, param.name, hints.get(param.name, Any))
+            if param.default is not param.empty:
+                optional.add(param.name)
+        self.name = name
+        self.parameters = parameters
+        self.optional = frozenset(optional)
+        self._function = function
+
+    async def handle(self, **params: Any) -> Any:
+        return await self._function(**params)
+
+
+def _msgpack_types(command: str, param: str, hint: Any):
+    """A type hint as the (tuple of) types the check accepts."""
+    if hint is Any:
+        return Any
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return tuple(t for a in typing.get_args(hint) for t in _as_tuple(_msgpack_types(command, param, a)))
+    if origin is not None:
+        hint = origin  # list[str] -> list, dict[str, int] -> dict
+    if hint is None:
+        hint = type(None)
+    if hint not in _TYPES:
+        raise PolicyError(f"IPC command {command!r}: parameter {param} has type {hint!r}, "
+                          "which msgpack does not carry (use str, int, float, bool, bytes, list, dict)")
+    return hint
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+class IpcRouter:
+    """The commands a sandbox may call; give it as ``SandboxConfig(ipc=router)``.
+
+    ``max_message_size`` bounds each message either way; ``max_connections``
+    bounds the connections a sandbox may hold open at once (each calling
+    process opens one).
+    """
+
+    def __init__(self, *, max_message_size: int = codec.DEFAULT_MAX_FRAME,
+                 max_connections: int = 256) -> None:
+        if not isinstance(max_message_size, int) or isinstance(max_message_size, bool) \
+                or not 1024 <= max_message_size <= codec.MAX_MSGID:
+            raise PolicyError(f"max_message_size must be between 1 KiB and 4 GiB, got {max_message_size!r}")
+        if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
+            raise PolicyError(f"max_connections must be a positive int, got {max_connections!r}")
+        self.max_message_size = max_message_size
+        self.max_connections = max_connections
+        self._commands: dict[str, IpcCommand] = {}
+
+    def register(self, command: IpcCommand) -> "IpcRouter":
+        """Add a command; returns the router, so calls chain."""
+        if not isinstance(command, IpcCommand):
+            raise PolicyError(f"register() takes an IpcCommand, got {command!r}")
+        name = command.name
+        if not codec.is_valid_method_name(name):
+            raise PolicyError(f"IPC command name {name!r} must match [A-Za-z][A-Za-z0-9_-]* "
+                              f"(at most {codec.MAX_METHOD_LEN} characters)")
+        if name in self._commands:
+            raise PolicyError(f"an IPC command named {name!r} is registered already")
+        for key, expected in command.parameters.items():
+            if not isinstance(key, str):
+                raise PolicyError(f"IPC command {name!r}: parameter names must be strings")
+            if expected is not Any and not all(t in _TYPES for t in _as_tuple(expected)):
+                raise PolicyError(f"IPC command {name!r}: parameter {key} has a type msgpack does not carry")
+        self._commands[name] = command
+        return self
+
+    def command(self, name: str | None = None):
+        """Decorator: register an async function, named ``name`` or after itself."""
+        def decorate(function):
+            self.register(_FunctionCommand(name or function.__name__, function))
+            return function
+        return decorate
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._commands)
+
+    def get(self, name: str) -> IpcCommand | None:
+        return self._commands.get(name)
+
+
+# ---- the host's side of the transport ------------------------------------
+
+async def serve(router: IpcRouter, broker: socket.socket) -> None:
+    """Accept connections from the sandbox until cancelled.
+
+    Each message on ``broker`` (a SOCK_SEQPACKET socket whose peer every
+    sandboxed process holds) carries one socket end over SCM_RIGHTS: a new
+    connection.  Anything else passed along is closed."""
+    broker.setblocking(False)
+    open_connections = [0]
+    async with trio.open_nursery() as nursery:
+        while True:
+            await trio.lowlevel.wait_readable(broker)
+            try:
+                data, fds, _, _ = socket.recv_fds(broker, 16, 4)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not data and not fds:
+                return  # every sandboxed end is closed
+            for fd in fds:
+                if open_connections[0] >= router.max_connections or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    continue
+                open_connections[0] += 1
+                nursery.start_soon(_serve_connection, router, fd, open_connections)
+
+
+async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int]) -> None:
+    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    connection = codec.Connection("server", router.max_message_size)
+    send_lock = trio.Lock()
+
+    async def reply(response: codec.Response) -> None:
+        try:
+            data = connection.send(response)
+        except codec.ProtocolError as exc:
+            data = connection.send(codec.error_response(response.msgid, exc.code, str(exc)))
+        except TypeError as exc:
+            data = connection.send(codec.error_response(response.msgid, codec.INTERNAL_ERROR, str(exc)))
+        async with send_lock:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[await sock.send(view):]
+            except OSError:
+                pass  # the caller is gone
+
+    async def run(request: codec.Request) -> None:
+        command = router.get(request.method)
+        if command is None:
+            await reply(codec.error_response(request.msgid, codec.METHOD_NOT_FOUND,
+                                             f"no command named {request.method!r}"))
+            return
+        problem = command.check(request.params)
+        if problem:
+            await reply(codec.error_response(request.msgid, codec.INVALID_PARAMS, problem))
+            return
+        try:
+            result = await command.handle(**request.params)
+        except Exception as exc:  # the handler's failure is the caller's answer, not the host's crash
+            message = str(exc) or type(exc).__name__
+            await reply(codec.error_response(request.msgid, codec.INTERNAL_ERROR, message))
+            return
+        await reply(codec.Response(request.msgid, None, result))
+
+    try:
+        async with trio.open_nursery() as handlers:
+            while True:
+                try:
+                    data = await sock.recv(65536)
+                except OSError:
+                    data = b""
+                connection.receive_data(data)
+                while True:
+                    try:
+                        event = connection.next_event()
+                    except codec.ProtocolError:
+                        return  # the stream cannot be trusted: drop it
+                    if event is codec.NEED_DATA:
+                        break
+                    if event is codec.CLOSED:
+                        return
+                    if isinstance(event, codec.InvalidRequest):
+                        if event.msgid is None:
+                            return
+                        await reply(codec.error_response(event.msgid, event.code, event.message))
+                    else:
+                        handlers.start_soon(run, event)
+                if not data:
+                    return
+    finally:
+        open_connections[0] -= 1
+        sock.close()
