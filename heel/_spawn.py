@@ -422,10 +422,11 @@ def _prepare_ipc(plan: SandboxPlan, router) -> SandboxPlan:
     open(os.path.join(package, "_vendor", "__init__.py"), "w").close()
     for name in _CLIENT_FILES:
         shutil.copyfile(os.path.join(here, name), os.path.join(package, name))
-    # msgpack's pure-Python modules: its C extension may not fit the sandbox's Python.
+    # msgpack whole: its C extension serves a sandbox Python of the host's
+    # version, and msgpack falls back to its pure-Python modules otherwise.
     source = os.path.dirname(os.path.abspath(msgpack.__file__))
     for name in os.listdir(source):
-        if name.endswith(".py"):
+        if name.endswith((".py", ".so")):
             shutil.copyfile(os.path.join(source, name), os.path.join(vendor, name))
     scripts = {"heel": _LAUNCHER.format(python="python3")}
     # A wrapper per command, unless its name would shadow something heel

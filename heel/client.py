@@ -47,8 +47,9 @@ def _connect() -> tuple[socket.socket, codec.Connection]:
     try:
         broker = socket.socket(fileno=os.dup(fd))
     except OSError as exc:
-        raise IpcError(codec.INTERNAL_ERROR, f"no IPC channel here (fd {fd}: {exc.strerror}); "
-                       "is this a heel sandbox with an IPC router?") from None
+        raise IpcError(codec.INTERNAL_ERROR, f"no IPC channel here (fd {fd}: {exc.strerror}): not a heel "
+                       "sandbox with an IPC router, or a parent closed the fd (Python's subprocess "
+                       f"does: pass pass_fds=({fd},))") from None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         socket.send_fds(broker, [b"c"], [theirs.fileno()])
