@@ -32,13 +32,14 @@ This module needs only the standard library and msgpack: the sandbox side
 
 from __future__ import annotations
 
-import enum
-import re
-import reprlib
 import struct
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Literal, Union
+
+# typing and dataclasses are left out on purpose: `heel ipc` loads this module
+# in the sandbox at every call, where importing them would cost more than the
+# call itself.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Literal, Union
 
 try:
     import msgpack
@@ -80,7 +81,8 @@ MAX_METHOD_LEN = 128
 _REQUEST = 0
 _RESPONSE = 1
 _HEADER = struct.Struct(">I")
-_METHOD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_NAME_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_NAME_REST = _NAME_START | frozenset("0123456789_-")
 
 
 class ProtocolError(ValueError):
@@ -96,7 +98,10 @@ class ProtocolError(ValueError):
 
 def is_valid_method_name(name: object) -> bool:
     """Whether *name* can name a method: ``[A-Za-z][A-Za-z0-9_-]*``, 1 to 128 characters."""
-    return isinstance(name, str) and len(name) <= MAX_METHOD_LEN and _METHOD_NAME.fullmatch(name) is not None
+    # [A-Za-z][A-Za-z0-9_-]*, checked by hand: no re (nor the enum it
+    # imports) on the sandbox's side of every call.
+    return (isinstance(name, str) and 0 < len(name) <= MAX_METHOD_LEN and name[0] in _NAME_START
+            and all(c in _NAME_REST for c in name))
 
 
 # Each check returns what is wrong, or None.  The same checks guard the
@@ -143,69 +148,110 @@ def _error_problem(error: object) -> str | None:
 
 def _describe(value: object) -> str:
     # reprlib: a message can be megabytes; its description stays a line.
+    import reprlib  # only on the error path: the sandbox imports this module at every call
+
     return f"{type(value).__name__} {reprlib.repr(value)}"
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class _Record:
+    """A small immutable value: compared and hashed by its fields, shown with them."""
+
+    __slots__ = ()
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Request(_Record):
     """A call: ``method(**params)``, answered by the :class:`Response` with the same ``msgid``."""
 
+    __slots__ = ("msgid", "method", "params")
     msgid: int
     method: str
     params: dict[str, Any]
 
-    def __post_init__(self) -> None:
-        problem = _msgid_problem(self.msgid) or _method_problem(self.method) or _params_problem(self.params)
+    def __init__(self, msgid: int, method: str, params: dict[str, Any]) -> None:
+        problem = _msgid_problem(msgid) or _method_problem(method) or _params_problem(params)
         if problem:
             raise ValueError(problem)
+        self._set("msgid", msgid)
+        self._set("method", method)
+        self._set("params", params)
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(_Record):
     """The answer to request ``msgid``: ``error`` is None and ``result`` the value,
     or ``error`` is ``(code, message)`` and ``result`` is None."""
 
+    __slots__ = ("msgid", "error", "result")
     msgid: int
     error: tuple[int, str] | None
-    result: Any = None
+    result: Any
 
-    def __post_init__(self) -> None:
-        problem = _msgid_problem(self.msgid) or _error_problem(self.error)
-        if problem is None and self.error is not None and self.result is not None:
+    def __init__(self, msgid: int, error: tuple[int, str] | None, result: Any = None) -> None:
+        problem = _msgid_problem(msgid) or _error_problem(error)
+        if problem is None and error is not None and result is not None:
             problem = "a response carries an error or a result, not both"
         if problem:
             raise ValueError(problem)
-        if self.error is not None:
-            object.__setattr__(self, "error", tuple(self.error))
+        self._set("msgid", msgid)
+        self._set("error", None if error is None else tuple(error))
+        self._set("result", result)
 
 
-@dataclass(frozen=True, slots=True)
-class InvalidRequest:
+class InvalidRequest(_Record):
     """A frame that decoded but is not a valid request (server side).
 
     ``msgid`` is the request's id when it could be read, else None (then no
     reply can be addressed and the server drops the connection).
     """
 
+    __slots__ = ("msgid", "code", "message")
     msgid: int | None
     code: int
     message: str
 
+    def __init__(self, msgid: int | None, code: int, message: str) -> None:
+        self._set("msgid", msgid)
+        self._set("code", code)
+        self._set("message", message)
 
-class _Signal(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-    CLOSED = "CLOSED"
+
+class _Signal:
+    """NEED_DATA and CLOSED: two sentinels, compared with ``is``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __repr__(self) -> str:
-        return self.value
+        return self.name
 
     __str__ = __repr__
 
 
-NEED_DATA = _Signal.NEED_DATA  #: no complete frame yet: feed more bytes
-CLOSED = _Signal.CLOSED  #: the peer ended the stream at a frame boundary
+NEED_DATA = _Signal("NEED_DATA")  #: no complete frame yet: feed more bytes
+CLOSED = _Signal("CLOSED")  #: the peer ended the stream at a frame boundary
 
-Event = Union[Request, Response, InvalidRequest, Literal[_Signal.NEED_DATA, _Signal.CLOSED]]
+if TYPE_CHECKING:
+    Event = Union[Request, Response, InvalidRequest, _Signal]
 
 
 def error_response(msgid: int, code: int, message: str) -> Response:
@@ -236,7 +282,9 @@ class Connection:
         self.max_frame = max_frame
         self._partial = bytearray()  # the start of a frame whose end has not arrived
         # Complete frames not yet decoded, then perhaps the error that ends the stream.
-        self._frames: deque[bytes | ProtocolError] = deque()
+        # A list rather than collections.deque (which costs `heel ipc` its
+        # import): it rarely holds more than a frame or two.
+        self._frames: list[bytes | ProtocolError] = []
         self._framed = 0  # bytes held in self._frames
         self._eof = False
         self._failed = False  # a ProtocolError is queued or was raised: ignore further bytes
@@ -301,7 +349,7 @@ class Connection:
         frame = self._frames[0]
         if isinstance(frame, ProtocolError):
             raise frame  # stays queued: every later call raises it again
-        self._frames.popleft()
+        self._frames.pop(0)
         self._framed -= len(frame)
         try:
             message = _decode(frame)

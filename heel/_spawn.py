@@ -392,7 +392,7 @@ _LAUNCHER = """#!/bin/sh
 # heel inside a sandbox: only `heel ipc` is here (see heel.client).
 if [ "$1" = ipc ]; then
     shift
-    exec {python} -m heel.client "$@"
+    exec {python} -c "import sys; from heel.client import main; sys.exit(main())" "$@"
 fi
 echo "heel: inside a sandbox only 'heel ipc NAME [ARGS...]' works" >&2
 exit 2

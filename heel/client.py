@@ -16,12 +16,16 @@ connection, one call at a time.
 
 from __future__ import annotations
 
+import _thread
 import itertools
-import json
 import os
-import socket
+import struct
 import sys
-import threading
+
+# The C module under `socket`: importing socket (and the selectors it pulls
+# in) would cost `heel ipc` more than its call.  Only socketpair, sendmsg,
+# recv and close are used, which _socket has as such.
+import _socket
 
 from . import _ipc_codec as codec
 
@@ -37,22 +41,22 @@ class IpcError(Exception):
         super().__init__(message)
 
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # threading's Lock, without importing threading
 _ids = itertools.count(1)
 _state: dict = {"pid": None, "sock": None, "connection": None}
 
 
-def _connect() -> tuple[socket.socket, codec.Connection]:
+def _connect() -> tuple[_socket.socket, codec.Connection]:
     fd = int(os.environ.get("HEEL_IPC_FD", "3"))
     try:
-        broker = socket.socket(fileno=os.dup(fd))
+        broker = _socket.socket(fileno=os.dup(fd))
     except OSError as exc:
         raise IpcError(codec.INTERNAL_ERROR, f"no IPC channel here (fd {fd}: {exc.strerror}): not a heel "
                        "sandbox with an IPC router, or a parent closed the fd (Python's subprocess "
                        f"does: pass pass_fds=({fd},))") from None
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        socket.send_fds(broker, [b"c"], [theirs.fileno()])
+        broker.sendmsg([b"c"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
     finally:
         theirs.close()
         broker.close()
@@ -98,6 +102,10 @@ def _parse_args(args: list[str]) -> tuple[str, dict]:
     if not args or args[0].startswith("-"):
         raise ValueError("usage: heel ipc NAME [--key value ...] | NAME --json '{...}' | NAME - (JSON on stdin)")
     name, rest = args[0], args[1:]
+    if not rest:
+        return name, {}
+    import json
+
     if rest == ["-"]:
         params = json.load(sys.stdin)
     elif rest[:1] == ["--json"]:
@@ -134,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
     elif isinstance(result, bytes):
         sys.stdout.buffer.write(result)
+    elif result is None or isinstance(result, bool):
+        print({None: "null", True: "true", False: "false"}[result])  # JSON, without importing json
     else:
+        import json
+
         print(json.dumps(result, default=repr))
     return 0
 
