@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import select
 import socket
 import stat
 import types
@@ -88,7 +89,10 @@ class _FunctionCommand(IpcCommand):
     def __init__(self, name: str, function: Callable[..., Awaitable[Any]]) -> None:
         if not inspect.iscoroutinefunction(function):
             raise PolicyError(f"IPC command {name!r}: {function!r} is not an async function")
-        hints = typing.get_type_hints(function)
+        try:
+            hints = typing.get_type_hints(function)
+        except Exception as exc:  # a hint naming what does not exist
+            raise PolicyError(f"IPC command {name!r}: cannot read its type hints: {exc}") from None
         parameters: dict[str, Any] = {}
         optional = set()
         for param in inspect.signature(function).parameters.values():
@@ -167,7 +171,7 @@ class IpcRouter:
     def command(self, name: str | None = None):
         """Decorator: register an async function, named ``name`` or after itself."""
         def decorate(function):
-            self.register(_FunctionCommand(name or function.__name__, function))
+            self.register(_FunctionCommand(function.__name__ if name is None else name, function))
             return function
         return decorate
 
@@ -196,14 +200,20 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
                 data, fds, _, _ = socket.recv_fds(broker, 16, 4)
             except (BlockingIOError, InterruptedError):
                 continue
-            if not data and not fds:
-                return  # every sandboxed end is closed
+            if not data and not fds and _hung_up(broker):
+                return  # every sandboxed end is closed (an empty message alone is no end)
             for fd in fds:
                 if open_connections[0] >= router.max_connections or not stat.S_ISSOCK(os.fstat(fd).st_mode):
                     os.close(fd)
                     continue
                 open_connections[0] += 1
                 nursery.start_soon(_serve_connection, router, fd, open_connections)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP | select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
 async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int]) -> None:
@@ -256,18 +266,22 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                     try:
                         event = connection.next_event()
                     except codec.ProtocolError:
-                        return  # the stream cannot be trusted: drop it
+                        event = codec.CLOSED  # the stream cannot be trusted: drop it
                     if event is codec.NEED_DATA:
                         break
                     if event is codec.CLOSED:
+                        # Nobody is left to read an answer: stop the work too.
+                        handlers.cancel_scope.cancel()
                         return
                     if isinstance(event, codec.InvalidRequest):
                         if event.msgid is None:
+                            handlers.cancel_scope.cancel()
                             return
                         await reply(codec.error_response(event.msgid, event.code, event.message))
                     else:
                         handlers.start_soon(run, event)
                 if not data:
+                    handlers.cancel_scope.cancel()
                     return
     finally:
         open_connections[0] -= 1
