@@ -11,6 +11,9 @@ import time
 from typing import Any, Optional
 
 import pytest
+import socket
+import typing
+
 import trio
 
 import heel
@@ -791,3 +794,59 @@ def test_unresolvable_type_hint_is_a_policy_error():
     with pytest.raises(heel.PolicyError):
         router.command("unresolved")(unresolved)
     assert router.names == []
+
+
+# ---- the server itself, fuzzed without a sandbox ---------------------------
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from heel import _ipc_codec
+from heel.ipc import _serve_connection
+
+_FUZZ_ROUTER = heel.IpcRouter(max_message_size=4096)
+
+
+@_FUZZ_ROUTER.command("echo")
+async def _fuzz_echo(value: typing.Any = None):
+    return value
+
+
+_frames = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda body: len(body).to_bytes(4, "big") + body, st.binary(max_size=64)),
+    st.builds(lambda n: n.to_bytes(4, "big"), st.integers(0, 2**32 - 1)),
+    st.builds(lambda v: _ipc_codec.Connection("client").send(_ipc_codec.Request(1, "echo", {"value": v})),
+              st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.text(max_size=20),
+                        st.binary(max_size=20))),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(_frames, max_size=6))
+def test_server_survives_arbitrary_bytes(chunks):
+    """Whatever arrives on a connection, the server answers or drops it: it
+    never raises into the sandbox's nursery and never hangs."""
+
+    async def scenario():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        connections = [1]
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_serve_connection, _FUZZ_ROUTER, theirs.detach(), connections)
+                peer = trio.socket.from_stdlib_socket(ours)
+                for chunk in chunks:
+                    try:
+                        await peer.send(chunk)
+                    except OSError:
+                        break  # the server dropped us: allowed
+                try:
+                    peer.shutdown(socket.SHUT_WR)
+                    while await peer.recv(65536):
+                        pass  # replies, until the server closes its end
+                except OSError:
+                    pass  # dropped with our bytes unread: a reset, allowed
+                peer.close()
+        assert connections == [0]  # the slot came back
+
+    trio.run(scenario)
