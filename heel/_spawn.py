@@ -388,19 +388,29 @@ class Session:
 #: library does the rest.
 _CLIENT_FILES = ("client.py", "_ipc_codec.py")
 
-_LAUNCHER = """#!/bin/sh
-# heel inside a sandbox: only `heel ipc` is here (see heel.client).
-if [ "$1" = ipc ]; then
-    shift
-    exec {python} -c "import sys; from heel.client import main; sys.exit(main())" "$@"
-fi
-echo "heel: inside a sandbox only 'heel ipc NAME [ARGS...]' works" >&2
-exit 2
+# The launcher and the wrappers are Python scripts run with -S (no
+# site-packages): heel.client needs only the standard library and the msgpack
+# beside it, and without a shell in between and without site every call
+# starts faster.
+_LAUNCHER = """#!/usr/bin/env -S python3 -S
+\"\"\"heel inside a sandbox: only `heel ipc` is here (see heel.client).\"\"\"
+import sys
+
+if sys.argv[1:2] != ["ipc"]:
+    sys.stderr.write("heel: inside a sandbox only 'heel ipc NAME [ARGS...]' works\\n")
+    sys.exit(2)
+from heel.client import main
+
+sys.exit(main(sys.argv[2:]))
 """
 
-_WRAPPER = """#!/bin/sh
-# {name}: the host's IPC command of that name (heel ipc {name} ARGS...).
-exec heel ipc {name} "$@"
+_WRAPPER = """#!/usr/bin/env -S python3 -S
+\"\"\"{name}: the host's IPC command of that name (heel ipc {name} ARGS...).\"\"\"
+import sys
+
+from heel.client import main
+
+sys.exit(main([{name!r}] + sys.argv[1:]))
 """
 
 
@@ -428,7 +438,7 @@ def _prepare_ipc(plan: SandboxPlan, router) -> SandboxPlan:
     for name in os.listdir(source):
         if name.endswith((".py", ".so")):
             shutil.copyfile(os.path.join(source, name), os.path.join(vendor, name))
-    scripts = {"heel": _LAUNCHER.format(python="python3")}
+    scripts = {"heel": _LAUNCHER}
     # A wrapper per command, unless its name would shadow something heel
     # itself needs on the PATH.
     scripts.update({name: _WRAPPER.format(name=name) for name in router.names if name != "heel"})
