@@ -850,3 +850,19 @@ def test_server_survives_arbitrary_bytes(chunks):
         assert connections == [0]  # the slot came back
 
     trio.run(scenario)
+
+
+async def test_client_is_importable_from_a_venv_inside():
+    """heel.client needs nothing installed: a fresh venv's Python (made inside
+    the sandbox, without pip) imports it and calls the host."""
+    router = heel.IpcRouter()
+
+    @router.command("add")
+    async def add(a: int, b: int = 1) -> int:
+        return a + b
+
+    async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+        out = await sh(sb, "python3 -m venv --without-pip venv && "
+                           "venv/bin/python -c 'import sys; from heel.client import call; "
+                           "print(sys.prefix != sys.base_prefix, call(\"add\", a=41))'", timeout=60)
+    assert out.returncode == 0 and out.stdout == b"True 42\n", explain(out)
