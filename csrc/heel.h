@@ -141,7 +141,7 @@ struct heel_msg {
 #define HEEL_INIT_UNIX_SOCKETS 2   /* seccomp: allow socket(AF_UNIX) */
 #define HEEL_INIT_INET_STREAM 4    /* seccomp: allow TCP sockets */
 #define HEEL_INIT_NETLINK_ROUTE 8  /* seccomp: allow NETLINK_ROUTE sockets */
-#define HEEL_INIT_SCOPE 16         /* each command in a Landlock scope of its own (ABI >= 6) */
+#define HEEL_INIT_SCOPE 16         /* each command in a Landlock domain of its own (scoped with ABI >= 6) */
 
 /* Landlock scopes (ABI 6): abstract unix sockets and signals. */
 #define HEEL_LANDLOCK_SCOPES 3

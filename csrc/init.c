@@ -78,10 +78,16 @@
 
 #define FILTER_CAP 1024
 
-/* Signals the host may send to a command's init, passed on to the command. */
-static const int forwarded_signals[] = {
-    SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM, SIGCONT,
-};
+/* Every signal that can be blocked is, in heel-init and in each command's
+ * init, and read from a signalfd: a signal whose default action is to end
+ * the process must not end an init (and leave its command to the zygote).
+ * A command's init passes on to the command every signal but SIGCHLD. */
+static void handled_signals(sigset_t *set)
+{
+    sigfillset(set);
+    sigdelset(set, SIGKILL);
+    sigdelset(set, SIGSTOP);
+}
 
 /* What every command of the sandbox shares, set up once in main(). */
 struct zygote {
@@ -89,8 +95,11 @@ struct zygote {
     int sfd;            /* its signalfd */
     int ipc_fd;         /* the sandbox's IPC socket, given to every command (-1: none) */
     int pidns;          /* heel-init is pid 1 of the sandbox's pid namespace */
-    int scope;          /* Landlock scopes for each command (0: none on this kernel) */
+    int own_domain;     /* each command gets a Landlock domain of its own */
+    uint64_t scope;     /* ... which scopes signals and abstract sockets (ABI >= 6) */
     sigset_t orig_mask; /* the signal mask commands start with */
+    pid_t *inits;       /* the commands' inits still running: every other child is an escapee */
+    size_t ninits, cap;
 };
 
 /* One command: its request, and then its init's state. */
@@ -253,14 +262,18 @@ static int exec_command(const char *program, char *const argv[], char *const env
     return seen_eacces ? EACCES : err;
 }
 
-/* A Landlock domain of the command's own that handles no access right but
- * scopes signals and abstract unix sockets: nothing outside it, its init
- * included, can be signalled or reached from inside. */
-static int enter_scope(uint64_t scoped)
+/* A Landlock domain of the command's own, nested in the sandbox's.  It
+ * grants nothing and handles only MAKE_BLOCK (which no rule grants anyway),
+ * so file access stays as the sandbox's domain has it; what it adds is the
+ * line between commands: Landlock refuses ptrace-class access (/proc/PID/mem,
+ * environ, fd) to processes outside one's domain, and with ABI 6 its scopes
+ * also stop signals and abstract unix sockets crossing it.  So a command
+ * cannot reach its init, heel-init or another command. */
+static int enter_own_domain(uint64_t scoped)
 {
     struct {
         uint64_t handled_access_fs, handled_access_net, scoped;
-    } attr = {0, 0, scoped};
+    } attr = {1ULL << 11 /* LANDLOCK_ACCESS_FS_MAKE_BLOCK */, 0, scoped};
     int fd = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
 
     if (fd < 0)
@@ -341,7 +354,7 @@ static void become_command(const struct zygote *z, const struct command *c, int 
         if (setrlimit(c->rlimits[i].resource, &rl) < 0)
             child_failed(report, HEEL_STAGE_RLIMIT, errno);
     }
-    if (z->scope && enter_scope(z->scope) < 0)
+    if (z->own_domain && enter_own_domain(z->scope) < 0)
         child_failed(report, HEEL_STAGE_LANDLOCK, errno);
     sigprocmask(SIG_SETMASK, &z->orig_mask, NULL);
     child_failed(report, HEEL_STAGE_EXEC, exec_command(c->program, c->argv, c->envp));
@@ -590,10 +603,7 @@ static void command_init(const struct zygote *z, struct command *c)
 
     /* The handled signals are blocked already (inherited from the zygote)
      * and read from a signalfd of our own. */
-    sigemptyset(&handled);
-    sigaddset(&handled, SIGCHLD);
-    for (size_t i = 0; i < sizeof(forwarded_signals) / sizeof(forwarded_signals[0]); i++)
-        sigaddset(&handled, forwarded_signals[i]);
+    handled_signals(&handled);
     sfd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
     if (sfd < 0)
         fail(c->ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
@@ -751,7 +761,7 @@ static void free_command(struct command *c)
 
 /* Read one request and start its command.  Returns 1 when the host has
  * gone away (end of file or a broken socket). */
-static int serve_request(const struct zygote *z)
+static int serve_request(struct zygote *z)
 {
     struct command c;
     long length;
@@ -765,8 +775,11 @@ static int serve_request(const struct zygote *z)
     if (length == 0 || length == -ECONNRESET)
         return 1;
     if (length < 0) {
+        /* A header heel cannot read leaves the stream out of step (its
+         * payload may follow): only the host writes here, so end the
+         * sandbox rather than guess. */
         reply(z->ctl, (int32_t)length, -1);
-        return length != -EPROTO;
+        return 1;
     }
     c.payload = malloc((size_t)length);
     if (c.payload == NULL) {
@@ -791,6 +804,20 @@ static int serve_request(const struct zygote *z)
     }
     if (pid == 0)
         command_init(z, &c);
+    if (z->ninits == z->cap) {
+        size_t cap = z->cap ? z->cap * 2 : 64;
+        pid_t *grown = realloc(z->inits, cap * sizeof(pid_t));
+        if (grown == NULL) {
+            /* Untracked it would be taken for an escapee: end it now. */
+            kill(pid, SIGKILL);
+            reply(z->ctl, -ENOMEM, -1);
+            free_command(&c);
+            return 0;
+        }
+        z->inits = grown;
+        z->cap = cap;
+    }
+    z->inits[z->ninits++] = pid;
     pidfd = (int)syscall(__NR_pidfd_open, pid, 0);
     if (pidfd < 0) {
         /* The child is ours and not reaped: its pid is still its own. */
@@ -803,6 +830,58 @@ static int serve_request(const struct zygote *z)
     }
     free_command(&c);
     return 0;
+}
+
+/* Reap what has exited among heel-init's children, forgetting the commands'
+ * inits among them. */
+static void reap_zygote(struct zygote *z)
+{
+    pid_t pid;
+
+    while ((pid = waitpid(-1, NULL, WNOHANG)) > 0) {
+        for (size_t i = 0; i < z->ninits; i++) {
+            if (z->inits[i] == pid) {
+                z->inits[i] = z->inits[--z->ninits];
+                break;
+            }
+        }
+    }
+}
+
+/* A child of heel-init that is not a command's init is an orphan whose
+ * init died before it (killed by the host after its grace time, or out of
+ * kill rounds): it belongs to a command that has ended, so it dies too.
+ * Its own children come to heel-init in turn, and go the same way at the
+ * next SIGCHLD.  Nothing is reaped while the list is used, so each pid in it
+ * is still that child's. */
+static void kill_escapees(const struct zygote *z)
+{
+    char path[64], buf[4096];
+    long long pid = 0;
+    ssize_t len;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/self/task/%d/children", (int)getpid());
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    len = read_full(fd, buf, sizeof(buf));
+    close(fd);
+    for (ssize_t i = 0; i < len; i++) {
+        char ch = buf[i];
+        if (ch == ' ') {
+            int known = 0;
+            for (size_t k = 0; k < z->ninits && !known; k++)
+                known = z->inits[k] == (pid_t)pid;
+            if (pid > 0 && pid <= INT_MAX && !known)
+                kill((pid_t)pid, SIGKILL);
+            pid = 0;
+        } else if (pid >= 0 && ch >= '0' && ch <= '9' && pid <= INT_MAX) {
+            pid = pid * 10 + (ch - '0');
+        } else {
+            pid = -1;
+        }
+    }
 }
 
 int main(int argc, char **argv)
@@ -827,7 +906,11 @@ int main(int argc, char **argv)
                                 HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE)) != 0)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     z.pidns = (flags & HEEL_INIT_PIDNS) != 0;
-    z.scope = (flags & HEEL_INIT_SCOPE) ? HEEL_LANDLOCK_SCOPES : 0;
+    z.own_domain = (flags & HEEL_INIT_SCOPE) != 0;
+    if (z.own_domain) {
+        long abi = syscall(__NR_landlock_create_ruleset, NULL, 0, 1 /* VERSION */);
+        z.scope = abi >= 6 ? HEEL_LANDLOCK_SCOPES : 0;
+    }
     /* kill(-1) is the pid-namespace shutdown; from anything but pid 1 it
      * would reach the user's processes outside the sandbox. */
     if (z.pidns && getpid() != 1)
@@ -844,10 +927,7 @@ int main(int argc, char **argv)
     filter.filter = (struct sock_filter *)filter_code;
 
     reset_signal_dispositions();
-    sigemptyset(&handled);
-    sigaddset(&handled, SIGCHLD);
-    for (size_t i = 0; i < sizeof(forwarded_signals) / sizeof(forwarded_signals[0]); i++)
-        sigaddset(&handled, forwarded_signals[i]);
+    handled_signals(&handled);
     if (sigprocmask(SIG_BLOCK, &handled, &z.orig_mask) < 0)
         fail(z.ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
     z.sfd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
@@ -880,7 +960,8 @@ int main(int argc, char **argv)
             struct signalfd_siginfo info[8];
             while (read(z.sfd, info, sizeof(info)) > 0)
                 continue; /* only SIGCHLD matters here: */
-            reap_exited(NULL); /* commands' inits, and orphans as pid 1 */
+            reap_zygote(&z);   /* commands' inits, and orphans */
+            kill_escapees(&z);
         }
         if (fds[1].revents != 0 && serve_request(&z))
             break;

@@ -284,7 +284,12 @@ static int setup_mounts(const struct heel_spawn_plan *p)
             close(tree[i]);
             break;
         case HEEL_MNT_PROC:
-            if (mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+            /* hidepid=invisible: a process sees in /proc only what it could
+             * ptrace, so a command sees its own processes and not those of
+             * other commands or heel-init (Linux 5.8; plain before that). */
+            if (mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible") < 0 &&
+                (errno != EINVAL ||
+                 mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0))
                 return -1;
             if (allow_new_mount(p, op) < 0)
                 return -1;

@@ -353,8 +353,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     if limits.open_files:
         rlimits.append((resource.RLIMIT_NOFILE, limits.open_files, limits.open_files))
     if limits.processes:
-        # Counted in the sandbox's user namespace, where heel-init and the
-        # command's init are processes too.
+        # Counted in the sandbox's user namespace: every command running at
+        # the same time, heel-init and each command's init count (the +2 are
+        # heel-init and this command's init).
         rlimits.append((resource.RLIMIT_NPROC, limits.processes + 2, limits.processes + 2))
 
     return SandboxPlan(

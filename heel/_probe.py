@@ -144,6 +144,11 @@ def probe() -> ProbeReport:
           partial=env.seccomp),
         p("scoping", abi >= 6, "no signals to host processes, no host abstract unix sockets",
           "signals and abstract sockets are contained only by the namespaces", partial=ns),
+        p("command_isolation", abi >= 6,
+          "each command in a Landlock domain of its own: no signals, ptrace or /proc access between "
+          "the commands of a sandbox",
+          "commands of one sandbox cannot ptrace or read one another (Landlock domains), but can "
+          "signal one another (scoping needs ABI 6)", partial=abi >= 1),
         p("user_namespace", ns, "an unprivileged user namespace per sandbox", why or "unavailable"),
         p("mount_view", ns, "read-only view outside writable places (no chmod/chown/utime/xattr)",
           "chmod, chown, utime and xattr changes outside the workdir are possible"),

@@ -214,7 +214,7 @@ def _init_flags(plan: SandboxPlan) -> int:
         flags |= lib.HEEL_INIT_INET_STREAM
     if plan.seccomp["allow_netlink_route"]:
         flags |= lib.HEEL_INIT_NETLINK_ROUTE
-    if plan.scoped:
+    if plan.handled_fs:  # Landlock is there: each command in a domain of its own
         flags |= lib.HEEL_INIT_SCOPE
     return flags
 

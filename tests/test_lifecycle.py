@@ -243,3 +243,34 @@ async def test_output_limit_truncates_and_kills():
         # Control: a small output is whole and not marked.
         out = await sh(sb, "echo hello")
         assert out.stdout == b"hello\n" and not out.truncated, explain(out)
+
+
+async def test_orphans_of_a_killed_init_die_while_the_sandbox_lives():
+    """If a command's init dies before it could kill what the command started
+    (the host SIGKILLs it after its grace time), the orphans come to heel-init,
+    which kills them: they do not live on until the sandbox closes."""
+    marker = unique_marker()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        process = await sb.command("sh").args(["-c", f"sleep {marker} & setsid sleep {marker} & wait"]).spawn()
+        async with process:
+            await wait_for_processes(marker, 2)
+            os.kill(process.pid, signal.SIGKILL)  # the init, not through heel
+            with trio.fail_after(10):
+                while processes_with(marker):
+                    await trio.sleep(0.05)
+        # Control: the sandbox still runs commands.
+        assert (await sb.command("true").status()).success
+
+
+async def test_any_signal_reaches_the_command_not_its_init():
+    """A signal the init does not expect (SIGPWR, whose default is to end the
+    process) goes to the command; the init lives to kill what is left."""
+    marker = unique_marker()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        process = await sb.command("sh").args(["-c", f"sleep {marker} & exec sleep {marker}"]).spawn()
+        async with process:
+            await wait_for_processes(marker, 2)
+            process.send_signal(signal.SIGPWR)
+            with trio.fail_after(10):
+                assert await process.wait() == -signal.SIGPWR
+            assert processes_with(marker) == []
