@@ -525,14 +525,15 @@ static int kill_command_group(const struct command *c)
     return targets;
 }
 
-/* SIGKILL our direct children, as /proc lists them.  Nothing is reaped while
- * the list is used, so each pid in it still names that child (a zombie keeps
- * its pid), never a recycled one.  Returns how many targets there were. */
-static int kill_children(const struct command *c)
+/* Our direct children, as /proc lists them: up to cap pids into out.
+ * Returns how many, or -1 when /proc cannot tell.  Nothing may be reaped
+ * while the list is used, so that each pid in it still names that child (a
+ * zombie keeps its pid), never a recycled one. */
+static int list_children(pid_t *out, int cap)
 {
     char path[64], buf[4096];
     long long pid = 0;
-    int targets = 0;
+    int count = 0;
     ssize_t len;
     int fd;
 
@@ -540,20 +541,18 @@ static int kill_children(const struct command *c)
     snprintf(path, sizeof(path), "/proc/self/task/%d/children", (int)getpid());
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return kill_command_group(c);
+        return -1;
     len = read_full(fd, buf, sizeof(buf));
     close(fd);
     if (len < 0)
-        return kill_command_group(c);
+        return -1;
     /* "PID PID ... ": each pid ends with a space.  One cut off by a full
      * buffer has none yet and is left for the next round. */
-    for (ssize_t i = 0; i < len; i++) {
+    for (ssize_t i = 0; i < len && count < cap; i++) {
         char ch = buf[i];
         if (ch == ' ') {
-            if (pid > 0 && pid <= INT_MAX) {
-                kill((pid_t)pid, SIGKILL);
-                targets++;
-            }
+            if (pid > 0 && pid <= INT_MAX)
+                out[count++] = (pid_t)pid;
             pid = 0;
         } else if (pid >= 0 && ch >= '0' && ch <= '9' && pid <= INT_MAX) {
             pid = pid * 10 + (ch - '0');
@@ -561,7 +560,22 @@ static int kill_children(const struct command *c)
             pid = -1; /* not a pid: skip to the next space */
         }
     }
-    return targets;
+    return count;
+}
+
+#define CHILDREN_PER_ROUND 1024
+
+/* SIGKILL our direct children.  Returns how many targets there were. */
+static int kill_children(const struct command *c)
+{
+    pid_t children[CHILDREN_PER_ROUND];
+    int n = list_children(children, CHILDREN_PER_ROUND);
+
+    if (n < 0)
+        return kill_command_group(c);
+    for (int i = 0; i < n; i++)
+        kill(children[i], SIGKILL);
+    return n;
 }
 
 /* Killing a process orphans its children, which the kernel hands to us,
@@ -852,35 +866,18 @@ static void reap_zygote(struct zygote *z)
  * init died before it (killed by the host after its grace time, or out of
  * kill rounds): it belongs to a command that has ended, so it dies too.
  * Its own children come to heel-init in turn, and go the same way at the
- * next SIGCHLD.  Nothing is reaped while the list is used, so each pid in it
- * is still that child's. */
+ * next SIGCHLD. */
 static void kill_escapees(const struct zygote *z)
 {
-    char path[64], buf[4096];
-    long long pid = 0;
-    ssize_t len;
-    int fd;
+    pid_t children[CHILDREN_PER_ROUND];
+    int n = list_children(children, CHILDREN_PER_ROUND);
 
-    snprintf(path, sizeof(path), "/proc/self/task/%d/children", (int)getpid());
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    len = read_full(fd, buf, sizeof(buf));
-    close(fd);
-    for (ssize_t i = 0; i < len; i++) {
-        char ch = buf[i];
-        if (ch == ' ') {
-            int known = 0;
-            for (size_t k = 0; k < z->ninits && !known; k++)
-                known = z->inits[k] == (pid_t)pid;
-            if (pid > 0 && pid <= INT_MAX && !known)
-                kill((pid_t)pid, SIGKILL);
-            pid = 0;
-        } else if (pid >= 0 && ch >= '0' && ch <= '9' && pid <= INT_MAX) {
-            pid = pid * 10 + (ch - '0');
-        } else {
-            pid = -1;
-        }
+    for (int i = 0; i < n; i++) {
+        int known = 0;
+        for (size_t k = 0; k < z->ninits && !known; k++)
+            known = z->inits[k] == children[i];
+        if (!known)
+            kill(children[i], SIGKILL);
     }
 }
 
