@@ -44,9 +44,17 @@ SHELLS = ("bash", "sh", "zsh")
 def main(argv: list[str] | None = None) -> int:
     """The ``heel`` console script: returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] in (["run"], ["shell"]):
-        return run_command(args[0], args[1:])
-    return _typer_main(args)
+    try:
+        if args[:1] in (["run"], ["shell"]):
+            return run_command(args[0], args[1:])
+        return _typer_main(args)
+    except ImportError as exc:
+        # heel's compiled module is missing: most often `python -m heel`
+        # run in heel's source tree, whose ./heel shadows the installed one.
+        if "compiled module" not in str(exc):
+            raise
+        _say(f"{exc}; in heel's source tree, `python -m heel` finds ./heel first: run it elsewhere")
+        return EXIT_HEEL_FAILED
 
 
 def _say(message: str) -> None:
