@@ -7,7 +7,6 @@ kernel accepted it, not that a header said it should.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import shutil

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import select
-import signal
 import socket
 import time
 
