@@ -66,7 +66,8 @@ class Prepared:
         """``ipc_fd``: the sandbox's end of the IPC socket, given to every command."""
         self.plan = plan
         self._ipc_fd = ipc_fd
-        self._lock = threading.Lock()  # one request at a time on the zygote's socket
+        self._lock = threading.Lock()  # one request at a time on the zygote's socket...
+        self._trio_lock = None  # ...and under trio, without blocking the event loop
         self._pidfd = -1
         self._ctl: socket.socket | None = None
         for path in plan.mountpoints:
@@ -150,24 +151,67 @@ class Prepared:
         return fd
 
     def launch(self, argv: list[str], env: dict[str, str], cwd: str,
-               stdio: tuple[int, int, int]) -> tuple[int, int, socket.socket]:
+               stdio: tuple[int, int, int]) -> tuple[int, socket.socket]:
         """Start one command.  Returns (pidfd of its init, control socket).
 
         Failures of the command's own setup arrive later as an error message
-        on the control socket (see raise_for_error)."""
+        on the control socket (see raise_for_error).  This blocks until
+        heel-init answers; under trio, use launch_async."""
+        with self._lock:
+            host_end, child_end = self._send_request(argv, env, cwd, stdio)
+            return self._take_reply(argv, host_end, child_end), host_end
+
+    async def launch_async(self, argv: list[str], env: dict[str, str], cwd: str,
+                           stdio: tuple[int, int, int]) -> tuple[int, socket.socket]:
+        """launch() for trio: the event loop runs on while heel-init works
+        (a sandbox under load must not stall the host's other tasks)."""
+        import trio
+
+        if self._trio_lock is None:
+            self._trio_lock = trio.Lock()
+        async with self._trio_lock:
+            host_end, child_end = self._send_request(argv, env, cwd, stdio)
+            # Shielded: the reply must be read even by a cancelled caller, or
+            # the next request would read it.  Bounded, for a heel-init that
+            # never answers: then the sandbox is broken, and closed.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(30) as waited:
+                    await trio.lowlevel.wait_readable(self._ctl)
+            if waited.cancelled_caught:
+                host_end.close()
+                child_end.close()
+                self.close()
+                raise SandboxClosed("the sandbox's heel-init stopped answering; the sandbox is closed")
+            return self._take_reply(argv, host_end, child_end), host_end
+
+    def _send_request(self, argv: list[str], env: dict[str, str], cwd: str,
+                      stdio: tuple[int, int, int]) -> tuple[socket.socket, socket.socket]:
         payload = _encode_request(argv, env, cwd, self.plan.rlimits)
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with self._lock:
-                if self._ctl is None:
-                    raise SandboxClosed("the sandbox is closed")
-                try:
-                    socket.send_fds(self._ctl, [_LENGTH.pack(len(payload))],
-                                    [*stdio, child_end.fileno()])
-                    self._ctl.sendall(payload)
-                    data, fds, _, _ = socket.recv_fds(self._ctl, _REPLY.size, 1)
-                except OSError as exc:
-                    raise SandboxClosed(f"the sandbox's heel-init is gone: {exc}") from None
+            if self._ctl is None:
+                raise SandboxClosed("the sandbox is closed")
+            try:
+                socket.send_fds(self._ctl, [_LENGTH.pack(len(payload))], [*stdio, child_end.fileno()])
+                self._ctl.sendall(payload)
+            except OSError as exc:
+                raise SandboxClosed(f"the sandbox's heel-init is gone: {exc}") from None
+        except BaseException:
+            host_end.close()
+            child_end.close()
+            raise
+        return host_end, child_end
+
+    def _take_reply(self, argv: list[str], host_end: socket.socket, child_end: socket.socket) -> int:
+        """heel-init's answer to the request just sent: the pidfd of the
+        command's init."""
+        try:
+            if self._ctl is None:
+                raise SandboxClosed("the sandbox is closed")
+            try:
+                data, fds, _, _ = socket.recv_fds(self._ctl, _REPLY.size, 1)
+            except OSError as exc:
+                raise SandboxClosed(f"the sandbox's heel-init is gone: {exc}") from None
             if len(data) != _REPLY.size:
                 for fd in fds:
                     os.close(fd)
@@ -177,13 +221,12 @@ class Prepared:
                 for fd in fds:
                     os.close(fd)
                 raise spawn_error("clone", -result if result < 0 else errno.EIO, argv[0])
-            pidfd = fds[0]
+            return fds[0]
         except BaseException:
             host_end.close()
             raise
         finally:
             child_end.close()
-        return pidfd, host_end
 
     def close(self) -> None:
         """Kill every process of the sandbox and reap its heel-init."""

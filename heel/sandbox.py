@@ -215,7 +215,7 @@ class Sandbox:
                         streams.append(None)
                     else:
                         streams.append(stream)
-            pidfd, ctl = prepared.launch(cmd._argv, env, cwd, tuple(child_fds))
+            pidfd, ctl = await prepared.launch_async(cmd._argv, env, cwd, tuple(child_fds))
         except BaseException:
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
