@@ -633,7 +633,9 @@ print("OK")
 
 # ---- 11. closing while a call is in flight ------------------------------------------------
 
-async def test_closing_cancels_running_handlers():
+def _slow_router():
+    """A router whose one command, "slow", sleeps a minute and records
+    whether it was cancelled; `started` is set once it runs."""
     router = heel.IpcRouter()
     started = trio.Event()
     record = {"cancelled": False, "finished": False}
@@ -649,6 +651,11 @@ async def test_closing_cancels_running_handlers():
         record["finished"] = True
         return "late"
 
+    return router, started, record
+
+
+async def test_closing_cancels_running_handlers():
+    router, started, record = _slow_router()
     t0 = time.monotonic()
     with trio.fail_after(10):
         async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
@@ -661,19 +668,7 @@ async def test_closing_cancels_running_handlers():
 
 async def test_handler_of_a_vanished_caller_is_not_left_running():
     # docs/ipc.md: the host does not keep a task alive for a connection it dropped.
-    router = heel.IpcRouter()
-    started = trio.Event()
-    record = {"cancelled": False}
-
-    @router.command("slow")
-    async def slow() -> None:
-        started.set()
-        try:
-            await trio.sleep(60)
-        except trio.Cancelled:
-            record["cancelled"] = True
-            raise
-
+    router, started, record = _slow_router()
     async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
         process = await sb.command("heel").args(["ipc", "slow"]).spawn()
         with trio.fail_after(10):
