@@ -98,6 +98,12 @@ struct heel_spawn_plan {
      * builds its mounts (writable places idmapped through it), then enters
      * it and becomes its uid/gid 0: the unprivileged id outside.  -1: none. */
     int userns_fd;
+    /* With CLONE_NEWNET: bring the namespace's loopback up and listen on
+     * 127.0.0.1:proxy_port there; the listening socket goes to the host
+     * (HEEL_MSG_LISTENER with the fd attached, on the control socket), where
+     * the proxy accepts on it.  No helper process and no socket file: only
+     * the sandbox can reach it.  0: none. */
+    int proxy_port;
 };
 
 /* Stages of the child's setup, reported with an errno when one fails. */
@@ -118,6 +124,7 @@ enum heel_stage {
     HEEL_STAGE_INIT = 14,         /* heel-init itself failed (fork, signalfd, ...) */
     HEEL_STAGE_EXEC = 15,         /* execve of the command */
     HEEL_STAGE_REQUEST = 16,      /* heel-init could not read the command request */
+    HEEL_STAGE_NETWORK = 17,      /* loopback or the proxy's listening socket in the network namespace */
 };
 
 /* Messages on the control socket, native byte order, fixed size. */
@@ -126,6 +133,7 @@ enum heel_msg_kind {
     HEEL_MSG_STARTED = 2, /* a = the command's pid as heel-init sees it */
     HEEL_MSG_EXITED = 3,  /* a = the command's raw wait status */
     HEEL_MSG_KILL = 4,    /* host -> init: kill every process of the sandbox and exit */
+    HEEL_MSG_LISTENER = 5, /* trampoline -> host: a = port; the listening socket rides along (SCM_RIGHTS) */
 };
 
 struct heel_msg {

@@ -40,6 +40,7 @@ struct heel_spawn_plan {
     int landlock_fd;
     int pdeathsig;
     int userns_fd;
+    int proxy_port;
 };
 
 enum heel_stage {
@@ -47,11 +48,11 @@ enum heel_stage {
     HEEL_STAGE_FDS, HEEL_STAGE_SETSID, HEEL_STAGE_CHDIR, HEEL_STAGE_RLIMIT,
     HEEL_STAGE_CAPS, HEEL_STAGE_NO_NEW_PRIVS, HEEL_STAGE_LANDLOCK,
     HEEL_STAGE_SECCOMP, HEEL_STAGE_EXEC_INIT, HEEL_STAGE_INIT, HEEL_STAGE_EXEC,
-    HEEL_STAGE_REQUEST, ...
+    HEEL_STAGE_REQUEST, HEEL_STAGE_NETWORK, ...
 };
 
 enum heel_msg_kind {
-    HEEL_MSG_ERROR, HEEL_MSG_STARTED, HEEL_MSG_EXITED, HEEL_MSG_KILL, ...
+    HEEL_MSG_ERROR, HEEL_MSG_STARTED, HEEL_MSG_EXITED, HEEL_MSG_KILL, HEEL_MSG_LISTENER, ...
 };
 
 struct heel_msg {

@@ -15,6 +15,10 @@
  *              Python's, and must not run here); all signals stay blocked.
  *   userns     uid/gid maps of the new user namespace (we hold all
  *              capabilities inside it until exec).
+ *   network    in a new network namespace, loopback up and the proxy's
+ *              listening socket made there and sent to the host; done
+ *              while we still hold CAP_NET_ADMIN over the namespace (as
+ *              real root, before entering the prepared user namespace).
  *   mounts     private propagation, then the read-only view of the file
  *              system, with the writable places put back and a fresh /proc.
  *   identity   when heel runs as root there is no new user namespace above:
@@ -41,6 +45,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -317,6 +324,69 @@ static int setup_mounts(const struct heel_spawn_plan *p)
     return 0;
 }
 
+/* The network namespace starts with its loopback down.  Bring it up and
+ * listen on 127.0.0.1:port in it, then send the listening socket to the host
+ * with the HEEL_MSG_LISTENER message.  The host's proxy accepts on it: a
+ * connection can only come from inside this namespace. */
+static int proxy_listener(int report, int port)
+{
+    struct ifreq ifr;
+    struct sockaddr_in addr;
+    struct heel_msg msg = {HEEL_MSG_LISTENER, port, 0};
+    struct iovec iov = {&msg, sizeof(msg)};
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr mh;
+    struct cmsghdr *cm;
+    int ctl, lsock, one = 1, rc;
+
+    ctl = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (ctl < 0)
+        return -1;
+    memset(&ifr, 0, sizeof(ifr));
+    memcpy(ifr.ifr_name, "lo", 3);
+    rc = ioctl(ctl, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        ifr.ifr_flags |= IFF_UP;
+        rc = ioctl(ctl, SIOCSIFFLAGS, &ifr);
+    }
+    close(ctl);
+    if (rc < 0)
+        return -1;
+
+    lsock = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lsock < 0)
+        return -1;
+    memset(&addr, 0, sizeof(addr));
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    setsockopt(lsock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(lsock, (struct sockaddr *)&addr, sizeof(addr)) < 0 || listen(lsock, 4096) < 0) {
+        close(lsock);
+        return -1;
+    }
+
+    memset(&mh, 0, sizeof(mh));
+    memset(&control, 0, sizeof(control));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control.buf;
+    mh.msg_controllen = sizeof(control.buf);
+    cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &lsock, sizeof(int));
+    do
+        rc = (int)sendmsg(report, &mh, MSG_NOSIGNAL);
+    while (rc < 0 && errno == EINTR);
+    close(lsock); /* the host holds it now; we never accept */
+    return rc == (int)sizeof(msg) ? 0 : -1;
+}
+
 /* Take every capability away for good: nothing in the bounding set, no
  * ambient set, and securebits that stop uid 0 from regaining them at exec.
  * heel-init and the commands need none. */
@@ -409,6 +479,8 @@ static int child_main(void *arg)
 
     if ((p->clone_flags & CLONE_NEWUSER) && write_id_maps(p) < 0)
         fail(report, HEEL_STAGE_USERNS, errno);
+    if ((p->clone_flags & CLONE_NEWNET) && p->proxy_port > 0 && proxy_listener(report, p->proxy_port) < 0)
+        fail(report, HEEL_STAGE_NETWORK, errno);
     if ((p->clone_flags & CLONE_NEWNS) && setup_mounts(p) < 0)
         fail(report, HEEL_STAGE_MOUNT, errno);
     if (p->userns_fd >= 0 && become_namespace_root(p->userns_fd) < 0)

@@ -31,13 +31,14 @@ from .errors import (
     SandboxUnavailable,
     SpawnError,
 )
-from .policy import DenyAll, NetworkPolicy
+from .policy import AllowAll, AllowList, CustomPolicy, Decision, DenyAll, NetworkPolicy, NetworkRequest
 
 if TYPE_CHECKING:
     from .errors import CommandFailed
     from .ipc import IpcCommand, IpcRouter
     from ._probe import ProbeReport, probe
     from .process import Process
+    from .proxy import NetworkEvent
     from .sandbox import Command, ExitStatus, Output, Sandbox, Stdio
 
 _LAZY = {
@@ -52,12 +53,14 @@ _LAZY = {
     "CommandFailed": "errors",
     "IpcCommand": "ipc",
     "IpcRouter": "ipc",
+    "NetworkEvent": "proxy",
 }
 
 __all__ = [
     "__version__", "Sandbox", "Command", "Output", "ExitStatus", "Stdio", "Process",
     "SandboxConfig", "SecurityConfig", "ResourceLimits", "IsolationLevel",
-    "NetworkPolicy", "DenyAll", "probe", "ProbeReport", "IpcCommand", "IpcRouter",
+    "NetworkPolicy", "DenyAll", "AllowAll", "AllowList", "CustomPolicy", "NetworkRequest", "Decision",
+    "NetworkEvent", "probe", "ProbeReport", "IpcCommand", "IpcRouter",
     "HeelError", "PolicyError", "SandboxUnavailable", "SandboxClosed", "SpawnError",
     "CommandNotFound", "CommandFailed", "CommandTimeout",
 ]

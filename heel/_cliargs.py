@@ -38,6 +38,8 @@ __all__ = ["SETTINGS", "Setting", "UsageError", "parse", "build_config"]
 RUN_HELP = "Run COMMAND in a sandbox; its exit status is heel's."
 SHELL_HELP = "Start an interactive shell in a sandbox."
 
+NETWORK_CHOICES = ("deny", "allow")
+
 #: Kinds whose values accumulate: the command line adds to the file's.
 _LIST_KINDS = ("paths", "names")
 
@@ -69,6 +71,9 @@ class Setting(namedtuple("Setting", "key target kind help metavar", defaults=(No
         if self.kind == "level":
             group.add_argument(self.flag, dest=self.key, choices=[lv.value for lv in IsolationLevel],
                                default=None, help=self.help)
+        elif self.kind == "network":
+            group.add_argument(self.flag, dest=self.key, choices=NETWORK_CHOICES, default=None,
+                               help=self.help)
         elif self.kind == "flag":
             group.add_argument(self.flag, dest=self.key, action=argparse.BooleanOptionalAction,
                                default=None, help=self.help)
@@ -108,6 +113,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_procs", "limits.processes", "count", "processes the command may have at once", "N"),
     Setting("cpu_time", "limits.cpu_time", "seconds", "CPU seconds per process", "SECONDS"),
     Setting("max_file_size", "limits.file_size", "size", "the largest file a process may write", "SIZE"),
+    Setting("network", "config.network", "network",
+            "deny: no network at all (the default); allow: every host, through heel's proxy"),
+    Setting("allow_domain", "config.network", "names",
+            "allow only hosts matching PATTERN (exact, *.example.com, an IP or CIDR, with an optional "
+            ":PORT), through heel's proxy (repeatable)", "PATTERN"),
     Setting("best_effort", "config.best_effort", "switch",
             "run even where a protection cannot be enforced here (see `heel doctor`)"),
 )
@@ -199,11 +209,27 @@ def load_file(path: str) -> dict[str, Any]:
 
 def _config_from(values: dict[str, Any]) -> SandboxConfig:
     sections: dict[str, dict[str, Any]] = {"config": {}, "security": {}, "limits": {}}
+    values = dict(values)
+    network, patterns = values.pop("network", None), values.pop("allow_domain", None)
+    if network is not None or patterns is not None:
+        sections["config"]["network"] = _network_policy(network, patterns)
     for key, value in values.items():
         section, field = _BY_KEY[key].target.split(".")
         sections[section][field] = value
     return SandboxConfig(**sections["config"], security=SecurityConfig(**sections["security"]),
                          limits=ResourceLimits(**sections["limits"]))
+
+
+def _network_policy(network: str | None, patterns: tuple[str, ...] | None):
+    """--network and --allow-domain as one policy."""
+    from .policy import AllowAll, AllowList, DenyAll
+
+    if patterns is not None:
+        if network is not None:
+            raise UsageError(f"--network {network} and --allow-domain contradict each other: "
+                             "--allow-domain alone allows only the hosts it names")
+        return AllowList(patterns)
+    return AllowAll() if network == "allow" else DenyAll()
 
 
 def _convert(setting: Setting, value: Any, label: str, base: str | None) -> Any:
@@ -214,6 +240,10 @@ def _convert(setting: Setting, value: Any, label: str, base: str | None) -> Any:
     if kind == "level":
         if not isinstance(value, str):
             raise UsageError(f"{label} must be one of strict, default, permissive; got {value!r}")
+        return value
+    if kind == "network":
+        if value not in NETWORK_CHOICES:
+            raise UsageError(f"{label} must be deny or allow; got {value!r}")
         return value
     if kind == "dir":
         return _path(value, label, base)

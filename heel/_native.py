@@ -44,11 +44,13 @@ STAGES = {
     lib.HEEL_STAGE_INIT: "init",
     lib.HEEL_STAGE_EXEC: "exec",
     lib.HEEL_STAGE_REQUEST: "request",
+    lib.HEEL_STAGE_NETWORK: "network",
 }
 
 MSG_ERROR = lib.HEEL_MSG_ERROR
 MSG_EXITED = lib.HEEL_MSG_EXITED
 MSG_KILL = lib.HEEL_MSG_KILL
+MSG_LISTENER = lib.HEEL_MSG_LISTENER
 
 
 def _check(rc: int, what: str) -> int:
@@ -104,6 +106,7 @@ class SpawnPlan:
         landlock_fd: int,
         pdeathsig: int,
         userns_fd: int,
+        proxy_port: int = 0,
     ) -> None:
         keep = []
 
@@ -149,6 +152,7 @@ class SpawnPlan:
         p.landlock_fd = landlock_fd
         p.pdeathsig = pdeathsig
         p.userns_fd = userns_fd
+        p.proxy_port = proxy_port
         self._plan = p
         self._keep = keep
 

@@ -58,6 +58,34 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASSED_THROUGH = ("LANG", "LANGUAGE", "TERM", "COLORTERM", "TZ")
 
 
+#: Where the proxy listens inside a sandbox's network namespace (127.0.0.1):
+#: the namespace is the sandbox's alone, so a fixed port collides with nothing.
+PROXY_PORT_INSIDE = 3128
+#: The user name in the proxy URLs of a sandbox's environment; each command
+#: gets its own (see heel.sandbox), so that the proxy can tell who asks.
+PROXY_USER = "heel"
+
+
+def proxy_environment(port: int, user: str, secret: str) -> dict[str, str]:
+    """The variables that point the tools of a sandbox at heel's proxy.
+
+    ALL_PROXY is an http:// URL too: the proxy speaks SOCKS5 on the same
+    port, but a socks URL breaks clients without SOCKS support (httpx
+    without socksio refuses to start).  HEEL_SOCKS_PROXY names it for those
+    that want it."""
+    http = f"http://{user}:{secret}@127.0.0.1:{port}"
+    variables = {}
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        variables[name] = variables[name.upper()] = http
+    variables["no_proxy"] = variables["NO_PROXY"] = "localhost,127.0.0.1,::1"
+    # npm reads its own settings; Node's built-in fetch honours the
+    # variables above only when asked to (Node >= 22.21 / 24.5).
+    variables["npm_config_proxy"] = variables["npm_config_https_proxy"] = http
+    variables["NODE_USE_ENV_PROXY"] = "1"
+    variables["HEEL_SOCKS_PROXY"] = f"socks5h://{user}:{secret}@127.0.0.1:{port}"
+    return variables
+
+
 # Plain named tuples rather than dataclasses: `heel run` builds a plan at
 # every start, and importing dataclasses costs it more than the command.
 
@@ -96,7 +124,8 @@ class Environment(namedtuple("Environment", "landlock_abi seccomp namespaces eui
 class SandboxPlan(namedtuple("SandboxPlan", [
         "level", "workdir", "host_tmp", "tmp", "rules", "handled_fs", "handled_net", "scoped",
         "namespaces", "network_namespace", "mounts", "readonly_root", "env", "rlimits", "seccomp",
-        "protected", "mountpoints", "sandbox_id"])):
+        "protected", "mountpoints", "sandbox_id", "proxy_port", "proxy_secret"],
+        defaults=(0, ""))):
     """Everything a sandbox enforces, computed from its config.
 
     host_tmp is the private tmp on the host, tmp the same as the sandbox sees
@@ -105,7 +134,9 @@ class SandboxPlan(namedtuple("SandboxPlan", [
     internet socket at all and Landlock scopes abstract unix sockets.
     mountpoints: directories inside host_tmp that must exist as mount points.
     sandbox_id: when heel runs as root, the unprivileged outside id the
-    sandbox runs as.
+    sandbox runs as.  proxy_port: where the sandbox reaches heel's proxy, at
+    127.0.0.1 (0: no network at all); proxy_secret: the credential in the
+    proxy URLs of its environment.
     """
 
     __slots__ = ()
@@ -222,8 +253,13 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
-               host_mask: str | None = None) -> SandboxPlan:
+               host_mask: str | None = None, proxy_port: int = 0,
+               proxy_secret: str = "") -> SandboxPlan:
     """The plan for ``config`` on a machine that can enforce ``env``.
+
+    ``proxy_port``: without namespaces, the port of the proxy's listener on
+    the host's 127.0.0.1 (in a network namespace it is always
+    PROXY_PORT_INSIDE).  ``proxy_secret``: the sandbox's proxy credential.
 
     ``host_tmp`` (and ``host_shm``) are the sandbox's private directories on
     the host; in a mount namespace they appear at /tmp and /dev/shm.
@@ -339,6 +375,15 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     for name in config.env_passthrough:
         if name in os.environ:
             variables[name] = os.environ[name]
+    network = not config.network.denies_everything
+    if network:
+        if env.namespaces:
+            proxy_port = PROXY_PORT_INSIDE
+        elif not proxy_port:
+            raise ValueError("build_plan: a network policy without namespaces needs the host's proxy_port")
+        variables.update(proxy_environment(proxy_port, PROXY_USER, proxy_secret))
+    else:
+        proxy_port = 0
     variables.update(config.env)
 
     limits = config.limits
@@ -383,4 +428,6 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         protected=tuple(denied),
         mountpoints=tuple(mountpoints),
         sandbox_id=sandbox_id,
+        proxy_port=proxy_port,
+        proxy_secret=proxy_secret if network else "",
     )

@@ -111,6 +111,21 @@ def require(env: Environment, config: SandboxConfig, why_no_namespaces: str) -> 
         missing.append(("the process limit",
                         "RLIMIT_NPROC never binds uid 0, and root runs PERMISSIVE sandboxes as uid 0 "
                         "(other levels, or a non-root caller, have a limit that binds)"))
+    if not config.network.denies_everything and not env.namespaces:
+        if env.landlock_abi < 4:
+            # Nothing at all would hold TCP: not a weaker sandbox but none.
+            raise SandboxUnavailable(
+                "the network policy", "without user namespaces heel needs Landlock ABI 4 (Linux >= 6.7) "
+                "to keep TCP to the proxy's port, and this kernel has "
+                + (f"ABI {env.landlock_abi}" if env.landlock_abi else "no Landlock"),
+                "use DenyAll(), or enable unprivileged user namespaces")
+        weaker = ("the network namespace",
+                  "without user namespaces the proxy's port is held by a Landlock TCP rule, which matches "
+                  "the port on every address: a direct connection to that port number on another host "
+                  "is possible")
+        if config.security.strict_network:
+            raise SandboxUnavailable(*weaker, "SecurityConfig(strict_network=True) refuses that")
+        missing.append(weaker)
     if missing and not config.best_effort:
         name, reason = missing[0]
         raise SandboxUnavailable(name, reason, "see `python -m heel doctor`; best_effort=True runs anyway")
@@ -153,8 +168,13 @@ def probe() -> ProbeReport:
           "chmod, chown, utime and xattr changes outside the workdir are possible"),
         p("pid_namespace", ns, "every process dies with the command or the sandbox",
           "processes that escape the subreaper may outlive the sandbox", partial=True),
-        p("network_namespace", ns, "no route out, no UDP, no DNS",
-          "relies on Landlock TCP rules and seccomp", partial=abi >= 4),
+        p("network_namespace", ns, "only loopback: no route out, no UDP, no DNS; the proxy listens "
+          "inside at 127.0.0.1 and nothing else can reach it",
+          "TCP held by Landlock's port rule and seccomp (no UDP): a direct connection to the proxy's "
+          "port number on another host is possible, and the proxy's listener on the host's loopback "
+          "is guarded by a secret" if abi >= 4 else
+          "no network policy can be enforced (needs Landlock ABI 4); only DenyAll works",
+          partial=abi >= 4),
         p("capabilities", True, "none inside (bounding set emptied, securebits locked)", ""),
         p("process_limit", ns or not root, "RLIMIT_NPROC counted inside the sandbox's user namespace",
           "RLIMIT_NPROC does not bind uid 0 without a user namespace"),

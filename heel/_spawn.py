@@ -24,6 +24,7 @@ import tempfile
 import threading
 
 from . import _native
+from . import _landlock as ll
 from ._native import lib
 from ._plan import SandboxPlan, build_plan
 from .config import SandboxConfig
@@ -70,6 +71,8 @@ class Prepared:
         self._trio_lock = None  # ...and under trio, without blocking the event loop
         self._pidfd = -1
         self._ctl: socket.socket | None = None
+        #: the proxy's listening socket, made inside the sandbox's network namespace
+        self.proxy_listener: socket.socket | None = None
         for path in plan.mountpoints:
             os.makedirs(path, exist_ok=True)
         try:
@@ -121,12 +124,15 @@ class Prepared:
                 landlock_fd=landlock_fd,
                 pdeathsig=signal.SIGKILL,
                 userns_fd=userns_fd,
+                proxy_port=plan.proxy_port if plan.network_namespace else 0,
             )
             _, self._pidfd = native.spawn()
         finally:
             child_end.close()
             for fd in opened:
                 os.close(fd)
+        if plan.proxy_port and plan.network_namespace:
+            self.proxy_listener = _receive_listener(host_end)
         first = _recv_exactly(host_end, MSG_SIZE)
         if first is None:
             raise SandboxUnavailable("the sandbox", "heel-init exited before it started")
@@ -145,6 +151,11 @@ class Prepared:
                     # Gone since the plan listed it (the host's file system
                     # lives on): nothing there to grant.
                     pass
+            if plan.handled_net and plan.proxy_port:
+                # TCP connect to the proxy's port only; never bind.  Without a
+                # network namespace this is what keeps the sandbox off every
+                # other port (on any address: Landlock matches ports only).
+                _native.landlock_add_port(fd, plan.proxy_port, ll.CONNECT_TCP)
         except BaseException:
             os.close(fd)
             raise
@@ -230,6 +241,9 @@ class Prepared:
 
     def close(self) -> None:
         """Kill every process of the sandbox and reap its heel-init."""
+        if self.proxy_listener is not None:
+            self.proxy_listener.close()
+            self.proxy_listener = None
         if self._ctl is not None:
             with self._lock:
                 self._ctl.close()
@@ -281,6 +295,24 @@ def host_pid(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     return -1
+
+
+def _receive_listener(ctl: socket.socket) -> socket.socket:
+    """The proxy's listening socket, which the trampoline sends before
+    anything else (or the error that stopped it first)."""
+    data, fds, _, _ = socket.recv_fds(ctl, MSG_SIZE, 1)
+    if len(data) == MSG_SIZE:
+        kind, port, _ = decode_message(data)
+        if kind == _native.MSG_LISTENER and len(fds) == 1:
+            listener = socket.socket(fileno=fds[0])
+            listener.setblocking(False)
+            return listener
+        for fd in fds:
+            os.close(fd)
+        raise_for_error((kind, port, _), "heel-init")
+    for fd in fds:
+        os.close(fd)
+    raise SandboxUnavailable("the sandbox", "heel-init exited before it started")
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -378,6 +410,8 @@ class Session:
         self._lock = -1
         #: the host's end of the IPC socket (heel.ipc.serve), when the config has a router
         self.ipc: socket.socket | None = None
+        #: without namespaces: the proxy's listener on the host's 127.0.0.1
+        self._host_listener: socket.socket | None = None
         try:
             # Held until close, or until this process dies: then the next
             # sandbox to open removes the directory (sweep_orphaned_temp_dirs).
@@ -394,8 +428,22 @@ class Session:
                 os.mkdir(workdir, 0o700)
             else:
                 workdir = str(config.workdir)
+            proxy_port, secret = 0, ""
+            if not config.network.denies_everything:
+                import secrets
+
+                secret = secrets.token_hex(16)
+                if not env.namespaces:
+                    # Any local process can reach this one: the secret in the
+                    # sandbox's proxy URLs is what the proxy asks for.
+                    self._host_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    self._host_listener.bind(("127.0.0.1", 0))
+                    self._host_listener.listen(4096)
+                    self._host_listener.setblocking(False)
+                    proxy_port = self._host_listener.getsockname()[1]
             plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask,
-                              env=env, init_path=_native.INIT_PATH)
+                              env=env, init_path=_native.INIT_PATH, proxy_port=proxy_port,
+                              proxy_secret=secret)
             ipc_fd = -1
             if config.ipc is not None:
                 plan = _prepare_ipc(plan, config.ipc)
@@ -414,11 +462,24 @@ class Session:
     def plan(self) -> SandboxPlan:
         return self.prepared.plan
 
+    @property
+    def proxy_listener(self) -> socket.socket | None:
+        """Where the proxy accepts the sandbox's connections (None: no network)."""
+        return self._host_listener or self.prepared.proxy_listener
+
+    @property
+    def proxy_requires_secret(self) -> bool:
+        """Whether processes other than the sandbox's can reach the listener."""
+        return self._host_listener is not None
+
     def close(self) -> None:
         self.prepared.close()
         self._remove()
 
     def _remove(self) -> None:
+        if self._host_listener is not None:
+            self._host_listener.close()
+            self._host_listener = None
         if self.ipc is not None:
             self.ipc.close()
         shutil.rmtree(self.base, ignore_errors=True)

@@ -109,6 +109,8 @@ def run_command(command: str, args: list[str]) -> int:
         namespace = _cliargs.parse(command, args)
         config = _cliargs.build_config(namespace)
         argv = namespace.command if command == "run" else [default_shell()]
+        if not config.network.denies_everything:
+            return _execute_with_proxy(config, argv)
         with _terminate_on_signals():
             return _execute(config, argv)
     except CommandNotFound as exc:
@@ -153,6 +155,51 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
     if timed_out:
         _say(f"{argv[0]}: timed out after {timeout:g} seconds and was killed")
         return EXIT_TIMEOUT
+    return 128 - code if code < 0 else code
+
+
+def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
+    """_execute for a sandbox with a network: the proxy runs under trio, so
+    this path pays for importing it.  Each denial is one line on stderr."""
+    import trio
+
+    from .sandbox import Sandbox, Stdio
+
+    def report(event) -> None:
+        if not event.allowed:
+            _say(event.describe())
+
+    config = config.replace(on_network_event=report)
+    signum = 0
+
+    async def main() -> int:
+        nonlocal signum
+        async with Sandbox(config) as sandbox:
+            command = sandbox.command(argv[0]).args(argv[1:])
+            command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
+            status = None
+            async with trio.open_nursery() as nursery:
+                async def on_signal() -> None:
+                    nonlocal signum
+                    # SIGTERM or a closed terminal: unwind, and the sandbox's
+                    # close kills the whole tree.
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                        async for signum in signals:
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(on_signal)
+                status = await command.status()
+                nursery.cancel_scope.cancel()
+            return status
+
+    status = trio.run(main)
+    if signum or status is None:
+        return 128 + signum
+    if status.timed_out:
+        _say(f"{argv[0]}: timed out after {config.limits.timeout:g} seconds and was killed")
+        return EXIT_TIMEOUT
+    code = status.returncode
     return 128 - code if code < 0 else code
 
 

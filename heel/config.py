@@ -22,10 +22,25 @@ from .policy import DenyAll, NetworkPolicy
 __all__ = ["IsolationLevel", "SecurityConfig", "ResourceLimits", "SandboxConfig", "parse_size"]
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
-    from typing import Union
+    from typing import Generic, TypeVar, Union
+
+    from .proxy import NetworkEvent
 
     PathLike = Union[str, "os.PathLike[str]"]
+    P = TypeVar("P", bound=NetworkPolicy)
+
+    class _GenericInPolicy(Generic[P]):
+        """Type checkers see SandboxConfig[AllowList] and friends."""
+else:
+    P = None
+
+    class _GenericInPolicy:
+        # SandboxConfig[SomePolicy] works at run time too, without importing
+        # typing (which `heel run` would pay for at every start).
+        def __class_getitem__(cls, item):
+            return cls
 
 
 class Frozen:
@@ -93,23 +108,30 @@ class SecurityConfig(Frozen):
     allow_unix_sockets: socket(AF_UNIX); off by default, so the sandbox cannot
     connect to host sockets (D-Bus, docker.sock, ssh-agent); socketpair()
     works either way.
+    strict_network: refuse to open a sandbox with a network policy where no
+    network namespace can hold it, even with ``best_effort``.  Without user
+    namespaces only Landlock's TCP port rule stands between the sandbox and
+    the network, and it matches ports, not addresses: a direct connection to
+    the proxy's port number on another host is possible there.
     """
 
     _fields = ("protect_user_home", "protect_credentials", "protect_cloud_config", "allow_gpu",
-               "allow_unix_sockets")
+               "allow_unix_sockets", "strict_network")
     protect_user_home: bool
     protect_credentials: bool
     protect_cloud_config: bool
     allow_gpu: bool
     allow_unix_sockets: bool
+    strict_network: bool
 
     def __init__(self, *, protect_user_home: bool = True, protect_credentials: bool = True,
                  protect_cloud_config: bool = True, allow_gpu: bool = True,
-                 allow_unix_sockets: bool = False) -> None:
+                 allow_unix_sockets: bool = False, strict_network: bool = False) -> None:
         for name, value in (("protect_user_home", protect_user_home),
                             ("protect_credentials", protect_credentials),
                             ("protect_cloud_config", protect_cloud_config),
-                            ("allow_gpu", allow_gpu), ("allow_unix_sockets", allow_unix_sockets)):
+                            ("allow_gpu", allow_gpu), ("allow_unix_sockets", allow_unix_sockets),
+                            ("strict_network", strict_network)):
             if not isinstance(value, bool):
                 raise PolicyError(f"SecurityConfig.{name} must be a bool, got {value!r}")
             self._set(name, value)
@@ -216,7 +238,7 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class SandboxConfig(Frozen):
+class SandboxConfig(Frozen, _GenericInPolicy[P]):
     """Everything a :class:`~heel.Sandbox` enforces.  Keyword arguments only.
 
     level: an :class:`IsolationLevel` (or its name).
@@ -227,13 +249,18 @@ class SandboxConfig(Frozen):
     directory that is used and kept.
     limits: :class:`ResourceLimits` for each command.
     network: a network policy; :class:`~heel.DenyAll` (no network) by default.
+    Anything else gives the sandbox heel's proxy, which asks the policy about
+    every connection (see heel.policy).
+    on_network_event: called with each :class:`~heel.NetworkEvent` (a
+    decision of the proxy, with the bytes moved) as it happens; a plain
+    function, which must not block.  ``Sandbox.network_events()`` keeps them too.
     best_effort: run even when a protection cannot be enforced on this
     machine (``heel.probe()`` says which); by default that is an error.
     ipc: an :class:`~heel.IpcRouter` whose commands the sandbox may call.
     """
 
     _fields = ("level", "security", "readable", "writable", "executable", "env", "env_passthrough",
-               "workdir", "limits", "network", "best_effort", "ipc")
+               "workdir", "limits", "network", "best_effort", "ipc", "on_network_event")
     level: IsolationLevel
     security: SecurityConfig
     readable: tuple[Path, ...]
@@ -243,9 +270,10 @@ class SandboxConfig(Frozen):
     env_passthrough: tuple[str, ...]
     workdir: Path | None
     limits: ResourceLimits
-    network: NetworkPolicy
+    network: P
     best_effort: bool
     ipc: object
+    on_network_event: Callable[[NetworkEvent], object] | None
 
     def __init__(
         self,
@@ -259,9 +287,10 @@ class SandboxConfig(Frozen):
         env_passthrough: Iterable[str] = (),
         workdir: PathLike | None = None,
         limits: ResourceLimits | None = None,
-        network: NetworkPolicy | None = None,
+        network: P | None = None,
         best_effort: bool = False,
         ipc=None,
+        on_network_event: Callable[[NetworkEvent], object] | None = None,
     ) -> None:
         put = self._set
         if isinstance(level, str):
@@ -298,9 +327,10 @@ class SandboxConfig(Frozen):
         network = DenyAll() if network is None else network
         if not isinstance(network, NetworkPolicy):
             raise PolicyError(f"network must be a network policy such as heel.DenyAll(), got {network!r}")
-        if not network.denies_everything:
-            raise PolicyError(f"network policy {network!r} is not supported by this version of heel yet: use DenyAll()")
         put("network", network)
+        if on_network_event is not None and not callable(on_network_event):
+            raise PolicyError(f"on_network_event must be callable, got {on_network_event!r}")
+        put("on_network_event", on_network_event)
         if not isinstance(best_effort, bool):
             raise PolicyError(f"best_effort must be a bool, got {best_effort!r}")
         put("best_effort", best_effort)

@@ -8,18 +8,22 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Generic, Iterable, Mapping, Sequence, TypeVar
 
 import trio
 
-from ._plan import SandboxPlan
+from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
 from .config import SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
+from .policy import NetworkPolicy
 from .process import Process
 
 if TYPE_CHECKING:
     from .config import PathLike
+    from .proxy import NetworkEvent, Proxy, Resolver
+
+P = TypeVar("P", bound=NetworkPolicy)
 
 __all__ = ["Sandbox", "Command", "Output", "ExitStatus", "Stdio"]
 
@@ -60,21 +64,34 @@ class ExitStatus:
         return self.returncode == 0 and not self.timed_out
 
 
-class Sandbox:
+class Sandbox(Generic[P]):
     """A sandbox: a workdir, a plan and the commands run in it.
 
     ``async with Sandbox(config) as sb:`` prepares the Landlock ruleset and
     seccomp program once; every command then runs under them.  Closing the
     sandbox kills every process still running in it (with all their
     descendants) and removes the temporary workdir.
+
+    With a network policy other than DenyAll the sandbox gets heel's proxy
+    (heel.proxy), which runs in the sandbox's nursery; ``resolver`` replaces
+    the host's name resolution for it (an async callable (host, port) ->
+    addresses), for tests that map names to local servers.
     """
 
-    def __init__(self, config: SandboxConfig | None = None) -> None:
+    def __init__(self, config: SandboxConfig[P] | None = None, *,
+                 resolver: Resolver | None = None) -> None:
         if config is None:
             config = SandboxConfig()
         if not isinstance(config, SandboxConfig):
             raise PolicyError(f"Sandbox needs a SandboxConfig, got {config!r}")
+        if resolver is not None and not callable(resolver):
+            raise PolicyError(f"resolver must be an async callable (host, port) -> addresses, got {resolver!r}")
         self.config = config
+        self._resolver = resolver
+        self._proxy: Proxy | None = None
+        self._proxy_scope: trio.CancelScope | None = None
+        self._proxy_done: trio.Event | None = None
+        self._commands_started = 0
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
         self._relays: list[trio.Event] = []
@@ -82,7 +99,7 @@ class Sandbox:
         self._closed = False
         self.degraded: list[str] = []
 
-    async def __aenter__(self) -> "Sandbox":
+    async def __aenter__(self) -> "Sandbox[P]":
         if self._session is not None or self._closed:
             raise SandboxClosed("a Sandbox can be opened once")
         self._session = Session(self.config)
@@ -95,7 +112,28 @@ class Sandbox:
             from .ipc import serve
 
             self._nursery.start_soon(serve, self.config.ipc, self._session.ipc)
+        if self._session.proxy_listener is not None:
+            from .proxy import Proxy
+
+            self._proxy = Proxy(self.config.network, self._session.proxy_listener,
+                                secret=self._session.plan.proxy_secret,
+                                require_secret=self._session.proxy_requires_secret,
+                                resolver=self._resolver, on_event=self.config.on_network_event)
+            await self._nursery.start(self._run_proxy)
         return self
+
+    async def _run_proxy(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._proxy_done = trio.Event()
+        try:
+            with trio.CancelScope() as self._proxy_scope:
+                await self._proxy.serve(task_status=task_status)
+        finally:
+            self._proxy_done.set()
+
+    def network_events(self) -> list[NetworkEvent]:
+        """What the proxy decided so far, oldest first (see heel.NetworkEvent).
+        Empty under DenyAll: there is no proxy, and no network to ask for."""
+        return list(self._proxy.events) if self._proxy is not None else []
 
     async def __aexit__(self, *exc) -> None:
         try:
@@ -123,6 +161,10 @@ class Sandbox:
             with trio.move_on_after(2):
                 for done in self._relays:
                     await done.wait()
+            # The proxy stops before its listener is closed with the session.
+            if self._proxy_scope is not None:
+                self._proxy_scope.cancel()
+                await self._proxy_done.wait()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
             if self._session is not None:
@@ -186,6 +228,13 @@ class Sandbox:
         prepared = self._live()
         plan = prepared.plan
         env = dict(plan.env)
+        if self._proxy is not None:
+            # A proxy user name of its own, so that the proxy can tell which
+            # command asked (NetworkRequest.command).
+            self._commands_started += 1
+            user = f"cmd{self._commands_started}"
+            self._proxy.commands[user] = os.path.basename(os.fspath(cmd._argv[0]))
+            env.update(proxy_environment(plan.proxy_port, user, plan.proxy_secret))
         for key in cmd._env_remove:
             env.pop(key, None)
         env.update(cmd._env)

@@ -1,0 +1,387 @@
+"""heel's filtering proxy: the sandbox's only way to the network.
+
+Every connection a sandboxed program makes to the network arrives here, at
+the listener the sandbox reaches on 127.0.0.1 (inside its own network
+namespace, or on the host's loopback where there are no namespaces).  The
+proxy speaks HTTP CONNECT, plain HTTP forwarding (absolute-URI requests) and
+SOCKS5 (CONNECT) on the same port; the first byte tells which.  For each
+request it:
+
+1. parses and validates the request (heel._proxy_protocol: malformed
+   answers 400, an over-long head 431);
+2. checks the credential of the proxy URL: required where processes other
+   than the sandbox's can reach the listener (407 without it); the user name
+   says which command of the sandbox asked;
+3. canonicalises the host (heel._netaddr: IP literals in every spelling,
+   names lower-cased) and asks the policy (403 with the reason when denied);
+4. resolves the name itself, and refuses an address that is loopback,
+   private, link-local or otherwise internal unless the policy names that
+   address or the exact name (403);
+5. connects (502 when it cannot), and hands both sockets to the C splice
+   relay (heel._relay), which moves the bytes until both directions end.
+
+Each request ends in one :class:`NetworkEvent`, kept by the sandbox and
+passed to the config's ``on_network_event``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
+
+import trio
+
+from . import _netaddr, _relay
+from . import _proxy_protocol as proto
+from .policy import NetworkPolicy, NetworkRequest
+
+__all__ = ["NetworkEvent", "Resolver"]
+
+#: An async callable (host, port) -> the addresses to try, in order.  The
+#: default asks the host's resolver; tests inject their own.
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+#: How long a client may take to send its request, and the proxy to reach
+#: the upstream server.
+HANDSHAKE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0
+#: Connections served at once; past it, new ones are closed at once.
+MAX_CONNECTIONS = 1024
+_READ = 65536
+
+
+class NetworkEvent(NamedTuple):
+    """One request to the proxy and what became of it.
+
+    ``time``: when it arrived (time.time()).  ``protocol``: "connect",
+    "http" or "socks".  ``allowed``: whether bytes were let through;
+    ``reason`` says why or why not.  ``command``: which command of the
+    sandbox asked, when known.  ``bytes_sent``: from the sandbox to the
+    server; ``bytes_received``: back.  An allowed event is reported when its
+    connection ends, a denied one at once.
+    """
+
+    time: float
+    host: str
+    port: int
+    protocol: str
+    allowed: bool
+    reason: str
+    command: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def describe(self) -> str:
+        """One line for people: what was asked and what happened."""
+        verdict = "allowed" if self.allowed else "denied"
+        who = f" by {self.command}" if self.command else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"network {verdict}: {self.protocol} {host}:{self.port}{who} ({self.reason})"
+
+
+async def default_resolver(host: str, port: int) -> list[str]:
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+class _Refused(Exception):
+    """The request ends here: ``status`` (HTTP) / ``socks_code`` to answer."""
+
+    def __init__(self, status: int, socks_code: int, reason: str, *, decided: bool = True) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.socks_code = socks_code
+        self.reason = reason
+        #: whether a request was understood far enough to be an event
+        self.decided = decided
+
+
+_REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required",
+            431: "Request Header Fields Too Large", 502: "Bad Gateway", 504: "Gateway Timeout"}
+
+
+class Proxy:
+    """The proxy of one sandbox.  ``serve`` runs it until cancelled."""
+
+    def __init__(self, policy: NetworkPolicy, listener: socket.socket, *, secret: str,
+                 require_secret: bool, resolver: Resolver | None = None,
+                 on_event: Callable[[NetworkEvent], object] | None = None) -> None:
+        """``listener``: a listening TCP socket (the proxy does not own it).
+        ``secret``: the password of the proxy URLs; ``require_secret``: refuse
+        requests without it (the listener is reachable by others)."""
+        self.policy = policy
+        self._listener = listener
+        self._secret = secret
+        self._require_secret = require_secret
+        self._resolver = resolver or default_resolver
+        self._on_event = on_event
+        self.events: list[NetworkEvent] = []
+        #: proxy user name -> the command it stands for
+        self.commands: dict[str, str] = {}
+        self._open = 0
+
+    def record(self, event: NetworkEvent) -> None:
+        self.events.append(event)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # the host's callback must not take the proxy down
+                pass
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve connections until cancelled.  The listener is
+        only borrowed: trio is told before it would be closed."""
+        sock = trio.socket.from_stdlib_socket(self._listener.dup())
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE):
+                            await trio.sleep(0.05)  # out of fds: let connections finish
+                            continue
+                        raise
+                    if self._open >= MAX_CONNECTIONS:
+                        conn.close()
+                        continue
+                    self._open += 1
+                    nursery.start_soon(self._serve_connection, conn)
+        finally:
+            sock.close()
+
+    async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                first = await conn.recv(_READ)
+            if handshake.cancelled_caught or not first:
+                return
+            if first[0] == 0x05:
+                await self._serve_socks(conn, first)
+            else:
+                await self._serve_http(conn, first)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            self._open -= 1
+            conn.close()
+
+    # ---- HTTP ------------------------------------------------------------
+
+    async def _serve_http(self, conn, data: bytes) -> None:
+        buf = bytearray(data)
+        arrived = time.time()
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                while True:
+                    request = proto.parse_http_head(buf)
+                    if request is not None:
+                        break
+                    chunk = await conn.recv(_READ)
+                    if not chunk:
+                        return
+                    buf += chunk
+            if handshake.cancelled_caught:
+                return
+        except proto.ProtocolError as exc:
+            await _send(conn, proto.http_response(exc.status, _REASONS.get(exc.status, "Bad Request"),
+                                                  f"heel proxy: {exc}"))
+            return
+        leftover = bytes(buf[request.head_length:])
+        is_connect = request.method == "CONNECT"
+        protocol = "connect" if is_connect else "http"
+        command = None
+        try:
+            command = self._command(_credentials(request))
+            host = _host(request.host)
+            net_request = NetworkRequest(
+                host=host, port=request.port, protocol=protocol,
+                method=None if is_connect else request.method,
+                url=None if is_connect else _url(host, request.port, request.path),
+                command=command)
+            upstream = await self._open_upstream(net_request)
+        except _Refused as refused:
+            extra = [("Proxy-Authenticate", 'Basic realm="heel"')] if refused.status == 407 else []
+            where = f"{request.host}:{request.port}"
+            await _send(conn, proto.http_response(refused.status, _REASONS[refused.status],
+                                                  f"heel proxy: {where}: {refused.reason}", extra))
+            if refused.decided:
+                self.record(NetworkEvent(arrived, _safe_host(request.host), request.port, protocol,
+                                         False, refused.reason, command))
+            return
+        with upstream:
+            first_out = leftover if is_connect else proto.forward_head(request) + leftover
+            if is_connect:
+                await _send(conn, proto.CONNECT_ESTABLISHED)
+            await self._tunnel(conn, upstream, first_out, net_request, arrived)
+
+    # ---- SOCKS5 ----------------------------------------------------------
+
+    async def _serve_socks(self, conn, data: bytes) -> None:
+        arrived = time.time()
+        handshake = proto.Socks5Handshake(require_auth=self._require_secret)
+        handshake.receive_data(data)
+        command = None
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
+                while True:
+                    event = handshake.next_event()
+                    if event is proto.NEED_DATA:
+                        chunk = await conn.recv(_READ)
+                        if not chunk:
+                            return
+                        handshake.receive_data(chunk)
+                    elif isinstance(event, proto.SocksReply):
+                        await _send(conn, event.data)
+                    elif isinstance(event, proto.SocksFailed):
+                        await _send(conn, event.data)
+                        return
+                    elif isinstance(event, proto.SocksAuth):
+                        try:
+                            command = self._command((event.user, event.password))
+                            ok = True
+                        except _Refused:
+                            ok = False
+                        await _send(conn, handshake.accept_auth(ok))
+                        if not ok:
+                            return
+                    else:
+                        break
+            if timer.cancelled_caught:
+                return
+        except proto.ProtocolError:
+            return  # SOCKS has no way to say more; the connection closes
+        try:
+            host = _host(event.host)
+            net_request = NetworkRequest(host=host, port=event.port, protocol="socks", method=None,
+                                         url=None, command=command)
+            upstream = await self._open_upstream(net_request)
+        except _Refused as refused:
+            await _send(conn, proto.socks5_reply(refused.socks_code))
+            if refused.decided:
+                self.record(NetworkEvent(arrived, _safe_host(event.host), event.port, "socks", False,
+                                         refused.reason, command))
+            return
+        with upstream:
+            await _send(conn, proto.socks5_reply(proto.SUCCEEDED))
+            await self._tunnel(conn, upstream, handshake.trailing_data, net_request, arrived)
+
+    # ---- shared ----------------------------------------------------------
+
+    def _command(self, credentials: tuple[str, str] | None) -> str | None:
+        """The command that the proxy credential names (None: anonymous),
+        or _Refused(407)."""
+        if credentials is None:
+            if self._require_secret:
+                raise _Refused(407, proto.NOT_ALLOWED, "this proxy needs the sandbox's credential",
+                               decided=False)
+            return None
+        user, password = credentials
+        if not _same(password, self._secret):
+            raise _Refused(407, proto.NOT_ALLOWED, "wrong proxy credential", decided=False)
+        return self.commands.get(user)
+
+    async def _open_upstream(self, request: NetworkRequest) -> trio.socket.SocketType:
+        decision = await self.policy.decide(request)
+        if not decision.allowed:
+            raise _Refused(403, proto.NOT_ALLOWED, decision.reason)
+        literal = _netaddr.parse_ip(request.host)
+        if literal is not None:
+            addresses = [literal]
+        else:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    found = await self._resolver(request.host, request.port)
+                addresses = [ipaddress.ip_address(a) for a in found]
+            except (OSError, ValueError, trio.TooSlowError) as exc:
+                raise _Refused(502, proto.HOST_UNREACHABLE, f"cannot resolve {request.host}: {exc}") from None
+            if not addresses:
+                raise _Refused(502, proto.HOST_UNREACHABLE, f"{request.host} has no address")
+        for address in addresses:
+            address = _netaddr.parse_ip(_netaddr.normalize_host(str(address)))
+            if _netaddr.is_restricted(address) and not self.policy.permits_restricted(request, address):
+                what = "is" if literal is not None else f"resolves to {address}, which is"
+                raise _Refused(403, proto.NOT_ALLOWED,
+                               f"{request.host} {what} an internal address (loopback, private, link-local "
+                               "or metadata) that the policy does not name")
+        errors = []
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            for address in addresses:
+                family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+                sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    await sock.connect((str(address), request.port))
+                except OSError as exc:
+                    sock.close()
+                    errors.append(f"{address}: {exc.strerror or exc}")
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+        detail = "; ".join(errors) or "timed out"
+        raise _Refused(502, proto.CONNECTION_REFUSED, f"cannot connect to {request.host}:{request.port}: {detail}")
+
+    async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float) -> None:
+        sent = 0
+        result = None
+        try:
+            if first_out:
+                await _send(upstream, first_out)
+                sent = len(first_out)
+            result = await _relay.relay(conn, upstream)
+        finally:
+            sent_total = sent + (result.a_to_b if result else 0)
+            received = result.b_to_a if result else 0
+            self.record(NetworkEvent(arrived, request.host, request.port, request.protocol, True,
+                                     "allowed by the policy", request.command, sent_total, received))
+
+
+def _credentials(request) -> tuple[str, str] | None:
+    try:
+        return proto.proxy_credentials(request)
+    except proto.ProtocolError as exc:
+        raise _Refused(400, proto.GENERAL_FAILURE, str(exc), decided=False) from None
+
+
+def _host(raw: str) -> str:
+    try:
+        return _netaddr.normalize_host(raw)
+    except ValueError as exc:
+        raise _Refused(400, proto.ADDRESS_TYPE_NOT_SUPPORTED, f"invalid host: {exc}", decided=False) from None
+
+
+def _safe_host(raw: str) -> str:
+    try:
+        return _netaddr.normalize_host(raw)
+    except ValueError:
+        return repr(raw)
+
+
+def _url(host: str, port: int, path: str) -> str:
+    netloc = f"[{host}]" if ":" in host else host
+    if port != 80:
+        netloc += f":{port}"
+    return f"http://{netloc}{path}"
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+async def _send(sock, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]

@@ -1,0 +1,463 @@
+"""The network through heel's proxy, end to end: real sandboxes, real clients
+inside them (curl, Python), local servers on the host's loopback.
+
+Names are mapped to those servers by the proxy's injectable resolver.  The
+servers record what reached them, so that "denied" is observed from the
+outside, next to an allowed neighbour that does arrive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import shutil
+import socket
+import struct
+
+import pytest
+import trio
+
+import heel
+from helpers import explain, py, sh
+from netservers import EchoServer, HttpServer
+
+PERMISSIVE = heel.IsolationLevel.PERMISSIVE
+TIMEOUT = 20
+
+#: The in-sandbox client: speaks to the proxy named by $HTTP_PROXY itself,
+#: so a test controls every byte of the request.
+CLIENT = r"""
+import base64, os, socket, sys, urllib.parse
+
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+credential = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
+
+
+def connect_proxy():
+    return socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+
+
+def read_head(s):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.decode(errors="replace"), rest
+
+
+def read_all(s, data=b""):
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def connect(target, payload):
+    s = connect_proxy()
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+              f"Proxy-Authorization: Basic {credential}\r\n\r\n".encode())
+    head, rest = read_head(s)
+    print("STATUS", head.splitlines()[0] if head else "none")
+    if head.startswith("HTTP/1.1 200"):
+        s.sendall(payload.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("DATA", read_all(s, rest).decode(errors="replace"))
+    else:
+        print("BODY", read_all(s, rest).decode(errors="replace").strip())
+
+
+def socks(host, port, payload):
+    s = connect_proxy()
+    user, password = proxy.username.encode(), proxy.password.encode()
+    s.sendall(b"\x05\x01\x02")
+    assert s.recv(2) == b"\x05\x02"
+    s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+    assert s.recv(2) == b"\x01\x00"
+    name = host.encode()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
+    reply = s.recv(262)
+    print("SOCKS", reply[1])
+    if reply[1] == 0:
+        s.sendall(payload.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("DATA", read_all(s).decode(errors="replace"))
+
+
+globals()[sys.argv[1]](*sys.argv[2:])
+"""
+
+
+def resolver_for(names: dict[str, list[str]]):
+    """A resolver that knows only ``names``; any other name fails like a
+    name that does not exist."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in names:
+            raise OSError(f"{host}: no such test host")
+        return names[host]
+
+    return resolve
+
+
+@pytest.fixture
+def web():
+    server = HttpServer("heel-test-web")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def sandbox(policy, names=None, **config) -> heel.Sandbox:
+    config.setdefault("level", PERMISSIVE)
+    return heel.Sandbox(heel.SandboxConfig(network=policy, **config),
+                        resolver=resolver_for(names or {}))
+
+
+async def client(sb, *args: str) -> heel.Output:
+    return await py(sb, CLIENT, *map(str, args))
+
+
+# ---- what the sandbox gets ----------------------------------------------------
+
+
+async def test_proxy_environment_and_nothing_under_deny_all():
+    async with sandbox(heel.AllowAll()) as sb:
+        out = await sh(sb, "env | sort")
+    env = dict(line.split("=", 1) for line in out.stdout.decode().splitlines() if "=" in line)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        assert env[name].startswith("http://cmd1:") and env[name].endswith("@127.0.0.1:3128"), env
+    assert env["NO_PROXY"] == env["no_proxy"] == "localhost,127.0.0.1,::1"
+    assert env["npm_config_proxy"] == env["HTTPS_PROXY"]
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+        out = await sh(sb, "env")
+    assert b"PROXY" not in out.stdout.upper(), explain(out)
+
+
+# ---- allowed requests reach the server, in each protocol -----------------------
+
+
+async def test_connect_tunnel_reaches_local_server(echo):
+    async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+        out = await client(sb, "connect", f"echo.test:{echo.port}", "hello through the tunnel")
+        events = sb.network_events()
+    assert "STATUS HTTP/1.1 200" in out.stdout.decode(), explain(out)
+    assert "DATA hello through the tunnel" in out.stdout.decode(), explain(out)
+    assert echo.connections == 1
+    (event,) = events
+    assert (event.host, event.port, event.protocol, event.allowed) == ("echo.test", echo.port, "connect", True)
+    assert event.command == "python3"
+    assert event.bytes_sent == event.bytes_received == len("hello through the tunnel")
+
+
+async def test_curl_plain_http_and_connect_and_socks(web):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    url = f"http://web.test:{web.port}"
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await sh(sb, f"curl -sS {url}/plain && curl -sS -p {url}/tunnel && "
+                           f'curl -sS -x "$HEEL_SOCKS_PROXY" {url}/socks')
+        events = sb.network_events()
+    assert out.returncode == 0, explain(out)
+    lines = out.stdout.decode().splitlines()
+    assert lines == ["heel-test-web GET /plain 0", "heel-test-web GET /tunnel 0", "heel-test-web GET /socks 0"], \
+        explain(out)
+    assert [e.protocol for e in events] == ["http", "connect", "socks"]
+    assert all(e.allowed and e.command == "sh" for e in events), events
+    # Plain HTTP is forwarded with an origin-form target and no proxy credential.
+    method, path, headers = web.requests[0]
+    assert (method, path) == ("GET", "/plain")
+    assert "Proxy-Authorization" not in headers and headers["Connection"] == "close"
+
+
+async def test_python_urllib_through_the_proxy(web):
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await py(sb, f"""
+            import urllib.request
+            print(urllib.request.urlopen("http://web.test:{web.port}/py", data=b"x" * 1000).read().decode())
+            """)
+        events = sb.network_events()
+    assert out.stdout.decode().strip() == "heel-test-web POST /py 1000", explain(out)
+    assert events[0].protocol == "http" and events[0].bytes_sent > 1000
+
+
+# ---- denials ----------------------------------------------------------------------
+
+
+async def test_denied_host_gets_403_with_reason_and_never_arrives(echo):
+    names = {"echo.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
+    async with sandbox(heel.AllowList(["echo.test"]), names) as sb:
+        denied = await client(sb, "connect", f"other.test:{echo.port}", "x")
+        allowed = await client(sb, "connect", f"echo.test:{echo.port}", "ok")
+        events = sb.network_events()
+    assert "STATUS HTTP/1.1 403" in denied.stdout.decode(), explain(denied)
+    assert "other.test" in denied.stdout.decode() and "allow" in denied.stdout.decode(), explain(denied)
+    assert "DATA ok" in allowed.stdout.decode(), explain(allowed)
+    assert echo.connections == 1  # the allowed one only
+    assert [(e.host, e.allowed) for e in events] == [("other.test", False), ("echo.test", True)]
+    assert events[0].reason
+
+
+async def test_socks_denial_uses_the_socks_refusal_code(echo):
+    async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+        denied = await client(sb, "socks", "evil.test", echo.port, "x")
+        allowed = await client(sb, "socks", "echo.test", echo.port, "fine")
+    assert "SOCKS 2" in denied.stdout.decode(), explain(denied)  # connection not allowed by ruleset
+    assert "SOCKS 0" in allowed.stdout.decode() and "DATA fine" in allowed.stdout.decode(), explain(allowed)
+    assert echo.connections == 1
+
+
+@pytest.mark.parametrize("pattern,host,allowed", [
+    ("*.example.test", "a.example.test", True),
+    ("*.example.test", "deep.a.example.test", True),
+    ("*.example.test", "example.test", False),
+    ("*.example.test", "notexample.test", False),
+    ("echo.test:443", "echo.test", False),  # the port restricts
+])
+async def test_wildcard_and_port_semantics_end_to_end(echo, pattern, host, allowed):
+    # A wildcard never names an address, so an allowed name that resolves to
+    # loopback is still refused: the reason tells the two refusals apart.
+    async with sandbox(heel.AllowList([pattern]), {host: ["127.0.0.1"]}) as sb:
+        out = await client(sb, "connect", f"{host}:{echo.port}", "x")
+        (event,) = sb.network_events()
+    assert "STATUS HTTP/1.1 403" in out.stdout.decode(), explain(out)
+    assert not event.allowed
+    assert ("internal address" in event.reason) == allowed, event
+    assert echo.connections == 0
+
+
+@pytest.mark.parametrize("spelling", ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "[::ffff:127.0.0.1]",
+                                      "127.0.0.1.", "0x7f000001"])
+async def test_ip_spellings_are_canonicalised_before_the_policy(echo, spelling):
+    async with sandbox(heel.AllowAll()) as sb:
+        refused = await client(sb, "connect", f"{spelling}:{echo.port}", "x")
+        (event,) = sb.network_events()
+    assert "STATUS HTTP/1.1 403" in refused.stdout.decode(), explain(refused)
+    assert event.host == "127.0.0.1" and "internal address" in event.reason, event
+    # Control: a policy that names the address explicitly lets every spelling through.
+    async with sandbox(heel.AllowList(["127.0.0.1"])) as sb:
+        out = await client(sb, "connect", f"{spelling}:{echo.port}", "spelled")
+    assert "DATA spelled" in out.stdout.decode(), explain(out)
+
+
+async def test_names_resolving_to_internal_addresses_are_refused(echo):
+    names = {"sneaky.test": ["127.0.0.1"], "meta.test": ["169.254.169.254"], "lan.test": ["10.1.2.3"],
+             "mixed.test": ["93.184.216.34", "192.168.1.1"]}
+    async with sandbox(heel.AllowAll(), names) as sb:
+        for name in names:
+            await client(sb, "connect", f"{name}:{echo.port}", "x")
+        events = sb.network_events()
+    assert [e.allowed for e in events] == [False] * len(names), events
+    assert all("internal address" in e.reason for e in events), events
+    assert echo.connections == 0
+    # The exact name in an allow-list is explicit enough.
+    async with sandbox(heel.AllowList(["sneaky.test"]), names) as sb:
+        out = await client(sb, "connect", f"sneaky.test:{echo.port}", "named")
+    assert "DATA named" in out.stdout.decode(), explain(out)
+
+
+@pytest.mark.parametrize("request_line", [
+    "CONNECT bad\x01host:80 HTTP/1.1", "CONNECT host%25eth0:80 HTTP/1.1", "CONNECT a..b:80 HTTP/1.1",
+    "CONNECT " + "a" * 300 + ":80 HTTP/1.1", "GARBAGE", "CONNECT host:99999 HTTP/1.1",
+])
+async def test_malformed_requests_get_400(request_line):
+    async with sandbox(heel.AllowAll()) as sb:
+        out = await py(sb, f"""
+            import os, socket, urllib.parse
+            p = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+            s = socket.create_connection((p.hostname, p.port), timeout=10)
+            s.sendall({request_line!r}.encode() + b"\\r\\n\\r\\n")
+            print(s.recv(200).split(b"\\r\\n")[0].decode())
+            """)
+    assert out.stdout.decode().startswith("HTTP/1.1 400"), explain(out)
+
+
+# ---- CustomPolicy -------------------------------------------------------------------
+
+
+async def test_custom_policy_sees_the_request(web):
+    seen = []
+
+    async def policy(request: heel.NetworkRequest) -> bool:
+        seen.append(request)
+        return request.method == "GET"
+
+    async with sandbox(heel.CustomPolicy(policy, allow_restricted=True), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await py(sb, f"""
+            import urllib.request, urllib.error
+            print(urllib.request.urlopen("http://web.test:{web.port}/a?b=1").read().decode().strip())
+            try:
+                urllib.request.urlopen("http://web.test:{web.port}/post", data=b"x")
+            except urllib.error.HTTPError as e:
+                print("POST", e.code)
+            """)
+    assert out.stdout.decode().splitlines() == ["heel-test-web GET /a?b=1 0", "POST 403"], explain(out)
+    first, second = seen
+    assert (first.host, first.port, first.protocol, first.method) == ("web.test", web.port, "http", "GET")
+    assert first.url == f"http://web.test:{web.port}/a?b=1" and first.command == "python3"
+    assert second.method == "POST"
+    assert [m for m, _, _ in web.requests] == ["GET"]
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "hang"])
+async def test_custom_policy_exception_or_hang_denies(echo, behaviour):
+    async def policy(request):
+        if behaviour == "raise":
+            raise RuntimeError("policy bug")
+        await trio.sleep_forever()
+
+    async with sandbox(heel.CustomPolicy(policy, timeout=0.5, allow_restricted=True),
+                       {"echo.test": ["127.0.0.1"]}) as sb:
+        with trio.fail_after(TIMEOUT):
+            out = await client(sb, "connect", f"echo.test:{echo.port}", "x")
+        (event,) = sb.network_events()
+    assert "STATUS HTTP/1.1 403" in out.stdout.decode(), explain(out)
+    assert not event.allowed and ("RuntimeError" in event.reason if behaviour == "raise" else "0.5" in event.reason)
+    assert echo.connections == 0
+
+
+# ---- tunnels ----------------------------------------------------------------------
+
+
+async def test_half_close_passes_through():
+    server = EchoServer(after_eof=True)  # answers only once it has seen our EOF
+    try:
+        async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+            out = await client(sb, "connect", f"echo.test:{server.port}", "shout this")
+    finally:
+        server.close()
+    assert "DATA SHOUT THIS" in out.stdout.decode(), explain(out)
+
+
+async def test_200_concurrent_tunnels(echo):
+    async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+        out = await py(sb, f"""
+            import base64, os, selectors, socket, urllib.parse
+            p = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+            socks = []
+            for i in range(200):
+                s = socket.create_connection((p.hostname, p.port), timeout=20)
+                s.sendall(b"CONNECT echo.test:{echo.port} HTTP/1.1\\r\\n\\r\\n")
+                socks.append(s)
+            ok = 0
+            for i, s in enumerate(socks):
+                head = b""
+                while b"\\r\\n\\r\\n" not in head:
+                    head += s.recv(1)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                s.sendall(b"tunnel %d " % i * 100)
+            for i, s in enumerate(socks):
+                want = b"tunnel %d " % i * 100
+                got = b""
+                while len(got) < len(want):
+                    got += s.recv(65536)
+                ok += got == want
+                s.close()
+            print("OK", ok)
+            """, timeout=60)
+        events = sb.network_events()
+    assert out.stdout.decode().strip() == "OK 200", explain(out)
+    assert echo.connections == 200
+    with trio.fail_after(10):  # each tunnel's event comes when it ends
+        while len(events) < 200:
+            await trio.sleep(0.05)
+            events = sb.network_events()
+    assert all(e.allowed for e in events)
+
+
+# ---- what cannot get out ----------------------------------------------------------
+
+
+def _nothing_arrived(sock: socket.socket, wait: float = 0.3) -> bool:
+    return not select.select([sock], [], [], wait)[0]
+
+
+async def test_no_direct_tcp_udp_or_dns_with_a_policy(echo):
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    with udp, tcp:
+        async with sandbox(heel.AllowAll()) as sb:
+            out = await py(sb, f"""
+                import socket
+                for target in [("127.0.0.1", {tcp.getsockname()[1]}), ("192.0.2.2", {tcp.getsockname()[1]}),
+                               ("93.184.216.34", 80)]:
+                    try:
+                        socket.create_connection(target, timeout=3).sendall(b"leak")
+                        print("TCP-CONNECTED", target)
+                    except OSError as e:
+                        print("tcp refused", e.errno)
+                try:
+                    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    u.sendto(b"leak", ("127.0.0.1", {udp.getsockname()[1]}))
+                    print("UDP-SENT")
+                except OSError as e:
+                    print("udp refused", e.errno)
+                try:
+                    socket.getaddrinfo("example.com", 80)
+                    print("DNS-RESOLVED")
+                except OSError as e:
+                    print("dns failed", e)
+                """)
+        assert out.returncode == 0, explain(out)
+        for leak in (b"TCP-CONNECTED", b"UDP-SENT", b"DNS-RESOLVED"):
+            assert leak not in out.stdout, explain(out)
+        assert _nothing_arrived(tcp) and _nothing_arrived(udp)
+    # The control: the proxy itself does get through (to a name the policy names).
+    async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+        ok = await client(sb, "connect", f"echo.test:{echo.port}", "control")
+    assert "DATA control" in ok.stdout.decode(), explain(ok)
+
+
+async def test_deny_all_means_no_loopback_either():
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+        out = await py(sb, """
+            import socket
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("127.0.0.1", 0)); s.listen(1)
+                print("LISTENING")
+            except OSError as e:
+                print("refused", e.errno)
+            """)
+    assert b"refused" in out.stdout and b"LISTENING" not in out.stdout, explain(out)
+
+
+SIOCGSKNS = 0x894C  # the network namespace of a socket, as an fd
+
+
+async def test_proxy_listener_lives_in_the_sandbox_namespace_only():
+    async with sandbox(heel.AllowAll()) as sb:
+        listener = sb._session.proxy_listener
+        ns_fd = fcntl.ioctl(listener.fileno(), SIOCGSKNS)
+        try:
+            theirs = os.fstat(ns_fd).st_ino
+        finally:
+            os.close(ns_fd)
+        ours = os.stat("/proc/self/ns/net").st_ino
+        assert theirs != ours, "the proxy's listener is in the host's network namespace"
+        assert not sb._session.proxy_requires_secret
+        # Nothing on the host's loopback answers as this sandbox's proxy.
+        try:
+            with socket.create_connection(("127.0.0.1", 3128), timeout=2) as s:
+                s.sendall(b"CONNECT a.test:1 HTTP/1.1\r\n\r\n")
+                s.settimeout(2)
+                answer = s.recv(100)
+        except OSError:
+            answer = b""
+        assert b"heel" not in answer
+        # Control: from inside, the proxy answers.
+        out = await client(sb, "connect", "a.test:1", "x")
+        assert "STATUS HTTP/1.1" in out.stdout.decode(), explain(out)
