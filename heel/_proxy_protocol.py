@@ -249,15 +249,15 @@ def _parse_request_line(line: bytes) -> tuple[str, str, str]:
         raise ProtocolError("the request line is not METHOD SP TARGET SP VERSION")
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
-        raise ProtocolError(f"the method {method!r} is not a token")
+        raise ProtocolError(f"the method {method[:40]!r} is not a token")
     if method != method.upper():
         # Methods are case-sensitive: "connect" is not CONNECT, and guessing
         # which one the client meant is how proxies and servers come to disagree.
-        raise ProtocolError(f"the method {method!r} is not implemented here (methods are upper case)", 501)
+        raise ProtocolError(f"the method {method[:40]!r} is not implemented here (methods are upper case)", 501)
     if not _TARGET.fullmatch(target):
         raise ProtocolError("the request target holds a character other than visible ASCII")
     if not _VERSION.fullmatch(version):
-        raise ProtocolError(f"{version!r} is not an HTTP version")
+        raise ProtocolError(f"{version[:20]!r} is not an HTTP version")
     if version not in _SUPPORTED_VERSIONS:
         raise ProtocolError(f"{version} is not supported: this proxy speaks HTTP/1.0 and HTTP/1.1", 505)
     return method, target, version
