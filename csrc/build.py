@@ -22,7 +22,7 @@ ffibuilder.set_source(
     #include "heel.h"
     static const char *heel_native_version(void) { return HEEL_NATIVE_VERSION; }
     """,
-    sources=[os.path.join(REL, name) for name in ("landlock.c", "seccomp.c", "spawn.c")],
+    sources=[os.path.join(REL, name) for name in ("landlock.c", "seccomp.c", "spawn.c", "relay.c")],
     include_dirs=[REL],
     extra_compile_args=["-O2", "-Wall", "-fvisibility=hidden"],
     py_limited_api=True,

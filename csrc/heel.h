@@ -189,4 +189,43 @@ int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);
  * for setns() and idmapped mounts, or -errno. */
 int heel_userns_create(const char *uid_map, const char *gid_map);
 
+/* Relay */
+/* ---- the tunnel relay (relay.c) -------------------------------------- */
+
+/* Moves the bytes of established proxy tunnels (two connected stream
+ * sockets) with splice(), on one thread of its own for all tunnels. */
+struct heel_relay;
+
+/* How a tunnel ended; written whole to the completion pipe.  Byte counts
+ * are what reached each destination.  error is 0 or the errno that ended
+ * the tunnel (both sockets are then reset); cancelled is 1 when
+ * heel_relay_cancel() ended it. */
+struct heel_relay_done {
+    uint64_t id;
+    uint64_t a_to_b;
+    uint64_t b_to_a;
+    int32_t error;
+    int32_t cancelled;
+};
+
+/* Start the relay thread.  0 or -errno. */
+int heel_relay_start(struct heel_relay **out);
+
+/* The read end of the completion pipe (non-blocking, close-on-exec): one
+ * struct heel_relay_done per ended tunnel. */
+int heel_relay_notify_fd(struct heel_relay *r);
+
+/* Relay between fd_a and fd_b until both directions reach EOF (each EOF is
+ * passed on with shutdown(SHUT_WR)), an error, or a cancel.  Takes both fds
+ * in every case: closes them on failure, and when the tunnel ends.  On
+ * success exactly one completion with this id follows.  0 or -errno. */
+int heel_relay_add(struct heel_relay *r, int fd_a, int fd_b, uint64_t id);
+
+/* End the tunnel soon (its completion says cancelled, unless it ended
+ * first).  An unknown id is ignored.  0 or -ENOMEM. */
+int heel_relay_cancel(struct heel_relay *r, uint64_t id);
+
+/* End every tunnel (no completions), join the thread, close and free all. */
+void heel_relay_stop(struct heel_relay *r);
+
 #endif

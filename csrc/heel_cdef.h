@@ -85,3 +85,18 @@ struct heel_rlimit {
 
 int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out);
 int heel_userns_create(const char *uid_map, const char *gid_map);
+
+/* Relay */
+struct heel_relay;
+struct heel_relay_done {
+    uint64_t id;
+    uint64_t a_to_b;
+    uint64_t b_to_a;
+    int32_t error;
+    int32_t cancelled;
+};
+int heel_relay_start(struct heel_relay **out);
+int heel_relay_notify_fd(struct heel_relay *r);
+int heel_relay_add(struct heel_relay *r, int fd_a, int fd_b, uint64_t id);
+int heel_relay_cancel(struct heel_relay *r, uint64_t id);
+void heel_relay_stop(struct heel_relay *r);

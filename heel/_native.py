@@ -163,3 +163,53 @@ class SpawnPlan:
         if pid < 0:
             raise OSError(-pid, f"clone: {os.strerror(-pid)}")
         return pid, pidfd[0]
+
+
+# ---- the tunnel relay (csrc/relay.c) ------------------------------------
+
+RELAY_DONE_SIZE = ffi.sizeof("struct heel_relay_done")
+
+
+class Relay:
+    """The C relay: one thread that splices the bytes of every tunnel added.
+
+    ``add`` takes ownership of both fds.  Each tunnel's end arrives as a
+    record on ``notify_fd``; ``read_done`` decodes what is there.
+    """
+
+    def __init__(self) -> None:
+        out = ffi.new("struct heel_relay **")
+        _check(lib.heel_relay_start(out), "relay start")
+        self._relay = out[0]
+        self.notify_fd: int = lib.heel_relay_notify_fd(self._relay)
+
+    def add(self, fd_a: int, fd_b: int, tunnel_id: int) -> None:
+        """Relay between fd_a and fd_b; both fds belong to the relay now,
+        even when this raises."""
+        _check(lib.heel_relay_add(self._relay, fd_a, fd_b, tunnel_id), "relay add")
+
+    def cancel(self, tunnel_id: int) -> None:
+        _check(lib.heel_relay_cancel(self._relay, tunnel_id), "relay cancel")
+
+    def read_done(self) -> list[tuple[int, int, int, int, bool]]:
+        """The completions waiting on notify_fd, as (id, a_to_b, b_to_a,
+        errno, cancelled); empty when there are none."""
+        records = []
+        while True:
+            try:
+                data = os.read(self.notify_fd, RELAY_DONE_SIZE * 256)
+            except BlockingIOError:
+                break
+            # Records are written whole and read in multiples of their size.
+            buf = ffi.from_buffer("struct heel_relay_done[]", data)
+            for i in range(len(data) // RELAY_DONE_SIZE):
+                done = buf[i]
+                records.append((done.id, done.a_to_b, done.b_to_a, done.error, bool(done.cancelled)))
+        return records
+
+    def stop(self) -> None:
+        """End every tunnel (without completions) and the thread; closes notify_fd."""
+        if self._relay != ffi.NULL:
+            lib.heel_relay_stop(self._relay)
+            self._relay = ffi.NULL
+            self.notify_fd = -1

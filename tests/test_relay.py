@@ -1,0 +1,285 @@
+"""The tunnel relay (csrc/relay.c through heel/_relay.py), on real loopback sockets.
+
+A tunnel here is: peer_a <-> a ==relay== b <-> peer_b, where a and b are the
+two sockets handed to relay() and peer_a, peer_b are what the test holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import resource
+import socket
+
+import pytest
+import trio
+
+from heel import _native
+from heel._relay import RelayResult, _get_relay, relay
+
+#: A bound on every test's trio part.
+TIMEOUT = 20
+
+
+async def socket_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """Two connected TCP sockets on 127.0.0.1."""
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        near = trio.socket.socket()
+        await near.connect(listener.getsockname())
+        far, _ = await listener.accept()
+    return near, far
+
+
+async def tunnel(nursery: trio.Nursery, results: dict | None = None, key=None):
+    """Start relaying; returns (peer_a, peer_b).  The result lands in results[key]."""
+    peer_a, a = await socket_pair()
+    peer_b, b = await socket_pair()
+
+    async def run() -> None:
+        result = await relay(a, b)
+        if results is not None:
+            results[key] = result
+
+    nursery.start_soon(run)
+    return peer_a, peer_b
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view):]
+
+
+async def recv_until_eof(sock: trio.socket.SocketType) -> bytes:
+    chunks = []
+    while chunk := await sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def recv_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await sock.recv(size - len(data))
+        assert chunk, "EOF too early"
+        data += chunk
+    return bytes(data)
+
+
+async def recv_end(sock: trio.socket.SocketType) -> bytes | str:
+    """Whatever is left, then how the connection ended: b'' on EOF, 'reset' on a reset."""
+    try:
+        return await recv_until_eof(sock)
+    except ConnectionResetError:
+        return "reset"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_bytes_arrive_intact_both_ways():
+    up = random.randbytes(5 << 20)
+    down = random.randbytes(3 << 20)
+    results = {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            peer_a, peer_b = await tunnel(nursery, results, "t")
+            received = {}
+
+            async def one_way(src, dst, data, key):
+                async def send():
+                    await send_all(src, data)
+                    src.shutdown(socket.SHUT_WR)
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(send)
+                    received[key] = await recv_until_eof(dst)
+
+            nursery.start_soon(one_way, peer_a, peer_b, up, "up")
+            nursery.start_soon(one_way, peer_b, peer_a, down, "down")
+    assert received["up"] == up
+    assert received["down"] == down
+    assert results["t"] == RelayResult(len(up), len(down), 0, False)
+
+
+async def test_half_close_keeps_the_other_direction_open():
+    results = {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            peer_a, peer_b = await tunnel(nursery, results, "t")
+            await send_all(peer_a, b"request")
+            peer_a.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(peer_b) == b"request"   # b saw a's EOF
+            # ... while b -> a still flows, in several pieces.
+            for piece in (b"one ", b"two ", b"three"):
+                await send_all(peer_b, piece)
+                assert await recv_exactly(peer_a, len(piece)) == piece
+            assert "t" not in results
+            peer_b.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(peer_a) == b""
+    assert results["t"] == RelayResult(len(b"request"), len(b"one two three"), 0, False)
+
+
+async def test_reset_on_one_side_ends_the_tunnel_and_resets_the_other():
+    results = {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            peer_a, peer_b = await tunnel(nursery, results, "t")
+            await send_all(peer_a, b"x" * 1000)
+            assert await recv_exactly(peer_b, 1000) == b"x" * 1000
+            peer_a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            peer_a.close()
+            assert await recv_end(peer_b) == "reset"
+    result = results["t"]
+    assert result.error == errno.ECONNRESET
+    assert result.a_to_b == 1000 and not result.cancelled
+
+
+async def test_cancelling_relay_closes_both_connections_promptly():
+    peer_a, a = await socket_pair()
+    peer_b, b = await socket_pair()
+    with trio.fail_after(TIMEOUT):
+        with trio.move_on_after(0.2) as scope:
+            await relay(a, b)
+        assert scope.cancelled_caught
+        # relay() returned only after the relay thread closed both sockets.
+        with trio.fail_after(2):
+            assert await recv_end(peer_a) in (b"", "reset")
+            assert await recv_end(peer_b) in (b"", "reset")
+    assert a.fileno() == -1 and b.fileno() == -1
+
+
+async def test_two_hundred_tunnels_echo_at_once(monkeypatch):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        if hard != resource.RLIM_INFINITY and hard < 4096:
+            pytest.skip("needs 4096 open files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    try:
+        results = {}
+        with trio.fail_after(TIMEOUT * 2):
+            async with trio.open_nursery() as nursery:
+                async def echo(sock):
+                    while data := await sock.recv(65536):
+                        await send_all(sock, data)
+                    sock.shutdown(socket.SHUT_WR)
+
+                async def client(i, sock):
+                    message = random.randbytes(20000 + i)
+                    async with trio.open_nursery() as inner:
+                        async def send():
+                            await send_all(sock, message)
+                            sock.shutdown(socket.SHUT_WR)
+                        inner.start_soon(send)
+                        assert await recv_until_eof(sock) == message
+
+                for i in range(200):
+                    peer_a, peer_b = await tunnel(nursery, results, i)
+                    nursery.start_soon(echo, peer_b)
+                    nursery.start_soon(client, i, peer_a)
+        assert all(results[i] == RelayResult(20000 + i, 20000 + i) for i in range(200))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_stalled_tunnel_does_not_hold_up_others():
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            stalled_a, stalled_b = await tunnel(nursery)   # stalled_b never reads
+
+            async def flood():
+                await send_all(stalled_a, bytes(64 << 20))   # blocks once every buffer is full
+
+            nursery.start_soon(flood)
+            await trio.sleep(0.3)
+            peer_a, peer_b = await tunnel(nursery)
+            data = random.randbytes(4 << 20)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(send_all, peer_a, data)
+                assert await recv_exactly(peer_b, len(data)) == data
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_fd_is_left_open():
+    _get_relay()   # the process-wide relay's own fds stay; started first
+    before = open_fds()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            peers = []
+            for _ in range(10):
+                peers += await tunnel(nursery)
+            for sock in peers:
+                await send_all(sock, b"data")
+                sock.shutdown(socket.SHUT_WR)
+            for sock in peers:
+                assert await recv_until_eof(sock) == b"data"
+        for sock in peers:
+            sock.close()
+        # And cancelled ones.
+        async with trio.open_nursery() as nursery:
+            peers = []
+            for _ in range(10):
+                peers += await tunnel(nursery)
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        for sock in peers:
+            sock.close()
+    assert open_fds() == before
+
+
+async def test_a_socket_the_relay_cannot_take_is_closed_and_raises():
+    peer_a, a = await socket_pair()
+    udp = trio.socket.socket(type=socket.SOCK_DGRAM)
+    with pytest.raises(OSError) as info:
+        await relay(a, udp)
+    assert info.value.errno == errno.EPROTOTYPE
+    assert a.fileno() == -1 and udp.fileno() == -1
+    with trio.fail_after(2):
+        assert await recv_end(peer_a) == b""
+
+
+def test_trio_run_twice_in_one_process():
+    async def one_tunnel() -> RelayResult:
+        results = {}
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                peer_a, peer_b = await tunnel(nursery, results, "t")
+                await send_all(peer_a, b"ping")
+                peer_a.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(peer_b) == b"ping"
+                peer_b.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(peer_a) == b""
+        return results["t"]
+
+    assert trio.run(one_tunnel) == RelayResult(4, 0)
+    assert trio.run(one_tunnel) == RelayResult(4, 0)
+
+
+def test_stopping_a_relay_closes_its_tunnels():
+    def pair():
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            near = socket.create_connection(listener.getsockname())
+            far, _ = listener.accept()
+        return near, far
+
+    peer_a, a = pair()
+    peer_b, b = pair()
+    before = open_fds()
+    own = _native.Relay()
+    own.add(a.detach(), b.detach(), 1)
+    peer_a.sendall(b"hi")
+    peer_b.settimeout(5)
+    assert peer_b.recv(10) == b"hi"
+    own.stop()
+    peer_a.settimeout(5)
+    for peer in (peer_a, peer_b):
+        try:
+            assert peer.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        peer.close()
+    assert open_fds() == before - 4
