@@ -31,6 +31,7 @@ import hmac
 import ipaddress
 import socket
 import time
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
@@ -105,8 +106,11 @@ class _Refused(Exception):
         self.decided = decided
 
 
-_REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required",
-            431: "Request Header Fields Too Large", 502: "Bad Gateway", 504: "Gateway Timeout"}
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class Proxy:
@@ -114,7 +118,8 @@ class Proxy:
 
     def __init__(self, policy: NetworkPolicy, listener: socket.socket, *, secret: str,
                  require_secret: bool, resolver: Resolver | None = None,
-                 on_event: Callable[[NetworkEvent], object] | None = None) -> None:
+                 on_event: Callable[[NetworkEvent], object] | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """``listener``: a listening TCP socket (the proxy does not own it).
         ``secret``: the password of the proxy URLs; ``require_secret``: refuse
         requests without it (the listener is reachable by others)."""
@@ -124,10 +129,12 @@ class Proxy:
         self._require_secret = require_secret
         self._resolver = resolver or default_resolver
         self._on_event = on_event
+        self._handshake_timeout = handshake_timeout
         self.events: list[NetworkEvent] = []
         #: proxy user name -> the command it stands for
         self.commands: dict[str, str] = {}
-        self._open = 0
+        #: connections being served now
+        self.open_connections = 0
 
     def record(self, event: NetworkEvent) -> None:
         self.events.append(event)
@@ -152,37 +159,40 @@ class Proxy:
                             await trio.sleep(0.05)  # out of fds: let connections finish
                             continue
                         raise
-                    if self._open >= MAX_CONNECTIONS:
+                    if self.open_connections >= MAX_CONNECTIONS:
                         conn.close()
                         continue
-                    self._open += 1
+                    self.open_connections += 1
                     nursery.start_soon(self._serve_connection, conn)
         finally:
             sock.close()
 
     async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+        # One deadline for the whole request: a client that trickles bytes
+        # cannot hold a connection open for longer than that.
+        deadline = trio.current_time() + self._handshake_timeout
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            with trio.move_on_at(deadline) as handshake:
                 first = await conn.recv(_READ)
             if handshake.cancelled_caught or not first:
                 return
-            if first[0] == 0x05:
-                await self._serve_socks(conn, first)
+            if proto.is_socks5(first):
+                await self._serve_socks(conn, first, deadline)
             else:
-                await self._serve_http(conn, first)
+                await self._serve_http(conn, first, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         finally:
-            self._open -= 1
+            self.open_connections -= 1
             conn.close()
 
     # ---- HTTP ------------------------------------------------------------
 
-    async def _serve_http(self, conn, data: bytes) -> None:
+    async def _serve_http(self, conn, data: bytes, deadline: float) -> None:
         buf = bytearray(data)
         arrived = time.time()
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            with trio.move_on_at(deadline) as handshake:
                 while True:
                     request = proto.parse_http_head(buf)
                     if request is not None:
@@ -194,7 +204,7 @@ class Proxy:
             if handshake.cancelled_caught:
                 return
         except proto.ProtocolError as exc:
-            await _send(conn, proto.http_response(exc.status, _REASONS.get(exc.status, "Bad Request"),
+            await _send(conn, proto.http_response(exc.status, _reason(exc.status),
                                                   f"heel proxy: {exc}"))
             return
         leftover = bytes(buf[request.head_length:])
@@ -213,7 +223,7 @@ class Proxy:
         except _Refused as refused:
             extra = [("Proxy-Authenticate", 'Basic realm="heel"')] if refused.status == 407 else []
             where = f"{request.host}:{request.port}"
-            await _send(conn, proto.http_response(refused.status, _REASONS[refused.status],
+            await _send(conn, proto.http_response(refused.status, _reason(refused.status),
                                                   f"heel proxy: {where}: {refused.reason}", extra))
             if refused.decided:
                 self.record(NetworkEvent(arrived, _safe_host(request.host), request.port, protocol,
@@ -227,13 +237,13 @@ class Proxy:
 
     # ---- SOCKS5 ----------------------------------------------------------
 
-    async def _serve_socks(self, conn, data: bytes) -> None:
+    async def _serve_socks(self, conn, data: bytes, deadline: float) -> None:
         arrived = time.time()
         handshake = proto.Socks5Handshake(require_auth=self._require_secret)
         handshake.receive_data(data)
         command = None
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
+            with trio.move_on_at(deadline) as timer:
                 while True:
                     event = handshake.next_event()
                     if event is proto.NEED_DATA:
@@ -352,7 +362,7 @@ def _credentials(request) -> tuple[str, str] | None:
     try:
         return proto.proxy_credentials(request)
     except proto.ProtocolError as exc:
-        raise _Refused(400, proto.GENERAL_FAILURE, str(exc), decided=False) from None
+        raise _Refused(exc.status, proto.GENERAL_FAILURE, str(exc), decided=False) from None
 
 
 def _host(raw: str) -> str:

@@ -461,3 +461,64 @@ async def test_proxy_listener_lives_in_the_sandbox_namespace_only():
         # Control: from inside, the proxy answers.
         out = await client(sb, "connect", "a.test:1", "x")
         assert "STATUS HTTP/1.1" in out.stdout.decode(), explain(out)
+
+
+# ---- without namespaces -----------------------------------------------------------
+
+
+@pytest.fixture
+def no_namespaces(monkeypatch):
+    from heel import _probe
+
+    env, _ = _probe.environment()
+    monkeypatch.setattr(_probe, "environment",
+                        lambda: (env._replace(namespaces=False), "turned off for this test"))
+
+
+def _ask_proxy(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        s.settimeout(5)
+        return s.recv(4096)
+
+
+async def test_without_namespaces_the_host_listener_needs_the_secret(no_namespaces, echo):
+    names = {"echo.test": ["127.0.0.1"]}
+    async with sandbox(heel.AllowList(["echo.test"]), names, best_effort=True) as sb:
+        assert "the network namespace" in sb.degraded
+        port = sb.plan.proxy_port
+        assert sb._session.proxy_requires_secret and port != 3128
+        # Another local process: no credential, a wrong one.
+        request = f"CONNECT echo.test:{echo.port} HTTP/1.1\r\n".encode()
+        anonymous = await trio.to_thread.run_sync(_ask_proxy, port, request + b"\r\n")
+        wrong = await trio.to_thread.run_sync(
+            _ask_proxy, port, request + b"Proxy-Authorization: Basic aGVlbDpub3Bl\r\n\r\n")
+        assert anonymous.startswith(b"HTTP/1.1 407") and wrong.startswith(b"HTTP/1.1 407"), (anonymous, wrong)
+        assert echo.connections == 0
+        # The sandbox, with the credential of its environment, gets through...
+        out = await client(sb, "connect", f"echo.test:{echo.port}", "degraded but filtered")
+        assert "DATA degraded but filtered" in out.stdout.decode(), explain(out)
+        assert echo.connections == 1
+        # ...and Landlock keeps it off every other port, loopback included.
+        direct = await py(sb, f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {echo.port}), timeout=3)
+                print("CONNECTED")
+            except OSError as e:
+                print("refused", e.errno)
+            """)
+    assert b"refused 13" in direct.stdout, explain(direct)  # EACCES: Landlock
+    assert echo.connections == 1
+
+
+async def test_strict_network_refuses_to_run_without_namespaces(no_namespaces):
+    config = heel.SandboxConfig(network=heel.AllowAll(), best_effort=True,
+                                security=heel.SecurityConfig(strict_network=True))
+    with pytest.raises(heel.SandboxUnavailable, match="another host"):
+        async with heel.Sandbox(config):
+            pass
+    # DenyAll needs no network namespace: strict_network does not stand in its way.
+    config = config.replace(network=heel.DenyAll())
+    async with heel.Sandbox(config) as sb:
+        assert (await sh(sb, "true")).returncode == 0
