@@ -254,3 +254,51 @@ def test_options_after_the_command_belong_to_it():
 def test_usage_errors_are_policy_errors():
     with pytest.raises(PolicyError, match="--memory"):
         _cliargs.build_config(_cliargs.parse("run", ["--memory", "x", "true"]))
+
+
+# ---- network ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def web():
+    from netservers import HttpServer
+
+    server = HttpServer("heel-cli-web")
+    yield server
+    server.close()
+
+
+def test_allow_domain_reaches_what_it_names_and_reports_denials(web):
+    # --noproxy '': NO_PROXY sends loopback straight to the sandbox's own.
+    script = (f"curl -sS --noproxy '' http://127.0.0.1:{web.port}/yes; "
+              "curl -sS -o /dev/null -w '%{http_code}\\n' http://denied.test/no")
+    result = heel("run", "--allow-domain", "127.0.0.1", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == ["heel-cli-web GET /yes 0", "403"], result
+    denials = [line for line in result.stderr.decode().splitlines() if line.startswith("heel: network denied")]
+    assert len(denials) == 1 and "http denied.test:80 by sh" in denials[0], result.stderr
+    assert [path for _, path, _ in web.requests] == ["/yes"]
+
+
+def test_network_allow_still_refuses_internal_addresses(web):
+    result = heel("run", "--network", "allow", "--", "curl", "-sS", "--noproxy", "", "-o", "/dev/null",
+                  "-w", "%{http_code}",
+                  f"http://127.0.0.1:{web.port}/")
+    assert result.stdout == b"403", result
+    assert "internal address" in result.stderr.decode()
+    assert web.requests == []
+
+
+def test_network_deny_is_the_default_and_has_no_proxy():
+    result = heel("run", "--", "sh", "-c", "echo ${HTTP_PROXY:-none}")
+    assert result.stdout == b"none\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--network", "deny", "--allow-domain", "a.test"], "contradict"),
+    (["--network", "sometimes"], "invalid choice"),
+    (["--allow-domain", "a.*.test"], "a.*.test"),
+])
+def test_network_usage_errors(args, message):
+    result = heel("run", *args, "--", "true")
+    assert message in assert_heel_error(result, 125)

@@ -522,3 +522,19 @@ async def test_strict_network_refuses_to_run_without_namespaces(no_namespaces):
     config = config.replace(network=heel.DenyAll())
     async with heel.Sandbox(config) as sb:
         assert (await sh(sb, "true")).returncode == 0
+
+
+@pytest.mark.parametrize("tool", ["git", "npm"])
+async def test_common_tools_honour_the_proxy_environment(web, tool):
+    if not shutil.which(tool):
+        pytest.skip(f"{tool} is not installed")
+    url = f"http://web.test:{web.port}"
+    script = {"git": f"git ls-remote {url}/repo.git",
+              "npm": f"npm view some-package --registry {url}/ --cache $TMPDIR/npm-cache"}[tool]
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await sh(sb, script, timeout=60)
+        events = sb.network_events()
+    # The server's answer is no git repository or npm package: what matters is
+    # that the request went through the proxy and arrived.
+    assert web.requests, explain(out)
+    assert events and all(e.allowed and e.host == "web.test" for e in events), events
