@@ -33,13 +33,13 @@ CANCEL_GRACE_S = 2.0
 @dataclass(frozen=True)
 class RelayResult:
     """How a tunnel ended.  Byte counts are what reached each destination;
-    ``error`` is 0 or the errno that ended the tunnel (both connections are
-    then reset); ``cancelled`` is true when ``relay()`` was cancelled."""
+    ``error`` is 0 when both directions ended with EOF, else the errno that
+    ended the tunnel (both connections are then reset).  A cancelled
+    ``relay()`` raises instead of returning one."""
 
     a_to_b: int
     b_to_a: int
     error: int = 0
-    cancelled: bool = False
 
 
 _process_relay: _native.Relay | None = None
@@ -79,10 +79,10 @@ class _Completions:
         self.reading = False
 
     def dispatch(self, records) -> None:
-        for tunnel_id, a_to_b, b_to_a, error, cancelled in records:
+        for tunnel_id, a_to_b, b_to_a, error, _cancelled in records:
             waiter = self.waiters.get(tunnel_id)
             if waiter is not None:   # else: a waiter that gave up, or an earlier run's
-                waiter.result = RelayResult(a_to_b, b_to_a, error, cancelled)
+                waiter.result = RelayResult(a_to_b, b_to_a, error)
                 waiter.wake.set()
 
     def hand_over_reading(self) -> None:
