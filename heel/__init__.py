@@ -23,13 +23,17 @@ TYPE_CHECKING = False
 from ._version import __version__
 from .config import IsolationLevel, ResourceLimits, SandboxConfig, SecurityConfig
 from .errors import (
+    BrokenVenv,
     CommandNotFound,
     CommandTimeout,
     HeelError,
+    InstallError,
+    InterpreterNotFound,
     PolicyError,
     SandboxClosed,
     SandboxUnavailable,
     SpawnError,
+    VenvError,
 )
 from .policy import AllowAll, AllowList, CustomPolicy, Decision, DenyAll, NetworkPolicy, NetworkRequest
 
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from .process import Process
     from .proxy import NetworkEvent
     from .sandbox import Command, ExitStatus, Output, Sandbox, Stdio
+    from .venv import PythonConfig, Venv, VenvConfig, VenvManager, VenvProgress
 
 _LAZY = {
     "Sandbox": "sandbox",
@@ -54,6 +59,11 @@ _LAZY = {
     "IpcCommand": "ipc",
     "IpcRouter": "ipc",
     "NetworkEvent": "proxy",
+    "VenvConfig": "venv",
+    "VenvManager": "venv",
+    "Venv": "venv",
+    "VenvProgress": "venv",
+    "PythonConfig": "venv",
 }
 
 __all__ = [
@@ -63,6 +73,8 @@ __all__ = [
     "NetworkEvent", "probe", "ProbeReport", "IpcCommand", "IpcRouter",
     "HeelError", "PolicyError", "SandboxUnavailable", "SandboxClosed", "SpawnError",
     "CommandNotFound", "CommandFailed", "CommandTimeout",
+    "VenvConfig", "VenvManager", "Venv", "VenvProgress", "PythonConfig",
+    "VenvError", "InterpreterNotFound", "BrokenVenv", "InstallError",
 ]
 
 

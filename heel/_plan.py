@@ -251,6 +251,34 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
     return [r for r in expand(real, access & abi_mask, denied, os.path.isdir(real)) if r.access]
 
 
+def _with_python(config: SandboxConfig, denied: list[str]) -> tuple[SandboxConfig, dict[str, str]]:
+    """The config with its Python environment granted (the venv, and the
+    base interpreter's prefix that its bin/python links to), and the
+    variables that make it the sandbox's python."""
+    from .venv import inspect
+
+    python = config.python
+    venv = python.path
+    cfg = inspect(venv)
+    home = cfg.get("home", "")
+    prefix = os.path.dirname(os.path.abspath(home)) if home else ""
+    for what, path in (("the venv", str(venv)), ("the venv's base Python", prefix)):
+        for d in denied:
+            if path and _under(path, d):
+                raise PolicyError(
+                    f"{what} ({path}) is inside the protected place {d}: make the venv elsewhere, from a "
+                    "Python outside it (VenvConfig(python='/usr/bin/python3')), or turn that protection off")
+    executable = list(config.executable)
+    writable = list(config.writable)
+    if prefix and prefix != "/" and os.path.isdir(prefix):
+        executable.append(prefix)
+    (writable if python.allow_pip_install else executable).append(venv)
+    variables = {"VIRTUAL_ENV": str(venv), "PATH": str(venv / "bin")}
+    if not python.allow_pip_install:
+        variables["PYTHONDONTWRITEBYTECODE"] = "1"  # the venv is read-only inside
+    return config.replace(executable=executable, writable=writable), variables
+
+
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
                host_mask: str | None = None, proxy_port: int = 0,
@@ -265,8 +293,11 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     the host; in a mount namespace they appear at /tmp and /dev/shm.
     ``host_mask`` is an empty directory that covers protected directories.
     """
-    level = config.level
     denied = protected_paths(config)
+    python_env: dict[str, str] = {}
+    if config.python is not None:
+        config, python_env = _with_python(config, denied)
+    level = config.level
     handled = ll.handled_fs(env.landlock_abi)
 
     # An explicit grant of a protected place is a contradiction, not a wish.
@@ -375,6 +406,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     for name in config.env_passthrough:
         if name in os.environ:
             variables[name] = os.environ[name]
+    if python_env:
+        python_env["PATH"] = python_env["PATH"] + os.pathsep + variables["PATH"]
+        variables.update(python_env)
     network = not config.network.denies_everything
     if network:
         if env.namespaces:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from typing import Generic, TypeVar, Union
 
     from .proxy import NetworkEvent
+    from .venv import PythonConfig
 
     PathLike = Union[str, "os.PathLike[str]"]
     P = TypeVar("P", bound=NetworkPolicy)
@@ -257,10 +258,12 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
     best_effort: run even when a protection cannot be enforced on this
     machine (``heel.probe()`` says which); by default that is an error.
     ipc: an :class:`~heel.IpcRouter` whose commands the sandbox may call.
+    python: a :class:`~heel.PythonConfig`: a virtual environment that is the
+    sandbox's ``python``, ``python3`` and ``pip``.
     """
 
     _fields = ("level", "security", "readable", "writable", "executable", "env", "env_passthrough",
-               "workdir", "limits", "network", "best_effort", "ipc", "on_network_event")
+               "workdir", "limits", "network", "best_effort", "ipc", "on_network_event", "python")
     level: IsolationLevel
     security: SecurityConfig
     readable: tuple[Path, ...]
@@ -274,6 +277,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
     best_effort: bool
     ipc: object
     on_network_event: Callable[[NetworkEvent], object] | None
+    python: PythonConfig | None
 
     def __init__(
         self,
@@ -291,6 +295,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         best_effort: bool = False,
         ipc=None,
         on_network_event: Callable[[NetworkEvent], object] | None = None,
+        python: PythonConfig | None = None,
     ) -> None:
         put = self._set
         if isinstance(level, str):
@@ -331,6 +336,12 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         if on_network_event is not None and not callable(on_network_event):
             raise PolicyError(f"on_network_event must be callable, got {on_network_event!r}")
         put("on_network_event", on_network_event)
+        if python is not None:
+            from .venv import PythonConfig  # only for those who use it
+
+            if not isinstance(python, PythonConfig):
+                raise PolicyError(f"python must be a heel.PythonConfig, got {python!r}")
+        put("python", python)
         if not isinstance(best_effort, bool):
             raise PolicyError(f"best_effort must be a bool, got {best_effort!r}")
         put("best_effort", best_effort)

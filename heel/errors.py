@@ -14,7 +14,13 @@ Every exception heel raises on purpose derives from :class:`HeelError`::
     │   └── CommandNotFound (FileNotFoundError)
     ├── CommandFailed                    ``run(check=True)``: non-zero exit status
     │   (subprocess.CalledProcessError)
-    └── CommandTimeout (TimeoutError)    ``run(check=True)``: the timeout killed it
+    ├── CommandTimeout (TimeoutError)    ``run(check=True)``: the timeout killed it
+    └── VenvError                        a Python environment cannot be used or built
+        ├── InterpreterNotFound          the Python asked for does not exist
+        │   (FileNotFoundError)
+        ├── BrokenVenv                   the directory is not a usable environment
+        │                                (no interpreter, another Python, not a venv)
+        └── InstallError                 the installer failed; carries its own message
 
 Errors that mean a bad argument also derive from ``ValueError``, OS-level ones
 from ``OSError``, so code that does not know heel still catches them sensibly.
@@ -34,6 +40,10 @@ __all__ = [
     "CommandNotFound",
     "CommandFailed",
     "CommandTimeout",
+    "VenvError",
+    "InterpreterNotFound",
+    "BrokenVenv",
+    "InstallError",
 ]
 
 
@@ -103,6 +113,26 @@ class CommandTimeout(HeelError, TimeoutError):
         self.stdout = stdout
         self.stderr = stderr
         super().__init__(f"command {cmd!r} timed out after {timeout} seconds")
+
+
+class VenvError(HeelError):
+    """A Python environment cannot be used or built."""
+
+
+class InterpreterNotFound(VenvError, FileNotFoundError):
+    """The Python interpreter asked for does not exist or cannot run."""
+
+
+class BrokenVenv(VenvError):
+    """A directory that should hold a virtual environment does not hold a usable one."""
+
+
+class InstallError(VenvError):
+    """The package installer failed.  ``output`` is what it said."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
 
 
 def __getattr__(name: str):

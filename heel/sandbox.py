@@ -92,6 +92,7 @@ class Sandbox(Generic[P]):
         self._proxy_scope: trio.CancelScope | None = None
         self._proxy_done: trio.Event | None = None
         self._commands_started = 0
+        self._snippets = 0
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
         self._relays: list[trio.Event] = []
@@ -102,6 +103,14 @@ class Sandbox(Generic[P]):
     async def __aenter__(self) -> "Sandbox[P]":
         if self._session is not None or self._closed:
             raise SandboxClosed("a Sandbox can be opened once")
+        python = self.config.python
+        if python is not None:
+            from .venv import VenvConfig, VenvManager
+
+            if isinstance(python.venv, VenvConfig):
+                # Built (or extended) before the sandbox opens: the plan
+                # grants what is there.
+                await VenvManager.create(python.venv, resolver=self._resolver)
         self._session = Session(self.config)
         self.degraded = self._session.degraded
         # Background work of the sandbox (copying stdio that must not be
@@ -191,6 +200,34 @@ class Sandbox(Generic[P]):
     def command(self, program: PathLike) -> "Command":
         """A builder for one command: ``sb.command("ls").arg("-l").output()``."""
         return Command(self, program)
+
+    def python(self) -> "Command":
+        """A builder for the sandbox's Python: the interpreter of its
+        PythonConfig, or ``python3`` from the PATH."""
+        python = self.config.python
+        return self.command(python.executable if python is not None else "python3")
+
+    async def run_python(self, code: str, *, args: Sequence[str] = (), input: bytes | None = None,
+                         timeout: float | None = None) -> Output:
+        """Run Python source in the sandbox; returns its Output.
+
+        The code is written to a file in the sandbox's private tmp and run
+        from there, so a traceback names ``/tmp/heel_python_N.py`` with its
+        lines, and ``sys.argv[1:]`` is ``args``."""
+        if not isinstance(code, str):
+            raise PolicyError(f"run_python needs source code as a str, got {type(code).__name__}")
+        plan = self._live().plan
+        self._snippets += 1
+        name = f"heel_python_{self._snippets}.py"
+        host_file = os.path.join(plan.host_tmp, name)
+        fd = os.open(host_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(code)
+        command = self.python().arg(os.path.join(plan.tmp, name)).args([_arg(a, "args") for a in args])
+        command.stdin(input if input is not None else Stdio.NULL)
+        if timeout is not None:
+            command.timeout(timeout)
+        return await command.output()
 
     async def run(self, command: Sequence[PathLike] | str, *, input: bytes | None = None,
                   capture_stdout: bool = False, capture_stderr: bool = False, check: bool = True,

@@ -1,0 +1,464 @@
+"""Python virtual environments for sandboxes.
+
+:class:`VenvManager` builds an environment on the host; :class:`PythonConfig`
+puts one in a sandbox (``SandboxConfig(python=...)``), where it is the
+``python``, ``python3`` and ``pip`` on the PATH.
+
+Packages are untrusted code: installing an sdist runs its build scripts, and
+a wheel can drop a ``.pth`` file that runs at every interpreter start.  So:
+
+- the host only ever runs its *own* interpreter (the base Python, to make the
+  environment with the standard library's ``venv``, or uv, to make it with
+  ``uv venv``); it never runs the environment's interpreter, whose files a
+  sandbox with ``allow_pip_install`` may have changed;
+- the installer (pip, or ``uv pip``) runs inside a heel sandbox that may write
+  the environment and nothing else outside its own workdir, and that reaches
+  only the package index, through heel's proxy;
+- what is installed already is read from the ``*.dist-info`` directories, as
+  files, without running anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from .config import Frozen
+from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError
+
+if TYPE_CHECKING:
+    from .proxy import Resolver
+
+__all__ = ["VenvConfig", "VenvManager", "Venv", "VenvProgress", "PythonConfig"]
+
+#: The hosts pip reaches for the default index (PyPI).
+PYPI_HOSTS = ("pypi.org", "files.pythonhosted.org")
+#: How long one install may take, by default.
+INSTALL_TIMEOUT = 900.0
+
+# A requirement's project name, optional extras, and an exact pin if there is one.
+_REQUIREMENT = re.compile(
+    r"^\s*(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(?:\[[^\]]*\])?\s*"
+    r"(?:==\s*(?P<pin>[A-Za-z0-9.+!_-]+)\s*)?(?P<rest>.*)$")
+
+
+def canonical_name(name: str) -> str:
+    """A project name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+class VenvConfig(Frozen):
+    """What environment to build, and where.
+
+    path: the environment's directory (made when missing; kept).
+    packages: requirement strings (``"msgpack"``, ``"attrs==23.2.0"``).
+    python: the base interpreter (a path, or a name on the PATH); None: the
+    one running heel.
+    system_site_packages: let the environment see the base's packages.
+    use_uv: True: uv; False: venv + pip; None: uv when it is installed.
+    index_url: the package index (None: PyPI); no_index: use none, only
+    find_links (directories or URLs of wheels and sdists).
+    """
+
+    _fields = ("path", "packages", "python", "system_site_packages", "use_uv", "index_url",
+               "find_links", "no_index")
+    path: Path
+    packages: tuple[str, ...]
+    python: str | None
+    system_site_packages: bool
+    use_uv: bool | None
+    index_url: str | None
+    find_links: tuple[str, ...]
+    no_index: bool
+
+    def __init__(self, path: str | os.PathLike[str], packages: Iterable[str] = (), *,
+                 python: str | os.PathLike[str] | None = None, system_site_packages: bool = False,
+                 use_uv: bool | None = None, index_url: str | None = None,
+                 find_links: Iterable[str | os.PathLike[str]] = (), no_index: bool = False) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or "\0" in os.fspath(path):
+            raise PolicyError(f"VenvConfig: path must be a directory path, got {path!r}")
+        self._set("path", Path(os.path.abspath(os.path.expanduser(os.fspath(path)))))
+        if isinstance(packages, str):
+            packages = [packages]
+        items = tuple(packages)
+        for item in items:
+            _check_requirement(item)
+        self._set("packages", items)
+        if python is not None and (not isinstance(python, (str, os.PathLike)) or not os.fspath(python)):
+            raise PolicyError(f"VenvConfig: python must be a path or a program name, got {python!r}")
+        self._set("python", None if python is None else os.fspath(python))
+        for name, value in (("system_site_packages", system_site_packages), ("no_index", no_index)):
+            if not isinstance(value, bool):
+                raise PolicyError(f"VenvConfig: {name} must be a bool, got {value!r}")
+            self._set(name, value)
+        if use_uv is not None and not isinstance(use_uv, bool):
+            raise PolicyError(f"VenvConfig: use_uv must be True, False or None, got {use_uv!r}")
+        self._set("use_uv", use_uv)
+        if index_url is not None:
+            _check_url(index_url, "index_url")
+        self._set("index_url", index_url)
+        links = []
+        for link in ([find_links] if isinstance(find_links, (str, os.PathLike)) else find_links):
+            text = os.fspath(link)
+            if text.startswith(("http://", "https://")):
+                _check_url(text, "find_links")
+                links.append(text)
+            else:
+                if not os.path.exists(text):
+                    raise PolicyError(f"VenvConfig: find_links: {text} does not exist")
+                links.append(os.path.abspath(text))
+        self._set("find_links", tuple(links))
+        if no_index and index_url is not None:
+            raise PolicyError("VenvConfig: no_index and index_url contradict each other")
+
+
+def _check_requirement(item: object) -> None:
+    if not isinstance(item, str) or not item.strip() or "\0" in item or "\n" in item:
+        raise PolicyError(f"VenvConfig: {item!r} is not a requirement")
+    # An option in disguise (`--index-url=...`, `-e .`) would change what the
+    # installer does, not what it installs.
+    if item.lstrip().startswith("-"):
+        raise PolicyError(f"VenvConfig: {item!r} looks like an installer option, not a requirement")
+
+
+def _check_url(url: object, what: str) -> None:
+    if not isinstance(url, str):
+        raise PolicyError(f"VenvConfig: {what} must be a URL string, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PolicyError(f"VenvConfig: {what} must be an http(s) URL, got {url!r}")
+
+
+class VenvProgress(NamedTuple):
+    """A step of building an environment: ``phase`` is "create", "install"
+    or "done"; ``done``/``total`` count the packages to install; ``message``
+    is the installer's line."""
+
+    phase: str
+    message: str
+    done: int = 0
+    total: int = 0
+
+
+class Venv(NamedTuple):
+    """A built environment: its directory, interpreter and Python version."""
+
+    path: Path
+    python: Path
+    version: tuple[int, int]
+    packages: tuple[str, ...]
+
+
+class VenvManager:
+    """Builds environments on the host; see the module docstring for who runs what."""
+
+    @classmethod
+    async def create(cls, config: VenvConfig, *, on_progress: Callable[[VenvProgress], object] | None = None,
+                     resolver: Resolver | None = None, timeout: float = INSTALL_TIMEOUT) -> Venv:
+        """Build (or reuse and extend) the environment ``config`` describes.
+
+        An existing environment is reused and only missing packages are
+        installed; one that is broken (no interpreter, another Python, not a
+        venv at all) raises :class:`BrokenVenv` and is left alone.
+        ``resolver``: the proxy's name resolution for the installer (tests).
+        """
+        import trio
+
+        if not isinstance(config, VenvConfig):
+            raise PolicyError(f"VenvManager.create needs a VenvConfig, got {config!r}")
+
+        def report(phase: str, message: str, done: int = 0, total: int = 0) -> None:
+            if on_progress is not None:
+                on_progress(VenvProgress(phase, message, done, total))
+
+        base = find_interpreter(config.python)
+        version = await trio.to_thread.run_sync(interpreter_version, base)
+        uv = _uv(config.use_uv)
+        path = config.path
+        if path.exists() and not _is_empty_dir(path):
+            inspect(path, version)
+        else:
+            report("create", f"creating {path} with Python {version[0]}.{version[1]}")
+            await _make_venv(path, base, uv, config.system_site_packages)
+            inspect(path, version)
+        installed = installed_distributions(path)
+        missing = [req for req in config.packages if not _satisfied(req, installed)]
+        if missing:
+            await _install(config, path, uv, missing, report, resolver, timeout)
+            installed = installed_distributions(path)
+            still = [req for req in missing if not _satisfied(req, installed)]
+            if still:
+                raise InstallError(f"the installer finished but {', '.join(still)} is not installed in {path}")
+        report("done", f"{path} is ready", len(missing), len(missing))
+        return Venv(path, path / "bin" / "python", version, tuple(sorted(installed)))
+
+
+def find_interpreter(python: str | None) -> Path:
+    """The base interpreter as an absolute path, or InterpreterNotFound."""
+    if python is None:
+        # The interpreter behind the one running heel (not a venv's link to it).
+        candidate = getattr(sys, "_base_executable", None) or sys.executable
+    elif os.sep in python:
+        candidate = python
+    else:
+        candidate = shutil.which(python) or ""
+        if not candidate:
+            raise InterpreterNotFound(f"no {python!r} on the PATH")
+    if not candidate or not os.path.isfile(candidate) or not os.access(candidate, os.X_OK):
+        raise InterpreterNotFound(f"{candidate or python}: no such Python interpreter")
+    return Path(os.path.abspath(candidate))
+
+
+def interpreter_version(base: Path) -> tuple[int, int]:
+    """The (major, minor) of the host's own base interpreter."""
+    try:
+        out = subprocess.run([os.fspath(base), "-I", "-c", "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InterpreterNotFound(f"{base} does not run: {exc}") from None
+    fields = out.stdout.split()
+    if out.returncode != 0 or len(fields) != 2 or not all(f.isdigit() for f in fields):
+        raise InterpreterNotFound(f"{base} is not a working Python interpreter: "
+                                  f"{(out.stderr or out.stdout).strip()[-300:]}")
+    return int(fields[0]), int(fields[1])
+
+
+def _uv(use_uv: bool | None) -> str | None:
+    found = shutil.which("uv")
+    if use_uv and not found:
+        raise InstallError("use_uv=True but uv is not installed (pip install uv, or use_uv=None)")
+    return found if use_uv is not False else None
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def read_pyvenv_cfg(path: Path) -> dict[str, str]:
+    values = {}
+    with open(path / "pyvenv.cfg", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, sep, value = line.partition("=")
+            if sep:
+                values[key.strip().lower()] = value.strip()
+    return values
+
+
+def inspect(path: Path, want: tuple[int, int] | None = None) -> dict[str, str]:
+    """Check, without running anything in it, that ``path`` is a usable
+    environment (of Python ``want``); returns its pyvenv.cfg.  BrokenVenv
+    otherwise."""
+    if path.is_symlink() or not path.is_dir():
+        raise BrokenVenv(f"{path} is not a directory")
+    try:
+        cfg = read_pyvenv_cfg(path)
+    except FileNotFoundError:
+        raise BrokenVenv(f"{path} is not a virtual environment (no pyvenv.cfg); heel leaves it alone") from None
+    except OSError as exc:
+        raise BrokenVenv(f"{path}/pyvenv.cfg cannot be read: {exc.strerror}") from None
+    python = path / "bin" / "python"
+    if not os.path.exists(python):  # follows the link: a dangling one is no interpreter
+        raise BrokenVenv(f"{path} has no interpreter ({python} is missing or points nowhere); "
+                         "remove the directory to rebuild it")
+    found = _cfg_version(cfg)
+    if want is not None and found is not None and found != want:
+        raise BrokenVenv(f"{path} was made with Python {found[0]}.{found[1]}, not {want[0]}.{want[1]}; "
+                         "remove it or ask for that Python")
+    return cfg
+
+
+def _cfg_version(cfg: dict[str, str]) -> tuple[int, int] | None:
+    text = cfg.get("version_info") or cfg.get("version") or ""
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def site_packages(path: Path) -> list[Path]:
+    return sorted(p for p in (path / "lib").glob("python*/site-packages") if p.is_dir())
+
+
+def installed_distributions(path: Path) -> dict[str, str]:
+    """Canonical project name -> version, from the *.dist-info directory
+    names (``name-version.dist-info``): reading names runs nothing."""
+    found: dict[str, str] = {}
+    for directory in site_packages(path):
+        for entry in directory.glob("*.dist-info"):
+            stem = entry.name[: -len(".dist-info")]
+            name, sep, version = stem.partition("-")
+            if sep:
+                found[canonical_name(name)] = version
+    return found
+
+
+def _satisfied(requirement: str, installed: dict[str, str]) -> bool:
+    """Whether ``requirement`` is surely met.  Only a bare name or an exact
+    pin can be judged from names; anything else goes to the installer,
+    which knows better (and does nothing when it is met)."""
+    m = _REQUIREMENT.match(requirement)
+    if m is None or m.group("rest").strip():
+        return False
+    version = installed.get(canonical_name(m.group("name")))
+    if version is None:
+        return False
+    return m.group("pin") is None or m.group("pin") == version
+
+
+async def _make_venv(path: Path, base: Path, uv: str | None, system_site_packages: bool) -> None:
+    """Make the environment with trusted tools only: the base interpreter's
+    venv module (with ensurepip's bundled pip), or ``uv venv --seed``."""
+    import trio
+
+    if uv:
+        argv = [uv, "venv", "--quiet", "--seed", "--python", os.fspath(base), os.fspath(path)]
+        if system_site_packages:
+            argv.insert(2, "--system-site-packages")
+    else:
+        argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
+        if system_site_packages:
+            argv.insert(4, "--system-site-packages")
+    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).decode(errors="replace").strip()
+        raise InstallError(f"creating {path} failed: {output[-2000:]}", output)
+
+
+def installer_policy(config: VenvConfig):
+    """The network the installer needs: the index and the find_links hosts."""
+    from .policy import AllowList, DenyAll
+
+    hosts: list[str] = []
+    if not config.no_index:
+        if config.index_url is None:
+            hosts += PYPI_HOSTS
+        else:
+            hosts.append(_host_pattern(config.index_url))
+    hosts += [_host_pattern(link) for link in config.find_links if link.startswith(("http://", "https://"))]
+    return AllowList(hosts) if hosts else DenyAll()
+
+
+def _host_pattern(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{host}:{port}"
+
+
+def _installer_argv(config: VenvConfig, path: Path, uv: str | None, requirements: list[str]) -> list[str]:
+    python = os.fspath(path / "bin" / "python")
+    if uv:
+        argv = [uv, "pip", "install", "--python", python]
+    else:
+        argv = [python, "-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check",
+                "--no-input"]
+    if config.no_index:
+        argv.append("--no-index")
+    elif config.index_url is not None:
+        argv += ["--index-url", config.index_url]
+    for link in config.find_links:
+        argv += ["--find-links", link]
+    # An http:// index named in the config is trusted by that naming; pip
+    # would otherwise ignore it.
+    plain = [u for u in (config.index_url, *config.find_links) if u and u.startswith("http://")]
+    for host in sorted({urllib.parse.urlsplit(u).hostname for u in plain}):
+        argv += ["--allow-insecure-host" if uv else "--trusted-host", host]
+    return argv + ["--", *requirements] if not uv else argv + requirements
+
+
+async def _install(config: VenvConfig, path: Path, uv: str | None, requirements: list[str],
+                   report: Callable[..., None], resolver, timeout: float) -> None:
+    """Run the installer inside a sandbox that may write the environment and
+    reach the index, and nothing else of the host."""
+    import trio
+
+    from .config import IsolationLevel, ResourceLimits, SandboxConfig
+    from .sandbox import Sandbox, Stdio
+
+    readable = [link for link in config.find_links if not link.startswith(("http://", "https://"))]
+    sandbox_config = SandboxConfig(
+        level=IsolationLevel.DEFAULT, writable=[path], readable=readable,
+        network=installer_policy(config), limits=ResourceLimits(timeout=timeout),
+        env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
+             "UV_PYTHON_DOWNLOADS": "never"})
+    total = len(requirements)
+    done = 0
+    report("install", f"installing {', '.join(requirements)}", 0, total)
+    lines: list[str] = []
+    async with Sandbox(sandbox_config, resolver=resolver) as sb:
+        command = sb.command(_installer_argv(config, path, uv, requirements)[0])
+        command.args(_installer_argv(config, path, uv, requirements)[1:])
+        command.stdin(Stdio.NULL).stdout(Stdio.PIPE).stderr(Stdio.PIPE).timeout(timeout)
+        process = await command.spawn()
+        async with process:
+            async def read_stderr() -> None:
+                async for chunk in process.stderr:
+                    lines.extend(chunk.decode(errors="replace").splitlines())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_stderr)
+                pending = ""
+                async for chunk in process.stdout:
+                    pending += chunk.decode(errors="replace")
+                    *complete, pending = pending.split("\n")
+                    for line in complete:
+                        lines.append(line)
+                        if line.startswith(("Collecting ", "Processing ", "Downloading ")):
+                            done = min(total, done + line.startswith(("Collecting ", "Processing ")))
+                        if line.strip():
+                            report("install", line.strip(), done, total)
+            code = await process.wait()
+    if code != 0:
+        output = "\n".join(lines).strip()
+        detail = "\n".join(line for line in lines if "error" in line.lower()) or output[-2000:]
+        raise InstallError(f"installing {', '.join(requirements)} into {path} failed (exit {code}):\n"
+                           f"{detail.strip()[-4000:]}", output)
+
+
+class PythonConfig(Frozen):
+    """A Python environment in a sandbox (``SandboxConfig(python=...)``).
+
+    venv: a :class:`VenvConfig` (built, or extended, when the sandbox opens)
+    or the path of an existing environment.  interpreter: the program in
+    its bin/ to run (default ``python``).  allow_pip_install: the
+    environment is writable inside, so ``pip install`` works there (through
+    the proxy, when the network policy allows the index); otherwise it is
+    read-only and executable.
+    """
+
+    _fields = ("venv", "interpreter", "allow_pip_install")
+    venv: VenvConfig | Path
+    interpreter: str
+    allow_pip_install: bool
+
+    def __init__(self, venv: VenvConfig | str | os.PathLike[str], *, interpreter: str | None = None,
+                 allow_pip_install: bool = False) -> None:
+        if isinstance(venv, (str, os.PathLike)):
+            if not os.fspath(venv):
+                raise PolicyError("PythonConfig: venv must not be empty")
+            venv = Path(os.path.abspath(os.path.expanduser(os.fspath(venv))))
+        elif not isinstance(venv, VenvConfig):
+            raise PolicyError(f"PythonConfig: venv must be a VenvConfig or a path, got {venv!r}")
+        self._set("venv", venv)
+        interpreter = "python" if interpreter is None else interpreter
+        if not isinstance(interpreter, str) or not interpreter or "/" in interpreter or "\0" in interpreter:
+            raise PolicyError(f"PythonConfig: interpreter must be a program name in the venv's bin/, "
+                              f"got {interpreter!r}")
+        self._set("interpreter", interpreter)
+        if not isinstance(allow_pip_install, bool):
+            raise PolicyError(f"PythonConfig: allow_pip_install must be a bool, got {allow_pip_install!r}")
+        self._set("allow_pip_install", allow_pip_install)
+
+    @property
+    def path(self) -> Path:
+        return self.venv.path if isinstance(self.venv, VenvConfig) else self.venv
+
+    @property
+    def executable(self) -> Path:
+        return self.path / "bin" / self.interpreter

@@ -1,0 +1,270 @@
+"""Python environments: built on the host (the installer itself sandboxed),
+used read-only inside a sandbox, pip inside through the proxy when allowed.
+
+Offline: the packages are tiny wheels built here, installed from a
+find_links directory or from a local index on the host's loopback.
+Environments live under /var/tmp (inside a sandbox /tmp is private), made
+from the system Python (a Python inside a protected home cannot be granted).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import trio
+
+import heel
+from helpers import explain
+from pkgtools import SimpleIndex, build_wheel
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
+
+
+@pytest.fixture(scope="module")
+def wheels():
+    """A find_links directory with two tiny packages; readable by every uid."""
+    directory = tempfile.mkdtemp(prefix="heel-wheels-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    build_wheel(directory, "heelalpha", "1.0", "VALUE = 'alpha-1.0'\n")
+    build_wheel(directory, "heelbeta", "2.0", "VALUE = 'beta-2.0'\n")
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o644)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def venv_dir():
+    base = tempfile.mkdtemp(prefix="heel-venv-test-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    yield os.path.join(base, "env")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def alpha_venv(wheels):
+    """One environment with heelalpha, shared by the tests that only read it."""
+    base = tempfile.mkdtemp(prefix="heel-venv-shared-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    config = heel.VenvConfig(os.path.join(base, "env"), ["heelalpha"], python=SYSTEM_PYTHON,
+                             find_links=[wheels], no_index=True)
+    trio.run(heel.VenvManager.create, config)
+    yield config
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def record():
+    events: list[heel.VenvProgress] = []
+    return events, events.append
+
+
+# ---- building ---------------------------------------------------------------------
+
+
+async def test_create_reuse_and_extend(venv_dir, wheels):
+    config = heel.VenvConfig(venv_dir, ["heelalpha"], python=SYSTEM_PYTHON, find_links=[wheels], no_index=True)
+    events, on_progress = record()
+    venv = await heel.VenvManager.create(config, on_progress=on_progress)
+    assert venv.version == tuple(int(x) for x in os.popen(f"{SYSTEM_PYTHON} -c 'import sys; "
+                                                         "print(*sys.version_info[:2])'").read().split())
+    assert "heelalpha" in venv.packages
+    assert [e.phase for e in events][0] == "create" and any(e.phase == "install" for e in events)
+    marker = os.path.join(venv_dir, "pyvenv.cfg")
+    made = os.stat(marker).st_mtime_ns
+
+    # Again: reused as it is, nothing installed.
+    events, on_progress = record()
+    await heel.VenvManager.create(config, on_progress=on_progress)
+    assert [e.phase for e in events] == ["done"], events
+    assert os.stat(marker).st_mtime_ns == made
+
+    # Extended: only the missing package is installed.
+    events, on_progress = record()
+    venv = await heel.VenvManager.create(config.replace(packages=("heelalpha", "heelbeta")),
+                                         on_progress=on_progress)
+    installs = [e.message for e in events if e.phase == "install"]
+    assert installs[0] == "installing heelbeta", installs
+    assert {"heelalpha", "heelbeta"} <= set(venv.packages)
+
+
+async def test_installer_failure_carries_the_installers_message(venv_dir, wheels):
+    config = heel.VenvConfig(venv_dir, ["heel-no-such-package"], python=SYSTEM_PYTHON, find_links=[wheels],
+                             no_index=True)
+    with pytest.raises(heel.InstallError, match="heel-no-such-package") as caught:
+        await heel.VenvManager.create(config)
+    assert "No matching distribution" in caught.value.output or "no matching" in str(caught.value).lower()
+
+
+async def test_missing_interpreter_is_a_clear_error(venv_dir):
+    with pytest.raises(heel.InterpreterNotFound, match="no-such-python"):
+        await heel.VenvManager.create(heel.VenvConfig(venv_dir, python="/usr/bin/no-such-python"))
+    with pytest.raises(heel.InterpreterNotFound):
+        await heel.VenvManager.create(heel.VenvConfig(venv_dir, python="no-such-python-anywhere"))
+    assert not os.path.exists(venv_dir)
+
+
+async def test_broken_environments_are_reported_never_reused(venv_dir, wheels):
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    await heel.VenvManager.create(config)
+    # Another Python's environment.
+    cfg = os.path.join(venv_dir, "pyvenv.cfg")
+    original = open(cfg).read()
+    with open(cfg, "w") as f:
+        f.write(original.replace("version = 3.", "version = 2.").replace("version_info = 3.", "version_info = 2."))
+    with pytest.raises(heel.BrokenVenv, match="made with Python 2"):
+        await heel.VenvManager.create(config)
+    with open(cfg, "w") as f:
+        f.write(original)
+    # No interpreter.
+    os.unlink(os.path.join(venv_dir, "bin", "python"))
+    with pytest.raises(heel.BrokenVenv, match="no interpreter"):
+        await heel.VenvManager.create(config)
+    # Not a venv at all: left alone.
+    other = os.path.join(os.path.dirname(venv_dir), "not-a-venv")
+    os.mkdir(other)
+    open(os.path.join(other, "precious.txt"), "w").close()
+    with pytest.raises(heel.BrokenVenv, match="not a virtual environment"):
+        await heel.VenvManager.create(heel.VenvConfig(other, python=SYSTEM_PYTHON))
+    assert os.listdir(other) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(packages=["--index-url=http://evil/"]), dict(packages=[""]), dict(index_url="ftp://x/"),
+    dict(find_links=["/var/tmp/heel-does-not-exist"]), dict(no_index=True, index_url="http://a.test/"),
+    dict(use_uv="yes"),
+])
+def test_bad_venv_config_is_a_policy_error(bad):
+    with pytest.raises(heel.PolicyError):
+        heel.VenvConfig("/var/tmp/heel-x", **bad)
+
+
+# ---- inside the sandbox -----------------------------------------------------------
+
+
+async def test_package_importable_and_environment_read_only(alpha_venv):
+    site = [p for p in os.listdir(os.path.join(alpha_venv.path, "lib"))][0]
+    target = os.path.join(alpha_venv.path, "lib", site, "site-packages", "planted.py")
+    config = heel.SandboxConfig(level="strict", python=heel.PythonConfig(alpha_venv))
+    async with heel.Sandbox(config) as sb:
+        out = await sb.run_python(f"""
+import os, sys, heelalpha
+print(heelalpha.VALUE, sys.prefix == os.environ["VIRTUAL_ENV"])
+try:
+    open({target!r}, "w").write("import os")
+    print("WROTE")
+except OSError as e:
+    print("refused", e.errno)
+""")
+        which = await sb.command("sh").args(["-c", "for p in python python3 pip; do command -v $p; done"]).output()
+    assert out.stdout.decode().splitlines()[0] == "alpha-1.0 True", explain(out)
+    assert "WROTE" not in out.stdout.decode(), explain(out)
+    assert not os.path.exists(target)
+    bin_dir = os.path.join(alpha_venv.path, "bin")
+    assert which.stdout.decode().split() == [f"{bin_dir}/python", f"{bin_dir}/python3", f"{bin_dir}/pip"]
+
+
+async def test_allow_pip_install_from_find_links(venv_dir, wheels):
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    python = heel.PythonConfig(config, allow_pip_install=True)
+    async with heel.Sandbox(heel.SandboxConfig(python=python)) as sb:
+        out = await sb.command("pip").args(["install", "--no-index", "--find-links", wheels, "heelbeta"]) \
+            .timeout(120).output()
+        imported = await sb.run_python("import heelbeta; print(heelbeta.VALUE)")
+    assert out.returncode == 0, explain(out)
+    assert imported.stdout == b"beta-2.0\n", explain(imported)
+    assert "heelbeta" in heel.venv.installed_distributions(python.path)
+
+
+async def test_pip_inside_reaches_a_local_index_only_through_an_allowing_proxy(venv_dir, wheels):
+    index = SimpleIndex(wheels)
+    try:
+        url = f"http://index.test:{index.port}/simple"
+
+        async def resolve(host, port):
+            if host != "index.test":
+                raise OSError("unknown test host")
+            return ["127.0.0.1"]
+
+        python = heel.PythonConfig(heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON), allow_pip_install=True)
+        pip = ["pip", "install", "--retries", "0", "--timeout", "5", "--index-url", url,
+               "--trusted-host", "index.test", "heelalpha"]
+        # Denied: no network at all, then a policy that does not name the index.
+        for policy in (heel.DenyAll(), heel.AllowList(["elsewhere.test"])):
+            async with heel.Sandbox(heel.SandboxConfig(python=python, network=policy), resolver=resolve) as sb:
+                out = await sb.command(pip[0]).args(pip[1:]).timeout(120).output()
+            assert out.returncode != 0, explain(out)
+            assert b"heelalpha" in out.stderr + out.stdout, explain(out)
+        assert index.requests == []
+        # Allowed.
+        config = heel.SandboxConfig(python=python, network=heel.AllowList(["index.test"]))
+        async with heel.Sandbox(config, resolver=resolve) as sb:
+            out = await sb.command(pip[0]).args(pip[1:]).timeout(120).output()
+            imported = await sb.run_python("import heelalpha; print(heelalpha.VALUE)")
+        assert out.returncode == 0, explain(out)
+        assert imported.stdout == b"alpha-1.0\n"
+        assert any(path.startswith("/simple/heelalpha") for path in index.requests), index.requests
+    finally:
+        index.close()
+
+
+async def test_venv_manager_uses_a_local_index_through_the_proxy(venv_dir, wheels):
+    index = SimpleIndex(wheels)
+    try:
+        async def resolve(host, port):
+            return ["127.0.0.1"]
+
+        config = heel.VenvConfig(venv_dir, ["heelbeta==2.0"], python=SYSTEM_PYTHON,
+                                 index_url=f"http://index.test:{index.port}/simple")
+        venv = await heel.VenvManager.create(config, resolver=resolve)
+        assert venv.packages and "heelbeta" in venv.packages
+        assert any("heelbeta" in path for path in index.requests)
+    finally:
+        index.close()
+
+
+# ---- run_python ---------------------------------------------------------------------
+
+
+async def test_run_python_output_exit_codes_exceptions_and_timeouts(alpha_venv):
+    async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(alpha_venv))) as sb:
+        ok = await sb.run_python("import sys; print('args', sys.argv[1:]); print(sys.stdin.read().upper())",
+                                 args=["a", "b c"], input=b"fed in")
+        exit_code = await sb.run_python("import sys; sys.exit(3)")
+        failed = await sb.run_python("def f():\n    raise ValueError('boom')\n\nf()\n")
+        with trio.fail_after(30):
+            slow = await sb.run_python("while True: pass", timeout=1)
+        plain = await sb.python().args(["-c", "import heelalpha; print(heelalpha.VALUE)"]).output()
+    assert ok.stdout.decode().splitlines() == ["args ['a', 'b c']", "FED IN"], explain(ok)
+    assert exit_code.returncode == 3
+    trace = failed.stderr.decode()
+    assert failed.returncode == 1 and "ValueError: boom" in trace
+    assert 'File "/tmp/heel_python_3.py", line 2, in f' in trace and "raise ValueError('boom')" in trace, trace
+    assert slow.timed_out
+    assert plain.stdout == b"alpha-1.0\n"
+
+
+async def test_run_python_without_a_venv_uses_the_systems_python3():
+    async with heel.Sandbox() as sb:
+        out = await sb.run_python("import sys; print(sys.version_info[0])")
+    assert out.stdout == b"3\n", explain(out)
+
+
+async def test_a_venv_whose_python_lives_in_a_protected_home_is_refused(tmp_path):
+    import sys
+
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    homes = heel._plan.home_directories()
+    if not any(base.startswith(h + os.sep) for h in homes):
+        pytest.skip("this Python does not live in a home directory")
+    directory = tempfile.mkdtemp(prefix="heel-venv-home-", dir="/var/tmp")
+    try:
+        await heel.VenvManager.create(heel.VenvConfig(os.path.join(directory, "env"), python=base))
+        with pytest.raises(heel.PolicyError, match="protected place"):
+            async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(os.path.join(directory, "env")))):
+                pass
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
