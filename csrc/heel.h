@@ -47,6 +47,7 @@ struct heel_seccomp_opts {
     int allow_unix_sockets;   /* socket(AF_UNIX, ...); socketpair(AF_UNIX) stream/seqpacket always */
     int allow_inet_stream;    /* socket(AF_INET/AF_INET6, SOCK_STREAM, ...) */
     int allow_netlink_route;  /* socket(AF_NETLINK, *, NETLINK_ROUTE) */
+    int deny_listen;          /* listen() refused: no network namespace holds what listens */
 };
 
 /* Assemble the filter into out[0..cap).  Returns the number of instructions
@@ -150,6 +151,7 @@ struct heel_msg {
 #define HEEL_INIT_INET_STREAM 4    /* seccomp: allow TCP sockets */
 #define HEEL_INIT_NETLINK_ROUTE 8  /* seccomp: allow NETLINK_ROUTE sockets */
 #define HEEL_INIT_SCOPE 16         /* each command in a Landlock domain of its own (scoped with ABI >= 6) */
+#define HEEL_INIT_NO_LISTEN 32     /* seccomp: refuse listen() */
 
 /* Landlock scopes (ABI 6): abstract unix sockets and signals. */
 #define HEEL_LANDLOCK_SCOPES 3

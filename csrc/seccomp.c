@@ -445,6 +445,17 @@ static void socket_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts
     ret(a, FAIL(EAFNOSUPPORT));
 }
 
+/* Without a network namespace, a TCP socket that calls listen() without
+ * bind() gets an ephemeral port on every interface of the host: Landlock's
+ * bind rule does not see that implicit bind, nor accept().  Anyone could then
+ * connect in, and the data would never pass the proxy.  So there, listen()
+ * is refused outright (unix sockets included: seccomp cannot tell them
+ * apart). */
+static void listen_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    ret(a, opts->deny_listen ? FAIL(EPERM) : ALLOW);
+}
+
 /* A connected pair of unix stream or seqpacket sockets reaches nobody
  * outside the process tree: they cannot be connected again, and sendto()
  * on them ignores (stream: refuses) an address.  A datagram pair can do
@@ -478,6 +489,7 @@ static const struct arg_check {
     {__NR_ioctl, ioctl_check},
     {__NR_socket, socket_check},
     {__NR_socketpair, socketpair_check},
+    {__NR_listen, listen_check},
 #ifdef __NR_chmod
     {__NR_chmod, mode_arg1_check},
 #endif

@@ -141,6 +141,11 @@ class SandboxPlan(namedtuple("SandboxPlan", [
 
     __slots__ = ()
 
+    def __repr__(self) -> str:
+        # The proxy credential stays out of logs and tracebacks.
+        text = super().__repr__()
+        return text.replace(self.proxy_secret, "<secret>") if self.proxy_secret else text
+
 
 def home_directories() -> list[str]:
     """The invoking user's home (from the password database) and $HOME."""

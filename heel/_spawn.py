@@ -11,6 +11,7 @@ synchronous CLI path use it.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
@@ -220,7 +221,7 @@ class Prepared:
             if self._ctl is None:
                 raise SandboxClosed("the sandbox is closed")
             try:
-                data, fds, _, _ = socket.recv_fds(self._ctl, _REPLY.size, 1)
+                data, fds, _, _ = recv_fds(self._ctl, _REPLY.size, 1)
             except OSError as exc:
                 raise SandboxClosed(f"the sandbox's heel-init is gone: {exc}") from None
             if len(data) != _REPLY.size:
@@ -269,6 +270,9 @@ def _init_flags(plan: SandboxPlan) -> int:
         flags |= lib.HEEL_INIT_UNIX_SOCKETS
     if plan.seccomp["allow_inet_stream"]:
         flags |= lib.HEEL_INIT_INET_STREAM
+        if not plan.network_namespace:
+            # listen() there would open a port on the host's interfaces.
+            flags |= lib.HEEL_INIT_NO_LISTEN
     if plan.seccomp["allow_netlink_route"]:
         flags |= lib.HEEL_INIT_NETLINK_ROUTE
     if plan.handled_fs:  # Landlock is there: each command in a domain of its own
@@ -297,10 +301,23 @@ def host_pid(pidfd: int) -> int:
     return -1
 
 
+def recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
+    """socket.recv_fds, with the fds received close-on-exec: a child the
+    host starts later must not inherit a sandbox's listener or pidfds.
+    (socket.recv_fds drops its flags argument before Python 3.12.)"""
+    fds = array.array("i")
+    data, ancdata, flags, address = sock.recvmsg(size, socket.CMSG_SPACE(maxfds * fds.itemsize),
+                                                 socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    return data, list(fds), flags, address
+
+
 def _receive_listener(ctl: socket.socket) -> socket.socket:
     """The proxy's listening socket, which the trampoline sends before
     anything else (or the error that stopped it first)."""
-    data, fds, _, _ = socket.recv_fds(ctl, MSG_SIZE, 1)
+    data, fds, _, _ = recv_fds(ctl, MSG_SIZE, 1)
     if len(data) == MSG_SIZE:
         kind, port, _ = decode_message(data)
         if kind == _native.MSG_LISTENER and len(fds) == 1:

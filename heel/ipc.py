@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from . import _ipc_codec as codec
+from ._spawn import recv_fds
 from .errors import PolicyError
 
 __all__ = ["IpcCommand", "IpcRouter"]
@@ -197,7 +198,7 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
         while True:
             await trio.lowlevel.wait_readable(broker)
             try:
-                data, fds, _, _ = socket.recv_fds(broker, 16, 4)
+                data, fds, _, _ = recv_fds(broker, 16, 4)
             except (BlockingIOError, InterruptedError):
                 continue
             if not data and not fds and _hung_up(broker):

@@ -26,7 +26,9 @@ passed to the config's ``on_network_event``.
 
 from __future__ import annotations
 
+import collections
 import errno
+import resource
 import hmac
 import ipaddress
 import socket
@@ -47,12 +49,22 @@ __all__ = ["NetworkEvent", "Resolver"]
 #: default asks the host's resolver; tests inject their own.
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
-#: How long a client may take to send its request, and the proxy to reach
-#: the upstream server.
-HANDSHAKE_TIMEOUT = 30.0
+#: How long a client may take to send its whole request, and the proxy to
+#: reach the upstream server.
+HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
-#: Connections served at once; past it, new ones are closed at once.
-MAX_CONNECTIONS = 1024
+#: Connections one sandbox may have open through its proxy at once; past it,
+#: new ones are closed at once.  Each tunnel holds six host fds (two sockets,
+#: two relay pipes) and up to 2 MiB of pipe buffers, none of it counted
+#: against the sandbox's own limits, so the budget is also kept within the
+#: host's fd limit (see _connection_budget).
+MAX_CONNECTIONS = 256
+FDS_PER_TUNNEL = 6
+#: Decisions kept for network_events(); older ones are dropped (the
+#: on_network_event callback still sees every one).
+MAX_EVENTS = 10_000
+#: Name lookups one proxy runs at once (each takes a thread while it waits).
+MAX_LOOKUPS = 8
 _READ = 65536
 
 
@@ -85,8 +97,40 @@ class NetworkEvent(NamedTuple):
         return f"network {verdict}: {self.protocol} {host}:{self.port}{who} ({self.reason})"
 
 
-async def default_resolver(host: str, port: int) -> list[str]:
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                                      errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+def _connection_budget() -> int:
+    """MAX_CONNECTIONS, or fewer where the host's fd limit could not hold
+    them (after raising the soft limit to the hard one: a proxy needs fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, (soft - 256) // (2 * FDS_PER_TUNNEL)))
+
+
+def _is_local(address) -> bool:
+    """Whether the kernel would deliver to ``address`` on this host (one of
+    its own addresses, public ones included: a daemon bound to 0.0.0.0 is
+    not the network).  A route lookup; nothing is sent."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(address), 9))
+            return ipaddress.ip_address(probe.getsockname()[0].split("%")[0]) == address
+    except OSError:
+        return False  # no route: the connect will fail too
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     out: list[str] = []
     for family, _, _, _, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
@@ -127,14 +171,22 @@ class Proxy:
         self._listener = listener
         self._secret = secret
         self._require_secret = require_secret
-        self._resolver = resolver or default_resolver
+        self._resolver = resolver
         self._on_event = on_event
         self._handshake_timeout = handshake_timeout
-        self.events: list[NetworkEvent] = []
+        self.events: collections.deque[NetworkEvent] = collections.deque(maxlen=MAX_EVENTS)
+        self.max_connections = _connection_budget()
+        self._lookups = trio.CapacityLimiter(MAX_LOOKUPS)
         #: proxy user name -> the command it stands for
         self.commands: dict[str, str] = {}
         #: connections being served now
         self.open_connections = 0
+
+    async def _lookup(self, host: str, port: int) -> list[str]:
+        """The host's resolver, in a thread, a few at a time: a slow DNS
+        server holds this proxy's lookups, not trio's shared thread pool."""
+        return await trio.to_thread.run_sync(_resolve, host, port, limiter=self._lookups,
+                                             abandon_on_cancel=True)
 
     def record(self, event: NetworkEvent) -> None:
         self.events.append(event)
@@ -155,11 +207,11 @@ class Proxy:
                     try:
                         conn, _ = await sock.accept()
                     except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE):
-                            await trio.sleep(0.05)  # out of fds: let connections finish
+                        if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                            await trio.sleep(0.05)  # out of fds or memory: let connections finish
                             continue
                         raise
-                    if self.open_connections >= MAX_CONNECTIONS:
+                    if self.open_connections >= self.max_connections:
                         conn.close()
                         continue
                     self.open_connections += 1
@@ -182,6 +234,11 @@ class Proxy:
                 await self._serve_http(conn, first, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
+        except Exception as exc:  # noqa: BLE001
+            # A bug, or a resolver or policy that raised something odd: this
+            # connection ends, the proxy (and the sandbox) goes on.
+            self.record(NetworkEvent(time.time(), "?", 0, "?", False,
+                                     f"internal error in heel's proxy: {type(exc).__name__}: {exc}"))
         finally:
             self.open_connections -= 1
             conn.close()
@@ -213,6 +270,11 @@ class Proxy:
         command = None
         try:
             command = self._command(_credentials(request))
+            if not is_connect and request.header_values("transfer-encoding"):
+                # Only a body of known length can be forwarded without
+                # passing the bytes after it (see _forward).
+                raise _Refused(411, proto.GENERAL_FAILURE, "request bodies need a Content-Length here",
+                               decided=False)
             host = _host(request.host)
             net_request = NetworkRequest(
                 host=host, port=request.port, protocol=protocol,
@@ -230,10 +292,11 @@ class Proxy:
                                          False, refused.reason, command))
             return
         with upstream:
-            first_out = leftover if is_connect else proto.forward_head(request) + leftover
             if is_connect:
                 await _send(conn, proto.CONNECT_ESTABLISHED)
-            await self._tunnel(conn, upstream, first_out, net_request, arrived)
+                await self._tunnel(conn, upstream, leftover, net_request, arrived)
+            else:
+                await self._forward(conn, upstream, request, leftover, net_request, arrived)
 
     # ---- SOCKS5 ----------------------------------------------------------
 
@@ -311,22 +374,27 @@ class Proxy:
         else:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    found = await self._resolver(request.host, request.port)
-                addresses = [ipaddress.ip_address(a) for a in found]
+                    if self._resolver is None:
+                        found = await self._lookup(request.host, request.port)
+                    else:
+                        found = await self._resolver(request.host, request.port)
+                addresses = [_address(a) for a in found]
             except (OSError, ValueError, trio.TooSlowError) as exc:
                 raise _Refused(502, proto.HOST_UNREACHABLE, f"cannot resolve {request.host}: {exc}") from None
             if not addresses:
                 raise _Refused(502, proto.HOST_UNREACHABLE, f"{request.host} has no address")
+        checked = []
         for address in addresses:
-            address = _netaddr.parse_ip(_netaddr.normalize_host(str(address)))
-            if _netaddr.is_restricted(address) and not self.policy.permits_restricted(request, address):
+            checked.append(address)
+            internal = _netaddr.is_restricted(address) or _is_local(address)
+            if internal and not self.policy.permits_restricted(request, address):
                 what = "is" if literal is not None else f"resolves to {address}, which is"
                 raise _Refused(403, proto.NOT_ALLOWED,
-                               f"{request.host} {what} an internal address (loopback, private, link-local "
-                               "or metadata) that the policy does not name")
+                               f"{request.host} {what} an internal address (loopback, private, link-local, "
+                               "metadata or this host's own) that the policy does not name")
         errors = []
         with trio.move_on_after(CONNECT_TIMEOUT):
-            for address in addresses:
+            for address in checked:
                 family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
                 sock = trio.socket.socket(family, socket.SOCK_STREAM)
                 try:
@@ -343,6 +411,46 @@ class Proxy:
         detail = "; ".join(errors) or "timed out"
         raise _Refused(502, proto.CONNECTION_REFUSED, f"cannot connect to {request.host}:{request.port}: {detail}")
 
+    async def _forward(self, conn, upstream, request, leftover: bytes, net_request: NetworkRequest,
+                       arrived: float) -> None:
+        """Plain HTTP: exactly one request goes upstream, its head rewritten
+        and its body as long as Content-Length says; whatever the client
+        sends after it (a pipelined second request, perhaps to another host
+        on the same server) is never passed on.  The response comes back
+        until the server closes (the request said Connection: close)."""
+        lengths = request.header_values("content-length")
+        remaining = int(lengths[0]) if lengths else 0
+        body = leftover[:remaining]
+        remaining -= len(body)
+        head = proto.forward_head(request)
+        sent = received = 0
+        try:
+            await _send(upstream, head + body)
+            sent = len(head) + len(body)
+
+            async def body_in() -> None:
+                nonlocal remaining, sent
+                while remaining > 0:
+                    chunk = await conn.recv(min(_READ, remaining))
+                    if not chunk:
+                        return
+                    await _send(upstream, chunk)
+                    remaining -= len(chunk)
+                    sent += len(chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(body_in)
+                while True:
+                    chunk = await upstream.recv(_READ)
+                    if not chunk:
+                        break
+                    await _send(conn, chunk)
+                    received += len(chunk)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.record(NetworkEvent(arrived, net_request.host, net_request.port, "http", True,
+                                     "allowed by the policy", net_request.command, sent, received))
+
     async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float) -> None:
         sent = 0
         result = None
@@ -356,6 +464,15 @@ class Proxy:
             received = result.b_to_a if result else 0
             self.record(NetworkEvent(arrived, request.host, request.port, request.protocol, True,
                                      "allowed by the policy", request.command, sent_total, received))
+
+
+def _address(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A resolved address in its canonical form (::ffff:a.b.c.d is a.b.c.d);
+    ValueError for anything that is not an IP address."""
+    address = _netaddr.parse_ip(_netaddr.normalize_host(str(text)))
+    if address is None:
+        raise ValueError(f"{text!r} is not an IP address")
+    return address
 
 
 def _credentials(request) -> tuple[str, str] | None:

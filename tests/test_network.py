@@ -538,3 +538,148 @@ async def test_common_tools_honour_the_proxy_environment(web, tool):
     # that the request went through the proxy and arrived.
     assert web.requests, explain(out)
     assert events and all(e.allowed and e.host == "web.test" for e in events), events
+
+
+# ---- found in review: framing, the host's own addresses, odd resolvers ----------
+
+
+async def test_plain_http_passes_one_request_never_a_pipelined_second(web):
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await py(sb, f"""
+            import os, socket, urllib.parse
+            p = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+            s = socket.create_connection((p.hostname, p.port), timeout=10)
+            s.sendall(b"POST http://web.test:{web.port}/public HTTP/1.1\\r\\nHost: web.test\\r\\n"
+                      b"Content-Length: 5\\r\\n\\r\\nhello"
+                      b"POST /admin/delete HTTP/1.1\\r\\nHost: internal-vhost\\r\\nContent-Length: 0\\r\\n\\r\\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            print(data.count(b"HTTP/1.1 200"), data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip())
+            """)
+    assert out.stdout.decode().split() == ["1", "heel-test-web", "POST", "/public", "5"], explain(out)
+    assert [(m, p) for m, p, _ in web.requests] == [("POST", "/public")]
+
+
+async def test_chunked_request_bodies_are_refused_with_411(web):
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await py(sb, f"""
+            import os, socket, urllib.parse
+            p = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+            s = socket.create_connection((p.hostname, p.port), timeout=10)
+            s.sendall(b"POST http://web.test:{web.port}/x HTTP/1.1\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n")
+            print(s.recv(100).split(b"\\r\\n")[0].decode())
+            """)
+    assert out.stdout.decode().strip() == "HTTP/1.1 411 Length Required", explain(out)
+    assert web.requests == []
+
+
+def test_the_hosts_own_addresses_count_as_internal():
+    import ipaddress
+
+    from heel.proxy import _is_local
+
+    assert _is_local(ipaddress.ip_address("127.0.0.1"))
+    assert not _is_local(ipaddress.ip_address("93.184.216.34"))
+    # Whatever address this host uses towards the outside is its own.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("93.184.216.34", 9))
+        except OSError:
+            pytest.skip("no route out of this host")
+        own = probe.getsockname()[0]
+    assert _is_local(ipaddress.ip_address(own))
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not shutil.which("ip"), reason="needs unshare and ip")
+def test_a_public_address_of_the_host_is_refused_even_under_allow_all(tmp_path):
+    """In a throwaway network namespace whose loopback also carries a public
+    address (nothing leaves it), a daemon on 0.0.0.0 is not reachable
+    through AllowAll by that address; a policy naming it is explicit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "selfaddr.py"
+    script.write_text(textwrap.dedent("""
+        import socket, subprocess, threading, trio, heel
+        from heel.proxy import Proxy
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "addr", "add", "1.2.3.4/32", "dev", "lo"], check=True)
+        daemon = socket.socket(); daemon.bind(("0.0.0.0", 0)); daemon.listen(8)
+        port = daemon.getsockname()[1]
+        def serve():
+            while True:
+                c, _ = daemon.accept(); c.sendall(b"host daemon\\n"); c.close()
+        threading.Thread(target=serve, daemon=True).start()
+
+        async def ask(policy):
+            listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(8)
+            proxy = Proxy(policy, listener, secret="s", require_secret=False)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve)
+                s = trio.socket.socket()
+                await s.connect(listener.getsockname())
+                await s.send(b"CONNECT 1.2.3.4:%d HTTP/1.1\\r\\n\\r\\n" % port)
+                answer = b""
+                while chunk := await s.recv(4096):
+                    answer += chunk
+                    if b"daemon" in answer or b"internal" in answer:
+                        break
+                s.close()
+                nursery.cancel_scope.cancel()
+            return answer.split(b"\\r\\n")[0].decode()
+
+        print(trio.run(ask, heel.AllowAll()))
+        print(trio.run(ask, heel.AllowList(["1.2.3.4"])))
+        """))
+    result = subprocess.run(["unshare", "-rn", sys.executable, str(script)], capture_output=True, timeout=60)
+    if result.returncode != 0 and b"unshare" in result.stderr:
+        pytest.skip(f"cannot make a network namespace here: {result.stderr.decode()[-200:]}")
+    assert result.stdout.decode().splitlines() == ["HTTP/1.1 403 Forbidden", "HTTP/1.1 200 Connection established"], \
+        result
+
+
+async def test_an_odd_resolver_answer_is_a_502_and_the_proxy_lives_on(echo):
+    calls = []
+
+    async def resolve(host, port):
+        calls.append(host)
+        if host == "zone.test":
+            return ["fe80::1%lo"]
+        if host == "boom.test":
+            raise RuntimeError("resolver bug")
+        return ["127.0.0.1"]
+
+    policy = heel.CustomPolicy(lambda r: _true(), allow_restricted=True)
+    async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE, network=policy), resolver=resolve) as sb:
+        zone = await client(sb, "connect", f"zone.test:{echo.port}", "x")
+        boom = await client(sb, "connect", f"boom.test:{echo.port}", "x")
+        fine = await client(sb, "connect", f"echo.test:{echo.port}", "alive")
+    assert "STATUS HTTP/1.1 502" in zone.stdout.decode(), explain(zone)
+    assert "STATUS none" in boom.stdout.decode() or "STATUS HTTP/1.1 5" in boom.stdout.decode(), explain(boom)
+    assert "DATA alive" in fine.stdout.decode(), explain(fine)
+
+
+async def _true() -> bool:
+    return True
+
+
+async def test_without_namespaces_listen_is_refused(no_namespaces):
+    async with sandbox(heel.AllowAll(), best_effort=True) as sb:
+        out = await py(sb, """
+            import socket
+            s = socket.socket()
+            try:
+                s.listen(1)
+                print("LISTENING", s.getsockname())
+            except OSError as e:
+                print("refused", e.errno)
+            """)
+    assert out.stdout.decode().strip() == "refused 1", explain(out)
+
+
+async def test_received_fds_are_not_inherited_by_host_children():
+    async with sandbox(heel.AllowAll()) as sb:
+        assert not os.get_inheritable(sb._session.proxy_listener.fileno())
+        assert "<secret>" in repr(sb.plan) and sb.plan.proxy_secret not in repr(sb.plan)
