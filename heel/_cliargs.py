@@ -37,6 +37,8 @@ __all__ = ["SETTINGS", "Setting", "UsageError", "parse", "build_config"]
 
 RUN_HELP = "Run COMMAND in a sandbox; its exit status is heel's."
 SHELL_HELP = "Start an interactive shell in a sandbox."
+PYTHON_HELP = ("Run Python in a sandbox: a SCRIPT, -c CODE, or an interactive interpreter; with "
+               "--venv or -p, in a virtual environment built for it.")
 
 NETWORK_CHOICES = ("deny", "allow")
 
@@ -136,7 +138,7 @@ class _Parser(argparse.ArgumentParser):
 def make_parser(command: str) -> argparse.ArgumentParser:
     """The parser of ``heel run`` (command="run") or ``heel shell``."""
     parser = _Parser(prog=f"heel {command}", allow_abbrev=False,
-                     description=RUN_HELP if command == "run" else SHELL_HELP)
+                     description={"run": RUN_HELP, "shell": SHELL_HELP, "python": PYTHON_HELP}[command])
     options = parser.add_argument_group("sandbox options")
     for setting in SETTINGS:
         setting.add_to(options)
@@ -147,6 +149,27 @@ def make_parser(command: str) -> argparse.ArgumentParser:
     if command == "run":
         parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS]...",
                             help="the program to run and its arguments")
+    if command == "python":
+        env = parser.add_argument_group("python options")
+        env.add_argument("-c", dest="code", metavar="CODE", help="run CODE (as python -c)")
+        env.add_argument("--venv", metavar="DIR",
+                         help="the virtual environment to use (made when missing, kept); without it, "
+                              "-p builds a temporary one")
+        env.add_argument("-p", "--package", dest="packages", action="append", default=[], metavar="PKG",
+                         help="a package to install in the environment (repeatable)")
+        env.add_argument("--python", metavar="EXE", help="the base interpreter (default: the one running heel)")
+        env.add_argument("--system-site-packages", action="store_true",
+                         help="let the environment see the base interpreter's packages")
+        env.add_argument("--use-uv", action=argparse.BooleanOptionalAction, default=None,
+                         help="build with uv (default: when it is installed)")
+        env.add_argument("--allow-pip-install", action="store_true",
+                         help="make the environment writable inside, so pip install works there")
+        env.add_argument("--index-url", metavar="URL", help="the package index (default: PyPI)")
+        env.add_argument("--find-links", action="append", default=[], metavar="DIR|URL",
+                         help="also look for packages there (repeatable)")
+        env.add_argument("--no-index", action="store_true", help="use no index, only --find-links")
+        parser.add_argument("script", nargs=argparse.REMAINDER, metavar="[SCRIPT] [ARGS]...",
+                            help="the script to run and its arguments (after -c CODE: the arguments)")
     return parser
 
 
@@ -160,6 +183,11 @@ def parse(command: str, args: list[str]) -> argparse.Namespace:
         if not argv:
             raise UsageError("run: no command given (usage: heel run [OPTIONS] [--] COMMAND [ARGS]...)")
         namespace.command = argv
+    if command == "python":
+        rest = namespace.script
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        namespace.script = rest
     return namespace
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``heel`` console script: returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args[:1] in (["run"], ["shell"]):
+        if args[:1] in (["run"], ["shell"], ["python"]):
             return run_command(args[0], args[1:])
         return _typer_main(args)
     except ImportError as exc:
@@ -108,6 +108,8 @@ def run_command(command: str, args: list[str]) -> int:
     try:
         namespace = _cliargs.parse(command, args)
         config = _cliargs.build_config(namespace)
+        if command == "python":
+            return _python(namespace, config)
         argv = namespace.command if command == "run" else [default_shell()]
         if not config.network.denies_everything:
             return _execute_with_proxy(config, argv)
@@ -158,9 +160,79 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
-def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
-    """_execute for a sandbox with a network: the proxy runs under trio, so
-    this path pays for importing it.  Each denial is one line on stderr."""
+def _python(namespace, config: SandboxConfig) -> int:
+    """``heel python``: build the environment (if one is asked for), then run
+    the interpreter in the sandbox."""
+    import tempfile
+
+    from .errors import PolicyError
+    from .venv import PythonConfig, VenvConfig
+
+    script = list(namespace.script)
+    venv_options = (namespace.packages or namespace.venv or namespace.index_url or namespace.find_links
+                    or namespace.no_index or namespace.system_site_packages or namespace.allow_pip_install
+                    or namespace.use_uv is not None)
+    temporary = None
+    try:
+        python = None
+        if venv_options:
+            path = namespace.venv
+            if path is None:
+                temporary = tempfile.mkdtemp(prefix="heel-venv-", dir="/var/tmp")
+                # Searchable by the sandbox's uid, which is not root's when
+                # root runs heel (the environment itself stays root's).
+                os.chmod(temporary, 0o755)
+                path = os.path.join(temporary, "env")
+            venv = VenvConfig(path, namespace.packages, python=namespace.python,
+                              system_site_packages=namespace.system_site_packages, use_uv=namespace.use_uv,
+                              index_url=namespace.index_url, find_links=namespace.find_links,
+                              no_index=namespace.no_index)
+            python = PythonConfig(venv, allow_pip_install=namespace.allow_pip_install)
+            interpreter = str(python.executable)
+            config = config.replace(python=python)
+        else:
+            interpreter = namespace.python or "python3"
+        argv = [interpreter]
+        if namespace.code is not None:
+            argv += ["-c", namespace.code] + script
+        elif script:
+            # The script is read where the host sees it; inside, the command
+            # starts in the sandbox's workdir.
+            path = os.path.abspath(script[0])
+            if not os.path.isfile(path):
+                raise PolicyError(f"python: {script[0]}: no such script")
+            config = config.replace(readable=(*config.readable, path))
+            argv += [path] + script[1:]
+        return _execute_with_proxy(config, argv, python)
+    finally:
+        if temporary is not None:
+            import shutil
+
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _progress(event) -> None:
+    """The environment's build, as a one-line bar on stderr."""
+    if event.phase == "install" and event.total:
+        width = 20
+        filled = width * event.done // event.total
+        bar = "=" * filled + " " * (width - filled)
+        line = f"heel: installing [{bar}] {event.done}/{event.total} {event.message[:60]}"
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+    elif event.phase == "create":
+        sys.stderr.write(f"heel: {event.message}\n")
+    elif event.phase == "done" and event.total and sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    sys.stderr.flush()
+
+
+def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> int:
+    """_execute under trio: for a sandbox with a network (the proxy runs
+    under trio) or a Python environment to build.  Each denial is one line
+    on stderr."""
     import trio
 
     from .sandbox import Sandbox, Stdio
@@ -174,6 +246,10 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
 
     async def main() -> int:
         nonlocal signum
+        if python is not None and not isinstance(python.venv, (str, os.PathLike)):
+            from .venv import VenvManager
+
+            await VenvManager.create(python.venv, on_progress=_progress)
         async with Sandbox(config) as sandbox:
             command = sandbox.command(argv[0]).args(argv[1:])
             command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)

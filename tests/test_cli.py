@@ -302,3 +302,52 @@ def test_network_deny_is_the_default_and_has_no_proxy():
 def test_network_usage_errors(args, message):
     result = heel("run", *args, "--", "true")
     assert message in assert_heel_error(result, 125)
+
+
+# ---- heel python ---------------------------------------------------------------------
+
+needs_system_python = pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs /usr/bin/python3")
+
+
+def test_python_code_script_and_stdin(host_dir):
+    result = heel("python", "--python", "/usr/bin/python3", "-c", "import sys; print(sys.argv[1:])", "a", "b c")
+    assert result.stdout == b"['a', 'b c']\n", result
+    script = host_dir / "hello.py"
+    script.write_text("import sys\nprint('script', sys.argv[1:])\nsys.exit(4)\n")
+    script.chmod(0o644)
+    result = heel("python", str(script), "x")
+    assert (result.returncode, result.stdout) == (4, b"script ['x']\n"), result
+    result = heel("python", input=b"print(6 * 7)\n")
+    assert result.stdout == b"42\n", result
+
+
+def test_python_missing_script_is_a_heel_error(host_dir):
+    result = heel("python", str(host_dir / "nope.py"))
+    assert "no such script" in assert_heel_error(result, 125)
+
+
+@needs_system_python
+def test_python_with_packages_builds_a_temporary_environment(host_dir):
+    import sys as host_sys
+
+    sys_path = str(Path(__file__).parent)
+    host_sys.path.insert(0, sys_path)
+    from pkgtools import build_wheel
+
+    wheels = host_dir / "wheels"
+    wheels.mkdir()
+    wheels.chmod(0o755)
+    build_wheel(str(wheels), "heelgamma", "3.0", "VALUE = 'gamma'\n")
+    for f in wheels.iterdir():
+        f.chmod(0o644)
+    result = heel("python", "--python", "/usr/bin/python3", "-p", "heelgamma", "--no-index",
+                  "--find-links", str(wheels), "-c", "import heelgamma, sys; print(heelgamma.VALUE, sys.prefix)",
+                  timeout=180)
+    assert result.returncode == 0, result.stderr
+    value, prefix = result.stdout.decode().split()
+    assert value == "gamma" and prefix.startswith("/var/tmp/heel-venv-")
+    assert "installing" in result.stderr.decode()
+    assert not os.path.exists(os.path.dirname(prefix)), "the temporary environment was left behind"
+    failed = heel("python", "--python", "/usr/bin/python3", "-p", "heel-not-there", "--no-index",
+                  "--find-links", str(wheels), "-c", "pass", timeout=180)
+    assert failed.returncode == 125 and "No matching distribution found for heel-not-there" in failed.stderr.decode()
