@@ -7,11 +7,14 @@ building an environment with one local wheel, with pip and with uv.
    inside one open sandbox whose PythonConfig is that environment,
    ``sb.run_python("pass")`` is timed ``--runs`` times after 5 warm-up calls.
    The baseline, in the same process and run: ``trio.run_process`` of that
-   environment's bin/python with ``-c pass`` (the same interpreter, bare),
-   and of /usr/bin/python3 ``-c pass``.  For comparison, run_python in a
-   sandbox without a PythonConfig (it runs ``python3`` from the PATH) and
-   the environment's interpreter run with ``sb.command(...)`` (no snippet
-   file).  p50/p95 in ms, and the ratio to the bare environment interpreter.
+   environment's bin/python with ``-c pass`` (the same interpreter, bare;
+   also with both streams captured, as run_python does), and of
+   /usr/bin/python3 ``-c pass``.  For comparison, run_python in a sandbox
+   without a PythonConfig (it runs ``python3`` from the PATH) and the
+   environment's interpreter run with ``sb.command(...)`` (no snippet file).
+   The variants take turns, one run each per round, so that drift on a
+   small machine hits them alike.  p50/p95 in ms, and the ratio to the bare
+   environment interpreter.
 
 2. Per environment.  ``VenvManager.create`` of a fresh directory with one
    local wheel (no_index, find_links), ``--builds`` times each, with pip
@@ -37,6 +40,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -90,14 +94,18 @@ def build_wheel(directory: str, name: str, version: str, source: str) -> str:
     return path
 
 
-async def timed(fn, runs: int, warmup: int = 5) -> list[float]:
-    for _ in range(warmup):
-        await fn()
-    out = []
+async def timed_round_robin(variants: dict, runs: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Each variant ``warmup`` times, then one run of each in turn, ``runs``
+    rounds: on a small, noisy machine drift then hits every variant alike."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            await fn()
+    out: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):
-        start = time.perf_counter()
-        await fn()
-        out.append((time.perf_counter() - start) * 1000)
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            await fn()
+            out[name].append((time.perf_counter() - start) * 1000)
     return out
 
 
@@ -114,30 +122,30 @@ async def per_snippet(work: str, runs: int) -> None:
     async def snippet(sb: heel.Sandbox) -> None:
         checked(await sb.run_python("pass"))
 
-    rows = []
-    rows.append(("bare: venv's bin/python -c pass", await timed(
-        lambda: trio.run_process([python, "-c", "pass"]), runs)))
-    rows.append((f"bare: {BASE_PYTHON} -c pass", await timed(
-        lambda: trio.run_process([BASE_PYTHON, "-c", "pass"]), runs)))
-    async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(venv.path))) as sb:
-        rows.append(("heel: sb.run_python('pass'), PythonConfig(venv)",
-                     await timed(lambda: snippet(sb), runs)))
+    async def command(sb: heel.Sandbox) -> None:
+        checked(await sb.command(python).arg("-c").arg("pass").output())
 
-        async def command() -> None:
-            checked(await sb.command(python).arg("-c").arg("pass").output())
-
-        rows.append(("heel: sb.command(venv python -c pass), same sandbox",
-                     await timed(command, runs)))
-    async with heel.Sandbox() as sb:
-        which = await sb.run_python("import sys; print(sys.executable)")
+    with_venv = heel.SandboxConfig(python=heel.PythonConfig(venv.path))
+    async with heel.Sandbox(with_venv) as sb, heel.Sandbox() as plain:
+        which = await plain.run_python("import sys; print(sys.executable)")
         checked(which)
         path_python = which.stdout.decode().strip()
-        rows.append(("heel: sb.run_python('pass'), no PythonConfig",
-                     await timed(lambda: snippet(sb), runs)))
+        variants = {
+            "bare: venv's bin/python -c pass": lambda: trio.run_process([python, "-c", "pass"]),
+            f"bare: {BASE_PYTHON} -c pass": lambda: trio.run_process([BASE_PYTHON, "-c", "pass"]),
+            # run_python captures both streams: the same, bare.
+            "bare: venv's python -c pass, output captured": lambda: trio.run_process(
+                [python, "-c", "pass"], capture_stdout=True, capture_stderr=True),
+            "heel: sb.run_python('pass'), PythonConfig(venv)": lambda: snippet(sb),
+            "heel: sb.command(venv python -c pass), same sandbox": lambda: command(sb),
+            "heel: sb.run_python('pass'), no PythonConfig": lambda: snippet(plain),
+        }
+        rows = list((await timed_round_robin(variants, runs)).items())
 
     base = statistics.median(rows[0][1])
-    print(f"run_python('pass'): {runs} runs each after 5 warm-up; environment from {BASE_PYTHON} "
-          f"({venv.version[0]}.{venv.version[1]}); without PythonConfig the sandbox ran {path_python}")
+    print(f"run_python('pass'): {runs} rounds (variants alternate) after 5 warm-up runs of each; "
+          f"environment from {BASE_PYTHON} ({venv.version[0]}.{venv.version[1]}); "
+          f"without PythonConfig the sandbox ran {path_python}")
     print(f"{'what':54} {'p50 ms':>8} {'p95 ms':>8} {'x base':>7}")
     for name, samples in rows:
         p50 = statistics.median(samples)
@@ -160,6 +168,19 @@ async def build_with_heel(path: str, wheels: str, use_uv: bool) -> dict[str, flo
             "other": (total - make - rest) * 1000}
 
 
+async def run_group(argv: list[str], env: dict[str, str]) -> None:
+    """trio.run_process in a session of its own, whose every process is
+    killed when cancelled (ensurepip's child too)."""
+    async def kill_group(process: trio.Process) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    await trio.run_process(argv, capture_stdout=True, capture_stderr=True, env=env,
+                           start_new_session=True, deliver_cancel=kill_group)
+
+
 async def build_bare(path: str, wheels: str, use_uv: bool) -> dict[str, float]:
     """The same two steps heel takes, run directly on the host."""
     uv = shutil.which("uv") if use_uv else None
@@ -173,9 +194,9 @@ async def build_bare(path: str, wheels: str, use_uv: bool) -> dict[str, float]:
         make_argv = [BASE_PYTHON, "-I", "-m", "venv", path]
     install_argv = heel.venv._installer_argv(config, config.path, uv, [WHEEL_NAME])
     start = time.perf_counter()
-    await trio.run_process(make_argv, capture_stdout=True, capture_stderr=True, env=env)
+    await run_group(make_argv, env)
     middle = time.perf_counter()
-    await trio.run_process(install_argv, capture_stdout=True, capture_stderr=True, env=env)
+    await run_group(install_argv, env)
     end = time.perf_counter()
     return {"total": (end - start) * 1000, "make": (middle - start) * 1000,
             "install": (end - middle) * 1000, "other": 0.0}
@@ -196,44 +217,54 @@ async def per_environment(work: str, builds: int) -> None:
     os.mkdir(wheels, 0o755)
     build_wheel(wheels, WHEEL_NAME, "1.0", "VALUE = 42\n")
     uv = shutil.which("uv")
-    tools = [("pip", False)]
+    tools = ["pip"]
     if uv is None:
         print("uv is not on the PATH: skipping the uv rows (pip install uv, and put it on the PATH)")
     else:
-        tools.append(("uv", True))
-    rows = []
+        tools.append("uv")
+    labels = {}
+    for tool in tools:
+        labels[(tool, build_bare)] = f"bare on the host, {tool}"
+        labels[(tool, build_with_heel)] = f"heel: VenvManager.create, {tool}"
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label in labels.values()}
+    last_built: dict[str, str] = {}
+    failed: set[str] = set()
     notes = []
     counter = 0
-    for tool, use_uv in tools:
-        for label, build in ((f"bare on the host, {tool}", build_bare),
-                             (f"heel: VenvManager.create, {tool}", build_with_heel)):
-            samples = []
-            for _ in range(builds):
-                counter += 1
-                path = os.path.join(work, f"env-{counter}")
-                try:
-                    samples.append(await build(path, wheels, use_uv))
-                except heel.InstallError as exc:
-                    notes.append(f"{label}: InstallError: {exc}\n--- installer output ---\n{exc.output}")
-                    break
-                except Exception as exc:  # a failed bare step: report it, keep going
-                    detail = getattr(exc, "stderr", b"") or b""
-                    notes.append(f"{label}: {type(exc).__name__}: {exc}\n"
-                                 f"{detail.decode(errors='replace') if isinstance(detail, bytes) else detail}")
-                    break
-            rows.append((label, samples))
-            if samples and build is build_with_heel:
-                notes.append(f"{label}: in a sandbox the environment says: {await check_import(path)}")
+    # Bare and heel builds alternate, so that drift on the machine hits both.
+    for _ in range(builds):
+        for (tool, build), label in labels.items():
+            if label in failed:
+                continue
+            counter += 1
+            path = os.path.join(work, f"env-{counter}")
+            try:
+                samples[label].append(await build(path, wheels, tool == "uv"))
+                last_built[label] = path
+            except heel.InstallError as exc:
+                failed.add(label)
+                notes.append(f"{label}: InstallError: {exc}\n--- installer output ---\n{exc.output}")
+            except Exception as exc:  # report it and keep going with the other rows
+                failed.add(label)
+                detail = getattr(exc, "stderr", None)
+                detail = detail.decode(errors="replace") if isinstance(detail, bytes) else ""
+                notes.append(f"{label}: {type(exc).__module__}.{type(exc).__name__}: {exc}"
+                             + (f"\n{detail.strip()}" if detail.strip() else ""))
+    for (tool, build), label in labels.items():
+        if build is build_with_heel and label not in failed:
+            notes.append(f"{label}: in a sandbox, the environment prints: "
+                         f"{await check_import(last_built[label])}")
+    rows = [(label, [] if label in failed else samples[label]) for label in labels.values()]
     print()
     print(f"environment with one local wheel (no_index, find_links): median of {builds} fresh builds; "
           f"base {BASE_PYTHON}; uv: {uv or 'not found'}")
     print(f"{'what':40} {'total ms':>9} {'make venv':>10} {'install':>9} {'other':>7} {'min':>8} {'max':>8}")
-    for name, samples in rows:
-        if not samples:
+    for name, runs in rows:
+        if not runs:
             print(f"{name:40} {'failed (see below)':>9}")
             continue
-        med = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
-        totals = [s["total"] for s in samples]
+        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        totals = [r["total"] for r in runs]
         print(f"{name:40} {med['total']:9.0f} {med['make']:10.0f} {med['install']:9.0f} {med['other']:7.0f} "
               f"{min(totals):8.0f} {max(totals):8.0f}")
     for note in notes:
@@ -252,6 +283,32 @@ async def main(work: str, runs: int, builds: int) -> None:
     await per_environment(work, builds)
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, possibly inside trio's exception groups."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return bool(inner) and all(interrupted(e) for e in inner)
+
+
+def remove(workdir: str) -> None:
+    # After Ctrl-C, the ensurepip child of a `python -m venv` that heel was
+    # running lives on for a few seconds and makes its directories again:
+    # remove until the directory has stayed gone for two seconds.
+    gone_since = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.lexists(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > 2:
+            return
+        time.sleep(0.25)
+    print(f"could not remove {workdir}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
@@ -262,7 +319,10 @@ if __name__ == "__main__":
         # Run as root, the sandbox's uid is not root: it must be able to enter.
         os.chmod(workdir, 0o755)
         trio.run(main, workdir, options.runs, options.builds)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove(workdir)

@@ -62,7 +62,9 @@ class VenvConfig(Frozen):
     python: the base interpreter (a path, or a name on the PATH); None: the
     one running heel.
     system_site_packages: let the environment see the base's packages.
-    use_uv: True: uv; False: venv + pip; None: uv when it is installed.
+    use_uv: install packages with uv (True), pip (False), or uv when it is
+    installed (None).  The environment itself is made by the standard
+    library's venv, so that pip is in it either way.
     index_url: the package index (None: PyPI); no_index: use none, only
     find_links (directories or URLs of wheels and sdists).
     """
@@ -186,8 +188,18 @@ class VenvManager:
             inspect(path, version)
         else:
             report("create", f"creating {path} with Python {version[0]}.{version[1]}")
-            await _make_venv(path, base, uv, config.system_site_packages)
-            inspect(path, version)
+            existed = path.exists()
+            try:
+                await _make_venv(path, base, uv, config.system_site_packages)
+                inspect(path, version)
+            except BaseException:
+                # Half an environment would read as a broken one next time.
+                if existed:
+                    for entry in path.iterdir():
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
         installed = installed_distributions(path)
         missing = [req for req in config.packages if not _satisfied(req, installed)]
         if missing:
@@ -312,18 +324,23 @@ def _satisfied(requirement: str, installed: dict[str, str]) -> bool:
 
 async def _make_venv(path: Path, base: Path, uv: str | None, system_site_packages: bool) -> None:
     """Make the environment with trusted tools only: the base interpreter's
-    venv module (with ensurepip's bundled pip), or ``uv venv --seed``."""
+    venv module, whose ensurepip puts pip in it from the wheel bundled with
+    Python (offline, so ``pip`` is on the sandbox's PATH).  Only where the
+    base has no ensurepip (Debian's python3 without python3-venv) does uv
+    make it, then without pip: ``uv venv --seed`` would fetch pip from the
+    network, where the host should not reach for an untrusted sandbox."""
     import trio
 
-    if uv:
-        argv = [uv, "venv", "--quiet", "--seed", "--python", os.fspath(base), os.fspath(path)]
+    argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
+    if system_site_packages:
+        argv.insert(4, "--system-site-packages")
+    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0 and uv and b"ensurepip" in result.stdout + result.stderr:
+        shutil.rmtree(path, ignore_errors=True)
+        argv = [uv, "venv", "--quiet", "--python", os.fspath(base), os.fspath(path)]
         if system_site_packages:
             argv.insert(2, "--system-site-packages")
-    else:
-        argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
-        if system_site_packages:
-            argv.insert(4, "--system-site-packages")
-    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     if result.returncode != 0:
         output = (result.stderr or result.stdout).decode(errors="replace").strip()
         raise InstallError(f"creating {path} failed: {output[-2000:]}", output)

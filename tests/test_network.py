@@ -683,3 +683,36 @@ async def test_received_fds_are_not_inherited_by_host_children():
     async with sandbox(heel.AllowAll()) as sb:
         assert not os.get_inheritable(sb._session.proxy_listener.fileno())
         assert "<secret>" in repr(sb.plan) and sb.plan.proxy_secret not in repr(sb.plan)
+
+
+async def test_the_proxy_port_on_another_address_is_not_the_proxy():
+    # Inside, only 127.0.0.1:3128 is the proxy: the same port on another
+    # loopback address, or on the host's own address, reaches nothing.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("93.184.216.34", 9))
+            own = probe.getsockname()[0]
+        except OSError:
+            own = None
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((own or "127.0.0.1", 3128))
+    except OSError:
+        listener.close()
+        pytest.skip("port 3128 is taken on the host")
+    listener.listen(8)
+    with listener:
+        async with sandbox(heel.AllowAll()) as sb:
+            targets = ["127.0.0.2"] + ([own] if own else [])
+            out = await py(sb, f"""
+                import socket
+                for host in {targets!r}:
+                    try:
+                        socket.create_connection((host, 3128), timeout=3).sendall(b"leak")
+                        print("CONNECTED", host)
+                    except OSError as e:
+                        print("refused", host, e.errno)
+                """)
+        assert b"CONNECTED" not in out.stdout and out.stdout.count(b"refused") == len(targets), explain(out)
+        assert _nothing_arrived(listener)

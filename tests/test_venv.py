@@ -273,3 +273,17 @@ async def test_a_venv_whose_python_lives_in_a_protected_home_is_refused(tmp_path
                 pass
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_uv_builds_the_same_environment(venv_dir, wheels):
+    if not shutil.which("uv"):
+        with pytest.raises(heel.InstallError, match="uv is not installed"):
+            await heel.VenvManager.create(heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, use_uv=True))
+        pytest.skip("uv is not installed: checked that use_uv=True says so")
+    config = heel.VenvConfig(venv_dir, ["heelalpha"], python=SYSTEM_PYTHON, use_uv=True, find_links=[wheels],
+                             no_index=True)
+    venv = await heel.VenvManager.create(config)
+    assert "heelalpha" in venv.packages
+    async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(config))) as sb:
+        out = await sb.run_python("import heelalpha; print(heelalpha.VALUE)")
+    assert out.stdout == b"alpha-1.0\n", explain(out)
