@@ -21,12 +21,15 @@ building an environment with one local wheel, with pip and with uv.
    (use_uv=False) and with uv (use_uv=True; skipped, with a line saying so,
    when uv is not on the PATH).  The median is broken down with the
    on_progress events: "make venv" is from the "create" event to the first
-   "install" one (venv + ensurepip, or ``uv venv --seed``, on the host),
-   "sandboxed install" from there to the end (opening the installer's sandbox,
+   "install" one (on the host: the standard library's venv with ensurepip,
+   whichever installer is used), "install" (sandboxed) from there to the end (opening the installer's sandbox,
    the installer, closing it), "other" the rest (the base interpreter's
    version check, reading the result).  The baseline does the same two steps
-   bare on the host: the same commands heel runs (``venv``/``uv venv``, then
-   the installer argv of heel.venv._installer_argv), with trio.run_process.
+   bare on the host: the same commands heel runs (the standard library's
+   ``venv``, then the installer argv of heel.venv._installer_argv), with
+   trio.run_process; and, for reference, what uv alone takes (``uv venv``,
+   which puts no pip in the environment, then ``uv pip install``).  Bare and
+   heel builds alternate.
 
 Everything is made under one directory in /var/tmp (a sandbox's /tmp is
 private) and removed at the end, on Ctrl-C too.
@@ -181,16 +184,17 @@ async def run_group(argv: list[str], env: dict[str, str]) -> None:
                            start_new_session=True, deliver_cancel=kill_group)
 
 
-async def build_bare(path: str, wheels: str, use_uv: bool) -> dict[str, float]:
-    """The same two steps heel takes, run directly on the host."""
+async def build_bare(path: str, wheels: str, use_uv: bool, uv_venv: bool = False) -> dict[str, float]:
+    """The same two steps heel takes, run directly on the host; uv_venv:
+    make the environment with ``uv venv`` (no pip in it) instead."""
     uv = shutil.which("uv") if use_uv else None
     config = heel.VenvConfig(path, [WHEEL_NAME], python=BASE_PYTHON, find_links=[wheels],
                              no_index=True, use_uv=use_uv)
     env = dict(os.environ, PIP_NO_CACHE_DIR="1", PYTHONDONTWRITEBYTECODE="1", UV_NO_CACHE="1",
                UV_PYTHON_DOWNLOADS="never")
-    if uv:
-        make_argv = [uv, "venv", "--quiet", "--seed", "--python", BASE_PYTHON, path]
-    else:
+    if uv and uv_venv:
+        make_argv = [uv, "venv", "--quiet", "--python", BASE_PYTHON, path]
+    else:  # as heel.venv._make_venv does where the base has ensurepip
         make_argv = [BASE_PYTHON, "-I", "-m", "venv", path]
     install_argv = heel.venv._installer_argv(config, config.path, uv, [WHEEL_NAME])
     start = time.perf_counter()
@@ -200,6 +204,10 @@ async def build_bare(path: str, wheels: str, use_uv: bool) -> dict[str, float]:
     end = time.perf_counter()
     return {"total": (end - start) * 1000, "make": (middle - start) * 1000,
             "install": (end - middle) * 1000, "other": 0.0}
+
+
+async def build_uv_only(path: str, wheels: str, use_uv: bool) -> dict[str, float]:
+    return await build_bare(path, wheels, use_uv, uv_venv=True)
 
 
 async def check_import(path: str) -> str:
@@ -226,6 +234,8 @@ async def per_environment(work: str, builds: int) -> None:
     for tool in tools:
         labels[(tool, build_bare)] = f"bare on the host, {tool}"
         labels[(tool, build_with_heel)] = f"heel: VenvManager.create, {tool}"
+    if "uv" in tools:
+        labels[("uv", build_uv_only)] = "bare: uv venv + uv pip (no pip in env)"
     samples: dict[str, list[dict[str, float]]] = {label: [] for label in labels.values()}
     last_built: dict[str, str] = {}
     failed: set[str] = set()
