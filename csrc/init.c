@@ -269,15 +269,46 @@ static int exec_command(const char *program, char *const argv[], char *const env
  * environ, fd) to processes outside one's domain, and with ABI 6 its scopes
  * also stop signals and abstract unix sockets crossing it.  So a command
  * cannot reach its init, heel-init or another command. */
+#define LL_MAKE_BLOCK (1ULL << 11)
+#define LL_REFER (1ULL << 13)          /* ABI 2 */
+#define LL_RULE_PATH_BENEATH 1
+
+/* A layer that does not handle REFER refuses every rename or link into
+ * another directory (Landlock's ABI 1 rule): this one handles it and grants
+ * it everywhere, so that the sandbox's own layer alone decides (tools that
+ * write a temporary file and move it into place depend on it).  On ABI 1
+ * the kernel knows no REFER, and the sandbox's layer refuses those moves
+ * anyway. */
 static int enter_own_domain(uint64_t scoped)
 {
     struct {
         uint64_t handled_access_fs, handled_access_net, scoped;
-    } attr = {1ULL << 11 /* LANDLOCK_ACCESS_FS_MAKE_BLOCK */, 0, scoped};
+    } attr = {LL_MAKE_BLOCK | LL_REFER, 0, scoped};
+    struct __attribute__((packed)) {
+        uint64_t allowed_access;
+        int32_t parent_fd;
+    } beneath = {LL_REFER, -1};
     int fd = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
 
+    if (fd < 0 && errno == EINVAL) {
+        attr.handled_access_fs = LL_MAKE_BLOCK;
+        fd = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
+    }
     if (fd < 0)
         return -1;
+    if (attr.handled_access_fs & LL_REFER) {
+        beneath.parent_fd = open("/", O_PATH | O_CLOEXEC);
+        if (beneath.parent_fd < 0 ||
+            syscall(__NR_landlock_add_rule, fd, LL_RULE_PATH_BENEATH, &beneath, 0) < 0) {
+            int err = errno;
+            if (beneath.parent_fd >= 0)
+                close(beneath.parent_fd);
+            close(fd);
+            errno = err;
+            return -1;
+        }
+        close(beneath.parent_fd);
+    }
     int rc = (int)syscall(__NR_landlock_restrict_self, fd, 0);
     close(fd);
     return rc;

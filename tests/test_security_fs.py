@@ -175,6 +175,33 @@ async def test_hardlink_into_workdir(target, outside_dir):
             assert os.stat(inside).st_nlink == 2
 
 
+@pytest.mark.parametrize("level", [STRICT, DEFAULT, PERMISSIVE])
+async def test_moves_between_directories_of_writable_places(level, outside_dir):
+    """Writing a temporary file and moving it into place (pip, uv, editors)
+    works across directories of the workdir and /tmp; moving a file in from
+    a read-only place does not."""
+    outside = make_target(outside_dir)
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        out = await py(sb, """
+            import os, sys
+            os.makedirs("a/b"); os.makedirs("/tmp/t/u")
+            open("a/f", "w").write("x"); open("/tmp/t/g", "w").write("y")
+            os.rename("a/f", "a/b/f"); os.rename("/tmp/t/g", "/tmp/t/u/g")
+            os.link("a/b/f", "linked")
+            print("moved")
+            try:
+                os.rename(sys.argv[1], "a/stolen")
+                print("STOLEN")
+            except OSError as e:
+                print("refused", e.errno)
+            """, outside)
+    assert out.stdout.decode().split()[0] == "moved", explain(out)
+    if level is PERMISSIVE:
+        return  # everything is writable there: the move out is allowed
+    assert "STOLEN" not in out.stdout.decode(), explain(out)
+    assert os.path.exists(outside)
+
+
 # ---- credentials and the home directory -------------------------------------
 
 READ_ATTEMPTS = """
