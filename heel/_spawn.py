@@ -75,7 +75,14 @@ class Prepared:
         #: the proxy's listening socket, made inside the sandbox's network namespace
         self.proxy_listener: socket.socket | None = None
         for path in plan.mountpoints:
-            os.makedirs(path, exist_ok=True)
+            # A mount point takes the kind of what is mounted on it: a file
+            # granted under /tmp needs a file to be mounted over.
+            source = os.path.join("/tmp", os.path.relpath(path, plan.host_tmp))
+            if os.path.isfile(source):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                open(path, "a").close()
+            else:
+                os.makedirs(path, exist_ok=True)
         try:
             self._start()
         except BaseException:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .config import Frozen
-from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError
+from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError, SpawnError
 
 if TYPE_CHECKING:
     from .proxy import Resolver
@@ -243,10 +243,26 @@ def interpreter_version(base: Path) -> tuple[int, int]:
 
 
 def _uv(use_uv: bool | None) -> str | None:
+    """uv's real path, when it is to be used.  It runs inside the
+    installer's sandbox, which keeps the home directory closed: a uv in
+    ~/.local/bin or ~/.cargo/bin cannot run there."""
+    if use_uv is False:
+        return None
     found = shutil.which("uv")
-    if use_uv and not found:
-        raise InstallError("use_uv=True but uv is not installed (pip install uv, or use_uv=None)")
-    return found if use_uv is not False else None
+    if not found:
+        if use_uv:
+            raise InstallError("use_uv=True but uv is not installed (pip install uv, or use_uv=None)")
+        return None
+    found = os.path.realpath(found)
+    from ._plan import home_directories
+
+    home = next((h for h in home_directories() if found.startswith(h.rstrip("/") + "/")), None)
+    if home is not None:
+        if use_uv:
+            raise InstallError(f"uv ({found}) lives in {home}, which the installer's sandbox keeps closed: "
+                               "install uv outside the home directory, or use_uv=None to use pip")
+        return None
+    return found
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -334,16 +350,34 @@ async def _make_venv(path: Path, base: Path, uv: str | None, system_site_package
     argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
     if system_site_packages:
         argv.insert(4, "--system-site-packages")
-    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    result = await _run_group(argv)
     if result.returncode != 0 and uv and b"ensurepip" in result.stdout + result.stderr:
         shutil.rmtree(path, ignore_errors=True)
         argv = [uv, "venv", "--quiet", "--python", os.fspath(base), os.fspath(path)]
         if system_site_packages:
             argv.insert(2, "--system-site-packages")
-        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        result = await _run_group(argv)
     if result.returncode != 0:
         output = (result.stderr or result.stdout).decode(errors="replace").strip()
         raise InstallError(f"creating {path} failed: {output[-2000:]}", output)
+
+
+async def _run_group(argv: list[str]):
+    """trio.run_process in a process group of its own, killed whole when
+    cancelled: venv's ensurepip runs pip in a child, which would otherwise
+    go on writing into a directory being cleaned up."""
+    import signal
+
+    import trio
+
+    async def kill_group(process) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
+                                  start_new_session=True, deliver_cancel=kill_group)
 
 
 def installer_policy(config: VenvConfig):
@@ -400,7 +434,7 @@ async def _install(config: VenvConfig, path: Path, uv: str | None, requirements:
 
     readable = [link for link in config.find_links if not link.startswith(("http://", "https://"))]
     sandbox_config = SandboxConfig(
-        level=IsolationLevel.DEFAULT, writable=[path], readable=readable,
+        level=IsolationLevel.DEFAULT, writable=[path], readable=readable, executable=[uv] if uv else [],
         network=installer_policy(config), limits=ResourceLimits(timeout=timeout),
         env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
              "UV_PYTHON_DOWNLOADS": "never"})
@@ -412,7 +446,10 @@ async def _install(config: VenvConfig, path: Path, uv: str | None, requirements:
         command = sb.command(_installer_argv(config, path, uv, requirements)[0])
         command.args(_installer_argv(config, path, uv, requirements)[1:])
         command.stdin(Stdio.NULL).stdout(Stdio.PIPE).stderr(Stdio.PIPE).timeout(timeout)
-        process = await command.spawn()
+        try:
+            process = await command.spawn()
+        except SpawnError as exc:
+            raise InstallError(f"the installer could not start: {exc}") from exc
         async with process:
             async def read_stderr() -> None:
                 async for chunk in process.stderr:

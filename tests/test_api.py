@@ -272,3 +272,20 @@ async def test_a_path_that_vanishes_after_planning_is_skipped(tmp_path):
             assert code == 0
         finally:
             prepared.close()
+
+
+async def test_a_single_file_under_tmp_can_be_granted(tmp_path_factory):
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="heel-granted-", dir="/tmp")
+    os.write(fd, b"granted file\n")
+    os.close(fd)
+    os.chmod(path, 0o644)
+    try:
+        async with heel.Sandbox(heel.SandboxConfig(level="strict", readable=[path])) as sb:
+            out = await sb.command("cat").arg(path).output()
+            other = await sb.command("sh").args(["-c", f"ls /tmp | grep -c heel-granted-"]).output()
+        assert out.stdout == b"granted file\n", out
+        assert other.stdout == b"1\n", other  # that file only, in the private /tmp
+    finally:
+        os.unlink(path)
