@@ -244,7 +244,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> 
     config = config.replace(on_network_event=report)
     signum = 0
 
-    async def main() -> int:
+    async def main():  # -> ExitStatus | None (None: a signal ended it)
         nonlocal signum
         if python is not None and not isinstance(python.venv, (str, os.PathLike)):
             from .venv import VenvManager
