@@ -62,9 +62,8 @@ class VenvConfig(Frozen):
     python: the base interpreter (a path, or a name on the PATH); None: the
     one running heel.
     system_site_packages: let the environment see the base's packages.
-    use_uv: install packages with uv (True), pip (False), or uv when it is
-    installed (None).  The environment itself is made by the standard
-    library's venv, so that pip is in it either way.
+    use_uv: build with uv (True), venv + pip (False), or uv when it is
+    installed (None).  Either way pip is in the environment.
     index_url: the package index (None: PyPI); no_index: use none, only
     find_links (directories or URLs of wheels and sdists).
     """
@@ -339,27 +338,55 @@ def _satisfied(requirement: str, installed: dict[str, str]) -> bool:
 
 
 async def _make_venv(path: Path, base: Path, uv: str | None, system_site_packages: bool) -> None:
-    """Make the environment with trusted tools only: the base interpreter's
-    venv module, whose ensurepip puts pip in it from the wheel bundled with
-    Python (offline, so ``pip`` is on the sandbox's PATH).  Only where the
-    base has no ensurepip (Debian's python3 without python3-venv) does uv
-    make it, then without pip: ``uv venv --seed`` would fetch pip from the
-    network, where the host should not reach for an untrusted sandbox."""
-    import trio
+    """Make the environment with trusted tools only, and with pip in it, so
+    that ``pip`` is on the sandbox's PATH.
 
+    With uv: ``uv venv``, then the pip wheel that the base Python itself
+    ships (ensurepip's, or Debian's /usr/share/python-wheels) installed by
+    uv, offline: a fraction of a second.  ``uv venv --seed`` is not used: it
+    fetches pip from the network.  Otherwise, or when no such wheel is
+    found: the base interpreter's venv module, whose ensurepip does the
+    same from inside Python (seconds)."""
+    if uv:
+        wheel = _bundled_pip_wheel(base)
+        if wheel is not None:
+            argv = [uv, "venv", "--quiet", "--python", os.fspath(base), os.fspath(path)]
+            if system_site_packages:
+                argv.insert(2, "--system-site-packages")
+            made = await _run_group(argv)
+            if made.returncode == 0:
+                seeded = await _run_group([uv, "pip", "install", "--quiet", "--offline", "--no-index",
+                                           "--python", os.fspath(path / "bin" / "python"), os.fspath(wheel)])
+                if seeded.returncode == 0:
+                    return
+            shutil.rmtree(path, ignore_errors=True)  # and make it the standard way
     argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
     if system_site_packages:
         argv.insert(4, "--system-site-packages")
     result = await _run_group(argv)
-    if result.returncode != 0 and uv and b"ensurepip" in result.stdout + result.stderr:
-        shutil.rmtree(path, ignore_errors=True)
-        argv = [uv, "venv", "--quiet", "--python", os.fspath(base), os.fspath(path)]
-        if system_site_packages:
-            argv.insert(2, "--system-site-packages")
-        result = await _run_group(argv)
     if result.returncode != 0:
         output = (result.stderr or result.stdout).decode(errors="replace").strip()
         raise InstallError(f"creating {path} failed: {output[-2000:]}", output)
+
+
+def _bundled_pip_wheel(base: Path) -> Path | None:
+    """The pip wheel the base Python ships, if it can be found without
+    running anything but the base interpreter."""
+    try:
+        out = subprocess.run([os.fspath(base), "-I", "-c",
+                              "import ensurepip, os; print(os.path.dirname(ensurepip.__file__))"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    places = []
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        places.append(Path(out.stdout.strip()) / "_bundled")
+    places.append(Path("/usr/share/python-wheels"))  # Debian and Ubuntu keep them here
+    for place in places:
+        wheels = sorted(place.glob("pip-*-py3-none-any.whl")) if place.is_dir() else []
+        if wheels:
+            return wheels[-1]
+    return None
 
 
 async def _run_group(argv: list[str]):
@@ -470,9 +497,11 @@ async def _install(config: VenvConfig, path: Path, uv: str | None, requirements:
             code = await process.wait()
     if code != 0:
         output = "\n".join(lines).strip()
-        detail = "\n".join(line for line in lines if "error" in line.lower()) or output[-2000:]
+        # The installer's own last words: pip ends with its ERROR lines, uv
+        # with its explanation of why nothing fits.
+        detail = "\n".join([line for line in lines if line.strip()][-12:])
         raise InstallError(f"installing {', '.join(requirements)} into {path} failed (exit {code}):\n"
-                           f"{detail.strip()[-4000:]}", output)
+                           f"{detail[-4000:]}", output)
 
 
 class PythonConfig(Frozen):
