@@ -21,12 +21,13 @@ building an environment with one local wheel, with pip and with uv.
    (use_uv=False) and with uv (use_uv=True; skipped, with a line saying so,
    when uv is not on the PATH).  The median is broken down with the
    on_progress events: "make venv" is from the "create" event to the first
-   "install" one (on the host: the standard library's venv with ensurepip,
-   whichever installer is used), "install" (sandboxed) from there to the end (opening the installer's sandbox,
-   the installer, closing it), "other" the rest (the base interpreter's
-   version check, reading the result).  The baseline does the same two steps
-   bare on the host: the same commands heel runs (the standard library's
-   ``venv``, then the installer argv of heel.venv._installer_argv), with
+   "install" one (on the host: with pip, the standard library's venv with
+   ensurepip; with uv, ``uv venv`` and the base Python's own pip wheel
+   installed by uv, offline), "install" (sandboxed) from there to the end
+   (opening the installer's sandbox, the installer, closing it), "other" the
+   rest (the base interpreter's version check, reading the result).  The
+   baseline does the same steps bare on the host: the same commands heel
+   runs (then the installer argv of heel.venv._installer_argv), with
    trio.run_process; and, for reference, what uv alone takes (``uv venv``,
    which puts no pip in the environment, then ``uv pip install``).  Bare and
    heel builds alternate.
@@ -41,6 +42,7 @@ import argparse
 import base64
 import hashlib
 import os
+from pathlib import Path
 import platform
 import shutil
 import signal
@@ -192,13 +194,19 @@ async def build_bare(path: str, wheels: str, use_uv: bool, uv_venv: bool = False
                              no_index=True, use_uv=use_uv)
     env = dict(os.environ, PIP_NO_CACHE_DIR="1", PYTHONDONTWRITEBYTECODE="1", UV_NO_CACHE="1",
                UV_PYTHON_DOWNLOADS="never")
-    if uv and uv_venv:
-        make_argv = [uv, "venv", "--quiet", "--python", BASE_PYTHON, path]
-    else:  # as heel.venv._make_venv does where the base has ensurepip
-        make_argv = [BASE_PYTHON, "-I", "-m", "venv", path]
+    make_argvs = []
+    if uv:  # as heel.venv._make_venv does with uv: uv venv, then the base's own pip wheel
+        make_argvs.append([uv, "venv", "--quiet", "--python", BASE_PYTHON, path])
+        wheel = heel.venv._bundled_pip_wheel(Path(BASE_PYTHON))
+        if not uv_venv and wheel is not None:
+            make_argvs.append([uv, "pip", "install", "--quiet", "--offline", "--no-index",
+                               "--python", os.path.join(path, "bin", "python"), str(wheel)])
+    else:  # without uv: the standard library's venv with ensurepip
+        make_argvs.append([BASE_PYTHON, "-I", "-m", "venv", path])
     install_argv = heel.venv._installer_argv(config, config.path, uv, [WHEEL_NAME])
     start = time.perf_counter()
-    await run_group(make_argv, env)
+    for argv in make_argvs:
+        await run_group(argv, env)
     middle = time.perf_counter()
     await run_group(install_argv, env)
     end = time.perf_counter()
