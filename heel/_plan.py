@@ -256,6 +256,20 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
     return [r for r in expand(real, access & abi_mask, denied, os.path.isdir(real)) if r.access]
 
 
+def _known_python_prefixes(python) -> set[str]:
+    """The installation prefixes of the Pythons heel can vouch for: the one
+    running it, and the base a VenvConfig names."""
+    import sys
+
+    from .venv import VenvConfig, find_interpreter
+
+    known = {os.path.realpath(sys.base_prefix)}
+    if isinstance(python.venv, VenvConfig):
+        base = os.path.realpath(find_interpreter(python.venv.python))
+        known.add(os.path.dirname(os.path.dirname(base)))
+    return known
+
+
 def _with_python(config: SandboxConfig, denied: list[str]) -> tuple[SandboxConfig, dict[str, str]]:
     """The config with its Python environment granted (the venv, and the
     base interpreter's prefix that its bin/python links to), and the
@@ -275,7 +289,18 @@ def _with_python(config: SandboxConfig, denied: list[str]) -> tuple[SandboxConfi
                     "Python outside it (VenvConfig(python='/usr/bin/python3')), or turn that protection off")
     executable = list(config.executable)
     writable = list(config.writable)
-    if prefix and prefix != "/" and os.path.isdir(prefix):
+    # Only STRICT needs the prefix granted (the other levels read all but the
+    # protected places).  pyvenv.cfg is a file the sandbox may have written
+    # (allow_pip_install), so its `home` is granted only when it names a
+    # Python heel knows: the base of the VenvConfig, or the one running heel.
+    covered = any(_under(prefix, d) for d in RUNTIME_DIRS)
+    if (config.level is IsolationLevel.STRICT and prefix and prefix != "/" and not covered
+            and os.path.isdir(prefix)):
+        if os.path.realpath(prefix) not in _known_python_prefixes(python):
+            raise PolicyError(
+                f"the venv {venv} names {home} as its base Python, which heel did not make it from: at "
+                "STRICT heel grants only a base it knows (PythonConfig(VenvConfig(..., python=...)), or the "
+                "Python running heel)")
         executable.append(prefix)
     (writable if python.allow_pip_install else executable).append(venv)
     variables = {"VIRTUAL_ENV": str(venv), "PATH": str(venv / "bin")}

@@ -293,3 +293,26 @@ async def test_uv_builds_the_same_environment(venv_dir, wheels):
         pip = await sb.command("pip").arg("--version").output()
     assert out.stdout == b"alpha-1.0\n", explain(out)
     assert pip.returncode == 0 and pip.stdout.startswith(b"pip "), explain(pip)  # seeded offline
+
+
+async def test_a_rewritten_pyvenv_cfg_grants_nothing_at_strict(venv_dir, outside_dir):
+    """pyvenv.cfg is writable inside with allow_pip_install: a `home` that
+    points elsewhere must not open that place to a later STRICT sandbox."""
+    await heel.VenvManager.create(heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON))
+    secret_dir = os.path.join(outside_dir, "app")
+    os.makedirs(os.path.join(secret_dir, "bin"))
+    with open(os.path.join(secret_dir, "data.txt"), "w") as f:
+        f.write("outside data\n")
+    cfg = os.path.join(venv_dir, "pyvenv.cfg")
+    lines = [line for line in open(cfg) if not line.startswith("home")]
+    with open(cfg, "w") as f:
+        f.write(f"home = {secret_dir}/bin\n" + "".join(lines))
+    with pytest.raises(heel.PolicyError, match="did not make it from"):
+        async with heel.Sandbox(heel.SandboxConfig(level="strict", python=heel.PythonConfig(venv_dir))):
+            pass
+    # Control: the untouched home of a venv heel knows the base of is granted.
+    with open(cfg, "w") as f:
+        f.write("home = /usr/bin\n" + "".join(lines))
+    async with heel.Sandbox(heel.SandboxConfig(level="strict", python=heel.PythonConfig(venv_dir))) as sb:
+        out = await sb.run_python("print('ok')")
+    assert out.stdout == b"ok\n", explain(out)
