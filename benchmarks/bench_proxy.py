@@ -19,9 +19,13 @@ connection.  Python does a system call per MiB on either side, so it is not
 what limits; the direct row shows what sender and sink alone reach.  The
 clock runs from the sender's first byte to the sink having counted every
 byte (time.perf_counter is CLOCK_MONOTONIC, shared by the processes).
-Each transfer gets fresh sender and sink processes; the paths alternate
-within each of --runs rounds, and the table shows medians, the ratios being
-medians of the per-round ratios (this machine's speed drifts).  "CPU busy"
+Each transfer gets fresh sender and sink processes.  Direct and heel
+alternate over --runs rounds; then heel and tinyproxy alternate over as many
+(a tinyproxy transfer keeps both cores at 100% for seconds and leaves the
+machine in another state for whatever runs next, so it stays out of the
+rounds that compare heel with direct).  The table shows medians, the ratios
+being medians of the per-round ratios of each phase (this machine's speed
+drifts); tinyproxy against direct goes through heel.  "CPU busy"
 is the share of all cores' time not idle during the transfer (/proc/stat),
 "proxy CPU s/GiB" the CPU time of the proxy process (all its threads) per
 GiB carried: when direct already keeps every core busy, a proxy, which moves
@@ -412,13 +416,34 @@ def main(size_mib: int, streams_list: list[int], runs: int, connections: int) ->
         print(header)
         summary: dict[int, dict[str, float]] = {}
         for streams in streams_list:
+            # Two phases: direct and heel alternate, then heel and tinyproxy.
+            # A tinyproxy transfer (seconds of both cores at 100%) leaves the
+            # machine in another state for whatever runs next, so it is kept
+            # out of the rounds that compare heel with direct.
             samples: dict[str, list[Sample]] = {name: [] for name, _ in paths}
+            against_tiny: list[Sample] = []
+            by_name = dict(paths)
             for _ in range(runs):
-                for name, target in paths:
-                    samples[name].append(transfer(children, streams, total, target, pids[name]))
+                for name in ("direct", "heel"):
+                    samples[name].append(transfer(children, streams, total, by_name[name], pids[name]))
+            if tiny:
+                for _ in range(runs):
+                    against_tiny.append(transfer(children, streams, total, by_name["heel"], pids["heel"]))
+                    samples["tinyproxy"].append(
+                        transfer(children, streams, total, by_name["tinyproxy"], pids["tinyproxy"]))
             rates = {name: [x.gib_s for x in v] for name, v in samples.items()}
+            heel_near_tiny = [x.gib_s for x in against_tiny]
 
             def ratio(a: str, b: str) -> float:
+                if "tinyproxy" in (a, b) and a != b and "direct" not in (a, b):
+                    # heel against tinyproxy: the pairs of the second phase
+                    pairs = zip(heel_near_tiny, rates["tinyproxy"])
+                    return statistics.median(h / t for h, t in pairs) ** (1 if a == "heel" else -1)
+                if a == b:
+                    return 1.0
+                if "tinyproxy" in (a, b):  # tinyproxy against direct: through heel's two phases
+                    return ratio("tinyproxy", "heel") * ratio("heel", "direct") if a == "tinyproxy" \
+                        else 1 / (ratio("tinyproxy", "heel") * ratio("heel", "direct"))
                 return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
             summary[streams] = {"direct": ratio("heel", "direct")}
