@@ -212,15 +212,26 @@ class Sandbox(Generic[P]):
         """Run Python source in the sandbox; returns its Output.
 
         The code is written to a file in the sandbox's private tmp and run
-        from there, so a traceback names ``/tmp/heel_python_N.py`` with its
-        lines, and ``sys.argv[1:]`` is ``args``."""
+        from there, so a traceback names ``/tmp/heel_python_N_XXXXXXXX.py``
+        with its lines, and ``sys.argv[1:]`` is ``args``."""
         if not isinstance(code, str):
             raise PolicyError(f"run_python needs source code as a str, got {type(code).__name__}")
+        import secrets
+
         plan = self._live().plan
         self._snippets += 1
-        name = f"heel_python_{self._snippets}.py"
-        host_file = os.path.join(plan.host_tmp, name)
-        fd = os.open(host_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        # The private tmp is the sandbox's to write: a fresh random name,
+        # never a file it planted (O_EXCL, O_NOFOLLOW).
+        for _ in range(8):
+            name = f"heel_python_{self._snippets}_{secrets.token_hex(4)}.py"
+            try:
+                fd = os.open(os.path.join(plan.host_tmp, name),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise SandboxClosed("run_python: cannot make a file in the sandbox's tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(code)
         command = self.python().arg(os.path.join(plan.tmp, name)).args([_arg(a, "args") for a in args])

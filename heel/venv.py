@@ -7,15 +7,21 @@ puts one in a sandbox (``SandboxConfig(python=...)``), where it is the
 Packages are untrusted code: installing an sdist runs its build scripts, and
 a wheel can drop a ``.pth`` file that runs at every interpreter start.  So:
 
-- the host only ever runs its *own* interpreter (the base Python, to make the
-  environment with the standard library's ``venv``, or uv, to make it with
-  ``uv venv``); it never runs the environment's interpreter, whose files a
-  sandbox with ``allow_pip_install`` may have changed;
-- the installer (pip, or ``uv pip``) runs inside a heel sandbox that may write
-  the environment and nothing else outside its own workdir, and that reaches
-  only the package index, through heel's proxy;
-- what is installed already is read from the ``*.dist-info`` directories, as
-  files, without running anything.
+- the host runs only trusted tools, from "/", with the variables that steer
+  Python, pip and uv removed: the base Python (its ``venv`` module, whose
+  ensurepip runs the *new* environment's interpreter once, before any
+  sandbox has seen it) or uv with ``--no-config`` (which would otherwise read
+  a uv.toml a sandbox left in the working directory).  It never runs an
+  existing environment's interpreter, whose files a sandbox with
+  ``allow_pip_install`` may have changed;
+- the installer (pip, or ``uv pip``) runs inside a STRICT heel sandbox that
+  may write the environment and see its base Python, uv and the find_links
+  directories, and that reaches only the package index, through heel's
+  proxy: code planted in the environment by an earlier sandbox (a .pth file)
+  runs there with no more than that sandbox had;
+- the host reads an environment's files without following links, without
+  blocking and with a size limit (pyvenv.cfg), and knows what is installed
+  from the ``*.dist-info`` names alone.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.parse
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["VenvConfig", "VenvManager", "Venv", "VenvProgress", "PythonConfig"]
 
 #: The hosts pip reaches for the default index (PyPI).
-PYPI_HOSTS = ("pypi.org", "files.pythonhosted.org")
+PYPI_HOSTS = ("pypi.org:443", "files.pythonhosted.org:443")
 #: How long one install may take, by default.
 INSTALL_TIMEOUT = 900.0
 
@@ -85,7 +92,9 @@ class VenvConfig(Frozen):
                  find_links: Iterable[str | os.PathLike[str]] = (), no_index: bool = False) -> None:
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or "\0" in os.fspath(path):
             raise PolicyError(f"VenvConfig: path must be a directory path, got {path!r}")
-        self._set("path", Path(os.path.abspath(os.path.expanduser(os.fspath(path)))))
+        # Resolved once, now: inspect() refuses the path if a link appears
+        # in it later.
+        self._set("path", Path(os.path.realpath(os.path.expanduser(os.fspath(path)))))
         if isinstance(packages, str):
             packages = [packages]
         items = tuple(packages)
@@ -179,10 +188,11 @@ class VenvManager:
             if on_progress is not None:
                 on_progress(VenvProgress(phase, message, done, total))
 
+        path = config.path
         base = find_interpreter(config.python)
+        _check_not_protected(base, path)
         version = await trio.to_thread.run_sync(interpreter_version, base)
         uv = _uv(config.use_uv)
-        path = config.path
         if path.exists() and not _is_empty_dir(path):
             inspect(path, version)
         else:
@@ -202,7 +212,7 @@ class VenvManager:
         installed = installed_distributions(path)
         missing = [req for req in config.packages if not _satisfied(req, installed)]
         if missing:
-            await _install(config, path, uv, missing, report, resolver, timeout)
+            await _install(config, path, base, uv, missing, report, resolver, timeout)
             installed = installed_distributions(path)
             still = [req for req in missing if not _satisfied(req, installed)]
             if still:
@@ -227,11 +237,32 @@ def find_interpreter(python: str | None) -> Path:
     return Path(os.path.abspath(candidate))
 
 
+def base_prefix(base: Path) -> str:
+    """The installation prefix of an interpreter (/usr for /usr/bin/python3)."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(base)))
+
+
+def _check_not_protected(base: Path, path: Path) -> None:
+    """PolicyError, before anything is built, when the environment or its
+    base Python lies in a place heel's sandboxes keep closed (a pyenv
+    Python in the home directory, say): no sandbox could run it."""
+    from ._plan import _under, protected_paths
+    from .config import SandboxConfig
+
+    denied = protected_paths(SandboxConfig())
+    for what, place in (("the base Python", base_prefix(base)), ("the environment", os.fspath(path))):
+        for d in denied:
+            if _under(place, d):
+                raise PolicyError(f"{what} ({place}) is inside the protected place {d}, which sandboxes keep "
+                                  "closed: use a Python and a directory outside it "
+                                  "(VenvConfig(..., python='/usr/bin/python3'))")
+
+
 def interpreter_version(base: Path) -> tuple[int, int]:
     """The (major, minor) of the host's own base interpreter."""
     try:
         out = subprocess.run([os.fspath(base), "-I", "-c", "import sys; print(*sys.version_info[:2])"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, cwd="/", env=_host_tool_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InterpreterNotFound(f"{base} does not run: {exc}") from None
     fields = out.stdout.split()
@@ -268,13 +299,28 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+#: pyvenv.cfg is a few lines; more is not one.
+_MAX_CFG = 65536
+
+
 def read_pyvenv_cfg(path: Path) -> dict[str, str]:
+    """pyvenv.cfg's settings.  A sandbox with allow_pip_install may have
+    replaced the file, so it is opened without following a link and without
+    blocking, and must be a small regular file (not /dev/zero, not a FIFO):
+    BrokenVenv otherwise."""
+    fd = os.open(path / "pyvenv.cfg", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CFG:
+            raise BrokenVenv(f"{path}/pyvenv.cfg is not a small regular file")
+        data = os.read(fd, _MAX_CFG + 1)
+    finally:
+        os.close(fd)
     values = {}
-    with open(path / "pyvenv.cfg", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            key, sep, value = line.partition("=")
-            if sep:
-                values[key.strip().lower()] = value.strip()
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip().lower()] = value.strip()
     return values
 
 
@@ -284,6 +330,10 @@ def inspect(path: Path, want: tuple[int, int] | None = None) -> dict[str, str]:
     otherwise."""
     if path.is_symlink() or not path.is_dir():
         raise BrokenVenv(f"{path} is not a directory")
+    if os.path.realpath(path) != os.fspath(path):
+        # A parent was swapped for a link since the path was resolved: the
+        # grants would land on whatever it points at.
+        raise BrokenVenv(f"{path} now leads through a symbolic link (to {os.path.realpath(path)})")
     try:
         cfg = read_pyvenv_cfg(path)
     except FileNotFoundError:
@@ -291,7 +341,12 @@ def inspect(path: Path, want: tuple[int, int] | None = None) -> dict[str, str]:
     except OSError as exc:
         raise BrokenVenv(f"{path}/pyvenv.cfg cannot be read: {exc.strerror}") from None
     python = path / "bin" / "python"
-    if not os.path.exists(python):  # follows the link: a dangling one is no interpreter
+    try:
+        kind = os.lstat(python).st_mode
+    except OSError:
+        kind = 0
+    if not (stat.S_ISLNK(kind) or stat.S_ISREG(kind)) or not os.path.exists(python):
+        # A link (to the base) or a copy; a dangling link is no interpreter.
         raise BrokenVenv(f"{path} has no interpreter ({python} is missing or points nowhere); "
                          "remove the directory to rebuild it")
     found = _cfg_version(cfg)
@@ -347,15 +402,17 @@ async def _make_venv(path: Path, base: Path, uv: str | None, system_site_package
     fetches pip from the network.  Otherwise, or when no such wheel is
     found: the base interpreter's venv module, whose ensurepip does the
     same from inside Python (seconds)."""
+    import trio
+
     if uv:
-        wheel = _bundled_pip_wheel(base)
+        wheel = await trio.to_thread.run_sync(_bundled_pip_wheel, base)
         if wheel is not None:
-            argv = [uv, "venv", "--quiet", "--python", os.fspath(base), os.fspath(path)]
+            argv = [uv, "venv", "--quiet", "--no-config", "--python", os.fspath(base), os.fspath(path)]
             if system_site_packages:
                 argv.insert(2, "--system-site-packages")
             made = await _run_group(argv)
             if made.returncode == 0:
-                seeded = await _run_group([uv, "pip", "install", "--quiet", "--offline", "--no-index",
+                seeded = await _run_group([uv, "pip", "install", "--quiet", "--no-config", "--offline", "--no-index",
                                            "--python", os.fspath(path / "bin" / "python"), os.fspath(wheel)])
                 if seeded.returncode == 0:
                     return
@@ -375,7 +432,7 @@ def _bundled_pip_wheel(base: Path) -> Path | None:
     try:
         out = subprocess.run([os.fspath(base), "-I", "-c",
                               "import ensurepip, os; print(os.path.dirname(ensurepip.__file__))"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, cwd="/", env=_host_tool_env())
     except (OSError, subprocess.TimeoutExpired):
         out = None
     places = []
@@ -404,7 +461,18 @@ async def _run_group(argv: list[str]):
             pass
 
     return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
-                                  start_new_session=True, deliver_cancel=kill_group)
+                                  start_new_session=True, deliver_cancel=kill_group,
+                                  cwd="/", env=_host_tool_env())
+
+
+def _host_tool_env() -> dict[str, str]:
+    """The environment of the tools heel runs on the host: without the
+    variables that steer Python, pip or uv (a sandbox may have written the
+    files they point at), and run from "/" (uv reads uv.toml and
+    pyproject.toml from the directory it runs in, which may be a sandbox's
+    workdir)."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith(("UV_", "PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
 
 
 def installer_policy(config: VenvConfig):
@@ -432,7 +500,7 @@ def _host_pattern(url: str) -> str:
 def _installer_argv(config: VenvConfig, path: Path, uv: str | None, requirements: list[str]) -> list[str]:
     python = os.fspath(path / "bin" / "python")
     if uv:
-        argv = [uv, "pip", "install", "--python", python]
+        argv = [uv, "pip", "install", "--no-config", "--python", python]
     else:
         argv = [python, "-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check",
                 "--no-input"]
@@ -450,7 +518,7 @@ def _installer_argv(config: VenvConfig, path: Path, uv: str | None, requirements
     return argv + ["--", *requirements] if not uv else argv + requirements
 
 
-async def _install(config: VenvConfig, path: Path, uv: str | None, requirements: list[str],
+async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, requirements: list[str],
                    report: Callable[..., None], resolver, timeout: float) -> None:
     """Run the installer inside a sandbox that may write the environment and
     reach the index, and nothing else of the host."""
@@ -460,8 +528,13 @@ async def _install(config: VenvConfig, path: Path, uv: str | None, requirements:
     from .sandbox import Sandbox, Stdio
 
     readable = [link for link in config.find_links if not link.startswith(("http://", "https://"))]
+    # STRICT: the installer runs the environment's own interpreter, which an
+    # earlier sandbox with allow_pip_install may have changed (a .pth file),
+    # so it sees no more than such a sandbox did: the environment, its base
+    # Python, uv and the find_links directories, and the index hosts.
+    executable = [base_prefix(base)] + ([uv] if uv else [])
     sandbox_config = SandboxConfig(
-        level=IsolationLevel.DEFAULT, writable=[path], readable=readable, executable=[uv] if uv else [],
+        level=IsolationLevel.STRICT, writable=[path], readable=readable, executable=executable,
         network=installer_policy(config), limits=ResourceLimits(timeout=timeout),
         env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
              "UV_PYTHON_DOWNLOADS": "never"})
@@ -525,7 +598,7 @@ class PythonConfig(Frozen):
         if isinstance(venv, (str, os.PathLike)):
             if not os.fspath(venv):
                 raise PolicyError("PythonConfig: venv must not be empty")
-            venv = Path(os.path.abspath(os.path.expanduser(os.fspath(venv))))
+            venv = Path(os.path.realpath(os.path.expanduser(os.fspath(venv))))
         elif not isinstance(venv, VenvConfig):
             raise PolicyError(f"PythonConfig: venv must be a VenvConfig or a path, got {venv!r}")
         self._set("venv", venv)

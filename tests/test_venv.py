@@ -10,7 +10,9 @@ from the system Python (a Python inside a protected home cannot be granted).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -251,7 +253,8 @@ async def test_run_python_output_exit_codes_exceptions_and_timeouts(alpha_venv):
     assert exit_code.returncode == 3
     trace = failed.stderr.decode()
     assert failed.returncode == 1 and "ValueError: boom" in trace
-    assert 'File "/tmp/heel_python_3.py", line 2, in f' in trace and "raise ValueError('boom')" in trace, trace
+    assert re.search(r'File "/tmp/heel_python_3_[0-9a-f]{8}\.py", line 2, in f', trace), trace
+    assert "raise ValueError('boom')" in trace, trace
     assert slow.timed_out
     assert plain.stdout == b"alpha-1.0\n"
 
@@ -270,10 +273,16 @@ async def test_a_venv_whose_python_lives_in_a_protected_home_is_refused(tmp_path
     if not any(base.startswith(h + os.sep) for h in homes):
         pytest.skip("this Python does not live in a home directory")
     directory = tempfile.mkdtemp(prefix="heel-venv-home-", dir="/var/tmp")
+    env = os.path.join(directory, "env")
     try:
-        await heel.VenvManager.create(heel.VenvConfig(os.path.join(directory, "env"), python=base))
+        # Refused before anything is built...
         with pytest.raises(heel.PolicyError, match="protected place"):
-            async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(os.path.join(directory, "env")))):
+            await heel.VenvManager.create(heel.VenvConfig(env, python=base))
+        assert not os.path.exists(env)
+        # ...and an environment made from it elsewhere is refused when a sandbox would use it.
+        subprocess.run([base, "-m", "venv", "--without-pip", env], check=True)
+        with pytest.raises(heel.PolicyError, match="protected place"):
+            async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(env))):
                 pass
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -316,3 +325,73 @@ async def test_a_rewritten_pyvenv_cfg_grants_nothing_at_strict(venv_dir, outside
     async with heel.Sandbox(heel.SandboxConfig(level="strict", python=heel.PythonConfig(venv_dir))) as sb:
         out = await sb.run_python("print('ok')")
     assert out.stdout == b"ok\n", explain(out)
+
+
+# ---- what a sandbox that could write the environment leaves for the host -------------
+
+
+@pytest.mark.parametrize("replacement", ["symlink to /dev/zero", "fifo"])
+async def test_a_replaced_pyvenv_cfg_is_refused_at_once(venv_dir, replacement):
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    await heel.VenvManager.create(config)
+    cfg = os.path.join(venv_dir, "pyvenv.cfg")
+    os.unlink(cfg)
+    if replacement == "fifo":
+        os.mkfifo(cfg)
+    else:
+        os.symlink("/dev/zero", cfg)
+    with trio.fail_after(10):  # neither a hang nor an endless read
+        with pytest.raises(heel.BrokenVenv, match="pyvenv.cfg"):
+            await heel.VenvManager.create(config)
+        with pytest.raises(heel.BrokenVenv, match="pyvenv.cfg"):
+            async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(venv_dir))):
+                pass
+
+
+async def test_a_parent_swapped_for_a_link_is_refused(venv_dir):
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    await heel.VenvManager.create(config)
+    base = os.path.dirname(venv_dir)
+    elsewhere = base + "-elsewhere"
+    os.rename(base, elsewhere)
+    try:
+        os.symlink(elsewhere, base)
+        with pytest.raises(heel.BrokenVenv, match="symbolic link"):
+            await heel.VenvManager.create(config)
+    finally:
+        os.unlink(base)
+        os.rename(elsewhere, base)
+
+
+async def test_the_installer_sees_no_more_than_a_strict_sandbox(venv_dir, wheels, outside_dir):
+    """A .pth file planted in the environment runs in the installer: it must
+    not read what a STRICT sandbox cannot."""
+    secret = os.path.join(outside_dir, "secret.txt")
+    with open(secret, "w") as f:
+        f.write("heel-installer-secret\n")
+    os.chmod(secret, 0o644)
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, find_links=[wheels], no_index=True)
+    await heel.VenvManager.create(config)
+    (site,) = heel.venv.site_packages(config.path)
+    with open(site / "zz_probe.pth", "w") as f:
+        f.write(f"import sys; sys.stdout.write('PROBE ' + repr(open({secret!r}).read()) if __import__('os')"
+                f".access({secret!r}, 4) else 'PROBE refused\\n')\n")
+    events, on_progress = record()
+    try:
+        await heel.VenvManager.create(config.replace(packages=("heelalpha",)), on_progress=on_progress)
+        said = " ".join(e.message for e in events)
+    except heel.InstallError as exc:
+        said = str(exc) + exc.output
+    assert "heel-installer-secret" not in said, said
+
+
+async def test_uv_ignores_config_files_where_it_runs(venv_dir, wheels, monkeypatch, tmp_path):
+    if not shutil.which("uv"):
+        pytest.skip("uv is not installed")
+    # uv reads uv.toml from its working directory: one that does not parse
+    # would stop it, if heel let it look.
+    (tmp_path / "uv.toml").write_text("this is [not toml\n")
+    monkeypatch.chdir(tmp_path)
+    venv = await heel.VenvManager.create(heel.VenvConfig(venv_dir, ["heelalpha"], python=SYSTEM_PYTHON,
+                                                         use_uv=True, find_links=[wheels], no_index=True))
+    assert "heelalpha" in venv.packages
