@@ -170,9 +170,9 @@ def probe() -> ProbeReport:
           "processes that escape the subreaper may outlive the sandbox", partial=True),
         p("network_namespace", ns, "only loopback: no route out, no UDP, no DNS; the proxy listens "
           "inside at 127.0.0.1 and nothing else can reach it",
-          "TCP held by Landlock's port rule and seccomp (no UDP): a direct connection to the proxy's "
-          "port number on another host is possible, and the proxy's listener on the host's loopback "
-          "is guarded by a secret" if abi >= 4 else
+          "TCP held by Landlock's port rule and seccomp (no UDP, no listen()): a direct connection to "
+          "the proxy's port number on another host is possible, and the proxy's listener on the "
+          "host's loopback is guarded by a secret" if abi >= 4 else
           "no network policy can be enforced (needs Landlock ABI 4); only DenyAll works",
           partial=abi >= 4),
         p("capabilities", True, "none inside (bounding set emptied, securebits locked)", ""),
