@@ -19,6 +19,7 @@ import pytest
 import trio
 
 import heel
+import heel._relay
 from helpers import explain, py, sh
 from netservers import EchoServer, HttpServer
 
@@ -716,3 +717,33 @@ async def test_the_proxy_port_on_another_address_is_not_the_proxy():
                 """)
         assert b"CONNECTED" not in out.stdout and out.stdout.count(b"refused") == len(targets), explain(out)
         assert _nothing_arrived(listener)
+
+
+async def test_closing_the_sandbox_ends_its_tunnels_and_leaves_no_fds(echo):
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    heel._relay._get_relay()  # the relay's own fds live as long as the process
+    before = open_fds()
+    async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+        # A tunnel held open by a process that never ends on its own.
+        process = await sb.command("python3").args(["-c", f"""
+import os, socket, time, urllib.parse
+p = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+s = socket.create_connection((p.hostname, p.port))
+s.sendall(b"CONNECT echo.test:{echo.port} HTTP/1.1\\r\\n\\r\\n")
+print(s.recv(100).split(b"\\r\\n")[0].decode(), flush=True)
+time.sleep(600)
+"""]).stdout(heel.Stdio.PIPE).spawn()
+        with trio.fail_after(20):
+            line = await process.stdout.receive_some(100)
+        assert line.startswith(b"HTTP/1.1 200"), line
+        with trio.fail_after(10):
+            while echo.connections < 1:
+                await trio.sleep(0.05)
+    # The sandbox is closed: its tunnel ended, and the event says so.
+    events = sb.network_events()
+    assert len(events) == 1 and events[0].allowed, events
+    with trio.fail_after(10):
+        while open_fds() > before:
+            await trio.sleep(0.05)
