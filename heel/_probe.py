@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from collections import namedtuple
 
 from . import _native
 from ._plan import Environment, build_plan
-from ._spawn import Prepared
+from ._spawn import Prepared, make_temp_dir, remove_tree
 from .config import IsolationLevel, SandboxConfig
 from .errors import HeelError, SandboxUnavailable
 
@@ -49,7 +47,7 @@ def _trial(env: Environment) -> str:
     """Run `true` under a STRICT plan for env; '' on success, else why not."""
     from . import _sync
 
-    base = tempfile.mkdtemp(prefix="heel-probe-")
+    base = make_temp_dir("heel-probe-")
     try:
         work, tmp = os.path.join(base, "work"), os.path.join(base, "tmp")
         os.mkdir(work)
@@ -66,7 +64,7 @@ def _trial(env: Environment) -> str:
     except (OSError, HeelError) as exc:
         return str(exc)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        remove_tree(base)
 
 
 @functools.lru_cache(maxsize=1)

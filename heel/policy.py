@@ -21,17 +21,34 @@ to 169.254.169.254 does not reach the metadata service.
 from __future__ import annotations
 
 import abc
-import ipaddress
 from collections import namedtuple
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 
-from ._netaddr import normalize_host, parse_ip
 from .errors import PolicyError
+
+# Not typing.TYPE_CHECKING: see NetworkRequest below.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ipaddress
+
+    _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["NetworkPolicy", "DenyAll", "AllowAll", "AllowList", "CustomPolicy", "NetworkRequest", "Decision"]
 
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+def normalize_host(host: str) -> str:
+    # heel._netaddr (and ipaddress) on first use: `heel run` imports this
+    # module for DenyAll alone, and never needs them.
+    from ._netaddr import normalize_host
+
+    return normalize_host(host)
+
+
+def parse_ip(host: str):
+    from ._netaddr import parse_ip
+
+    return parse_ip(host)
 
 
 # collections.namedtuple rather than typing.NamedTuple (the same thing at run
@@ -236,6 +253,8 @@ def _parse_pattern(pattern: object) -> _Pattern:
         if host.startswith("*."):
             return _Pattern("wildcard", _wildcard_suffix(host), port)
         if "/" in host:
+            import ipaddress
+
             return _Pattern("network", ipaddress.ip_network(host.strip("[]"), strict=True), port)
         name = normalize_host(host)
     except ValueError as error:
@@ -243,6 +262,8 @@ def _parse_pattern(pattern: object) -> _Pattern:
     ip = parse_ip(name)
     if ip is None:
         return _Pattern("name", name, port)
+    import ipaddress
+
     return _Pattern("network", ipaddress.ip_network(ip), port)
 
 

@@ -274,3 +274,24 @@ async def test_any_signal_reaches_the_command_not_its_init():
             with trio.fail_after(10):
                 assert await process.wait() == -signal.SIGPWR
             assert processes_with(marker) == []
+
+
+def test_remove_tree_never_follows_links(tmp_path):
+    """The temporary directory is the sandbox's to fill: links it leaves
+    there (to directories and to files) are removed, their targets kept."""
+    from heel._spawn import make_temp_dir, remove_tree
+
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep.txt").write_text("keep")
+    (outside / "file.txt").write_text("keep too")
+    base = make_temp_dir("heel-test-remove-")
+    assert oct(os.stat(base).st_mode & 0o777) == "0o700"
+    os.makedirs(os.path.join(base, "work", "deep"))
+    open(os.path.join(base, "work", "deep", "f"), "w").close()
+    os.symlink(outside, os.path.join(base, "work", "dirlink"))
+    os.symlink(outside / "file.txt", os.path.join(base, "work", "deep", "filelink"))
+    remove_tree(base)
+    assert not os.path.lexists(base)
+    assert (outside / "sub" / "keep.txt").read_text() == "keep"
+    assert (outside / "file.txt").read_text() == "keep too"
