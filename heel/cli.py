@@ -244,8 +244,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> 
     config = config.replace(on_network_event=report)
     signum = 0
 
-    async def main():  # -> ExitStatus | None (None: a signal ended it)
-        nonlocal signum
+    async def work():
         if python is not None and not isinstance(python.venv, (str, os.PathLike)):
             from .venv import VenvManager
 
@@ -253,21 +252,34 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> 
         async with Sandbox(config) as sandbox:
             command = sandbox.command(argv[0]).args(argv[1:])
             command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
-            status = None
+            return await command.status()
+
+    async def main():  # -> ExitStatus | None (None: a signal ended it)
+        nonlocal signum
+        status = None
+        try:
             async with trio.open_nursery() as nursery:
                 async def on_signal() -> None:
                     nonlocal signum
-                    # SIGTERM or a closed terminal: unwind, and the sandbox's
-                    # close kills the whole tree.
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                    # Ctrl-C, SIGTERM or a closed terminal: unwind, and the
+                    # sandbox's close kills the whole tree.  Received here, not
+                    # raised as KeyboardInterrupt somewhere inside trio.
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                         async for signum in signals:
                             nursery.cancel_scope.cancel()
                             return
 
                 nursery.start_soon(on_signal)
-                status = await command.status()
+                status = await work()
                 nursery.cancel_scope.cancel()
-            return status
+        except BaseException as exc:
+            # The nursery wraps what work() raised in a group: the CLI
+            # reports the error itself (HeelError -> one line, 125).
+            inner = getattr(exc, "exceptions", None)
+            if inner is not None and len(inner) == 1:
+                raise inner[0] from None
+            raise
+        return status
 
     status = trio.run(main)
     if signum or status is None:

@@ -353,3 +353,30 @@ def test_python_with_packages_builds_a_temporary_environment(host_dir):
     stderr = failed.stderr.decode()
     assert failed.returncode == 125 and "heel-not-there" in stderr, stderr
     assert "No matching distribution found" in stderr or "unsatisfiable" in stderr, stderr
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_with_a_network_signals_still_kill_the_tree(signum, code):
+    # The trio runner (used when the sandbox has a proxy) handles them too.
+    marker = "4712.5" if signum == signal.SIGINT else "4713.5"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heel", "run", "--network", "allow", "--", "sh", "-c",
+         f"sleep {marker} & sleep {marker}"],
+        stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(1.5)  # let it start
+        process.send_signal(signum)
+        assert process.wait(timeout=15) == code
+        assert b"Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    time.sleep(0.2)
+    leftovers = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True)
+    assert leftovers.stdout == b""
+
+
+def test_with_a_network_heel_errors_are_still_one_line():
+    result = heel("run", "--network", "allow", "--", "heel-no-such-program")
+    assert "command not found" in assert_heel_error(result, 127)
