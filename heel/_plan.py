@@ -261,12 +261,11 @@ def _known_python_prefixes(python) -> set[str]:
     running it, and the base a VenvConfig names."""
     import sys
 
-    from .venv import VenvConfig, find_interpreter
+    from .venv import VenvConfig, base_prefix, find_interpreter
 
     known = {os.path.realpath(sys.base_prefix)}
     if isinstance(python.venv, VenvConfig):
-        base = os.path.realpath(find_interpreter(python.venv.python))
-        known.add(os.path.dirname(os.path.dirname(base)))
+        known.add(base_prefix(find_interpreter(python.venv.python)))
     return known
 
 

@@ -392,9 +392,10 @@ def temp_root() -> str:
     return "/tmp"
 
 
-def make_temp_dir(prefix: str) -> str:
-    """A new private (0700) directory in temp_root(), as tempfile.mkdtemp."""
-    root = temp_root()
+def make_temp_dir(prefix: str, root: str | None = None) -> str:
+    """A new private (0700) directory in ``root`` (default temp_root()), as
+    tempfile.mkdtemp."""
+    root = root or temp_root()
     for _ in range(100):
         path = os.path.join(root, prefix + os.urandom(6).hex())
         try:

@@ -154,8 +154,13 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
                               cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
     finally:
         session.close()
+    return _exit_status(argv[0], timeout, code, timed_out)
+
+
+def _exit_status(program: str, timeout: float | None, code: int, timed_out: bool) -> int:
+    """heel's exit status for the command's end (see the module docstring)."""
     if timed_out:
-        _say(f"{argv[0]}: timed out after {timeout:g} seconds and was killed")
+        _say(f"{program}: timed out after {timeout:g} seconds and was killed")
         return EXIT_TIMEOUT
     return 128 - code if code < 0 else code
 
@@ -163,8 +168,7 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
 def _python(namespace, config: SandboxConfig) -> int:
     """``heel python``: build the environment (if one is asked for), then run
     the interpreter in the sandbox."""
-    import tempfile
-
+    from ._spawn import make_temp_dir, remove_tree
     from .errors import PolicyError
     from .venv import PythonConfig, VenvConfig
 
@@ -178,7 +182,7 @@ def _python(namespace, config: SandboxConfig) -> int:
         if venv_options:
             path = namespace.venv
             if path is None:
-                temporary = tempfile.mkdtemp(prefix="heel-venv-", dir="/var/tmp")
+                temporary = make_temp_dir("heel-venv-", root="/var/tmp")
                 # Searchable by the sandbox's uid, which is not root's when
                 # root runs heel (the environment itself stays root's).
                 os.chmod(temporary, 0o755)
@@ -203,12 +207,13 @@ def _python(namespace, config: SandboxConfig) -> int:
                 raise PolicyError(f"python: {script[0]}: no such script")
             config = config.replace(readable=(*config.readable, path))
             argv += [path] + script[1:]
-        return _execute_with_proxy(config, argv, python)
+        if python is None and config.network.denies_everything:
+            with _terminate_on_signals():
+                return _execute(config, argv)
+        return _execute_with_proxy(config, argv)
     finally:
         if temporary is not None:
-            import shutil
-
-            shutil.rmtree(temporary, ignore_errors=True)
+            remove_tree(temporary)
 
 
 def _progress(event) -> None:
@@ -229,7 +234,7 @@ def _progress(event) -> None:
     sys.stderr.flush()
 
 
-def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> int:
+def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
     """_execute under trio: for a sandbox with a network (the proxy runs
     under trio) or a Python environment to build.  Each denial is one line
     on stderr."""
@@ -245,17 +250,12 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> 
     signum = 0
 
     async def work():
-        if python is not None and not isinstance(python.venv, (str, os.PathLike)):
-            from .venv import VenvManager
-
-            await VenvManager.create(python.venv, on_progress=_progress)
-        async with Sandbox(config) as sandbox:
+        async with Sandbox(config, on_venv_progress=_progress) as sandbox:
             command = sandbox.command(argv[0]).args(argv[1:])
             command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
             return await command.status()
 
     async def main():  # -> ExitStatus | None (None: a signal ended it)
-        nonlocal signum
         status = None
         try:
             async with trio.open_nursery() as nursery:
@@ -284,11 +284,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str], python=None) -> 
     status = trio.run(main)
     if signum or status is None:
         return 128 + signum
-    if status.timed_out:
-        _say(f"{argv[0]}: timed out after {config.limits.timeout:g} seconds and was killed")
-        return EXIT_TIMEOUT
-    code = status.returncode
-    return 128 - code if code < 0 else code
+    return _exit_status(argv[0], config.limits.timeout, status.returncode, status.timed_out)
 
 
 def _typer_main(args: list[str]) -> int:

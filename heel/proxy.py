@@ -102,18 +102,14 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 
 
 def _connection_budget() -> int:
-    """MAX_CONNECTIONS, or fewer where the host's fd limit could not hold
-    them (after raising the soft limit to the hard one: a proxy needs fds)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError):
-            pass
+    """MAX_CONNECTIONS, or fewer where the process's fd limit could not hold
+    them next to everything else it has open.  The limit is left as it is
+    (raising it would reach every child the host starts): raise
+    RLIMIT_NOFILE yourself for more connections."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
-    return max(16, min(MAX_CONNECTIONS, (soft - 256) // (2 * FDS_PER_TUNNEL)))
+    return max(16, min(MAX_CONNECTIONS, (soft - 128) // (FDS_PER_TUNNEL + 2)))
 
 
 def _is_local(address) -> bool:
@@ -281,7 +277,7 @@ class Proxy:
                 method=None if is_connect else request.method,
                 url=None if is_connect else _url(host, request.port, request.path),
                 command=command)
-            upstream = await self._open_upstream(net_request)
+            upstream, reason = await self._open_upstream(net_request)
         except _Refused as refused:
             extra = [("Proxy-Authenticate", 'Basic realm="heel"')] if refused.status == 407 else []
             where = f"{request.host}:{request.port}"
@@ -294,9 +290,9 @@ class Proxy:
         with upstream:
             if is_connect:
                 await _send(conn, proto.CONNECT_ESTABLISHED)
-                await self._tunnel(conn, upstream, leftover, net_request, arrived)
+                await self._tunnel(conn, upstream, leftover, net_request, arrived, reason)
             else:
-                await self._forward(conn, upstream, request, leftover, net_request, arrived)
+                await self._forward(conn, upstream, request, leftover, net_request, arrived, reason)
 
     # ---- SOCKS5 ----------------------------------------------------------
 
@@ -338,7 +334,7 @@ class Proxy:
             host = _host(event.host)
             net_request = NetworkRequest(host=host, port=event.port, protocol="socks", method=None,
                                          url=None, command=command)
-            upstream = await self._open_upstream(net_request)
+            upstream, reason = await self._open_upstream(net_request)
         except _Refused as refused:
             await _send(conn, proto.socks5_reply(refused.socks_code))
             if refused.decided:
@@ -347,7 +343,7 @@ class Proxy:
             return
         with upstream:
             await _send(conn, proto.socks5_reply(proto.SUCCEEDED))
-            await self._tunnel(conn, upstream, handshake.trailing_data, net_request, arrived)
+            await self._tunnel(conn, upstream, handshake.trailing_data, net_request, arrived, reason)
 
     # ---- shared ----------------------------------------------------------
 
@@ -364,7 +360,9 @@ class Proxy:
             raise _Refused(407, proto.NOT_ALLOWED, "wrong proxy credential", decided=False)
         return self.commands.get(user)
 
-    async def _open_upstream(self, request: NetworkRequest) -> trio.socket.SocketType:
+    async def _open_upstream(self, request: NetworkRequest) -> tuple[trio.socket.SocketType, str]:
+        """A connected socket to what the request names, and the policy's
+        reason for allowing it; or _Refused."""
         decision = await self.policy.decide(request)
         if not decision.allowed:
             raise _Refused(403, proto.NOT_ALLOWED, decision.reason)
@@ -383,9 +381,7 @@ class Proxy:
                 raise _Refused(502, proto.HOST_UNREACHABLE, f"cannot resolve {request.host}: {exc}") from None
             if not addresses:
                 raise _Refused(502, proto.HOST_UNREACHABLE, f"{request.host} has no address")
-        checked = []
         for address in addresses:
-            checked.append(address)
             internal = _netaddr.is_restricted(address) or _is_local(address)
             if internal and not self.policy.permits_restricted(request, address):
                 what = "is" if literal is not None else f"resolves to {address}, which is"
@@ -394,7 +390,7 @@ class Proxy:
                                "metadata or this host's own) that the policy does not name")
         errors = []
         with trio.move_on_after(CONNECT_TIMEOUT):
-            for address in checked:
+            for address in addresses:
                 family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
                 sock = trio.socket.socket(family, socket.SOCK_STREAM)
                 try:
@@ -407,12 +403,12 @@ class Proxy:
                     sock.close()
                     raise
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return sock
+                return sock, decision.reason
         detail = "; ".join(errors) or "timed out"
         raise _Refused(502, proto.CONNECTION_REFUSED, f"cannot connect to {request.host}:{request.port}: {detail}")
 
     async def _forward(self, conn, upstream, request, leftover: bytes, net_request: NetworkRequest,
-                       arrived: float) -> None:
+                       arrived: float, reason: str) -> None:
         """Plain HTTP: exactly one request goes upstream, its head rewritten
         and its body as long as Content-Length says; whatever the client
         sends after it (a pipelined second request, perhaps to another host
@@ -449,9 +445,10 @@ class Proxy:
                 nursery.cancel_scope.cancel()
         finally:
             self.record(NetworkEvent(arrived, net_request.host, net_request.port, "http", True,
-                                     "allowed by the policy", net_request.command, sent, received))
+                                     reason, net_request.command, sent, received))
 
-    async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float) -> None:
+    async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float,
+                      reason: str) -> None:
         sent = 0
         result = None
         try:
@@ -463,7 +460,7 @@ class Proxy:
             sent_total = sent + (result.a_to_b if result else 0)
             received = result.b_to_a if result else 0
             self.record(NetworkEvent(arrived, request.host, request.port, request.protocol, True,
-                                     "allowed by the policy", request.command, sent_total, received))
+                                     reason, request.command, sent_total, received))
 
 
 def _address(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

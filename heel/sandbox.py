@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import math
 import os
 import subprocess
@@ -21,7 +22,10 @@ from .process import Process
 
 if TYPE_CHECKING:
     from .config import PathLike
+    from collections.abc import Callable
+
     from .proxy import NetworkEvent, Proxy, Resolver
+    from .venv import VenvProgress
 
 P = TypeVar("P", bound=NetworkPolicy)
 
@@ -75,11 +79,15 @@ class Sandbox(Generic[P]):
     With a network policy other than DenyAll the sandbox gets heel's proxy
     (heel.proxy), which runs in the sandbox's nursery; ``resolver`` replaces
     the host's name resolution for it (an async callable (host, port) ->
-    addresses), for tests that map names to local servers.
+    addresses), for tests that map names to local servers.  When the
+    config's PythonConfig names a VenvConfig, the environment is built (or
+    extended) as the sandbox opens; ``on_venv_progress`` gets its
+    VenvProgress events.
     """
 
     def __init__(self, config: SandboxConfig[P] | None = None, *,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None,
+                 on_venv_progress: Callable[[VenvProgress], object] | None = None) -> None:
         if config is None:
             config = SandboxConfig()
         if not isinstance(config, SandboxConfig):
@@ -88,6 +96,7 @@ class Sandbox(Generic[P]):
             raise PolicyError(f"resolver must be an async callable (host, port) -> addresses, got {resolver!r}")
         self.config = config
         self._resolver = resolver
+        self._on_venv_progress = on_venv_progress
         self._proxy: Proxy | None = None
         self._proxy_scope: trio.CancelScope | None = None
         self._proxy_done: trio.Event | None = None
@@ -110,7 +119,8 @@ class Sandbox(Generic[P]):
             if isinstance(python.venv, VenvConfig):
                 # Built (or extended) before the sandbox opens: the plan
                 # grants what is there.
-                await VenvManager.create(python.venv, resolver=self._resolver)
+                await VenvManager.create(python.venv, resolver=self._resolver,
+                                         on_progress=self._on_venv_progress)
         self._session = Session(self.config)
         self.degraded = self._session.degraded
         # Background work of the sandbox (copying stdio that must not be
@@ -231,7 +241,7 @@ class Sandbox(Generic[P]):
             except FileExistsError:
                 continue
         else:
-            raise SandboxClosed("run_python: cannot make a file in the sandbox's tmp")
+            raise OSError(errno.EEXIST, "run_python: no free file name in the sandbox's tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(code)
         command = self.python().arg(os.path.join(plan.tmp, name)).args([_arg(a, "args") for a in args])
@@ -281,8 +291,13 @@ class Sandbox(Generic[P]):
             # command asked (NetworkRequest.command).
             self._commands_started += 1
             user = f"cmd{self._commands_started}"
+            # Kept after the command ends (what it left running may still ask),
+            # but not without end: the oldest names go first.
+            if len(self._proxy.commands) >= 4096:
+                del self._proxy.commands[next(iter(self._proxy.commands))]
             self._proxy.commands[user] = os.path.basename(os.fspath(cmd._argv[0]))
             env.update(proxy_environment(plan.proxy_port, user, plan.proxy_secret))
+            env.update(self.config.env)  # the config's own values win, as in the plan
         for key in cmd._env_remove:
             env.pop(key, None)
         env.update(cmd._env)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .config import Frozen
+from ._spawn import remove_tree
 from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError, SpawnError
 
 if TYPE_CHECKING:
@@ -203,11 +204,9 @@ class VenvManager:
                 inspect(path, version)
             except BaseException:
                 # Half an environment would read as a broken one next time.
+                remove_tree(os.fspath(path))
                 if existed:
-                    for entry in path.iterdir():
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-                else:
-                    shutil.rmtree(path, ignore_errors=True)
+                    os.makedirs(path, exist_ok=True)  # the empty directory it was given
                 raise
         installed = installed_distributions(path)
         missing = [req for req in config.packages if not _satisfied(req, installed)]
@@ -284,9 +283,9 @@ def _uv(use_uv: bool | None) -> str | None:
             raise InstallError("use_uv=True but uv is not installed (pip install uv, or use_uv=None)")
         return None
     found = os.path.realpath(found)
-    from ._plan import home_directories
+    from ._plan import _under, home_directories
 
-    home = next((h for h in home_directories() if found.startswith(h.rstrip("/") + "/")), None)
+    home = next((h for h in home_directories() if _under(found, h)), None)
     if home is not None:
         if use_uv:
             raise InstallError(f"uv ({found}) lives in {home}, which the installer's sandbox keeps closed: "
@@ -416,7 +415,7 @@ async def _make_venv(path: Path, base: Path, uv: str | None, system_site_package
                                            "--python", os.fspath(path / "bin" / "python"), os.fspath(wheel)])
                 if seeded.returncode == 0:
                     return
-            shutil.rmtree(path, ignore_errors=True)  # and make it the standard way
+            remove_tree(os.fspath(path))  # and make it the standard way
     argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
     if system_site_packages:
         argv.insert(4, "--system-site-packages")
@@ -543,8 +542,8 @@ async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, r
     report("install", f"installing {', '.join(requirements)}", 0, total)
     lines: list[str] = []
     async with Sandbox(sandbox_config, resolver=resolver) as sb:
-        command = sb.command(_installer_argv(config, path, uv, requirements)[0])
-        command.args(_installer_argv(config, path, uv, requirements)[1:])
+        argv = _installer_argv(config, path, uv, requirements)
+        command = sb.command(argv[0]).args(argv[1:])
         command.stdin(Stdio.NULL).stdout(Stdio.PIPE).stderr(Stdio.PIPE).timeout(timeout)
         try:
             process = await command.spawn()

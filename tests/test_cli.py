@@ -215,6 +215,8 @@ def test_run_imports_neither_typer_nor_trio():
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
     assert not {"typer", "trio"} & imported
+    # Nor what heel's run path got rid of (each a few ms at every start).
+    assert not {"shutil", "tempfile", "threading", "typing", "heel._netaddr"} & imported, imported
 
 
 # The option table, in process: no sandbox needed.

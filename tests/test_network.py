@@ -13,7 +13,6 @@ import os
 import select
 import shutil
 import socket
-import struct
 
 import pytest
 import trio
@@ -125,6 +124,16 @@ def sandbox(policy, names=None, **config) -> heel.Sandbox:
                         resolver=resolver_for(names or {}))
 
 
+async def settled_events(sb) -> list:
+    """The sandbox's events once every connection its proxy was serving has
+    ended: an allowed connection reports when the proxy sees it end, which
+    may be a moment after the client exited."""
+    with trio.fail_after(10):
+        while sb._proxy is not None and sb._proxy.open_connections:
+            await trio.sleep(0.01)
+    return sb.network_events()
+
+
 async def client(sb, *args: str) -> heel.Output:
     return await py(sb, CLIENT, *map(str, args))
 
@@ -151,7 +160,7 @@ async def test_proxy_environment_and_nothing_under_deny_all():
 async def test_connect_tunnel_reaches_local_server(echo):
     async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
         out = await client(sb, "connect", f"echo.test:{echo.port}", "hello through the tunnel")
-        events = sb.network_events()
+        events = await settled_events(sb)
     assert "STATUS HTTP/1.1 200" in out.stdout.decode(), explain(out)
     assert "DATA hello through the tunnel" in out.stdout.decode(), explain(out)
     assert echo.connections == 1
@@ -168,7 +177,7 @@ async def test_curl_plain_http_and_connect_and_socks(web):
     async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
         out = await sh(sb, f"curl -sS {url}/plain && curl -sS -p {url}/tunnel && "
                            f'curl -sS -x "$HEEL_SOCKS_PROXY" {url}/socks')
-        events = sb.network_events()
+        events = await settled_events(sb)
     assert out.returncode == 0, explain(out)
     lines = out.stdout.decode().splitlines()
     assert lines == ["heel-test-web GET /plain 0", "heel-test-web GET /tunnel 0", "heel-test-web GET /socks 0"], \
@@ -187,7 +196,7 @@ async def test_python_urllib_through_the_proxy(web):
             import urllib.request
             print(urllib.request.urlopen("http://web.test:{web.port}/py", data=b"x" * 1000).read().decode())
             """)
-        events = sb.network_events()
+        events = await settled_events(sb)
     assert out.stdout.decode().strip() == "heel-test-web POST /py 1000", explain(out)
     assert events[0].protocol == "http" and events[0].bytes_sent > 1000
 
@@ -200,7 +209,7 @@ async def test_denied_host_gets_403_with_reason_and_never_arrives(echo):
     async with sandbox(heel.AllowList(["echo.test"]), names) as sb:
         denied = await client(sb, "connect", f"other.test:{echo.port}", "x")
         allowed = await client(sb, "connect", f"echo.test:{echo.port}", "ok")
-        events = sb.network_events()
+        events = await settled_events(sb)
     assert "STATUS HTTP/1.1 403" in denied.stdout.decode(), explain(denied)
     assert "other.test" in denied.stdout.decode() and "allow" in denied.stdout.decode(), explain(denied)
     assert "DATA ok" in allowed.stdout.decode(), explain(allowed)
@@ -230,7 +239,7 @@ async def test_wildcard_and_port_semantics_end_to_end(echo, pattern, host, allow
     # loopback is still refused: the reason tells the two refusals apart.
     async with sandbox(heel.AllowList([pattern]), {host: ["127.0.0.1"]}) as sb:
         out = await client(sb, "connect", f"{host}:{echo.port}", "x")
-        (event,) = sb.network_events()
+        (event,) = await settled_events(sb)
     assert "STATUS HTTP/1.1 403" in out.stdout.decode(), explain(out)
     assert not event.allowed
     assert ("internal address" in event.reason) == allowed, event
@@ -242,7 +251,7 @@ async def test_wildcard_and_port_semantics_end_to_end(echo, pattern, host, allow
 async def test_ip_spellings_are_canonicalised_before_the_policy(echo, spelling):
     async with sandbox(heel.AllowAll()) as sb:
         refused = await client(sb, "connect", f"{spelling}:{echo.port}", "x")
-        (event,) = sb.network_events()
+        (event,) = await settled_events(sb)
     assert "STATUS HTTP/1.1 403" in refused.stdout.decode(), explain(refused)
     assert event.host == "127.0.0.1" and "internal address" in event.reason, event
     # Control: a policy that names the address explicitly lets every spelling through.
@@ -257,7 +266,7 @@ async def test_names_resolving_to_internal_addresses_are_refused(echo):
     async with sandbox(heel.AllowAll(), names) as sb:
         for name in names:
             await client(sb, "connect", f"{name}:{echo.port}", "x")
-        events = sb.network_events()
+        events = await settled_events(sb)
     assert [e.allowed for e in events] == [False] * len(names), events
     assert all("internal address" in e.reason for e in events), events
     assert echo.connections == 0
@@ -321,7 +330,7 @@ async def test_custom_policy_exception_or_hang_denies(echo, behaviour):
                        {"echo.test": ["127.0.0.1"]}) as sb:
         with trio.fail_after(TIMEOUT):
             out = await client(sb, "connect", f"echo.test:{echo.port}", "x")
-        (event,) = sb.network_events()
+        (event,) = await settled_events(sb)
     assert "STATUS HTTP/1.1 403" in out.stdout.decode(), explain(out)
     assert not event.allowed and ("RuntimeError" in event.reason if behaviour == "raise" else "0.5" in event.reason)
     assert echo.connections == 0
@@ -366,7 +375,7 @@ async def test_200_concurrent_tunnels(echo):
                 s.close()
             print("OK", ok)
             """, timeout=60)
-        events = sb.network_events()
+        events = await settled_events(sb)
     assert out.stdout.decode().strip() == "OK 200", explain(out)
     assert echo.connections == 200
     with trio.fail_after(10):  # each tunnel's event comes when it ends
@@ -534,7 +543,7 @@ async def test_common_tools_honour_the_proxy_environment(web, tool):
               "npm": f"npm view some-package --registry {url}/ --cache $TMPDIR/npm-cache"}[tool]
     async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
         out = await sh(sb, script, timeout=60)
-        events = sb.network_events()
+        events = await settled_events(sb)
     # The server's answer is no git repository or npm package: what matters is
     # that the request went through the proxy and arrived.
     assert web.requests, explain(out)
@@ -681,9 +690,32 @@ async def test_without_namespaces_listen_is_refused(no_namespaces):
 
 
 async def test_received_fds_are_not_inherited_by_host_children():
+    import subprocess
+    import sys
+
     async with sandbox(heel.AllowAll()) as sb:
-        assert not os.get_inheritable(sb._session.proxy_listener.fileno())
+        listener = os.fstat(sb._session.proxy_listener.fileno()).st_ino
+        # A child of the host that keeps every fd it may (close_fds=False).
+        child = subprocess.run(
+            [sys.executable, "-c", "import os\nfor fd in os.listdir('/proc/self/fd'):\n"
+             "    try: print(os.fstat(int(fd)).st_ino)\n    except OSError: pass"],
+            capture_output=True, close_fds=False, timeout=20)
+    inodes = {int(line) for line in child.stdout.split()}
+    assert inodes and listener not in inodes
+
+
+async def test_the_proxy_secret_stays_out_of_the_plans_repr():
+    async with sandbox(heel.AllowAll()) as sb:
         assert "<secret>" in repr(sb.plan) and sb.plan.proxy_secret not in repr(sb.plan)
+
+
+async def test_the_configs_own_proxy_variables_win():
+    env = {"NO_PROXY": "localhost,internal.example", "HTTP_PROXY": "http://corp.example:8080"}
+    async with sandbox(heel.AllowAll(), env=env) as sb:
+        out = await sh(sb, 'echo "$NO_PROXY $HTTP_PROXY $HTTPS_PROXY"')
+    no_proxy, http, https = out.stdout.decode().split()
+    assert (no_proxy, http) == ("localhost,internal.example", "http://corp.example:8080"), explain(out)
+    assert https.endswith("@127.0.0.1:3128")  # what the config left alone is heel's
 
 
 async def test_the_proxy_port_on_another_address_is_not_the_proxy():

@@ -370,12 +370,14 @@ async def test_the_installer_sees_no_more_than_a_strict_sandbox(venv_dir, wheels
     with open(secret, "w") as f:
         f.write("heel-installer-secret\n")
     os.chmod(secret, 0o644)
-    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, find_links=[wheels], no_index=True)
+    # pip: it runs the environment's interpreter, which runs the .pth.
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, find_links=[wheels], no_index=True, use_uv=False)
     await heel.VenvManager.create(config)
     (site,) = heel.venv.site_packages(config.path)
+    probe = (f"try:\n    sys.stdout.write('PROBE ' + open({secret!r}).read())\n"
+             "except OSError as e:\n    sys.stdout.write('PROBE refused %d\\n' % e.errno)\n")
     with open(site / "zz_probe.pth", "w") as f:
-        f.write(f"import sys; sys.stdout.write('PROBE ' + repr(open({secret!r}).read()) if __import__('os')"
-                f".access({secret!r}, 4) else 'PROBE refused\\n')\n")
+        f.write(f"import sys; exec({probe!r})\n")
     events, on_progress = record()
     try:
         await heel.VenvManager.create(config.replace(packages=("heelalpha",)), on_progress=on_progress)
@@ -383,6 +385,7 @@ async def test_the_installer_sees_no_more_than_a_strict_sandbox(venv_dir, wheels
     except heel.InstallError as exc:
         said = str(exc) + exc.output
     assert "heel-installer-secret" not in said, said
+    assert "PROBE refused" in said, said  # the probe did run, and was refused
 
 
 async def test_uv_ignores_config_files_where_it_runs(venv_dir, wheels, monkeypatch, tmp_path):
