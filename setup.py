@@ -1,6 +1,7 @@
 """Build heel: the cffi extension (csrc/build.py) and heel-init, the small
 executable that runs as the sandbox's pid 1 and starts its commands
-(csrc/init.c, with the seccomp filter of csrc/seccomp.c)."""
+(csrc/init.c, with the seccomp filter of csrc/seccomp.c and the Landlock
+calls of csrc/landlock.c)."""
 import os
 import sys
 
@@ -26,7 +27,7 @@ class BuildExtWithInit(build_ext):
         compiler = new_compiler()
         customize_compiler(compiler)
         objects = compiler.compile(
-            [os.path.join("csrc", "init.c"), os.path.join("csrc", "seccomp.c")],
+            [os.path.join("csrc", name) for name in ("init.c", "seccomp.c", "landlock.c")],
             output_dir=self.build_temp,
             include_dirs=["csrc"],
             extra_postargs=["-O2", "-Wall"],

@@ -97,6 +97,7 @@ struct zygote {
     int pidns;          /* heel-init is pid 1 of the sandbox's pid namespace */
     int own_domain;     /* each command gets a Landlock domain of its own */
     uint64_t scope;     /* ... which scopes signals and abstract sockets (ABI >= 6) */
+    int landlock_abi;   /* the kernel's Landlock ABI (< 1: none), read when own_domain */
     sigset_t orig_mask; /* the signal mask commands start with */
     pid_t *inits;       /* the commands' inits still running: every other child is an escapee */
     size_t ninits, cap;
@@ -271,7 +272,6 @@ static int exec_command(const char *program, char *const argv[], char *const env
  * cannot reach its init, heel-init or another command. */
 #define LL_MAKE_BLOCK (1ULL << 11)
 #define LL_REFER (1ULL << 13)          /* ABI 2 */
-#define LL_RULE_PATH_BENEATH 1
 
 /* A layer that does not handle REFER refuses every rename or link into
  * another directory (Landlock's ABI 1 rule): this one handles it and grants
@@ -279,39 +279,25 @@ static int exec_command(const char *program, char *const argv[], char *const env
  * write a temporary file and move it into place depend on it).  On ABI 1
  * the kernel knows no REFER, and the sandbox's layer refuses those moves
  * anyway. */
-static int enter_own_domain(uint64_t scoped)
+static int enter_own_domain(int abi, uint64_t scoped)
 {
-    struct {
-        uint64_t handled_access_fs, handled_access_net, scoped;
-    } attr = {LL_MAKE_BLOCK | LL_REFER, 0, scoped};
-    struct __attribute__((packed)) {
-        uint64_t allowed_access;
-        int32_t parent_fd;
-    } beneath = {LL_REFER, -1};
-    int fd = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
+    uint64_t handled = LL_MAKE_BLOCK | (abi >= 2 ? LL_REFER : 0);
+    int fd = heel_landlock_create(handled, 0, scoped);
+    int rc;
 
-    if (fd < 0 && errno == EINVAL) {
-        attr.handled_access_fs = LL_MAKE_BLOCK;
-        fd = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
-    }
-    if (fd < 0)
+    if (fd < 0) {
+        errno = -fd;
         return -1;
-    if (attr.handled_access_fs & LL_REFER) {
-        beneath.parent_fd = open("/", O_PATH | O_CLOEXEC);
-        if (beneath.parent_fd < 0 ||
-            syscall(__NR_landlock_add_rule, fd, LL_RULE_PATH_BENEATH, &beneath, 0) < 0) {
-            int err = errno;
-            if (beneath.parent_fd >= 0)
-                close(beneath.parent_fd);
-            close(fd);
-            errno = err;
-            return -1;
-        }
-        close(beneath.parent_fd);
     }
-    int rc = (int)syscall(__NR_landlock_restrict_self, fd, 0);
+    rc = (handled & LL_REFER) ? heel_landlock_add_path(fd, "/", LL_REFER) : 0;
+    if (rc == 0)
+        rc = syscall(__NR_landlock_restrict_self, fd, 0) < 0 ? -errno : 0;
     close(fd);
-    return rc;
+    if (rc < 0) {
+        errno = -rc;
+        return -1;
+    }
+    return 0;
 }
 
 /* In the forked child: tell the command's init what failed, and end. */
@@ -385,7 +371,7 @@ static void become_command(const struct zygote *z, const struct command *c, int 
         if (setrlimit(c->rlimits[i].resource, &rl) < 0)
             child_failed(report, HEEL_STAGE_RLIMIT, errno);
     }
-    if (z->own_domain && enter_own_domain(z->scope) < 0)
+    if (z->own_domain && enter_own_domain(z->landlock_abi, z->scope) < 0)
         child_failed(report, HEEL_STAGE_LANDLOCK, errno);
     sigprocmask(SIG_SETMASK, &z->orig_mask, NULL);
     child_failed(report, HEEL_STAGE_EXEC, exec_command(c->program, c->argv, c->envp));
@@ -936,8 +922,8 @@ int main(int argc, char **argv)
     z.pidns = (flags & HEEL_INIT_PIDNS) != 0;
     z.own_domain = (flags & HEEL_INIT_SCOPE) != 0;
     if (z.own_domain) {
-        long abi = syscall(__NR_landlock_create_ruleset, NULL, 0, 1 /* VERSION */);
-        z.scope = abi >= 6 ? HEEL_LANDLOCK_SCOPES : 0;
+        z.landlock_abi = heel_landlock_abi();
+        z.scope = z.landlock_abi >= 6 ? HEEL_LANDLOCK_SCOPES : 0;
     }
     /* kill(-1) is the pid-namespace shutdown; from anything but pid 1 it
      * would reach the user's processes outside the sandbox. */
