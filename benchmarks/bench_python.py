@@ -39,8 +39,6 @@ private) and removed at the end, on Ctrl-C too.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import os
 from pathlib import Path
 import platform
@@ -50,7 +48,6 @@ import statistics
 import sys
 import tempfile
 import time
-import zipfile
 
 import trio
 
@@ -77,26 +74,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def build_wheel(directory: str, name: str, version: str, source: str) -> str:
-    """A pure-Python wheel with one module (as tests/pkgtools.py makes them)."""
-    dist_info = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": source,
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: heel-bench\nRoot-Is-Purelib: true\n"
-                              "Tag: py3-none-any\n",
-    }
-    record = []
-    for member, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{member},sha256={digest},{len(text.encode())}")
-    record.append(f"{dist_info}/RECORD,,")
-    files[f"{dist_info}/RECORD"] = "\n".join(record) + "\n"
-    path = os.path.join(directory, f"{name}-{version}-py3-none-any.whl")
-    with zipfile.ZipFile(path, "w") as wheel:
-        for member, text in files.items():
-            wheel.writestr(member, text)
-    return path
+# The tests' tiny-wheel builder, rather than a copy of it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from pkgtools import build_wheel  # noqa: E402
 
 
 async def timed_round_robin(variants: dict, runs: int, warmup: int = 5) -> dict[str, list[float]]:
