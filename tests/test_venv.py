@@ -30,13 +30,15 @@ pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="n
 def wheels():
     """A find_links directory with two tiny packages; readable by every uid."""
     directory = tempfile.mkdtemp(prefix="heel-wheels-", dir="/var/tmp")
-    os.chmod(directory, 0o755)
-    build_wheel(directory, "heelalpha", "1.0", "VALUE = 'alpha-1.0'\n")
-    build_wheel(directory, "heelbeta", "2.0", "VALUE = 'beta-2.0'\n")
-    for name in os.listdir(directory):
-        os.chmod(os.path.join(directory, name), 0o644)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.chmod(directory, 0o755)
+        build_wheel(directory, "heelalpha", "1.0", "VALUE = 'alpha-1.0'\n")
+        build_wheel(directory, "heelbeta", "2.0", "VALUE = 'beta-2.0'\n")
+        for name in os.listdir(directory):
+            os.chmod(os.path.join(directory, name), 0o644)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -51,12 +53,14 @@ def venv_dir():
 def alpha_venv(wheels):
     """One environment with heelalpha, shared by the tests that only read it."""
     base = tempfile.mkdtemp(prefix="heel-venv-shared-", dir="/var/tmp")
-    os.chmod(base, 0o755)
-    config = heel.VenvConfig(os.path.join(base, "env"), ["heelalpha"], python=SYSTEM_PYTHON,
-                             find_links=[wheels], no_index=True)
-    trio.run(heel.VenvManager.create, config)
-    yield config
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        os.chmod(base, 0o755)
+        config = heel.VenvConfig(os.path.join(base, "env"), ["heelalpha"], python=SYSTEM_PYTHON,
+                                 find_links=[wheels], no_index=True)
+        trio.run(heel.VenvManager.create, config)
+        yield config
+    finally:  # also when the build itself failed
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def record():
