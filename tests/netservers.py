@@ -8,7 +8,23 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class HttpServer:
+class LoopbackHttpServer:
+    """An HTTP server on 127.0.0.1 in a thread of its own; ``port`` is where."""
+
+    def _serve(self, handler) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class HttpServer(LoopbackHttpServer):
     """A small HTTP server on 127.0.0.1: answers every GET or POST with
     ``body`` (plus the path it saw) and records (method, path, headers)."""
 
@@ -36,16 +52,7 @@ class HttpServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._serve(Handler)
 
 
 class EchoServer:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import threading
 import zipfile
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
+
+from netservers import LoopbackHttpServer
 
 
 def build_wheel(directory: str, name: str, version: str, source: str, *, requires: tuple[str, ...] = ()) -> str:
@@ -37,7 +38,7 @@ def build_wheel(directory: str, name: str, version: str, source: str, *, require
     return path
 
 
-class SimpleIndex:
+class SimpleIndex(LoopbackHttpServer):
     """A PEP 503 "simple" index of the wheels in ``directory``, served on
     127.0.0.1; ``requests`` records every path asked for."""
 
@@ -72,13 +73,4 @@ class SimpleIndex:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._serve(Handler)
