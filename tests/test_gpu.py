@@ -1,0 +1,99 @@
+"""``SecurityConfig(allow_gpu=...)``: the GPU's device nodes are open (ioctl
+included) when it is on, and closed when it is off, at every level.
+
+This machine has no GPU, so the test makes a stand-in: a character device
+named like NVIDIA's (``/dev/nvidia-heeltest<pid>``, matched by the
+``/dev/nvidia*`` grant) with the numbers of /dev/null (1:3).  The kernel
+treats it as any device node: Landlock decides whether it may be opened and
+whether ioctl reaches the driver.  An ioctl that reaches the null driver
+fails with ENOTTY (it is not a terminal); one Landlock stops fails with
+EACCES, so the two are told apart.  /dev/null itself, granted at every
+level, is the control.  Making a device node needs root (CAP_MKNOD); the
+test skips otherwise.  A check on a real GPU (nvidia-smi, a CUDA call) needs
+a machine with one: see the README.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+import heel
+from helpers import explain, py
+
+LEVELS = [heel.IsolationLevel.STRICT, heel.IsolationLevel.DEFAULT, heel.IsolationLevel.PERMISSIVE]
+
+ATTEMPT = """
+import errno, fcntl, os, sys, termios
+
+def attempt(path):
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        return "open " + errno.errorcode[exc.errno]
+    try:
+        os.write(fd, b"x")
+        try:
+            fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+        except OSError as exc:
+            return "ioctl " + errno.errorcode[exc.errno]
+        return "ioctl ok"
+    finally:
+        os.close(fd)
+
+def read_sys():
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            f.read()
+        return "sys ok"
+    except OSError as exc:
+        return "sys " + errno.errorcode[exc.errno]
+
+print(attempt(sys.argv[1]), "|", attempt("/dev/null"), "|", read_sys())
+"""
+
+
+@pytest.fixture
+def gpu_node():
+    if os.geteuid() != 0:
+        pytest.skip("making a stand-in device node needs root")
+    path = f"/dev/nvidia-heeltest{os.getpid()}"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError as exc:
+        pytest.skip(f"cannot make a device node here: {os.strerror(exc.errno)}")
+    try:
+        os.chmod(path, 0o666)  # whatever the umask: only the sandbox may stand in the way
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def _report(out) -> list[str]:
+    assert out.returncode == 0, explain(out)
+    return [part.strip() for part in out.stdout.decode().split("|")]
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_gpu_nodes_are_granted_with_allow_gpu(level, gpu_node):
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=True))
+    async with heel.Sandbox(config) as sb:
+        node, null, sysfs = _report(await py(sb, ATTEMPT, gpu_node))
+    # Opened and written, and the ioctl reached the driver (which is no tty).
+    assert node == "ioctl ENOTTY", node
+    assert null == "ioctl ENOTTY", null
+    assert sysfs == "sys ok"  # what drivers read under /sys, at STRICT too
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_gpu_nodes_are_closed_without_allow_gpu(level, gpu_node):
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=False))
+    async with heel.Sandbox(config) as sb:
+        node, null, sysfs = _report(await py(sb, ATTEMPT, gpu_node))
+    assert node == f"open {errno.errorcode[errno.EACCES]}", node
+    assert null == "ioctl ENOTTY", null  # the control: ordinary device nodes still work
+    if level is heel.IsolationLevel.STRICT:
+        assert sysfs == "sys EACCES"  # /sys is opened at STRICT only for a GPU
