@@ -4,6 +4,8 @@ thread, each recording what reached it, all stopped by their fixture."""
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,8 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class LoopbackHttpServer:
     """An HTTP server on 127.0.0.1 in a thread of its own; ``port`` is where."""
 
-    def _serve(self, handler) -> None:
+    def _serve(self, handler, tls: ssl.SSLContext | None = None) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if tls is not None:  # HTTPS: each accepted connection does the handshake
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -28,7 +32,7 @@ class HttpServer(LoopbackHttpServer):
     """A small HTTP server on 127.0.0.1: answers every GET or POST with
     ``body`` (plus the path it saw) and records (method, path, headers)."""
 
-    def __init__(self, body: str) -> None:
+    def __init__(self, body: str, tls: ssl.SSLContext | None = None) -> None:
         self.body = body
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         outer = self
@@ -52,7 +56,20 @@ class HttpServer(LoopbackHttpServer):
             def log_message(self, *args) -> None:
                 pass
 
-        self._serve(Handler)
+        self._serve(Handler, tls)
+
+
+def self_signed_tls(directory: str, name: str) -> tuple[ssl.SSLContext, str]:
+    """A server context with a fresh self-signed certificate for ``name``
+    (made by the openssl command), and the certificate's path, which a
+    client passes as the one authority it trusts."""
+    cert, key = f"{directory}/{name}.pem", f"{directory}/{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
 
 
 class EchoServer:

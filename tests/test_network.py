@@ -550,6 +550,74 @@ async def test_common_tools_honour_the_proxy_environment(web, tool):
     assert events and all(e.allowed and e.host == "web.test" for e in events), events
 
 
+#: What requests and httpx import, by top-level name: copied for the sandbox's
+#: Python (a test's virtual environment may live in a protected home).
+HTTP_CLIENT_PACKAGES = ("requests", "urllib3", "idna", "charset_normalizer", "certifi", "httpx",
+                        "httpcore", "h11", "anyio", "sniffio", "typing_extensions", "exceptiongroup")
+
+
+@pytest.fixture
+def client_packages(outside_dir):
+    """requests and httpx, copied from the test's environment to a directory
+    the sandbox's python3 can read, or a skip when they are not installed
+    or the sandbox's python3 is another version."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    for name in ("requests", "httpx"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    inside = subprocess.run(["python3", "-c", "import sys; print(sys.version_info[:2])"],
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    if inside.stdout.strip() != str(sys.version_info[:2]):
+        pytest.skip("the sandbox's python3 is not the version these packages were installed for")
+    target = os.path.join(outside_dir, "site")
+    os.mkdir(target)
+    for name in HTTP_CLIENT_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        if spec.submodule_search_locations:
+            shutil.copytree(os.path.dirname(spec.origin), os.path.join(target, name))
+        else:
+            shutil.copy(spec.origin, target)
+    return target
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx"])
+async def test_requests_and_httpx_honour_the_proxy_environment(library, client_packages, outside_dir):
+    """Plain HTTP goes by HTTP_PROXY (forwarded), HTTPS by HTTPS_PROXY (a
+    CONNECT tunnel, with TLS end to end and the test's certificate as the
+    only authority), each with the credential from the proxy URL."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    from netservers import self_signed_tls
+
+    tls, cert = self_signed_tls(outside_dir, "web.test")
+    plain, secure = HttpServer("heel-test-plain"), HttpServer("heel-test-tls", tls=tls)
+    try:
+        async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+            out = await py(sb, f"""
+                import sys
+                sys.path.insert(0, {client_packages!r})
+                import {library} as client
+                first = client.get("http://web.test:{plain.port}/plain", timeout=10)
+                second = client.get("https://web.test:{secure.port}/tls", timeout=10, verify={cert!r})
+                print(first.status_code, first.text.strip(), "|", second.status_code, second.text.strip())
+                """, timeout=60)
+            events = await settled_events(sb)
+    finally:
+        plain.close()
+        secure.close()
+    assert out.stdout.decode().split() == [
+        "200", "heel-test-plain", "GET", "/plain", "0", "|", "200", "heel-test-tls", "GET", "/tls", "0"], explain(out)
+    assert [(e.protocol, e.port, e.allowed) for e in events] == [
+        ("http", plain.port, True), ("connect", secure.port, True)], events
+    # The TLS server saw the request itself: the proxy only moved bytes.
+    assert secure.requests[0][:2] == ("GET", "/tls")
+
+
 # ---- found in review: framing, the host's own addresses, odd resolvers ----------
 
 
