@@ -7,20 +7,22 @@ without its dashes, ``-`` written ``_`` (``--protect-home`` is
 ``protect_home``).  Values on the command line override the file's; the
 repeatable options (``--readable``, ``--env``, ...) add to the file's lists.
 
-This module imports neither typer nor trio: ``heel run`` must start fast.
+This module imports neither typer nor trio, and argparse only when a
+command line needs it (--help, a mistake): ``heel run`` must start fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections import namedtuple
+from types import SimpleNamespace
 # Not typing.TYPE_CHECKING: importing typing costs `heel run` ~7 ms; type
 # checkers treat this name the same way.
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
 from .config import (
@@ -70,6 +72,8 @@ class Setting(namedtuple("Setting", "key target kind help metavar", defaults=(No
     def add_to(self, group: argparse._ActionsContainer) -> None:
         """Declare this option on an argparse parser (or group).  Every
         default is None, so that "not given" never overrides the file."""
+        import argparse
+
         if self.kind == "level":
             group.add_argument(self.flag, dest=self.key, choices=[lv.value for lv in IsolationLevel],
                                default=None, help=self.help)
@@ -127,39 +131,40 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_KEY = {s.key: s for s in SETTINGS}
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter, told the terminal's width: otherwise it imports
-    shutil for it (argparse makes formatters while options are declared,
-    not only for --help), which costs `heel run` ~3 ms at every start."""
+def _parser(**kwargs) -> argparse.ArgumentParser:
+    """An argparse parser whose usage errors raise :class:`UsageError` (which
+    the CLI reports as one line, exit status 125) instead of printing usage
+    and exiting 2, and whose formatter is told the terminal's width:
+    otherwise argparse imports shutil for it while options are declared, not
+    only for --help.  argparse is imported only here: ``heel run``'s usual
+    command lines never need it (see :func:`_parse_plainly`)."""
+    import argparse
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        if width is None:
-            try:
-                width = int(os.environ.get("COLUMNS", "")) - 2
-            except ValueError:
+    class Formatter(argparse.HelpFormatter):
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                     width: int | None = None) -> None:
+            if width is None:
                 try:
-                    width = os.get_terminal_size(2).columns - 2
-                except OSError:
-                    width = 78
-        super().__init__(prog, indent_increment, max_help_position, max(width, 40))
+                    width = int(os.environ.get("COLUMNS", "")) - 2
+                except ValueError:
+                    try:
+                        width = os.get_terminal_size(2).columns - 2
+                    except OSError:
+                        width = 78
+            super().__init__(prog, indent_increment, max_help_position, max(width, 40))
 
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise UsageError(f"{message} (see `{self.prog} --help`)")
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is raised (and reported as one line with
-    exit status 125 by the CLI) instead of printing usage and exiting 2."""
-
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(**kwargs)
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+    return Parser(formatter_class=Formatter, **kwargs)
 
 
 def make_parser(command: str) -> argparse.ArgumentParser:
     """The parser of ``heel run`` (command="run") or ``heel shell``."""
-    parser = _Parser(prog=f"heel {command}", allow_abbrev=False,
+    import argparse
+
+    parser = _parser(prog=f"heel {command}", allow_abbrev=False,
                      description={"run": RUN_HELP, "shell": SHELL_HELP, "python": PYTHON_HELP}[command])
     options = parser.add_argument_group("sandbox options")
     for setting in SETTINGS:
@@ -197,7 +202,14 @@ def make_parser(command: str) -> argparse.ArgumentParser:
 
 def parse(command: str, args: list[str]) -> argparse.Namespace:
     """Parse ``heel run``/``heel shell`` arguments (without the subcommand)."""
-    namespace = make_parser(command).parse_args(args)
+    namespace = _parse_plainly(command, args)
+    if namespace is None:
+        namespace = make_parser(command).parse_args(args)
+    return finish(command, namespace)
+
+
+def finish(command: str, namespace: Any) -> Any:
+    """What either parser gave, with the command's "--" dropped and checked."""
     if command == "run":
         argv = namespace.command
         if argv[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER
@@ -211,6 +223,69 @@ def parse(command: str, args: list[str]) -> argparse.Namespace:
             rest = rest[1:]
         namespace.script = rest
     return namespace
+
+
+_BY_FLAG = {s.flag: s for s in SETTINGS}
+_CHOICES = {"level": tuple(level.value for level in IsolationLevel), "network": NETWORK_CHOICES}
+
+
+def _parse_plainly(command: str, args: list[str]) -> Any:
+    """``heel run`` and ``heel shell`` command lines of the usual shape, read
+    without argparse, whose import and parser cost more than the sandboxed
+    command (~5 ms at every start).  Long options exactly as argparse takes
+    them (``--key value``, ``--key=value``, ``--no-flag``), then the command.
+    None for anything else: --help, an unknown or misspelt option, a missing
+    value, a value that looks like an option, a choice not in the list.
+    argparse then parses the line, so it gives the help and every error
+    message, and a test checks that the two read every line alike."""
+    if command not in ("run", "shell"):
+        return None
+    values: dict[str, Any] = {s.key: None for s in SETTINGS}
+    values["config"] = None
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--" or not arg.startswith("-"):
+            if command != "run":
+                return None
+            values["command"] = args[index:]  # as argparse's REMAINDER: parse() drops a "--"
+            break
+        if not arg.startswith("--"):
+            return None
+        flag, equals, value = arg.partition("=")
+        setting = _BY_FLAG.get(flag)
+        if setting is None and flag.startswith("--no-") and not equals:
+            negated = _BY_FLAG.get("--" + flag[5:])
+            if negated is None or negated.kind != "flag":
+                return None
+            values[negated.key] = False
+            index += 1
+            continue
+        kind = "config" if flag == "--config" else setting.kind if setting is not None else None
+        if kind is None:
+            return None
+        if kind in ("flag", "switch"):
+            if equals:
+                return None
+            values[setting.key] = True
+            index += 1
+            continue
+        if not equals:
+            index += 1
+            if index == len(args) or args[index].startswith("-"):
+                return None
+            value = args[index]
+        if kind in _CHOICES and value not in _CHOICES[kind]:
+            return None
+        key = "config" if kind == "config" else setting.key
+        if kind in (*_LIST_KINDS, "env"):
+            values[key] = (values[key] or []) + [value]
+        else:
+            values[key] = value
+        index += 1
+    if command == "run" and "command" not in values:
+        values["command"] = []
+    return SimpleNamespace(**values)
 
 
 def build_config(namespace: argparse.Namespace) -> SandboxConfig:

@@ -14,7 +14,6 @@ mediate chmod, chown, utime or xattr changes.
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import resource
@@ -179,8 +178,7 @@ def protected_paths(config: SandboxConfig) -> list[str]:
         for pattern in SYSTEM_CREDENTIALS:
             # What the file permissions already close to this user needs no
             # rule (for uid 0 nothing is closed: every one of them counts).
-            paths += [p for p in (glob.glob(pattern) if "*" in pattern else [pattern])
-                      if os.path.lexists(p) and _accessible(p)]
+            paths += [p for p in _existing([pattern]) if _accessible(p)]
     out: list[str] = []
     for path in paths:
         for variant in (os.path.normpath(path), os.path.realpath(path)):
@@ -241,9 +239,25 @@ def expand(path: str, access: int, denied: list[str], is_dir: bool = True) -> li
 
 
 def _existing(patterns) -> list[str]:
-    out = []
+    """The paths that exist among ``patterns``, each a path or a path with
+    one ``*`` in its last component (``/dev/nvidia*``): what heel's own
+    lists need of glob.glob, without the imports of glob (fnmatch, re)."""
+    out: list[str] = []
     for pattern in patterns:
-        out += sorted(glob.glob(pattern)) if "*" in pattern else ([pattern] if os.path.lexists(pattern) else [])
+        directory, _, name = pattern.rpartition("/")
+        if "*" in directory or name.count("*") > 1 or "?" in pattern or "[" in pattern:
+            raise ValueError(f"{pattern}: only one * in the last component is supported")
+        if "*" not in name:
+            out += [pattern] if os.path.lexists(pattern) else []
+            continue
+        head, _, tail = name.partition("*")
+        try:
+            names = os.listdir(directory or "/")
+        except OSError:
+            continue
+        out += sorted(os.path.join(directory, n) for n in names
+                      if n.startswith(head) and n.endswith(tail) and len(n) >= len(head) + len(tail)
+                      and (head or not n.startswith(".")))
     return out
 
 

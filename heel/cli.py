@@ -1,8 +1,8 @@
 """heel's command line: ``heel run``, ``heel shell`` and ``heel doctor``.
 
-``run`` and ``shell`` take a fast path: their options are parsed with
-argparse (:mod:`heel._cliargs`) and the command runs through the synchronous
-runner, so that ``heel run -- true`` imports neither typer nor trio (each costs
+``run`` and ``shell`` take a fast path: their options are parsed by
+:mod:`heel._cliargs` (argparse only for --help and mistakes) and the command
+runs through the synchronous runner, so that ``heel run -- true`` imports neither typer nor trio (each costs
 more than the sandboxed command itself).  Everything else goes to a typer app,
 imported only then.
 

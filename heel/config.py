@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-import re
 from types import MappingProxyType
 from collections.abc import Iterable, Mapping
 # Not typing.TYPE_CHECKING: importing typing costs `heel run` ~7 ms; type
@@ -139,7 +138,24 @@ class SecurityConfig(Frozen):
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def _read_size(text: str) -> int | None:
+    """Bytes in ``text``: a decimal number, then optionally spaces, a unit
+    (k, m, g, t: powers of 1024) and ``b`` or ``ib``, in either case, as in
+    ``512M``, ``1.5 GiB``, ``4096``; None when it is not that.  Written out
+    rather than as a regular expression: ``re`` costs ``heel run`` ~3 ms."""
+    text = text.strip().lower()
+    for tail in ("ib", "b"):
+        if text.endswith(tail):
+            text = text[:-len(tail)]
+            break
+    unit = text[-1:] if text[-1:] in ("k", "m", "g", "t") else ""
+    number = text[:len(text) - len(unit)].rstrip()
+    whole, dot, fraction = number.partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (dot and not (fraction.isascii() and fraction.isdigit())):
+        return None
+    return int(float(number) * _SIZE_UNITS[unit])
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
@@ -149,10 +165,10 @@ def parse_size(value: int | str, what: str = "size") -> int:
     if isinstance(value, int):
         number = value
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if not m:
+        read = _read_size(value)
+        if read is None:
             raise PolicyError(f"{what}: cannot read {value!r} as a size (examples: 4096, 512M, 2G)")
-        number = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        number = read
     else:
         raise PolicyError(f"{what} must be an int or a string such as '512M', got {type(value).__name__}")
     if number <= 0:
@@ -236,7 +252,13 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
     return tuple(out)
 
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _is_env_name(name: object) -> bool:
+    """A portable variable name: ASCII letters, digits and ``_``, not
+    starting with a digit."""
+    return (isinstance(name, str) and name.isascii() and name[:1] != "" and not name[0].isdigit()
+            and name.replace("_", "a").isalnum())
 
 
 class SandboxConfig(Frozen, _GenericInPolicy[P]):
@@ -316,7 +338,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         put("env", MappingProxyType(_env(env or {})))
         names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
         for name in names:
-            if not isinstance(name, str) or not _ENV_NAME.match(name):
+            if not _is_env_name(name):
                 raise PolicyError(f"env_passthrough: {name!r} is not a variable name")
         put("env_passthrough", names)
         if workdir is not None:
@@ -365,7 +387,7 @@ def _env(env: Mapping[str, str]) -> dict[str, str]:
 
 def check_env_item(key, value) -> None:
     """Raise PolicyError unless key=value is a valid environment entry."""
-    if not isinstance(key, str) or not _ENV_NAME.match(key):
+    if not _is_env_name(key):
         raise PolicyError(f"env: {key!r} is not a variable name")
     if not isinstance(value, str) or "\0" in value:
         raise PolicyError(f"env: the value of {key} must be a string without NUL bytes")

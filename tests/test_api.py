@@ -60,6 +60,26 @@ def test_sizes_and_levels_are_parsed():
     assert SandboxConfig(level="STRICT").level is IsolationLevel.STRICT
 
 
+@pytest.mark.parametrize("text, size", [
+    ("4096", 4096), ("512M", 512 << 20), ("512 m", 512 << 20), ("1.5GiB", 3 << 29), ("2kb", 2048),
+    (" 3 T ", 3 << 40), ("10b", 10), ("8iB", 8),
+])
+def test_size_spellings(text, size):
+    assert ResourceLimits(memory=text).memory == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "1.5.2", "1 k b", "1x", "-1M", "\u0661\u0662", "1e3", ".5M", "1.M"])
+def test_sizes_that_are_no_size(text):
+    with pytest.raises(PolicyError, match="cannot read"):
+        ResourceLimits(memory=text)
+
+
+@pytest.mark.parametrize("name", ["", "1A", "A-B", "A B", "A\n", "\u00c9", "A=B"])
+def test_env_names_must_be_portable(name):
+    with pytest.raises(PolicyError, match="variable name"):
+        SandboxConfig(env={name: "x"})
+
+
 def test_config_is_frozen():
     config = SandboxConfig()
     with pytest.raises(AttributeError):
@@ -289,3 +309,17 @@ async def test_a_single_file_under_tmp_can_be_granted(tmp_path_factory):
         assert other.stdout == b"1\n", other  # that file only, in the private /tmp
     finally:
         os.unlink(path)
+
+
+def test_the_plans_path_patterns_match_as_glob_does(tmp_path):
+    import glob
+
+    from heel._plan import _existing
+
+    for name in ("ssh_host_rsa_key", "ssh_host_rsa_key.pub", "ssh_host_key", ".hidden_key", "key", "nvidia0"):
+        (tmp_path / name).touch()
+    patterns = [f"{tmp_path}/{p}" for p in ("ssh_host_*key", "*key", "nvidia*", "*", "key", "missing", "x*")]
+    for pattern in patterns:
+        assert _existing([pattern]) == sorted(glob.glob(pattern)), pattern
+    with pytest.raises(ValueError):
+        _existing([f"{tmp_path}/*/key"])

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from heel import _cliargs
 from heel.errors import PolicyError
@@ -190,13 +192,18 @@ def test_top_level_help_lists_the_commands():
 
 def test_run_imports_neither_typer_nor_trio():
     """`heel run` must start fast: typer and trio each cost more than the command."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "heel", "run", "--", "true"],
-                            capture_output=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
+    def imports(*args: str) -> set[str]:
+        result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
+
+    # What the interpreter imports by itself (an editable install's finder
+    # brings pathlib and re, for one) is not heel's doing.
+    imported = imports("-m", "heel", "run", "--", "true") - imports("-c", "pass")
     assert not {"typer", "trio"} & imported
     # Nor what heel's run path got rid of (each a few ms at every start).
-    assert not {"shutil", "tempfile", "threading", "typing", "heel._netaddr"} & imported, imported
+    assert not {"shutil", "tempfile", "threading", "typing", "heel._netaddr", "argparse", "re",
+                "glob", "gettext"} & imported, imported
 
 
 # The option table, in process: no sandbox needed.
@@ -231,6 +238,46 @@ def test_options_after_the_command_belong_to_it():
     namespace = _cliargs.parse("run", ["sh", "--level", "strict"])
     assert namespace.command == ["sh", "--level", "strict"]
     assert namespace.level is None
+
+
+#: Words of `heel run`/`heel shell` command lines: options, values, mistakes.
+_WORDS = sorted({s.flag for s in _cliargs.SETTINGS}
+                | {"--no-" + s.flag[2:] for s in _cliargs.SETTINGS if s.kind == "flag"}
+                | {"--config", "--no-best-effort", "--levl", "--help", "-h", "-", "--", "",
+                   "strict", "default", "bogus", "allow", "deny", "5", "-5", "/x", "~/y", "K=V", "NAME",
+                   "true", "sh", "-c", "--timeout=3", "--timeout=", "--level=strict", "--level=bad",
+                   "--env=A=B", "--allow-gpu=1", "--best-effort=yes", "--max-procs=2"})
+
+
+def _parsed(command, parse_args):
+    """vars() of the finished namespace, or the UsageError's message."""
+    try:
+        return vars(_cliargs.finish(command, parse_args()))
+    except PolicyError as exc:
+        return str(exc)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(command=st.sampled_from(["run", "shell"]), args=st.lists(st.sampled_from(_WORDS), max_size=8))
+def test_the_plain_parser_reads_every_line_as_argparse_does(command, args):
+    plain = _cliargs._parse_plainly(command, list(args))
+    if plain is None:  # left to argparse
+        return
+    assert _parsed(command, lambda: plain) == _parsed(
+        command, lambda: _cliargs.make_parser(command).parse_args(list(args)))
+
+
+@pytest.mark.parametrize("args", [
+    ["--", "true"], ["true"], ["sh", "-c", "echo --level"],
+    ["--level", "strict", "--timeout", "5", "--memory=1G", "--", "sh", "-c", "x"],
+    ["--no-allow-gpu", "--env", "A=B", "--env", "C=D", "--readable", "/x", "--best-effort", "true"],
+    ["--allow-domain", "*.example.com", "--allow-domain", "pypi.org:443", "curl", "x"],
+])
+def test_usual_command_lines_need_no_argparse(args):
+    plain = _cliargs._parse_plainly("run", args)
+    assert plain is not None
+    assert vars(_cliargs.finish("run", plain)) == vars(
+        _cliargs.finish("run", _cliargs.make_parser("run").parse_args(args)))
 
 
 def test_usage_errors_are_policy_errors():
