@@ -200,14 +200,13 @@ struct heel_relay;
 
 /* How a tunnel ended; written whole to the completion pipe.  Byte counts
  * are what reached each destination.  error is 0 or the errno that ended
- * the tunnel (both sockets are then reset); cancelled is 1 when
+ * the tunnel (both sockets are then reset), ECANCELED when
  * heel_relay_cancel() ended it. */
 struct heel_relay_done {
     uint64_t id;
     uint64_t a_to_b;
     uint64_t b_to_a;
     int32_t error;
-    int32_t cancelled;
 };
 
 /* Start the relay thread.  0 or -errno. */

@@ -94,7 +94,6 @@ struct heel_relay_done {
     uint64_t a_to_b;
     uint64_t b_to_a;
     int32_t error;
-    int32_t cancelled;
 };
 int heel_relay_start(struct heel_relay **out);
 int heel_relay_notify_fd(struct heel_relay *r);

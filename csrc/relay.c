@@ -109,7 +109,6 @@ struct relay_tunnel {
     struct relay_tunnel *ready_next;
     bool ready;                       /* on the ready list: pump again without an event */
     bool ended;
-    bool cancelled;
     int error;
 };
 
@@ -333,12 +332,11 @@ static void tunnel_end(struct heel_relay *r, struct relay_tunnel *t, int error)
         return;
     t->ended = true;
     t->error = error;
-    bool aborted = error || t->cancelled;
     for (int i = 0; i < 2; i++) {
         epoll_ctl(r->epoll_fd, EPOLL_CTL_DEL, t->end[i].fd, NULL);
         /* An aborted tunnel resets both connections: a peer must not take
          * a cut-off stream for a complete one. */
-        if (aborted) {
+        if (error) {
             struct linger reset = {.l_onoff = 1, .l_linger = 0};
             setsockopt(t->end[i].fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
         }
@@ -473,7 +471,6 @@ static void report_finished(struct heel_relay *r)
             .a_to_b = t->flow[0].delivered,
             .b_to_a = t->flow[1].delivered,
             .error = t->error,
-            .cancelled = t->cancelled,
         };
         ssize_t n;
         do
@@ -539,8 +536,7 @@ static bool take_requests(struct heel_relay *r)
         } else {
             struct relay_tunnel *t = find_active(r, req->id);
             if (t) {
-                t->cancelled = true;
-                tunnel_end(r, t, 0);
+                tunnel_end(r, t, ECANCELED);
             }
             free(req);
         }
@@ -554,8 +550,7 @@ static bool take_requests(struct heel_relay *r)
 static void end_all_quietly(struct heel_relay *r)
 {
     while (r->active.head) {
-        r->active.head->cancelled = true;
-        tunnel_end(r, r->active.head, 0);
+        tunnel_end(r, r->active.head, ECANCELED);
     }
     struct relay_tunnel *t;
     while ((t = r->finished.head)) {

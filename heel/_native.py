@@ -191,9 +191,9 @@ class Relay:
     def cancel(self, tunnel_id: int) -> None:
         _check(lib.heel_relay_cancel(self._relay, tunnel_id), "relay cancel")
 
-    def read_done(self) -> list[tuple[int, int, int, int, bool]]:
+    def read_done(self) -> list[tuple[int, int, int, int]]:
         """The completions waiting on notify_fd, as (id, a_to_b, b_to_a,
-        errno, cancelled); empty when there are none."""
+        errno); empty when there are none."""
         records = []
         while True:
             try:
@@ -204,7 +204,7 @@ class Relay:
             buf = ffi.from_buffer("struct heel_relay_done[]", data)
             for i in range(len(data) // RELAY_DONE_SIZE):
                 done = buf[i]
-                records.append((done.id, done.a_to_b, done.b_to_a, done.error, bool(done.cancelled)))
+                records.append((done.id, done.a_to_b, done.b_to_a, done.error))
         return records
 
     def stop(self) -> None:

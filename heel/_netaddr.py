@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["normalize_host", "parse_ip", "is_restricted"]
+__all__ = ["normalize_host", "parse_ip", "parse_port", "is_restricted"]
 
 #: The longest DNS name, without its trailing dot (RFC 1035 section 2.3.4).
 _MAX_NAME = 253
@@ -20,6 +20,16 @@ _MAX_LABEL = 63
 _NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def parse_port(text: str) -> int | None:
+    """The TCP port ``text`` names: ASCII digits (no more than five: int()
+    would read thousands), 1 to 65535; None for anything else.  The one
+    reading of a port for policies and the proxy's requests alike."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5):
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
 
 
 def normalize_host(host: str) -> str:

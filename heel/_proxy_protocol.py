@@ -67,6 +67,8 @@ import ipaddress
 import re
 from typing import Iterable, NamedTuple, Union
 
+from ._netaddr import parse_port
+
 __all__ = [
     "MAX_HEAD",
     "MAX_HEADERS",
@@ -371,9 +373,10 @@ def _is_ipv6_address(text: str) -> bool:
 
 
 def _parse_port(text: str) -> int:
-    if not (_DIGITS.fullmatch(text) and len(text) <= 5 and 1 <= int(text) <= 65535):
+    port = parse_port(text)
+    if port is None:
         raise ProtocolError(f"the port {text[:20]!r} is not a number from 1 to 65535")
-    return int(text)
+    return port
 
 
 def proxy_credentials(request: HttpRequest) -> tuple[str, str] | None:

@@ -79,7 +79,7 @@ class _Completions:
         self.reading = False
 
     def dispatch(self, records) -> None:
-        for tunnel_id, a_to_b, b_to_a, error, _cancelled in records:
+        for tunnel_id, a_to_b, b_to_a, error in records:
             waiter = self.waiters.get(tunnel_id)
             if waiter is not None:   # else: a waiter that gave up, or an earlier run's
                 waiter.result = RelayResult(a_to_b, b_to_a, error)

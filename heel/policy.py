@@ -287,9 +287,12 @@ def _split_port(pattern: str) -> tuple[str, int | None]:
 
 
 def _parse_port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+    from ._netaddr import parse_port
+
+    port = parse_port(text)
+    if port is None:
         raise ValueError(f"port {text!r} is not a number from 1 to 65535")
-    return int(text)
+    return port
 
 
 def _wildcard_suffix(host: str) -> str:
