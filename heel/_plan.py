@@ -131,7 +131,8 @@ class SandboxPlan(namedtuple("SandboxPlan", [
     it.  rules: the Landlock rules.  network_namespace: a network namespace of
     its own (only loopback); not needed when the sandbox may create no
     internet socket at all and Landlock scopes abstract unix sockets.
-    mountpoints: directories inside host_tmp that must exist as mount points.
+    mountpoints: (path, is_file) inside host_tmp for each mount point to make
+    there: a file for a granted file, else a directory.
     sandbox_id: when heel runs as root, the unprivileged outside id the
     sandbox runs as.  proxy_port: where the sandbox reaches heel's proxy, at
     127.0.0.1 (0: no network at all); proxy_secret: the credential in the
@@ -386,7 +387,7 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
             rules.setdefault(rule)
 
     mounts: list[MountOp] = []
-    mountpoints: list[str] = []
+    mountpoints: list[tuple[str, bool]] = []
     tmp_inside = host_tmp
     # Root does not run sandboxes as root, except at PERMISSIVE, whose whole
     # point is to write everywhere (see README).
@@ -410,7 +411,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         if private_tmp:
             tmp_inside = "/tmp"
             mounts.append(MountOp("bind", "/tmp", source=host_tmp, idmap=idmap))
-            mountpoints += [os.path.join(host_tmp, os.path.relpath(p, "/tmp"))
+            # A mount point takes the kind of what is mounted on it: a file
+            # granted under /tmp needs a file to be mounted over.
+            mountpoints += [(os.path.join(host_tmp, os.path.relpath(p, "/tmp")), os.path.isfile(p))
                             for p in rw_regions + ro_regions if hidden(p)]
         mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]

@@ -72,11 +72,8 @@ class Prepared:
         self._ctl: socket.socket | None = None
         #: the proxy's listening socket, made inside the sandbox's network namespace
         self.proxy_listener: socket.socket | None = None
-        for path in plan.mountpoints:
-            # A mount point takes the kind of what is mounted on it: a file
-            # granted under /tmp needs a file to be mounted over.
-            source = os.path.join("/tmp", os.path.relpath(path, plan.host_tmp))
-            if os.path.isfile(source):
+        for path, is_file in plan.mountpoints:
+            if is_file:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 open(path, "a").close()
             else:
