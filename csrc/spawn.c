@@ -42,6 +42,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -87,6 +88,18 @@ struct heel_open_how {
 #define SECBIT_NO_CAP_AMBIENT_RAISE (1 << 6)
 #define SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED (1 << 7)
 #endif
+
+/* capget/capset (linux/capability.h, version 3: two 32-bit words per set). */
+#define HEEL_CAP_VERSION_3 0x20080522
+struct heel_cap_header {
+    uint32_t version;
+    int pid;
+};
+struct heel_cap_data {
+    uint32_t effective;
+    uint32_t permitted;
+    uint32_t inheritable;
+};
 
 struct heel_mount_attr {
     uint64_t attr_set;
@@ -387,25 +400,48 @@ static int proxy_listener(int report, int port)
     return rc == (int)sizeof(msg) ? 0 : -1;
 }
 
-/* Take every capability away for good: nothing in the bounding set, no
- * ambient set, and securebits that stop uid 0 from regaining them at exec.
- * heel-init and the commands need none. */
-static int drop_capabilities(void)
+/* Take every capability away for good: no ambient set, nothing in the
+ * bounding set, securebits that stop uid 0 from regaining them at exec, and
+ * empty effective, permitted and inheritable sets, checked.  heel-init and
+ * the commands need none.
+ *
+ * may_lack_privilege: the caller is unprivileged and outside any user
+ * namespace, so it may not set securebits or shrink the bounding set
+ * (EPERM).  It may still hold capabilities (ambient ones from systemd's
+ * AmbientCapabilities= or setpriv, say, which survive exec): emptying the
+ * ambient, effective, permitted and inheritable sets needs no privilege,
+ * and is done and checked in every case. */
+static int drop_capabilities(bool may_lack_privilege)
 {
-    int cap;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        return -1;
     if (prctl(PR_SET_SECUREBITS,
               SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
               SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
               SECBIT_KEEP_CAPS_LOCKED |
               SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
-              0, 0, 0) < 0)
+              0, 0, 0) < 0) {
+        if (!may_lack_privilege || errno != EPERM)
+            return -1;
+    } else {
+        for (int cap = 0; cap < 64; cap++) {
+            if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+                if (errno == EINVAL) /* past the last capability this kernel has */
+                    break;
+                return -1;
+            }
+        }
+    }
+    struct heel_cap_header head = {HEEL_CAP_VERSION_3, 0};
+    struct heel_cap_data sets[2];
+    memset(sets, 0, sizeof(sets));
+    if (syscall(SYS_capset, &head, sets) < 0)
         return -1;
-    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+    if (syscall(SYS_capget, &head, sets) < 0)
         return -1;
-    for (cap = 0; cap < 64; cap++) {
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
-            if (errno == EINVAL) /* past the last capability this kernel has */
-                break;
+    for (int i = 0; i < 2; i++) {
+        if (sets[i].effective || sets[i].permitted || sets[i].inheritable) {
+            errno = EPERM;
             return -1;
         }
     }
@@ -489,10 +525,7 @@ static int child_main(void *arg)
         fail(report, HEEL_STAGE_CHDIR, errno);
     if (setsid() < 0)
         fail(report, HEEL_STAGE_SETSID, errno);
-    /* Without a user namespace an unprivileged caller has no capabilities to
-     * drop and may not touch securebits: only then is EPERM expected. */
-    if (drop_capabilities() < 0 &&
-        (errno != EPERM || (p->clone_flags & CLONE_NEWUSER) || p->userns_fd >= 0 || geteuid() == 0))
+    if (drop_capabilities(!(p->clone_flags & CLONE_NEWUSER) && p->userns_fd < 0 && geteuid() != 0) < 0)
         fail(report, HEEL_STAGE_CAPS, errno);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(report, HEEL_STAGE_NO_NEW_PRIVS, errno);

@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -317,6 +318,58 @@ async def test_no_capabilities_and_no_new_privs():
     # Control: the host process that ran this test has a bounding set.
     host = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
     assert int(host["CapBnd"], 16) != 0
+
+
+AMBIENT_CALLER = r"""
+import sys, trio
+sys.path.insert(0, sys.argv[1])
+import heel
+from heel import _probe
+
+env, _ = _probe.environment()  # as if this machine had no user namespaces
+_probe.environment = lambda: (env._replace(namespaces=False), "turned off for this test")
+
+
+async def main():
+    async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:
+        out = await sb.command("sh").args(
+            ["-c", "grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status; chmod 0666 " + sys.argv[2]]).output()
+    sys.stdout.write(out.stdout.decode() + out.stderr.decode())
+
+
+trio.run(main)
+"""
+
+
+def test_ambient_capabilities_of_the_caller_are_dropped_without_namespaces(root_only, outside_dir):
+    """An unprivileged caller with an ambient capability (systemd's
+    AmbientCapabilities=, setpriv) keeps it across exec: where there is no
+    user namespace, the sandbox must still start with none."""
+    caller = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              "--inh-caps=+fowner", "--ambient-caps=+fowner"]
+    victim, control = os.path.join(outside_dir, "victim"), os.path.join(outside_dir, "control")
+    for path in (victim, control):
+        with open(path, "w") as f:
+            f.write("root's\n")
+        os.chmod(path, 0o600)
+    # Control: with the ambient CAP_FOWNER, nobody may chmod root's file on the host.
+    host = subprocess.run([*caller, "chmod", "0640", control], capture_output=True, timeout=10)
+    if host.returncode != 0:
+        pytest.skip(f"setpriv cannot give an ambient capability here: {host.stderr!r}")
+    assert os.stat(control).st_mode & 0o777 == 0o640
+    package_root = os.path.dirname(os.path.dirname(heel.__file__))
+    usable = subprocess.run([*caller, sys.executable, "-c", f"import sys; sys.path.insert(0, {package_root!r}); "
+                             "import heel, trio"], capture_output=True, timeout=30)
+    if usable.returncode != 0:
+        pytest.skip(f"this Python or heel is not usable by nobody: {usable.stderr[-300:]!r}")
+    out = subprocess.run([*caller, sys.executable, "-c", AMBIENT_CALLER, package_root, victim],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out
+    caps = dict(line.split(":", 1) for line in out.stdout.decode().splitlines() if line.startswith("Cap"))
+    assert set(caps) == {"CapInh", "CapPrm", "CapEff", "CapAmb"}, out
+    assert all(int(value, 16) == 0 for value in caps.values()), caps
+    assert b"Operation not permitted" in out.stdout, out
+    assert os.stat(victim).st_mode & 0o777 == 0o600  # observed from outside: unchanged
 
 
 SETUID_PROBE = r"""
