@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import namedtuple
 from types import SimpleNamespace
 # Not typing.TYPE_CHECKING: importing typing costs `heel run` ~7 ms; type
@@ -261,13 +262,16 @@ def _parse_plainly(command: str, args: list[str]) -> Any:
             values[negated.key] = False
             index += 1
             continue
-        kind = "config" if flag == "--config" else setting.kind if setting is not None else None
-        if kind is None:
+        if flag == "--config":
+            kind = key = "config"
+        elif setting is not None:
+            kind, key = setting.kind, setting.key
+        else:
             return None
         if kind in ("flag", "switch"):
             if equals:
                 return None
-            values[setting.key] = True
+            values[key] = True
             index += 1
             continue
         if not equals:
@@ -277,7 +281,6 @@ def _parse_plainly(command: str, args: list[str]) -> Any:
             value = args[index]
         if kind in _CHOICES and value not in _CHOICES[kind]:
             return None
-        key = "config" if kind == "config" else setting.key
         if kind in (*_LIST_KINDS, "env"):
             values[key] = (values[key] or []) + [value]
         else:
@@ -309,9 +312,9 @@ def build_config(namespace: argparse.Namespace) -> SandboxConfig:
 def load_file(path: str) -> dict[str, Any]:
     """The settings of a TOML config file, read and checked; relative paths in
     it are taken from the file's directory."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:
         try:
             import tomli as tomllib
         except ModuleNotFoundError:

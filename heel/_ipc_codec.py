@@ -156,7 +156,7 @@ def _describe(value: object) -> str:
 class _Record:
     """A small immutable value: compared and hashed by its fields, shown with them."""
 
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -424,8 +424,9 @@ def _parse_request(message: object) -> Request | InvalidRequest:
         )
     msgid = message[1]
     if len(message) != 4:
-        problem = f"a request has 4 elements [0, msgid, method, params], not {len(message)}"
-        return InvalidRequest(msgid, INVALID_REQUEST, problem)
+        return InvalidRequest(
+            msgid, INVALID_REQUEST, f"a request has 4 elements [0, msgid, method, params], not {len(message)}"
+        )
     _, _, method, params = message
     if not isinstance(method, str):
         return InvalidRequest(msgid, INVALID_REQUEST, f"method must be a string, not {_describe(method)}")

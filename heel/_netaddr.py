@@ -195,9 +195,12 @@ def _parse_inet_aton(parts: list[str], host: str) -> ipaddress.IPv4Address:
     invalid = ValueError(f"host {_show(host)} looks like an IPv4 address but is not a valid one")
     if len(parts) > 4:
         raise invalid
-    values = [_parse_aton_number(part) for part in parts]
-    if None in values:
-        raise invalid
+    values = []
+    for part in parts:
+        value = _parse_aton_number(part)
+        if value is None:
+            raise invalid
+        values.append(value)
     *leading, last = values
     if any(value > 0xFF for value in leading) or last >= 1 << (8 * (4 - len(leading))):
         raise invalid

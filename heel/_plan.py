@@ -23,6 +23,10 @@ from . import _landlock as ll
 from .config import IsolationLevel, SandboxConfig
 from .errors import PolicyError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .venv import PythonConfig
+
 #: What every program needs to run: read and execute.
 RUNTIME_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 #: Device nodes every level may read and write (never block devices).
@@ -284,13 +288,14 @@ def _known_python_prefixes(python) -> set[str]:
     return known
 
 
-def _with_python(config: SandboxConfig, denied: list[str]) -> tuple[SandboxConfig, dict[str, str]]:
-    """The config with its Python environment granted (the venv, and the
-    base interpreter's prefix that its bin/python links to), and the
-    variables that make it the sandbox's python."""
+def _with_python(
+    config: SandboxConfig, python: PythonConfig, denied: list[str]
+) -> tuple[SandboxConfig, dict[str, str]]:
+    """The config with its Python environment (``python``, the config's own)
+    granted (the venv, and the base interpreter's prefix that its bin/python
+    links to), and the variables that make it the sandbox's python."""
     from .venv import inspect
 
-    python = config.python
     venv = python.path
     cfg = inspect(venv)
     home = cfg.get("home", "")
@@ -301,7 +306,7 @@ def _with_python(config: SandboxConfig, denied: list[str]) -> tuple[SandboxConfi
                 raise PolicyError(
                     f"{what} ({path}) is inside the protected place {d}: make the venv elsewhere, from a "
                     "Python outside it (VenvConfig(python='/usr/bin/python3')), or turn that protection off")
-    executable = list(config.executable)
+    executable: list[str | os.PathLike[str]] = list(config.executable)
     writable = list(config.writable)
     # Only STRICT needs the prefix granted (the other levels read all but the
     # protected places).  pyvenv.cfg is a file the sandbox may have written
@@ -340,7 +345,7 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     denied = protected_paths(config)
     python_env: dict[str, str] = {}
     if config.python is not None:
-        config, python_env = _with_python(config, denied)
+        config, python_env = _with_python(config, config.python, denied)
     level = config.level
     handled = ll.handled_fs(env.landlock_abi)
 

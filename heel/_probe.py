@@ -17,6 +17,10 @@ from ._spawn import Prepared, make_temp_dir, remove_tree
 from .config import IsolationLevel, SandboxConfig
 from .errors import HeelError, SandboxUnavailable
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .policy import DenyAll
+
 __all__ = ["probe", "ProbeReport", "Protection"]
 
 ENFORCED = "enforced"
@@ -52,7 +56,7 @@ def _trial(env: Environment) -> str:
         work, tmp = os.path.join(base, "work"), os.path.join(base, "tmp")
         os.mkdir(work)
         os.mkdir(tmp)
-        config = SandboxConfig(level=IsolationLevel.STRICT, workdir=work)
+        config: SandboxConfig[DenyAll] = SandboxConfig(level=IsolationLevel.STRICT, workdir=work)
         plan = build_plan(config, workdir=work, host_tmp=tmp, env=env, init_path=_native.INIT_PATH)
         prepared = Prepared(plan)
         try:

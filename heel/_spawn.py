@@ -29,6 +29,10 @@ from ._plan import SandboxPlan, build_plan
 from .config import SandboxConfig
 from .errors import SandboxClosed, SandboxUnavailable, spawn_error
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import trio
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -67,7 +71,7 @@ class Prepared:
         self.plan = plan
         self._ipc_fd = ipc_fd
         self._lock = _thread.allocate_lock()  # one request at a time on the zygote's socket...
-        self._trio_lock = None  # ...and under trio, without blocking the event loop
+        self._trio_lock: trio.Lock | None = None  # ...and under trio, without blocking the event loop
         self._pidfd = -1
         self._ctl: socket.socket | None = None
         #: the proxy's listening socket, made inside the sandbox's network namespace
@@ -185,6 +189,7 @@ class Prepared:
             self._trio_lock = trio.Lock()
         async with self._trio_lock:
             host_end, child_end = self._send_request(argv, env, cwd, stdio)
+            assert self._ctl is not None  # _send_request raised if it was closed
             # Shielded: the reply must be read even by a cancelled caller, or
             # the next request would read it.  Bounded, for a heel-init that
             # never answers: then the sandbox is broken, and closed.

@@ -77,7 +77,7 @@ class Relays:
         self.child_fds = list(stdio)
         self._child_ends: list[int] = []
         self.outputs: dict[int, int] = {}  # our read end -> host fd
-        self.input: int | None = None  # host fd the sandbox reads from
+        self.input = -1  # host fd the sandbox reads from (with input_pipe)
         self.input_pipe = -1
         self._pending = b""
         for index, fd in enumerate(stdio):
@@ -159,7 +159,8 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     pipes (see Relays)."""
     relays = Relays(stdio)
     try:
-        pidfd, ctl = prepared.launch(argv, env, cwd, tuple(relays.child_fds))
+        stdin, stdout, stderr = relays.child_fds
+        pidfd, ctl = prepared.launch(argv, env, cwd, (stdin, stdout, stderr))
     except BaseException:
         relays.finish()
         raise

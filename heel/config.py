@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Generic, TypeVar, Union
 
+    from .ipc import IpcRouter
     from .proxy import NetworkEvent
     from .venv import PythonConfig
 
@@ -297,7 +298,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
     limits: ResourceLimits
     network: P
     best_effort: bool
-    ipc: object
+    ipc: IpcRouter | None
     on_network_event: Callable[[NetworkEvent], object] | None
     python: PythonConfig | None
 
@@ -351,10 +352,10 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         if not isinstance(limits, ResourceLimits):
             raise PolicyError(f"limits must be a ResourceLimits, got {limits!r}")
         put("limits", limits)
-        network = DenyAll() if network is None else network
-        if not isinstance(network, NetworkPolicy):
-            raise PolicyError(f"network must be a network policy such as heel.DenyAll(), got {network!r}")
-        put("network", network)
+        policy = DenyAll() if network is None else network
+        if not isinstance(policy, NetworkPolicy):
+            raise PolicyError(f"network must be a network policy such as heel.DenyAll(), got {policy!r}")
+        put("network", policy)
         if on_network_event is not None and not callable(on_network_event):
             raise PolicyError(f"on_network_event must be callable, got {on_network_event!r}")
         put("on_network_event", on_network_event)

@@ -279,7 +279,7 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                             handlers.cancel_scope.cancel()
                             return
                         await reply(codec.error_response(event.msgid, event.code, event.message))
-                    else:
+                    elif isinstance(event, codec.Request):  # the only other event on a server connection
                         handlers.start_soon(run, event)
                 if not data:
                     handlers.cancel_scope.cancel()

@@ -93,12 +93,20 @@ class NetworkPolicy(abc.ABC):
     and ``~``.
     """
 
-    #: True when the policy can never allow anything: no proxy is started and
-    #: the sandbox gets no TCP at all.
-    denies_everything: bool = False
-    # True when the policy allows every request; lets ``~`` and the
-    # combinations work out denies_everything.
-    _allows_everything: bool = False
+    if TYPE_CHECKING:
+        # Read-only to the type checker, so that the combinations may work
+        # them out as properties; plain class attributes at run time.
+        @property
+        def denies_everything(self) -> bool: ...
+        @property
+        def _allows_everything(self) -> bool: ...
+    else:
+        #: True when the policy can never allow anything: no proxy is started and
+        #: the sandbox gets no TCP at all.
+        denies_everything = False
+        # True when the policy allows every request; lets ``~`` and the
+        # combinations work out denies_everything.
+        _allows_everything = False
 
     @abc.abstractmethod
     async def decide(self, request: NetworkRequest) -> Decision:

@@ -129,8 +129,9 @@ def _resolve(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     out: list[str] = []
     for family, _, _, _, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
-            out.append(sockaddr[0])
+        address = str(sockaddr[0])  # a str for AF_INET and AF_INET6
+        if family in (socket.AF_INET, socket.AF_INET6) and address not in out:
+            out.append(address)
     return out
 
 
@@ -254,7 +255,7 @@ class Proxy:
                     if not chunk:
                         return
                     buf += chunk
-            if handshake.cancelled_caught:
+            if handshake.cancelled_caught or request is None:
                 return
         except proto.ProtocolError as exc:
             await _send(conn, proto.http_response(exc.status, _reason(exc.status),
@@ -330,6 +331,8 @@ class Proxy:
                 return
         except proto.ProtocolError:
             return  # SOCKS has no way to say more; the connection closes
+        if not isinstance(event, proto.SocksConnect):  # the loop ends only at one
+            return
         try:
             host = _host(event.host)
             net_request = NetworkRequest(host=host, port=event.port, protocol="socks", method=None,
@@ -371,6 +374,7 @@ class Proxy:
             addresses = [literal]
         else:
             try:
+                found: Sequence[str]
                 with trio.fail_after(CONNECT_TIMEOUT):
                     if self._resolver is None:
                         found = await self._lookup(request.host, request.port)

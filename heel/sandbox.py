@@ -127,7 +127,7 @@ class Sandbox(Generic[P]):
         # passed as it is) runs in a nursery that lives as long as it does.
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
-        if self._session.ipc is not None:
+        if self.config.ipc is not None and self._session.ipc is not None:  # (the socket comes with the router)
             from .ipc import serve
 
             self._nursery.start_soon(serve, self.config.ipc, self._session.ipc)
@@ -138,14 +138,14 @@ class Sandbox(Generic[P]):
                                 secret=self._session.plan.proxy_secret,
                                 require_secret=self._session.proxy_requires_secret,
                                 resolver=self._resolver, on_event=self.config.on_network_event)
-            await self._nursery.start(self._run_proxy)
+            await self._nursery.start(self._run_proxy, self._proxy)
         return self
 
-    async def _run_proxy(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_proxy(self, proxy: Proxy, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._proxy_done = trio.Event()
         try:
             with trio.CancelScope() as self._proxy_scope:
-                await self._proxy.serve(task_status=task_status)
+                await proxy.serve(task_status=task_status)
         finally:
             self._proxy_done.set()
 
@@ -181,7 +181,7 @@ class Sandbox(Generic[P]):
                 for done in self._relays:
                     await done.wait()
             # The proxy stops before its listener is closed with the session.
-            if self._proxy_scope is not None:
+            if self._proxy_scope is not None and self._proxy_done is not None:  # set together
                 self._proxy_scope.cancel()
                 await self._proxy_done.wait()
             if self._nursery is not None:
@@ -277,7 +277,9 @@ class Sandbox(Generic[P]):
         stdout = out.stdout if capture_stdout else None
         stderr = out.stderr if capture_stderr else None
         if check and out.timed_out:
-            raise CommandTimeout(argv, cmd.effective_timeout(), stdout, stderr)
+            timeout = cmd.effective_timeout()
+            assert timeout is not None  # only a command with a timeout times out
+            raise CommandTimeout(argv, timeout, stdout, stderr)
         if check and out.returncode != 0:
             raise CommandFailed(out.returncode, argv, stdout, stderr)
         return subprocess.CompletedProcess(argv, out.returncode, stdout, stderr)
@@ -327,7 +329,8 @@ class Sandbox(Generic[P]):
                         streams.append(None)
                     else:
                         streams.append(stream)
-            pidfd, ctl = await prepared.launch_async(cmd._argv, env, cwd, tuple(child_fds))
+            fd0, fd1, fd2 = child_fds
+            pidfd, ctl = await prepared.launch_async(cmd._argv, env, cwd, (fd0, fd1, fd2))
         except BaseException:
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
@@ -341,6 +344,7 @@ class Sandbox(Generic[P]):
             done = trio.Event()
             self._relays.append(done)
             relay_done.append(done)
+            assert self._nursery is not None  # opened with the session, which _live() found
             self._nursery.start_soon(function, stream, host_fd, done)
         process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
@@ -465,16 +469,16 @@ class Command:
         timeout = self.effective_timeout()
         process: Process | None = None
 
-        async def feed() -> None:
+        async def feed(stdin: trio.abc.SendStream) -> None:
             try:
                 if data:
-                    await process.stdin.send_all(data)
+                    await stdin.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the command stopped reading: not our failure
             finally:
-                await process.stdin.aclose()
+                await stdin.aclose()
 
-        async def drain(name: str, stream) -> None:
+        async def drain(process: Process, name: str, stream) -> None:
             buf = captured[name]
             while chunk := await stream.receive_some(65536):
                 if limit is not None and len(captured["stdout"]) + len(captured["stderr"]) + len(chunk) > limit:
@@ -490,11 +494,11 @@ class Command:
                 process = await self._sandbox._spawn(self, stdin, stdout, stderr)
                 async with trio.open_nursery() as nursery:
                     if process.stdin is not None:
-                        nursery.start_soon(feed)
+                        nursery.start_soon(feed, process.stdin)
                     if process.stdout is not None:
-                        nursery.start_soon(drain, "stdout", process.stdout)
+                        nursery.start_soon(drain, process, "stdout", process.stdout)
                     if process.stderr is not None:
-                        nursery.start_soon(drain, "stderr", process.stderr)
+                        nursery.start_soon(drain, process, "stderr", process.stderr)
                     await process.wait()
             timed_out = scope.cancelled_caught
             if process is None:  # the timeout struck before the command started
@@ -507,7 +511,9 @@ class Command:
         # What the command wrote to inherited host files is all copied.
         for done in process._relays:
             await done.wait()
-        return Output(bytes(captured["stdout"]), bytes(captured["stderr"]), process.returncode,
+        returncode = process.returncode
+        assert returncode is not None  # aclose() reaped it
+        return Output(bytes(captured["stdout"]), bytes(captured["stderr"]), returncode,
                       timed_out=timed_out, truncated=state["truncated"])
 
 

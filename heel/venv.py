@@ -512,7 +512,9 @@ def _installer_argv(config: VenvConfig, path: Path, uv: str | None, requirements
     # An http:// index named in the config is trusted by that naming; pip
     # would otherwise ignore it.
     plain = [u for u in (config.index_url, *config.find_links) if u and u.startswith("http://")]
-    for host in sorted({urllib.parse.urlsplit(u).hostname for u in plain}):
+    # (_check_url saw to it that each has a host)
+    hosts = {host for host in (urllib.parse.urlsplit(u).hostname for u in plain) if host}
+    for host in sorted(hosts):
         argv += ["--allow-insecure-host" if uv else "--trusted-host", host]
     return argv + ["--", *requirements] if not uv else argv + requirements
 
@@ -550,14 +552,17 @@ async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, r
         except SpawnError as exc:
             raise InstallError(f"the installer could not start: {exc}") from exc
         async with process:
+            stdout, stderr = process.stdout, process.stderr
+            assert stdout is not None and stderr is not None  # both Stdio.PIPE above
+
             async def read_stderr() -> None:
-                async for chunk in process.stderr:
+                async for chunk in stderr:
                     lines.extend(chunk.decode(errors="replace").splitlines())
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_stderr)
                 pending = ""
-                async for chunk in process.stdout:
+                async for chunk in stdout:
                     pending += chunk.decode(errors="replace")
                     *complete, pending = pending.split("\n")
                     for line in complete:
