@@ -157,11 +157,14 @@ class SpawnPlan:
         self._keep = keep
 
     def spawn(self) -> tuple[int, int]:
-        """Clone the child; returns (pid, pidfd).  Raises OSError if clone fails."""
+        """Clone the child; returns (pid, pidfd).  Raises SpawnError (stage
+        "clone") if clone fails."""
+        from .errors import SpawnError
+
         pidfd = ffi.new("int *", -1)
         pid = lib.heel_spawn(self._plan, pidfd)
         if pid < 0:
-            raise OSError(-pid, f"clone: {os.strerror(-pid)}")
+            raise SpawnError("clone", -pid)
         return pid, pidfd[0]
 
 

@@ -7,6 +7,7 @@ kernel accepted it, not that a header said it should.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections import namedtuple
@@ -15,7 +16,7 @@ from . import _native
 from ._plan import Environment, build_plan
 from ._spawn import Prepared, make_temp_dir, remove_tree
 from .config import IsolationLevel, SandboxConfig
-from .errors import HeelError, SandboxUnavailable
+from .errors import HeelError, SandboxUnavailable, SpawnError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -65,6 +66,10 @@ def _trial(env: Environment) -> str:
         finally:
             prepared.close()
         return "" if code == 0 else f"`true` exited with {code}"
+    except SpawnError as exc:
+        if exc.stage in NAMESPACE_STAGES and not namespaces_missing(exc):
+            raise  # not the machine's lack: building a weaker sandbox would hide it
+        return str(exc)
     except (OSError, HeelError) as exc:
         return str(exc)
     finally:
@@ -84,8 +89,19 @@ def environment() -> tuple[Environment, str]:
 
 
 #: Setup stages where a missing kernel feature (user namespaces, the mount
-#: API) shows up.
+#: API) shows up...
 NAMESPACE_STAGES = frozenset({"clone", "userns", "mount"})
+#: ...and the errors it shows up as: refusals and missing system calls.
+#: Others there (ELOOP, ENOENT, ENOTDIR: a path that is not what the plan
+#: says) are the plan's, and never make heel build a weaker sandbox.
+NAMESPACE_ERRNOS = frozenset({errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOSYS, errno.ENOSPC,
+                              errno.EUSERS})
+
+
+def namespaces_missing(exc: BaseException) -> bool:
+    """Whether a failed spawn says that this machine lacks namespaces."""
+    return (isinstance(exc, SpawnError) and exc.stage in NAMESPACE_STAGES
+            and exc.errno in NAMESPACE_ERRNOS)
 
 
 def assumed_environment() -> Environment:

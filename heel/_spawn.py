@@ -386,12 +386,14 @@ _LOCK = ".owner-lock"
 
 def temp_root() -> str:
     """Where temporary directories go: $TMPDIR (or $TEMP, $TMP) when it is a
-    directory, else /tmp (tempfile.gettempdir's first choices)."""
+    directory, else /tmp (tempfile.gettempdir's first choices), with its
+    symbolic links resolved: the sandbox's private directories are mount
+    sources, which the trampoline opens without following links."""
     for name in ("TMPDIR", "TEMP", "TMP"):
         value = os.environ.get(name)
         if value and os.path.isdir(value):
-            return os.path.abspath(value)
-    return "/tmp"
+            return os.path.realpath(value)
+    return os.path.realpath("/tmp")
 
 
 def make_temp_dir(prefix: str, root: str | None = None) -> str:

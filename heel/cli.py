@@ -135,7 +135,7 @@ def run_command(command: str, args: list[str]) -> int:
 
 def _execute(config: SandboxConfig, argv: list[str]) -> int:
     """Run argv in a sandbox for config, on heel's own stdin, stdout and stderr."""
-    from ._probe import NAMESPACE_STAGES, assumed_environment
+    from ._probe import assumed_environment, namespaces_missing
     from ._spawn import Session
     from ._sync import run
 
@@ -145,16 +145,23 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
     # real probe decides and the sandbox is built as that allows (or refused).
     try:
         session = Session(config, assumed_environment())
-    except OSError as exc:  # SpawnError, or clone itself refused
-        if isinstance(exc, SpawnError) and exc.stage not in NAMESPACE_STAGES:
+    except SpawnError as exc:
+        if not namespaces_missing(exc):
             raise
         session = Session(config)
+    _say_degraded(session.degraded)
     try:
         code, timed_out = run(session.prepared, argv, env=session.plan.env,
                               cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
     finally:
         session.close()
     return _exit_status(argv[0], timeout, code, timed_out)
+
+
+def _say_degraded(missing: list[str]) -> None:
+    """--best-effort ran without some protections: say which, once."""
+    if missing:
+        _say(f"running without {', '.join(missing)} (--best-effort; see `heel doctor`)")
 
 
 def _exit_status(program: str, timeout: float | None, code: int, timed_out: bool) -> int:
@@ -251,6 +258,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
 
     async def work():
         async with Sandbox(config, on_venv_progress=_progress) as sandbox:
+            _say_degraded(sandbox.degraded)
             command = sandbox.command(argv[0]).args(argv[1:])
             command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
             return await command.status()

@@ -6,6 +6,7 @@ fixtures live under /var/tmp: inside the sandbox /tmp is private.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from heel import _cliargs
+from heel import errors as heel_errors
 from heel.errors import PolicyError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
@@ -410,3 +412,39 @@ def test_a_signal_kills_the_tree(network, signum, code):
 def test_with_a_network_heel_errors_are_still_one_line():
     result = heel("run", "--network", "allow", "--", "heel-no-such-program")
     assert "command not found" in assert_heel_error(result, 127)
+
+
+# ---- found in review: a linked $TMPDIR, and what counts as "no namespaces" ----------
+
+
+def test_a_symlinked_tmpdir_keeps_every_namespace(tmp_path):
+    """The sandbox's private directories live under $TMPDIR and are mount
+    sources, opened without following links: a $TMPDIR reached through a
+    link must still give the full sandbox, not one without namespaces."""
+    real = tmp_path / "real"
+    real.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "link").symlink_to(real)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "link")}
+    result = heel("run", "--best-effort", "--", "sh", "-c",
+                  "readlink /proc/self/ns/user /proc/self/ns/pid /proc/self/ns/mnt", env=env)
+    assert result.returncode == 0, result.stderr
+    inside = result.stdout.decode().split()
+    host = [os.readlink(f"/proc/self/ns/{ns}") for ns in ("user", "pid", "mnt")]
+    assert len(inside) == 3 and all(a != b for a, b in zip(inside, host)), (inside, host)
+    assert b"running without" not in result.stderr  # nothing was given up
+    assert not os.listdir(real)  # and nothing left behind
+
+
+@pytest.mark.parametrize("stage, err, missing", [
+    ("clone", errno.EPERM, True), ("userns", errno.EINVAL, True), ("mount", errno.ENOSYS, True),
+    ("mount", errno.EPERM, True), ("mount", errno.ELOOP, False), ("mount", errno.ENOENT, False),
+    ("mount", errno.ENOTDIR, False), ("landlock", errno.EPERM, False), ("exec", errno.ENOENT, False),
+])
+def test_only_a_refused_namespace_counts_as_missing_namespaces(stage, err, missing):
+    """A path that is not what the plan says (ELOOP, ENOENT at the mount
+    stage) must fail the run, never make heel fall back to a sandbox without
+    namespaces (with --best-effort, silently weaker)."""
+    from heel._probe import namespaces_missing
+
+    assert namespaces_missing(heel_errors.SpawnError(stage, err)) is missing
