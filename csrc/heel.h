@@ -48,6 +48,7 @@ struct heel_seccomp_opts {
     int allow_inet_stream;    /* socket(AF_INET/AF_INET6, SOCK_STREAM, ...) */
     int allow_netlink_route;  /* socket(AF_NETLINK, *, NETLINK_ROUTE) */
     int deny_listen;          /* listen() refused: no network namespace holds what listens */
+    int deny_bind;            /* bind() refused: no network namespace holds the names bound */
 };
 
 /* Assemble the filter into out[0..cap).  Returns the number of instructions
@@ -152,6 +153,7 @@ struct heel_msg {
 #define HEEL_INIT_NETLINK_ROUTE 8  /* seccomp: allow NETLINK_ROUTE sockets */
 #define HEEL_INIT_SCOPE 16         /* each command in a Landlock domain of its own (scoped with ABI >= 6) */
 #define HEEL_INIT_NO_LISTEN 32     /* seccomp: refuse listen() */
+#define HEEL_INIT_NO_BIND 64       /* seccomp: refuse bind() */
 
 /* Landlock scopes (ABI 6): abstract unix sockets and signals. */
 #define HEEL_LANDLOCK_SCOPES 3

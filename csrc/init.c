@@ -917,7 +917,8 @@ int main(int argc, char **argv)
     if (argc == 4 && (z.ipc_fd < 0 || fcntl(z.ipc_fd, F_SETFD, FD_CLOEXEC) < 0))
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     if (flags < 0 || (flags & ~(HEEL_INIT_PIDNS | HEEL_INIT_UNIX_SOCKETS | HEEL_INIT_INET_STREAM |
-                                HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE | HEEL_INIT_NO_LISTEN)) != 0)
+                                HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE | HEEL_INIT_NO_LISTEN |
+                                HEEL_INIT_NO_BIND)) != 0)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     z.pidns = (flags & HEEL_INIT_PIDNS) != 0;
     z.own_domain = (flags & HEEL_INIT_SCOPE) != 0;
@@ -935,6 +936,7 @@ int main(int argc, char **argv)
     opts.allow_inet_stream = (flags & HEEL_INIT_INET_STREAM) != 0;
     opts.allow_netlink_route = (flags & HEEL_INIT_NETLINK_ROUTE) != 0;
     opts.deny_listen = (flags & HEEL_INIT_NO_LISTEN) != 0;
+    opts.deny_bind = (flags & HEEL_INIT_NO_BIND) != 0;
     n = heel_seccomp_build(&opts, filter_code, FILTER_CAP);
     if (n <= 0)
         fail(z.ctl, HEEL_STAGE_SECCOMP, n < 0 ? -n : EINVAL, EXIT_INIT_FAILED);

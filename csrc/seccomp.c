@@ -196,6 +196,7 @@ static const uint32_t denied_syscalls[] = {
 #endif
     __NR_chroot,
     __NR_pidfd_getfd,
+    __NR_lsm_set_self_attr, /* what a write to /proc/self/attr does, which Landlock refuses */
 };
 
 /* ---- a tiny assembler ------------------------------------------------ */
@@ -456,6 +457,16 @@ static void listen_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts
     ret(a, opts->deny_listen ? FAIL(EPERM) : ALLOW);
 }
 
+/* Without a network namespace, and without socket(AF_UNIX), the sandbox's
+ * only sockets are socketpairs (and TCP clients, which Landlock already
+ * keeps from binding).  None of them needs a name, and bind() would take
+ * an abstract one in the host's namespace: a name that a host service
+ * (an X server, D-Bus) could then no longer bind. */
+static void bind_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    ret(a, opts->deny_bind ? FAIL(EPERM) : ALLOW);
+}
+
 /* A connected pair of unix stream or seqpacket sockets reaches nobody
  * outside the process tree: they cannot be connected again, and sendto()
  * on them ignores (stream: refuses) an address.  A datagram pair can do
@@ -489,6 +500,7 @@ static const struct arg_check {
     {__NR_ioctl, ioctl_check},
     {__NR_socket, socket_check},
     {__NR_socketpair, socketpair_check},
+    {__NR_bind, bind_check},
     {__NR_listen, listen_check},
 #ifdef __NR_chmod
     {__NR_chmod, mode_arg1_check},

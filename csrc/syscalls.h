@@ -71,6 +71,9 @@
 #ifndef __NR_listmount
 #define __NR_listmount 458
 #endif
+#ifndef __NR_lsm_set_self_attr
+#define __NR_lsm_set_self_attr 460
+#endif
 #ifndef __NR_open_tree_attr
 #define __NR_open_tree_attr 467
 #endif

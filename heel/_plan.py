@@ -498,9 +498,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         handled_net=ll.handled_net(env.landlock_abi),
         scoped=ll.scopes(env.landlock_abi),
         namespaces=env.namespaces,
+        # Abstract unix socket names belong to a network namespace: a
+        # sandbox that may make unix sockets binds its names in its own.
         network_namespace=env.namespaces and (
-            not config.network.denies_everything
-            or (config.security.allow_unix_sockets and env.landlock_abi < 6)),
+            not config.network.denies_everything or config.security.allow_unix_sockets),
         mounts=tuple(mounts),
         readonly_root=readonly_root,
         env=variables,

@@ -280,6 +280,10 @@ def _init_flags(plan: SandboxPlan) -> int:
         if not plan.network_namespace:
             # listen() there would open a port on the host's interfaces.
             flags |= lib.HEEL_INIT_NO_LISTEN
+    if not plan.network_namespace and not plan.seccomp["allow_unix_sockets"]:
+        # Only socketpairs and TCP clients: nothing to bind, and a bound
+        # abstract name would be taken in the host's namespace.
+        flags |= lib.HEEL_INIT_NO_BIND
     if plan.seccomp["allow_netlink_route"]:
         flags |= lib.HEEL_INIT_NETLINK_ROUTE
     if plan.handled_fs:  # Landlock is there: each command in a domain of its own

@@ -44,6 +44,7 @@ NR = dict(
     userfaultfd=323 if X86 else 282,
     setns=308 if X86 else 268,
     getpid=39 if X86 else 172,
+    lsm_set_self_attr=460,
 )
 
 def sys_call(name, *args):
@@ -63,6 +64,11 @@ def forked_sleeper():
 """
 
 PROBES = {
+    # LSM_ATTR_CURRENT without a context: the host answers EINVAL or EFAULT.
+    "lsm_set_self_attr": """
+rc, err = sys_call('lsm_set_self_attr', 100, 0, 0, 0)
+report('lsm_set_self_attr', rc, err)
+""",
     "ptrace_traceme": """
 pid = os.fork()
 if pid == 0:

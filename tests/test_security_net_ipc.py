@@ -7,6 +7,7 @@ listener would have seen a connection.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import select
@@ -14,6 +15,7 @@ import socket
 import time
 
 import pytest
+import trio
 
 import heel
 from helpers import explain, py
@@ -355,3 +357,41 @@ def test_landlock_tcp_port_rule():
     finally:
         for s in listeners:
             s.close()
+
+
+SQUAT = """
+import socket, sys, time
+name = b"\\0" + sys.argv[1].encode()
+s = socket.socket(socket.AF_UNIX) if sys.argv[2] == "socket" else socket.socketpair()[0]
+try:
+    s.bind(name)
+    print("bound", flush=True)
+except OSError as exc:
+    print("refused", exc.errno, flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("allow", [False, True])
+async def test_abstract_names_of_the_host_cannot_be_taken(allow):
+    """A socket bound to an abstract name takes it in its network namespace:
+    a sandbox sharing the host's could take a name a host service needs
+    (an X server's @/tmp/.X11-unix/X0).  Without unix sockets bind() is
+    refused (a socketpair needs no name); with them, the sandbox gets a
+    network namespace of its own, whose names are its own."""
+    name = f"heel-squat-{secrets.token_hex(8)}"
+    security = heel.SecurityConfig(allow_unix_sockets=allow)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, security=security)) as sb:
+        cmd = sb.command("python3").args(["-c", SQUAT, name, "socket" if allow else "pair"])
+        process = await cmd.stdout(heel.Stdio.PIPE).timeout(60).spawn()
+        async with process:
+            with trio.fail_after(20):
+                said = (await process.stdout.receive_some(100)).decode().split()
+            # While the sandboxed process lives, the name is still free on the host.
+            host = socket.socket(socket.AF_UNIX)
+            try:
+                host.bind(b"\0" + name.encode())
+            finally:
+                host.close()
+            process.kill()
+    assert said == (["bound"] if allow else ["refused", str(errno.EPERM)]), said
