@@ -620,11 +620,17 @@ int heel_userns_create(const char *uid_map, const char *gid_map)
     }
     ctx.wait_fd = pipefd[0];
     ctx.parent_end = pipefd[1];
+    /* The holder shares our memory: no signal handler of ours (Python's)
+     * may ever run on its stack.  It keeps every signal blocked (but
+     * SIGKILL) for its short life. */
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
     pid = clone(holder_main, stack + stack_size, CLONE_VM | CLONE_NEWUSER | SIGCHLD, &ctx);
-    if (pid < 0) {
-        err = errno;
+    err = pid < 0 ? errno : 0;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (pid < 0)
         goto out_stack;
-    }
     if (write_proc(pid, "uid_map", uid_map) < 0 || write_proc(pid, "gid_map", gid_map) < 0) {
         err = errno;
     } else {
