@@ -173,8 +173,13 @@ struct heel_request_head {
     uint32_t nargv;
     uint32_t nenv;
     uint32_t nrlimits;
-    uint32_t reserved;
+    uint32_t flags;     /* HEEL_REQUEST_* */
 };
+
+/* The command's stdin is a terminal (a pty that heel made for it, never a
+ * host terminal): make it the controlling terminal of the command's
+ * session, so that ^C, ^Z and job control work inside. */
+#define HEEL_REQUEST_CTTY 1
 
 struct heel_rlimit {
     int32_t resource;

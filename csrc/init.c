@@ -44,6 +44,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -355,7 +356,8 @@ static int layout_fds(const struct zygote *z, const struct command *c, int *repo
  * then execve.  (No capabilities and the seccomp filter it has already,
  * from heel-init.)  The order: a session of its own (no controlling
  * terminal: no TIOCSTI into the host's tty, and a process group that is a
- * handle on the command's processes); the fds; the cwd; the rlimits (after
+ * handle on the command's processes); the fds, and heel's pty as the
+ * controlling terminal when the request asks; the cwd; the rlimits (after
  * the fds, so that a small RLIMIT_NOFILE cannot stop the layout); the
  * Landlock scope. */
 __attribute__((noreturn))
@@ -363,6 +365,8 @@ static void become_command(const struct zygote *z, const struct command *c, int 
 {
     setsid(); /* fails (EPERM) only for a process group leader, which a fresh child is not */
     if (layout_fds(z, c, &report) < 0)
+        child_failed(report, HEEL_STAGE_FDS, errno);
+    if ((c->head.flags & HEEL_REQUEST_CTTY) && ioctl(0, TIOCSCTTY, 0) < 0)
         child_failed(report, HEEL_STAGE_FDS, errno);
     if (chdir(c->cwd) < 0)
         child_failed(report, HEEL_STAGE_CHDIR, errno);
@@ -733,7 +737,7 @@ static int parse_request(struct command *c, char *payload, size_t length)
 
     memcpy(&c->head, payload, sizeof(c->head));
     if (c->head.nargv < 1 || c->head.nargv > length || c->head.nenv > length ||
-        c->head.nrlimits > 64)
+        c->head.nrlimits > 64 || (c->head.flags & ~(uint32_t)HEEL_REQUEST_CTTY) != 0)
         return -EPROTO;
     rl_bytes = (size_t)c->head.nrlimits * sizeof(struct heel_rlimit);
     if (sizeof(c->head) + rl_bytes > length)

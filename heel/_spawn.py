@@ -169,18 +169,20 @@ class Prepared:
         return fd
 
     def launch(self, argv: list[str], env: dict[str, str], cwd: str,
-               stdio: tuple[int, int, int]) -> tuple[int, socket.socket]:
+               stdio: tuple[int, int, int], ctty: bool = False) -> tuple[int, socket.socket]:
         """Start one command.  Returns (pidfd of its init, control socket).
 
-        Failures of the command's own setup arrive later as an error message
-        on the control socket (see raise_for_error).  This blocks until
-        heel-init answers; under trio, use launch_async."""
+        ``ctty``: stdin is a pty heel made (heel._terminal), to become the
+        command's controlling terminal.  Failures of the command's own setup
+        arrive later as an error message on the control socket (see
+        raise_for_error).  This blocks until heel-init answers; under trio,
+        use launch_async."""
         with self._lock:
-            host_end, child_end = self._send_request(argv, env, cwd, stdio)
+            host_end, child_end = self._send_request(argv, env, cwd, stdio, ctty)
             return self._take_reply(argv, host_end, child_end), host_end
 
     async def launch_async(self, argv: list[str], env: dict[str, str], cwd: str,
-                           stdio: tuple[int, int, int]) -> tuple[int, socket.socket]:
+                           stdio: tuple[int, int, int], ctty: bool = False) -> tuple[int, socket.socket]:
         """launch() for trio: the event loop runs on while heel-init works
         (a sandbox under load must not stall the host's other tasks)."""
         import trio
@@ -188,7 +190,7 @@ class Prepared:
         if self._trio_lock is None:
             self._trio_lock = trio.Lock()
         async with self._trio_lock:
-            host_end, child_end = self._send_request(argv, env, cwd, stdio)
+            host_end, child_end = self._send_request(argv, env, cwd, stdio, ctty)
             assert self._ctl is not None  # _send_request raised if it was closed
             # Shielded: the reply must be read even by a cancelled caller, or
             # the next request would read it.  Bounded, for a heel-init that
@@ -204,8 +206,8 @@ class Prepared:
             return self._take_reply(argv, host_end, child_end), host_end
 
     def _send_request(self, argv: list[str], env: dict[str, str], cwd: str,
-                      stdio: tuple[int, int, int]) -> tuple[socket.socket, socket.socket]:
-        payload = _encode_request(argv, env, cwd, self.plan.rlimits)
+                      stdio: tuple[int, int, int], ctty: bool) -> tuple[socket.socket, socket.socket]:
+        payload = _encode_request(argv, env, cwd, self.plan.rlimits, lib.HEEL_REQUEST_CTTY if ctty else 0)
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if self._ctl is None:
@@ -291,12 +293,12 @@ def _init_flags(plan: SandboxPlan) -> int:
     return flags
 
 
-def _encode_request(argv: list[str], env: dict[str, str], cwd: str, rlimits) -> bytes:
-    """A command request's payload (see heel.h)."""
+def _encode_request(argv: list[str], env: dict[str, str], cwd: str, rlimits, flags: int = 0) -> bytes:
+    """A command request's payload (see heel.h); flags: HEEL_REQUEST_*."""
     strings = [os.fsencode(cwd), os.fsencode(argv[0])] + [os.fsencode(a) for a in argv]
     strings += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
     return b"".join([
-        _HEAD.pack(len(argv), len(env), len(rlimits), 0),
+        _HEAD.pack(len(argv), len(env), len(rlimits), flags),
         *(_RLIMIT.pack(resource, 0, soft, hard) for resource, soft, hard in rlimits),
         *(s + b"\0" for s in strings),
     ])
@@ -357,10 +359,11 @@ def needs_relay(fd: int) -> bool:
     """Whether a host fd that the caller wants to hand to the sandbox as one
     of its standard streams must be relayed through a pipe instead.
 
-    Pipes, sockets and character devices (terminals, /dev/null) are passed
-    as they are.  Anything else, a regular file above all, is not: through
-    /proc/self/fd the sandbox would reach the file itself and could chmod,
-    truncate or utime it, none of which Landlock mediates."""
+    Pipes, sockets and character devices (/dev/null; terminals are replaced
+    by a pty of heel's own before this is asked, see heel._terminal) are
+    passed as they are.  Anything else, a regular file above all, is not:
+    through /proc/self/fd the sandbox would reach the file itself and could
+    chmod, truncate or utime it, none of which Landlock mediates."""
     mode = os.fstat(fd).st_mode
     return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
 

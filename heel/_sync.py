@@ -11,6 +11,7 @@ import time
 
 from . import _native
 from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, needs_relay, raise_for_error
+from ._terminal import TerminalBridge
 
 
 def recv_message(sock: socket.socket, *, block: bool = True):
@@ -152,19 +153,54 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
-        stdio: tuple[int, int, int], timeout: float | None = None) -> tuple[int, bool]:
+        stdio: tuple[int, int, int], timeout: float | None = None,
+        interactive: bool = False) -> tuple[int, bool]:
     """Run to completion; returns (returncode, timed_out).  Raises SpawnError.
 
-    ``stdio`` are host fds; those that are files reach the command through
-    pipes (see Relays)."""
-    relays = Relays(stdio)
+    ``stdio`` are host fds.  Terminals among them are replaced by a pty of
+    heel's own (heel._terminal; ``interactive``: the host terminal goes raw
+    and the pty becomes the command's controlling terminal, for the CLI);
+    files reach the command through pipes (see Relays)."""
+    bridge = TerminalBridge(stdio, interactive)
+    try:
+        relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))
+    except BaseException:
+        bridge.close()
+        raise
+    resizing = _follow_window_size(bridge)
+    try:
+        return _run(prepared, argv, env, cwd, relays, bridge, timeout)
+    finally:
+        if resizing is not _NOT_INSTALLED:
+            signal.signal(signal.SIGWINCH, resizing)
+        bridge.close()
+
+
+_NOT_INSTALLED = object()
+
+
+def _follow_window_size(bridge: TerminalBridge):
+    """Pass the host terminal's new size to the pty on SIGWINCH; returns the
+    handler to put back (or _NOT_INSTALLED)."""
+    if bridge.master < 0:
+        return _NOT_INSTALLED
+    try:
+        return signal.signal(signal.SIGWINCH, lambda signum, frame: bridge.resize())
+    except ValueError:  # not the main thread: the size stays what it was
+        return _NOT_INSTALLED
+
+
+def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, relays: Relays,
+         bridge: TerminalBridge, timeout: float | None) -> tuple[int, bool]:
     try:
         stdin, stdout, stderr = relays.child_fds
-        pidfd, ctl = prepared.launch(argv, env, cwd, (stdin, stdout, stderr))
+        pidfd, ctl = prepared.launch(argv, env, cwd, (stdin, stdout, stderr), ctty=bridge.interactive)
     except BaseException:
         relays.finish()
         raise
     relays.started()
+    bridge.started()
+    pty_open = bridge.master >= 0
     killed = timed_out = False
     ended = False
     try:
@@ -176,8 +212,19 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             readers, writers = relays.wanted()
+            if pty_open:
+                readers.append(bridge.master)
+                if bridge.input_waiting:
+                    writers.append(bridge.master)
+                elif bridge.host_in >= 0:
+                    readers.append(bridge.host_in)
             readable, writable, _ = select.select([pidfd, *readers], writers, [], left)
             relays.pump(readable, writable)
+            if pty_open:
+                if bridge.master in readable:
+                    pty_open = bridge.copy_output()
+                if bridge.host_in in readable or (bridge.input_waiting and bridge.master in writable):
+                    bridge.copy_input()
             if pidfd in readable:
                 break
             if deadline is not None and time.monotonic() >= deadline and not killed:
@@ -185,6 +232,7 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
                 killed = timed_out = True
         ended = True
         relays.finish()
+        bridge.drain()
         return exit_status(ctl, killed), timed_out
     finally:
         if not ended:

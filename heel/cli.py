@@ -152,7 +152,7 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
     _say_degraded(session.degraded)
     try:
         code, timed_out = run(session.prepared, argv, env=session.plan.env,
-                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout)
+                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout, interactive=True)
     finally:
         session.close()
     return _exit_status(argv[0], timeout, code, timed_out)
@@ -261,6 +261,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
             _say_degraded(sandbox.degraded)
             command = sandbox.command(argv[0]).args(argv[1:])
             command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
+            command._interactive_terminal = True
             return await command.status()
 
     async def main():  # -> ExitStatus | None (None: a signal ended it)

@@ -6,6 +6,7 @@ import enum
 import errno
 import math
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import trio
 
 from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
+from ._terminal import TerminalBridge
 from .config import SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
@@ -308,9 +310,16 @@ class Sandbox(Generic[P]):
         child_fds: list[int] = []
         streams: list = []
         relays: list = []  # (coroutine function, args) started once the command runs
+        # Host terminals among the inherited streams: a pty of heel's own instead.
+        specs = (stdin, stdout, stderr)
+        bridge = TerminalBridge((0 if stdin is Stdio.INHERIT else -1, 1 if stdout is Stdio.INHERIT else -1,
+                                 2 if stderr is Stdio.INHERIT else -1), cmd._interactive_terminal)
         try:
-            for index, spec in enumerate((stdin, stdout, stderr)):
-                if spec is Stdio.INHERIT and not needs_relay(index):
+            for index, spec in enumerate(specs):
+                if spec is Stdio.INHERIT and bridge.child_fds[index] != index:
+                    child_fds.append(bridge.child_fds[index])
+                    streams.append(None)
+                elif spec is Stdio.INHERIT and not needs_relay(index):
                     child_fds.append(index)
                     streams.append(None)
                 elif spec is Stdio.NULL:
@@ -330,8 +339,10 @@ class Sandbox(Generic[P]):
                     else:
                         streams.append(stream)
             fd0, fd1, fd2 = child_fds
-            pidfd, ctl = await prepared.launch_async(cmd._argv, env, cwd, (fd0, fd1, fd2))
+            pidfd, ctl = await prepared.launch_async(cmd._argv, env, cwd, (fd0, fd1, fd2),
+                                                     ctty=bridge.interactive)
         except BaseException:
+            bridge.close()
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
                     await stream.aclose()
@@ -340,6 +351,9 @@ class Sandbox(Generic[P]):
             for fd in host_fds:
                 os.close(fd)
         relay_done = []
+        if bridge.master >= 0:
+            bridge.started()
+            relays.append((_relay_terminal, bridge, -1))
         for function, stream, host_fd in relays:
             done = trio.Event()
             self._relays.append(done)
@@ -374,6 +388,9 @@ class Command:
         self._stdout: Stdio | None = None
         self._stderr: Stdio | None = None
         self._timeout: float | None = None
+        #: The CLI's own command: an inherited terminal goes raw, and the
+        #: command's pty is its controlling terminal (heel._terminal).
+        self._interactive_terminal = False
 
     def __repr__(self) -> str:
         return f"<heel.Command {self._argv!r}>"
@@ -528,6 +545,45 @@ async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, done: trio.Ev
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the host's file went away: the command's output has nowhere to go
     finally:
+        done.set()
+
+
+async def _relay_terminal(bridge: TerminalBridge, _: int, done: trio.Event) -> None:
+    """Copy between a host terminal and the command's pty (heel._terminal)
+    until every holder of the pty's end has closed it; then restore the
+    host terminal."""
+
+    async def output() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(bridge.master)
+            if not bridge.copy_output():
+                return
+
+    async def typed() -> None:
+        while bridge.host_in >= 0:
+            if bridge.input_waiting:
+                await trio.lowlevel.wait_writable(bridge.master)
+            else:
+                await trio.lowlevel.wait_readable(bridge.host_in)
+            if not bridge.copy_input():
+                return
+
+    async def window_size() -> None:
+        try:
+            with trio.open_signal_receiver(signal.SIGWINCH) as sizes:
+                async for _ in sizes:
+                    bridge.resize()
+        except RuntimeError:  # not trio's main thread: the size stays
+            pass
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(typed)
+            nursery.start_soon(window_size)
+            await output()
+            nursery.cancel_scope.cancel()
+    finally:
+        bridge.close()
         done.set()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -448,3 +449,98 @@ def test_only_a_refused_namespace_counts_as_missing_namespaces(stage, err, missi
     from heel._probe import namespaces_missing
 
     assert namespaces_missing(heel_errors.SpawnError(stage, err)) is missing
+
+
+# ---- a terminal as stdio: a pty of heel's own (found in review) ------------------
+
+
+def _on_a_terminal(args: list[str], send: list[bytes] = (), timeout: float = 30,
+                   program: list[str] | None = None):
+    """Run `heel run ARGS` with a fresh terminal as its stdin, stdout and
+    stderr, as in an interactive shell; ``send`` is typed, a piece at a time,
+    once the command has written something.  Returns (exit status, output,
+    the terminal's mode and settings before, and after)."""
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        before = (os.stat(path).st_mode, termios.tcgetattr(slave))
+        program = program or [sys.executable, "-m", "heel", "run"]
+        process = subprocess.Popen([*program, *args], stdin=slave, stdout=slave,
+                                   stderr=slave, start_new_session=True)
+        output, pending, deadline = b"", list(send), time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                output += os.read(master, 65536)
+                if pending and output:
+                    os.write(master, pending.pop(0))
+        if process.poll() is None:
+            process.kill()
+        code = process.wait(10)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                output += os.read(master, 65536)
+            except OSError:
+                break
+        after = (os.stat(path).st_mode, termios.tcgetattr(slave))
+        return code, output.decode(errors="replace"), before, after
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+#: The two runners of the CLI: the plain one, and trio's (with a network).
+RUNNERS = {"plain": [], "trio": ["--network", "allow"]}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("level", ["default", "permissive"])
+def test_the_users_terminal_cannot_be_changed_from_inside(level, runner):
+    """chmod and stty on the terminal the command got reach heel's pty, not
+    the user's terminal: whatever the command does, the terminal heel ran
+    on has its mode and settings back afterwards.  (At PERMISSIVE, root's
+    sandbox owns root's files, so without the pty the chmod would land.)"""
+    code, output, before, after = _on_a_terminal([
+        "--level", level, *RUNNERS[runner], "--", "sh", "-c",
+        "test -t 0 && test -t 1 && echo on-a-tty; chmod 0666 /proc/self/fd/0 && echo chmod-ran; "
+        "stty -echo -icanon && echo stty-ran"])
+    assert code == 0, output
+    assert "on-a-tty" in output and "stty-ran" in output, output
+    assert after == before, output  # mode (whatever chmod did inside) and termios
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_typed_input_and_ctrl_c_reach_the_command(runner):
+    """Interactive: what is typed goes to the command through its pty (which
+    echoes it), and ^C is a SIGINT for the command, not for heel."""
+    code, output, before, after = _on_a_terminal(
+        [*RUNNERS[runner], "--", "sh", "-c", "echo ready; read line; echo got:$line; exec sleep 30"],
+        send=[b"hello\r", b"\x03"])
+    assert "got:hello" in output, output
+    assert code == 130, output  # sleep ended by SIGINT: 128 + 2
+    assert after == before  # raw while it ran, restored after
+
+
+LIBRARY_ON_A_TERMINAL = """
+import sys, trio, heel
+
+async def main():
+    config = heel.SandboxConfig(level=heel.IsolationLevel.PERMISSIVE)
+    async with heel.Sandbox(config) as sb:
+        status = await sb.command("sh").args(["-c", sys.argv[1]]).stdin(heel.Stdio.INHERIT).status()
+    sys.exit(status.returncode)
+
+trio.run(main)
+"""
+
+
+def test_the_library_gives_inherited_terminals_a_pty_too():
+    """Stdio.INHERIT of a terminal, from the library: the command gets a pty
+    (plain mode: the host terminal stays as it was, and keeps its ^C)."""
+    code, output, before, after = _on_a_terminal(
+        ["test -t 0 && test -t 1 && echo on-a-tty; chmod 0666 /proc/self/fd/1; stty -echo; echo done"],
+        program=[sys.executable, "-c", LIBRARY_ON_A_TERMINAL])
+    assert code == 0, output
+    assert "on-a-tty" in output and "done" in output, output
+    assert after == before, output
