@@ -102,3 +102,14 @@ def host_sleeper():
 def root_only():
     if os.geteuid() != 0:
         pytest.skip("this test is about running as root")
+
+
+@pytest.fixture
+def no_namespaces(monkeypatch):
+    """Plan as if this machine had no user namespaces: the same C code runs
+    without namespace flags (see test_degraded.py)."""
+    from heel import _probe
+
+    env, _ = _probe.environment()
+    monkeypatch.setattr(_probe, "environment",
+                        lambda: (env._replace(namespaces=False), "turned off for this test"))

@@ -12,15 +12,7 @@ import pytest
 import trio
 
 import heel
-from heel import _probe
 from helpers import explain, processes_with, unique_marker
-
-
-@pytest.fixture
-def no_namespaces(monkeypatch):
-    env, _ = _probe.environment()
-    monkeypatch.setattr(_probe, "environment",
-                        lambda: (env._replace(namespaces=False), "turned off for this test"))
 
 
 async def test_refused_unless_best_effort(no_namespaces):

@@ -476,15 +476,6 @@ async def test_proxy_listener_lives_in_the_sandbox_namespace_only():
 # ---- without namespaces -----------------------------------------------------------
 
 
-@pytest.fixture
-def no_namespaces(monkeypatch):
-    from heel import _probe
-
-    env, _ = _probe.environment()
-    monkeypatch.setattr(_probe, "environment",
-                        lambda: (env._replace(namespaces=False), "turned off for this test"))
-
-
 def _ask_proxy(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(request)
