@@ -162,13 +162,10 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     and the pty becomes the command's controlling terminal, for the CLI);
     files reach the command through pipes (see Relays)."""
     bridge = TerminalBridge(stdio, interactive)
+    resizing = _NOT_INSTALLED
     try:
         relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))
-    except BaseException:
-        bridge.close()
-        raise
-    resizing = _follow_window_size(bridge)
-    try:
+        resizing = _follow_window_size(bridge)
         return _run(prepared, argv, env, cwd, relays, bridge, timeout)
     finally:
         if resizing is not _NOT_INSTALLED:
@@ -213,7 +210,10 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             readers, writers = relays.wanted()
             if pty_open:
-                readers.append(bridge.master)
+                if bridge.output_waiting:
+                    writers.append(bridge.out_fd)
+                else:
+                    readers.append(bridge.master)
                 if bridge.input_waiting:
                     writers.append(bridge.master)
                 elif bridge.host_in >= 0:
@@ -221,10 +221,15 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
             readable, writable, _ = select.select([pidfd, *readers], writers, [], left)
             relays.pump(readable, writable)
             if pty_open:
-                if bridge.master in readable:
+                if bridge.out_fd in writable:
+                    bridge.flush_output()
+                elif bridge.master in readable:
                     pty_open = bridge.copy_output()
                 if bridge.host_in in readable or (bridge.input_waiting and bridge.master in writable):
                     bridge.copy_input()
+                if bridge.host_gone and not killed:  # the user's terminal went away: so does the command
+                    kill_tree(pidfd, ctl)
+                    killed = True
             if pidfd in readable:
                 break
             if deadline is not None and time.monotonic() >= deadline and not killed:

@@ -13,16 +13,27 @@ the command does to its pty ends with the command.
 
 Two modes:
 
-- interactive (the CLI, when stdin and stdout are the terminal): the host
-  terminal is put in raw mode for the run and the pty, a copy of the
-  terminal's settings, becomes the command's controlling terminal, so ^C,
+- interactive (``heel run`` and ``heel shell``, when stdin and stdout are
+  the terminal, heel is its foreground job and nobody else holds it raw):
+  the host terminal is raw while the command runs and the pty, a copy of
+  the terminal's settings, is the command's controlling terminal, so ^C,
   ^Z, line editing and full-screen programs work inside as outside.  The
-  host terminal's settings are restored afterwards.
-- plain (the library, Stdio.INHERIT): the host terminal stays as it is
-  (heel's process keeps its ^C), and the pty only echoes nothing back.
+  settings are restored afterwards.
+- plain (the library's Stdio.INHERIT, and the CLI otherwise): the host
+  terminal keeps its settings and heel keeps its ^C; the pty echoes
+  nothing (the host terminal did), and a ^D typed there reaches the
+  command as its pty's end-of-file character.
 
-This module is sans-I/O apart from the pty itself: the runners (heel._sync
-for the CLI, heel.sandbox under trio) move the bytes.
+A background job (heel not in the terminal's foreground process group)
+never reads the terminal, which would stop it (SIGTTIN): its command's stdin
+is /dev/null, as with ``nohup``.  Output goes to the host terminal through a
+non-blocking file description of heel's own, so a terminal that stops
+reading (^S, a stalled link) stalls the command, never heel's timeouts or
+event loop.  When the host terminal hangs up, the runners end the command.
+
+The runners (heel._sync for the CLI's plain runner, heel.sandbox under trio)
+wait on the fds named here and call the copy methods; this module only moves
+bytes between fds that are ready.
 """
 
 from __future__ import annotations
@@ -30,74 +41,119 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["TerminalBridge", "is_terminal"]
+__all__ = ["TerminalBridge", "is_terminal", "line_end"]
 
 CHUNK = 65536
+#: How long the end of a command may take to reach a host terminal that
+#: does not read.
+DRAIN_SECONDS = 2.0
+
+_raw_terminals = 0  # bridges holding a host terminal raw, process-wide
 
 
 def is_terminal(fd: int) -> bool:
     try:
-        return stat.S_ISCHR(os.fstat(fd).st_mode) and os.isatty(fd)
+        return fd >= 0 and stat.S_ISCHR(os.fstat(fd).st_mode) and os.isatty(fd)
     except OSError:
         return False
+
+
+def line_end() -> str:
+    """What ends a line heel itself writes to stderr: "\\r\\n" while a host
+    terminal is raw (no output processing turns "\\n" into both)."""
+    return "\r\n" if _raw_terminals else "\n"
+
+
+def _in_foreground(fd: int) -> bool:
+    """Whether heel may read and set the terminal without being stopped
+    (SIGTTIN, SIGTTOU): it is the foreground job of its controlling
+    terminal, or the terminal is not its controlling terminal at all."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:  # not our controlling terminal: no job control applies
+        return True
 
 
 class TerminalBridge:
     """A pty in place of the host terminals among a command's stdio fds.
 
-    ``child_fds``: what the command gets (the pty's end for each terminal).
-    ``host_in``: the host fd to read the user's input from (-1: none);
-    ``host_out``: the host terminal to write the command's output to.
+    ``child_fds``: what the command gets (the pty's end for each terminal;
+    /dev/null for a background job's stdin).  ``host_in``: the host fd to
+    read typed input from (-1: none, or no more).  ``out_fd``: heel's own
+    non-blocking description of the host terminal that output goes to.
     ``master``: heel's end of the pty (-1 when no fd was a terminal).
+    ``host_gone``: the host terminal hung up; the runner ends the command.
     """
 
     def __init__(self, stdio: tuple[int, int, int], interactive: bool = False) -> None:
         self.child_fds = list(stdio)
-        self.master = self.host_in = self.host_out = -1
+        self.master = self.host_in = self.out_fd = -1
         self.interactive = False
-        self._slave = -1
-        self._saved: list | None = None  # the host terminal's settings, while raw
-        self._raw_fd = -1  # ...and the fd they are restored on
-        self._pending = b""  # input read from the host, not yet taken by the pty
+        self.host_gone = False
+        self._slave = self._null = -1
+        self._saved: list | None = None  # the host terminal's settings, while it is raw
+        self._raw_fd = -1  # ...and the fd they go back on
+        self._pending_in = b""  # typed, not yet taken by the pty
+        self._pending_out = b""  # written by the command, not yet taken by the host terminal
+        self._eof = b"\x04"
         terminals = [index for index, fd in enumerate(stdio) if is_terminal(fd)]
         if not terminals:
             return
         import termios
 
-        self.master, self._slave = os.openpty()  # both close-on-exec (PEP 446)
-        host = stdio[terminals[0]]
-        for index in terminals:
-            self.child_fds[index] = self._slave
-        self.host_in = stdio[0] if 0 in terminals else -1
-        self.host_out = next(stdio[i] for i in (1, 2, 0) if i in terminals)
         try:
+            self.master, self._slave = os.openpty()  # both close-on-exec (PEP 446)
+            for index in terminals:
+                self.child_fds[index] = self._slave
+            host = stdio[terminals[0]]
+            foreground = _in_foreground(host)
+            if 0 in terminals:
+                if foreground:
+                    self.host_in = stdio[0]
+                else:
+                    self._null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    self.child_fds[0] = self._null
+            out = next(stdio[i] for i in (1, 2, 0) if i in terminals)
+            try:
+                self.out_fd = os.open(f"/proc/self/fd/{out}",
+                                      os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # no /proc: a shared description, blocking as the user's shell has it
+                self.out_fd = os.dup(out)
             settings = termios.tcgetattr(host)
-            self.interactive = interactive and 0 in terminals and 1 in terminals
+            eof = settings[6][termios.VEOF]
+            self._eof = eof if isinstance(eof, bytes) else bytes([eof])
+            self.interactive = bool(interactive and foreground and 0 in terminals and 1 in terminals
+                                    and settings[3] & termios.ICANON)  # not raw already: nobody else's
             if not self.interactive:
-                # The host terminal echoes what is typed already.
-                settings[3] &= ~(termios.ECHO | termios.ECHONL)
+                settings[3] &= ~(termios.ECHO | termios.ECHONL)  # the host terminal echoes already
             termios.tcsetattr(self._slave, termios.TCSANOW, settings)
             self.resize()
             os.set_blocking(self.master, False)
             if self.interactive:
-                saved = termios.tcgetattr(self.host_in)
-                raw = termios.tcgetattr(self.host_in)
-                # cfmakeraw: bytes as typed, nothing echoed or turned into signals here.
-                raw[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
-                            | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
-                raw[1] &= ~termios.OPOST
-                raw[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
-                raw[2] &= ~(termios.CSIZE | termios.PARENB)
-                raw[2] |= termios.CS8
-                raw[6][termios.VMIN], raw[6][termios.VTIME] = 1, 0
-                termios.tcsetattr(self.host_in, termios.TCSAFLUSH, raw)
-                self._saved, self._raw_fd = saved, self.host_in
+                self._go_raw(termios)
         except termios.error as exc:  # not an OSError: made one, for the callers' handlers
             self.close()
             raise OSError(*exc.args) from None
         except BaseException:
             self.close()
             raise
+
+    def _go_raw(self, termios) -> None:
+        global _raw_terminals
+        saved = termios.tcgetattr(self.host_in)
+        raw = termios.tcgetattr(self.host_in)
+        # cfmakeraw: bytes as typed, nothing echoed, processed or turned into signals here.
+        raw[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                    | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+        raw[1] &= ~termios.OPOST
+        raw[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+        raw[2] &= ~(termios.CSIZE | termios.PARENB)
+        raw[2] |= termios.CS8
+        raw[6][termios.VMIN], raw[6][termios.VTIME] = 1, 0
+        # Saved first: whatever interrupts from here on, close() restores.
+        self._saved, self._raw_fd = saved, self.host_in
+        _raw_terminals += 1
+        termios.tcsetattr(self.host_in, termios.TCSAFLUSH, raw)
 
     def resize(self) -> None:
         """Give the pty the host terminal's window size (at the start, and
@@ -108,7 +164,7 @@ class TerminalBridge:
         import termios
 
         try:
-            size = fcntl.ioctl(self.host_out, termios.TIOCGWINSZ, bytes(8))
+            size = fcntl.ioctl(self.out_fd, termios.TIOCGWINSZ, bytes(8))
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
         except OSError:
             pass
@@ -116,85 +172,122 @@ class TerminalBridge:
     def started(self) -> None:
         """The command holds the pty's end now: close heel's copy, so that
         the end of the command's last holder reads as the end here."""
-        if self._slave >= 0:
-            os.close(self._slave)
-            self._slave = -1
-
-    # ---- moving bytes: each returns False once its side has ended ----------
-
-    def copy_input(self) -> bool:
-        """The host's input is readable (or the pty has room again): pass
-        what there is to the pty."""
-        if not self._pending:
-            try:
-                self._pending = os.read(self.host_in, CHUNK)
-            except OSError:
-                self._pending = b""
-            if not self._pending:  # the terminal hung up
-                self.host_in = -1
-                return False
-        try:
-            self._pending = self._pending[os.write(self.master, self._pending):]
-        except BlockingIOError:
-            pass
-        except OSError:  # the pty is gone
-            self._pending = b""
-            self.host_in = -1
-            return False
-        return True
-
-    @property
-    def input_waiting(self) -> bool:
-        """Input is held back until the pty has room: wait for it writable."""
-        return bool(self._pending)
-
-    def copy_output(self) -> bool:
-        """The pty is readable: write what the command wrote to the host
-        terminal.  False once every holder of the pty's end has closed it."""
-        try:
-            data = os.read(self.master, CHUNK)
-        except BlockingIOError:
-            return True
-        except OSError:  # EIO: no process holds the pty's end any more
-            return False
-        if not data:
-            return False
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self.host_out, view):]
-            except BlockingIOError:
-                import select
-
-                select.select([], [self.host_out], [], 1.0)
-            except OSError:  # the host terminal went away: the output goes nowhere
-                return True
-        return True
-
-    def drain(self) -> None:
-        """The command has ended: pass on what it left in the pty."""
-        while self.master >= 0 and self.copy_output():
-            try:
-                import select
-
-                if not select.select([self.master], [], [], 0)[0]:
-                    break
-            except OSError:
-                break
-
-    def close(self) -> None:
-        """Restore the host terminal and close the pty."""
-        if self._saved is not None:
-            import termios
-
-            try:
-                termios.tcsetattr(self._raw_fd, termios.TCSADRAIN, self._saved)
-            except (OSError, termios.error):
-                pass
-            self._saved = None
-            self._raw_fd = -1
-        for name in ("master", "_slave"):
+        for name in ("_slave", "_null"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+    # ---- moving bytes ------------------------------------------------------
+
+    @property
+    def input_waiting(self) -> bool:
+        """Typed input waits for room in the pty: wait for master writable."""
+        return bool(self._pending_in)
+
+    @property
+    def output_waiting(self) -> bool:
+        """Output waits for the host terminal: wait for out_fd writable, and
+        read no more from the pty meanwhile (the command then blocks)."""
+        return bool(self._pending_out)
+
+    def copy_input(self) -> bool:
+        """host_in is readable, or the pty has room again: pass typed input
+        on.  False once there is no more (the host terminal hung up)."""
+        if not self._pending_in:
+            try:
+                data = os.read(self.host_in, CHUNK)
+            except BlockingIOError:  # another reader was first
+                return True
+            except OSError:
+                return self._hang_up()
+            if not data:
+                if self._gone(self.host_in):
+                    return self._hang_up()
+                data = self._eof  # ^D in the host's line discipline: the same for the pty's
+            self._pending_in = data
+        try:
+            self._pending_in = self._pending_in[os.write(self.master, self._pending_in):]
+        except BlockingIOError:
+            pass
+        except OSError:  # nobody holds the pty any more: the input has nowhere to go
+            self._pending_in = b""
+        return True
+
+    def copy_output(self) -> bool:
+        """The pty is readable: take what the command wrote and pass it on.
+        False once every holder of the pty's end has closed it."""
+        try:
+            data = os.read(self.master, CHUNK)
+        except BlockingIOError:
+            return True
+        except OSError:  # EIO: no process holds the pty's end
+            return False
+        if not data:
+            return False
+        self._pending_out = data
+        self.flush_output()
+        return True
+
+    def flush_output(self) -> None:
+        """out_fd is writable: write what waits."""
+        try:
+            self._pending_out = self._pending_out[os.write(self.out_fd, self._pending_out):]
+        except BlockingIOError:
+            pass
+        except OSError:  # EIO: the host terminal hung up
+            self._pending_out = b""
+            self._hang_up()
+
+    def _hang_up(self) -> bool:
+        self.host_in = -1
+        self.host_gone = True
+        return False
+
+    @staticmethod
+    def _gone(fd: int) -> bool:
+        """An empty read: ^D typed, or a terminal that hung up (whose
+        settings can no longer be read)?"""
+        import termios
+
+        try:
+            termios.tcgetattr(fd)
+            return False
+        except (OSError, termios.error):
+            return True
+
+    def drain(self) -> None:
+        """The command has ended: pass on what it left in the pty, waiting
+        at most DRAIN_SECONDS for a host terminal that does not read."""
+        import select
+        import time
+
+        if self.master < 0 or self.host_gone:
+            return
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while time.monotonic() < deadline:
+            if self._pending_out:
+                select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
+                self.flush_output()
+            elif not select.select([self.master], [], [], 0)[0] or not self.copy_output():
+                return
+
+    def close(self) -> None:
+        """Restore the host terminal and close the pty."""
+        global _raw_terminals
+        try:
+            if self._saved is not None:
+                import termios
+
+                saved, self._saved = self._saved, None
+                _raw_terminals -= 1
+                try:
+                    termios.tcsetattr(self._raw_fd, termios.TCSANOW, saved)
+                except (OSError, termios.error):
+                    pass
+        finally:
+            for name in ("master", "out_fd", "_slave", "_null"):
+                fd = getattr(self, name)
+                if fd >= 0:
+                    setattr(self, name, -1)
+                    os.close(fd)

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(message: str) -> None:
     """One line on stderr from heel itself (never mixed into the command's stdout)."""
-    sys.stderr.write(f"heel: {message}\n")
+    from ._terminal import line_end
+
+    sys.stderr.write(f"heel: {message}{line_end()}")
     sys.stderr.flush()
 
 

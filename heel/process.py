@@ -46,6 +46,7 @@ class Process:
         self._killed = False
         self._on_reaped = on_reaped
         self._relays: list[trio.Event] = []  # copies of inherited host files still running
+        self._exited = trio.Event()  # set once reaped
 
     @property
     def pid(self) -> int:
@@ -95,6 +96,7 @@ class Process:
         # The command's init is the sandbox zygote's child, not ours: the
         # zygote reaps it, and the status comes in the init's last message.
         self.returncode = _sync.exit_status(self._ctl, self._killed)
+        self._exited.set()
         self._close_fds()
         if self._on_reaped is not None:
             self._on_reaped(self)

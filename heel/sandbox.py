@@ -351,18 +351,21 @@ class Sandbox(Generic[P]):
             for fd in host_fds:
                 os.close(fd)
         relay_done = []
-        if bridge.master >= 0:
-            bridge.started()
-            relays.append((_relay_terminal, bridge, -1))
+        assert self._nursery is not None  # opened with the session, which _live() found
         for function, stream, host_fd in relays:
             done = trio.Event()
             self._relays.append(done)
             relay_done.append(done)
-            assert self._nursery is not None  # opened with the session, which _live() found
             self._nursery.start_soon(function, stream, host_fd, done)
         process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
                           stderr=streams[2], on_reaped=self._processes.discard)
+        if bridge.master >= 0:
+            bridge.started()
+            done = trio.Event()
+            self._relays.append(done)
+            relay_done.append(done)
+            self._nursery.start_soon(_relay_terminal, bridge, process, done)
         process._relays = relay_done
         self._processes.add(process)
         try:
@@ -548,16 +551,27 @@ async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, done: trio.Ev
         done.set()
 
 
-async def _relay_terminal(bridge: TerminalBridge, _: int, done: trio.Event) -> None:
+async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.Event) -> None:
     """Copy between a host terminal and the command's pty (heel._terminal)
-    until every holder of the pty's end has closed it; then restore the
-    host terminal."""
+    until the command has ended; then pass on what it left there, restore
+    the host terminal and close the pty.  The pty stays open while the
+    command runs, even after it closed its stdio: closing it would hang up
+    the command's session."""
+
+    def hung_up() -> None:
+        if bridge.host_gone:  # the user's terminal went away: so does the command
+            process.kill()
 
     async def output() -> None:
         while True:
-            await trio.lowlevel.wait_readable(bridge.master)
-            if not bridge.copy_output():
-                return
+            if bridge.output_waiting:
+                await trio.lowlevel.wait_writable(bridge.out_fd)
+                bridge.flush_output()
+            else:
+                await trio.lowlevel.wait_readable(bridge.master)
+                if not bridge.copy_output():
+                    return
+            hung_up()
 
     async def typed() -> None:
         while bridge.host_in >= 0:
@@ -565,8 +579,8 @@ async def _relay_terminal(bridge: TerminalBridge, _: int, done: trio.Event) -> N
                 await trio.lowlevel.wait_writable(bridge.master)
             else:
                 await trio.lowlevel.wait_readable(bridge.host_in)
-            if not bridge.copy_input():
-                return
+            bridge.copy_input()
+        hung_up()
 
     async def window_size() -> None:
         try:
@@ -581,8 +595,14 @@ async def _relay_terminal(bridge: TerminalBridge, _: int, done: trio.Event) -> N
             nursery.start_soon(typed)
             nursery.start_soon(window_size)
             await output()
+            await process._exited.wait()
             nursery.cancel_scope.cancel()
     finally:
+        for fd in (bridge.master, bridge.out_fd):  # heel's own: about to be closed
+            if fd >= 0:
+                trio.lowlevel.notify_closing(fd)
+        if process._exited.is_set():
+            bridge.drain()
         bridge.close()
         done.set()
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from heel import _cliargs
 from heel import errors as heel_errors
+from helpers import processes_with, unique_marker
 from heel.errors import PolicyError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
@@ -454,12 +455,24 @@ def test_only_a_refused_namespace_counts_as_missing_namespaces(stage, err, missi
 # ---- a terminal as stdio: a pty of heel's own (found in review) ------------------
 
 
+def _controlling_terminal() -> None:
+    """In the child: a session of its own, with its stdin as the controlling
+    terminal (as a login shell has), so job control applies."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def _on_a_terminal(args: list[str], send: list[bytes] = (), timeout: float = 30,
-                   program: list[str] | None = None):
-    """Run `heel run ARGS` with a fresh terminal as its stdin, stdout and
-    stderr, as in an interactive shell; ``send`` is typed, a piece at a time,
-    once the command has written something.  Returns (exit status, output,
-    the terminal's mode and settings before, and after)."""
+                   program: list[str] | None = None, hang_up_after: float | None = None):
+    """Run `heel run ARGS` (or ``program`` ARGS) with a fresh terminal as its
+    stdin, stdout, stderr and controlling terminal, as in an interactive
+    shell.  ``send`` is typed, a piece at a time, once the command has
+    written something; ``hang_up_after``: the terminal goes away then.
+    Returns (exit status, output, the terminal's mode and settings before,
+    and after)."""
     import termios
 
     master, slave = os.openpty()
@@ -467,27 +480,37 @@ def _on_a_terminal(args: list[str], send: list[bytes] = (), timeout: float = 30,
         path = os.ttyname(slave)
         before = (os.stat(path).st_mode, termios.tcgetattr(slave))
         program = program or [sys.executable, "-m", "heel", "run"]
-        process = subprocess.Popen([*program, *args], stdin=slave, stdout=slave,
-                                   stderr=slave, start_new_session=True)
-        output, pending, deadline = b"", list(send), time.monotonic() + timeout
+        process = subprocess.Popen([*program, *args], stdin=slave, stdout=slave, stderr=slave,
+                                   preexec_fn=_controlling_terminal)
+        start = time.monotonic()
+        output, pending, deadline = b"", list(send), start + timeout
         while process.poll() is None and time.monotonic() < deadline:
-            if select.select([master], [], [], 0.1)[0]:
+            if hang_up_after is not None and time.monotonic() > start + hang_up_after and master >= 0:
+                os.close(master)
+                os.close(slave)
+                master = slave = -1
+            if master >= 0 and select.select([master], [], [], 0.1)[0]:
                 output += os.read(master, 65536)
                 if pending and output:
                     os.write(master, pending.pop(0))
+            elif master < 0:
+                time.sleep(0.05)
         if process.poll() is None:
             process.kill()
         code = process.wait(10)
-        while select.select([master], [], [], 0.2)[0]:
-            try:
-                output += os.read(master, 65536)
-            except OSError:
-                break
-        after = (os.stat(path).st_mode, termios.tcgetattr(slave))
+        after = None
+        if master >= 0:
+            while select.select([master], [], [], 0.2)[0]:
+                try:
+                    output += os.read(master, 65536)
+                except OSError:
+                    break
+            after = (os.stat(path).st_mode, termios.tcgetattr(slave))
         return code, output.decode(errors="replace"), before, after
     finally:
-        os.close(master)
-        os.close(slave)
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
 
 
 #: The two runners of the CLI: the plain one, and trio's (with a network).
@@ -544,3 +567,88 @@ def test_the_library_gives_inherited_terminals_a_pty_too():
     assert code == 0, output
     assert "on-a-tty" in output and "done" in output, output
     assert after == before, output
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_typed_end_of_file_reaches_a_command_whose_output_is_piped(runner):
+    """Plain mode (stdin the terminal, stdout a pipe): ^D typed on the
+    host terminal is an end of file for the command as well."""
+    heel_run = " ".join([sys.executable, "-m", "heel", "run", *RUNNERS[runner]])
+    code, output, before, after = _on_a_terminal(
+        ["-c", f"echo ready; {heel_run} -- wc -c | cat"], send=[b"hello\n", b"\x04"], program=["sh"])
+    assert code == 0, output
+    assert output.split()[-1] == "6", output  # "hello\n"
+    assert after == before
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_background_heel_is_not_stopped_by_its_terminal(runner):
+    """`heel run ... &`: heel is not the terminal's foreground job, so it
+    neither sets the terminal (SIGTTOU would stop it) nor reads it
+    (SIGTTIN); the command's stdin is /dev/null."""
+    job = ("import subprocess, sys; "
+           f"args = [sys.executable, '-m', 'heel', 'run', *{RUNNERS[runner]!r}, '--', 'sh', '-c', "
+           "'sleep 0.5; cat; echo bgdone']; "
+           "sys.exit(subprocess.Popen(args, preexec_fn=__import__('os').setpgrp).wait())")
+    code, output, before, after = _on_a_terminal(["-c", job], program=[sys.executable],
+                                                    send=[b"typed\n"], timeout=20)
+    assert code == 0 and "bgdone" in output, output
+    assert after == before
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_terminal_that_stops_reading_stalls_the_command_not_heel(runner):
+    """Output to a terminal that is not read (^S, a stalled link) blocks the
+    command, not heel: its timeout still ends the command on time.  (heel's
+    own last line then waits for the terminal, as any program's would.)"""
+    marker = f"heel-stall-{unique_marker()}"
+    master, slave = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "heel", "run", *RUNNERS[runner], "--timeout", "1", "--", "yes", marker],
+            stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_terminal)
+        try:
+            time.sleep(5)  # the terminal is not read meanwhile
+            left = [pid for pid in processes_with(marker) if pid != process.pid]  # heel's own argv has it too
+            deadline = time.monotonic() + 30
+            while process.poll() is None and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.1)[0]:
+                    os.read(master, 65536)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            code = process.wait(10)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert not left, "the timeout did not end the command while the terminal was stalled"
+    assert code == 124
+
+
+def test_a_command_that_closes_its_stdio_is_not_hung_up():
+    """The pty stays open while the command runs (closing it would send its
+    session SIGHUP), also under trio's runner."""
+    code, output, _, _ = _on_a_terminal(
+        ["--network", "allow", "--", "sh", "-c", "exec </dev/null >/dev/null 2>&1; sleep 1; exit 7"])
+    assert code == 7, output
+
+
+def test_two_heels_on_one_terminal_leave_it_as_it_was():
+    """The second heel finds the terminal raw (the first one's) and leaves
+    it alone: after both, the terminal has its own settings back."""
+    heel_run = f"{sys.executable} -m heel run"
+    code, output, before, after = _on_a_terminal(
+        # (sh gives a job started with & /dev/null as stdin unless told otherwise)
+        ["-c", f"{heel_run} -- sleep 1 </dev/tty & sleep 0.3; {heel_run} -- sleep 2; wait"], program=["sh"])
+    assert code == 0, output
+    assert after == before
+
+
+def test_a_terminal_that_goes_away_ends_the_command():
+    """Without a SIGHUP for heel (here: heel is not in the terminal's
+    session), the end of its terminal still ends the command."""
+    job = ("import os, signal, subprocess, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+           "p = subprocess.Popen([sys.executable, '-m', 'heel', 'run', '--', 'sleep', '60'], start_new_session=True); "
+           "sys.exit(p.wait())")
+    code, output, _, _ = _on_a_terminal(["-c", job], program=[sys.executable], hang_up_after=1.5, timeout=30)
+    assert code == 128 + 9, output  # killed with its tree
