@@ -162,29 +162,26 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     and the pty becomes the command's controlling terminal, for the CLI);
     files reach the command through pipes (see Relays)."""
     bridge = TerminalBridge(stdio, interactive)
-    resizing = _NOT_INSTALLED
+    previous: list = []  # SIGWINCH's handler before ours, once ours is in place
     try:
         relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))
-        resizing = _follow_window_size(bridge)
+        _follow_window_size(bridge, previous)
         return _run(prepared, argv, env, cwd, relays, bridge, timeout)
     finally:
-        if resizing is not _NOT_INSTALLED:
-            signal.signal(signal.SIGWINCH, resizing)
+        if previous:
+            signal.signal(signal.SIGWINCH, previous[0])
         bridge.close()
 
 
-_NOT_INSTALLED = object()
-
-
-def _follow_window_size(bridge: TerminalBridge):
-    """Pass the host terminal's new size to the pty on SIGWINCH; returns the
-    handler to put back (or _NOT_INSTALLED)."""
+def _follow_window_size(bridge: TerminalBridge, previous: list) -> None:
+    """Pass the host terminal's new size to the pty on SIGWINCH; the handler
+    it replaces goes into ``previous``."""
     if bridge.master < 0:
-        return _NOT_INSTALLED
+        return
     try:
-        return signal.signal(signal.SIGWINCH, lambda signum, frame: bridge.resize())
+        previous.append(signal.signal(signal.SIGWINCH, lambda signum, frame: bridge.resize()))
     except ValueError:  # not the main thread: the size stays what it was
-        return _NOT_INSTALLED
+        pass
 
 
 def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, relays: Relays,
