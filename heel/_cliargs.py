@@ -279,6 +279,8 @@ def _parse_plainly(command: str, args: list[str]) -> Any:
             if index == len(args) or args[index].startswith("-"):
                 return None
             value = args[index]
+        if value == "--":  # argparse drops it from a value: whatever that makes, it decides
+            return None
         if kind in _CHOICES and value not in _CHOICES[kind]:
             return None
         if kind in (*_LIST_KINDS, "env"):
@@ -414,6 +416,8 @@ def _env(value: Any, label: str) -> dict[str, str]:
     else:  # from the command line: KEY=VALUE strings
         pairs = []
         for item in value:
+            if not isinstance(item, str):  # argparse's reading of --env=--
+                raise UsageError(f"{label}: expected KEY=VALUE, got {item!r}")
             key, sep, text = item.partition("=")
             if not sep:
                 raise UsageError(f"{label}: expected KEY=VALUE, got {item!r}")

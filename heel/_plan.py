@@ -363,7 +363,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     runtime = [d for d in RUNTIME_DIRS if os.path.exists(d)]
     grants += [(d, ll.READ | ll.EXEC) for d in runtime]
     grants += [(d, ll.DEVICE) for d in _existing(DEVICE_NODES)]
-    grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(TERMINAL_DEVICES)]
+    if env.namespaces:
+        # The sandbox's own devpts (mounted below).  Without namespaces these
+        # would be the host's, with every terminal of the user's in them.
+        grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(TERMINAL_DEVICES)]
     grants += [("/proc", ll.READ)]
     grants.append((init_path, ll.READ_FILE | ll.EXECUTE))
     if config.security.allow_gpu:
@@ -430,6 +433,8 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         masked: list[str] = []
         for d in sorted(denied, key=len):
             if not os.path.lexists(d) or os.path.islink(d) or any(_under(d, m) for m in masked):
+                continue
+            if hidden(d):  # under the private /tmp: not there to cover (a $HOME in /tmp, say)
                 continue
             if os.path.isdir(d) and host_mask:
                 masked.append(d)

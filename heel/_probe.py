@@ -124,6 +124,10 @@ def require(env: Environment, config: SandboxConfig, why_no_namespaces: str) -> 
         missing.append(("user namespaces",
                         f"{why_no_namespaces or 'unavailable'}; without them chmod/chown/utime outside the "
                         "workdir, processes that call setsid, and the process limit cannot be contained"))
+    if config.security.allow_unix_sockets and not env.namespaces:
+        missing.append(("abstract socket names",
+                        "without a network namespace a sandbox that may make unix sockets can bind "
+                        "abstract names in the host's (an X server's or D-Bus's, say)"))
     if config.limits.processes and env.euid == 0 and (
             not env.namespaces or config.level is IsolationLevel.PERMISSIVE):
         missing.append(("the process limit",

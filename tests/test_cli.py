@@ -91,6 +91,7 @@ def test_missing_program_exits_127():
     ["run", "--timeout", "soon", "true"],
     ["run", "--max-procs", "0", "true"],
     ["run", "--writable", "/var/tmp/heel-does-not-exist", "true"],
+    ["run", "--env=--", "true"], ["run", "--workdir=--", "true"], ["run", "--timeout=--", "true"],
     ["no-such-subcommand"],
 ])
 def test_bad_usage_exits_125(args):
@@ -250,7 +251,8 @@ _WORDS = sorted({s.flag for s in _cliargs.SETTINGS}
                 | {"--config", "--no-best-effort", "--levl", "--help", "-h", "-", "--", "",
                    "strict", "default", "bogus", "allow", "deny", "5", "-5", "/x", "~/y", "K=V", "NAME",
                    "true", "sh", "-c", "--timeout=3", "--timeout=", "--level=strict", "--level=bad",
-                   "--env=A=B", "--allow-gpu=1", "--best-effort=yes", "--max-procs=2"})
+                   "--env=A=B", "--allow-gpu=1", "--best-effort=yes", "--max-procs=2", "--env=--",
+                   "--workdir=--", "--readable=--"})
 
 
 def _parsed(command, parse_args):
@@ -652,3 +654,18 @@ def test_a_terminal_that_goes_away_ends_the_command():
            "sys.exit(p.wait())")
     code, output, _, _ = _on_a_terminal(["-c", job], program=[sys.executable], hang_up_after=1.5, timeout=30)
     assert code == 128 + 9, output  # killed with its tree
+
+
+def test_a_home_under_tmp_is_hidden_by_the_private_tmp():
+    """A protected place under /tmp (here $HOME) is out of sight behind the
+    sandbox's private /tmp: nothing to cover there, and nothing fails."""
+    home = tempfile.mkdtemp(dir="/tmp", prefix="heel-home-")
+    try:
+        with open(os.path.join(home, "secret"), "w") as f:
+            f.write("heel-secret-home\n")
+        result = heel("run", "--", "sh", "-c", f"cat {home}/secret; echo ran",
+                      env={**os.environ, "HOME": home})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().strip() == "ran", result
+    finally:
+        shutil.rmtree(home)

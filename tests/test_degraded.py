@@ -43,3 +43,28 @@ async def test_best_effort_timeout_kills_daemons_through_the_subreaper(no_namesp
         with trio.fail_after(10):
             while processes_with(marker):
                 await trio.sleep(0.05)
+
+
+async def test_best_effort_leaves_the_hosts_terminals_closed(no_namespaces):
+    """Without namespaces there is no devpts of the sandbox's own, so /dev/pts
+    is the host's: it is not granted (heel's pty reaches a command as an fd)."""
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        os.chmod(path, 0o666)  # file modes never stand in the sandbox's way
+        with open(path, "w"):  # control: the host opens it
+            pass
+        async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:
+            out = await sb.command("sh").args(["-c", f"echo hi > {path}"]).output()
+        assert out.returncode != 0 and b"Permission denied" in out.stderr, explain(out)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+async def test_best_effort_names_the_abstract_socket_names_it_cannot_keep(no_namespaces):
+    security = heel.SecurityConfig(allow_unix_sockets=True)
+    async with heel.Sandbox(heel.SandboxConfig(best_effort=True, security=security)) as sb:
+        assert "abstract socket names" in sb.degraded
+    async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:  # control: bind() is refused there
+        assert "abstract socket names" not in sb.degraded
