@@ -467,12 +467,12 @@ def _controlling_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _on_a_terminal(args: list[str], send: list[bytes] = (), timeout: float = 30,
+def _on_a_terminal(args: list[str], send: list[tuple[bytes, bytes]] = (), timeout: float = 30,
                    program: list[str] | None = None, hang_up_after: float | None = None):
     """Run `heel run ARGS` (or ``program`` ARGS) with a fresh terminal as its
     stdin, stdout, stderr and controlling terminal, as in an interactive
-    shell.  ``send`` is typed, a piece at a time, once the command has
-    written something; ``hang_up_after``: the terminal goes away then.
+    shell.  ``send``: (what must have been written, what is then typed),
+    in order; ``hang_up_after``: the terminal goes away then.
     Returns (exit status, output, the terminal's mode and settings before,
     and after)."""
     import termios
@@ -493,8 +493,8 @@ def _on_a_terminal(args: list[str], send: list[bytes] = (), timeout: float = 30,
                 master = slave = -1
             if master >= 0 and select.select([master], [], [], 0.1)[0]:
                 output += os.read(master, 65536)
-                if pending and output:
-                    os.write(master, pending.pop(0))
+                if pending and pending[0][0] in output:
+                    os.write(master, pending.pop(0)[1])
             elif master < 0:
                 time.sleep(0.05)
         if process.poll() is None:
@@ -541,7 +541,7 @@ def test_typed_input_and_ctrl_c_reach_the_command(runner):
     echoes it), and ^C is a SIGINT for the command, not for heel."""
     code, output, before, after = _on_a_terminal(
         [*RUNNERS[runner], "--", "sh", "-c", "echo ready; read line; echo got:$line; exec sleep 30"],
-        send=[b"hello\r", b"\x03"])
+        send=[(b"ready", b"hello\r"), (b"got:", b"\x03")])
     assert "got:hello" in output, output
     assert code == 130, output  # sleep ended by SIGINT: 128 + 2
     assert after == before  # raw while it ran, restored after
@@ -577,7 +577,7 @@ def test_a_typed_end_of_file_reaches_a_command_whose_output_is_piped(runner):
     host terminal is an end of file for the command as well."""
     heel_run = " ".join([sys.executable, "-m", "heel", "run", *RUNNERS[runner]])
     code, output, before, after = _on_a_terminal(
-        ["-c", f"echo ready; {heel_run} -- wc -c | cat"], send=[b"hello\n", b"\x04"], program=["sh"])
+        ["-c", f"echo ready; {heel_run} -- wc -c | cat"], send=[(b"ready", b"hello\n"), (b"hello", b"\x04")], program=["sh"])
     assert code == 0, output
     assert output.split()[-1] == "6", output  # "hello\n"
     assert after == before
@@ -593,7 +593,7 @@ def test_a_background_heel_is_not_stopped_by_its_terminal(runner):
            "'sleep 0.5; cat; echo bgdone']; "
            "sys.exit(subprocess.Popen(args, preexec_fn=__import__('os').setpgrp).wait())")
     code, output, before, after = _on_a_terminal(["-c", job], program=[sys.executable],
-                                                    send=[b"typed\n"], timeout=20)
+                                                    send=[(b"", b"typed\n")], timeout=20)
     assert code == 0 and "bgdone" in output, output
     assert after == before
 
