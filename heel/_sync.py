@@ -162,24 +162,41 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     and the pty becomes the command's controlling terminal, for the CLI);
     files reach the command through pipes (see Relays)."""
     bridge = TerminalBridge(stdio, interactive)
-    previous: list = []  # SIGWINCH's handler before ours, once ours is in place
+    previous: dict = {}  # the signal handlers ours replaced
     try:
         relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))
-        _follow_window_size(bridge, previous)
+        _handle_terminal_signals(bridge, previous)
         return _run(prepared, argv, env, cwd, relays, bridge, timeout)
     finally:
-        if previous:
-            signal.signal(signal.SIGWINCH, previous[0])
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         bridge.close()
 
 
-def _follow_window_size(bridge: TerminalBridge, previous: list) -> None:
-    """Pass the host terminal's new size to the pty on SIGWINCH; the handler
-    it replaces goes into ``previous``."""
+#: How often a heel sent to the background looks whether it is back (and
+#: may read the terminal again).
+BACKGROUND_RECHECK = 0.5
+
+
+def _handle_terminal_signals(bridge: TerminalBridge, previous: dict) -> None:
+    """SIGWINCH: the host terminal's new size goes to the pty.  SIGTSTP (a
+    `kill -TSTP`; ^Z itself goes to the command): the terminal's settings go
+    back to the shell while heel is stopped, and raw again when it goes on.
+    The handlers replaced go into ``previous``."""
     if bridge.master < 0:
         return
+
+    def stop(signum, frame) -> None:
+        bridge.suspend()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        bridge.resume()
+
+    handlers = {signal.SIGWINCH: lambda signum, frame: bridge.resize()}
+    if bridge.interactive:
+        handlers[signal.SIGTSTP] = stop
     try:
-        previous.append(signal.signal(signal.SIGWINCH, lambda signum, frame: bridge.resize()))
+        for signum, handler in handlers.items():
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: the size stays what it was
         pass
 
@@ -213,8 +230,10 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
                     readers.append(bridge.master)
                 if bridge.input_waiting:
                     writers.append(bridge.master)
-                elif bridge.host_in >= 0:
+                elif bridge.may_read():
                     readers.append(bridge.host_in)
+                elif bridge.host_in >= 0:  # in the background: look again in a while
+                    left = BACKGROUND_RECHECK if left is None else min(left, BACKGROUND_RECHECK)
             readable, writable, _ = select.select([pidfd, *readers], writers, [], left)
             relays.pump(readable, writable)
             if pty_open:

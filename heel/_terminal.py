@@ -64,6 +64,20 @@ def line_end() -> str:
     return "\r\n" if _raw_terminals else "\n"
 
 
+def _char(value) -> bytes:
+    """A control character from tcgetattr's cc list (bytes, or an int)."""
+    return value if isinstance(value, bytes) else bytes([value])
+
+
+def _reopen(fd: int, mode: int) -> int:
+    """A non-blocking file description of heel's own for the terminal on
+    ``fd``: O_NONBLOCK there leaves the user's shell's description alone."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", mode | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # no /proc: the shared description, as it is
+        return os.dup(fd)
+
+
 def _in_foreground(fd: int) -> bool:
     """Whether heel may read and set the terminal without being stopped
     (SIGTTIN, SIGTTOU): it is the foreground job of its controlling
@@ -72,6 +86,20 @@ def _in_foreground(fd: int) -> bool:
         return os.tcgetpgrp(fd) == os.getpgrp()
     except OSError:  # not our controlling terminal: no job control applies
         return True
+
+
+def _raw_settings(termios, settings: list) -> list:
+    """cfmakeraw: bytes as typed, nothing echoed, processed or turned into
+    signals by the host terminal (the command's pty does all that)."""
+    raw = [*settings[:6], list(settings[6])]
+    raw[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    raw[1] &= ~termios.OPOST
+    raw[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    raw[2] &= ~(termios.CSIZE | termios.PARENB)
+    raw[2] |= termios.CS8
+    raw[6][termios.VMIN], raw[6][termios.VTIME] = 1, 0
+    return raw
 
 
 class TerminalBridge:
@@ -96,6 +124,7 @@ class TerminalBridge:
         self._pending_in = b""  # typed, not yet taken by the pty
         self._pending_out = b""  # written by the command, not yet taken by the host terminal
         self._eof = b"\x04"
+        self._line_ends: tuple[bytes, ...] = ()  # plain mode: what ends a line the host's read returns
         terminals = [index for index, fd in enumerate(stdio) if is_terminal(fd)]
         if not terminals:
             return
@@ -109,23 +138,24 @@ class TerminalBridge:
             foreground = _in_foreground(host)
             if 0 in terminals:
                 if foreground:
-                    self.host_in = stdio[0]
+                    # A description of heel's own, non-blocking: a read never
+                    # blocks heel, and each bridge waits on an fd of its own.
+                    self.host_in = _reopen(stdio[0], os.O_RDONLY)
                 else:
                     self._null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                     self.child_fds[0] = self._null
-            out = next(stdio[i] for i in (1, 2, 0) if i in terminals)
-            try:
-                self.out_fd = os.open(f"/proc/self/fd/{out}",
-                                      os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:  # no /proc: a shared description, blocking as the user's shell has it
-                self.out_fd = os.dup(out)
+            self.out_fd = _reopen(next(stdio[i] for i in (1, 2, 0) if i in terminals), os.O_WRONLY)
             settings = termios.tcgetattr(host)
-            eof = settings[6][termios.VEOF]
-            self._eof = eof if isinstance(eof, bytes) else bytes([eof])
+            self._eof = _char(settings[6][termios.VEOF])
             self.interactive = bool(interactive and foreground and 0 in terminals and 1 in terminals
                                     and settings[3] & termios.ICANON)  # not raw already: nobody else's
             if not self.interactive:
-                settings[3] &= ~(termios.ECHO | termios.ECHONL)  # the host terminal echoes already
+                # The host terminal echoes, edits lines and processes output already.
+                if settings[3] & termios.ICANON:
+                    self._line_ends = tuple({b"\n", _char(settings[6][termios.VEOL]),
+                                             _char(settings[6][termios.VEOL2])} - {b"\0"})
+                settings[3] &= ~(termios.ECHO | termios.ECHONL)
+                settings[1] &= ~termios.OPOST
             termios.tcsetattr(self._slave, termios.TCSANOW, settings)
             self.resize()
             os.set_blocking(self.master, False)
@@ -141,19 +171,36 @@ class TerminalBridge:
     def _go_raw(self, termios) -> None:
         global _raw_terminals
         saved = termios.tcgetattr(self.host_in)
-        raw = termios.tcgetattr(self.host_in)
-        # cfmakeraw: bytes as typed, nothing echoed, processed or turned into signals here.
-        raw[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
-                    | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
-        raw[1] &= ~termios.OPOST
-        raw[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
-        raw[2] &= ~(termios.CSIZE | termios.PARENB)
-        raw[2] |= termios.CS8
-        raw[6][termios.VMIN], raw[6][termios.VTIME] = 1, 0
+        raw = _raw_settings(termios, saved)
         # Saved first: whatever interrupts from here on, close() restores.
         self._saved, self._raw_fd = saved, self.host_in
         _raw_terminals += 1
         termios.tcsetattr(self.host_in, termios.TCSAFLUSH, raw)
+
+    def suspend(self) -> None:
+        """heel is about to stop (SIGTSTP): give the user's shell its
+        terminal settings back."""
+        if self._saved is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(self._raw_fd, termios.TCSANOW, self._saved)
+            except (OSError, termios.error):
+                pass
+
+    def resume(self) -> None:
+        """heel continues (SIGCONT): raw again if it is in the foreground (the
+        shell may have changed the settings meanwhile: they are saved anew)."""
+        if self._saved is None or not _in_foreground(self._raw_fd):
+            return
+        import termios
+
+        try:
+            self._saved = termios.tcgetattr(self._raw_fd)
+            raw = _raw_settings(termios, self._saved)
+            termios.tcsetattr(self._raw_fd, termios.TCSAFLUSH, raw)
+        except (OSError, termios.error):
+            pass
 
     def resize(self) -> None:
         """Give the pty the host terminal's window size (at the start, and
@@ -191,20 +238,32 @@ class TerminalBridge:
         read no more from the pty meanwhile (the command then blocks)."""
         return bool(self._pending_out)
 
+    def may_read(self) -> bool:
+        """Whether heel may read typed input now: only as the terminal's
+        foreground job (a read in the background would stop heel, SIGTTIN).
+        A job sent to the background later waits until it is brought back."""
+        return self.host_in >= 0 and _in_foreground(self.host_in)
+
     def copy_input(self) -> bool:
         """host_in is readable, or the pty has room again: pass typed input
         on.  False once there is no more (the host terminal hung up)."""
         if not self._pending_in:
+            if not _in_foreground(self.host_in):  # sent to the background since the runner looked
+                return True
             try:
                 data = os.read(self.host_in, CHUNK)
             except BlockingIOError:  # another reader was first
                 return True
             except OSError:
+                if not self._gone(self.host_in):  # EIO for a background read (SIGTTIN ignored)
+                    return True
                 return self._hang_up()
             if not data:
                 if self._gone(self.host_in):
                     return self._hang_up()
                 data = self._eof  # ^D in the host's line discipline: the same for the pty's
+            elif self._line_ends and not data.endswith(self._line_ends):
+                data += self._eof  # ^D after part of a line pushed it out: push it on as well
             self._pending_in = data
         try:
             self._pending_in = self._pending_in[os.write(self.master, self._pending_in):]
@@ -240,7 +299,13 @@ class TerminalBridge:
             self._hang_up()
 
     def _hang_up(self) -> bool:
-        self.host_in = -1
+        global _raw_terminals
+        if self._saved is not None:  # no terminal left to restore
+            self._saved = None
+            _raw_terminals -= 1
+        if self.host_in >= 0:
+            os.close(self.host_in)  # heel's own description
+            self.host_in = -1
         self.host_gone = True
         return False
 
@@ -286,7 +351,7 @@ class TerminalBridge:
                 except (OSError, termios.error):
                     pass
         finally:
-            for name in ("master", "out_fd", "_slave", "_null"):
+            for name in ("master", "out_fd", "host_in", "_slave", "_null"):
                 fd = getattr(self, name)
                 if fd >= 0:
                     setattr(self, name, -1)

@@ -86,7 +86,7 @@ def _terminate_on_signals() -> "Iterator[None]":
     def handler(signum: int, frame: object) -> None:
         raise _Terminated(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         yield
     finally:
@@ -275,7 +275,8 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
                     # Ctrl-C, SIGTERM or a closed terminal: unwind, and the
                     # sandbox's close kills the whole tree.  Received here, not
                     # raised as KeyboardInterrupt somewhere inside trio.
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                                   signal.SIGQUIT) as signals:
                         async for signum in signals:
                             nursery.cancel_scope.cancel()
                             return

@@ -16,7 +16,8 @@ import trio
 
 from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
-from ._terminal import TerminalBridge
+from ._terminal import DRAIN_SECONDS, TerminalBridge
+from ._sync import BACKGROUND_RECHECK
 from .config import SandboxConfig, check_env_item
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
@@ -577,32 +578,50 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
         while bridge.host_in >= 0:
             if bridge.input_waiting:
                 await trio.lowlevel.wait_writable(bridge.master)
-            else:
+            elif bridge.may_read():
                 await trio.lowlevel.wait_readable(bridge.host_in)
+            else:  # in the background: look again in a while
+                await trio.sleep(BACKGROUND_RECHECK)
+                continue
             bridge.copy_input()
         hung_up()
 
-    async def window_size() -> None:
+    async def signals() -> None:
+        # SIGWINCH: the new size to the pty.  SIGTSTP (^Z itself goes to the
+        # command): the shell's settings back while heel is stopped.
+        wanted = [signal.SIGWINCH] + ([signal.SIGTSTP] if bridge.interactive else [])
         try:
-            with trio.open_signal_receiver(signal.SIGWINCH) as sizes:
-                async for _ in sizes:
-                    bridge.resize()
+            with trio.open_signal_receiver(*wanted) as received:
+                async for signum in received:
+                    if signum == signal.SIGWINCH:
+                        bridge.resize()
+                    else:
+                        bridge.suspend()
+                        os.kill(os.getpid(), signal.SIGSTOP)
+                        bridge.resume()
         except RuntimeError:  # not trio's main thread: the size stays
             pass
 
+    async def all_output(ended: trio.Event) -> None:
+        await output()
+        ended.set()
+
     try:
         async with trio.open_nursery() as nursery:
+            output_ended = trio.Event()
             nursery.start_soon(typed)
-            nursery.start_soon(window_size)
-            await output()
+            nursery.start_soon(signals)
+            nursery.start_soon(all_output, output_ended)
             await process._exited.wait()
+            # What the command left in the pty gets a while to reach a
+            # terminal that may not be reading (^S).
+            with trio.move_on_after(DRAIN_SECONDS):
+                await output_ended.wait()
             nursery.cancel_scope.cancel()
     finally:
-        for fd in (bridge.master, bridge.out_fd):  # heel's own: about to be closed
+        for fd in (bridge.master, bridge.out_fd, bridge.host_in):  # heel's own: about to be closed
             if fd >= 0:
                 trio.lowlevel.notify_closing(fd)
-        if process._exited.is_set():
-            bridge.drain()
         bridge.close()
         done.set()
 

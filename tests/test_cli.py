@@ -486,6 +486,7 @@ def _on_a_terminal(args: list[str], send: list[tuple[bytes, bytes]] = (), timeou
                                    preexec_fn=_controlling_terminal)
         start = time.monotonic()
         output, pending, deadline = b"", list(send), start + timeout
+        next_piece = start
         while process.poll() is None and time.monotonic() < deadline:
             if hang_up_after is not None and time.monotonic() > start + hang_up_after and master >= 0:
                 os.close(master)
@@ -493,10 +494,11 @@ def _on_a_terminal(args: list[str], send: list[tuple[bytes, bytes]] = (), timeou
                 master = slave = -1
             if master >= 0 and select.select([master], [], [], 0.1)[0]:
                 output += os.read(master, 65536)
-                if pending and pending[0][0] in output:
-                    os.write(master, pending.pop(0)[1])
             elif master < 0:
                 time.sleep(0.05)
+            if master >= 0 and pending and pending[0][0] in output and time.monotonic() >= next_piece:
+                os.write(master, pending.pop(0)[1])
+                next_piece = time.monotonic() + 0.3  # one piece at a time, as typed
         if process.poll() is None:
             process.kill()
         code = process.wait(10)
@@ -669,3 +671,91 @@ def test_a_home_under_tmp_is_hidden_by_the_private_tmp():
         assert result.stdout.decode().strip() == "ran", result
     finally:
         shutil.rmtree(home)
+
+
+def test_a_partial_line_and_one_typed_end_of_file_reach_the_command():
+    """Plain mode: "ab" then ^D gives the command "ab" (no newline), and a
+    second ^D its end of file, as without heel."""
+    heel_run = f"{sys.executable} -m heel run"
+    code, output, _, _ = _on_a_terminal(
+        ["-c", f"echo ready; {heel_run} -- cat | od -c"],
+        send=[(b"ready", b"ab"), (b"ab", b"\x04"), (b"ab", b"\x04")], program=["sh"])
+    assert code == 0, output
+    assert "a   b" in output, output
+
+
+def test_a_heel_sent_to_the_background_later_is_not_stopped():
+    """Started as the terminal's foreground job, then put in the background
+    (as ^Z and `bg` do): heel stops reading the terminal, so typing does not
+    stop it (SIGTTIN), and it ends with its command."""
+    job = ("import os, signal, subprocess, sys, time\n"
+           "signal.signal(signal.SIGTTOU, signal.SIG_IGN)\n"
+           "p = subprocess.Popen([sys.executable, '-m', 'heel', 'run', '--', 'sh', '-c', "
+           "'sleep 2; echo done-in-background'], preexec_fn=os.setpgrp)\n"
+           "os.tcsetpgrp(0, p.pid)\n"  # heel in the foreground...
+           "time.sleep(1)\n"
+           "os.tcsetpgrp(0, os.getpgrp())\n"  # ...and then not
+           "print('now-in-background', flush=True)\n"
+           "sys.exit(p.wait())\n")
+    code, output, before, after = _on_a_terminal(
+        ["-c", job], program=[sys.executable], send=[(b"now-in-background", b"typed\n")], timeout=30)
+    assert code == 0 and "done-in-background" in output, output
+
+
+def test_a_stopped_heel_gives_the_shell_its_terminal_settings_back():
+    """kill -TSTP heel (^Z itself goes to the command): while heel is
+    stopped the terminal has the shell's settings; raw again after SIGCONT;
+    restored at the end."""
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        process = subprocess.Popen([sys.executable, "-m", "heel", "run", "--", "sh", "-c", "echo ready; sleep 3"],
+                                   stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_terminal)
+        output, deadline = b"", time.monotonic() + 20
+        while b"ready" not in output and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                output += os.read(master, 65536)
+        running = termios.tcgetattr(slave)
+        process.send_signal(signal.SIGTSTP)
+        time.sleep(0.5)
+        stopped = termios.tcgetattr(slave)
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        going_on = termios.tcgetattr(slave)
+        while process.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                os.read(master, 65536)
+        if process.poll() is None:
+            process.kill()
+        code = process.wait(10)
+        after = termios.tcgetattr(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert not running[3] & termios.ICANON  # raw while the command runs
+    assert stopped == before
+    assert not going_on[3] & termios.ICANON
+    assert code == 0 and after == before
+
+
+LIBRARY_TWO_READERS = """
+import trio, heel
+
+async def main():
+    async with heel.Sandbox() as sb:
+        async def one():
+            await sb.command("sleep").arg("1").stdin(heel.Stdio.INHERIT).status()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+    print("both-ended")
+
+trio.run(main)
+"""
+
+
+def test_two_library_commands_may_inherit_a_terminal_at_once():
+    code, output, _, _ = _on_a_terminal([], program=[sys.executable, "-c", LIBRARY_TWO_READERS])
+    assert code == 0 and "both-ended" in output, output
