@@ -181,8 +181,8 @@ BACKGROUND_RECHECK = 0.5
 def _handle_terminal_signals(bridge: TerminalBridge, previous: dict) -> None:
     """SIGWINCH: the host terminal's new size goes to the pty.  SIGTSTP (a
     `kill -TSTP`; ^Z itself goes to the command): the terminal's settings go
-    back to the shell while heel is stopped, and raw again when it goes on.
-    The handlers replaced go into ``previous``."""
+    back to the shell while heel is stopped; SIGCONT: raw again once heel is
+    the foreground job again.  The handlers replaced go into ``previous``."""
     if bridge.master < 0:
         return
 
@@ -194,6 +194,7 @@ def _handle_terminal_signals(bridge: TerminalBridge, previous: dict) -> None:
     handlers = {signal.SIGWINCH: lambda signum, frame: bridge.resize()}
     if bridge.interactive:
         handlers[signal.SIGTSTP] = stop
+        handlers[signal.SIGCONT] = lambda signum, frame: bridge.resume()  # `fg` after a stop or `bg`
     try:
         for signum, handler in handlers.items():
             previous[signum] = signal.signal(signum, handler)

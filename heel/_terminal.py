@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 __all__ = ["TerminalBridge", "is_terminal", "line_end"]
 
@@ -69,13 +70,30 @@ def _char(value) -> bytes:
     return value if isinstance(value, bytes) else bytes([value])
 
 
-def _reopen(fd: int, mode: int) -> int:
+def _reopen(fd: int, mode: int, shared: list[int]) -> int:
     """A non-blocking file description of heel's own for the terminal on
-    ``fd``: O_NONBLOCK there leaves the user's shell's description alone."""
+    ``fd``: O_NONBLOCK there leaves the user's shell's description alone.
+    Through /proc/self/fd; else, for a terminal heel's uid does not own (su,
+    sudo -u), through /dev/tty when that is the same terminal; else a dup of
+    the shared description, made non-blocking for the run (its fd goes into
+    ``shared``, so that close() makes it blocking again, as ssh does)."""
+    flags = mode | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        return os.open(f"/proc/self/fd/{fd}", mode | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # no /proc: the shared description, as it is
-        return os.dup(fd)
+        return os.open(f"/proc/self/fd/{fd}", flags)
+    except OSError:
+        pass
+    try:
+        tty = os.open("/dev/tty", flags)
+        if os.fstat(tty).st_rdev == os.fstat(fd).st_rdev:
+            return tty
+        os.close(tty)
+    except OSError:
+        pass
+    copy = os.dup(fd)
+    if os.get_blocking(copy):
+        os.set_blocking(copy, False)
+        shared.append(copy)
+    return copy
 
 
 def _in_foreground(fd: int) -> bool:
@@ -125,6 +143,9 @@ class TerminalBridge:
         self._pending_out = b""  # written by the command, not yet taken by the host terminal
         self._eof = b"\x04"
         self._line_ends: tuple[bytes, ...] = ()  # plain mode: what ends a line the host's read returns
+        self._shared: list[int] = []  # dups of the user's descriptions made non-blocking for the run
+        #: when output last moved (the end of a command is drained while it does)
+        self.progress_at = 0.0
         terminals = [index for index, fd in enumerate(stdio) if is_terminal(fd)]
         if not terminals:
             return
@@ -140,11 +161,12 @@ class TerminalBridge:
                 if foreground:
                     # A description of heel's own, non-blocking: a read never
                     # blocks heel, and each bridge waits on an fd of its own.
-                    self.host_in = _reopen(stdio[0], os.O_RDONLY)
+                    self.host_in = _reopen(stdio[0], os.O_RDONLY, self._shared)
                 else:
                     self._null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                     self.child_fds[0] = self._null
-            self.out_fd = _reopen(next(stdio[i] for i in (1, 2, 0) if i in terminals), os.O_WRONLY)
+            self.out_fd = _reopen(next(stdio[i] for i in (1, 2, 0) if i in terminals), os.O_WRONLY,
+                                  self._shared)
             settings = termios.tcgetattr(host)
             self._eof = _char(settings[6][termios.VEOF])
             self.interactive = bool(interactive and foreground and 0 in terminals and 1 in terminals
@@ -189,16 +211,19 @@ class TerminalBridge:
                 pass
 
     def resume(self) -> None:
-        """heel continues (SIGCONT): raw again if it is in the foreground (the
-        shell may have changed the settings meanwhile: they are saved anew)."""
+        """heel continues (SIGCONT, `fg`): raw again if it is in the
+        foreground and the shell has put its settings back (they are saved
+        anew); nothing in the background (`bg`), or while already raw."""
         if self._saved is None or not _in_foreground(self._raw_fd):
             return
         import termios
 
         try:
-            self._saved = termios.tcgetattr(self._raw_fd)
-            raw = _raw_settings(termios, self._saved)
-            termios.tcsetattr(self._raw_fd, termios.TCSAFLUSH, raw)
+            settings = termios.tcgetattr(self._raw_fd)
+            if not settings[3] & termios.ICANON:  # raw already: ours
+                return
+            self._saved = settings
+            termios.tcsetattr(self._raw_fd, termios.TCSAFLUSH, _raw_settings(termios, settings))
         except (OSError, termios.error):
             pass
 
@@ -292,6 +317,7 @@ class TerminalBridge:
         """out_fd is writable: write what waits."""
         try:
             self._pending_out = self._pending_out[os.write(self.out_fd, self._pending_out):]
+            self.progress_at = time.monotonic()
         except BlockingIOError:
             pass
         except OSError:  # EIO: the host terminal hung up
@@ -304,7 +330,9 @@ class TerminalBridge:
             self._saved = None
             _raw_terminals -= 1
         if self.host_in >= 0:
-            os.close(self.host_in)  # heel's own description
+            if self.host_in in self._shared:
+                self._shared.remove(self.host_in)
+            os.close(self.host_in)  # heel's own description (or dup)
             self.host_in = -1
         self.host_gone = True
         return False
@@ -322,18 +350,21 @@ class TerminalBridge:
             return True
 
     def drain(self) -> None:
-        """The command has ended: pass on what it left in the pty, waiting
-        at most DRAIN_SECONDS for a host terminal that does not read."""
+        """The command has ended: pass on what it left in the pty, for as
+        long as the host terminal takes it; given up after DRAIN_SECONDS in
+        which it took nothing (held with ^S, or gone)."""
         import select
-        import time
 
         if self.master < 0 or self.host_gone:
             return
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while time.monotonic() < deadline:
+        self.progress_at = time.monotonic()
+        while True:
+            left = self.progress_at + DRAIN_SECONDS - time.monotonic()
+            if left <= 0:
+                return
             if self._pending_out:
-                select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
-                self.flush_output()
+                if select.select([], [self.out_fd], [], left)[1]:
+                    self.flush_output()
             elif not select.select([self.master], [], [], 0)[0] or not self.copy_output():
                 return
 
@@ -346,10 +377,19 @@ class TerminalBridge:
 
                 saved, self._saved = self._saved, None
                 _raw_terminals -= 1
+                # In the background the shell has the terminal, with its own
+                # settings (and setting it would stop heel: SIGTTOU).
+                if _in_foreground(self._raw_fd):
+                    try:
+                        termios.tcsetattr(self._raw_fd, termios.TCSANOW, saved)
+                    except (OSError, termios.error):
+                        pass
+            for fd in self._shared:
                 try:
-                    termios.tcsetattr(self._raw_fd, termios.TCSANOW, saved)
-                except (OSError, termios.error):
+                    os.set_blocking(fd, True)
+                except OSError:
                     pass
+            self._shared = []
         finally:
             for name in ("master", "out_fd", "host_in", "_slave", "_null"):
                 fd = getattr(self, name)

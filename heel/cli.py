@@ -73,9 +73,15 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
+#: Signals whose default action ends heel: each unwinds instead, so that
+#: the sandboxed tree is killed and the user's terminal restored.
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+
 @contextmanager
 def _terminate_on_signals() -> "Iterator[None]":
-    """Turn SIGTERM and SIGHUP into an exception while a command runs.
+    """Turn SIGTERM, SIGHUP and the other _ENDING_SIGNALS into an exception
+    while a command runs.
 
     The command runs in its own session, so a closed terminal's SIGHUP or a
     SIGTERM reaches heel only; unwinding lets the runner kill the whole tree
@@ -86,7 +92,7 @@ def _terminate_on_signals() -> "Iterator[None]":
     def handler(signum: int, frame: object) -> None:
         raise _Terminated(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    previous = {sig: signal.signal(sig, handler) for sig in _ENDING_SIGNALS}
     try:
         yield
     finally:
@@ -275,8 +281,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
                     # Ctrl-C, SIGTERM or a closed terminal: unwind, and the
                     # sandbox's close kills the whole tree.  Received here, not
                     # raised as KeyboardInterrupt somewhere inside trio.
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
-                                                   signal.SIGQUIT) as signals:
+                    with trio.open_signal_receiver(signal.SIGINT, *_ENDING_SIGNALS) as signals:
                         async for signum in signals:
                             nursery.cancel_scope.cancel()
                             return

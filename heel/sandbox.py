@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Iterable, Mapping, Sequence, TypeVar
@@ -587,17 +588,22 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
         hung_up()
 
     async def signals() -> None:
-        # SIGWINCH: the new size to the pty.  SIGTSTP (^Z itself goes to the
-        # command): the shell's settings back while heel is stopped.
-        wanted = [signal.SIGWINCH] + ([signal.SIGTSTP] if bridge.interactive else [])
+        # The CLI's one interactive command only (signal receivers of several
+        # commands would take each other's handlers): SIGWINCH, the new size
+        # to the pty; SIGTSTP (^Z itself goes to the command), the shell's
+        # settings back while heel is stopped; SIGCONT, raw again in the
+        # foreground.  A library command's pty keeps the size it started with.
+        wanted = (signal.SIGWINCH, signal.SIGTSTP, signal.SIGCONT)
         try:
             with trio.open_signal_receiver(*wanted) as received:
                 async for signum in received:
                     if signum == signal.SIGWINCH:
                         bridge.resize()
-                    else:
+                    elif signum == signal.SIGTSTP:
                         bridge.suspend()
                         os.kill(os.getpid(), signal.SIGSTOP)
+                        bridge.resume()
+                    else:
                         bridge.resume()
         except RuntimeError:  # not trio's main thread: the size stays
             pass
@@ -610,13 +616,20 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
         async with trio.open_nursery() as nursery:
             output_ended = trio.Event()
             nursery.start_soon(typed)
-            nursery.start_soon(signals)
+            if bridge.interactive:
+                nursery.start_soon(signals)
             nursery.start_soon(all_output, output_ended)
             await process._exited.wait()
-            # What the command left in the pty gets a while to reach a
-            # terminal that may not be reading (^S).
-            with trio.move_on_after(DRAIN_SECONDS):
-                await output_ended.wait()
+            # What the command left in the pty goes on to the terminal for as
+            # long as it takes it, given up after DRAIN_SECONDS without progress
+            # (a terminal held with ^S, or gone).
+            bridge.progress_at = time.monotonic()
+            while not output_ended.is_set():
+                left = bridge.progress_at + DRAIN_SECONDS - time.monotonic()
+                if left <= 0:
+                    break
+                with trio.move_on_after(left):
+                    await output_ended.wait()
             nursery.cancel_scope.cancel()
     finally:
         for fd in (bridge.master, bridge.out_fd, bridge.host_in):  # heel's own: about to be closed

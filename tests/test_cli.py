@@ -741,15 +741,18 @@ def test_a_stopped_heel_gives_the_shell_its_terminal_settings_back():
 
 
 LIBRARY_TWO_READERS = """
-import trio, heel
+import os, signal, trio, heel
 
 async def main():
     async with heel.Sandbox() as sb:
-        async def one():
-            await sb.command("sleep").arg("1").stdin(heel.Stdio.INHERIT).status()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one)
-            nursery.start_soon(one)
+        async def one(seconds):
+            await sb.command("sleep").arg(seconds).stdin(heel.Stdio.INHERIT).status()
+        async with trio.open_nursery() as nursery:  # the first to start ends first
+            nursery.start_soon(one, "0.6")
+            await trio.sleep(0.2)
+            nursery.start_soon(one, "1.2")
+        os.kill(os.getpid(), signal.SIGWINCH)  # a window resize after both
+        await trio.sleep(0.3)
     print("both-ended")
 
 trio.run(main)
@@ -759,3 +762,67 @@ trio.run(main)
 def test_two_library_commands_may_inherit_a_terminal_at_once():
     code, output, _, _ = _on_a_terminal([], program=[sys.executable, "-c", LIBRARY_TWO_READERS])
     assert code == 0 and "both-ended" in output, output
+
+
+def test_what_a_command_leaves_reaches_a_slow_terminal_whole():
+    """The end of a command's output goes on to the terminal for as long as
+    the terminal takes it (here about 2.5 KB/s), not for a fixed while."""
+    master, slave = os.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "heel", "run", "--", "seq", "1", "3000"],
+                                   stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_terminal)
+        output, deadline = b"", time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                output += os.read(master, 256)
+                time.sleep(0.1)
+            elif process.poll() is not None:
+                break
+        if process.poll() is None:
+            process.kill()
+        code = process.wait(10)
+    finally:
+        os.close(master)
+        os.close(slave)
+    lines = output.decode().split()
+    assert code == 0 and len(lines) == 3000 and lines[-1] == "3000", (code, len(lines), lines[-3:])
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "SIGSTOP-then-fg"])
+def test_the_terminal_is_right_after_other_signals(how):
+    """A signal that would end heel (SIGUSR1) still restores the terminal;
+    after a SIGSTOP that heel cannot see, the shell takes its settings back
+    and `fg` (SIGCONT) makes heel's terminal raw again."""
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        process = subprocess.Popen([sys.executable, "-m", "heel", "run", "--", "sh", "-c", "echo ready; sleep 3"],
+                                   stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_terminal)
+        output, deadline = b"", time.monotonic() + 20
+        while b"ready" not in output and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                output += os.read(master, 65536)
+        if how == "SIGUSR1":
+            process.send_signal(signal.SIGUSR1)
+        else:
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            termios.tcsetattr(slave, termios.TCSANOW, before)  # the shell's settings, as a shell restores them
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+            resumed = termios.tcgetattr(slave)
+            assert not resumed[3] & termios.ICANON  # raw again
+        while process.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                os.read(master, 65536)
+        if process.poll() is None:
+            process.kill()
+        code = process.wait(10)
+        after = termios.tcgetattr(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert code == (128 + signal.SIGUSR1 if how == "SIGUSR1" else 0)
+    assert after == before
