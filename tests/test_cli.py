@@ -702,10 +702,11 @@ def test_a_heel_sent_to_the_background_later_is_not_stopped():
     assert code == 0 and "done-in-background" in output, output
 
 
-def test_a_stopped_heel_gives_the_shell_its_terminal_settings_back():
-    """kill -TSTP heel (^Z itself goes to the command): while heel is
-    stopped the terminal has the shell's settings; raw again after SIGCONT;
-    restored at the end."""
+def _signalled_on_a_terminal(during) -> tuple[int, list, list]:
+    """`heel run -- sh -c 'echo ready; sleep 3'` on a fresh terminal that is
+    its controlling terminal; once "ready" is there, ``during(process,
+    terminal)`` runs.  Returns (exit status, the terminal's settings before,
+    and after)."""
     import termios
 
     master, slave = os.openpty()
@@ -717,26 +718,40 @@ def test_a_stopped_heel_gives_the_shell_its_terminal_settings_back():
         while b"ready" not in output and time.monotonic() < deadline:
             if select.select([master], [], [], 0.1)[0]:
                 output += os.read(master, 65536)
-        running = termios.tcgetattr(slave)
-        process.send_signal(signal.SIGTSTP)
-        time.sleep(0.5)
-        stopped = termios.tcgetattr(slave)
-        process.send_signal(signal.SIGCONT)
-        time.sleep(0.5)
-        going_on = termios.tcgetattr(slave)
+        during(process, slave)
         while process.poll() is None and time.monotonic() < deadline:
             if select.select([master], [], [], 0.1)[0]:
                 os.read(master, 65536)
         if process.poll() is None:
             process.kill()
         code = process.wait(10)
-        after = termios.tcgetattr(slave)
+        return code, before, termios.tcgetattr(slave)
     finally:
         os.close(master)
         os.close(slave)
-    assert not running[3] & termios.ICANON  # raw while the command runs
-    assert stopped == before
-    assert not going_on[3] & termios.ICANON
+
+
+def test_a_stopped_heel_gives_the_shell_its_terminal_settings_back():
+    """kill -TSTP heel (^Z itself goes to the command): while heel is
+    stopped the terminal has the shell's settings; raw again after SIGCONT;
+    restored at the end."""
+    import termios
+
+    seen = {}
+
+    def stop_and_go_on(process, terminal):
+        seen["running"] = termios.tcgetattr(terminal)
+        process.send_signal(signal.SIGTSTP)
+        time.sleep(0.5)
+        seen["stopped"] = termios.tcgetattr(terminal)
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        seen["going on"] = termios.tcgetattr(terminal)
+
+    code, before, after = _signalled_on_a_terminal(stop_and_go_on)
+    assert not seen["running"][3] & termios.ICANON  # raw while the command runs
+    assert seen["stopped"] == before
+    assert not seen["going on"][3] & termios.ICANON
     assert code == 0 and after == before
 
 
@@ -795,34 +810,22 @@ def test_the_terminal_is_right_after_other_signals(how):
     and `fg` (SIGCONT) makes heel's terminal raw again."""
     import termios
 
-    master, slave = os.openpty()
-    try:
-        before = termios.tcgetattr(slave)
-        process = subprocess.Popen([sys.executable, "-m", "heel", "run", "--", "sh", "-c", "echo ready; sleep 3"],
-                                   stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_terminal)
-        output, deadline = b"", time.monotonic() + 20
-        while b"ready" not in output and time.monotonic() < deadline:
-            if select.select([master], [], [], 0.1)[0]:
-                output += os.read(master, 65536)
+    resumed = []
+
+    def signal_it(process, terminal):
         if how == "SIGUSR1":
             process.send_signal(signal.SIGUSR1)
-        else:
-            process.send_signal(signal.SIGSTOP)
-            time.sleep(0.3)
-            termios.tcsetattr(slave, termios.TCSANOW, before)  # the shell's settings, as a shell restores them
-            process.send_signal(signal.SIGCONT)
-            time.sleep(0.5)
-            resumed = termios.tcgetattr(slave)
-            assert not resumed[3] & termios.ICANON  # raw again
-        while process.poll() is None and time.monotonic() < deadline:
-            if select.select([master], [], [], 0.1)[0]:
-                os.read(master, 65536)
-        if process.poll() is None:
-            process.kill()
-        code = process.wait(10)
-        after = termios.tcgetattr(slave)
-    finally:
-        os.close(master)
-        os.close(slave)
+            return
+        shells = termios.tcgetattr(terminal)
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        termios.tcsetattr(terminal, termios.TCSANOW, shells)  # as the shell puts its settings back
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        resumed.append(termios.tcgetattr(terminal))
+
+    code, before, after = _signalled_on_a_terminal(signal_it)
+    if resumed:
+        assert not resumed[0][3] & termios.ICANON  # raw again
     assert code == (128 + signal.SIGUSR1 if how == "SIGUSR1" else 0)
     assert after == before
