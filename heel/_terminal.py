@@ -330,8 +330,12 @@ class TerminalBridge:
             self._saved = None
             _raw_terminals -= 1
         if self.host_in >= 0:
-            if self.host_in in self._shared:
+            if self.host_in in self._shared:  # the shell's description: blocking again
                 self._shared.remove(self.host_in)
+                try:
+                    os.set_blocking(self.host_in, True)
+                except OSError:
+                    pass
             os.close(self.host_in)  # heel's own description (or dup)
             self.host_in = -1
         self.host_gone = True
