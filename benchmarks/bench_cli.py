@@ -3,7 +3,10 @@
     python benchmarks/bench_cli.py [--runs 40]
 
 Both are run as whole processes, alternately, with the same interpreter, and
-the table gives p50/p95 in milliseconds and the ratio of the medians.
+the table gives p50/p95 in milliseconds and the ratio of the medians.  They
+run from / so that the heel measured is the installed one: from a source
+tree, `-m heel` would import the tree's modules, which may have no bytecode
+(PYTHONDONTWRITEBYTECODE), and compiling them every time doubles the figure.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ def main(runs: int) -> None:
     samples: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
     for _ in range(3):  # warm the page cache
         for _, argv in VARIANTS:
-            subprocess.run(argv, check=True)
+            subprocess.run(argv, check=True, cwd="/")
     for _ in range(runs):
         for name, argv in VARIANTS:
             start = time.perf_counter()
-            subprocess.run(argv, check=True)
+            subprocess.run(argv, check=True, cwd="/")
             samples[name].append((time.perf_counter() - start) * 1000)
     base = statistics.median(samples[VARIANTS[0][0]])
+    where = subprocess.run([sys.executable, "-c", "import heel; print(heel.__file__)"],
+                           check=True, cwd="/", capture_output=True, text=True).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Linux {platform.release()}, "
           f"Python {platform.python_version()} ({sys.executable}), {runs} runs each")
+    print(f"heel: {where}")
     print(f"{'what':44} {'p50 ms':>8} {'p95 ms':>8} {'x base':>7}")
     for name, values in samples.items():
         ordered = sorted(values)
