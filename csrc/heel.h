@@ -136,6 +136,7 @@ enum heel_msg_kind {
     HEEL_MSG_EXITED = 3,  /* a = the command's raw wait status */
     HEEL_MSG_KILL = 4,    /* host -> init: kill every process of the sandbox and exit */
     HEEL_MSG_LISTENER = 5, /* trampoline -> host: a = port; the listening socket rides along (SCM_RIGHTS) */
+    HEEL_MSG_PTMX = 6,    /* trampoline -> host: an O_PATH fd of the sandbox's devpts ptmx rides along */
 };
 
 struct heel_msg {

@@ -337,6 +337,36 @@ static int setup_mounts(const struct heel_spawn_plan *p)
     return 0;
 }
 
+/* Send the host one message of this kind with fd attached (SCM_RIGHTS). */
+static int send_fd(int report, int32_t kind, int32_t a, int fd)
+{
+    struct heel_msg msg = {kind, a, 0};
+    struct iovec iov = {&msg, sizeof(msg)};
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr mh;
+    struct cmsghdr *cm;
+    int rc;
+
+    memset(&mh, 0, sizeof(mh));
+    memset(&control, 0, sizeof(control));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control.buf;
+    mh.msg_controllen = sizeof(control.buf);
+    cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    do
+        rc = (int)sendmsg(report, &mh, MSG_NOSIGNAL);
+    while (rc < 0 && errno == EINTR);
+    return rc == (int)sizeof(msg) ? 0 : -1;
+}
+
 /* The network namespace starts with its loopback down.  Bring it up and
  * listen on 127.0.0.1:port in it, then send the listening socket to the host
  * with the HEEL_MSG_LISTENER message.  The host's proxy accepts on it: a
@@ -345,14 +375,6 @@ static int proxy_listener(int report, int port)
 {
     struct ifreq ifr;
     struct sockaddr_in addr;
-    struct heel_msg msg = {HEEL_MSG_LISTENER, port, 0};
-    struct iovec iov = {&msg, sizeof(msg)};
-    union {
-        struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct msghdr mh;
-    struct cmsghdr *cm;
     int ctl, lsock, one = 1, rc;
 
     ctl = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -382,22 +404,36 @@ static int proxy_listener(int report, int port)
         return -1;
     }
 
-    memset(&mh, 0, sizeof(mh));
-    memset(&control, 0, sizeof(control));
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = control.buf;
-    mh.msg_controllen = sizeof(control.buf);
-    cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &lsock, sizeof(int));
-    do
-        rc = (int)sendmsg(report, &mh, MSG_NOSIGNAL);
-    while (rc < 0 && errno == EINTR);
+    rc = send_fd(report, HEEL_MSG_LISTENER, port, lsock);
     close(lsock); /* the host holds it now; we never accept */
-    return rc == (int)sizeof(msg) ? 0 : -1;
+    return rc;
+}
+
+/* Send the host an O_PATH fd of the ptmx of the sandbox's own devpts (the
+ * plan's devpts mount, made just now, before any sandboxed code has run):
+ * the host opens it to make the ptys it gives commands for a terminal, so
+ * that they belong to the devpts the commands see (ttyname(3) works
+ * inside).  An O_PATH fd opens nothing itself; it cannot be read or
+ * written, and it stays with the host. */
+static int send_ptmx(int report, const struct heel_spawn_plan *p)
+{
+    int i, dir, ptmx, rc;
+
+    for (i = 0; i < p->nmounts; i++)
+        if (p->mounts[i].kind == HEEL_MNT_DEVPTS)
+            break;
+    if (i == p->nmounts)
+        return 0;
+    dir = open(p->mounts[i].path, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dir < 0)
+        return -1;
+    ptmx = openat(dir, "ptmx", O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    close(dir);
+    if (ptmx < 0)
+        return -1;
+    rc = send_fd(report, HEEL_MSG_PTMX, 0, ptmx);
+    close(ptmx);
+    return rc;
 }
 
 /* Take every capability away for good: no ambient set, nothing in the
@@ -517,7 +553,7 @@ static int child_main(void *arg)
         fail(report, HEEL_STAGE_USERNS, errno);
     if ((p->clone_flags & CLONE_NEWNET) && p->proxy_port > 0 && proxy_listener(report, p->proxy_port) < 0)
         fail(report, HEEL_STAGE_NETWORK, errno);
-    if ((p->clone_flags & CLONE_NEWNS) && setup_mounts(p) < 0)
+    if ((p->clone_flags & CLONE_NEWNS) && (setup_mounts(p) < 0 || send_ptmx(report, p) < 0))
         fail(report, HEEL_STAGE_MOUNT, errno);
     if (p->userns_fd >= 0 && become_namespace_root(p->userns_fd) < 0)
         fail(report, HEEL_STAGE_USERNS, errno);

@@ -51,6 +51,7 @@ MSG_ERROR = lib.HEEL_MSG_ERROR
 MSG_EXITED = lib.HEEL_MSG_EXITED
 MSG_KILL = lib.HEEL_MSG_KILL
 MSG_LISTENER = lib.HEEL_MSG_LISTENER
+MSG_PTMX = lib.HEEL_MSG_PTMX
 
 
 def _check(rc: int, what: str) -> int:

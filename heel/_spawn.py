@@ -76,6 +76,9 @@ class Prepared:
         self._ctl: socket.socket | None = None
         #: the proxy's listening socket, made inside the sandbox's network namespace
         self.proxy_listener: socket.socket | None = None
+        #: an O_PATH fd of the ptmx of the sandbox's own devpts (-1: none),
+        #: where the ptys for commands on a terminal come from (open_pty)
+        self.ptmx = -1
         for path, is_file in plan.mountpoints:
             if is_file:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -139,7 +142,11 @@ class Prepared:
             for fd in opened:
                 os.close(fd)
         if plan.proxy_port and plan.network_namespace:
-            self.proxy_listener = _receive_listener(host_end)
+            fd = _receive_fd(host_end, _native.MSG_LISTENER)
+            self.proxy_listener = socket.socket(fileno=fd)
+            self.proxy_listener.setblocking(False)
+        if plan.namespaces and any(m.kind == "devpts" for m in plan.mounts):
+            self.ptmx = _receive_fd(host_end, _native.MSG_PTMX)
         first = _recv_exactly(host_end, MSG_SIZE)
         if first is None:
             raise SandboxUnavailable("the sandbox", "heel-init exited before it started")
@@ -254,6 +261,9 @@ class Prepared:
         if self.proxy_listener is not None:
             self.proxy_listener.close()
             self.proxy_listener = None
+        if self.ptmx >= 0:
+            os.close(self.ptmx)
+            self.ptmx = -1
         if self._ctl is not None:
             with self._lock:
                 self._ctl.close()
@@ -327,21 +337,18 @@ def recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[i
     return data, list(fds), flags, address
 
 
-def _receive_listener(ctl: socket.socket) -> socket.socket:
-    """The proxy's listening socket, which the trampoline sends before
-    anything else (or the error that stopped it first)."""
+def _receive_fd(ctl: socket.socket, kind: int) -> int:
+    """An fd that the trampoline sends with a message of this kind before
+    heel-init starts (MSG_LISTENER, MSG_PTMX), or the error that stopped it
+    first."""
     data, fds, _, _ = recv_fds(ctl, MSG_SIZE, 1)
-    if len(data) == MSG_SIZE:
-        kind, port, _ = decode_message(data)
-        if kind == _native.MSG_LISTENER and len(fds) == 1:
-            listener = socket.socket(fileno=fds[0])
-            listener.setblocking(False)
-            return listener
-        for fd in fds:
-            os.close(fd)
-        raise_for_error((kind, port, _), "heel-init")
+    message = decode_message(data) if len(data) == MSG_SIZE else None
+    if message is not None and message[0] == kind and len(fds) == 1:
+        return fds[0]
     for fd in fds:
         os.close(fd)
+    if message is not None:
+        raise_for_error(message, "heel-init")
     raise SandboxUnavailable("the sandbox", "heel-init exited before it started")
 
 

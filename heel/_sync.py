@@ -161,7 +161,7 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     heel's own (heel._terminal; ``interactive``: the host terminal goes raw
     and the pty becomes the command's controlling terminal, for the CLI);
     files reach the command through pipes (see Relays)."""
-    bridge = TerminalBridge(stdio, interactive)
+    bridge = TerminalBridge(stdio, interactive, prepared.ptmx)
     previous: dict = {}  # the signal handlers ours replaced
     try:
         relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))

@@ -9,7 +9,9 @@ fd: it could make the user's terminal world-readable (another local user
 would then read what is typed into it long after heel exited) or leave it
 without echo.  So each command that would get a terminal gets a fresh pty
 instead, and heel copies bytes between the two, as ``ssh -t`` does.  What
-the command does to its pty ends with the command.
+the command does to its pty ends with the command.  With namespaces the pty
+comes from the sandbox's own devpts (heel._spawn.Prepared.ptmx), so that
+``tty`` and ttyname(3) inside name it; without, from the host's.
 
 Two modes:
 
@@ -120,6 +122,30 @@ def _raw_settings(termios, settings: list) -> list:
     return raw
 
 
+# From <asm-generic/ioctls.h>, which Python's termios module does not carry.
+_TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int): lock or unlock the pty's end
+_TIOCGPTPEER = 0x5441  # _IO('T', 0x41): open the pty's end from the master (Linux 4.13)
+
+
+def open_pty(ptmx: int = -1) -> tuple[int, int]:
+    """A new pty, (master, end), both close-on-exec.  ``ptmx``: an O_PATH
+    fd of the ptmx of the devpts to make it in (-1: the host's, os.openpty).
+    The end is opened through the master (TIOCGPTPEER), never by its name,
+    so nothing in that devpts can stand in for it."""
+    if ptmx < 0:
+        return os.openpty()  # both close-on-exec (PEP 446)
+    import fcntl
+
+    master = os.open(f"/proc/self/fd/{ptmx}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, _TIOCSPTLCK, bytes(4))  # unlockpt(3)
+        end = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(master)
+        raise
+    return master, end
+
+
 class TerminalBridge:
     """A pty in place of the host terminals among a command's stdio fds.
 
@@ -131,7 +157,9 @@ class TerminalBridge:
     ``host_gone``: the host terminal hung up; the runner ends the command.
     """
 
-    def __init__(self, stdio: tuple[int, int, int], interactive: bool = False) -> None:
+    def __init__(self, stdio: tuple[int, int, int], interactive: bool = False, ptmx: int = -1) -> None:
+        """``ptmx``: an O_PATH fd of the devpts ptmx to make the pty with
+        (-1: the host's /dev/ptmx)."""
         self.child_fds = list(stdio)
         self.master = self.host_in = self.out_fd = -1
         self.interactive = False
@@ -152,7 +180,7 @@ class TerminalBridge:
         import termios
 
         try:
-            self.master, self._slave = os.openpty()  # both close-on-exec (PEP 446)
+            self.master, self._slave = open_pty(ptmx)
             for index in terminals:
                 self.child_fds[index] = self._slave
             host = stdio[terminals[0]]

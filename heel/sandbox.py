@@ -315,7 +315,8 @@ class Sandbox(Generic[P]):
         # Host terminals among the inherited streams: a pty of heel's own instead.
         specs = (stdin, stdout, stderr)
         bridge = TerminalBridge((0 if stdin is Stdio.INHERIT else -1, 1 if stdout is Stdio.INHERIT else -1,
-                                 2 if stderr is Stdio.INHERIT else -1), cmd._interactive_terminal)
+                                 2 if stderr is Stdio.INHERIT else -1), cmd._interactive_terminal,
+                                prepared.ptmx)
         try:
             for index, spec in enumerate(specs):
                 if spec is Stdio.INHERIT and bridge.child_fds[index] != index:

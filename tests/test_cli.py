@@ -537,6 +537,21 @@ def test_the_users_terminal_cannot_be_changed_from_inside(level, runner):
     assert after == before, output  # mode (whatever chmod did inside) and termios
 
 
+NAMES_ITS_TERMINAL = 'name=$(tty) && test "$name" -ef /proc/self/fd/0 && echo "named:$name"'
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_command_can_name_its_terminal(runner):
+    """The pty comes from the sandbox's own devpts, so `tty` (ttyname(3))
+    inside finds it under /dev/pts: programs that look their terminal up
+    by name (tmux, script, ssh -t) work.  From the host's devpts the name
+    would lead nowhere in the sandbox's view ("not a tty")."""
+    code, output, before, after = _on_a_terminal([*RUNNERS[runner], "--", "sh", "-c", NAMES_ITS_TERMINAL])
+    assert code == 0, output
+    assert "named:/dev/pts/" in output, output
+    assert after == before
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_typed_input_and_ctrl_c_reach_the_command(runner):
     """Interactive: what is typed goes to the command through its pty (which
@@ -566,10 +581,11 @@ def test_the_library_gives_inherited_terminals_a_pty_too():
     """Stdio.INHERIT of a terminal, from the library: the command gets a pty
     (plain mode: the host terminal stays as it was, and keeps its ^C)."""
     code, output, before, after = _on_a_terminal(
-        ["test -t 0 && test -t 1 && echo on-a-tty; chmod 0666 /proc/self/fd/1; stty -echo; echo done"],
+        ["test -t 0 && test -t 1 && echo on-a-tty; chmod 0666 /proc/self/fd/1; stty -echo; "
+         f"{NAMES_ITS_TERMINAL}; echo done"],
         program=[sys.executable, "-c", LIBRARY_ON_A_TERMINAL])
     assert code == 0, output
-    assert "on-a-tty" in output and "done" in output, output
+    assert "on-a-tty" in output and "named:/dev/pts/" in output and "done" in output, output
     assert after == before, output
 
 
