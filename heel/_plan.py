@@ -369,9 +369,12 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(TERMINAL_DEVICES)]
     grants += [("/proc", ll.READ)]
     grants.append((init_path, ll.READ_FILE | ll.EXECUTE))
-    if config.security.allow_gpu:
-        grants += [(d, ll.DEVICE | ll.READ_DIR) for d in _existing(GPU_DEVICES)]
+    gpus = _existing(GPU_DEVICES) if config.security.allow_gpu else []
+    if gpus:
+        grants += [(d, ll.DEVICE | ll.READ_DIR) for d in gpus]
         grants += [(d, ll.READ) for d in _existing(GPU_DRIVER_INFO)]
+        # Drivers find their devices in sysfs (PCI, DRM, KFD topology).  It
+        # tells of the host's hardware too, so only where there is a GPU.
         grants += [("/sys", ll.READ)]
     shm = host_shm if env.namespaces and host_shm and os.path.isdir("/dev/shm") else None
     if shm:

@@ -97,3 +97,21 @@ async def test_gpu_nodes_are_closed_without_allow_gpu(level, gpu_node):
     assert null == "ioctl ENOTTY", null  # the control: ordinary device nodes still work
     if level is heel.IsolationLevel.STRICT:
         assert sysfs == "sys EACCES"  # /sys is opened at STRICT only for a GPU
+
+
+async def test_strict_opens_sys_only_where_there_is_a_gpu():
+    """allow_gpu is on by default, and at STRICT it is what opens /sys (which
+    tells of the host's hardware: MAC addresses, serial numbers).  On a host
+    without GPU nodes there is nothing for a driver to find, so /sys stays
+    closed; the test above, with a stand-in node, is the control."""
+    from heel._plan import GPU_DEVICES, _existing
+
+    if _existing(GPU_DEVICES):
+        pytest.skip("this host has GPU device nodes")
+    config = heel.SandboxConfig(level=heel.IsolationLevel.STRICT)
+    assert config.security.allow_gpu
+    async with heel.Sandbox(config) as sb:
+        node, null, sysfs = _report(await py(sb, ATTEMPT, "/dev/nvidia-none"))
+    assert node == f"open {errno.errorcode[errno.ENOENT]}", node
+    assert null == "ioctl ENOTTY", null
+    assert sysfs == "sys EACCES"
