@@ -340,7 +340,7 @@ def _make_app():
                                          help="Print heel's version and exit.")) -> None:
         """Run untrusted code in the operating system's native sandbox."""
 
-    # run and shell are parsed by argparse (see main); these entries list them
+    # run, shell and python are parsed by heel._cliargs (see main); these entries list them
     # in `heel --help` and hand their arguments over unparsed.
     passthrough = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -353,6 +353,11 @@ def _make_app():
                  context_settings=passthrough, add_help_option=False)
     def shell_entry(ctx: typer.Context) -> None:
         raise typer.Exit(run_command("shell", ctx.args))
+
+    @app.command("python", help=_cliargs.PYTHON_HELP + " See `heel python --help`.",
+                 context_settings=passthrough, add_help_option=False)
+    def python_entry(ctx: typer.Context) -> None:
+        raise typer.Exit(run_command("python", ctx.args))
 
     @app.command("doctor")
     def doctor_entry() -> None:
