@@ -398,6 +398,21 @@ _LOCK = ".owner-lock"
 # shutil and tempfile are not imported here: together they cost `heel run`
 # about 8 ms at every start, for the three small things below.
 
+def guard_standard_fds() -> None:
+    """Put /dev/null on each of fds 0, 1 and 2 that is closed (a daemon, cron,
+    `heel run ... >&-`).  Otherwise the first fds heel opens (a lock file,
+    its socket to heel-init) would take those numbers, and a command handed
+    "its stdout" would be handed one of them."""
+    for fd in range(3):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, unless fd is not the lowest
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def temp_root() -> str:
     """Where temporary directories go: $TMPDIR (or $TEMP, $TMP) when it is a
     directory, else /tmp (tempfile.gettempdir's first choices), with its
@@ -494,6 +509,7 @@ class Session:
         """``env``: the Environment to plan for; by default the probed one."""
         from ._probe import environment, require
 
+        guard_standard_fds()
         why = ""
         if env is None:
             env, why = environment()

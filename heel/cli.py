@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         if args[:1] in (["run"], ["shell"], ["python"]):
+            # Before anything is opened: a closed stdin, stdout or stderr
+            # becomes /dev/null for the command (and for heel).
+            from ._spawn import guard_standard_fds
+
+            guard_standard_fds()
             return run_command(args[0], args[1:])
         return _typer_main(args)
     except ImportError as exc:

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,12 @@ class Sandbox(Generic[P]):
 
     async def _spawn(self, cmd: "Command", stdin, stdout, stderr) -> Process:
         prepared = self._live()
+        # A standard stream this process started without (Python then has
+        # sys.__stdout__ None) is not inherited: whatever took its fd number
+        # since (trio's wakeup socket, say) is not the command's to have.
+        stdin, stdout, stderr = (Stdio.NULL if spec is Stdio.INHERIT and stream is None else spec
+                                 for spec, stream in zip((stdin, stdout, stderr),
+                                                         (sys.__stdin__, sys.__stdout__, sys.__stderr__)))
         plan = prepared.plan
         env = dict(plan.env)
         if self._proxy is not None:

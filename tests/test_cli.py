@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -846,3 +847,47 @@ def test_the_terminal_is_right_after_other_signals(how):
         assert not resumed[0][3] & termios.ICANON  # raw again
     assert code == (128 + signal.SIGUSR1 if how == "SIGUSR1" else 0)
     assert after == before
+
+
+# ---- closed standard streams (found by exploratory testing) ------------------------
+
+REPORT_FDS = ('r=; for fd in 0 1 2; do r="$r $(readlink /proc/$$/fd/$fd)"; done; '
+              'echo $r > "$REPORT"; echo out; echo err >&2')
+
+LIBRARY_INHERITS = """
+import sys, trio, heel
+
+async def main():
+    config = heel.SandboxConfig(workdir=sys.argv[1], env={"REPORT": sys.argv[1] + "/fds"})
+    async with heel.Sandbox(config) as sb:
+        status = await sb.command("sh").args(["-c", sys.argv[2]]).stdin(heel.Stdio.INHERIT).status()
+    sys.exit(status.returncode)
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("how", ["cli", "cli-trio", "library"])
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "2>&-", "<&- >&-", ">&- 2>&-", "<&- >&- 2>&-"])
+def test_a_closed_standard_stream_is_dev_null_for_the_command(tmp_path, how, closed):
+    """heel started without some of fds 0-2: the command gets /dev/null there,
+    never an fd heel opened since (its lock file, its socket to heel-init,
+    trio's wakeup socket) that took the free number."""
+    report = tmp_path / "fds"
+    if how == "library":
+        argv = [sys.executable, "-c", LIBRARY_INHERITS, str(tmp_path), REPORT_FDS]
+    else:
+        argv = [sys.executable, "-m", "heel", "run", "--workdir", str(tmp_path), "--env", f"REPORT={report}",
+                *(["--network", "allow"] if how == "cli-trio" else []), "--", "sh", "-c", REPORT_FDS]
+    # The closing applies to heel's command line only; the shell reports on its own stdout.
+    result = subprocess.run(["sh", "-c", f"{shlex.join(argv)} {closed}; echo status=$?"],
+                            input=b"", capture_output=True, timeout=60)  # stdin: a pipe
+    assert result.stdout.endswith(b"status=0\n"), result
+    seen = report.read_text().split()
+    closed_fds = {fd for fd, token in enumerate(("<&-", " >&-", "2>&-")) if token in f" {closed}"}
+    assert closed_fds and len(seen) == 3, (closed_fds, seen)
+    for fd, target in enumerate(seen):
+        if fd in closed_fds:
+            assert target == "/dev/null", (fd, seen)
+        else:
+            assert target != "/dev/null", (fd, seen)  # the control: open streams are passed as they are
