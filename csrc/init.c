@@ -357,9 +357,10 @@ static int layout_fds(const struct zygote *z, const struct command *c, int *repo
  * from heel-init.)  The order: a session of its own (no controlling
  * terminal: no TIOCSTI into the host's tty, and a process group that is a
  * handle on the command's processes); the fds, and heel's pty as the
- * controlling terminal when the request asks; the cwd; the rlimits (after
- * the fds, so that a small RLIMIT_NOFILE cannot stop the layout); the
- * Landlock scope. */
+ * controlling terminal when the request asks; the cwd; the Landlock scope;
+ * the rlimits last, so that a small RLIMIT_NOFILE stops neither the layout
+ * nor the Landlock ruleset's fd (open_files=3 leaves the command its three
+ * standard streams). */
 __attribute__((noreturn))
 static void become_command(const struct zygote *z, const struct command *c, int report)
 {
@@ -370,13 +371,13 @@ static void become_command(const struct zygote *z, const struct command *c, int 
         child_failed(report, HEEL_STAGE_FDS, errno);
     if (chdir(c->cwd) < 0)
         child_failed(report, HEEL_STAGE_CHDIR, errno);
+    if (z->own_domain && enter_own_domain(z->landlock_abi, z->scope) < 0)
+        child_failed(report, HEEL_STAGE_LANDLOCK, errno);
     for (uint32_t i = 0; i < c->head.nrlimits; i++) {
         struct rlimit rl = {c->rlimits[i].soft, c->rlimits[i].hard};
         if (setrlimit(c->rlimits[i].resource, &rl) < 0)
             child_failed(report, HEEL_STAGE_RLIMIT, errno);
     }
-    if (z->own_domain && enter_own_domain(z->landlock_abi, z->scope) < 0)
-        child_failed(report, HEEL_STAGE_LANDLOCK, errno);
     sigprocmask(SIG_SETMASK, &z->orig_mask, NULL);
     child_failed(report, HEEL_STAGE_EXEC, exec_command(c->program, c->argv, c->envp));
 }

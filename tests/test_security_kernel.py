@@ -512,6 +512,19 @@ async def test_file_size_limit():
         assert os.path.getsize(sb.workdir / "small") == 100000
 
 
+async def test_open_files_limit_binds_the_command_not_heels_setup():
+    """open_files is the command's RLIMIT_NOFILE: set last, after heel-init's
+    own steps (its Landlock ruleset needs an fd), so a small limit binds the
+    command alone.  Before, 4 failed every command at heel's setup (EMFILE)."""
+    limits = heel.ResourceLimits(open_files=4)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        out = await sh(sb, "echo ran")  # a dynamically linked shell, with one fd to load libc
+        assert out.returncode == 0 and out.stdout == b"ran\n", explain(out)
+        # fds 0-3 are the command's to have, fd 4 is over the limit
+        out = await sh(sb, "exec 3</dev/null && echo three; exec 4</dev/null && echo four")
+    assert b"three" in out.stdout and b"four" not in out.stdout, explain(out)
+
+
 # ---- setuid/setgid bits ----------------------------------------------------------
 
 async def test_setuid_bit_cannot_be_set_on_files():
