@@ -413,6 +413,13 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # anything granted under /tmp is brought into the private /tmp.
         rw_regions = [p for p in writable if p != host_tmp and (readonly_root or hidden(p))]
         ro_regions = [str(p) for p in (*config.readable, *config.executable) if hidden(str(p))]
+        for kind, paths in (("readable", config.readable), ("executable", config.executable)):
+            for p in map(str, paths):
+                # A read-only view of it would cover the private /tmp, or
+                # heel's temporary directory that holds it and the workdir.
+                if hidden(p) and (p.rstrip("/") == "/tmp" or _under(host_tmp, p)):
+                    raise PolicyError(f"{kind} path {p} would cover the sandbox's private /tmp; "
+                                      "grant the files or directories under it that the command needs")
         # A region inside a writable one comes with it (the clones are
         # recursive); mounting it again would resolve a path the sandbox
         # itself can rewrite.

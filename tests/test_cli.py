@@ -891,3 +891,22 @@ def test_a_closed_standard_stream_is_dev_null_for_the_command(tmp_path, how, clo
             assert target == "/dev/null", (fd, seen)
         else:
             assert target != "/dev/null", (fd, seen)  # the control: open streams are passed as they are
+
+
+@pytest.mark.parametrize("option", ["--readable", "--executable"])
+def test_a_read_only_grant_of_tmp_is_refused_not_laid_over_the_private_tmp(option):
+    """--readable /tmp would lay a read-only view of the host's /tmp over the
+    sandbox's private one (as root, over the workdir too: every command
+    failed at chdir).  It is refused, saying what to grant instead; a
+    directory under /tmp is the control, and comes into the private /tmp."""
+    result = heel("run", option, "/tmp", "--", "true")
+    assert "private /tmp" in assert_heel_error(result, 125)
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:
+        os.chmod(shared, 0o755)
+        with open(os.path.join(shared, "data"), "w") as f:
+            f.write("shared data\n")
+        os.chmod(os.path.join(shared, "data"), 0o644)
+        result = heel("run", "--level", "strict", option, shared, "--", "sh", "-c",
+                      f'cat {shared}/data && touch "$TMPDIR/mine" && echo private-tmp-writable')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"shared data\nprivate-tmp-writable\n"
