@@ -47,6 +47,7 @@ class Process:
         self._on_reaped = on_reaped
         self._relays: list[trio.Event] = []  # copies of inherited host files still running
         self._exited = trio.Event()  # set once reaped
+        self._waiter: trio.Event | None = None  # set when the task waiting on the pidfd is done
 
     @property
     def pid(self) -> int:
@@ -80,9 +81,20 @@ class Process:
 
     async def wait(self) -> int:
         """Wait for the command to exit; returns its code (or -signal)."""
-        if self.returncode is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
-            self._reap()
+        while self.returncode is None:
+            if self._waiter is not None:
+                # trio lets one task at a time wait on an fd: the others wait
+                # for it to reap, or to be cancelled (as trio.Process allows).
+                await self._waiter.wait()
+                continue
+            self._waiter = waiter = trio.Event()
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
+                if self.returncode is None:
+                    self._reap()
+            finally:
+                self._waiter = None
+                waiter.set()
         assert self.returncode is not None
         return self.returncode
 

@@ -152,6 +152,40 @@ async def test_timeout_is_reported():
     assert out.timed_out and out.returncode == -signal.SIGKILL
 
 
+async def test_a_timeout_that_is_up_before_the_start_times_the_command_out():
+    """A timeout shorter than the start itself: the command is started and
+    killed, and reported like any other timeout (it was trio.TooSlowError,
+    neither a HeelError nor a TimeoutError)."""
+    async with heel.Sandbox() as sb:
+        out = await sb.command("sleep").arg("30").timeout(1e-9).output()
+        assert out.timed_out and out.returncode == -signal.SIGKILL
+        with pytest.raises(heel.CommandTimeout):
+            await sb.run(["sleep", "30"], timeout=1e-9)
+        assert (await sb.command("true").timeout(30).output()).returncode == 0  # the control
+
+
+async def test_many_tasks_may_wait_for_one_process():
+    """As with trio.Process: any number of tasks wait() at once, and one of
+    them cancelled leaves the others waiting."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sh").args(["-c", "sleep 0.5; exit 3"]).spawn()
+        codes = []
+
+        async def wait():
+            codes.append(await process.wait())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as cancelled:
+                    cancelled.start_soon(process.wait)  # waits on the pidfd...
+                    await trio.sleep(0.05)
+                    for _ in range(4):
+                        nursery.start_soon(wait)  # ...these on it
+                    await trio.sleep(0.05)
+                    cancelled.cancel_scope.cancel()  # it goes: one of the others takes over
+        assert codes == [3, 3, 3, 3]
+
+
 async def test_run_is_shaped_like_trio_run_process():
     async with heel.Sandbox() as sb:
         done = await sb.run(["sh", "-c", "cat; exit 0"], input=b"x", capture_stdout=True)
