@@ -5,7 +5,9 @@ built from it, the keys of a ``--config`` TOML file are checked against it, and
 both end in one :class:`~heel.SandboxConfig`.  A TOML key is the long option
 without its dashes, ``-`` written ``_`` (``--protect-home`` is
 ``protect_home``).  Values on the command line override the file's; the
-repeatable options (``--readable``, ``--env``, ...) add to the file's lists.
+repeatable options (``--readable``, ``--env``, ...) add to the file's lists,
+except the network's: ``--network`` or ``--allow-domain`` on the command line
+replaces both ``network`` and ``allow_domain`` of the file.
 
 This module imports neither typer nor trio, and argparse only when a
 command line needs it (--help, a mistake): ``heel run`` must start fast.
@@ -32,6 +34,7 @@ from .config import (
     SandboxConfig,
     SecurityConfig,
     check_env_item,
+    check_limit,
     parse_size,
 )
 from .errors import PolicyError
@@ -47,6 +50,9 @@ NETWORK_CHOICES = ("deny", "allow")
 
 #: Kinds whose values accumulate: the command line adds to the file's.
 _LIST_KINDS = ("paths", "names")
+
+#: The keys that together make the network policy.
+_NETWORK_KEYS = ("network", "allow_domain")
 
 
 class UsageError(PolicyError):
@@ -298,6 +304,12 @@ def build_config(namespace: argparse.Namespace) -> SandboxConfig:
     values: dict[str, Any] = {}
     if namespace.config is not None:
         values = load_file(namespace.config)
+    if any(getattr(namespace, key) is not None for key in _NETWORK_KEYS):
+        # One policy from the two keys: added to the file's, --allow-domain
+        # would contradict its `network = "allow"` (and --network its
+        # allow_domain), where the command line must win.
+        for key in _NETWORK_KEYS:
+            values.pop(key, None)
     for setting in SETTINGS:
         raw = getattr(namespace, setting.key)
         if raw is None:
@@ -326,7 +338,7 @@ def load_file(path: str) -> dict[str, Any]:
             data = tomllib.load(file)
     except OSError as exc:
         raise UsageError(f"config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8, or not TOML
         raise UsageError(f"config {path}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(_BY_KEY))
     if unknown:
@@ -387,10 +399,14 @@ def _convert(setting: Setting, value: Any, label: str, base: str | None) -> Any:
         return _strings(value, label)
     if kind == "env":
         return _env(value, label)
-    if kind == "seconds":
-        return _number(value, label, float, "a number of seconds")
-    if kind == "count":
-        return _number(value, label, int, "a whole number")
+    if kind in ("seconds", "count"):
+        if kind == "seconds":
+            number = _number(value, label, float, "a number of seconds")
+        else:
+            number = _number(value, label, int, "a whole number")
+        # here as well as in ResourceLimits, so the message names the option
+        check_limit(setting.target.split(".")[1], number, label)
+        return number
     if kind == "size":
         return parse_size(value, label)
     raise AssertionError(f"unknown setting kind {kind!r}")
@@ -406,6 +422,8 @@ def _strings(value: Any, label: str) -> tuple[str, ...]:
 def _path(value: Any, label: str, base: str | None) -> str:
     if not isinstance(value, str):
         raise UsageError(f"{label} must be a path, got {value!r}")
+    if not value:  # joined to a file's directory, "" would quietly be that directory
+        raise UsageError(f"{label}: '' is not a valid path")
     path = os.path.expanduser(value)
     return path if base is None else os.path.join(base, path)
 
@@ -423,10 +441,7 @@ def _env(value: Any, label: str) -> dict[str, str]:
                 raise UsageError(f"{label}: expected KEY=VALUE, got {item!r}")
             pairs.append((key, text))
     for key, text in pairs:
-        try:
-            check_env_item(key, text)
-        except PolicyError as exc:
-            raise UsageError(f"{label}: {exc}") from None
+        check_env_item(key, text, label)
     return dict(pairs)
 
 

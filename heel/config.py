@@ -140,6 +140,22 @@ class SecurityConfig(Frozen):
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
+#: The largest limits heel takes.  Past them a spawn would fail late, with no
+#: Heel error: rlimits are packed as u64 (and RLIMIT_NPROC gets +2 in _plan),
+#: and a timeout goes into select()'s time_t.
+MAX_SECONDS = 10**9  # ~31 years: timeout and cpu_time
+MAX_SIZE = 2**62  # bytes: memory, file_size, output_bytes
+MAX_PROCESSES = 2**22  # the kernel's PID_MAX_LIMIT: no more can exist at once
+#: A number with more digits is past every bound (and int() refuses
+#: thousands of digits): it is read as MAX_SIZE + 1.
+_MAX_DIGITS = 30
+
+
+def _shown(value) -> str:
+    """repr(value), cut short: a message stays readable for 5000 digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 def _read_size(text: str) -> int | None:
     """Bytes in ``text``: a decimal number, then optionally spaces, a unit
@@ -156,11 +172,18 @@ def _read_size(text: str) -> int | None:
     whole, dot, fraction = number.partition(".")
     if not (whole.isascii() and whole.isdigit()) or (dot and not (fraction.isascii() and fraction.isdigit())):
         return None
-    return int(float(number) * _SIZE_UNITS[unit])
+    # In integers, not float(): a float is inf past 1e308 (int() of it
+    # raises OverflowError) and rounds a number near MAX_SIZE onto it.
+    if len(whole.lstrip("0")) > _MAX_DIGITS:
+        return MAX_SIZE + 1
+    fraction = fraction[:_MAX_DIGITS]  # what it drops is below one byte
+    scale = _SIZE_UNITS[unit]
+    return int(whole) * scale + int(fraction or "0") * scale // 10 ** len(fraction)
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
-    """A byte count from an int or a string such as ``"512M"`` or ``"2GiB"``."""
+    """A byte count from an int or a string such as ``"512M"`` or ``"2GiB"``,
+    at most MAX_SIZE (2**62)."""
     if isinstance(value, bool):
         raise PolicyError(f"{what} must be a number of bytes, got {value!r}")
     if isinstance(value, int):
@@ -174,6 +197,8 @@ def parse_size(value: int | str, what: str = "size") -> int:
         raise PolicyError(f"{what} must be an int or a string such as '512M', got {type(value).__name__}")
     if number <= 0:
         raise PolicyError(f"{what} must be positive, got {value!r}")
+    if number > MAX_SIZE:
+        raise PolicyError(f"{what} must be at most 2**62 bytes (4 EiB), got {_shown(value)}")
     return number
 
 
@@ -189,6 +214,29 @@ def _positive_number(value, what: str, *, integer: bool = False):
     return value
 
 
+def _nr_open() -> int:
+    """The kernel's largest RLIMIT_NOFILE: setrlimit() above it fails with EPERM."""
+    try:
+        with open("/proc/sys/fs/nr_open", "rb") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return 1048576  # the kernel's default
+
+
+def check_limit(field: str, value, what: str) -> None:
+    """Raise PolicyError when ``value`` is past the largest that the
+    ResourceLimits ``field`` (a time or a count, not a size) takes; ``what``
+    names it in the message."""
+    if field == "open_files":
+        most, unit = _nr_open(), " (the kernel's fs.nr_open)"
+    elif field == "processes":
+        most, unit = MAX_PROCESSES, ""
+    else:
+        most, unit = MAX_SECONDS, " seconds"
+    if value > most:
+        raise PolicyError(f"{what} must be at most {most}{unit}, got {_shown(value)}")
+
+
 class ResourceLimits(Frozen):
     """Limits for each command.
 
@@ -202,7 +250,9 @@ class ResourceLimits(Frozen):
     user namespace: across its commands running at the same time).
     output_bytes: captured stdout+stderr; past it the command is killed and
     the output marked truncated.
-    Sizes accept ints or strings such as ``"512M"``.
+    Sizes accept ints or strings such as ``"512M"``.  Each has a bound, past
+    which it is refused: 10**9 seconds, 2**62 bytes, 2**22 processes, the
+    kernel's fs.nr_open files.
     """
 
     _fields = ("timeout", "memory", "cpu_time", "file_size", "open_files", "processes", "output_bytes")
@@ -226,6 +276,9 @@ class ResourceLimits(Frozen):
             self._set(name, None if value is None else parse_size(value, name))
         if self.open_files is not None and self.open_files < 3:
             raise PolicyError("open_files must be at least 3 (stdin, stdout and stderr)")
+        for name in ("timeout", "cpu_time", "open_files", "processes"):
+            if getattr(self, name) is not None:
+                check_limit(name, getattr(self, name), name)
 
 
 def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
@@ -253,6 +306,22 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
     return tuple(out)
 
 
+#: Kernel file systems, and why the sandbox cannot write the host's: a bind
+#: mount of them for writing fails ("Invalid argument") at every spawn.
+_KERNEL_DIRS = {"proc": "the sandbox has its own /proc", "dev": "the sandbox has its own devpts",
+                "sys": "it holds the kernel's settings"}
+
+
+def _check_writable(paths: tuple[Path, ...], what: str) -> None:
+    """Refuse a writable place that no mount can give: / or a kernel file system."""
+    for path in paths:
+        if len(path.parts) == 1:  # resolved and absolute: only / has one part
+            raise PolicyError(f"{what}: / is the whole file system; to write everywhere use the "
+                              "permissive level (--level permissive, IsolationLevel.PERMISSIVE)")
+        if path.parts[1] in _KERNEL_DIRS:
+            top = path.parts[1]
+            raise PolicyError(f"{what}: {path}: the host's /{top} cannot be made writable "
+                              f"({_KERNEL_DIRS[top]})")
 
 
 def _is_env_name(name: object) -> bool:
@@ -267,7 +336,8 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
 
     level: an :class:`IsolationLevel` (or its name).
     security: the :class:`SecurityConfig` protections.
-    readable / writable / executable: extra paths, granted beneath.
+    readable / writable / executable: extra paths, granted beneath; writable
+    ones (and the workdir) neither / nor in /proc, /sys or /dev.
     env: variables set inside; env_passthrough: names copied from the host.
     workdir: None for a fresh private directory removed on close, or a
     directory that is used and kept.
@@ -335,6 +405,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         put("security", security)
         put("readable", _paths(readable, "readable"))
         put("writable", _paths(writable, "writable"))
+        _check_writable(self.writable, "writable")
         put("executable", _paths(executable, "executable"))
         put("env", MappingProxyType(_env(env or {})))
         names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
@@ -346,6 +417,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
             (wd,) = _paths([workdir], "workdir")
             if not wd.is_dir():
                 raise PolicyError(f"workdir: {wd} is not a directory")
+            _check_writable((wd,), "workdir")
             workdir = wd
         put("workdir", workdir)
         limits = ResourceLimits() if limits is None else limits
@@ -386,9 +458,10 @@ def _env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def check_env_item(key, value) -> None:
-    """Raise PolicyError unless key=value is a valid environment entry."""
+def check_env_item(key, value, what: str = "env") -> None:
+    """Raise PolicyError unless key=value is a valid environment entry;
+    ``what`` names the setting in the message."""
     if not _is_env_name(key):
-        raise PolicyError(f"env: {key!r} is not a variable name")
+        raise PolicyError(f"{what}: {key!r} is not a variable name")
     if not isinstance(value, str) or "\0" in value:
-        raise PolicyError(f"env: the value of {key} must be a string without NUL bytes")
+        raise PolicyError(f"{what}: the value of {key} must be a string without NUL bytes")

@@ -20,7 +20,7 @@ from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
 from ._terminal import DRAIN_SECONDS, TerminalBridge
 from ._sync import BACKGROUND_RECHECK
-from .config import SandboxConfig, check_env_item
+from .config import SandboxConfig, check_env_item, check_limit
 from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
 from .process import Process
@@ -466,6 +466,7 @@ class Command:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
                 or not math.isfinite(seconds) or seconds <= 0:
             raise PolicyError(f"timeout must be a positive number of seconds, got {seconds!r}")
+        check_limit("timeout", seconds, "timeout")
         self._timeout = seconds
         return self
 

@@ -161,6 +161,8 @@ async def test_a_timeout_that_is_up_before_the_start_times_the_command_out():
         assert out.timed_out and out.returncode == -signal.SIGKILL
         with pytest.raises(heel.CommandTimeout):
             await sb.run(["sleep", "30"], timeout=1e-9)
+        with pytest.raises(PolicyError, match="at most"):
+            sb.command("true").timeout(1e300)  # past what select() and trio can wait
         assert (await sb.command("true").timeout(30).output()).returncode == 0  # the control
 
 

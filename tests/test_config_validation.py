@@ -1,0 +1,237 @@
+"""Configurations heel must refuse when they are built, with one clear line:
+limits past what the kernel (or time arithmetic) can take, config files that
+cannot be read, paths that cannot be granted, and the precedence of the
+command line's network options over a --config file's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import heel
+from heel import _cliargs
+from heel.config import ResourceLimits, SandboxConfig, parse_size
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
+
+
+def heel_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heel", *args], capture_output=True, timeout=timeout,
+                          cwd="/")
+
+
+def assert_refused(*args: str) -> str:
+    """heel refused the command line by itself: 125, one 'heel:' line, no traceback."""
+    result = heel_cli(*args)
+    stderr = result.stderr.decode()
+    assert result.returncode == 125, stderr
+    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1048576
+
+
+# ---- limits past their bounds -------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--timeout", "1e300"], ["--timeout", "1000000000"]),
+    (["--memory", "1" + "0" * 400], ["--memory", "2**62"]),
+    (["--memory", "1" + "0" * 5000], ["--memory", "2**62"]),  # longer than int() reads
+    (["--memory", "99999999999T"], ["--memory", "2**62"]),
+    (["--max-procs", "99999999999999999999999"], ["--max-procs", "4194304"]),
+    (["--cpu-time", "1e30"], ["--cpu-time", "1000000000"]),
+    (["--max-file-size", "9999999999999T"], ["--max-file-size", "2**62"]),
+])
+def test_cli_limits_past_their_bounds_exit_125(args, words):
+    stderr = assert_refused("run", *args, "true")
+    for word in words:
+        assert word in stderr
+
+
+@pytest.mark.parametrize("limits,words", [
+    ({"memory": 2**70}, ["memory", "2**62"]),
+    ({"memory": "99999999999T"}, ["memory", "2**62"]),
+    ({"file_size": 2**62 + 1}, ["file_size", "2**62"]),
+    ({"output_bytes": "1" + "0" * 400}, ["output_bytes", "2**62"]),
+    ({"processes": 2**64}, ["processes", "4194304"]),
+    ({"processes": 2**22 + 1}, ["processes", "4194304"]),
+    ({"cpu_time": 1e30}, ["cpu_time", "1000000000"]),
+    ({"timeout": 1e300}, ["timeout", "1000000000"]),
+    ({"timeout": 10**9 + 1}, ["timeout", "1000000000"]),
+    ({"open_files": 2**40}, ["open_files", str(_nr_open())]),
+    ({"open_files": _nr_open() + 1}, ["open_files", str(_nr_open())]),
+])
+def test_api_limits_past_their_bounds(limits, words):
+    with pytest.raises(heel.PolicyError) as info:
+        ResourceLimits(**limits)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_limits_at_their_bounds_are_taken():
+    limits = ResourceLimits(timeout=10**9, cpu_time=10**9, memory=2**62, file_size=2**62,
+                            output_bytes=2**62, processes=2**22, open_files=_nr_open())
+    assert limits.memory == 2**62 and limits.processes == 2**22
+    assert ResourceLimits(open_files=3).open_files == 3  # the documented minimum stays
+
+
+def test_parse_size_turns_overflow_into_policy_error():
+    # 2**62 + 1 too: read exactly, not through a float that rounds it to 2**62
+    for text in ("1" + "0" * 400, "1" + "0" * 5000, "99999999999T", str(2**62 + 1), "4194304.5T"):
+        with pytest.raises(heel.PolicyError):
+            parse_size(text)
+    assert parse_size("4096") == 4096
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("0.1k") == 102
+    assert parse_size("4T") == 4 << 40
+    assert parse_size("4194304T") == parse_size(str(2**62)) == 2**62
+
+
+def test_config_file_limits_past_their_bounds(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("timeout = 1e300\n")
+    stderr = assert_refused("run", "--config", str(config), "true")
+    assert "timeout" in stderr and "1000000000" in stderr
+
+
+# ---- the command line's network options win over the file's -------------------------
+
+
+def _network_of(tmp_path, toml: str, *args: str):
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    namespace = _cliargs.parse("run", ["--config", str(config), *args, "true"])
+    return _cliargs.build_config(namespace).network
+
+
+def test_cli_allow_domain_overrides_file_network(tmp_path):
+    policy = _network_of(tmp_path, 'network = "allow"\n', "--allow-domain", "example.com")
+    assert isinstance(policy, heel.AllowList)
+
+
+def test_cli_network_overrides_file_allow_domain(tmp_path):
+    assert isinstance(_network_of(tmp_path, 'allow_domain = ["example.com"]\n', "--network", "deny"),
+                      heel.DenyAll)
+    assert isinstance(_network_of(tmp_path, 'allow_domain = ["example.com"]\n', "--network", "allow"),
+                      heel.AllowAll)
+
+
+def test_cli_allow_domain_replaces_file_allow_domain(tmp_path):
+    policy = _network_of(tmp_path, 'allow_domain = ["a.test"]\n', "--allow-domain", "b.test")
+    assert isinstance(policy, heel.AllowList)
+    assert "b.test" in repr(policy) and "a.test" not in repr(policy)
+
+
+def test_file_network_stays_without_network_options(tmp_path):
+    assert isinstance(_network_of(tmp_path, 'network = "allow"\n'), heel.AllowAll)
+    assert isinstance(_network_of(tmp_path, 'network = "allow"\n', "--timeout", "5"), heel.AllowAll)
+
+
+def test_cli_network_override_runs(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('allow_domain = ["example.com"]\n')
+    result = heel_cli("run", "--config", str(config), "--network", "deny", "true")
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_contradicting_network_options_on_the_command_line_are_refused(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('network = "allow"\n')
+    stderr = assert_refused("run", "--config", str(config), "--network", "deny", "--allow-domain", "a.test",
+                            "true")
+    assert "contradict" in stderr
+
+
+# ---- config files that cannot be read ---------------------------------------------------
+
+
+def test_config_file_not_utf8_is_a_clean_error(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xff\xfe")
+    stderr = assert_refused("run", "--config", str(config), "true")
+    assert "not valid TOML" in stderr
+    with pytest.raises(heel.PolicyError, match="not valid TOML"):
+        _cliargs.load_file(str(config))
+
+
+# ---- messages name their field once -----------------------------------------------------
+
+
+def test_cli_env_message_names_the_option_once():
+    stderr = assert_refused("run", "--env", "A B=1", "true")
+    assert stderr == "heel: --env: 'A B' is not a variable name\n"
+
+
+def test_config_env_message_names_the_key_once(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("env = {A = 1}\n")
+    stderr = assert_refused("run", "--config", str(config), "true")
+    assert "env: env:" not in stderr
+    assert stderr.startswith(f"heel: config {config}: env: the value of A must be a string")
+
+
+def test_api_env_messages_are_unchanged():
+    with pytest.raises(heel.PolicyError, match=r"^env: 'A B' is not a variable name$"):
+        SandboxConfig(env={"A B": "1"})
+
+
+# ---- empty paths in a config file ------------------------------------------------------
+
+
+@pytest.mark.parametrize("toml,key", [('workdir = ""\n', "workdir"), ('readable = [""]\n', "readable"),
+                                      ('writable = [""]\n', "writable")])
+def test_config_file_empty_path_is_refused(tmp_path, toml, key):
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    stderr = assert_refused("run", "--config", str(config), "true")
+    assert key in stderr
+
+
+def test_cli_empty_workdir_is_refused():
+    assert "workdir" in assert_refused("run", "--workdir", "", "true")
+
+
+# ---- paths that cannot be granted -------------------------------------------------------
+
+
+_KERNEL_PATHS = ["/proc", "/proc/self", "/sys", "/sys/kernel", "/dev", "/dev/pts"]
+
+
+@pytest.mark.parametrize("path", ["/", *_KERNEL_PATHS])
+@pytest.mark.parametrize("option", ["--workdir", "--writable"])
+def test_cli_unwritable_paths_exit_125(option, path):
+    stderr = assert_refused("run", option, path, "true")
+    assert option.lstrip("-") in stderr
+    if path == "/":
+        assert "permissive" in stderr
+
+
+@pytest.mark.parametrize("path", ["/", *_KERNEL_PATHS])
+@pytest.mark.parametrize("field", ["workdir", "writable"])
+def test_api_unwritable_paths(field, path):
+    value = path if field == "workdir" else [path]
+    with pytest.raises(heel.PolicyError) as info:
+        SandboxConfig(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and "\n" not in message
+    if path == "/":
+        assert "PERMISSIVE" in message or "permissive" in message
+
+
+def test_api_writable_next_to_kernel_paths_is_taken(tmp_path):
+    # /devices or /procfoo would not be in /dev or /proc: only whole components count
+    config = SandboxConfig(writable=[tmp_path], workdir=tmp_path)
+    assert config.workdir == tmp_path.resolve()
