@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, params = _parse_args(args)
         result = call(name, **params)
-    except (ValueError, IpcError, OSError) as exc:
+    except (ValueError, TypeError, IpcError, OSError) as exc:  # TypeError: params msgpack cannot carry
         print(f"heel ipc: {exc}", file=sys.stderr)
         return 1
     if isinstance(result, str):

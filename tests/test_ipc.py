@@ -398,7 +398,7 @@ async def test_heel_ipc_argument_forms_and_output():
         # Bad command lines: exit 1, one line on stderr, nothing sent.
         calls = len(got)
         for args in ["show --query", "show query trio", "show --json '[1]'", "show --json", "--query x",
-                     "show --json '{bad'"]:
+                     "show --json '{bad'", "show --n 99999999999999999999999999"]:  # past msgpack's 64 bits
             out = await sh(sb, f"heel ipc {args}")
             assert out.returncode == 1, (args, explain(out))
             assert out.stderr.startswith(b"heel ipc:") and out.stderr.count(b"\n") == 1, (args, explain(out))
