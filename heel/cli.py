@@ -34,6 +34,7 @@ __all__ = ["main", "run_command", "default_shell"]
 
 EXIT_TIMEOUT = 124  # as coreutils' timeout(1)
 EXIT_HEEL_FAILED = 125  # as timeout(1), env(1): the wrapper, not the command, failed
+EXIT_CANNOT_EXECUTE = 126  # as a shell
 EXIT_NOT_FOUND = 127  # as a shell
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
@@ -131,6 +132,10 @@ def run_command(command: str, args: list[str]) -> int:
     except CommandNotFound as exc:
         _say(f"{exc.program}: command not found in the sandbox")
         return EXIT_NOT_FOUND
+    except SpawnError as exc:
+        _say(str(exc))
+        # exec: found but not executable (a directory, no x bit, no #! line)
+        return EXIT_CANNOT_EXECUTE if exc.stage == "exec" else EXIT_HEEL_FAILED
     except SandboxUnavailable as exc:
         # The exception's hint speaks to Python callers (best_effort=True).
         _say(f"{exc.protection} cannot be enforced: {exc.reason} "

@@ -83,7 +83,9 @@ class SpawnError(HeelError, OSError):
         self.stage = stage
         self.program = program
         detail = f"{program}: " if program else ""
-        OSError.__init__(self, err, f"{detail}sandbox setup failed at {stage}: {os.strerror(err)}")
+        # exec is the command's own step: the sandbox was set up by then.
+        what = "cannot execute" if stage == "exec" else f"sandbox setup failed at {stage}"
+        OSError.__init__(self, err, f"{detail}{what}: {os.strerror(err)}")
 
     def __str__(self) -> str:
         return self.strerror or super().__str__()

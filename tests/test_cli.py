@@ -84,6 +84,16 @@ def test_missing_program_exits_127():
     assert "no-such-program-heel" in stderr
 
 
+@pytest.mark.parametrize("runner", ["plain", "trio"])
+def test_a_program_that_cannot_be_executed_exits_126(runner):
+    """As in a shell: found, but not executable (a directory, a file without
+    its x bit).  The sandbox was set up, so not 125 and not "setup failed"."""
+    network = ["--network", "allow"] if runner == "trio" else []
+    for program in ("/etc", "/etc/passwd"):
+        stderr = assert_heel_error(heel("run", *network, "--", program), 126)
+        assert f"{program}: cannot execute: Permission denied" in stderr, stderr
+
+
 @pytest.mark.parametrize("args", [
     ["run", "--level", "bogus", "true"],
     ["run", "--no-such-option", "true"],
