@@ -191,7 +191,9 @@ def make_parser(command: str) -> argparse.ArgumentParser:
                               "-p builds a temporary one")
         env.add_argument("-p", "--package", dest="packages", action="append", default=[], metavar="PKG",
                          help="a package to install in the environment (repeatable)")
-        env.add_argument("--python", metavar="EXE", help="the base interpreter (default: the one running heel)")
+        env.add_argument("--python", metavar="EXE",
+                         help="the environment's base interpreter (default: the one running heel); without "
+                              "an environment, the interpreter to run (default: python3 on the sandbox's PATH)")
         env.add_argument("--system-site-packages", action="store_true",
                          help="let the environment see the base interpreter's packages")
         env.add_argument("--use-uv", action=argparse.BooleanOptionalAction, default=None,
