@@ -305,7 +305,8 @@ def _with_python(
             if path and _under(path, d):
                 raise PolicyError(
                     f"{what} ({path}) is inside the protected place {d}: make the venv elsewhere, from a "
-                    "Python outside it (VenvConfig(python='/usr/bin/python3')), or turn that protection off")
+                    "Python outside it (VenvConfig(python='/usr/bin/python3'); on the command line "
+                    "--python /usr/bin/python3), or turn that protection off")
     executable: list[str | os.PathLike[str]] = list(config.executable)
     writable = list(config.writable)
     # Only STRICT needs the prefix granted (the other levels read all but the
@@ -356,8 +357,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         for d in denied:
             if _under(path, d):
                 raise PolicyError(
-                    f"{kind} path {path} is inside the protected place {d}; "
-                    "turn the matching protection off in SecurityConfig to grant it")
+                    f"{kind} path {path} is inside the protected place {d}; to grant it, turn the "
+                    "matching protection off (SecurityConfig(protect_user_home=False, ...); on the command "
+                    "line --no-protect-home, --no-protect-credentials or --no-protect-cloud)")
 
     grants: list[tuple[str, int]] = []
     runtime = [d for d in RUNTIME_DIRS if os.path.exists(d)]
