@@ -465,20 +465,55 @@ def remove_tree(path: str) -> None:
         pass
 
 
-def sweep_orphaned_temp_dirs() -> None:
-    """Remove the temporary directories of sandboxes whose host process died
-    without closing them (SIGKILL, a crash): their lock is free.
+def make_owned_temp_dir(prefix: str, root: str | None = None) -> tuple[str, int]:
+    """A new private directory, as make_temp_dir, that carries the owner lock
+    of heel's other temporary directories; returns it and the lock's fd,
+    held (flock) until release_owned_temp_dir or until this process dies,
+    after which sweep_orphaned_temp_dirs removes it.
+
+    The lock file is locked under another name and then renamed, so that a
+    sweep never finds it unlocked while its owner lives."""
+    path = make_temp_dir(prefix, root)
+    lock = dir_fd = -1
+    try:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        lock = os.open(_LOCK + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                       dir_fd=dir_fd)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.rename(_LOCK + ".new", _LOCK, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        if lock >= 0:
+            os.close(lock)
+        remove_tree(path)
+        raise
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+    return path, lock
+
+
+def release_owned_temp_dir(path: str, lock: int) -> None:
+    """Remove a make_owned_temp_dir directory, then let its lock go."""
+    remove_tree(path)
+    os.close(lock)
+
+
+def sweep_orphaned_temp_dirs(root: str | None = None, prefix: str = TEMP_PREFIX) -> None:
+    """Remove the ``prefix*`` directories in ``root`` (default temp_root())
+    that make_owned_temp_dir made for a process that died without removing
+    them (SIGKILL, a crash): their lock is free.  A directory without the
+    lock file is not heel's to judge, and is left alone.
 
     Only this user's directories are looked at, and nothing in them is
     followed: a directory in /tmp may have been planted by anyone."""
-    base = temp_root()
+    base = root or temp_root()
     euid = os.geteuid()
     try:
         entries = list(os.scandir(base))
     except OSError:
         return
     for entry in entries:
-        if not entry.name.startswith(TEMP_PREFIX):
+        if not entry.name.startswith(prefix):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -515,17 +550,14 @@ class Session:
             env, why = environment()
         self.degraded = require(env, config, why)
         sweep_orphaned_temp_dirs()
-        self.base = make_temp_dir(TEMP_PREFIX)
-        self._lock = -1
+        # Held until close, or until this process dies: then the next
+        # sandbox to open removes the directory.
+        self.base, self._lock = make_owned_temp_dir(TEMP_PREFIX)
         #: the host's end of the IPC socket (heel.ipc.serve), when the config has a router
         self.ipc: socket.socket | None = None
         #: without namespaces: the proxy's listener on the host's 127.0.0.1
         self._host_listener: socket.socket | None = None
         try:
-            # Held until close, or until this process dies: then the next
-            # sandbox to open removes the directory (sweep_orphaned_temp_dirs).
-            self._lock = os.open(os.path.join(self.base, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
             tmp = os.path.join(self.base, "tmp")
             shm = os.path.join(self.base, "shm")
             mask = os.path.join(self.base, "empty")
@@ -591,9 +623,8 @@ class Session:
             self._host_listener = None
         if self.ipc is not None:
             self.ipc.close()
-        remove_tree(self.base)
         if self._lock >= 0:
-            os.close(self._lock)
+            release_owned_temp_dir(self.base, self._lock)
             self._lock = -1
 
 

@@ -193,8 +193,8 @@ def _exit_status(program: str, timeout: float | None, code: int, timed_out: bool
 def _python(namespace, config: SandboxConfig) -> int:
     """``heel python``: build the environment (if one is asked for), then run
     the interpreter in the sandbox."""
-    from ._spawn import make_temp_dir, remove_tree
     from .errors import PolicyError
+    from ._spawn import make_owned_temp_dir, release_owned_temp_dir, sweep_orphaned_temp_dirs
     from .venv import PythonConfig, VenvConfig
 
     script = list(namespace.script)
@@ -202,12 +202,16 @@ def _python(namespace, config: SandboxConfig) -> int:
                     or namespace.no_index or namespace.system_site_packages or namespace.allow_pip_install
                     or namespace.use_uv is not None)
     temporary = None
+    lock = -1
     try:
         python = None
         if venv_options:
             path = namespace.venv
             if path is None:
-                temporary = make_temp_dir("heel-venv-", root="/var/tmp")
+                # Owner-locked like heel's other temporary directories: one
+                # left by a heel that was killed is removed here, next time.
+                sweep_orphaned_temp_dirs("/var/tmp", "heel-venv-")
+                temporary, lock = make_owned_temp_dir("heel-venv-", root="/var/tmp")
                 # Searchable by the sandbox's uid, which is not root's when
                 # root runs heel (the environment itself stays root's).
                 os.chmod(temporary, 0o755)
@@ -238,7 +242,7 @@ def _python(namespace, config: SandboxConfig) -> int:
         return _execute_with_proxy(config, argv)
     finally:
         if temporary is not None:
-            remove_tree(temporary)
+            release_owned_temp_dir(temporary, lock)
 
 
 def _progress(event) -> None:

@@ -22,6 +22,11 @@ a wheel can drop a ``.pth`` file that runs at every interpreter start.  So:
 - the host reads an environment's files without following links, without
   blocking and with a size limit (pyvenv.cfg), and knows what is installed
   from the ``*.dist-info`` names alone.
+
+The host tools leave nothing behind when heel is interrupted or killed:
+they run under a watchdog (``_WATCHDOG``) that ends them when heel ends,
+with a $TMPDIR in a temporary directory of heel's own (owner-locked, so the
+next run sweeps it if heel was killed before removing it).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .config import Frozen
-from ._spawn import remove_tree
+from ._spawn import (TEMP_PREFIX, make_owned_temp_dir, release_owned_temp_dir, remove_tree,
+                     sweep_orphaned_temp_dirs)
 from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError, SpawnError
 
 if TYPE_CHECKING:
@@ -403,26 +409,37 @@ async def _make_venv(path: Path, base: Path, uv: str | None, system_site_package
     same from inside Python (seconds)."""
     import trio
 
-    if uv:
-        wheel = await trio.to_thread.run_sync(_bundled_pip_wheel, base)
-        if wheel is not None:
-            argv = [uv, "venv", "--quiet", "--no-config", "--python", os.fspath(base), os.fspath(path)]
-            if system_site_packages:
-                argv.insert(2, "--system-site-packages")
-            made = await _run_group(argv)
-            if made.returncode == 0:
-                seeded = await _run_group([uv, "pip", "install", "--quiet", "--no-config", "--offline", "--no-index",
-                                           "--python", os.fspath(path / "bin" / "python"), os.fspath(wheel)])
-                if seeded.returncode == 0:
-                    return
-            remove_tree(os.fspath(path))  # and make it the standard way
-    argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
-    if system_site_packages:
-        argv.insert(4, "--system-site-packages")
-    result = await _run_group(argv)
-    if result.returncode != 0:
-        output = (result.stderr or result.stdout).decode(errors="replace").strip()
-        raise InstallError(f"creating {path} failed: {output[-2000:]}", output)
+    # The tools' own temporary files (ensurepip's copy of the pip wheel, uv's
+    # scratch files) go to a directory of heel's, removed below whatever
+    # happens to them; if heel itself is killed, the next heel run's sweep
+    # removes it (its owner lock is free then).
+    sweep_orphaned_temp_dirs()
+    scratch, lock = make_owned_temp_dir(TEMP_PREFIX + "tools-")
+    try:
+        env = _host_tool_env(tmpdir=scratch)
+        if uv:
+            wheel = await trio.to_thread.run_sync(_bundled_pip_wheel, base)
+            if wheel is not None:
+                argv = [uv, "venv", "--quiet", "--no-config", "--python", os.fspath(base), os.fspath(path)]
+                if system_site_packages:
+                    argv.insert(2, "--system-site-packages")
+                made = await _run_group(argv, base, env)
+                if made.returncode == 0:
+                    seeded = await _run_group([uv, "pip", "install", "--quiet", "--no-config", "--offline",
+                                               "--no-index", "--python", os.fspath(path / "bin" / "python"),
+                                               os.fspath(wheel)], base, env)
+                    if seeded.returncode == 0:
+                        return
+                remove_tree(os.fspath(path))  # and make it the standard way
+        argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
+        if system_site_packages:
+            argv.insert(4, "--system-site-packages")
+        result = await _run_group(argv, base, env)
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).decode(errors="replace").strip()
+            raise InstallError(f"creating {path} failed: {output[-2000:]}", output)
+    finally:
+        release_owned_temp_dir(scratch, lock)
 
 
 def _bundled_pip_wheel(base: Path) -> Path | None:
@@ -445,33 +462,112 @@ def _bundled_pip_wheel(base: Path) -> Path | None:
     return None
 
 
-async def _run_group(argv: list[str]):
-    """trio.run_process in a process group of its own, killed whole when
-    cancelled: venv's ensurepip runs pip in a child, which would otherwise
-    go on writing into a directory being cleaned up."""
+#: Seconds the host tools have to end after SIGTERM, before SIGKILL.
+_GRACE = 1.0
+
+# The host tools run under this watchdog, run by the base interpreter
+# (-I -S: the standard library only) as the leader of a process group of
+# their own: `_WATCHDOG FD GRACE ARGV...`.  FD is the read end of a pipe
+# whose write end only heel holds, so it reads end-of-file when heel ends,
+# however it ends (SIGKILL included).  Then, or on SIGTERM (heel cancelling
+# the build), it sends SIGTERM to the whole group (venv's ensurepip runs pip
+# in a child, which would otherwise go on writing into a directory being
+# removed), and SIGKILL, itself included, once the tool has ended or after
+# GRACE seconds.  Otherwise it exits with the tool's status; the tool
+# inherits its stdout and stderr.
+#
+# Why a watchdog: PR_SET_PDEATHSIG needs preexec_fn (unsafe with threads)
+# or ctypes, and a sweep by the next heel run would come late, if ever, and
+# would have to tell a dead group from a reused process-group id.  A pipe's
+# end-of-file needs neither, and comes at once.
+_WATCHDOG = r"""
+import os, select, signal, subprocess, sys, time
+watch, grace, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+wake, wake_w = os.pipe()
+os.set_blocking(wake, False)
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+ending = []
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, lambda *_: ending.append(1))
+signal.signal(signal.SIGCHLD, lambda *_: None)
+
+def drain(timeout):
+    try:
+        if select.select([wake], [], [], max(timeout, 0))[0]:
+            os.read(wake, 512)
+    except (BlockingIOError, InterruptedError):
+        pass
+
+try:
+    child = subprocess.Popen(argv)
+except OSError as exc:
+    sys.stderr.write(f"{argv[0]}: {exc}\n")
+    sys.exit(127)
+while child.poll() is None and not ending:
+    ready = select.select([watch, wake], [], [])[0]
+    if wake in ready:
+        drain(0)
+    if watch in ready and not os.read(watch, 512):
+        ending.append(1)
+if ending:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while child.poll() is None and time.monotonic() < deadline:
+        drain(deadline - time.monotonic())
+    os.killpg(0, signal.SIGKILL)
+code = child.returncode
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+async def _run_group(argv: list[str], base: Path, env: dict[str, str]):
+    """trio.run_process of ``argv`` under _WATCHDOG, in a process group of
+    its own, ended whole (SIGTERM, then SIGKILL after _GRACE seconds) when
+    cancelled or when heel dies."""
     import signal
 
     import trio
 
-    async def kill_group(process) -> None:
+    # Non-inheritable: only the watchdog (pass_fds) gets a copy of the read
+    # end, and nothing but this process ever holds the write end.
+    watch, keep = os.pipe()
+
+    async def end(process) -> None:
+        # The watchdog does it all; SIGKILL here only if it did not (the
+        # group is still there: trio has not reaped its leader yet).
+        try:
+            process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        await trio.sleep(_GRACE + 5)
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
-    return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
-                                  start_new_session=True, deliver_cancel=kill_group,
-                                  cwd="/", env=_host_tool_env())
+    try:
+        return await trio.run_process([os.fspath(base), "-I", "-S", "-c", _WATCHDOG, str(watch), str(_GRACE), *argv],
+                                      capture_stdout=True, capture_stderr=True, check=False,
+                                      start_new_session=True, deliver_cancel=end, pass_fds=(watch,),
+                                      cwd="/", env=env)
+    finally:
+        os.close(watch)
+        os.close(keep)
 
 
-def _host_tool_env() -> dict[str, str]:
+def _host_tool_env(tmpdir: str | None = None) -> dict[str, str]:
     """The environment of the tools heel runs on the host: without the
     variables that steer Python, pip or uv (a sandbox may have written the
     files they point at), and run from "/" (uv reads uv.toml and
     pyproject.toml from the directory it runs in, which may be a sandbox's
-    workdir)."""
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith(("UV_", "PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
+    workdir).  ``tmpdir``: their temporary directory."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("UV_", "PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
+    if tmpdir is not None:
+        env.update(TMPDIR=tmpdir, TEMP=tmpdir, TMP=tmpdir)
+    return env
 
 
 def installer_policy(config: VenvConfig):

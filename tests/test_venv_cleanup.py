@@ -1,0 +1,311 @@
+"""The host tools that build an environment (venv, ensurepip, pip, uv) leave
+nothing behind when heel is interrupted or killed in the middle of a build:
+no temporary directories (theirs or heel's), no processes.
+
+Offline: one tiny wheel from a find_links directory.  Each `heel python`
+here gets a private $TMPDIR; the temporary environment itself goes to
+/var/tmp/heel-venv-*, found from heel's "creating ..." line.  Every wait is
+bounded, and whatever a test started is killed at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import trio
+
+from pkgtools import build_wheel
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
+
+_VENV = re.compile(r"/var/tmp/heel-venv-[0-9a-f]+")
+
+
+@pytest.fixture(scope="module")
+def wheels():
+    directory = tempfile.mkdtemp(prefix="heel-wheels-", dir="/var/tmp")
+    try:
+        os.chmod(directory, 0o755)
+        build_wheel(directory, "heelcleanup", "1.0", "VALUE = 'cleanup'\n")
+        for name in os.listdir(directory):
+            os.chmod(os.path.join(directory, name), 0o644)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpdir_private():
+    directory = tempfile.mkdtemp(prefix="venv-cleanup-")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def processes() -> dict[int, str]:
+    """pid -> command line (arguments joined by spaces), of every process
+    that can be read."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline:
+            found[int(name)] = cmdline
+    return found
+
+
+def holding(text: str) -> dict[int, str]:
+    """The processes whose command line contains ``text``, this one aside."""
+    return {pid: cmd for pid, cmd in processes().items() if text in cmd and pid != os.getpid()}
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def kill_all(text: str) -> None:
+    """SIGKILL what is left of a test's processes (those whose command line
+    names its unique path)."""
+    for pid in holding(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def temp_leftovers(directory: str) -> list[str]:
+    """Temporary directories (heel's, tempfile's, pip's) anywhere in ``directory``."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        found += [os.path.join(root, d) for d in dirs if d.startswith(("tmp", "heel-", "pip-"))]
+    return found
+
+
+class Heel:
+    """`python -m heel python ...` building an environment with venv + pip
+    (seconds: time to interrupt it), its stderr collected by a thread."""
+
+    def __init__(self, wheels: str, tmpdir: str, code: str = "pass") -> None:
+        argv = [sys.executable, "-m", "heel", "python", "--python", SYSTEM_PYTHON, "--no-use-uv", "--no-index",
+                "--find-links", wheels, "-p", "heelcleanup", "-c", code]
+        env = dict(os.environ, TMPDIR=tmpdir)
+        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+        self.stderr: list[str] = []
+        self.stdout = b""
+        self._readers = [threading.Thread(target=self._read_stderr, daemon=True),
+                         threading.Thread(target=self._read_stdout, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.stderr.append(line.decode(errors="replace"))
+
+    def _read_stdout(self) -> None:
+        self.stdout = self.process.stdout.read()
+
+    def venv_base(self, timeout: float = 60) -> str:
+        """The /var/tmp/heel-venv-* directory, from heel's "creating" line."""
+        def found():
+            for line in list(self.stderr):
+                m = _VENV.search(line)
+                if m:
+                    return m.group(0)
+            if self.process.poll() is not None:
+                pytest.fail(f"heel ended ({self.process.returncode}) before building: {''.join(self.stderr)}")
+            return None
+        return wait_until(found, timeout, "heel to start creating the environment")
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.process.wait(timeout=10)
+
+
+def wait_for_ensurepip(heel: Heel, base: str, tmpdir: str) -> None:
+    """Until ensurepip runs and has made its temporary directory somewhere
+    under ``tmpdir``: the moment an interruption used to leave it behind."""
+    def ready():
+        if heel.process.poll() is not None:
+            pytest.fail(f"heel ended ({heel.process.returncode}) too soon: {''.join(heel.stderr)}")
+        if not any("ensurepip" in cmd for cmd in holding(base).values()):
+            return False
+        return any(os.path.basename(p).startswith("tmp") for p in temp_leftovers(tmpdir))
+    wait_until(ready, 60, "ensurepip and its temporary directory")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_build_leaves_nothing(wheels, tmpdir_private, signum):
+    heel = Heel(wheels, tmpdir_private)
+    base = None
+    try:
+        base = heel.venv_base()
+        wait_for_ensurepip(heel, base, tmpdir_private)
+        heel.process.send_signal(signum)
+        assert heel.wait(timeout=30) == 128 + signum, "".join(heel.stderr)
+        # heel waits for the tools before it exits: nothing is left, at once.
+        assert holding(base) == {}
+        assert temp_leftovers(tmpdir_private) == []
+        assert os.listdir(tmpdir_private) == []
+        assert not os.path.exists(base)
+    finally:
+        heel.kill()
+        if base is not None:
+            kill_all(base)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_killed_build_tools_end_and_next_run_sweeps(wheels, tmpdir_private):
+    heel = Heel(wheels, tmpdir_private)
+    base = None
+    try:
+        base = heel.venv_base()
+        wait_for_ensurepip(heel, base, tmpdir_private)
+        heel.process.kill()
+        heel.wait(timeout=30)
+        # The tools notice that heel is gone and end (SIGTERM, then SIGKILL
+        # after a second's grace).
+        wait_until(lambda: not holding(base), 15, f"the host tools building {base} to end")
+        # ...at once, not when done: ensurepip had only begun (its pip takes
+        # seconds to install itself).
+        assert not os.path.exists(os.path.join(base, "env", "bin", "pip"))
+        # What heel could not remove is left until the next run.
+        assert os.path.isdir(base)
+        assert temp_leftovers(tmpdir_private) != []
+
+        after = Heel(wheels, tmpdir_private, code="import heelcleanup; print(heelcleanup.VALUE)")
+        try:
+            assert after.wait(timeout=300) == 0, "".join(after.stderr)
+            assert after.stdout.strip() == b"cleanup"
+            assert after.venv_base() != base
+        finally:
+            after.kill()
+        assert not os.path.exists(base)
+        assert temp_leftovers(tmpdir_private) == []
+    finally:
+        heel.kill()
+        if base is not None:
+            kill_all(base)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- the pieces: the watchdog, the owner lock and the sweep --------------------------------
+
+def _stubborn(marker: str) -> list[str]:
+    """A host tool that ignores SIGTERM and has a child that does too (the
+    marker, in both command lines, finds them)."""
+    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)', sys.argv[1]]); time.sleep(300)")
+    return [SYSTEM_PYTHON, "-c", code, marker]
+
+
+def test_cancelled_tool_group_is_killed_after_grace():
+    from heel.venv import _GRACE, _host_tool_env, _run_group
+
+    marker = f"heel-test-marker-{os.urandom(6).hex()}"
+    try:
+        async def run():
+            with trio.move_on_after(10):
+                await _run_group(_stubborn(marker), SYSTEM_PYTHON, _host_tool_env())
+                pytest.fail("the tool ended by itself")
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await trio.to_thread.run_sync(
+                    lambda: wait_until(lambda: len(holding(marker)) >= 3, 10, "the tool and its child"))
+                nursery.cancel_scope.cancel()
+
+        started = time.monotonic()
+        trio.run(main)
+        # SIGTERM was ignored: SIGKILL came after the grace, and before
+        # _run_group returned.
+        assert _GRACE * 0.9 <= time.monotonic() - started < 10
+        assert holding(marker) == {}
+    finally:
+        kill_all(marker)
+
+
+def test_tool_group_ends_when_heel_is_killed():
+    marker = f"heel-test-marker-{os.urandom(6).hex()}"
+    script = ("import sys, trio; from heel.venv import _host_tool_env, _run_group; "
+              f"trio.run(_run_group, {_stubborn(marker)!r}, {SYSTEM_PYTHON!r}, _host_tool_env())")
+    runner = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        wait_until(lambda: len(holding(marker)) >= 4, 30, "the watchdog, the tool and its child")
+        runner.kill()
+        runner.wait(timeout=10)
+        wait_until(lambda: not holding(marker), 10, "the tools to end after their heel was killed")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait(timeout=10)
+        kill_all(marker)
+
+
+def test_tool_status_and_output_pass_through():
+    from heel.venv import _host_tool_env, _run_group
+
+    argv = [SYSTEM_PYTHON, "-c", "import os, sys; print(os.environ['TMPDIR']); "
+                                 "sys.stderr.write('err'); sys.exit(3)"]
+    result = trio.run(_run_group, argv, SYSTEM_PYTHON, _host_tool_env(tmpdir="/nowhere"))
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"/nowhere\n", b"err")
+    missing = trio.run(_run_group, ["/nonexistent/tool"], SYSTEM_PYTHON, _host_tool_env())
+    assert missing.returncode == 127 and b"/nonexistent/tool" in missing.stderr
+
+
+def test_owned_temp_dir_is_swept_only_when_its_owner_is_gone(tmp_path):
+    from heel._spawn import make_owned_temp_dir, make_temp_dir, release_owned_temp_dir, sweep_orphaned_temp_dirs
+
+    root = str(tmp_path)
+    alive, lock = make_owned_temp_dir("heel-venv-", root)
+    assert os.listdir(alive) == [".owner-lock"]
+    unlocked = make_temp_dir("heel-venv-", root)  # not made this way: not heel's to judge
+    target = make_temp_dir("elsewhere-", root)
+    os.symlink(target, os.path.join(root, "heel-venv-link"))
+    # An owner that died: its lock went with it.
+    code = ("import sys; from heel._spawn import make_owned_temp_dir; "
+            "print(make_owned_temp_dir('heel-venv-', sys.argv[1])[0])")
+    dead = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip()
+    assert os.path.isdir(dead)
+    sweep_orphaned_temp_dirs(root, "heel-venv-")
+    assert not os.path.exists(dead)
+    assert os.path.isdir(alive) and os.path.isdir(unlocked) and os.path.isdir(target)
+    assert os.path.islink(os.path.join(root, "heel-venv-link"))
+    release_owned_temp_dir(alive, lock)
+    assert not os.path.exists(alive)
