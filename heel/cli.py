@@ -228,12 +228,21 @@ def _python(namespace, config: SandboxConfig) -> int:
         argv = [interpreter]
         if namespace.code is not None:
             argv += ["-c", namespace.code] + script
+        elif script and script[0] == "-":
+            argv += script  # the program on stdin, as python - reads it
         elif script:
             # The script is read where the host sees it; inside, the command
             # starts in the sandbox's workdir.
             path = os.path.abspath(script[0])
             if not os.path.isfile(path):
                 raise PolicyError(f"python: {script[0]}: no such script")
+            from ._plan import _under, protected_paths
+
+            for place in protected_paths(config):
+                if _under(path, place):
+                    raise PolicyError(f"python: the script {path} is inside the protected place {place}: "
+                                      "copy it elsewhere, or run with --no-protect-home (or "
+                                      "--no-protect-credentials, --no-protect-cloud)")
             config = config.replace(readable=(*config.readable, path))
             argv += [path] + script[1:]
         if python is None and config.network.denies_everything:

@@ -366,11 +366,26 @@ def test_python_code_script_and_stdin(host_dir):
     assert (result.returncode, result.stdout) == (4, b"script ['x']\n"), result
     result = heel("python", input=b"print(6 * 7)\n")
     assert result.stdout == b"42\n", result
+    result = heel("python", "-", "y", input=b"import sys; print(sys.argv[1:])\n")  # as python - reads it
+    assert result.stdout == b"['y']\n", result
 
 
 def test_python_missing_script_is_a_heel_error(host_dir):
     result = heel("python", str(host_dir / "nope.py"))
     assert "no such script" in assert_heel_error(result, 125)
+
+
+def test_python_script_in_a_protected_place_is_named_as_such(tmp_path):
+    """The script heel python is given is granted to the sandbox: one in a
+    protected place is refused, and the message speaks of the script and
+    of the command line's options, not of a readable path nobody passed."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    script = home / ".ssh" / "s.py"
+    script.write_text("print('ran')\n")
+    result = heel("python", str(script), env={**os.environ, "HOME": str(home)})
+    stderr = assert_heel_error(result, 125)
+    assert "the script" in stderr and "--no-protect" in stderr and "readable path" not in stderr, stderr
 
 
 @needs_system_python
