@@ -4,12 +4,32 @@ is fetched from anywhere but the test's own loopback server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
+import shutil
+import tempfile
 import zipfile
 from http.server import SimpleHTTPRequestHandler
 
 from netservers import LoopbackHttpServer
+
+
+@contextlib.contextmanager
+def shared_wheels(*packages: tuple[str, str, str]):
+    """A find_links directory in /var/tmp, readable by every uid (the
+    sandbox's is not root's), with a tiny wheel for each (name, version,
+    source); removed afterwards."""
+    directory = tempfile.mkdtemp(prefix="heel-wheels-", dir="/var/tmp")
+    try:
+        os.chmod(directory, 0o755)
+        for name, version, source in packages:
+            build_wheel(directory, name, version, source)
+        for name in os.listdir(directory):
+            os.chmod(os.path.join(directory, name), 0o644)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def build_wheel(directory: str, name: str, version: str, source: str, *, requires: tuple[str, ...] = ()) -> str:

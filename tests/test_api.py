@@ -340,7 +340,7 @@ async def test_a_single_file_under_tmp_can_be_granted(tmp_path_factory):
     try:
         async with heel.Sandbox(heel.SandboxConfig(level="strict", readable=[path])) as sb:
             out = await sb.command("cat").arg(path).output()
-            other = await sb.command("sh").args(["-c", f"ls /tmp | grep -c heel-granted-"]).output()
+            other = await sb.command("sh").args(["-c", "ls /tmp | grep -c heel-granted-"]).output()
         assert out.stdout == b"granted file\n", out
         assert other.stdout == b"1\n", other  # that file only, in the private /tmp
     finally:

@@ -20,7 +20,7 @@ import trio
 
 import heel
 from helpers import explain
-from pkgtools import SimpleIndex, build_wheel
+from pkgtools import SimpleIndex, shared_wheels
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
@@ -29,16 +29,9 @@ pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="n
 @pytest.fixture(scope="module")
 def wheels():
     """A find_links directory with two tiny packages; readable by every uid."""
-    directory = tempfile.mkdtemp(prefix="heel-wheels-", dir="/var/tmp")
-    try:
-        os.chmod(directory, 0o755)
-        build_wheel(directory, "heelalpha", "1.0", "VALUE = 'alpha-1.0'\n")
-        build_wheel(directory, "heelbeta", "2.0", "VALUE = 'beta-2.0'\n")
-        for name in os.listdir(directory):
-            os.chmod(os.path.join(directory, name), 0o644)
+    with shared_wheels(("heelalpha", "1.0", "VALUE = 'alpha-1.0'\n"),
+                       ("heelbeta", "2.0", "VALUE = 'beta-2.0'\n")) as directory:
         yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import time
 import pytest
 import trio
 
-from pkgtools import build_wheel
+from pkgtools import shared_wheels
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
@@ -33,15 +33,8 @@ _VENV = re.compile(r"/var/tmp/heel-venv-[0-9a-f]+")
 
 @pytest.fixture(scope="module")
 def wheels():
-    directory = tempfile.mkdtemp(prefix="heel-wheels-", dir="/var/tmp")
-    try:
-        os.chmod(directory, 0o755)
-        build_wheel(directory, "heelcleanup", "1.0", "VALUE = 'cleanup'\n")
-        for name in os.listdir(directory):
-            os.chmod(os.path.join(directory, name), 0o644)
+    with shared_wheels(("heelcleanup", "1.0", "VALUE = 'cleanup'\n")) as directory:
         yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
