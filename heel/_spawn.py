@@ -440,27 +440,115 @@ def make_temp_dir(prefix: str, root: str | None = None) -> str:
 
 
 def remove_tree(path: str) -> None:
-    """shutil.rmtree(path, ignore_errors=True): bottom-up through directory
-    fds, never following a link (the sandbox may have planted some)."""
-    walk = os.fwalk(path, topdown=False, follow_symlinks=False, onerror=lambda error: None)
-    for _, dirs, files, dir_fd in walk:  # dir_fd is open only in the loop's body
-        for name in files:
+    """shutil.rmtree(path, ignore_errors=True) for a tree a sandbox filled,
+    which may hold links, directories it made unwritable, and nesting deeper
+    than any recursion or fd limit.  Nothing is followed: entries are
+    reached through directory fds, links are unlinked as they are.  A
+    directory that is not u+rwx is made so (this user's own only) before it
+    is emptied.  No recursion and two fds at most: each subdirectory met
+    below the top is moved up into the top under a name of heel's, and
+    emptied there in turn."""
+    try:
+        top = _open_removable(path, None)
+    except OSError:
+        return
+    if top is None:
+        return
+    try:
+        pending: list[str] = []
+        _empty(top, top, pending)
+        while pending:
+            name = pending.pop()
             try:
-                os.unlink(name, dir_fd=dir_fd)
+                fd = _open_removable(name, top)
+            except OSError:
+                fd = None
+            if fd is None:  # no longer a directory (or not this user's): as a file
+                _unlink(name, top)
+                continue
+            try:
+                _empty(fd, top, pending)
+            finally:
+                os.close(fd)
+            try:
+                os.rmdir(name, dir_fd=top)
             except OSError:
                 pass
-        for name in dirs:
-            try:
-                os.rmdir(name, dir_fd=dir_fd)
-            except NotADirectoryError:  # a link to a directory
-                try:
-                    os.unlink(name, dir_fd=dir_fd)
-                except OSError:
-                    pass
-            except OSError:
-                pass
+    finally:
+        os.close(top)
     try:
         os.rmdir(path)
+    except OSError:
+        pass
+
+
+_REMOVING = ".heel-removing-"
+
+
+def _open_removable(name: str, dir_fd: int | None) -> int | None:
+    """An fd to read the directory ``name`` (in dir_fd), made u+rwx first
+    when it is this user's and is not; None when it is not a directory."""
+    flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, os.O_RDONLY | flags, dir_fd=dir_fd)
+    except (NotADirectoryError, FileNotFoundError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link
+            return None
+        if exc.errno != errno.EACCES:
+            raise
+        fd = os.open(name, os.O_PATH | flags, dir_fd=dir_fd)  # needs no permission on it
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o700 == 0o700 or st.st_uid != os.geteuid():
+            return fd
+        # The inode itself, reached through the fd rather than a name.
+        os.chmod(f"/proc/self/fd/{fd}", 0o700)
+        fixed = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return fixed
+
+
+def _empty(fd: int, top: int, pending: list[str]) -> None:
+    """Unlink what is in the directory fd but directories, which go to
+    ``pending``: by name when fd is the top, else moved up into the top."""
+    with os.scandir(fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_dir in names:
+        if not is_dir:
+            _unlink(name, fd)
+        elif fd == top:
+            pending.append(name)
+        else:
+            try:
+                # Moving a directory to another parent writes its "..": it must be u+rwx.
+                sub = _open_removable(name, fd)
+                if sub is not None:
+                    os.close(sub)
+                new = _free_name(top)
+                os.rename(name, new, src_dir_fd=fd, dst_dir_fd=top)
+                pending.append(new)
+            except OSError:
+                pass
+
+
+def _free_name(top: int) -> str:
+    for _ in range(1000):
+        name = _REMOVING + os.urandom(6).hex()
+        try:
+            os.lstat(name, dir_fd=top)
+        except FileNotFoundError:
+            return name
+    raise FileExistsError("no free name to remove a tree with")
+
+
+def _unlink(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -521,12 +609,18 @@ def sweep_orphaned_temp_dirs(root: str | None = None, prefix: str = TEMP_PREFIX)
                 continue
             dir_fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                lock = os.open(_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                # Non-blocking: a FIFO planted there must not hang heel.
+                lock = os.open(_LOCK, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError:
             continue  # gone, not ours, or being made: leave it
         try:
+            st = os.fstat(lock)
+            # Only a lock file heel made: not a FIFO or device, nor a hard
+            # link to another directory's lock, which heel would hold a moment.
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != euid:
+                continue
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             continue  # its owner is alive

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, processes_with, sh, unique_marker
+from helpers import explain, processes_with, py, sh, unique_marker
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 
@@ -274,6 +274,40 @@ async def test_any_signal_reaches_the_command_not_its_init():
             with trio.fail_after(10):
                 assert await process.wait() == -signal.SIGPWR
             assert processes_with(marker) == []
+
+
+DEEP_AND_LOCKED = """
+import os
+os.makedirs("locked/inner")
+open("locked/inner/f", "w").close()
+os.chmod("locked/inner", 0o500)
+os.chmod("locked", 0o000)
+os.mkdir("deep")
+os.chdir("deep")
+for _ in range(3000):  # past Python's recursion limit and the fd limit alike
+    os.mkdir("d")
+    os.chdir("d")
+open("bottom", "w").close()
+os.chmod(".", 0o500)
+tmp = os.environ["TMPDIR"]
+os.mkdir(tmp + "/ro")
+open(tmp + "/ro/f", "w").close()
+os.chmod(tmp + "/ro", 0o500)
+print("made")
+"""
+
+
+async def test_what_a_sandbox_leaves_is_removed_however_deep_or_locked():
+    """The sandbox's workdir and private tmp are removed on close even when
+    it nested directories thousands deep (closing hit RecursionError and left
+    them) and made some unwritable or unreadable (as a non-root user that
+    stopped the removal, and every later sweep)."""
+    async with heel.Sandbox() as sb:
+        out = await py(sb, DEEP_AND_LOCKED)
+        assert out.returncode == 0 and out.stdout == b"made\n", explain(out)
+        base = os.path.dirname(str(sb.workdir))
+        assert os.path.isdir(base)
+    assert not os.path.lexists(base)
 
 
 def test_remove_tree_never_follows_links(tmp_path):

@@ -302,3 +302,22 @@ def test_owned_temp_dir_is_swept_only_when_its_owner_is_gone(tmp_path):
     assert os.path.islink(os.path.join(root, "heel-venv-link"))
     release_owned_temp_dir(alive, lock)
     assert not os.path.exists(alive)
+
+
+def test_a_planted_fifo_as_lock_file_does_not_hang_the_sweep(tmp_path):
+    """/var/tmp is shared, and a PERMISSIVE sandbox may write there: a FIFO
+    named like the owner lock blocked the sweep (and so every later heel
+    python) in open() for ever.  It is passed over; a real orphan next to
+    it is removed (the control)."""
+    root = str(tmp_path)
+    planted = os.path.join(root, "heel-venv-planted")
+    os.mkdir(planted)
+    os.mkfifo(os.path.join(planted, ".owner-lock"))
+    code = ("import sys; from heel._spawn import make_owned_temp_dir; "
+            "print(make_owned_temp_dir('heel-venv-', sys.argv[1])[0])")
+    dead = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip()
+    sweep = ("import sys; from heel._spawn import sweep_orphaned_temp_dirs; "
+             "sweep_orphaned_temp_dirs(sys.argv[1], 'heel-venv-')")
+    subprocess.run([sys.executable, "-c", sweep, root], timeout=20, check=True)
+    assert os.path.isdir(planted) and not os.path.exists(dead)
