@@ -129,6 +129,9 @@ enum heel_stage {
     HEEL_STAGE_NETWORK = 17,      /* loopback or the proxy's listening socket in the network namespace */
 };
 
+/* The most ptys a sandbox's own devpts holds (its commands' and heel's). */
+#define HEEL_DEVPTS_MAX "256"
+
 /* Messages on the control socket, native byte order, fixed size. */
 enum heel_msg_kind {
     HEEL_MSG_ERROR = 1,   /* a = stage, b = errno; the command never ran */

@@ -322,9 +322,16 @@ static int setup_mounts(const struct heel_spawn_plan *p)
             break;
         case HEEL_MNT_DEVPTS:
             /* Since Linux 4.7 /dev/ptmx opens the instance in the pts
-             * directory next to it: this one. */
+             * directory next to it: this one.  max: the ptys of every
+             * devpts but the host's come from one pool (kernel.pty.max
+             * less pty.reserve); a sandbox takes at most this many of them.
+             * Read-only: ptys are still made and opened, but nothing
+             * inside can chmod the ptmx (which a non-root caller's sandbox
+             * owns) or its ptys. */
             if (mount("devpts", op->path, "devpts", MS_NOSUID | MS_NOEXEC,
-                      "newinstance,ptmxmode=0666,mode=0620") < 0)
+                      "newinstance,ptmxmode=0666,mode=0620,max=" HEEL_DEVPTS_MAX) < 0 ||
+                mount(NULL, op->path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC,
+                      NULL) < 0)
                 return -1;
             if (allow_new_mount(p, op) < 0)
                 return -1;

@@ -136,7 +136,12 @@ def open_pty(ptmx: int = -1) -> tuple[int, int]:
         return os.openpty()  # both close-on-exec (PEP 446)
     import fcntl
 
-    master = os.open(f"/proc/self/fd/{ptmx}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        master = os.open(f"/proc/self/fd/{ptmx}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        # The sandbox's devpts is full (its commands hold every pty it may
+        # have): a pty of the host's, which only `tty` inside can tell.
+        return os.openpty()
     try:
         fcntl.ioctl(master, _TIOCSPTLCK, bytes(4))  # unlockpt(3)
         end = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import select
 import shlex
 import shutil
@@ -614,6 +615,47 @@ def test_the_library_gives_inherited_terminals_a_pty_too():
     assert code == 0, output
     assert "on-a-tty" in output and "named:/dev/pts/" in output and "done" in output, output
     assert after == before, output
+
+
+PTYS_TAKEN = '''
+import sys, trio, heel
+
+HOG = """
+import os, time
+fds = []
+try:
+    while True:
+        fds.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+except OSError as e:
+    print(len(fds), e.errno, flush=True)
+time.sleep(60)
+"""
+
+async def main():
+    async with heel.Sandbox() as sb:
+        hog = await sb.command("python3").args(["-c", HOG]).stdout(heel.Stdio.PIPE).spawn()
+        print("hog", (await hog.stdout.receive_some(100)).decode().strip(), flush=True)
+        status = await sb.command("sh").args(["-c", "chmod 0 /dev/pts/ptmx; test -t 0 && echo still-a-tty"]) \\
+            .stdin(heel.Stdio.INHERIT).status()
+        hog.kill()
+    sys.exit(status.returncode)
+
+trio.run(main)
+'''
+
+
+def test_a_sandbox_takes_few_ptys_and_its_commands_keep_a_terminal():
+    """The sandbox's devpts holds at most 256 ptys (all sandboxes share one
+    pool of the kernel's), and is read-only (no chmod of its ptmx).  When
+    its commands hold every pty it may have, a command on a terminal still
+    gets one: the host's."""
+    code, output, before, after = _on_a_terminal([], program=[sys.executable, "-c", PTYS_TAKEN], timeout=60)
+    assert code == 0, output
+    taken = re.search(r"hog (\d+) (\d+)", output)
+    assert taken and int(taken[2]) == errno.ENOSPC, output
+    assert 250 <= int(taken[1]) <= 256, output  # the sandbox's max, not the kernel's pool (thousands)
+    assert "Read-only file system" in output and "still-a-tty" in output, output
+    assert after == before
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
