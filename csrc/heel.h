@@ -140,6 +140,8 @@ enum heel_msg_kind {
     HEEL_MSG_KILL = 4,    /* host -> init: kill every process of the sandbox and exit */
     HEEL_MSG_LISTENER = 5, /* trampoline -> host: a = port; the listening socket rides along (SCM_RIGHTS) */
     HEEL_MSG_PTMX = 6,    /* trampoline -> host: an O_PATH fd of the sandbox's devpts ptmx rides along */
+    HEEL_MSG_SIGNAL = 7,  /* host -> a command's init: a = a signal for the command (SIGSTOP, which
+                           * would stop the init itself if sent to it) */
 };
 
 struct heel_msg {

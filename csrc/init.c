@@ -473,10 +473,12 @@ struct ctl_reader {
 };
 
 /* Read what the control socket has.  Returns 1 when the host asked for the
- * end (HEEL_MSG_KILL) or went away (end of file, error, hang-up). */
-static int handle_ctl(int ctl, struct ctl_reader *r)
+ * end (HEEL_MSG_KILL) or went away (end of file, error, hang-up).  A
+ * HEEL_MSG_SIGNAL is passed on to the command: SIGSTOP cannot be forwarded
+ * as the other signals are, since it would stop this init instead. */
+static int handle_ctl(const struct command *c, struct ctl_reader *r)
 {
-    ssize_t n = read(ctl, (char *)&r->msg + r->have, sizeof(r->msg) - r->have);
+    ssize_t n = read(c->ctl, (char *)&r->msg + r->have, sizeof(r->msg) - r->have);
 
     if (n < 0)
         return errno != EINTR && errno != EAGAIN;
@@ -486,6 +488,9 @@ static int handle_ctl(int ctl, struct ctl_reader *r)
     if (r->have < sizeof(r->msg))
         return 0;
     r->have = 0;
+    /* Unreaped here (we return once it is), so the pid is still the command's. */
+    if (r->msg.kind == HEEL_MSG_SIGNAL && r->msg.a > 0 && r->msg.a < NSIG && !c->reaped)
+        kill(c->pid, r->msg.a);
     return r->msg.kind == HEEL_MSG_KILL; /* other kinds mean nothing here */
 }
 
@@ -508,7 +513,7 @@ static void run_until_end(struct command *c, int sfd)
         if (fds[0].revents != 0 && handle_signals(c, sfd))
             return;
         /* Any event, POLLHUP and POLLERR included, shows in the read. */
-        if (fds[1].revents != 0 && handle_ctl(c->ctl, &reader))
+        if (fds[1].revents != 0 && handle_ctl(c, &reader))
             return;
     }
 }

@@ -52,6 +52,7 @@ MSG_EXITED = lib.HEEL_MSG_EXITED
 MSG_KILL = lib.HEEL_MSG_KILL
 MSG_LISTENER = lib.HEEL_MSG_LISTENER
 MSG_PTMX = lib.HEEL_MSG_PTMX
+MSG_SIGNAL = lib.HEEL_MSG_SIGNAL
 
 
 def _check(rc: int, what: str) -> int:

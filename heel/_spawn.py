@@ -20,6 +20,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 import _thread
 
 from . import _native
@@ -204,7 +205,12 @@ class Prepared:
             # never answers: then the sandbox is broken, and closed.
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(30) as waited:
-                    await trio.lowlevel.wait_readable(self._ctl)
+                    try:
+                        await trio.lowlevel.wait_readable(self._ctl)
+                    except trio.ClosedResourceError:  # close() from another task
+                        host_end.close()
+                        child_end.close()
+                        raise SandboxClosed("the sandbox is closed") from None
             if waited.cancelled_caught:
                 host_end.close()
                 child_end.close()
@@ -266,6 +272,12 @@ class Prepared:
             self.ptmx = -1
         if self._ctl is not None:
             with self._lock:
+                trio = sys.modules.get("trio")  # not imported for it: the CLI's plain runner has none
+                if trio is not None:
+                    try:
+                        trio.lowlevel.notify_closing(self._ctl)  # wakes a launch_async waiting on it
+                    except RuntimeError:
+                        pass  # not in a trio run
                 self._ctl.close()
                 self._ctl = None
         if self._pidfd >= 0:

@@ -21,8 +21,8 @@ from typing import Callable
 
 import trio
 
-from . import _sync
-from ._spawn import MSG_SIZE, decode_message, host_pid, raise_for_error
+from . import _native, _sync
+from ._spawn import MSG_SIZE, decode_message, encode_message, host_pid, raise_for_error
 
 __all__ = ["Process"]
 
@@ -92,6 +92,9 @@ class Process:
                 await trio.lowlevel.wait_readable(self._pidfd)
                 if self.returncode is None:
                     self._reap()
+            except trio.ClosedResourceError:
+                if self.returncode is None:  # poll() reaps, and closes the pidfd: else not ours
+                    raise
             finally:
                 self._waiter = None
                 waiter.set()
@@ -127,6 +130,13 @@ class Process:
         the whole tree, like kill()."""
         if sig == signal.SIGKILL:
             self.kill()
+        elif self.returncode is None and sig == signal.SIGSTOP:
+            # Sent to the init, it would stop the init (it cannot be caught
+            # and forwarded): the init is asked to send it on instead.
+            try:
+                self._ctl.send(encode_message(_native.MSG_SIGNAL, sig), socket.MSG_NOSIGNAL)
+            except OSError:
+                pass  # the init is gone: so is the command
         elif self.returncode is None:
             try:
                 signal.pidfd_send_signal(self._pidfd, sig)
@@ -142,6 +152,7 @@ class Process:
             self._killed = True
             _sync.kill_tree(self._pidfd, self._ctl, grace=0)
 
+    @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Close the streams, kill what is left, and reap."""
         with trio.CancelScope(shield=True):

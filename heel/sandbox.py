@@ -21,7 +21,7 @@ from ._spawn import Prepared, Session, needs_relay
 from ._terminal import DRAIN_SECONDS, TerminalBridge
 from ._sync import BACKGROUND_RECHECK
 from .config import SandboxConfig, check_env_item, check_limit
-from .errors import CommandFailed, CommandTimeout, PolicyError, SandboxClosed
+from .errors import CommandFailed, CommandTimeout, HeelError, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
 from .process import Process
 
@@ -109,7 +109,8 @@ class Sandbox(Generic[P]):
         self._snippets = 0
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
-        self._relays: list[trio.Event] = []
+        self._relays: set[trio.Event] = set()  # of the copies still running
+        self._background: set[trio.CancelScope] = set()
         self._processes: set[Process] = set()
         self._closed = False
         self.degraded: list[str] = []
@@ -128,23 +129,54 @@ class Sandbox(Generic[P]):
                                          on_progress=self._on_venv_progress)
         self._session = Session(self.config)
         self.degraded = self._session.degraded
-        # Background work of the sandbox (copying stdio that must not be
-        # passed as it is) runs in a nursery that lives as long as it does.
+        # Background work of the sandbox (the proxy, IPC, copying stdio that
+        # must not be passed as it is) runs in a nursery that lives as long
+        # as it does.  Entered here, it encloses the body of `async with`:
+        # so aclose() never cancels the nursery itself, only the scope each
+        # background task runs in (_start_background), and an early
+        # aclose() leaves the body running.
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
-        if self.config.ipc is not None and self._session.ipc is not None:  # (the socket comes with the router)
-            from .ipc import serve
+        try:
+            if self.config.ipc is not None and self._session.ipc is not None:  # (the socket comes with the router)
+                from .ipc import serve
 
-            self._nursery.start_soon(serve, self.config.ipc, self._session.ipc)
-        if self._session.proxy_listener is not None:
-            from .proxy import Proxy
+                self._start_background(serve, self.config.ipc, self._session.ipc)
+            if self._session.proxy_listener is not None:
+                from .proxy import Proxy
 
-            self._proxy = Proxy(self.config.network, self._session.proxy_listener,
-                                secret=self._session.plan.proxy_secret,
-                                require_secret=self._session.proxy_requires_secret,
-                                resolver=self._resolver, on_event=self.config.on_network_event)
-            await self._nursery.start(self._run_proxy, self._proxy)
+                self._proxy = Proxy(self.config.network, self._session.proxy_listener,
+                                    secret=self._session.plan.proxy_secret,
+                                    require_secret=self._session.proxy_requires_secret,
+                                    resolver=self._resolver, on_event=self.config.on_network_event)
+                await self._nursery.start(self._run_proxy, self._proxy)
+        except BaseException:
+            # Cancelled (or failed) half open: close what is open, and leave
+            # the nursery as if its body had ended (outside the shield: the
+            # scopes must close in the order they opened), before the
+            # exception goes on to the caller's scopes.
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+            await self._nursery_manager.__aexit__(None, None, None)
+            raise
         return self
+
+    def _start_background(self, function, *args) -> None:
+        """Run ``function(*args)`` in the sandbox's nursery, in a cancel
+        scope of its own that aclose() cancels."""
+        assert self._nursery is not None
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                if self._closed:  # closed before this task began: it ends at its first checkpoint
+                    scope.cancel()
+                self._background.add(scope)
+                try:
+                    await function(*args)
+                finally:
+                    self._background.discard(scope)
+
+        self._nursery.start_soon(run)
 
     async def _run_proxy(self, proxy: Proxy, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._proxy_done = trio.Event()
@@ -159,6 +191,7 @@ class Sandbox(Generic[P]):
         Empty under DenyAll: there is no proxy, and no network to ask for."""
         return list(self._proxy.events) if self._proxy is not None else []
 
+    @trio.lowlevel.enable_ki_protection  # a Ctrl-C here would leave the sandbox half closed
     async def __aexit__(self, *exc) -> None:
         try:
             await self.aclose()
@@ -167,10 +200,13 @@ class Sandbox(Generic[P]):
             # the nursery's: it goes on as it is, not wrapped in a group.
             await self._nursery_manager.__aexit__(None, None, None)
 
+    @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Kill every process of the sandbox and remove its temporary files.
 
-        ``async with`` calls this; call it yourself only to close early."""
+        ``async with`` calls this; call it yourself only to close early: the
+        body goes on, and what it asks of the sandbox then raises
+        SandboxClosed."""
         if self._closed:
             return
         self._closed = True
@@ -183,14 +219,14 @@ class Sandbox(Generic[P]):
             # The relays end at the end of their pipes, now that every
             # process is gone; give them a moment to copy what is left.
             with trio.move_on_after(2):
-                for done in self._relays:
+                for done in list(self._relays):
                     await done.wait()
             # The proxy stops before its listener is closed with the session.
             if self._proxy_scope is not None and self._proxy_done is not None:  # set together
                 self._proxy_scope.cancel()
                 await self._proxy_done.wait()
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
+            for scope in list(self._background):
+                scope.cancel()
             if self._session is not None:
                 self._session.close()
 
@@ -361,29 +397,40 @@ class Sandbox(Generic[P]):
             for fd in host_fds:
                 os.close(fd)
         relay_done = []
-        assert self._nursery is not None  # opened with the session, which _live() found
         for function, stream, host_fd in relays:
-            done = trio.Event()
-            self._relays.append(done)
-            relay_done.append(done)
-            self._nursery.start_soon(function, stream, host_fd, done)
+            relay_done.append(self._start_relay(function, stream, host_fd))
         process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
                           stderr=streams[2], on_reaped=self._processes.discard)
         if bridge.master >= 0:
             bridge.started()
-            done = trio.Event()
-            self._relays.append(done)
-            relay_done.append(done)
-            self._nursery.start_soon(_relay_terminal, bridge, process, done)
+            relay_done.append(self._start_relay(_relay_terminal, bridge, process))
         process._relays = relay_done
         self._processes.add(process)
         try:
             await process._started()
-        except BaseException:
+        except BaseException as exc:
             await process.aclose()
+            if self._closed and isinstance(exc, HeelError):  # the sandbox closed while it started
+                raise SandboxClosed("the sandbox is closed") from exc
             raise
         return process
+
+    def _start_relay(self, function, *args) -> trio.Event:
+        """A copy of a command's stdio in the background: ``function(*args,
+        done)``; the event is set when it ends."""
+        done = trio.Event()
+        self._relays.add(done)
+
+        async def relay() -> None:
+            try:
+                await function(*args, done)
+            finally:
+                done.set()
+                self._relays.discard(done)
+
+        self._start_background(relay)
+        return done
 
 
 class Command:
@@ -477,8 +524,13 @@ class Command:
         """Start the command; streams default to stdin=NULL, stdout/stderr=INHERIT.
 
         A Process from spawn() is not bound by the timeout: the caller owns
-        it (``async with await cmd.spawn() as p:`` kills it on exit)."""
-        stdin = self._stdin if isinstance(self._stdin, Stdio) else Stdio.NULL if self._stdin is None else Stdio.PIPE
+        it (``async with await cmd.spawn() as p:`` kills it on exit).  Bytes
+        as stdin are for output() and status(): here write them to
+        ``process.stdin`` (.stdin(Stdio.PIPE))."""
+        if isinstance(self._stdin, bytes):
+            raise PolicyError("spawn() does not feed stdin bytes (output() and status() do): "
+                              "use .stdin(Stdio.PIPE) and write them to process.stdin")
+        stdin = self._stdin or Stdio.NULL
         return await self._sandbox._spawn(self, stdin, self._stdout or Stdio.INHERIT,
                                           self._stderr or Stdio.INHERIT)
 
@@ -511,7 +563,13 @@ class Command:
 
         async def drain(process: Process, name: str, stream) -> None:
             buf = captured[name]
-            while chunk := await stream.receive_some(65536):
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.ClosedResourceError:
+                    return  # the sandbox closed and took the stream: what came is kept
+                if not chunk:
+                    return
                 if limit is not None and len(captured["stdout"]) + len(captured["stderr"]) + len(chunk) > limit:
                     room = limit - len(captured["stdout"]) - len(captured["stderr"])
                     buf += chunk[:max(0, room)]
