@@ -411,7 +411,9 @@ class Sandbox(Generic[P]):
             await process._started()
         except BaseException as exc:
             await process.aclose()
-            if self._closed and isinstance(exc, HeelError):  # the sandbox closed while it started
+            # The sandbox closed while it started (its aclose() closed the
+            # process's socket under it, or heel-init went with it).
+            if self._closed and isinstance(exc, (HeelError, OSError, trio.ClosedResourceError)):
                 raise SandboxClosed("the sandbox is closed") from exc
             raise
         return process
