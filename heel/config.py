@@ -430,6 +430,10 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         put("network", policy)
         if on_network_event is not None and not callable(on_network_event):
             raise PolicyError(f"on_network_event must be callable, got {on_network_event!r}")
+        if on_network_event is not None and _is_async_function(on_network_event):
+            # It is called, not awaited: an async one would never run.
+            raise PolicyError("on_network_event must be a plain function: it is called from the proxy, "
+                              "not awaited")
         put("on_network_event", on_network_event)
         if python is not None:
             from .venv import PythonConfig  # only for those who use it
@@ -456,6 +460,14 @@ def _env(env: Mapping[str, str]) -> dict[str, str]:
         check_env_item(key, value)
         out[key] = value
     return out
+
+
+def _is_async_function(function) -> bool:
+    """An ``async def`` function (or a callable object whose __call__ is one),
+    without importing inspect on heel run's path."""
+    code = getattr(getattr(function, "__call__", None), "__code__", None) if not hasattr(function, "__code__") \
+        else function.__code__
+    return code is not None and bool(code.co_flags & 0x80)  # CO_COROUTINE
 
 
 def check_env_item(key, value, what: str = "env") -> None:

@@ -113,14 +113,21 @@ class NetworkPolicy(abc.ABC):
         """Whether the proxy may carry ``request``, and why."""
 
     def permits_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
-        """Whether this policy names the restricted address ``addr``, which
-        ``request`` (already allowed by :meth:`decide`) resolved to, so that
-        the proxy may connect to it.  None by default.
+        """Whether this policy lets ``request`` (already allowed by
+        :meth:`decide`) reach the restricted address ``addr`` it resolved
+        to: it names the address, or vouches for what it allows.  None by
+        default.
 
         The proxy asks after :meth:`decide`, in the same trio task: ``a | b``
-        answers for the part that allowed the request, which only its
-        ``decide`` in this task knows.
+        counts a vouching part only if it allowed the request, which only
+        its ``decide`` in this task knows.
         """
+        return False
+
+    def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        """Whether a pattern of this policy names ``addr`` (an address or a
+        network holding it) or the request's exact host, port included: a
+        fact about the policy's text, whatever it decided."""
         return False
 
     def __or__(self, other: NetworkPolicy) -> NetworkPolicy:
@@ -224,6 +231,9 @@ class AllowList(NetworkPolicy):
         return Decision(False, "not in the allow-list")
 
     def permits_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return self._names_restricted(request, addr)
+
+    def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         """True when an exact name equals the request's host, or an address
         or network contains ``addr``, and the port fits."""
         try:
@@ -490,11 +500,20 @@ class _AnyOf(_Combination):
         _ALLOWED_BY.set(record)
 
     def permits_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
-        """Whether the part that allowed ``request`` in this task permits it."""
+        """Whether the part that allowed ``request`` in this task permits
+        it, or any part names the address (``AllowAll() |
+        AllowList(["10.0.0.5"])``: the internet and that one internal host,
+        in either order).  A part that vouches without naming (a
+        CustomPolicy with allow_restricted) counts only if it allowed."""
+        if self._names_restricted(request, addr):
+            return True
         entry = _ALLOWED_BY.get().get(id(self))
         if entry is None or entry[0] is not self or entry[1] != request:
             return False
         return entry[2].permits_restricted(request, addr)
+
+    def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._names_restricted(request, addr) for part in self.parts)
 
 
 class _AllOf(_Combination):
@@ -522,8 +541,14 @@ class _AllOf(_Combination):
         return Decision(True, "; ".join(reasons))
 
     def permits_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
-        """Whether every part permits it."""
-        return all(part.permits_restricted(request, addr) for part in self.parts)
+        """Whether some part permits it: every part allowed the request, so
+        one that names the address (or vouches) is enough, and a ``~`` or an
+        AllowAll, which name nothing, do not stand in the way
+        (``AllowList(["api.internal"]) & ~AllowList(["bad.internal"])``)."""
+        return any(part.permits_restricted(request, addr) for part in self.parts)
+
+    def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._names_restricted(request, addr) for part in self.parts)
 
 
 class _Not(NetworkPolicy):

@@ -359,3 +359,14 @@ def test_the_plans_path_patterns_match_as_glob_does(tmp_path):
         assert _existing([pattern]) == sorted(glob.glob(pattern)), pattern
     with pytest.raises(ValueError):
         _existing([f"{tmp_path}/*/key"])
+
+
+def test_an_async_network_event_callback_is_refused():
+    """on_network_event is called, not awaited: an async one would never run
+    (it was accepted, and only a RuntimeWarning said so)."""
+    async def callback(event) -> None:
+        pass
+
+    with pytest.raises(PolicyError, match="on_network_event"):
+        SandboxConfig(on_network_event=callback)
+    SandboxConfig(on_network_event=lambda event: None)  # the control

@@ -276,6 +276,24 @@ async def test_names_resolving_to_internal_addresses_are_refused(echo):
     assert "DATA named" in out.stdout.decode(), explain(out)
 
 
+async def test_combined_policies_reach_the_internal_address_a_part_names(echo):
+    """The internet plus one internal address, `|` in either order, and an
+    allow-list narrowed with `& ~`: the part that names the address lets it
+    through (the first allowing part alone was asked, and `&` wanted every
+    part to name it).  An address no part names stays refused."""
+    names = {"svc.test": ["127.0.0.1"], "other.test": ["10.9.9.9"]}
+    named = heel.AllowList([f"127.0.0.1:{echo.port}"])
+    for policy in (heel.AllowAll() | named, named | heel.AllowAll(),
+                   heel.AllowList(["svc.test"]) & ~heel.AllowList(["bad.test"])):
+        async with sandbox(policy, names) as sb:
+            out = await client(sb, "connect", f"svc.test:{echo.port}", "through")
+            refused = await client(sb, "connect", f"other.test:{echo.port}", "never")
+            events = await settled_events(sb)
+        assert "DATA through" in out.stdout.decode(), (policy, explain(out))
+        assert "DATA never" not in refused.stdout.decode(), (policy, explain(refused))
+        assert [e.allowed for e in events] == [True, False], (policy, events)
+
+
 @pytest.mark.parametrize("request_line", [
     "CONNECT bad\x01host:80 HTTP/1.1", "CONNECT host%25eth0:80 HTTP/1.1", "CONNECT a..b:80 HTTP/1.1",
     "CONNECT " + "a" * 300 + ":80 HTTP/1.1", "GARBAGE", "CONNECT host:99999 HTTP/1.1",

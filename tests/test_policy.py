@@ -508,13 +508,36 @@ async def test_any_of_asks_the_part_that_allowed():
     assert not policy.permits_restricted(wildcard, private)
 
 
-async def test_any_of_without_a_decision_permits_nothing():
-    policy = AllowList(["db.internal"]) | AllowAll()
-    assert not policy.permits_restricted(request("db.internal"), ip("10.0.0.1"))
+async def _db_only(req: NetworkRequest) -> bool:
+    return req.host == "db.internal"
+
+
+async def test_any_of_counts_a_vouching_part_only_if_it_allowed():
+    vouching = CustomPolicy(_db_only, allow_restricted=True)
+    first_allowall = AllowAll() | vouching
+    req, private = request("db.internal"), ip("10.0.0.1")
+    assert not first_allowall.permits_restricted(req, private)  # no decision yet
+    assert await allowed(first_allowall, "db.internal")  # AllowAll allowed; the custom one was not asked
+    assert not first_allowall.permits_restricted(req, private)
+    first_vouching = vouching | AllowAll()
+    assert await allowed(first_vouching, "db.internal")
+    assert first_vouching.permits_restricted(req, private)
+
+
+async def test_any_of_counts_a_part_that_names_the_address_in_any_order():
+    """`AllowAll() | AllowList([address])`: the internet and that internal
+    address (found by exploratory testing: only the first allowing part was
+    asked, so the order decided)."""
+    for policy in (AllowAll() | AllowList(["127.0.0.1:8001"]), AllowList(["127.0.0.1:8001"]) | AllowAll()):
+        assert await allowed(policy, "api.test", 8001)
+        assert policy.permits_restricted(request("api.test", 8001), ip("127.0.0.1"))
+        assert await allowed(policy, "api.test", 9000)
+        assert not policy.permits_restricted(request("api.test", 9000), ip("127.0.0.1"))  # not that port
+        assert not policy.permits_restricted(request("api.test", 8001), ip("10.0.0.1"))  # not that address
 
 
 async def test_any_of_remembers_per_task():
-    policy = AllowList(["db.internal"]) | AllowAll()
+    policy = CustomPolicy(_db_only, allow_restricted=True) | AllowAll()
     assert await allowed(policy, "db.internal")
 
     async def in_another_task() -> None:
@@ -527,20 +550,24 @@ async def test_any_of_remembers_per_task():
     assert policy.permits_restricted(request("db.internal"), ip("10.0.0.1"))
 
 
-async def test_all_of_permits_when_every_part_does():
-    both = AllowList(["db.internal"]) & AllowList(["10.0.0.0/8"])
-    one = AllowList(["db.internal"]) & AllowAll()
+async def test_all_of_permits_when_a_part_names_the_address():
+    """Every part allowed the request: one that names the address is
+    enough, and a ``~`` or AllowAll, which name nothing, do not veto it
+    (found by exploratory testing: the README's own deny-list pattern
+    refused every internal host)."""
     req, private = request("db.internal"), ip("10.0.0.1")
-    assert both.permits_restricted(req, private)
-    assert not one.permits_restricted(req, private)
+    for policy in (AllowList(["db.internal"]) & AllowAll(),
+                   AllowList(["db.internal"]) & ~AllowList(["bad.internal"])):
+        assert await allowed(policy, "db.internal")
+        assert policy.permits_restricted(req, private)
+    nothing_named = AllowAll() & ~AllowList(["bad.internal"])
+    assert await allowed(nothing_named, "db.internal")
+    assert not nothing_named.permits_restricted(req, private)
 
 
 async def test_nested_any_of_inside_all_of():
-    async def yes(req: NetworkRequest) -> bool:
-        return True
-
-    policy = (AllowList(["db.internal"]) | AllowAll()) & CustomPolicy(yes, allow_restricted=True)
+    policy = (CustomPolicy(_db_only, allow_restricted=True) | AllowAll()) & AllowList(["*.example", "*.internal"])
     assert await allowed(policy, "db.internal")
-    assert policy.permits_restricted(request("db.internal"), ip("10.0.0.1"))
+    assert policy.permits_restricted(request("db.internal"), ip("10.0.0.1"))  # the custom part allowed
     assert await allowed(policy, "other.example")
-    assert not policy.permits_restricted(request("other.example"), ip("10.0.0.1"))
+    assert not policy.permits_restricted(request("other.example"), ip("10.0.0.1"))  # AllowAll did; wildcards name nothing
