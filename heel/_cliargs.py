@@ -306,12 +306,16 @@ def build_config(namespace: argparse.Namespace) -> SandboxConfig:
     values: dict[str, Any] = {}
     if namespace.config is not None:
         values = load_file(namespace.config)
+    network_from = None  # where the network keys come from, for messages: None is the command line
     if any(getattr(namespace, key) is not None for key in _NETWORK_KEYS):
         # One policy from the two keys: added to the file's, --allow-domain
         # would contradict its `network = "allow"` (and --network its
         # allow_domain), where the command line must win.
         for key in _NETWORK_KEYS:
             values.pop(key, None)
+    elif namespace.config is not None:
+        network_from = f"config {namespace.config}"
+
     for setting in SETTINGS:
         raw = getattr(namespace, setting.key)
         if raw is None:
@@ -322,7 +326,7 @@ def build_config(namespace: argparse.Namespace) -> SandboxConfig:
         elif setting.kind == "env":
             value = {**values.get(setting.key, {}), **value}
         values[setting.key] = value
-    return _config_from(values)
+    return _config_from(values, network_from)
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -351,12 +355,19 @@ def load_file(path: str) -> dict[str, Any]:
             for key, value in data.items()}
 
 
-def _config_from(values: dict[str, Any]) -> SandboxConfig:
+def _config_from(values: dict[str, Any], network_from: str | None = None) -> SandboxConfig:
+    """``network_from``: the config file the network keys come from (None:
+    the command line), which messages about them name."""
     sections: dict[str, dict[str, Any]] = {"config": {}, "security": {}, "limits": {}}
     values = dict(values)
     network, patterns = values.pop("network", None), values.pop("allow_domain", None)
     if network is not None or patterns is not None:
-        sections["config"]["network"] = _network_policy(network, patterns)
+        try:
+            sections["config"]["network"] = _network_policy(network, patterns, network_from)
+        except UsageError:
+            raise
+        except PolicyError as exc:  # a malformed pattern
+            raise UsageError(f"{network_from}: allow_domain: {exc}" if network_from else str(exc)) from None
     for key, value in values.items():
         section, field = _BY_KEY[key].target.split(".")
         sections[section][field] = value
@@ -364,11 +375,15 @@ def _config_from(values: dict[str, Any]) -> SandboxConfig:
                          limits=ResourceLimits(**sections["limits"]))
 
 
-def _network_policy(network: str | None, patterns: tuple[str, ...] | None):
-    """--network and --allow-domain as one policy."""
+def _network_policy(network: str | None, patterns: tuple[str, ...] | None, origin: str | None = None):
+    """--network and --allow-domain (or a config file's network and
+    allow_domain: ``origin`` names it) as one policy."""
     from .policy import AllowAll, AllowList, DenyAll
 
     if patterns is not None:
+        if network is not None and origin is not None:
+            raise UsageError(f"{origin}: network = {network!r} and allow_domain contradict each other: "
+                             "allow_domain alone allows only the hosts it names")
         if network is not None:
             raise UsageError(f"--network {network} and --allow-domain contradict each other: "
                              "--allow-domain alone allows only the hosts it names")

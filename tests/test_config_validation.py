@@ -235,3 +235,21 @@ def test_api_writable_next_to_kernel_paths_is_taken(tmp_path):
     # /devices or /procfoo would not be in /dev or /proc: only whole components count
     config = SandboxConfig(writable=[tmp_path], workdir=tmp_path)
     assert config.workdir == tmp_path.resolve()
+
+
+# ---- network settings in a config file speak of the file ------------------------------
+
+
+@pytest.mark.parametrize("text,words", [
+    ('network = "allow"\nallow_domain = ["a.test"]\n', ["network = 'allow'", "allow_domain"]),
+    ('allow_domain = ["*"]\n', ["allow_domain", "'*'"]),
+])
+def test_network_errors_in_a_config_file_name_the_file_not_options(tmp_path, text, words):
+    """Found by exploratory testing: the file's contradiction was reported as
+    `--network allow and --allow-domain`, and a bad pattern without the file."""
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    stderr = assert_refused("run", "--config", str(config), "--", "true")
+    assert f"config {config}:" in stderr and "--" not in stderr.split(":", 2)[2], stderr
+    for word in words:
+        assert word in stderr, stderr
