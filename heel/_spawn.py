@@ -468,18 +468,23 @@ def remove_tree(path: str) -> None:
         return
     try:
         pending: list[str] = []
-        _empty(top, top, pending)
+        try:
+            _empty(top, top, pending)
+        except OSError:
+            pass
         while pending:
             name = pending.pop()
             try:
                 fd = _open_removable(name, top)
-            except OSError:
-                fd = None
-            if fd is None:  # no longer a directory (or not this user's): as a file
+            except OSError:  # not this user's to open: left as it is
+                continue
+            if fd is None:  # no longer a directory: as a file
                 _unlink(name, top)
                 continue
             try:
                 _empty(fd, top, pending)
+            except OSError:
+                pass
             finally:
                 os.close(fd)
             try:
@@ -499,7 +504,8 @@ _REMOVING = ".heel-removing-"
 
 def _open_removable(name: str, dir_fd: int | None) -> int | None:
     """An fd to read the directory ``name`` (in dir_fd), made u+rwx first
-    when it is this user's and is not; None when it is not a directory."""
+    when it is this user's and is not; None when it is not a directory.
+    PermissionError for another user's directory closed to this one."""
     flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, os.O_RDONLY | flags, dir_fd=dir_fd)
@@ -510,19 +516,24 @@ def _open_removable(name: str, dir_fd: int | None) -> int | None:
             return None
         if exc.errno != errno.EACCES:
             raise
-        fd = os.open(name, os.O_PATH | flags, dir_fd=dir_fd)  # needs no permission on it
+        # Unreadable (chmod 000, say): opened as a path, which needs no
+        # permission on it, made readable through that fd, never a name.
+        handle = os.open(name, os.O_PATH | flags, dir_fd=dir_fd)
+        try:
+            if os.fstat(handle).st_uid != os.geteuid():
+                raise PermissionError(errno.EACCES, "another user's directory", name) from None
+            os.chmod(f"/proc/self/fd/{handle}", 0o700)
+            return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            os.close(handle)
     try:
         st = os.fstat(fd)
-        if st.st_mode & 0o700 == 0o700 or st.st_uid != os.geteuid():
-            return fd
-        # The inode itself, reached through the fd rather than a name.
-        os.chmod(f"/proc/self/fd/{fd}", 0o700)
-        fixed = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o700)  # its entries can be unlinked, and it moved
     except BaseException:
         os.close(fd)
         raise
-    os.close(fd)
-    return fixed
+    return fd
 
 
 def _empty(fd: int, top: int, pending: list[str]) -> None:
@@ -594,8 +605,10 @@ def make_owned_temp_dir(prefix: str, root: str | None = None) -> tuple[str, int]
 
 def release_owned_temp_dir(path: str, lock: int) -> None:
     """Remove a make_owned_temp_dir directory, then let its lock go."""
-    remove_tree(path)
-    os.close(lock)
+    try:
+        remove_tree(path)
+    finally:
+        os.close(lock)
 
 
 def sweep_orphaned_temp_dirs(root: str | None = None, prefix: str = TEMP_PREFIX) -> None:

@@ -130,18 +130,22 @@ class Process:
         the whole tree, like kill()."""
         if sig == signal.SIGKILL:
             self.kill()
-        elif self.returncode is None and sig == signal.SIGSTOP:
-            # Sent to the init, it would stop the init (it cannot be caught
-            # and forwarded): the init is asked to send it on instead.
+        elif self.returncode is None:
+            # As a message the init passes on, not a signal to the init:
+            # SIGSTOP would stop the init itself (it cannot be caught), and
+            # one path for all keeps their order (SIGSTOP, then SIGCONT).
             try:
                 self._ctl.send(encode_message(_native.MSG_SIGNAL, sig), socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                # The init is not reading its socket (a flood of signals): the
+                # signal then goes to it directly, to be forwarded.
+                if sig != signal.SIGSTOP:
+                    try:
+                        signal.pidfd_send_signal(self._pidfd, sig)
+                    except ProcessLookupError:
+                        pass
             except OSError:
                 pass  # the init is gone: so is the command
-        elif self.returncode is None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            except ProcessLookupError:
-                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

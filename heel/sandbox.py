@@ -115,6 +115,9 @@ class Sandbox(Generic[P]):
         self._closed = False
         self.degraded: list[str] = []
 
+    # KI-protected: a Ctrl-C arrives at an await (where the cleanup below
+    # sees it), never between opening the session and being ready to close it.
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> "Sandbox[P]":
         if self._session is not None or self._closed:
             raise SandboxClosed("a Sandbox can be opened once")
@@ -135,13 +138,15 @@ class Sandbox(Generic[P]):
         # so aclose() never cancels the nursery itself, only the scope each
         # background task runs in (_start_background), and an early
         # aclose() leaves the body running.
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
+        entered = False
         try:
+            self._nursery_manager = trio.open_nursery()
+            self._nursery = await self._nursery_manager.__aenter__()
+            entered = True
             if self.config.ipc is not None and self._session.ipc is not None:  # (the socket comes with the router)
                 from .ipc import serve
 
-                self._start_background(serve, self.config.ipc, self._session.ipc)
+                self._start_background(serve, self.config.ipc, self._session.ipc, run_if_closed=False)
             if self._session.proxy_listener is not None:
                 from .proxy import Proxy
 
@@ -157,18 +162,24 @@ class Sandbox(Generic[P]):
             # exception goes on to the caller's scopes.
             with trio.CancelScope(shield=True):
                 await self.aclose()
-            await self._nursery_manager.__aexit__(None, None, None)
+            if entered:
+                await self._nursery_manager.__aexit__(None, None, None)
             raise
         return self
 
-    def _start_background(self, function, *args) -> None:
+    def _start_background(self, function, *args, run_if_closed: bool = True) -> None:
         """Run ``function(*args)`` in the sandbox's nursery, in a cancel
-        scope of its own that aclose() cancels."""
+        scope of its own that aclose() cancels.  If the sandbox closed
+        before the task began, it runs cancelled (a relay closes its ends
+        and sets its event), or not at all when ``run_if_closed`` is false
+        (IPC, whose socket is closed with the sandbox)."""
         assert self._nursery is not None
 
         async def run() -> None:
+            if self._closed and not run_if_closed:
+                return
             with trio.CancelScope() as scope:
-                if self._closed:  # closed before this task began: it ends at its first checkpoint
+                if self._closed:  # it ends at its first checkpoint
                     scope.cancel()
                 self._background.add(scope)
                 try:

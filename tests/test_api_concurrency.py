@@ -33,7 +33,7 @@ async def test_a_sandbox_cancelled_while_it_opens_leaves_nothing(private_tmp):
     """Cancelled in __aenter__ after the sandbox started (its proxy was
     starting): the caller's scope catches it, and the sandbox is closed
     whole.  It corrupted trio's cancel-scope stack and leaked the sandbox."""
-    config = heel.SandboxConfig(network=heel.AllowList(["example.test"]))
+    config = heel.SandboxConfig(network=heel.AllowList(["example.test"]), ipc=heel.IpcRouter())
     before = _open_fds()
     for delay in [0, 0.001, 0.003, 0.01, 0.03]:
         with trio.move_on_after(delay) as scope:
@@ -44,6 +44,26 @@ async def test_a_sandbox_cancelled_while_it_opens_leaves_nothing(private_tmp):
     assert _open_fds() <= before
     async with heel.Sandbox(config) as sb:  # the control: trio is intact, and it opens
         assert (await sb.command("true").status()).returncode == 0
+
+
+async def test_a_sandbox_that_fails_half_open_raises_its_own_error(private_tmp, monkeypatch):
+    """A failure after the IPC server was scheduled (here the proxy's, made
+    to fail) reaches the caller as it is: the server, started after the
+    sandbox closed, turned it into ExceptionGroup([OSError(EBADF)])."""
+    import heel.proxy
+
+    class Boom(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom("the proxy could not be made")
+
+    monkeypatch.setattr(heel.proxy.Proxy, "__init__", fail)
+    config = heel.SandboxConfig(network=heel.AllowList(["example.test"]), ipc=heel.IpcRouter())
+    with pytest.raises(Boom):
+        async with heel.Sandbox(config):
+            pass
+    assert os.listdir(private_tmp) == []
 
 
 def test_closing_early_inside_the_block_leaves_the_body_running(private_tmp):
@@ -139,6 +159,26 @@ async def test_sigstop_stops_the_command_not_its_init():
             process.send_signal(signal.SIGCONT)
             with trio.fail_after(5):
                 assert await process.wait() == -signal.SIGTERM
+
+
+async def test_sigstop_then_sigcont_at_once_leaves_the_command_running():
+    """The two arrive in the order sent (SIGSTOP went by message and SIGCONT
+    by signal, and the init handled signals first: the command stayed
+    stopped)."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sh").args(["-c", "while :; do echo tick; sleep 0.02; done"]) \
+            .stdout(heel.Stdio.PIPE).spawn()
+        async with process:
+            assert await process.stdout.receive_some(100)
+            for _ in range(10):
+                process.send_signal(signal.SIGSTOP)
+                process.send_signal(signal.SIGCONT)
+            await trio.sleep(0.2)
+            with trio.move_on_after(0.1):
+                while await process.stdout.receive_some(1000):
+                    pass
+            with trio.fail_after(5):
+                assert b"tick" in await process.stdout.receive_some(1000)
 
 
 async def test_wait_and_poll_from_two_tasks():

@@ -13,8 +13,10 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -308,6 +310,38 @@ async def test_what_a_sandbox_leaves_is_removed_however_deep_or_locked():
         base = os.path.dirname(str(sb.workdir))
         assert os.path.isdir(base)
     assert not os.path.lexists(base)
+
+
+def test_remove_tree_passes_over_another_users_closed_directory():
+    """As a non-root user, a directory of another user's that is closed to
+    this one is left, and the rest removed: remove_tree raised EBADF and
+    stopped half-way."""
+    if os.geteuid() != 0:
+        pytest.skip("making another user's directory needs root")
+    outer = tempfile.mkdtemp(prefix="heel-test-rm-", dir="/var/tmp")  # reachable by nobody
+    try:
+        _remove_as_nobody(Path(outer))
+    finally:
+        subprocess.run(["rm", "-rf", outer], check=True)
+
+
+def _remove_as_nobody(tmp_path) -> None:
+    base = tmp_path / "tree"
+    (base / "mine" / "sub").mkdir(parents=True)
+    (base / "mine" / "sub" / "f").write_text("x")
+    (base / "theirs").mkdir(mode=0o700)
+    (base / "theirs" / "f").write_text("root's")
+    (base / "zlast").mkdir()
+    for path in (base, base / "mine", base / "mine" / "sub", base / "mine" / "sub" / "f", base / "zlast"):
+        os.chown(path, 65534, 65534)
+    os.chmod(tmp_path, 0o755)
+    code = f"from heel._spawn import remove_tree; remove_tree({str(base)!r})"
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-c", code], capture_output=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr.decode()
+    assert sorted(os.listdir(base)) == ["theirs"]
+    assert (base / "theirs" / "f").read_text() == "root's"
 
 
 def test_remove_tree_never_follows_links(tmp_path):
