@@ -14,8 +14,12 @@ HTTP (CONNECT tunnels and plain ``http://`` forwarding)::
     user = proxy_credentials(request)       # when the proxy asks who is calling
     ... ask the policy about request.host, request.port ...
     CONNECT:  send CONNECT_ESTABLISHED, then relay both ways, starting with body_start
-    other:    connect to host:port, send forward_head(request) + body_start,
-              then relay both ways until either side closes
+    other:    connect to host:port, send forward_head(request) + body_start
+              (and the rest of a Content-Length body), then read the answer:
+              response = parse_response_head(answer)   # None: read more
+              send forward_response_head(response); a 1xx is interim, read the next
+              length = response_body_length(response, request.method)
+              pass on `length` bytes (None: until the server closes), close
 
 SOCKS5 (RFC 1928 CONNECT only, with RFC 1929 username/password)::
 
@@ -79,6 +83,11 @@ __all__ = [
     "parse_http_head",
     "proxy_credentials",
     "forward_head",
+    "MAX_RESPONSE_HEAD",
+    "HttpResponse",
+    "parse_response_head",
+    "response_body_length",
+    "forward_response_head",
     "http_response",
     "CONNECT_ESTABLISHED",
     "SUCCEEDED",
@@ -418,7 +427,9 @@ def proxy_credentials(request: HttpRequest) -> tuple[str, str] | None:
 def forward_head(request: HttpRequest) -> bytes:
     """The head to send upstream for *request*, a plain-HTTP (not CONNECT) request.
 
-    The request line carries the origin-form path and HTTP/1.1.  Hop-by-hop
+    The request line carries the origin-form path and the client's own HTTP
+    version: a server may answer an HTTP/1.1 request in chunks, which an
+    HTTP/1.0 client cannot read (RFC 9110 section 6.2).  Hop-by-hop
     headers are dropped (Connection and every header it lists, except those
     that frame the body, Proxy-Connection, Proxy-Authorization,
     Proxy-Authenticate, Keep-Alive, TE, Trailer, Upgrade), Host is replaced by
@@ -434,7 +445,7 @@ def forward_head(request: HttpRequest) -> bytes:
     if request.method == "CONNECT":
         raise ValueError("a CONNECT request opens a tunnel; it is not forwarded")
     dropped = _NOT_FORWARDED | (_connection_options(request) - _BODY_FRAMING)
-    lines = [f"{request.method} {request.path} HTTP/1.1", f"Host: {_host_header(request.host, request.port)}"]
+    lines = [f"{request.method} {request.path} {request.version}", f"Host: {_host_header(request.host, request.port)}"]
     lines += [f"{name}: {value}" for name, value in request.headers if name not in dropped]
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -454,6 +465,120 @@ def _host_header(host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
     return host if port == 80 else f"{host}:{port}"
+
+
+# -- responses from upstream -------------------------------------------------------
+
+MAX_RESPONSE_HEAD = 65536  #: bytes in a response head from an upstream server
+
+_STATUS_LINE = re.compile(r"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: (.*))?")
+# What concerns the connection between the server and the proxy: the client
+# gets "Connection: close" instead (the proxy serves one request per connection).
+_RESPONSE_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection"})
+
+
+class HttpResponse(NamedTuple):
+    """A response head from an upstream server, parsed as far as the proxy
+    needs: to pass it on with its own Connection header, and to know where
+    its body ends.  ``headers`` keep the names as sent (compare them in lower
+    case: :meth:`header_values`); ``head_length`` is the bytes the head took."""
+
+    version: str
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    head_length: int
+
+    def header_values(self, name: str) -> list[str]:
+        """The values of every header called *name* (any case), in order."""
+        name = name.lower()
+        return [value for header, value in self.headers if header.lower() == name]
+
+    @property
+    def interim(self) -> bool:
+        """A 1xx answer (100 Continue, 103 Early Hints): the real one follows.
+        101 Switching Protocols is final: what follows is another protocol."""
+        return 100 <= self.status < 200 and self.status != 101
+
+
+def parse_response_head(buf: bytes | bytearray) -> HttpResponse | None:
+    """The response whose head starts *buf*, or None while it is incomplete.
+
+    Raises :class:`ProtocolError` with status 502 for what the proxy will not
+    pass on: a head longer than :data:`MAX_RESPONSE_HEAD`, no ``HTTP/x.y NNN``
+    status line (an HTTP/0.9 answer), a control character, a header line
+    without a colon or with a name that is not a token.  Folded header lines
+    are unfolded (RFC 9112 section 5.2).
+    """
+    end = _HEAD_END.search(buf, 0, MAX_RESPONSE_HEAD)
+    if end is None:
+        if not b"HTTP/".startswith(bytes(buf[:5])):  # an answer that is no response: say so at once
+            raise ProtocolError("the server's answer is not an HTTP/1.x response", 502)
+        if len(buf) >= MAX_RESPONSE_HEAD:
+            raise ProtocolError(f"the server's response head is longer than {MAX_RESPONSE_HEAD} bytes", 502)
+        return None
+    lines = _split_lines(bytes(buf[: end.end()]))
+    if any(_CONTROL.search(line) for line in lines):
+        raise ProtocolError("the server's response head holds a control character", 502)
+    status_line = _STATUS_LINE.fullmatch(lines[0].decode("latin-1"))
+    if status_line is None:
+        raise ProtocolError("the server's answer is not an HTTP/1.x response", 502)
+    version, status, reason = status_line.group(1), int(status_line.group(2)), status_line.group(3) or ""
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        text = line.decode("latin-1")
+        if text[:1] in (" ", "\t") and headers:
+            name, value = headers[-1]
+            headers[-1] = (name, (value + " " + text.strip(" \t")).strip(" "))
+            continue
+        name, colon, value = text.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise ProtocolError(f"the server sent a malformed header line {text[:40]!r}", 502)
+        headers.append((name, value.strip(" \t")))
+    return HttpResponse(version, status, reason, tuple(headers), end.end())
+
+
+def response_body_length(response: HttpResponse, request_method: str) -> int | None:
+    """How many bytes of body follow *response*'s head: 0 for none, None when
+    the body ends where the server closes the connection (chunked, or framed
+    by nothing but the close).  Raises :class:`ProtocolError` (502) for a
+    Content-Length that is not one number (RFC 9112 section 6.3)."""
+    if response.status == 101:
+        return None
+    if request_method == "HEAD" or response.interim or response.status in (204, 304):
+        return 0
+    if response.header_values("transfer-encoding"):
+        return None
+    lengths = response.header_values("content-length")
+    if not lengths:
+        return None
+    items = {item.strip(" \t") for value in lengths for item in value.split(",")}
+    if len(items) != 1 or not all(_DIGITS.fullmatch(i) and len(i) <= _MAX_CONTENT_LENGTH_DIGITS for i in items):
+        raise ProtocolError("the server's Content-Length is not one number of bytes", 502)
+    return int(items.pop())
+
+
+def forward_response_head(response: HttpResponse) -> bytes:
+    """The head to pass on to the client for *response*.
+
+    Connection, Keep-Alive, Proxy-Connection and the headers that Connection
+    lists (except those that frame the body) concern the server's connection
+    to the proxy, and are dropped; a final response gets
+    ``Connection: close``.  The proxy serves one request per client
+    connection, and a client that is not told so reuses the connection and
+    waits for an answer that never comes.
+    """
+    options = {
+        option.strip(" \t").lower()
+        for value in response.header_values("connection")
+        for option in value.split(",")
+    }
+    dropped = _RESPONSE_HOP_BY_HOP | (options - _BODY_FRAMING)
+    lines = [f"{response.version} {response.status:03d} {response.reason}"]
+    lines += [f"{name}: {value}" for name, value in response.headers if name.lower() not in dropped]
+    if not response.interim:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

@@ -18,7 +18,9 @@ request it:
    private, link-local or otherwise internal unless the policy names that
    address or the exact name (403);
 5. connects (502 when it cannot), and hands both sockets to the C splice
-   relay (heel._relay), which moves the bytes until both directions end.
+   relay (heel._relay), which moves the bytes until both directions end; a
+   plain HTTP request instead goes upstream alone, and its response comes
+   back with ``Connection: close`` (one request per connection).
 
 Each request ends in one :class:`NetworkEvent`, kept by the sandbox and
 passed to the config's ``on_network_event``.
@@ -54,12 +56,26 @@ Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
 #: Connections one sandbox may have open through its proxy at once; past it,
-#: new ones are closed at once.  Each tunnel holds six host fds (two sockets,
-#: two relay pipes) and up to 2 MiB of pipe buffers, none of it counted
-#: against the sandbox's own limits, so the budget is also kept within the
-#: host's fd limit (see _connection_budget).
+#: new ones are answered 503 (SOCKS: general failure).  Each tunnel holds six
+#: host fds (two sockets, two relay pipes) and up to 2 MiB of pipe buffers,
+#: none of it counted against the sandbox's own limits, so the budget is also
+#: kept within the host's fd limit (see _connection_budget).
 MAX_CONNECTIONS = 256
 FDS_PER_TUNNEL = 6
+#: Connections over the budget that are answered at once, each within
+#: OVERLOAD_TIMEOUT; any more are closed unanswered.  They take one fd each,
+#: from the slack that _connection_budget leaves.
+MAX_OVERLOAD_ANSWERS = 16
+OVERLOAD_TIMEOUT = 1.0
+#: After an HTTP answer, how long the proxy reads (and drops) what the client
+#: still sends before it closes: closing with unread bytes resets the
+#: connection, and the reset can destroy the answer before the client reads it.
+LINGER_TIMEOUT = 2.0
+#: TCP keepalive on tunnel sockets (idle seconds, probe interval, probes): a
+#: tunnel whose client has gone (it closed, and its socket is gone too) while
+#: the server says nothing ends when a probe is answered with a reset, where
+#: the relay alone would wait for the server for ever.
+KEEPALIVE = (60, 10, 6)
 #: Decisions kept for network_events(); older ones are dropped (the
 #: on_network_event callback still sees every one).
 MAX_EVENTS = 10_000
@@ -75,8 +91,11 @@ class NetworkEvent(NamedTuple):
     "http" or "socks".  ``allowed``: whether bytes were let through;
     ``reason`` says why or why not.  ``command``: which command of the
     sandbox asked, when known.  ``bytes_sent``: from the sandbox to the
-    server; ``bytes_received``: back.  An allowed event is reported when its
-    connection ends, a denied one at once.
+    server; ``bytes_received``: back.  ``failed``: the policy allowed the
+    request, but the server could not be reached (no address, refused,
+    timed out); ``allowed`` is then False, since no byte went through.  An
+    allowed event is reported when its connection ends, a denied or failed
+    one at once.
     """
 
     time: float
@@ -88,10 +107,11 @@ class NetworkEvent(NamedTuple):
     command: str | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    failed: bool = False
 
     def describe(self) -> str:
         """One line for people: what was asked and what happened."""
-        verdict = "allowed" if self.allowed else "denied"
+        verdict = "allowed" if self.allowed else "failed" if self.failed else "denied"
         who = f" by {self.command}" if self.command else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"network {verdict}: {self.protocol} {host}:{self.port}{who} ({self.reason})"
@@ -138,13 +158,16 @@ def _resolve(host: str, port: int) -> list[str]:
 class _Refused(Exception):
     """The request ends here: ``status`` (HTTP) / ``socks_code`` to answer."""
 
-    def __init__(self, status: int, socks_code: int, reason: str, *, decided: bool = True) -> None:
+    def __init__(self, status: int, socks_code: int, reason: str, *, decided: bool = True,
+                 failed: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.socks_code = socks_code
         self.reason = reason
         #: whether a request was understood far enough to be an event
         self.decided = decided
+        #: the policy allowed it; the way to the server failed
+        self.failed = failed
 
 
 def _reason(status: int) -> str:
@@ -178,6 +201,8 @@ class Proxy:
         self.commands: dict[str, str] = {}
         #: connections being served now
         self.open_connections = 0
+        #: connections over the budget being answered now (not counted above)
+        self.overload_answers = 0
 
     async def _lookup(self, host: str, port: int) -> list[str]:
         """The host's resolver, in a thread, a few at a time: a slow DNS
@@ -209,26 +234,34 @@ class Proxy:
                             continue
                         raise
                     if self.open_connections >= self.max_connections:
-                        conn.close()
+                        # Answered, briefly and a few at a time, so that the
+                        # client and the user learn why; never served.
+                        if self.overload_answers >= MAX_OVERLOAD_ANSWERS:
+                            conn.close()
+                            continue
+                        self.overload_answers += 1
+                        nursery.start_soon(self._serve_connection, conn, True)
                         continue
                     self.open_connections += 1
                     nursery.start_soon(self._serve_connection, conn)
         finally:
             sock.close()
 
-    async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+    async def _serve_connection(self, conn: trio.socket.SocketType, overloaded: bool = False) -> None:
+        """Serve one connection; an ``overloaded`` one (over the budget) is
+        read as far as its request and then refused."""
         # One deadline for the whole request: a client that trickles bytes
         # cannot hold a connection open for longer than that.
-        deadline = trio.current_time() + self._handshake_timeout
+        deadline = trio.current_time() + (OVERLOAD_TIMEOUT if overloaded else self._handshake_timeout)
         try:
             with trio.move_on_at(deadline) as handshake:
                 first = await conn.recv(_READ)
             if handshake.cancelled_caught or not first:
                 return
             if proto.is_socks5(first):
-                await self._serve_socks(conn, first, deadline)
+                await self._serve_socks(conn, first, deadline, overloaded)
             else:
-                await self._serve_http(conn, first, deadline)
+                await self._serve_http(conn, first, deadline, overloaded)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception as exc:  # noqa: BLE001
@@ -237,12 +270,15 @@ class Proxy:
             self.record(NetworkEvent(time.time(), "?", 0, "?", False,
                                      f"internal error in heel's proxy: {type(exc).__name__}: {exc}"))
         finally:
-            self.open_connections -= 1
+            if overloaded:
+                self.overload_answers -= 1
+            else:
+                self.open_connections -= 1
             conn.close()
 
     # ---- HTTP ------------------------------------------------------------
 
-    async def _serve_http(self, conn, data: bytes, deadline: float) -> None:
+    async def _serve_http(self, conn, data: bytes, deadline: float, overloaded: bool = False) -> None:
         buf = bytearray(data)
         arrived = time.time()
         try:
@@ -260,6 +296,7 @@ class Proxy:
         except proto.ProtocolError as exc:
             await _send(conn, proto.http_response(exc.status, _reason(exc.status),
                                                   f"heel proxy: {exc}"))
+            await _linger(conn, OVERLOAD_TIMEOUT if overloaded else LINGER_TIMEOUT)
             return
         leftover = bytes(buf[request.head_length:])
         is_connect = request.method == "CONNECT"
@@ -269,10 +306,14 @@ class Proxy:
             command = self._command(_credentials(request))
             if not is_connect and request.header_values("transfer-encoding"):
                 # Only a body of known length can be forwarded without
-                # passing the bytes after it (see _forward).
-                raise _Refused(411, proto.GENERAL_FAILURE, "request bodies need a Content-Length here",
-                               decided=False)
+                # passing the bytes after it (see _forward).  An event, so
+                # that a failing `git push` of a big pack says why.
+                raise _Refused(411, proto.GENERAL_FAILURE,
+                               "chunked request bodies are not supported: a request body needs a "
+                               "Content-Length here (or use https://, through CONNECT)")
             host = _host(request.host)
+            if overloaded:
+                raise _Refused(503, proto.GENERAL_FAILURE, f"too many connections ({self.max_connections})")
             net_request = NetworkRequest(
                 host=host, port=request.port, protocol=protocol,
                 method=None if is_connect else request.method,
@@ -282,11 +323,14 @@ class Proxy:
         except _Refused as refused:
             extra = [("Proxy-Authenticate", 'Basic realm="heel"')] if refused.status == 407 else []
             where = f"{request.host}:{request.port}"
-            await _send(conn, proto.http_response(refused.status, _reason(refused.status),
-                                                  f"heel proxy: {where}: {refused.reason}", extra))
+            # Recorded before the answer goes out: a client that has it
+            # may end the sandbox at once.
             if refused.decided:
                 self.record(NetworkEvent(arrived, _safe_host(request.host), request.port, protocol,
-                                         False, refused.reason, command))
+                                         False, refused.reason, command, failed=refused.failed))
+            await _send(conn, proto.http_response(refused.status, _reason(refused.status),
+                                                  f"heel proxy: {where}: {refused.reason}", extra))
+            await _linger(conn, OVERLOAD_TIMEOUT if overloaded else LINGER_TIMEOUT)
             return
         with upstream:
             if is_connect:
@@ -297,7 +341,7 @@ class Proxy:
 
     # ---- SOCKS5 ----------------------------------------------------------
 
-    async def _serve_socks(self, conn, data: bytes, deadline: float) -> None:
+    async def _serve_socks(self, conn, data: bytes, deadline: float, overloaded: bool = False) -> None:
         arrived = time.time()
         handshake = proto.Socks5Handshake(require_auth=self._require_secret)
         handshake.receive_data(data)
@@ -335,14 +379,16 @@ class Proxy:
             return
         try:
             host = _host(event.host)
+            if overloaded:
+                raise _Refused(503, proto.GENERAL_FAILURE, f"too many connections ({self.max_connections})")
             net_request = NetworkRequest(host=host, port=event.port, protocol="socks", method=None,
                                          url=None, command=command)
             upstream, reason = await self._open_upstream(net_request)
         except _Refused as refused:
-            await _send(conn, proto.socks5_reply(refused.socks_code))
             if refused.decided:
                 self.record(NetworkEvent(arrived, _safe_host(event.host), event.port, "socks", False,
-                                         refused.reason, command))
+                                         refused.reason, command, failed=refused.failed))
+            await _send(conn, proto.socks5_reply(refused.socks_code))
             return
         with upstream:
             await _send(conn, proto.socks5_reply(proto.SUCCEEDED))
@@ -382,9 +428,10 @@ class Proxy:
                         found = await self._resolver(request.host, request.port)
                 addresses = [_address(a) for a in found]
             except (OSError, ValueError, trio.TooSlowError) as exc:
-                raise _Refused(502, proto.HOST_UNREACHABLE, f"cannot resolve {request.host}: {exc}") from None
+                raise _Refused(502, proto.HOST_UNREACHABLE, f"cannot resolve {request.host}: {exc}",
+                               failed=True) from None
             if not addresses:
-                raise _Refused(502, proto.HOST_UNREACHABLE, f"{request.host} has no address")
+                raise _Refused(502, proto.HOST_UNREACHABLE, f"{request.host} has no address", failed=True)
         for address in addresses:
             internal = _netaddr.is_restricted(address) or _is_local(address)
             if internal and not self.policy.permits_restricted(request, address):
@@ -409,15 +456,21 @@ class Proxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock, decision.reason
         detail = "; ".join(errors) or "timed out"
-        raise _Refused(502, proto.CONNECTION_REFUSED, f"cannot connect to {request.host}:{request.port}: {detail}")
+        raise _Refused(502, proto.CONNECTION_REFUSED, f"cannot connect to {request.host}:{request.port}: {detail}",
+                       failed=True)
 
     async def _forward(self, conn, upstream, request, leftover: bytes, net_request: NetworkRequest,
                        arrived: float, reason: str) -> None:
         """Plain HTTP: exactly one request goes upstream, its head rewritten
         and its body as long as Content-Length says; whatever the client
         sends after it (a pipelined second request, perhaps to another host
-        on the same server) is never passed on.  The response comes back
-        until the server closes (the request said Connection: close)."""
+        on the same server) is read and dropped, never passed on.  The
+        response comes back with ``Connection: close``, and the connection
+        ends when its body does (by Content-Length, else when the server
+        closes), or as soon as the client closes or resets its side: a client
+        that gave up must not keep its slot while the server never answers.
+        (So a client that half-closes after its request gets no answer, as
+        with nginx's and squid's defaults.)"""
         lengths = request.header_values("content-length")
         remaining = int(lengths[0]) if lengths else 0
         body = leftover[:remaining]
@@ -428,33 +481,79 @@ class Proxy:
             await _send(upstream, head + body)
             sent = len(head) + len(body)
 
-            async def body_in() -> None:
+            async def from_client(done: trio.CancelScope) -> None:
                 nonlocal remaining, sent
-                while remaining > 0:
-                    chunk = await conn.recv(min(_READ, remaining))
-                    if not chunk:
-                        return
-                    await _send(upstream, chunk)
-                    remaining -= len(chunk)
-                    sent += len(chunk)
+                try:
+                    while chunk := await conn.recv(min(_READ, remaining) if remaining > 0 else _READ):
+                        if remaining > 0:
+                            await _send(upstream, chunk)
+                            remaining -= len(chunk)
+                            sent += len(chunk)
+                except OSError:
+                    pass  # a reset, or a server that stopped reading: the request ends
+                done.cancel()  # the client is gone, and so is the request
 
+            async def to_client(data: bytes) -> None:
+                nonlocal received
+                await _send(conn, data)
+                received += len(data)
+
+            async def respond(done: trio.CancelScope) -> None:
+                try:
+                    await self._respond(upstream, request.method, to_client)
+                except OSError:
+                    pass  # either end went away
+                done.cancel()
+
+            # Both ends are watched at once; errors stay inside each task, so
+            # that a peer going away never reaches the nursery as a group.
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(body_in)
-                while True:
-                    chunk = await upstream.recv(_READ)
-                    if not chunk:
-                        break
-                    await _send(conn, chunk)
-                    received += len(chunk)
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(from_client, nursery.cancel_scope)
+                nursery.start_soon(respond, nursery.cancel_scope)
         finally:
             self.record(NetworkEvent(arrived, net_request.host, net_request.port, "http", True,
                                      reason, net_request.command, sent, received))
+        await _linger(conn, LINGER_TIMEOUT)
+
+    async def _respond(self, upstream, method: str, to_client: Callable[[bytes], Awaitable[None]]) -> None:
+        """Pass the upstream's response on: interim heads, then the final
+        head with ``Connection: close`` and its body, up to where it ends.
+        An answer whose head is no HTTP response becomes a 502."""
+        buf = bytearray()
+        try:
+            while True:
+                response = proto.parse_response_head(buf)
+                if response is None:
+                    chunk = await upstream.recv(_READ)
+                    if not chunk:
+                        raise proto.ProtocolError("the server closed the connection without a response", 502)
+                    buf += chunk
+                    continue
+                length = proto.response_body_length(response, method)
+                del buf[:response.head_length]
+                if not response.interim:
+                    break
+                await to_client(proto.forward_response_head(response))
+        except proto.ProtocolError as exc:
+            await to_client(proto.http_response(502, _reason(502), f"heel proxy: {exc}"))
+            return
+        first = bytes(buf if length is None else buf[:length])
+        await to_client(proto.forward_response_head(response) + first)
+        left = None if length is None else length - len(first)
+        while left is None or left > 0:
+            chunk = await upstream.recv(_READ if left is None else min(_READ, left))
+            if not chunk:
+                return  # a short body: the client sees it by its Content-Length
+            await to_client(chunk)
+            if left is not None:
+                left -= len(chunk)
 
     async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float,
                       reason: str) -> None:
         sent = 0
         result = None
+        for sock in (conn, upstream):
+            _keepalive(sock)
         try:
             if first_out:
                 await _send(upstream, first_out)
@@ -506,6 +605,32 @@ def _url(host: str, port: int, path: str) -> str:
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _keepalive(sock) -> None:
+    idle, interval, count = KEEPALIVE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except OSError:
+        pass  # a tunnel without keepalive still works
+
+
+async def _linger(conn, timeout: float) -> None:
+    """End an HTTP answer gracefully: close the way to the client (it reads
+    the answer to its end), then read and drop what it still sends, for at
+    most *timeout* seconds, until it closes too.  Closing with unread bytes
+    would reset the connection, and a reset can destroy the answer before
+    the client has read it (a client still sending a body it was refused)."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(timeout):
+            while await conn.recv(_READ):
+                pass
+    except OSError:
+        pass
 
 
 async def _send(sock, data: bytes) -> None:
