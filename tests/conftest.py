@@ -113,3 +113,23 @@ def no_namespaces(monkeypatch):
     env, _ = _probe.environment()
     monkeypatch.setattr(_probe, "environment",
                         lambda: (env._replace(namespaces=False), "turned off for this test"))
+
+
+@pytest.fixture
+def web():
+    """A loopback HTTP server that answers with its name, the method and the path."""
+    from netservers import HttpServer
+
+    server = HttpServer("heel-test-web")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def echo():
+    """A loopback TCP echo server."""
+    from netservers import EchoServer
+
+    server = EchoServer()
+    yield server
+    server.close()

@@ -121,3 +121,16 @@ class EchoServer:
             pass
         self._listener.close()
         self._thread.join(5)
+
+
+def resolver_for(names: dict[str, list[str]]):
+    """A proxy resolver (Sandbox(resolver=...)) that knows only ``names``,
+    test hosts mapped to local addresses; any other name fails like a name
+    that does not exist."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in names:
+            raise OSError(f"{host}: no such test host")
+        return names[host]
+
+    return resolve

@@ -20,7 +20,7 @@ import trio
 import heel
 import heel._relay
 from helpers import explain, py, sh
-from netservers import EchoServer, HttpServer
+from netservers import EchoServer, HttpServer, resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 TIMEOUT = 20
@@ -90,32 +90,6 @@ def socks(host, port, payload):
 
 globals()[sys.argv[1]](*sys.argv[2:])
 """
-
-
-def resolver_for(names: dict[str, list[str]]):
-    """A resolver that knows only ``names``; any other name fails like a
-    name that does not exist."""
-
-    async def resolve(host: str, port: int) -> list[str]:
-        if host not in names:
-            raise OSError(f"{host}: no such test host")
-        return names[host]
-
-    return resolve
-
-
-@pytest.fixture
-def web():
-    server = HttpServer("heel-test-web")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 def sandbox(policy, names=None, **config) -> heel.Sandbox:

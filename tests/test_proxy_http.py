@@ -20,7 +20,7 @@ import trio
 import heel
 from heel import _proxy_protocol as proto
 from helpers import explain, py
-from netservers import EchoServer, HttpServer
+from netservers import resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 TIMEOUT = 30
@@ -142,29 +142,6 @@ def servers():
     yield make
     for server in made:
         server.close()
-
-
-@pytest.fixture
-def web():
-    server = HttpServer("heel-http-web")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-def resolver_for(names: dict[str, list[str]]):
-    async def resolve(host: str, port: int) -> list[str]:
-        if host not in names:
-            raise OSError(f"{host}: no such test host")
-        return names[host]
-
-    return resolve
 
 
 def sandbox(policy, names=None, **config) -> heel.Sandbox:
