@@ -25,6 +25,9 @@ from .errors import CommandFailed, CommandTimeout, HeelError, PolicyError, Sandb
 from .policy import NetworkPolicy
 from .process import Process
 
+if sys.version_info < (3, 11):  # trio brings the backport there
+    from exceptiongroup import BaseExceptionGroup
+
 if TYPE_CHECKING:
     from .config import PathLike
     from collections.abc import Callable
@@ -163,7 +166,7 @@ class Sandbox(Generic[P]):
             with trio.CancelScope(shield=True):
                 await self.aclose()
             if entered:
-                await self._nursery_manager.__aexit__(None, None, None)
+                await _exit_nursery(self._nursery_manager)
             raise
         return self
 
@@ -209,7 +212,7 @@ class Sandbox(Generic[P]):
         finally:
             # The nursery's tasks never raise, and the body's exception is not
             # the nursery's: it goes on as it is, not wrapped in a group.
-            await self._nursery_manager.__aexit__(None, None, None)
+            await _exit_nursery(self._nursery_manager)
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -444,6 +447,31 @@ class Sandbox(Generic[P]):
 
         self._start_background(relay)
         return done
+
+
+async def _exit_nursery(manager) -> None:
+    """Leave the sandbox's nursery.  Its tasks catch their errors, but a
+    KeyboardInterrupt or SystemExit raised in one (an IPC handler, a
+    network policy or an event callback that calls sys.exit()) comes out as
+    itself, not nested in one group per nursery it crossed, so that
+    ``except KeyboardInterrupt`` and the interpreter's exit still see it."""
+    try:
+        await manager.__aexit__(None, None, None)
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        for kind in (KeyboardInterrupt, SystemExit):
+            first = next((leaf for leaf in leaves if isinstance(leaf, kind)), None)
+            if first is not None and all(isinstance(leaf, (KeyboardInterrupt, SystemExit)) for leaf in leaves):
+                raise first from None
+        raise
+
+
+def _leaves(error: BaseException):
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
 
 
 class Command:

@@ -263,6 +263,26 @@ async def test_handler_error_is_the_callers_answer_without_traceback():
     assert calls == ["boom"] * 4
 
 
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])
+async def test_handler_raising_systemexit_or_keyboardinterrupt_comes_out_as_itself(kind):
+    # A handler that calls sys.exit() (or is interrupted) ends the host's
+    # `async with`, with that exception itself, not nested in nursery groups,
+    # and the sandbox is closed behind it.
+    router = heel.IpcRouter()
+
+    @router.command("stop")
+    async def stop() -> None:
+        raise kind()
+
+    workdir = None
+    with pytest.raises(kind):
+        with trio.fail_after(30):
+            async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+                workdir = sb.workdir
+                await sh(sb, "heel ipc stop; sleep 20")
+    assert workdir is not None and not workdir.exists()
+
+
 # ---- 5. concurrency ---------------------------------------------------------
 
 async def test_concurrent_callers_get_their_own_replies():
