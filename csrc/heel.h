@@ -49,6 +49,7 @@ struct heel_seccomp_opts {
     int allow_netlink_route;  /* socket(AF_NETLINK, *, NETLINK_ROUTE) */
     int deny_listen;          /* listen() refused: no network namespace holds what listens */
     int deny_bind;            /* bind() refused: no network namespace holds the names bound */
+    int deny_fastopen;        /* MSG_FASTOPEN refused: no network namespace, Landlock sees connect() only */
 };
 
 /* Assemble the filter into out[0..cap).  Returns the number of instructions
@@ -160,6 +161,7 @@ struct heel_msg {
 #define HEEL_INIT_SCOPE 16         /* each command in a Landlock domain of its own (scoped with ABI >= 6) */
 #define HEEL_INIT_NO_LISTEN 32     /* seccomp: refuse listen() */
 #define HEEL_INIT_NO_BIND 64       /* seccomp: refuse bind() */
+#define HEEL_INIT_NO_FASTOPEN 128  /* seccomp: refuse sendto/sendmsg/sendmmsg with MSG_FASTOPEN */
 
 /* Landlock scopes (ABI 6): abstract unix sockets and signals. */
 #define HEEL_LANDLOCK_SCOPES 3

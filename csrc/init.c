@@ -928,7 +928,7 @@ int main(int argc, char **argv)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     if (flags < 0 || (flags & ~(HEEL_INIT_PIDNS | HEEL_INIT_UNIX_SOCKETS | HEEL_INIT_INET_STREAM |
                                 HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE | HEEL_INIT_NO_LISTEN |
-                                HEEL_INIT_NO_BIND)) != 0)
+                                HEEL_INIT_NO_BIND | HEEL_INIT_NO_FASTOPEN)) != 0)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     z.pidns = (flags & HEEL_INIT_PIDNS) != 0;
     z.own_domain = (flags & HEEL_INIT_SCOPE) != 0;
@@ -947,6 +947,7 @@ int main(int argc, char **argv)
     opts.allow_netlink_route = (flags & HEEL_INIT_NETLINK_ROUTE) != 0;
     opts.deny_listen = (flags & HEEL_INIT_NO_LISTEN) != 0;
     opts.deny_bind = (flags & HEEL_INIT_NO_BIND) != 0;
+    opts.deny_fastopen = (flags & HEEL_INIT_NO_FASTOPEN) != 0;
     n = heel_seccomp_build(&opts, filter_code, FILTER_CAP);
     if (n <= 0)
         fail(z.ctl, HEEL_STAGE_SECCOMP, n < 0 ? -n : EINVAL, EXIT_INIT_FAILED);

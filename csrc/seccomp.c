@@ -11,6 +11,7 @@
  *              RET ERRNO(EPERM)                                each denied syscall
  *              RET ERRNO(ENOSYS)                               clone3, openat2
  *              clone, personality, mknod, mknodat, ioctl, socket, socketpair,
+ *              bind, listen, sendto, sendmsg, sendmmsg, prlimit64,
  *              chmod, fchmod, fchmodat, fchmodat2, creat, open, openat:
  *              one argument check each (syscalls with the same check share
  *              its code), which loads its arguments and ends in a return on
@@ -101,6 +102,11 @@
 #define DATA_NR offsetof(struct seccomp_data, nr)
 #define DATA_ARCH offsetof(struct seccomp_data, arch)
 #define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
+#define ARG_HI(i) (ARG_LO(i) + 4)
+
+/* sendto/sendmsg's flag that connects a TCP socket as it sends
+ * (include/linux/socket.h); not every libc names it. */
+#define HEEL_MSG_FASTOPEN 0x20000000u
 
 /* The namespaces a sandboxed process must not create: each would hand it
  * capabilities over a fresh view of the system (CLONE_NEWTIME is left out
@@ -467,6 +473,52 @@ static void bind_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
     ret(a, opts->deny_bind ? FAIL(EPERM) : ALLOW);
 }
 
+/* Without a network namespace Landlock's port rule is what keeps TCP to the
+ * proxy's port, and it sees connect() only: sendto() or sendmsg() with
+ * MSG_FASTOPEN connects a TCP socket without passing that hook, to any
+ * address and port.  There, the flag is refused (sendto and sendmmsg carry
+ * their flags in argument 3, sendmsg in argument 2).  With a namespace the
+ * check is left out: the loopback holds nothing but the proxy. */
+static void fastopen_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts, int flags_arg)
+{
+    if (!opts->deny_fastopen) {
+        ret(a, ALLOW);
+        return;
+    }
+    load(a, ARG_LO(flags_arg));
+    ret_if_any_bit(a, HEEL_MSG_FASTOPEN, FAIL(EPERM));
+    ret(a, ALLOW);
+}
+
+static void flags_arg3_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    fastopen_check(a, opts, 3);
+}
+
+static void flags_arg2_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    fastopen_check(a, opts, 2);
+}
+
+/* prlimit64(pid, resource, new, old): another process's limits only read
+ * (new == NULL).  Setting them needs no more than the same uid, and the
+ * sandbox's processes share theirs with heel-init and each command's init:
+ * a command that lowered their RLIMIT_NOFILE would keep them from opening
+ * what they need to find and kill its processes.  pid 0, the caller itself,
+ * is what setrlimit() uses.  The pointer is checked in both halves: one
+ * whose low word is 0 is a valid address. */
+static void prlimit_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    load(a, ARG_LO(0));
+    ret_if_eq(a, 0, ALLOW);
+    load(a, ARG_LO(2));
+    ret_if_ne(a, 0, FAIL(EPERM));
+    load(a, ARG_HI(2));
+    ret_if_ne(a, 0, FAIL(EPERM));
+    ret(a, ALLOW);
+}
+
 /* A connected pair of unix stream or seqpacket sockets reaches nobody
  * outside the process tree: they cannot be connected again, and sendto()
  * on them ignores (stream: refuses) an address.  A datagram pair can do
@@ -502,6 +554,10 @@ static const struct arg_check {
     {__NR_socketpair, socketpair_check},
     {__NR_bind, bind_check},
     {__NR_listen, listen_check},
+    {__NR_sendto, flags_arg3_check},
+    {__NR_sendmsg, flags_arg2_check},
+    {__NR_sendmmsg, flags_arg3_check},
+    {__NR_prlimit64, prlimit_check},
 #ifdef __NR_chmod
     {__NR_chmod, mode_arg1_check},
 #endif

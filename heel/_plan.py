@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pwd
 import resource
+import stat
 from collections import namedtuple
 
 from . import _landlock as ll
@@ -329,6 +330,39 @@ def _with_python(
     return config.replace(executable=executable, writable=writable), variables
 
 
+def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, *, workdir_is_heels: bool) -> None:
+    """Refuse a granted path that the sandbox's unprivileged outside id
+    could not reach: a directory above it that other users may not search
+    (root's 0700 home, a private $TMPDIR).  The path itself is mounted
+    idmapped when writable, but the directories that lead to it are seen
+    as they are on disk.  Those under /tmp are spared: the private /tmp
+    rebuilds the way to them out of heel's own directories."""
+    for kind, path in paths:
+        if _under(path, "/tmp") and os.path.isdir("/tmp"):
+            continue
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        while True:
+            try:
+                mode = os.stat(parent).st_mode
+            except OSError:
+                mode = 0o777  # not there: the plan's own checks say so
+            if not mode & stat.S_IXOTH:
+                if kind == "workdir" and workdir_is_heels:
+                    raise PolicyError(
+                        f"heel's temporary directory is in {os.path.dirname(os.path.dirname(path))}, which the "
+                        f"sandbox cannot reach: {parent} is not searchable by other users (mode "
+                        f"{stat.S_IMODE(mode):04o}), and as root heel runs the sandbox as the unprivileged uid "
+                        f"{sandbox_id}; set TMPDIR to a directory others can pass through, such as /tmp")
+                raise PolicyError(
+                    f"{kind} path {path} cannot be reached from the sandbox: {parent} is not searchable by "
+                    f"other users (mode {stat.S_IMODE(mode):04o}), and as root heel runs the sandbox as the "
+                    f"unprivileged uid {sandbox_id}; allow it (chmod o+x {parent}), choose a path elsewhere, "
+                    "or use the PERMISSIVE level, which runs as root")
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
+
+
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
                host_mask: str | None = None, proxy_port: int = 0,
@@ -360,6 +394,14 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                     f"{kind} path {path} is inside the protected place {d}; to grant it, turn the "
                     "matching protection off (SecurityConfig(protect_user_home=False, ...); on the command "
                     "line --no-protect-home, --no-protect-credentials or --no-protect-cloud)")
+
+    # Root does not run sandboxes as root, except at PERMISSIVE, whose whole
+    # point is to write everywhere (see README).
+    sandbox_id = (ROOT_SANDBOX_ID if env.namespaces and env.euid == 0
+                  and level is not IsolationLevel.PERMISSIVE else None)
+    if sandbox_id is not None:
+        _check_reachable(explicit, sandbox_id,
+                         workdir_is_heels=os.path.dirname(workdir) == os.path.dirname(host_tmp))
 
     grants: list[tuple[str, int]] = []
     runtime = [d for d in RUNTIME_DIRS if os.path.exists(d)]
@@ -402,10 +444,6 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     mounts: list[MountOp] = []
     mountpoints: list[tuple[str, bool]] = []
     tmp_inside = host_tmp
-    # Root does not run sandboxes as root, except at PERMISSIVE, whose whole
-    # point is to write everywhere (see README).
-    sandbox_id = (ROOT_SANDBOX_ID if env.namespaces and env.euid == 0
-                  and level is not IsolationLevel.PERMISSIVE else None)
     idmap = sandbox_id is not None
     if env.namespaces:
         readonly_root = level is not IsolationLevel.PERMISSIVE

@@ -16,7 +16,7 @@ from . import _native
 from ._plan import Environment, build_plan
 from ._spawn import Prepared, make_temp_dir, remove_tree
 from .config import IsolationLevel, SandboxConfig
-from .errors import HeelError, SandboxUnavailable, SpawnError
+from .errors import SandboxUnavailable, SpawnError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _trial(env: Environment) -> str:
     """Run `true` under a STRICT plan for env; '' on success, else why not."""
     from . import _sync
 
-    base = make_temp_dir("heel-probe-")
+    base = make_temp_dir("heel-probe-", searchable=os.geteuid() == 0)
     try:
         work, tmp = os.path.join(base, "work"), os.path.join(base, "tmp")
         os.mkdir(work)
@@ -67,10 +67,10 @@ def _trial(env: Environment) -> str:
             prepared.close()
         return "" if code == 0 else f"`true` exited with {code}"
     except SpawnError as exc:
-        if exc.stage in NAMESPACE_STAGES and not namespaces_missing(exc):
-            raise  # not the machine's lack: building a weaker sandbox would hide it
-        return str(exc)
-    except (OSError, HeelError) as exc:
+        if not namespaces_missing(exc):
+            # Not the machine's lack (a path the plan cannot reach, say):
+            # building a weaker sandbox would hide it.
+            raise
         return str(exc)
     finally:
         remove_tree(base)

@@ -28,7 +28,7 @@ from . import _landlock as ll
 from ._native import lib
 from ._plan import SandboxPlan, build_plan
 from .config import SandboxConfig
-from .errors import SandboxClosed, SandboxUnavailable, spawn_error
+from .errors import SandboxClosed, SandboxUnavailable, SpawnError, spawn_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -111,7 +111,10 @@ class Prepared:
             userns_fd = -1
             if plan.sandbox_id is not None:
                 ids = f"0 {plan.sandbox_id} 1\n"
-                userns_fd = _native.userns_create(ids, ids)
+                try:
+                    userns_fd = _native.userns_create(ids, ids)
+                except OSError as exc:  # a stage like the others: namespaces_missing() judges it
+                    raise SpawnError("userns", exc.errno or errno.EINVAL) from None
                 opened.append(userns_fd)
             clone_flags = 0
             if plan.namespaces:
@@ -302,8 +305,9 @@ def _init_flags(plan: SandboxPlan) -> int:
     if plan.seccomp["allow_inet_stream"]:
         flags |= lib.HEEL_INIT_INET_STREAM
         if not plan.network_namespace:
-            # listen() there would open a port on the host's interfaces.
-            flags |= lib.HEEL_INIT_NO_LISTEN
+            # listen() there would open a port on the host's interfaces, and
+            # MSG_FASTOPEN would connect past Landlock's port rule.
+            flags |= lib.HEEL_INIT_NO_LISTEN | lib.HEEL_INIT_NO_FASTOPEN
     if not plan.network_namespace and not plan.seccomp["allow_unix_sockets"]:
         # Only socketpairs and TCP clients: nothing to bind, and a bound
         # abstract name would be taken in the host's namespace.
@@ -437,14 +441,18 @@ def temp_root() -> str:
     return os.path.realpath("/tmp")
 
 
-def make_temp_dir(prefix: str, root: str | None = None) -> str:
+def make_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = False) -> str:
     """A new private (0700) directory in ``root`` (default temp_root()), as
-    tempfile.mkdtemp."""
+    tempfile.mkdtemp.  ``searchable``: 0711, for root's sandbox directories,
+    whose unprivileged sandbox id must pass through it to its workdir; what
+    is inside keeps modes of its own (see Session)."""
     root = root or temp_root()
     for _ in range(100):
         path = os.path.join(root, prefix + os.urandom(6).hex())
         try:
             os.mkdir(path, 0o700)
+            if searchable:
+                os.chmod(path, 0o711)  # after mkdir: the umask would take the bit away
             return path
         except FileExistsError:
             continue
@@ -576,7 +584,7 @@ def _unlink(name: str, dir_fd: int) -> None:
         pass
 
 
-def make_owned_temp_dir(prefix: str, root: str | None = None) -> tuple[str, int]:
+def make_owned_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = False) -> tuple[str, int]:
     """A new private directory, as make_temp_dir, that carries the owner lock
     of heel's other temporary directories; returns it and the lock's fd,
     held (flock) until release_owned_temp_dir or until this process dies,
@@ -584,7 +592,7 @@ def make_owned_temp_dir(prefix: str, root: str | None = None) -> tuple[str, int]
 
     The lock file is locked under another name and then renamed, so that a
     sweep never finds it unlocked while its owner lives."""
-    path = make_temp_dir(prefix, root)
+    path = make_temp_dir(prefix, root, searchable=searchable)
     lock = dir_fd = -1
     try:
         dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -671,7 +679,10 @@ class Session:
         sweep_orphaned_temp_dirs()
         # Held until close, or until this process dies: then the next
         # sandbox to open removes the directory.
-        self.base, self._lock = make_owned_temp_dir(TEMP_PREFIX)
+        # Root's sandbox runs as an unprivileged id that must pass through
+        # it to the workdir: 0711, and each directory inside is 0700 but the
+        # empty mask (idmapped when mounted) or the lock file (0600).
+        self.base, self._lock = make_owned_temp_dir(TEMP_PREFIX, searchable=os.geteuid() == 0)
         #: the host's end of the IPC socket (heel.ipc.serve), when the config has a router
         self.ipc: socket.socket | None = None
         #: without namespaces: the proxy's listener on the host's 127.0.0.1
