@@ -471,6 +471,8 @@ def _number(value: Any, label: str, number_type: type, what: str) -> Any:
         number = number_type(value)
     except ValueError:
         raise UsageError(f"{label} must be {what}, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
+    if not math.isfinite(number):
+        raise UsageError(f"{label} must be a finite number, got {value!r}")
+    if number <= 0:
         raise UsageError(f"{label} must be positive, got {value!r}")
     return number

@@ -330,6 +330,14 @@ def _with_python(
     return config.replace(executable=executable, writable=writable), variables
 
 
+def _coverable(path: str) -> bool:
+    """Whether the directory holding heel's temporary directories may be
+    covered by a view of the sandbox's own: not the root, nor a directory
+    the runtime lives in or under."""
+    path = path.rstrip("/")
+    return bool(path) and not any(_under(r, path) or _under(path, r) for r in (*RUNTIME_DIRS, *SYSTEM_TREES))
+
+
 def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, *, workdir_is_heels: bool) -> None:
     """Refuse a granted path that the sandbox's unprivileged outside id
     could not reach: a directory above it that other users may not search
@@ -365,7 +373,7 @@ def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, *, workdir_i
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
-               host_mask: str | None = None, proxy_port: int = 0,
+               host_mask: str | None = None, host_view: str | None = None, proxy_port: int = 0,
                proxy_secret: str = "") -> SandboxPlan:
     """The plan for ``config`` on a machine that can enforce ``env``.
 
@@ -376,6 +384,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     ``host_tmp`` (and ``host_shm``) are the sandbox's private directories on
     the host; in a mount namespace they appear at /tmp and /dev/shm.
     ``host_mask`` is an empty directory that covers protected directories.
+    ``host_view``: an empty directory of the sandbox's own (see below) that
+    covers the directory holding heel's temporary directories, when that is
+    not /tmp (which the private /tmp covers already): other sandboxes' ones
+    are there, and the same user could read them.
     """
     denied = protected_paths(config)
     python_env: dict[str, str] = {}
@@ -448,17 +460,32 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     if env.namespaces:
         readonly_root = level is not IsolationLevel.PERMISSIVE
         private_tmp = os.path.isdir("/tmp")
-        hidden = lambda p: private_tmp and _under(p, "/tmp")  # noqa: E731  (by the private /tmp)
+        # Directories the sandbox sees one of its own at, (path, host source):
+        # /tmp and /dev/shm, and the directory that holds heel's temporary
+        # directories (the other sandboxes' ones) wherever $TMPDIR puts them.
+        views: list[tuple[str, str]] = [("/tmp", host_tmp)] if private_tmp else []
+        if shm:
+            views.append(("/dev/shm", shm))
+        temp_parent = os.path.dirname(os.path.dirname(host_tmp))
+        if host_view and _coverable(temp_parent) and not any(_under(temp_parent, v) for v, _ in views):
+            views.append((temp_parent, host_view))
+
+        def view_of(path: str):
+            """The view that hides a host path, if one does (the innermost)."""
+            return max((v for v in views if _under(path, v[0])), key=lambda v: len(v[0]), default=None)
+
+        hidden = lambda p: view_of(p) is not None  # noqa: E731
         # Writable places come back writable over the read-only root, and
-        # anything granted under /tmp is brought into the private /tmp.
+        # anything granted under a view is brought into it.
         rw_regions = [p for p in writable if p != host_tmp and (readonly_root or hidden(p))]
         ro_regions = [str(p) for p in (*config.readable, *config.executable) if hidden(str(p))]
         for kind, paths in (("readable", config.readable), ("executable", config.executable)):
             for p in map(str, paths):
                 # A read-only view of it would cover the private /tmp, or
                 # heel's temporary directory that holds it and the workdir.
-                if hidden(p) and (p.rstrip("/") == "/tmp" or _under(host_tmp, p)):
-                    raise PolicyError(f"{kind} path {p} would cover the sandbox's private /tmp; "
+                view = view_of(p)
+                if view and (p.rstrip("/") == view[0] or _under(host_tmp, p)):
+                    raise PolicyError(f"{kind} path {p} would cover the sandbox's private {view[0]}; "
                                       "grant the files or directories under it that the command needs")
         # A region inside a writable one comes with it (the clones are
         # recursive); mounting it again would resolve a path the sandbox
@@ -468,11 +495,18 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         ro_regions = [p for p in ro_regions if not any(_under(p, q) for q in rw_regions + [host_tmp])]
         if private_tmp:
             tmp_inside = "/tmp"
-            mounts.append(MountOp("bind", "/tmp", source=host_tmp, idmap=idmap))
-            # A mount point takes the kind of what is mounted on it: a file
-            # granted under /tmp needs a file to be mounted over.
-            mountpoints += [(os.path.join(host_tmp, os.path.relpath(p, "/tmp")), os.path.isfile(p))
-                            for p in rw_regions + ro_regions if hidden(p)]
+        for path, source in views:
+            # The directory that holds heel's ones is read-only inside, like
+            # the root it covers; idmapped, so that root's sandbox id may
+            # pass through the mount points made in it.
+            kind = "bind" if path in ("/tmp", "/dev/shm") else "readonly"
+            mounts.append(MountOp(kind, path, source=source, idmap=idmap))
+        # A mount point takes the kind of what is mounted on it: a file
+        # granted under a view needs a file to be mounted over.
+        for p in rw_regions + ro_regions:
+            view = view_of(p)
+            if view:
+                mountpoints.append((os.path.join(view[1], os.path.relpath(p, view[0])), os.path.isfile(p)))
         mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]
         # Protected directories are covered by an empty read-only directory:
@@ -491,8 +525,6 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                 mounts.append(MountOp("readonly", d, source=host_mask))
             elif any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
-        if shm:
-            mounts.append(MountOp("bind", "/dev/shm", source=shm, idmap=idmap))
         mounts.append(MountOp("proc", "/proc", access=ll.READ & handled))
         if os.path.isdir("/dev/pts"):
             # Its own ptys only: the host's terminals stay out of reach.
@@ -500,8 +532,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         if not config.security.allow_gpu:
             # The fresh /proc has the driver's files again: cover them.
             mounts += [MountOp("tmpfs", p) for p in GPU_DRIVER_INFO if os.path.isdir(p)]
-        # Parents before children; the private /tmp before anything under it.
-        mounts.sort(key=lambda m: (m.path.rstrip("/").count("/"), m.kind != "bind"))
+        # Parents before children; a view before anything under it.
+        view_paths = {v for v, _ in views}
+        mounts.sort(key=lambda m: (m.path.rstrip("/").count("/"), m.path not in view_paths))
     else:
         readonly_root = False
 
@@ -554,9 +587,13 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         scoped=ll.scopes(env.landlock_abi),
         namespaces=env.namespaces,
         # Abstract unix socket names belong to a network namespace: a
-        # sandbox that may make unix sockets binds its names in its own.
+        # sandbox that may make unix sockets binds its names in its own.  At
+        # STRICT one always: /proc/net and the interface ioctls (on any
+        # socket, a socketpair too) would show the host's connections,
+        # listening ports and addresses.
         network_namespace=env.namespaces and (
-            not config.network.denies_everything or config.security.allow_unix_sockets),
+            level is IsolationLevel.STRICT or not config.network.denies_everything
+            or config.security.allow_unix_sockets),
         mounts=tuple(mounts),
         readonly_root=readonly_root,
         env=variables,

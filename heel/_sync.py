@@ -7,6 +7,8 @@ import os
 import select
 import signal
 import socket
+import stat
+import sys
 import time
 
 from . import _native
@@ -70,7 +72,14 @@ def kill_tree(pidfd: int, ctl: socket.socket, grace: float = 2.0) -> None:
 
 class Relays:
     """Pipes in place of the host stdio fds that must not be passed as they
-    are (see needs_relay), and the copying between them and the host."""
+    are (see needs_relay), and the copying between them and the host.
+
+    As the command would with the file itself: stdout and stderr that are
+    one file (``> log 2>&1``) share one pipe, so that what the command wrote
+    keeps its order; what the command did not read of a stdin file is left
+    for the next reader (the offset goes back by what heel read ahead).  A
+    host file that refuses output (a full disk) ends that stream's copy:
+    the command gets EPIPE, and ``errors`` says what happened."""
 
     CHUNK = 65536
 
@@ -78,11 +87,21 @@ class Relays:
         self.child_fds = list(stdio)
         self._child_ends: list[int] = []
         self.outputs: dict[int, int] = {}  # our read end -> host fd
+        self.names: dict[int, str] = {}  # our read end -> "stdout", "stderr" or "stdout and stderr"
         self.input = -1  # host fd the sandbox reads from (with input_pipe)
         self.input_pipe = -1
+        self._input_reader = -1  # a read end of our own: what is left in the pipe (FIONREAD)
         self._pending = b""
+        #: (stream, OSError) for each host file that refused the command's output
+        self.errors: list[tuple[str, OSError]] = []
         for index, fd in enumerate(stdio):
             if not needs_relay(fd):
+                continue
+            if index == 2 and self.child_fds[1] != stdio[1] and same_file(stdio[1], fd):
+                # One file behind both: one pipe, in the order written.
+                self.child_fds[2] = self.child_fds[1]
+                for r in self.names:
+                    self.names[r] = "stdout and stderr"
                 continue
             r, w = os.pipe2(os.O_CLOEXEC)
             if index == 0:
@@ -90,8 +109,11 @@ class Relays:
                 os.set_blocking(w, False)
                 self.child_fds[0] = r
                 self._child_ends.append(r)
+                self._input_reader = os.dup(r)
+                os.set_inheritable(self._input_reader, False)
             else:
                 self.outputs[r] = fd
+                self.names[r] = "stdout" if index == 1 else "stderr"
                 self.child_fds[index] = w
                 self._child_ends.append(w)
 
@@ -113,11 +135,14 @@ class Relays:
 
     def _copy_out(self, r: int) -> None:
         data = os.read(r, self.CHUNK)
-        if not data:
-            os.close(r)
-            del self.outputs[r]
-            return
-        _write_all(self.outputs[r], data)
+        if data:
+            try:
+                _write_all(self.outputs[r], data)
+                return
+            except OSError as exc:  # EFBIG, ENOSPC, EIO: the rest would be lost as well
+                self.errors.append((self.names[r], exc))
+        os.close(r)
+        del self.outputs[r]
 
     def _copy_in(self) -> None:
         if not self._pending:
@@ -143,7 +168,45 @@ class Relays:
                 self._copy_out(r)
         if self.input_pipe >= 0:
             self._close_input()
+        if self._input_reader >= 0:
+            give_back_unread(self.input, len(self._pending) + pipe_bytes(self._input_reader))
+            self._pending = b""
+            os.close(self._input_reader)
+            self._input_reader = -1
         self.started()
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether host fds a and b write to one file at one place (``> f 2>&1``)."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+        return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) and os.lseek(a, 0, os.SEEK_CUR) == os.lseek(
+            b, 0, os.SEEK_CUR)
+    except OSError:
+        return False
+
+
+def pipe_bytes(fd: int) -> int:
+    """How many bytes wait in the pipe that fd is an end of (FIONREAD)."""
+    import fcntl
+    import termios
+
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return 0
+
+
+def give_back_unread(fd: int, unread: int) -> None:
+    """Move a regular file's offset back by what heel read of it and the
+    command did not: the next reader (the rest of a `while read` loop) gets it."""
+    if unread <= 0:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.lseek(fd, -unread, os.SEEK_CUR)
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -154,20 +217,24 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
         stdio: tuple[int, int, int], timeout: float | None = None,
-        interactive: bool = False) -> tuple[int, bool]:
+        interactive: bool = False, output_errors: list | None = None) -> tuple[int, bool]:
     """Run to completion; returns (returncode, timed_out).  Raises SpawnError.
 
     ``stdio`` are host fds.  Terminals among them are replaced by a pty of
     heel's own (heel._terminal; ``interactive``: the host terminal goes raw
     and the pty becomes the command's controlling terminal, for the CLI);
-    files reach the command through pipes (see Relays)."""
+    files reach the command through pipes (see Relays).  ``output_errors``
+    receives (stream, OSError) for each host file that refused output."""
     bridge = TerminalBridge(stdio, interactive, prepared.ptmx)
     previous: dict = {}  # the signal handlers ours replaced
+    relays = None
     try:
         relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))
         _handle_terminal_signals(bridge, previous)
         return _run(prepared, argv, env, cwd, relays, bridge, timeout)
     finally:
+        if relays is not None and output_errors is not None:
+            output_errors.extend(relays.errors)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         bridge.close()

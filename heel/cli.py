@@ -142,13 +142,25 @@ def run_command(command: str, args: list[str]) -> int:
              "(see `heel doctor`; --best-effort runs anyway)")
         return EXIT_HEEL_FAILED
     except (HeelError, OSError) as exc:
-        _say(str(exc))
+        if isinstance(exc, FileNotFoundError) and not isinstance(exc, HeelError) and _cwd_gone():
+            _say("the current directory no longer exists (it was removed): run heel from one that does, "
+                 "or give absolute paths")
+        else:
+            _say(str(exc))
         return EXIT_HEEL_FAILED
     except KeyboardInterrupt:
         # The runner has killed the sandboxed tree while unwinding.
         return EXIT_INTERRUPTED
     except _Terminated as exc:
         return 128 + exc.signum
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _execute(config: SandboxConfig, argv: list[str]) -> int:
@@ -168,12 +180,22 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
             raise
         session = Session(config)
     _say_degraded(session.degraded)
+    output_errors: list = []
     try:
         code, timed_out = run(session.prepared, argv, env=session.plan.env,
-                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout, interactive=True)
+                              cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout, interactive=True,
+                              output_errors=output_errors)
     finally:
         session.close()
+        _say_output_errors(output_errors)
     return _exit_status(argv[0], timeout, code, timed_out)
+
+
+def _say_output_errors(errors) -> None:
+    """The host file behind stdout or stderr refused the command's output
+    (a full disk): from then on the command got EPIPE.  Said once each."""
+    for name, exc in errors:
+        _say(f"the command's {name} could not be written, the rest of it is lost: {exc.strerror or exc}")
 
 
 def _say_degraded(missing: list[str]) -> None:
@@ -198,6 +220,8 @@ def _python(namespace, config: SandboxConfig) -> int:
     from .venv import PythonConfig, VenvConfig
 
     script = list(namespace.script)
+    if namespace.venv == "":  # not the absence of --venv: the current directory, or a mistake
+        raise PolicyError("--venv: '' is not a valid path")
     venv_options = (namespace.packages or namespace.venv or namespace.index_url or namespace.find_links
                     or namespace.no_index or namespace.system_site_packages or namespace.allow_pip_install
                     or namespace.use_uv is not None)
@@ -288,28 +312,35 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
     signum = 0
 
     async def work():
-        async with Sandbox(config, on_venv_progress=_progress) as sandbox:
-            _say_degraded(sandbox.degraded)
-            command = sandbox.command(argv[0]).args(argv[1:])
-            command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
-            command._interactive_terminal = True
-            return await command.status()
+        sandbox = Sandbox(config, on_venv_progress=_progress)
+        try:
+            async with sandbox:
+                _say_degraded(sandbox.degraded)
+                command = sandbox.command(argv[0]).args(argv[1:])
+                command.stdin(Stdio.INHERIT).stdout(Stdio.INHERIT).stderr(Stdio.INHERIT)
+                command._interactive_terminal = True
+                return await command.status()
+        finally:
+            _say_output_errors(sandbox._output_errors)
 
     async def main():  # -> ExitStatus | None (None: a signal ended it)
         status = None
         try:
             async with trio.open_nursery() as nursery:
-                async def on_signal() -> None:
+                async def on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:
                     nonlocal signum
                     # Ctrl-C, SIGTERM or a closed terminal: unwind, and the
                     # sandbox's close kills the whole tree.  Received here, not
                     # raised as KeyboardInterrupt somewhere inside trio.
                     with trio.open_signal_receiver(signal.SIGINT, *_ENDING_SIGNALS) as signals:
+                        task_status.started()
                         async for signum in signals:
                             nursery.cancel_scope.cancel()
                             return
 
-                nursery.start_soon(on_signal)
+                # Started before the sandbox opens: a signal while it does
+                # (the probe, a venv build) unwinds too, and leaves nothing.
+                await nursery.start(on_signal)
                 status = await work()
                 nursery.cancel_scope.cancel()
         except BaseException as exc:

@@ -101,9 +101,34 @@ class CommandNotFound(SpawnError, FileNotFoundError):
 def spawn_error(stage: str, err: int, program: str = "") -> SpawnError:
     """The right SpawnError subclass for a (stage, errno) pair."""
     if stage == "exec" and err == _errno.ENOENT:
+        missing = _missing_loader(program)
+        if missing:
+            # The program is there; what execve() could not find is what it
+            # names to run it (bash's "bad interpreter").
+            error = SpawnError(stage, err, program)
+            error.strerror = f"{program}: cannot execute: {missing}"
+            return error
         return CommandNotFound(stage, err, program)
     return SpawnError(stage, err, program)
 
+
+def _missing_loader(program: str) -> str:
+    """For an absolute ``program``: its #! interpreter, described, when
+    that does not exist even on the host (so it is not just hidden by the
+    sandbox, which may hide the program as well); else ''."""
+    if not program.startswith("/"):
+        return ""  # looked up in the sandbox's PATH, or relative to its cwd: not the host's to read
+    try:
+        with open(program, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return ""
+    if not head.startswith(b"#!"):
+        return ""
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words or os.path.exists(words[0]):
+        return ""
+    return f"its interpreter {os.fsdecode(words[0])!r} does not exist"
 
 
 class CommandTimeout(HeelError, TimeoutError):

@@ -19,7 +19,7 @@ import trio
 from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
 from ._terminal import DRAIN_SECONDS, TerminalBridge
-from ._sync import BACKGROUND_RECHECK
+from ._sync import BACKGROUND_RECHECK, give_back_unread, pipe_bytes, same_file
 from .config import SandboxConfig, check_env_item, check_limit
 from .errors import CommandFailed, CommandTimeout, HeelError, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
@@ -113,6 +113,8 @@ class Sandbox(Generic[P]):
         self._session: Session | None = None
         self._nursery: trio.Nursery | None = None
         self._relays: set[trio.Event] = set()  # of the copies still running
+        #: (stream name, OSError) for each inherited host file that refused a command's output
+        self._output_errors: list[tuple[str, OSError]] = []
         self._background: set[trio.CancelScope] = set()
         self._processes: set[Process] = set()
         self._closed = False
@@ -374,6 +376,7 @@ class Sandbox(Generic[P]):
         bridge = TerminalBridge((0 if stdin is Stdio.INHERIT else -1, 1 if stdout is Stdio.INHERIT else -1,
                                  2 if stderr is Stdio.INHERIT else -1), cmd._interactive_terminal,
                                 prepared.ptmx)
+        relayed_stdout = -1  # the pipe an inherited stdout file gets, which stderr may share
         try:
             for index, spec in enumerate(specs):
                 if spec is Stdio.INHERIT and bridge.child_fds[index] != index:
@@ -381,6 +384,10 @@ class Sandbox(Generic[P]):
                     streams.append(None)
                 elif spec is Stdio.INHERIT and not needs_relay(index):
                     child_fds.append(index)
+                    streams.append(None)
+                elif index == 2 and spec is Stdio.INHERIT and relayed_stdout >= 0 and same_file(1, 2):
+                    # `> log 2>&1`: one pipe for both keeps the order written.
+                    child_fds.append(relayed_stdout)
                     streams.append(None)
                 elif spec is Stdio.NULL:
                     fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -394,7 +401,16 @@ class Sandbox(Generic[P]):
                     child_fds.append(theirs)
                     stream = trio.lowlevel.FdStream(ours)
                     if spec is Stdio.INHERIT:  # a host file: copied, never handed over
-                        relays.append((_relay_in if index == 0 else _relay_out, stream, index))
+                        if index == 0:
+                            # A read end of our own tells, once the command
+                            # is gone, what it left unread (give_back_unread).
+                            reader = os.dup(r)
+                            os.set_inheritable(reader, False)
+                            relays.append((_relay_in, stream, index, reader))
+                        else:
+                            relays.append((_relay_out, stream, index, self._output_errors))
+                            if index == 1:
+                                relayed_stdout = theirs
                         streams.append(None)
                     else:
                         streams.append(stream)
@@ -406,16 +422,22 @@ class Sandbox(Generic[P]):
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
                     await stream.aclose()
+            for relay in relays:
+                if relay[0] is _relay_in:
+                    os.close(relay[3])
             raise
         finally:
             for fd in host_fds:
                 os.close(fd)
-        relay_done = []
-        for function, stream, host_fd in relays:
-            relay_done.append(self._start_relay(function, stream, host_fd))
         process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
                           stderr=streams[2], on_reaped=self._processes.discard)
+        relay_done = []
+        for function, stream, host_fd, extra in relays:
+            if function is _relay_in:
+                relay_done.append(self._start_relay(function, stream, host_fd, extra, process._exited))
+            else:
+                relay_done.append(self._start_relay(function, stream, host_fd, extra))
         if bridge.master >= 0:
             bridge.started()
             relay_done.append(self._start_relay(_relay_terminal, bridge, process))
@@ -649,16 +671,22 @@ class Command:
                       timed_out=timed_out, truncated=state["truncated"])
 
 
-async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, done: trio.Event) -> None:
-    """Copy a command's output into a host file (see heel._spawn.needs_relay)."""
+async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, errors: list, done: trio.Event) -> None:
+    """Copy a command's output into a host file (see heel._spawn.needs_relay).
+    A file that refuses it (a full disk) ends the copy: the command gets
+    EPIPE, and ``errors`` (the sandbox's) gets (stream name, OSError)."""
     try:
         async with stream:
             while chunk := await stream.receive_some(65536):
                 view = memoryview(chunk)
-                while view:
-                    view = view[os.write(host_fd, view):]
+                try:
+                    while view:
+                        view = view[os.write(host_fd, view):]
+                except OSError as exc:
+                    errors.append(("stdout" if host_fd == 1 else "stderr", exc))
+                    return
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the host's file went away: the command's output has nowhere to go
+        pass  # the pipe went away with the sandbox
     finally:
         done.set()
 
@@ -749,15 +777,46 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
         done.set()
 
 
-async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, done: trio.Event) -> None:
-    """Copy a host file into a command's stdin."""
+async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, reader: int, exited: trio.Event,
+                    done: trio.Event) -> None:
+    """Copy a host file into a command's stdin, until the file ends or the
+    command does; then what the command left unread goes back to the file
+    (its offset moves back), for the next reader, as if it had read the
+    file itself.  ``reader``: a read end of the pipe, of heel's own."""
+    unsent = memoryview(b"")
     try:
         async with stream:
-            while chunk := os.read(host_fd, 65536):
-                await stream.send_all(chunk)
+            fd = stream.fileno()
+            async with trio.open_nursery() as nursery:
+                async def command_ended() -> None:
+                    await exited.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(command_ended)
+                try:
+                    while True:
+                        if not unsent:
+                            unsent = memoryview(os.read(host_fd, 65536))
+                            if not unsent:
+                                break  # the file's end: the stream's end (closed below)
+                        try:
+                            unsent = unsent[os.write(fd, unsent):]
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(fd)
+                finally:
+                    nursery.cancel_scope.cancel()
+            if exited.is_set():
+                give_back_unread(host_fd, len(unsent) + pipe_bytes(reader))
+            else:
+                # The file's end came first: wait for the command, and then
+                # give back what is still in the pipe.
+                await stream.aclose()
+                await exited.wait()
+                give_back_unread(host_fd, pipe_bytes(reader))
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the command stopped reading
+        pass  # the sandbox closed
     finally:
+        os.close(reader)
         done.set()
 
 
