@@ -283,6 +283,12 @@ class Sandbox(Generic[P]):
         with its lines, and ``sys.argv[1:]`` is ``args``."""
         if not isinstance(code, str):
             raise PolicyError(f"run_python needs source code as a str, got {type(code).__name__}")
+        try:
+            source = code.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PolicyError(f"run_python: the code cannot be written as UTF-8 ({exc.reason} at "
+                              f"position {exc.start})") from None
+        argv = [_arg(a, "args") for a in args]
         import secrets
 
         plan = self._live().plan
@@ -299,13 +305,22 @@ class Sandbox(Generic[P]):
                 continue
         else:
             raise OSError(errno.EEXIST, "run_python: no free file name in the sandbox's tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(code)
-        command = self.python().arg(os.path.join(plan.tmp, name)).args([_arg(a, "args") for a in args])
-        command.stdin(input if input is not None else Stdio.NULL)
-        if timeout is not None:
-            command.timeout(timeout)
-        return await command.output()
+        path = os.path.join(plan.host_tmp, name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(source)
+            command = self.python().arg(os.path.join(plan.tmp, name)).args(argv)
+            command.stdin(input if input is not None else Stdio.NULL)
+            if timeout is not None:
+                command.timeout(timeout)
+            return await command.output()
+        finally:
+            # Python has read it by the time the command ends; removing it
+            # keeps a long-lived sandbox's tmp from filling with snippets.
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     async def run(self, command: Sequence[PathLike] | str, *, input: bytes | None = None,
                   capture_stdout: bool = False, capture_stderr: bool = False, check: bool = True,
