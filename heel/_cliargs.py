@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 from collections import namedtuple
 from types import SimpleNamespace
@@ -137,6 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
 
 _BY_KEY = {s.key: s for s in SETTINGS}
 
+
+#: The largest --config file heel reads.
+MAX_CONFIG_BYTES = 1 << 20
 
 def _parser(**kwargs) -> argparse.ArgumentParser:
     """An argparse parser whose usage errors raise :class:`UsageError` (which
@@ -340,8 +344,15 @@ def load_file(path: str) -> dict[str, Any]:
         except ModuleNotFoundError:
             raise UsageError("--config needs Python 3.11 or the tomli package") from None
     try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
+        # A settings file is small: /dev/zero or a FIFO no one writes must
+        # not keep heel reading (or waiting to open it) for ever.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise UsageError(f"config {path}: not a regular file")
+            text = file.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise UsageError(f"config {path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, too large for a settings file")
+        data = tomllib.loads(text.decode("utf-8"))
     except OSError as exc:
         raise UsageError(f"config {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8, or not TOML

@@ -174,7 +174,9 @@ def protected_paths(config: SandboxConfig) -> list[str]:
     sec = config.security
     paths: list[str] = []
     for home in home_directories():
-        if sec.protect_user_home:
+        # A home that holds the system itself (HOME=/usr, a service account's)
+        # is not closed whole, which would close the runtime: its credentials are.
+        if sec.protect_user_home and not any(_under(d, home) for d in (*RUNTIME_DIRS, *SYSTEM_TREES)):
             paths.append(home)
         if sec.protect_credentials:
             paths += [os.path.join(home, p) for p in CREDENTIALS_IN_HOME]

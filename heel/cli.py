@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
             guard_standard_fds()
             return run_command(args[0], args[1:])
+        if args[:1] == ["ipc"]:
+            _say("`heel ipc` is for commands inside a sandbox, to call the IPC commands its host offers "
+                 "(see heel.IpcRouter); outside one there is nothing to call")
+            return 2  # a usage error, as typer's
         return _typer_main(args)
     except ImportError as exc:
         # heel's compiled module is missing: most often `python -m heel`
