@@ -446,6 +446,7 @@ def make_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = Fa
     tempfile.mkdtemp.  ``searchable``: 0711, for root's sandbox directories,
     whose unprivileged sandbox id must pass through it to its workdir; what
     is inside keeps modes of its own (see Session)."""
+    from_environment = not root
     root = root or temp_root()
     for _ in range(100):
         path = os.path.join(root, prefix + os.urandom(6).hex())
@@ -456,10 +457,17 @@ def make_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = Fa
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            if not from_environment:
+                raise
+            from .errors import PolicyError
+
+            raise PolicyError(f"cannot make heel's temporary directory in {root} (from $TMPDIR, $TEMP or $TMP, "
+                              f"else /tmp): {exc.strerror}; set TMPDIR to a directory you can write") from None
     raise FileExistsError(f"no free temporary directory name in {root}")
 
 
-def remove_tree(path: str) -> None:
+def remove_tree(path: str, keep_last: str | None = None) -> None:
     """shutil.rmtree(path, ignore_errors=True) for a tree a sandbox filled,
     which may hold links, directories it made unwritable, and nesting deeper
     than any recursion or fd limit.  Nothing is followed: entries are
@@ -467,7 +475,9 @@ def remove_tree(path: str) -> None:
     directory that is not u+rwx is made so (this user's own only) before it
     is emptied.  No recursion and two fds at most: each subdirectory met
     below the top is moved up into the top under a name of heel's, and
-    emptied there in turn."""
+    emptied there in turn.  ``keep_last``: a file in the top that goes
+    only once all else has (the owner lock: a removal cut short leaves a
+    directory the next sweep still knows to be heel's)."""
     try:
         top = _open_removable(path, None)
     except OSError:
@@ -477,7 +487,7 @@ def remove_tree(path: str) -> None:
     try:
         pending: list[str] = []
         try:
-            _empty(top, top, pending)
+            _empty(top, top, pending, keep_last)
         except OSError:
             pass
         while pending:
@@ -499,6 +509,8 @@ def remove_tree(path: str) -> None:
                 os.rmdir(name, dir_fd=top)
             except OSError:
                 pass
+        if keep_last is not None:
+            _unlink(keep_last, top)
     finally:
         os.close(top)
     try:
@@ -544,12 +556,15 @@ def _open_removable(name: str, dir_fd: int | None) -> int | None:
     return fd
 
 
-def _empty(fd: int, top: int, pending: list[str]) -> None:
+def _empty(fd: int, top: int, pending: list[str], keep: str | None = None) -> None:
     """Unlink what is in the directory fd but directories, which go to
-    ``pending``: by name when fd is the top, else moved up into the top."""
+    ``pending``: by name when fd is the top, else moved up into the top.
+    ``keep``: a name left in place (in the top only)."""
     with os.scandir(fd) as entries:
         names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
     for name, is_dir in names:
+        if name == keep and fd == top:
+            continue
         if not is_dir:
             _unlink(name, fd)
         elif fd == top:
@@ -614,7 +629,7 @@ def make_owned_temp_dir(prefix: str, root: str | None = None, *, searchable: boo
 def release_owned_temp_dir(path: str, lock: int) -> None:
     """Remove a make_owned_temp_dir directory, then let its lock go."""
     try:
-        remove_tree(path)
+        remove_tree(path, keep_last=_LOCK)
     finally:
         os.close(lock)
 
@@ -659,7 +674,7 @@ def sweep_orphaned_temp_dirs(root: str | None = None, prefix: str = TEMP_PREFIX)
             continue  # its owner is alive
         finally:
             os.close(lock)
-        remove_tree(entry.path)
+        remove_tree(entry.path, keep_last=_LOCK)
 
 
 class Session:
@@ -691,9 +706,11 @@ class Session:
             tmp = os.path.join(self.base, "tmp")
             shm = os.path.join(self.base, "shm")
             mask = os.path.join(self.base, "empty")
+            view = os.path.join(self.base, "view")
             os.mkdir(tmp, 0o700)
             os.mkdir(shm, 0o700)
             os.mkdir(mask, 0o555)
+            os.mkdir(view, 0o700)  # read-only inside; heel makes mount points in it
             if config.workdir is None:
                 workdir = os.path.join(self.base, "work")
                 os.mkdir(workdir, 0o700)
@@ -712,7 +729,7 @@ class Session:
                     self._host_listener.listen(4096)
                     self._host_listener.setblocking(False)
                     proxy_port = self._host_listener.getsockname()[1]
-            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask,
+            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask, host_view=view,
                               env=env, init_path=_native.INIT_PATH, proxy_port=proxy_port,
                               proxy_secret=secret)
             ipc_fd = -1
@@ -770,12 +787,34 @@ _LAUNCHER = """#!/usr/bin/env -S python3 -S
 \"\"\"heel inside a sandbox: only `heel ipc` is here (see heel.client).\"\"\"
 import sys
 
-if sys.argv[1:2] != ["ipc"]:
-    sys.stderr.write("heel: inside a sandbox only 'heel ipc NAME [ARGS...]' works\\n")
-    sys.exit(2)
-from heel.client import main
+from heel.cli import main
 
-sys.exit(main(sys.argv[2:]))
+sys.exit(main())
+"""
+
+# heel.cli (and heel.__main__) of the package inside: the launcher's work.  A
+# real heel installed in the sandbox (a venv's console script, `python -m
+# heel`) imports this package too, since it comes first on PYTHONPATH, so
+# `heel ipc` works whichever `heel` the PATH finds first.
+_CLI = """\"\"\"heel inside a sandbox: only `heel ipc` is here (see heel.client).\"\"\"
+import sys
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] != ["ipc"]:
+        sys.stderr.write("heel: inside a sandbox only 'heel ipc NAME [ARGS...]' works\\n")
+        return 2
+    from heel.client import main as ipc
+
+    return ipc(args[1:])
+"""
+
+_MAIN = """import sys
+
+from heel.cli import main
+
+sys.exit(main())
 """
 
 _WRAPPER = """#!/usr/bin/env -S python3 -S
@@ -806,6 +845,9 @@ def _prepare_ipc(plan: SandboxPlan, router) -> SandboxPlan:
     with open(os.path.join(package, "__init__.py"), "w") as f:
         f.write('"""heel inside a sandbox: only heel.client is here."""\n')
     open(os.path.join(package, "_vendor", "__init__.py"), "w").close()
+    for name, text in (("cli.py", _CLI), ("__main__.py", _MAIN)):
+        with open(os.path.join(package, name), "w") as f:
+            f.write(text)
     for name in _CLIENT_FILES:
         shutil.copyfile(os.path.join(here, name), os.path.join(package, name))
     # msgpack whole: its C extension serves a sandbox Python of the host's
@@ -826,6 +868,7 @@ def _prepare_ipc(plan: SandboxPlan, router) -> SandboxPlan:
     inside = os.path.join(plan.tmp, ".heel")
     env = dict(plan.env)
     env["HEEL_IPC_FD"] = str(lib.HEEL_IPC_FD)
+    env["HEEL_IPC_MAX_MESSAGE"] = str(router.max_message_size)  # the client's limit too
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(inside, "lib"), env.get("PYTHONPATH")]))
     # At the end of PATH: the sandbox's own programs win over a wrapper's name.
     env["PATH"] = env["PATH"] + os.pathsep + os.path.join(inside, "bin")

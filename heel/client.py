@@ -11,7 +11,10 @@ there), so nothing has to be installed.
 Each process opens one connection, on first use: it makes a socketpair and
 passes one end to the host over the sandbox's IPC socket (fd 3, or
 $HEEL_IPC_FD).  Calls are synchronous; threads of one process share the
-connection, one call at a time.
+connection, one call at a time.  A call left midway (any exception, a
+KeyboardInterrupt included) drops the connection, and the next call opens a
+fresh one, so a late answer is never taken for another call's.  The message
+size limit is the router's, from $HEEL_IPC_MAX_MESSAGE.
 """
 
 from __future__ import annotations
@@ -46,6 +49,37 @@ _ids = itertools.count(1)
 _state: dict = {"pid": None, "sock": None, "connection": None}
 
 
+def _drop() -> None:
+    """Forget this process's connection (closing it); the next call opens another."""
+    sock = _state["sock"]
+    _state.update(pid=None, sock=None, connection=None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _after_fork_in_child() -> None:
+    # Another thread may have been inside call(), holding the lock and midway
+    # through a message on the parent's connection: the child starts afresh.
+    global _lock
+    _lock = _thread.allocate_lock()
+    _drop()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _max_message() -> int:
+    """The router's message size limit, which heel passes in $HEEL_IPC_MAX_MESSAGE."""
+    try:
+        size = int(os.environ.get("HEEL_IPC_MAX_MESSAGE", ""))
+    except ValueError:
+        return codec.DEFAULT_MAX_FRAME
+    return size if 1 <= size <= codec.MAX_MSGID else codec.DEFAULT_MAX_FRAME
+
+
 def _connect() -> tuple[_socket.socket, codec.Connection]:
     fd = int(os.environ.get("HEEL_IPC_FD", "3"))
     try:
@@ -60,22 +94,30 @@ def _connect() -> tuple[_socket.socket, codec.Connection]:
     finally:
         theirs.close()
         broker.close()
-    return ours, codec.Connection("client")
+    return ours, codec.Connection("client", _max_message())
 
 
-def call(name: str, **params):
+def call(name: str, /, **params):
     """Call the host's command ``name`` with keyword parameters; returns its result.
 
-    Raises IpcError when the host answers with an error, ConnectionError when
-    the host went away."""
+    ``name`` is positional-only, so a command may have a parameter called
+    ``name`` too.  Raises IpcError when the host answers with an error, or
+    when a message is larger than the router's limit or malformed (``code``
+    TOO_LARGE, PARSE_ERROR...); ConnectionError when the host went away."""
     with _lock:
         if _state["pid"] != os.getpid():  # a forked child opens its own
+            _drop()
             _state["sock"], _state["connection"] = _connect()
             _state["pid"] = os.getpid()
         sock, connection = _state["sock"], _state["connection"]
         msgid = next(_ids) % codec.MAX_MSGID
         try:
-            sock.sendall(connection.send(codec.Request(msgid, name, params)))
+            data = connection.send(codec.Request(msgid, name, params))
+        except codec.ProtocolError as exc:  # too large: nothing was sent, the connection is fine
+            raise IpcError(exc.code, str(exc)) from None
+        try:
+            sock.sendall(data)
+            del data
             while True:
                 event = connection.next_event()
                 if event is codec.NEED_DATA:
@@ -84,8 +126,14 @@ def call(name: str, **params):
                 if event is codec.CLOSED:
                     raise ConnectionError("the host closed the IPC connection")
                 break
-        except (OSError, codec.ProtocolError):
-            _state["pid"] = None  # the next call reconnects
+        except codec.ProtocolError as exc:
+            _drop()  # the stream cannot be trusted: the next call reconnects
+            raise IpcError(exc.code, str(exc)) from None
+        except BaseException:
+            # OSError, or anything that left the call midway (KeyboardInterrupt,
+            # an exception from a signal handler): the answer may still come,
+            # and the next call must not read it as its own.
+            _drop()
             raise
     if event.msgid != msgid:
         raise IpcError(codec.INTERNAL_ERROR, f"a reply to {event.msgid} came for {msgid}")

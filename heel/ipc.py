@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import resource
 import select
 import socket
 import stat
@@ -42,6 +43,24 @@ __all__ = ["IpcCommand", "IpcRouter"]
 
 #: Parameter types a command may declare, as msgpack carries them.
 _TYPES = (str, int, float, bool, bytes, list, dict, type(None))
+
+#: The calls one connection may have running at once (IpcRouter's
+#: ``max_calls_per_connection`` default).  While that many run, the host reads
+#: nothing more from the connection: a process that pipelines requests without
+#: waiting for the answers cannot make the host hold more than this many calls'
+#: parameters and answers.
+MAX_CALLS_PER_CONNECTION = 64
+#: The calls a sandbox may have running at once, over all its connections
+#: (IpcRouter's ``max_calls`` default): with the message size, what bounds the
+#: memory a sandbox can make the host hold (each call's parameters, and its
+#: answer until sent: at most max_calls x 2 x max_message_size).
+MAX_CALLS = 128
+#: fds the host keeps for everything else before it grants IPC connections
+#: (one fd each); see _connection_budget.
+_FD_RESERVE = 128
+#: How often (seconds) a connection whose calls are all taken checks whether
+#: its caller has gone, since it reads nothing meanwhile.
+_HANGUP_POLL = 0.5
 
 
 class IpcCommand:
@@ -135,20 +154,35 @@ def _as_tuple(value) -> tuple:
 class IpcRouter:
     """The commands a sandbox may call; give it as ``SandboxConfig(ipc=router)``.
 
-    ``max_message_size`` bounds each message either way; ``max_connections``
-    bounds the connections a sandbox may hold open at once (each calling
-    process opens one).
+    ``max_message_size`` bounds each message either way (the client inside
+    learns it from ``$HEEL_IPC_MAX_MESSAGE``); ``max_connections`` bounds the
+    connections a sandbox may hold open at once (each calling process opens
+    one), fewer where the host's RLIMIT_NOFILE is low; and
+    ``max_calls_per_connection`` bounds the calls one connection may have
+    running at once, and ``max_calls`` those of the whole sandbox: while
+    that many run, the host reads no more requests (from that connection,
+    or from any).  The memory a sandbox can make the host hold for IPC is
+    at most about max_calls x 2 x max_message_size (1 GiB with the
+    defaults, and only when every call carries the largest message).
     """
 
     def __init__(self, *, max_message_size: int = codec.DEFAULT_MAX_FRAME,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256,
+                 max_calls_per_connection: int = MAX_CALLS_PER_CONNECTION, max_calls: int = MAX_CALLS) -> None:
         if not isinstance(max_message_size, int) or isinstance(max_message_size, bool) \
                 or not 1024 <= max_message_size <= codec.MAX_MSGID:
             raise PolicyError(f"max_message_size must be between 1 KiB and 4 GiB, got {max_message_size!r}")
         if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
             raise PolicyError(f"max_connections must be a positive int, got {max_connections!r}")
+        if not isinstance(max_calls_per_connection, int) or isinstance(max_calls_per_connection, bool) \
+                or max_calls_per_connection < 1:
+            raise PolicyError(f"max_calls_per_connection must be a positive int, got {max_calls_per_connection!r}")
+        if not isinstance(max_calls, int) or isinstance(max_calls, bool) or max_calls < 1:
+            raise PolicyError(f"max_calls must be a positive int, got {max_calls!r}")
         self.max_message_size = max_message_size
         self.max_connections = max_connections
+        self.max_calls_per_connection = max_calls_per_connection
+        self.max_calls = max_calls
         self._commands: dict[str, IpcCommand] = {}
 
     def register(self, command: IpcCommand) -> "IpcRouter":
@@ -194,6 +228,8 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
     connection.  Anything else passed along is closed."""
     broker.setblocking(False)
     open_connections = [0]
+    max_connections = min(router.max_connections, _connection_budget())
+    all_calls = trio.Semaphore(router.max_calls)
     async with trio.open_nursery() as nursery:
         while True:
             await trio.lowlevel.wait_readable(broker)
@@ -204,11 +240,61 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
             if not data and not fds and _hung_up(broker):
                 return  # every sandboxed end is closed (an empty message alone is no end)
             for fd in fds:
-                if open_connections[0] >= router.max_connections or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                if open_connections[0] >= max_connections or not stat.S_ISSOCK(os.fstat(fd).st_mode):
                     os.close(fd)
                     continue
                 open_connections[0] += 1
-                nursery.start_soon(_serve_connection, router, fd, open_connections)
+                nursery.start_soon(_serve_connection, router, fd, open_connections, all_calls)
+
+
+def _connection_budget() -> int:
+    """How many connections the host's fd limit leaves room for (each holds
+    one fd), next to everything else the process has open; the limit itself
+    is left alone (as in heel.proxy): raise RLIMIT_NOFILE for more."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 2**31
+    return max(16, (soft - _FD_RESERVE) // 2)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """An exception's message for the caller; never raises (a __str__ may)."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = ""
+    if not isinstance(message, str) or not message:
+        try:
+            message = type(exc).__name__
+        except Exception:
+            message = "the command failed"
+    return message
+
+
+async def _take_slot(slots: trio.Semaphore, sock) -> bool:
+    """Wait for a free call slot; False when the caller hangs up meanwhile
+    (nothing is read while every slot is taken, so its end of file would
+    not be seen)."""
+    while True:
+        with trio.move_on_after(_HANGUP_POLL):
+            await slots.acquire()
+            return True
+        if _hung_up(sock):
+            return False
+
+
+async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphore, sock) -> bool:
+    """A slot of the connection's and one of the sandbox's (see _take_slot)."""
+    if not await _take_slot(connection_slots, sock):
+        return False
+    try:
+        if await _take_slot(all_calls, sock):
+            return True
+    except BaseException:
+        connection_slots.release()
+        raise
+    connection_slots.release()
+    return False
 
 
 def _hung_up(sock: socket.socket) -> bool:
@@ -217,18 +303,23 @@ def _hung_up(sock: socket.socket) -> bool:
     return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
-async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int]) -> None:
+async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int],
+                            all_calls: trio.Semaphore) -> None:
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     connection = codec.Connection("server", router.max_message_size)
     send_lock = trio.Lock()
+    # A slot per running call, held until its answer is sent: at most this
+    # many handlers, and answers waiting to be sent, per connection.
+    slots = trio.Semaphore(router.max_calls_per_connection)
 
     async def reply(response: codec.Response) -> None:
         try:
             data = connection.send(response)
         except codec.ProtocolError as exc:
             data = connection.send(codec.error_response(response.msgid, exc.code, str(exc)))
-        except TypeError as exc:
-            data = connection.send(codec.error_response(response.msgid, codec.INTERNAL_ERROR, str(exc)))
+        except Exception as exc:  # TypeError: not msgpack; anything else a strange result raised
+            data = connection.send(codec.error_response(response.msgid, codec.INTERNAL_ERROR,
+                                                        _describe_failure(exc)))
         async with send_lock:
             view = memoryview(data)
             try:
@@ -238,6 +329,13 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                 pass  # the caller is gone
 
     async def run(request: codec.Request) -> None:
+        try:
+            await answer(request)
+        finally:
+            slots.release()
+            all_calls.release()
+
+    async def answer(request: codec.Request) -> None:
         command = router.get(request.method)
         if command is None:
             await reply(codec.error_response(request.msgid, codec.METHOD_NOT_FOUND,
@@ -250,8 +348,7 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
         try:
             result = await command.handle(**request.params)
         except Exception as exc:  # the handler's failure is the caller's answer, not the host's crash
-            message = str(exc) or type(exc).__name__
-            await reply(codec.error_response(request.msgid, codec.INTERNAL_ERROR, message))
+            await reply(codec.error_response(request.msgid, codec.INTERNAL_ERROR, _describe_failure(exc)))
             return
         await reply(codec.Response(request.msgid, None, result))
 
@@ -280,6 +377,10 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                             return
                         await reply(codec.error_response(event.msgid, event.code, event.message))
                     elif isinstance(event, codec.Request):  # the only other event on a server connection
+                        # Every slot taken: read nothing more until one frees.
+                        if not await _take_slots(slots, all_calls, sock):
+                            handlers.cancel_scope.cancel()
+                            return
                         handlers.start_soon(run, event)
                 if not data:
                     handlers.cancel_scope.cancel()

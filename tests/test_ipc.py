@@ -848,7 +848,8 @@ def test_server_survives_arbitrary_bytes(chunks):
         connections = [1]
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_serve_connection, _FUZZ_ROUTER, theirs.detach(), connections)
+                nursery.start_soon(_serve_connection, _FUZZ_ROUTER, theirs.detach(), connections,
+                                   trio.Semaphore(8))
                 peer = trio.socket.from_stdlib_socket(ours)
                 for chunk in chunks:
                     try:

@@ -321,3 +321,34 @@ def test_a_planted_fifo_as_lock_file_does_not_hang_the_sweep(tmp_path):
              "sweep_orphaned_temp_dirs(sys.argv[1], 'heel-venv-')")
     subprocess.run([sys.executable, "-c", sweep, root], timeout=20, check=True)
     assert os.path.isdir(planted) and not os.path.exists(dead)
+
+
+def test_a_sweep_cut_short_leaves_a_directory_the_next_sweep_removes(tmp_path, monkeypatch):
+    """A sweep (or a close) interrupted half way, by a SIGTERM say, used to
+    leave a directory without its lock file, which no later sweep would
+    touch again.  The lock goes last, so what is left is still an orphan."""
+    from heel import _spawn
+
+    root = str(tmp_path)
+    code = ("import os, sys; from heel._spawn import make_owned_temp_dir; "
+            "p = make_owned_temp_dir('heel-', sys.argv[1])[0]; "
+            "[open(os.path.join(p, f'f{i}'), 'w').close() for i in range(50)]; "
+            "os.makedirs(os.path.join(p, 'work', 'deep')); print(p)")
+    dead = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip()
+    real_unlink = _spawn._unlink
+    calls = []
+
+    def interrupted(name, dir_fd):
+        calls.append(name)
+        if len(calls) == 50:  # the last of the files: only the lock is left after it
+            raise KeyboardInterrupt
+        real_unlink(name, dir_fd)
+
+    monkeypatch.setattr(_spawn, "_unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _spawn.sweep_orphaned_temp_dirs(root, "heel-")
+    monkeypatch.setattr(_spawn, "_unlink", real_unlink)
+    assert os.path.isdir(dead) and os.path.exists(os.path.join(dead, ".owner-lock"))
+    _spawn.sweep_orphaned_temp_dirs(root, "heel-")
+    assert not os.path.exists(dead)
