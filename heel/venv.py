@@ -31,6 +31,8 @@ next run sweeps it if heel was killed before removing it).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -101,7 +103,8 @@ class VenvConfig(Frozen):
             raise PolicyError(f"VenvConfig: path must be a directory path, got {path!r}")
         # Resolved once, now: inspect() refuses the path if a link appears
         # in it later.
-        self._set("path", Path(os.path.realpath(os.path.expanduser(os.fspath(path)))))
+        self._set("path", _check_venv_path(Path(os.path.realpath(os.path.expanduser(os.fspath(path)))),
+                                           "VenvConfig"))
         if isinstance(packages, str):
             packages = [packages]
         items = tuple(packages)
@@ -134,6 +137,17 @@ class VenvConfig(Frozen):
         self._set("find_links", tuple(links))
         if no_index and index_url is not None:
             raise PolicyError("VenvConfig: no_index and index_url contradict each other")
+
+
+def _check_venv_path(path: Path, what: str) -> Path:
+    """PolicyError for an environment path that cannot be a PATH entry: its
+    bin/ is put on the sandbox's PATH, which a ":" would cut in two (so
+    ``python`` and ``pip`` would not be the environment's).  ``path`` is
+    the resolved one: a link in the given path may lead to such a name."""
+    if os.pathsep in os.fspath(path):
+        raise PolicyError(f"{what}: the environment path {path} contains {os.pathsep!r}, which separates "
+                          "PATH entries: its bin/ could not be put on the PATH; choose a path without it")
+    return path
 
 
 def _check_requirement(item: object) -> None:
@@ -183,7 +197,9 @@ class VenvManager:
 
         An existing environment is reused and only missing packages are
         installed; one that is broken (no interpreter, another Python, not a
-        venv at all) raises :class:`BrokenVenv` and is left alone.
+        venv at all) raises :class:`BrokenVenv` and is left alone, as does a
+        path the host cannot examine or make.  Builds of one path take turns
+        (:func:`_build_lock`): a later one waits up to ``timeout`` seconds.
         ``resolver``: the proxy's name resolution for the installer (tests).
         """
         import trio
@@ -200,30 +216,167 @@ class VenvManager:
         _check_not_protected(base, path)
         version = await trio.to_thread.run_sync(interpreter_version, base)
         uv = _uv(config.use_uv)
-        if path.exists() and not _is_empty_dir(path):
-            inspect(path, version)
-        else:
-            report("create", f"creating {path} with Python {version[0]}.{version[1]}")
-            existed = path.exists()
+        # One build of a path at a time (two sandboxes opening with one
+        # VenvConfig, two heel processes): a second builder waits here, then
+        # finds the environment made and its packages installed, instead of
+        # tearing down a half-built one it took for its own.
+        async with _build_lock(path, timeout):
             try:
-                await _make_venv(path, base, uv, config.system_site_packages)
+                existed = path.exists()
+                fresh = not existed or _is_empty_dir(path)
+            except OSError as exc:
+                raise _unusable(path, exc) from None
+            if not fresh:
                 inspect(path, version)
-            except BaseException:
-                # Half an environment would read as a broken one next time.
-                remove_tree(os.fspath(path))
-                if existed:
-                    os.makedirs(path, exist_ok=True)  # the empty directory it was given
-                raise
-        installed = installed_distributions(path)
-        missing = [req for req in config.packages if not _satisfied(req, installed)]
-        if missing:
-            await _install(config, path, base, uv, missing, report, resolver, timeout)
+            else:
+                report("create", f"creating {path} with Python {version[0]}.{version[1]}")
+                try:
+                    await _make_venv(path, base, uv, config.system_site_packages)
+                    inspect(path, version)
+                except BaseException:
+                    # Half an environment would read as a broken one next time.
+                    remove_tree(os.fspath(path))
+                    if existed:
+                        with contextlib.suppress(OSError):
+                            os.makedirs(path, exist_ok=True)  # the empty directory it was given
+                    raise
             installed = installed_distributions(path)
-            still = [req for req in missing if not _satisfied(req, installed)]
-            if still:
-                raise InstallError(f"the installer finished but {', '.join(still)} is not installed in {path}")
+            missing = [req for req in config.packages if not _satisfied(req, installed)]
+            if missing:
+                await _install(config, path, base, uv, missing, report, resolver, timeout)
+                installed = installed_distributions(path)
+                still = [req for req in missing if not _satisfied(req, installed)]
+                if still:
+                    raise InstallError(f"the installer finished but {', '.join(still)} is not installed in {path}")
         report("done", f"{path} is ready", len(missing), len(missing))
         return Venv(path, path / "bin" / "python", version, tuple(sorted(installed)))
+
+
+def _unusable(path: Path, exc: OSError) -> BrokenVenv:
+    """BrokenVenv for a path the host cannot even examine or make (a name
+    too long, a directory above it that this user may not search)."""
+    return BrokenVenv(f"{path} cannot be used for an environment: {exc.strerror or exc}"
+                      + (f" ({exc.filename})" if exc.filename and os.fspath(exc.filename) != os.fspath(path)
+                         else ""))
+
+
+#: The lock file of a build of ``<path>``: ``<path>.heel-lock``, beside it.
+LOCK_SUFFIX = ".heel-lock"
+# Seconds between tries of a held lock: doubling from the first to the last.
+_LOCK_POLL = (0.02, 0.25)
+
+
+@contextlib.asynccontextmanager
+async def _build_lock(path: Path, wait: float):
+    """Hold the exclusive build lock of ``path`` (flock on
+    ``<path>.heel-lock`` in its parent directory, made there if missing)
+    for the body, waiting at most ``wait`` seconds for another builder
+    (InstallError after that).
+
+    The lock is tried without blocking, between trio sleeps: the event loop
+    never blocks, and a cancelled wait leaves no thread behind that could
+    take the lock later.  The file is opened without following a link and
+    must be a regular file (BrokenVenv otherwise); it is removed by the
+    holder, still holding it, when done, so a waiter that then gets the lock
+    of the removed file checks that its file is still the one at the path,
+    and starts again if not.  A heel killed while holding it leaves the
+    file (and no lock: the kernel drops it); the next build reuses and
+    removes it.  Where the parent directory cannot be written (a shared
+    environment this user only reads) there is nothing to build and no lock
+    is taken.  Any process that can read the file can hold the lock, hence
+    the bounded wait."""
+    import fcntl
+
+    import trio
+
+    lock = path.parent / (path.name + LOCK_SUFFIX)
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        raise _unusable(path, exc) from None
+    try:
+        os.makedirs(path.parent, exist_ok=True)
+    except OSError as exc:
+        raise _unusable(path, exc) from None
+    deadline = trio.current_time() + wait
+    while True:
+        fd = _open_lock(lock, path)
+        if fd is None:
+            yield
+            return
+        try:
+            delay = _LOCK_POLL[0]
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                        # A file system without locks: build as before.
+                        os.close(fd)
+                        fd = -1
+                        break
+                    raise _unusable(lock, exc) from None
+                if trio.current_time() >= deadline:
+                    raise InstallError(f"another build of {path} has held {lock} for more than {wait:g} "
+                                       "seconds; if no build is running, a process that holds the file open "
+                                       "holds the lock")
+                await trio.sleep(delay)
+                delay = min(delay * 2, _LOCK_POLL[1])
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        if fd < 0:
+            yield
+            return
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # removed, or replaced, by the builder before: the lock of another file
+    try:
+        yield
+    finally:
+        try:
+            if _same_file(fd, lock):
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+        finally:
+            os.close(fd)  # and with it the lock
+
+
+def _open_lock(lock: Path, path: Path) -> int | None:
+    """The lock file's descriptor (made when missing, never through a
+    link), or None where this user may not make it."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return None
+        if exc.errno == errno.ELOOP:
+            raise BrokenVenv(f"{lock}, the build lock of {path}, is a symbolic link, which heel does not "
+                             "follow: remove it") from None
+        raise _unusable(path, exc) from None
+    try:
+        kind = os.fstat(fd).st_mode
+    except OSError:
+        kind = 0
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise BrokenVenv(f"{lock}, the build lock of {path}, is not a regular file: remove it")
+    return fd
+
+
+def _same_file(fd: int, name: Path) -> bool:
+    """Whether ``name`` (not followed) is still the file open as ``fd``."""
+    try:
+        here, there = os.fstat(fd), os.lstat(name)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def find_interpreter(python: str | None) -> Path:
@@ -333,7 +486,15 @@ def inspect(path: Path, want: tuple[int, int] | None = None) -> dict[str, str]:
     """Check, without running anything in it, that ``path`` is a usable
     environment (of Python ``want``); returns its pyvenv.cfg.  BrokenVenv
     otherwise."""
-    if path.is_symlink() or not path.is_dir():
+    try:
+        kind = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        kind = 0
+    except OSError as exc:
+        # Not even examinable: a name too long, a directory above it that
+        # this user may not search.
+        raise _unusable(path, exc) from None
+    if not stat.S_ISDIR(kind):
         raise BrokenVenv(f"{path} is not a directory")
     if os.path.realpath(path) != os.fspath(path):
         # A parent was swapped for a link since the path was resolved: the
@@ -698,7 +859,7 @@ class PythonConfig(Frozen):
         if isinstance(venv, (str, os.PathLike)):
             if not os.fspath(venv):
                 raise PolicyError("PythonConfig: venv must not be empty")
-            venv = Path(os.path.realpath(os.path.expanduser(os.fspath(venv))))
+            venv = _check_venv_path(Path(os.path.realpath(os.path.expanduser(os.fspath(venv)))), "PythonConfig")
         elif not isinstance(venv, VenvConfig):
             raise PolicyError(f"PythonConfig: venv must be a VenvConfig or a path, got {venv!r}")
         self._set("venv", venv)
