@@ -209,7 +209,9 @@ def _positive_number(value, what: str, *, integer: bool = False):
         raise PolicyError(f"{what} must be a number, got {value!r}")
     if integer and not isinstance(value, int):
         raise PolicyError(f"{what} must be a whole number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise PolicyError(f"{what} must be a finite number, got {value!r}")
+    if value <= 0:
         raise PolicyError(f"{what} must be positive, got {value!r}")
     return value
 
@@ -312,10 +314,13 @@ _KERNEL_DIRS = {"proc": "the sandbox has its own /proc", "dev": "the sandbox has
                 "sys": "it holds the kernel's settings"}
 
 
-def _check_writable(paths: tuple[Path, ...], what: str) -> None:
+def _check_writable(paths: tuple[Path, ...], what: str, level: "IsolationLevel") -> None:
     """Refuse a writable place that no mount can give: / or a kernel file system."""
     for path in paths:
         if len(path.parts) == 1:  # resolved and absolute: only / has one part
+            if level is IsolationLevel.PERMISSIVE:
+                raise PolicyError(f"{what}: / is the whole file system, which the permissive level "
+                                  "already writes; give it a directory of its own")
             raise PolicyError(f"{what}: / is the whole file system; to write everywhere use the "
                               "permissive level (--level permissive, IsolationLevel.PERMISSIVE)")
         if path.parts[1] in _KERNEL_DIRS:
@@ -405,7 +410,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         put("security", security)
         put("readable", _paths(readable, "readable"))
         put("writable", _paths(writable, "writable"))
-        _check_writable(self.writable, "writable")
+        _check_writable(self.writable, "writable", level)
         put("executable", _paths(executable, "executable"))
         put("env", MappingProxyType(_env(env or {})))
         names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
@@ -417,7 +422,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
             (wd,) = _paths([workdir], "workdir")
             if not wd.is_dir():
                 raise PolicyError(f"workdir: {wd} is not a directory")
-            _check_writable((wd,), "workdir")
+            _check_writable((wd,), "workdir", level)
             workdir = wd
         put("workdir", workdir)
         limits = ResourceLimits() if limits is None else limits
