@@ -1,0 +1,312 @@
+"""The command line as a user meets it: found in an exploratory review of
+``heel run`` run by root and by an unprivileged user.
+
+Synchronous, like tests/test_cli.py: heel runs in a subprocess, and every
+run is bounded by a timeout.  Host-side files live under /var/tmp (inside
+the sandbox /tmp is private).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
+
+
+def heel(*args: str, env: dict[str, str] | None = None, timeout: float = 30, cwd: str | None = None,
+         **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("capture_output", True)
+    return subprocess.run([sys.executable, "-m", "heel", *args], env=env, timeout=timeout, cwd=cwd, **kwargs)
+
+
+@pytest.fixture
+def host_dir():
+    """A directory under /var/tmp, open to every uid."""
+    path = tempfile.mkdtemp(prefix="heel-review2-", dir="/var/tmp")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- $TMPDIR outside /tmp ------------------------------------------------------------
+
+
+@pytest.fixture
+def var_tmpdir():
+    """A $TMPDIR outside /tmp, as many users set it (TMPDIR=/var/tmp, a
+    scratch disk): an ordinary directory, searchable by everyone."""
+    path = tempfile.mkdtemp(prefix="heel-review2-tmpdir-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_tmpdir_outside_tmp_runs_the_command(var_tmpdir):
+    """As root, heel's temporary directory ($TMPDIR/heel-XXXX, mode 0700,
+    root's) holds the workdir; outside /tmp it is not covered by the private
+    /tmp, and the sandbox's uid (2000000000) cannot pass through it: every
+    run failed with "heel-init: sandbox setup failed at chdir: Permission
+    denied"."""
+    env = {**os.environ, "TMPDIR": var_tmpdir}
+    result = heel("run", "--", "sh", "-c", "touch made-here && echo ran", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"ran\n"
+    assert not os.listdir(var_tmpdir)  # and nothing left behind
+
+
+def test_a_tmpdir_outside_tmp_never_costs_the_namespaces(var_tmpdir):
+    """The probe's trial run fails in the same place (at chdir, not in a
+    namespace stage) and counted that as "no user namespaces": `heel doctor`
+    said not ready, and with --best-effort the command ran as the host's
+    real uid 0, in no namespace at all."""
+    env = {**os.environ, "TMPDIR": var_tmpdir}
+    result = heel("run", "--best-effort", "--network", "allow", "--", "readlink", "/proc/self/ns/user",
+                  env=env)
+    assert b"running without" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() != os.readlink("/proc/self/ns/user").encode()
+    doctor = heel("doctor", env=env)
+    assert doctor.returncode == 0, doctor.stdout
+
+
+def test_a_tmpdir_in_dev_shm_runs_the_command():
+    """/dev/shm is a common $TMPDIR (a tmpfs anyone may write); the
+    sandbox's private /dev/shm covered the workdir made there, and every run
+    failed with "sandbox setup failed at mount: No such file or directory"."""
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    path = tempfile.mkdtemp(prefix="heel-review2-shm-", dir="/dev/shm")
+    try:
+        os.chmod(path, 0o755)
+        env = {**os.environ, "TMPDIR": path}
+        result = heel("run", "--", "sh", "-c", "touch made-here && echo ran", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"ran\n"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- stdio that is a host file ---------------------------------------------------------
+
+
+RUNNERS = pytest.mark.parametrize("runner", [[], ["--network", "allow"]], ids=["plain", "trio"])
+
+
+@RUNNERS
+def test_stdout_and_stderr_into_one_file_keep_their_order(host_dir, runner):
+    """`heel run CMD > log 2>&1`: stdout and stderr are one file there, and
+    what the command wrote must land in the order it wrote it.  Each was
+    relayed through a pipe of its own, so the lines came out shuffled
+    (all of stdout, then all of stderr, or worse)."""
+    log = os.path.join(host_dir, "log")
+    script = "i=0; while [ $i -lt 200 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    with open(log, "wb") as f:
+        result = heel("run", *runner, "--", "sh", "-c", script, stdout=f, stderr=subprocess.STDOUT,
+                      capture_output=False)
+    assert result.returncode == 0
+    expected = "".join(f"out{i}\nerr{i}\n" for i in range(200))
+    with open(log) as f:
+        assert f.read() == expected
+
+
+@RUNNERS
+def test_a_command_that_reads_no_stdin_leaves_a_file_stdin_alone(host_dir, runner):
+    """`while read line; do heel run -- CMD; done < list`: the loop's stdin is
+    a file, which heel relays through a pipe.  heel read the whole file even
+    when the command never read a byte, so the loop ended after its first
+    line.  What the command did not read must stay for the next reader, as
+    it does when stdin is a pipe."""
+    data = os.path.join(host_dir, "lines")
+    with open(data, "w") as f:
+        f.write("".join(f"line {i}\n" for i in range(20000)))  # more than a pipe holds
+    with open(data, "rb") as f:
+        result = heel("run", *runner, "--", "true", stdin=f)
+        assert result.returncode == 0, result.stderr
+        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 0
+
+
+@RUNNERS
+def test_a_shell_loop_over_a_file_sees_every_line(host_dir, runner):
+    """The same in the shell a user writes; and a command that reads part of
+    it leaves the rest (what it read in whole pipe chunks is its own)."""
+    data = os.path.join(host_dir, "lines")
+    with open(data, "w") as f:
+        f.write("a\nb\nc\n")
+    opts = " ".join(runner)
+    loop = (f'while read line; do {sys.executable} -m heel run {opts} -- echo "got $line" || exit 9; '
+            f'done < "{data}"')
+    result = subprocess.run(["sh", "-c", loop], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"got a\ngot b\ngot c\n"
+
+
+# ---- heel's own failures: one clear line --------------------------------------------------
+
+
+def _one_heel_line(result: subprocess.CompletedProcess) -> str:
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 125, stderr
+    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+def test_an_unusable_tmpdir_is_named_not_an_errno():
+    """TMPDIR set to a directory heel cannot make its directory in: either
+    fall back (as tempfile.gettempdir() does) or say that $TMPDIR is the
+    trouble.  heel said "[Errno 2] No such file or directory:
+    '/proc/heel-bd4cb34f7622'"."""
+    env = {**os.environ, "TMPDIR": "/proc"}
+    result = heel("run", "--", "true", env=env)
+    if result.returncode != 0:
+        stderr = _one_heel_line(result)
+        assert "TMPDIR" in stderr and "[Errno" not in stderr, stderr
+
+
+def test_a_deleted_current_directory_is_named_not_an_errno(host_dir):
+    """Run from a directory that was removed: `heel run --workdir .` (and
+    `heel python script.py`) said only "heel: [Errno 2] No such file or
+    directory"."""
+    gone = os.path.join(host_dir, "gone")
+    os.mkdir(gone)
+    code = ("import os, subprocess, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); "
+            "r = subprocess.run([sys.executable, '-m', 'heel', 'run', '--workdir', '.', '--', 'true'], "
+            "capture_output=True, timeout=30); sys.stderr.buffer.write(r.stderr); sys.exit(r.returncode)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code, gone], capture_output=True, timeout=60, env=env)
+    stderr = _one_heel_line(result)
+    assert "[Errno" not in stderr, stderr
+    assert "director" in stderr  # names the (current/working) directory as the trouble
+
+
+def test_an_infinite_timeout_is_not_called_negative():
+    """--timeout 1e400 is read as infinity: "must be positive" is wrong."""
+    result = heel("run", "--timeout", "1e400", "--", "true")
+    stderr = _one_heel_line(result)
+    assert "positive" not in stderr, stderr
+
+
+def test_an_empty_venv_is_refused_not_ignored():
+    """`heel python --venv ''` ran without any environment, as if the
+    option were absent; --workdir '' and --readable '' are refused."""
+    result = heel("python", "--venv", "", "-c", "print(1)")
+    _one_heel_line(result)
+
+
+def test_a_missing_interpreter_is_not_a_missing_command(host_dir):
+    """A script that exists but whose #! interpreter does not (or is hidden
+    by the sandbox, as a Python in a protected home is): heel said
+    "SCRIPT: command not found in the sandbox", which sends the user looking
+    for the script.  bash says "bad interpreter"."""
+    script = os.path.join(host_dir, "tool")
+    with open(script, "w") as f:
+        f.write("#!/nonexistent/heel-review-interp\necho hi\n")
+    os.chmod(script, 0o755)
+    result = heel("run", "--", script)
+    stderr = result.stderr.decode()
+    assert result.returncode in (126, 127), stderr
+    assert "interpreter" in stderr or "/nonexistent/heel-review-interp" in stderr, stderr
+
+
+def test_the_workdir_message_does_not_ask_for_the_level_already_given():
+    """`--level permissive --workdir /` was told "to write everywhere use
+    the permissive level (--level permissive ...)"."""
+    result = heel("run", "--level", "permissive", "--workdir", "/", "--", "true")
+    stderr = _one_heel_line(result)
+    assert "--level permissive" not in stderr, stderr
+
+
+# ---- signals while the sandbox opens (trio's runner) ------------------------------------
+
+
+_TERM_DURING_PROBE = """
+import os, signal, sys
+import heel._probe as probe
+made = probe.make_temp_dir
+def make_and_be_terminated(prefix, *args, **kwargs):
+    path = made(prefix, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # as a user's kill would, while the probe runs
+    return path
+probe.make_temp_dir = make_and_be_terminated
+from heel.cli import main
+sys.exit(main(["run", "--network", "allow", "--", "true"]))
+"""
+
+
+def test_sigterm_while_a_networked_sandbox_opens_leaves_nothing(tmp_path):
+    """With a network, heel installs its SIGTERM handling only once the
+    sandbox is open; before that (the probe's trial run takes ~0.3 s) a
+    SIGTERM killed heel at once and its `heel-probe-*` directory stayed in
+    $TMPDIR for good (it carries no owner lock, so no sweep removes it)."""
+    tmpdir = str(tmp_path)  # under /tmp: a $TMPDIR elsewhere fails as root for another reason (above)
+    env = {**os.environ, "TMPDIR": tmpdir,
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _TERM_DURING_PROBE], capture_output=True, timeout=60, env=env)
+    assert result.returncode in (143, -15), result.stderr
+    assert os.listdir(tmpdir) == [], os.listdir(tmpdir)
+
+
+# ---- a host file that takes no more output -------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", [[], ["--network", "allow"]], ids=["plain", "trio"])
+def test_output_that_the_host_file_refuses_is_reported(host_dir, runner):
+    """`heel run CMD > file` where the file takes no more (a full disk; here
+    heel's RLIMIT_FSIZE, which Python turns into EFBIG): the plain runner
+    killed the command and said only "heel: [Errno 27] File too large"
+    (exit 125); trio's runner dropped the rest of the output without a word
+    and exited 0 or the command's status, as if all had been written."""
+    import resource
+
+    out = os.path.join(host_dir, "out")
+    script = "head -c 200000 /dev/zero; echo done >&2; exit 3"
+    with open(out, "wb") as f:
+        result = heel("run", *runner, "--", "sh", "-c", script, stdout=f, stderr=subprocess.PIPE,
+                      capture_output=False,
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)))
+    stderr = result.stderr.decode()
+    assert result.returncode != 0, stderr
+    assert "File too large" in stderr and "[Errno" not in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+# ---- found while fixing the above ---------------------------------------------------------
+
+
+def test_a_home_that_holds_the_system_is_not_closed_whole():
+    """HOME=/usr (a service account's, or a mistake) made protect_user_home
+    cover /usr: every command was "not found".  Such a home keeps its
+    credentials closed but is not covered whole."""
+    env = {**os.environ, "HOME": "/usr"}
+    result = heel("run", "--", "sh", "-c", "echo ran; test -d /usr/bin && echo usr", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"ran\nusr\n"
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "fifo", "big"])
+def test_a_config_that_is_no_settings_file_is_refused_at_once(host_dir, source):
+    """--config /dev/zero read for ever, and a FIFO with no writer waited
+    for ever to open; a settings file is small and regular."""
+    if source == "fifo":
+        source = os.path.join(host_dir, "fifo")
+        os.mkfifo(source)
+    elif source == "big":
+        source = os.path.join(host_dir, "big.toml")
+        with open(source, "w") as f:
+            f.write("#" * (2 << 20))
+    result = heel("run", "--config", source, "--", "true", timeout=20)
+    stderr = _one_heel_line(result)
+    assert "not a regular file" in stderr or "too large" in stderr, stderr
+
+
+def test_heel_ipc_outside_a_sandbox_says_where_it_works():
+    result = heel("ipc", "anything")
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "inside a sandbox" in stderr and "No such command" not in stderr, stderr

@@ -1,0 +1,399 @@
+"""IPC and Python environments at their edges (found by an exploratory
+review): pipelined and concurrent calls, the fd limit, interrupted and
+forked clients, message sizes, odd handler errors, concurrent builds of one
+venv, odd venv paths.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import tempfile
+
+import pytest
+import trio
+
+import heel
+from helpers import explain, py, sh
+from pkgtools import shared_wheels
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+#: A raw connection, as heel.client opens one (see test_ipc.RAW).
+RAW = """
+import os, socket, struct, sys, time
+from heel._ipc_codec import msgpack
+def connect():
+    broker = socket.socket(fileno=os.dup(int(os.environ.get("HEEL_IPC_FD", "3"))))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    socket.send_fds(broker, [b"c"], [theirs.fileno()])
+    theirs.close()
+    broker.close()
+    ours.settimeout(10)
+    return ours
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+"""
+
+
+def _add_router(**kwargs) -> heel.IpcRouter:
+    router = heel.IpcRouter(**kwargs)
+
+    @router.command("add")
+    async def add(a: int, b: int = 1) -> int:
+        return a + b
+
+    return router
+
+
+def _uv_on_path(monkeypatch) -> None:
+    """uv, found next to the test's interpreter when not on the PATH; skip without it."""
+    if shutil.which("uv") is None:
+        here = os.path.dirname(sys.executable)
+        if os.access(os.path.join(here, "uv"), os.X_OK):
+            monkeypatch.setenv("PATH", here + os.pathsep + os.environ.get("PATH", ""))
+    if shutil.which("uv") is None:
+        pytest.skip("needs uv")
+
+
+# ---- IPC: the host --------------------------------------------------------------------------
+
+
+async def test_pipelined_requests_on_one_connection_are_bounded():
+    # docs/ipc.md: "what the host holds per connection stays within max_frame
+    # plus one read".  A sandboxed process that pipelines requests without
+    # waiting for answers makes the host start a handler (holding its params)
+    # for every one of them: 2000 requests of 1 MB held 2 GB of the host.
+    router = heel.IpcRouter(max_message_size=64 * 1024)
+    held = {"now": 0, "peak": 0}
+
+    @router.command("hold")
+    async def hold(pad: bytes) -> int:
+        held["now"] += len(pad)
+        held["peak"] = max(held["peak"], held["now"])
+        try:
+            await trio.sleep_forever()
+        finally:
+            held["now"] -= len(pad)
+
+    with trio.fail_after(60):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, RAW + """
+s = connect()
+s.settimeout(5)
+pad = b"x" * 60000
+data = b"".join(frame(msgpack.packb([0, i, "hold", {"pad": pad}], use_bin_type=True)) for i in range(600))
+try:
+    s.sendall(data)
+    print("SENT ALL")
+except socket.timeout:
+    print("HOST STOPPED READING")
+time.sleep(1)
+""", timeout=30)
+            assert out.returncode == 0, explain(out)
+    limit = 64 * router.max_message_size
+    assert held["peak"] <= limit, (f"one connection made the host hold {held['peak']} bytes of parameters "
+                                   f"in running handlers (36 MB sent; bound {limit})")
+
+
+async def test_handler_exception_that_cannot_be_printed_does_not_crash_the_sandbox():
+    # "A handler that raises answers with its message": when str(exc) itself
+    # raises, the error escapes the connection's task and the whole sandbox
+    # (the user's `async with`) dies with an ExceptionGroup.
+    router = _add_router()
+
+    class Odd(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    @router.command("odd")
+    async def odd() -> int:
+        raise Odd()
+
+    with trio.fail_after(30):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await sh(sb, "heel ipc odd; echo status=$?")
+            assert b"status=1" in out.stdout, explain(out)
+            out = await sh(sb, "heel ipc add --a 1")
+            assert out.stdout == b"2\n", explain(out)
+
+
+async def test_ipc_connections_leave_the_host_file_descriptors():
+    # max_connections (256) is granted whatever the host's RLIMIT_NOFILE: with
+    # a soft limit of a few hundred (1024 is common; heel's proxy sizes its own
+    # budget from it), one sandbox takes every fd the host has, and the host's
+    # next command fails with a bare OSError(EMFILE).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip("needs a hard fd limit of 1024 or more")
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 150, hard))
+    try:
+        with trio.fail_after(60):
+            async with heel.Sandbox(heel.SandboxConfig(ipc=_add_router())) as sb:
+                holder = await sb.command("python3").args(["-c", RAW + """
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+socks = [connect() for _ in range(256)]
+print("OPEN", flush=True)
+time.sleep(30)
+"""]).stdout(heel.Stdio.PIPE).spawn()
+                try:
+                    assert b"OPEN" in await holder.stdout.receive_some()
+                    await trio.sleep(0.5)
+                    out = await sb.command("true").output()   # the host still has fds to start a command
+                    assert out.returncode == 0, explain(out)
+                finally:
+                    holder.kill()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---- IPC: the client inside -------------------------------------------------------------------
+
+
+async def test_a_parameter_called_name_can_be_passed():
+    # heel.client.call(name, **params): a command with a parameter `name`
+    # cannot be called, neither from Python nor with `heel ipc` or the wrapper.
+    router = heel.IpcRouter()
+
+    @router.command("greet")
+    async def greet(name: str) -> str:
+        return "hi " + name
+
+    with trio.fail_after(30):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await sh(sb, "heel ipc greet --name bob; greet --name eve")
+            assert out.stdout == b"hi bob\nhi eve\n", explain(out)
+            out = await py(sb, "from heel.client import call; print(call('greet', name='ann'))")
+            assert out.stdout == b"hi ann\n", explain(out)
+
+
+async def test_an_interrupted_call_does_not_shift_every_later_answer():
+    # A call left by an exception other than OSError (KeyboardInterrupt, a
+    # signal handler's timeout) keeps the connection: its late answer is read
+    # by the next call, which fails with "a reply to 1 came for 2", and so on
+    # for every call the process makes.
+    router = _add_router()
+
+    @router.command("slow")
+    async def slow() -> int:
+        await trio.sleep(1)
+        return 0
+
+    with trio.fail_after(30):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, """
+import signal, time
+from heel.client import call
+class Alarm(Exception):
+    pass
+def on_alarm(*_):
+    raise Alarm()
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+try:
+    call("slow")
+except Alarm:
+    print("interrupted")
+time.sleep(1.5)  # the interrupted call's answer has come by now
+print(call("add", a=1), call("add", a=2))
+""")
+            assert out.stdout == b"interrupted\n2 3\n", explain(out)
+
+
+async def test_a_child_forked_during_another_threads_call_can_call():
+    # client._lock is held across a call; a child forked meanwhile (e.g.
+    # multiprocessing's fork start method) inherits it held and hangs forever
+    # on its first call.
+    router = _add_router()
+
+    @router.command("slow")
+    async def slow() -> int:
+        await trio.sleep(2)
+        return 0
+
+    with trio.fail_after(30):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, """
+import os, signal, threading, time
+from heel.client import call
+worker = threading.Thread(target=call, args=("slow",))
+worker.start()
+time.sleep(0.5)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(5)
+    print("child", call("add", a=1), flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("status", status)
+worker.join()
+""")
+            assert b"child 2\nstatus 0\n" in out.stdout, explain(out)
+
+
+async def test_the_routers_message_size_is_the_clients_too():
+    # IpcRouter(max_message_size=16 MiB) is the host's limit only: the client
+    # inside keeps the 4 MiB default both ways, so a 6 MB argument or result
+    # fails in the sandbox (a ProtocolError traceback, or "a frame of ...
+    # more than the limit of 4194304").
+    router = heel.IpcRouter(max_message_size=16 * 2**20)
+
+    @router.command("size")
+    async def size(data: bytes) -> int:
+        return len(data)
+
+    @router.command("blob")
+    async def blob(n: int) -> bytes:
+        return b"x" * n
+
+    with trio.fail_after(30):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, """
+from heel.client import call
+print(call("size", data=b"y" * 6000000), len(call("blob", n=6000000)))
+""")
+            assert out.stdout == b"6000000 6000000\n", explain(out)
+            out = await sh(sb, "heel ipc blob --n 6000000 | wc -c")
+            assert out.stdout.strip() == b"6000000", explain(out)
+
+
+async def test_heel_ipc_works_in_a_venv_that_has_heel_installed():
+    # The `heel` launcher is at the end of the PATH.  A real heel earlier on
+    # it (installed in the sandbox's venv, or system-wide in /usr/local/bin
+    # with `pip install heel`) answers instead, and its `from heel.cli import
+    # main` finds the in-sandbox copy of heel on PYTHONPATH, which has no cli:
+    # `heel ipc add` dies with ModuleNotFoundError.
+    base = tempfile.mkdtemp(prefix="heel-review-venv-", dir="/var/tmp")
+    try:
+        os.chmod(base, 0o755)
+        config = heel.VenvConfig(os.path.join(base, "env"), python=SYSTEM_PYTHON)
+        with trio.fail_after(120):
+            venv = await heel.VenvManager.create(config)
+        # What pip writes for heel's console script ([project.scripts] heel = heel.cli:main).
+        script = venv.path / "bin" / "heel"
+        script.write_text(f"#!{venv.python}\nimport sys\nfrom heel.cli import main\n"
+                          "if __name__ == '__main__':\n    sys.exit(main())\n")
+        script.chmod(0o755)
+        sandbox_config = heel.SandboxConfig(ipc=_add_router(), python=heel.PythonConfig(config))
+        with trio.fail_after(30):
+            async with heel.Sandbox(sandbox_config) as sb:
+                out = await sh(sb, "heel ipc add --a 1")
+        assert out.returncode == 0 and out.stdout == b"2\n", explain(out)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- Python environments ---------------------------------------------------------------------
+
+
+async def test_concurrent_builds_of_one_new_venv(monkeypatch):
+    # Sandboxes that share one VenvConfig and open at the same time build it
+    # at the same time: with uv they tear down each other's half-built
+    # environment (remove_tree on failure), and all or most of them fail
+    # with InstallError or BrokenVenv ("no pyvenv.cfg; heel leaves it alone"),
+    # sometimes leaving no environment at all.  Two at once rarely lose.
+    _uv_on_path(monkeypatch)
+    with shared_wheels(("heelalpha", "1.0", "VALUE = 'alpha-1.0'\n")) as wheels:
+        base = tempfile.mkdtemp(prefix="heel-review-conc-", dir="/var/tmp")
+        try:
+            os.chmod(base, 0o755)
+            for round in range(5):  # a race (most rounds of six lose it): a few fresh tries
+                config = heel.VenvConfig(os.path.join(base, f"env{round}"), ["heelalpha"], python=SYSTEM_PYTHON,
+                                         find_links=[wheels], no_index=True, use_uv=True)
+                failures = []
+
+                async def build() -> None:
+                    try:
+                        await heel.VenvManager.create(config)
+                    except heel.HeelError as exc:
+                        failures.append(exc)
+
+                with trio.fail_after(120):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(6):
+                            nursery.start_soon(build)
+                assert failures == [], f"round {round}"
+                assert "heelalpha" in heel.venv.installed_distributions(config.path)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_venv_path_with_the_path_separator(monkeypatch):
+    # venv refuses a path with ":" (it would split the PATH); uv builds it,
+    # and inside the sandbox the PATH entry for its bin/ is cut in two:
+    # `python`, `python3` and `pip` are not the environment's (README: "Inside,
+    # it is python, python3 and pip on the PATH").  Refuse it up front, or
+    # make it work.
+    _uv_on_path(monkeypatch)
+    base = tempfile.mkdtemp(prefix="heel-review-sep-", dir="/var/tmp")
+    try:
+        os.chmod(base, 0o755)
+        try:
+            # Refused when the config is built (PolicyError), or when it is built on the host.
+            config = heel.VenvConfig(os.path.join(base, "a:b", "env"), python=SYSTEM_PYTHON, use_uv=True)
+            with trio.fail_after(120):
+                await heel.VenvManager.create(config)
+        except heel.HeelError:
+            return  # refused with a typed error: fine
+        with trio.fail_after(30):
+            async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(config))) as sb:
+                out = await sh(sb, "command -v python")
+        assert out.stdout.decode().strip() == f"{config.path}/bin/python", explain(out)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_unusable_venv_paths_raise_heel_errors():
+    # A path the host cannot even stat (a name too long here; a directory the
+    # user cannot search, as nobody) escapes as a bare OSError from
+    # VenvManager.create and from opening a Sandbox with PythonConfig(path).
+    long = "/var/tmp/" + "x" * 300
+    with pytest.raises(heel.HeelError):
+        await heel.VenvManager.create(heel.VenvConfig(long + "/env", python=SYSTEM_PYTHON))
+    with pytest.raises(heel.HeelError):
+        async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(long))):
+            pass
+
+
+async def test_run_python_with_code_that_is_not_utf8_is_a_heel_error():
+    # A str with a lone surrogate (from os.fsdecode, say) raises a bare
+    # UnicodeEncodeError, after leaving an empty file in the sandbox's tmp.
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        with pytest.raises(heel.HeelError):
+            await sb.run_python("print('\udcff')")
+
+
+async def test_calls_over_many_connections_are_bounded_for_the_whole_sandbox():
+    # Per connection the calls are bounded; over many connections (each
+    # calling process opens one, up to max_connections) the sandbox's total
+    # is bounded too: max_calls running at once, however many connections.
+    router = heel.IpcRouter(max_calls_per_connection=8, max_calls=16)
+    running = {"now": 0, "peak": 0}
+
+    @router.command("hold")
+    async def hold() -> int:
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        try:
+            await trio.sleep_forever()
+        finally:
+            running["now"] -= 1
+
+    with trio.fail_after(60):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, RAW + """
+conns = [connect() for _ in range(6)]
+for s in conns:
+    s.sendall(b"".join(frame(msgpack.packb([0, i, "hold", {}], use_bin_type=True)) for i in range(10)))
+time.sleep(2)
+print("OK")
+""", timeout=30)
+            assert b"OK" in out.stdout, explain(out)
+    # The control: more than one connection's worth ran (the sandbox's
+    # bound, not the connection's, is what stopped them).
+    assert running["peak"] == 16, running

@@ -1,0 +1,358 @@
+"""Isolation properties found missing by a security review, attacked for
+real from inside real sandboxes: TCP Fast Open past Landlock's port rule,
+commands changing the inits' resource limits, root's sandbox id and
+$TMPDIR, other sandboxes' temporary directories, the host's network tables
+at STRICT.
+
+Each test tries a forbidden thing inside a sandbox, observes from the host
+that it failed, and shows next to it that the allowed neighbour works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import trio
+
+import heel
+from helpers import explain, py, sh
+
+DEFAULT = heel.IsolationLevel.DEFAULT
+STRICT = heel.IsolationLevel.STRICT
+
+MSG_FASTOPEN = 0x20000000
+
+
+def _host_listener() -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(2)
+    return srv
+
+
+def _accepted_data(srv: socket.socket) -> bytes:
+    """What the first connection waiting on srv sent (b'' when none came)."""
+    try:
+        conn, _ = srv.accept()
+    except OSError:
+        return b""
+    with conn:
+        conn.settimeout(2)
+        try:
+            return conn.recv(100)
+        except OSError:
+            return b""
+
+
+# ---- 1. TCP Fast Open bypasses Landlock's connect rule (no network namespace) ----
+
+FASTOPEN = """
+import socket, sys
+port = int(sys.argv[1])
+s = socket.socket()
+try:
+    s.connect(('127.0.0.1', port))
+    print('connect ok')
+except OSError as e:
+    print('connect errno', e.errno)
+s = socket.socket()
+try:
+    s.sendto(b'heel-fastopen-data', 0x20000000, ('127.0.0.1', port))  # MSG_FASTOPEN
+    print('fastopen sent')
+except OSError as e:
+    print('fastopen errno', e.errno)
+"""
+
+
+async def test_fastopen_cannot_bypass_the_port_rule_without_a_network_namespace(no_namespaces):
+    """Without namespaces, Landlock's TCP rule is all that keeps the sandbox on
+    the proxy's port.  sendto(MSG_FASTOPEN) connects without passing through
+    the LSM connect hook, so it reaches any port: the proxy is bypassed."""
+    # Control on the host: this kernel does Fast Open from a client.
+    with _host_listener() as srv:
+        client = socket.socket()
+        try:
+            client.sendto(b"host-fastopen", MSG_FASTOPEN, srv.getsockname())
+        except OSError as exc:
+            pytest.skip(f"no TCP Fast Open on this host: {exc}")
+        finally:
+            client.close()
+        if _accepted_data(srv) != b"host-fastopen":
+            pytest.skip("TCP Fast Open does not deliver on this host")
+
+    with _host_listener() as srv:
+        port = srv.getsockname()[1]
+        config = heel.SandboxConfig(level=DEFAULT, network=heel.AllowAll(), best_effort=True)
+        async with heel.Sandbox(config) as sb:
+            assert "the network namespace" in sb.degraded
+            out = await py(sb, FASTOPEN, str(port))
+        # Control: an ordinary connect() to that port is refused by Landlock.
+        assert b"connect errno 13" in out.stdout, explain(out)
+        # The attack, observed from the host: nothing may arrive.
+        assert _accepted_data(srv) == b"", explain(out)
+
+
+# ---- 2. commands can change heel-init's and their init's resource limits ----------
+
+def _limit(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith(name):
+                return line
+    raise AssertionError(name)
+
+
+PRLIMIT_INIT = """
+import os, resource, time
+N = resource.RLIMIT_NOFILE
+resource.setrlimit(N, (64, resource.getrlimit(N)[1]))
+print('own', resource.prlimit(0, N)[0], 'read', resource.prlimit(1, N)[0] > 0, flush=True)
+for pid in (1, os.getppid()):
+    try:
+        resource.prlimit(pid, N, (64, resource.prlimit(pid, N)[1]))
+        print(pid, 'changed', flush=True)
+    except OSError as e:
+        print(pid, 'errno', e.errno, flush=True)
+"""
+
+
+async def test_command_cannot_change_heel_init_resource_limits():
+    """heel-init (pid 1) and each command's init share the command's uid, and
+    prlimit() asks for no more than that (Landlock does not mediate it, and
+    hidepid only hides /proc).  A command that lowers their RLIMIT_NOFILE
+    stops them from reading /proc, on which their cleanup rests."""
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        from heel._spawn import host_pid
+
+        init_pid = host_pid(sb._session.prepared._pidfd)
+        before = _limit(init_pid, "Max open files")
+        out = await py(sb, PRLIMIT_INIT)
+        after = _limit(init_pid, "Max open files")
+    # Control: a command may change its own limits (setrlimit, prlimit with
+    # pid 0) and read another process's.  Setting another's (its children's
+    # too: seccomp cannot tell them from the inits) is refused.
+    assert b"own 64 read True" in out.stdout, explain(out)
+    assert b"1 errno 1" in out.stdout, explain(out)
+    # Observed from the host: heel-init's limits are as heel left them.
+    assert after == before, (before, after, explain(out))
+    assert b"1 changed" not in out.stdout, explain(out)
+
+
+SURVIVOR = """
+import os, resource, sys, time
+attack = sys.argv[1] == 'attack'
+N = resource.RLIMIT_NOFILE
+if attack:
+    # Soft limit 2: poll() on two fds still works, but no /proc file opens.
+    hard = resource.prlimit(1, N)[1]
+    try:
+        resource.prlimit(os.getppid(), N, (2, resource.prlimit(os.getppid(), N)[1]))
+        resource.prlimit(1, N, (2, hard))
+    except PermissionError:
+        print('prlimit refused', flush=True)
+if os.fork() == 0:
+    os.setsid()
+    null = os.open('/dev/null', os.O_RDWR)
+    for fd in range(3):
+        os.dup2(null, fd)
+    if os.fork() == 0:
+        time.sleep(1.5)       # the command and its init are gone by now
+        if attack:
+            try:
+                resource.prlimit(1, N, (hard, hard))  # heel-init serves the next command again
+            except PermissionError:
+                pass
+        for _ in range(80):
+            with open('alive', 'a') as f:
+                f.write('x')
+            time.sleep(0.1)
+        os._exit(0)
+    os._exit(0)
+time.sleep(0.3)
+print('command done', flush=True)
+"""
+
+
+async def _survivor_growth(mode: str) -> tuple[int, int, object]:
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, SURVIVOR, mode)
+        alive = sb.workdir / "alive"
+        await trio.sleep(3)
+        first = alive.stat().st_size if alive.exists() else 0
+        await trio.sleep(1)
+        second = alive.stat().st_size if alive.exists() else 0
+    return first, second, out
+
+
+async def test_no_process_outlives_its_command_by_starving_the_inits():
+    """'When the command exits, [its init] kills everything the command
+    started (setsid'd and double-forked daemons included) before it reports
+    the exit status', and heel-init kills the orphans that outlive an init.
+    Lowering both inits' RLIMIT_NOFILE (prlimit) makes both cleanups read no
+    /proc and kill nothing: a daemon keeps running in the sandbox after the
+    command was reported done (and past its timeout)."""
+    # Control: without the limits trick the daemon dies with its command.
+    first, second, out = await _survivor_growth("control")
+    assert out.returncode == 0 and b"command done" in out.stdout, explain(out)
+    assert first == second == 0, (first, second)
+
+    first, second, out = await _survivor_growth("attack")
+    assert out.returncode == 0 and b"command done" in out.stdout, explain(out)
+    # Observed from the host, seconds after the command's end: nothing writes.
+    assert second == first, f"a process of the finished command is still writing: {first} -> {second} bytes"
+
+
+# ---- 3. root with $TMPDIR outside /tmp: "no namespaces", and best effort runs as real root ----
+
+async def test_root_with_tmpdir_elsewhere_is_not_taken_for_a_machine_without_namespaces(
+        root_only, outside_dir, monkeypatch):
+    """Root's sandboxes run as uid 2000000000 and cannot enter heel's 0700
+    temporary directory when $TMPDIR is not /tmp (only the private /tmp is
+    idmapped): the trial run fails at chdir (EACCES), which environment()
+    takes for a kernel without namespaces.  With best_effort the sandbox then
+    runs as the real uid 0, which may chmod any root-owned file."""
+    from heel import _probe
+
+    tmpdir = os.path.join(outside_dir, "tmpdir")
+    os.mkdir(tmpdir)
+    os.chmod(tmpdir, 0o1777)
+    victim = os.path.join(outside_dir, "victim")
+    with open(victim, "w") as f:
+        f.write("root's\n")
+    os.chmod(victim, 0o600)
+    monkeypatch.setenv("TMPDIR", tmpdir)
+    _probe.environment.cache_clear()
+    try:
+        env, why = _probe.environment()
+        async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, best_effort=True)) as sb:
+            out = await sh(sb, f"echo mine > mine && chmod 0640 mine && echo own=ok; chmod 0666 {victim}")
+            mine = os.stat(sb.workdir / "mine").st_mode & 0o777
+    finally:
+        _probe.environment.cache_clear()
+    # Control: the workdir's own files can be chmod'ed.
+    assert b"own=ok" in out.stdout and mine == 0o640, explain(out)
+    # Observed from the host: the root-owned file outside is unchanged.
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600, explain(out)
+    assert env.namespaces, why
+
+
+# ---- 4. sandboxes read each other's private tmp and workdir when $TMPDIR is not /tmp ----
+
+TWO_SANDBOXES = r"""
+import sys, trio
+sys.path.insert(0, sys.argv[1])
+import heel
+
+
+async def main():
+    cfg = heel.SandboxConfig(level=heel.IsolationLevel.DEFAULT)
+    async with heel.Sandbox(cfg) as victim, heel.Sandbox(cfg) as other:
+        out = await victim.command('sh').args(
+            ['-c', 'echo heel-secret-work > "$HOME/secret" && echo heel-secret-tmp > /tmp/secret']).output()
+        assert out.returncode == 0, out
+        out = await other.command('sh').args(
+            ['-c', 'echo mine > own; cat own; cat ' + sys.argv[2] + '/heel-*/work/secret '
+                   + sys.argv[2] + '/heel-*/tmp/secret']).timeout(20).output()
+        sys.stdout.write(out.stdout.decode())
+
+
+trio.run(main)
+"""
+
+
+async def test_sandboxes_cannot_read_each_others_temporary_directories(outside_dir, monkeypatch):
+    """heel makes each sandbox's workdir and private /tmp under $TMPDIR.  When
+    that is not /tmp, the private /tmp hides nothing: at DEFAULT another
+    sandbox of the same user reads both (the directories are 0700, but the
+    same uid runs inside).  As root (whose sandboxes cannot start with such a
+    $TMPDIR, see above) the two sandboxes are run by nobody."""
+    tmpdir = os.path.join(outside_dir, "tmpdir")
+    os.mkdir(tmpdir)
+    os.chmod(tmpdir, 0o1777)
+    package_root = os.path.dirname(os.path.dirname(heel.__file__))
+    if os.geteuid() == 0:
+        caller = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+        try:
+            usable = subprocess.run([*caller, "-c", f"import sys; sys.path.insert(0, {package_root!r}); "
+                                     "import heel, trio"], capture_output=True, timeout=30)
+        except OSError as exc:
+            pytest.skip(f"this Python is not usable by nobody: {exc}")
+        if usable.returncode != 0:
+            pytest.skip(f"this Python or heel is not usable by nobody: {usable.stderr[-300:]!r}")
+        env = dict(os.environ, TMPDIR=tmpdir, HOME="/nonexistent")
+        done = subprocess.run([*caller, "-c", TWO_SANDBOXES, package_root, tmpdir],
+                              capture_output=True, timeout=90, env=env)
+        assert done.returncode == 0, done
+        stdout = done.stdout
+    else:
+        monkeypatch.setenv("TMPDIR", tmpdir)
+        cfg = heel.SandboxConfig(level=DEFAULT)
+        async with heel.Sandbox(cfg) as victim, heel.Sandbox(cfg) as other:
+            out = await sh(victim, 'echo heel-secret-work > "$HOME/secret" && echo heel-secret-tmp > /tmp/secret')
+            assert out.returncode == 0, explain(out)
+            out = await sh(other, f"echo mine > own; cat own; cat {tmpdir}/heel-*/work/secret "
+                                  f"{tmpdir}/heel-*/tmp/secret")
+        stdout = out.stdout
+    # Control: the second sandbox works with its own files.
+    assert stdout.startswith(b"mine\n"), stdout
+    # The first sandbox's secrets stay out of the second.
+    assert b"heel-secret" not in stdout, stdout
+
+
+# ---- 5. STRICT sees the host's network tables in /proc/net -------------------------
+
+async def test_strict_does_not_see_the_hosts_connections():
+    """Under DenyAll heel makes no network namespace, so /proc/net (which
+    STRICT grants as part of "its own /proc") is the host's: every listening
+    port and connection of the host, and the paths of its unix sockets."""
+    with _host_listener() as srv:
+        port = srv.getsockname()[1]
+        async with heel.Sandbox(heel.SandboxConfig(level=STRICT)) as sb:
+            out = await sh(sb, "cat /proc/self/status >/dev/null && echo own=ok; cat /proc/net/tcp /proc/net/tcp6")
+    # Control: the sandbox's own /proc is readable.
+    assert b"own=ok" in out.stdout, explain(out)
+    # The host's listener (0100007F:PORT, state 0A) must not be listed.
+    assert not re.search(rb"0100007F:%04X 00000000:0000 0A" % port, out.stdout), explain(out)
+
+
+async def test_root_refuses_a_workdir_its_sandbox_id_cannot_reach(root_only, outside_dir):
+    """As root the sandbox runs as an unprivileged id: a workdir below a
+    directory that others may not search is refused at once, with a message
+    that says which directory, not as a failed chdir inside."""
+    private = os.path.join(outside_dir, "private")
+    work = os.path.join(private, "work")
+    os.makedirs(work)
+    os.chmod(private, 0o700)
+    with pytest.raises(heel.PolicyError, match=r"not searchable by other users.*chmod o\+x"):
+        async with heel.Sandbox(heel.SandboxConfig(workdir=work)):
+            pass
+    # Control: once others may pass through, the same workdir works.
+    os.chmod(private, 0o711)
+    async with heel.Sandbox(heel.SandboxConfig(workdir=work)) as sb:
+        out = await sh(sb, "pwd && echo hi > f && cat f")
+    assert out.stdout == f"{work}\nhi\n".encode(), explain(out)
+
+
+async def test_root_names_a_tmpdir_its_sandbox_id_cannot_reach(root_only, outside_dir, monkeypatch):
+    from heel import _probe
+
+    private = os.path.join(outside_dir, "private")
+    tmpdir = os.path.join(private, "tmp")
+    os.makedirs(tmpdir)
+    os.chmod(private, 0o700)
+    monkeypatch.setenv("TMPDIR", tmpdir)
+    _probe.environment.cache_clear()
+    try:
+        with pytest.raises(heel.PolicyError, match=r"temporary directory is in .*set TMPDIR"):
+            async with heel.Sandbox(heel.SandboxConfig()):
+                pass
+        assert os.listdir(tmpdir) == []  # nothing left behind
+    finally:
+        _probe.environment.cache_clear()
