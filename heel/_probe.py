@@ -155,7 +155,9 @@ def require(env: Environment, config: SandboxConfig, why_no_namespaces: str) -> 
 
 
 def probe() -> ProbeReport:
-    """What this machine enforces, protection by protection."""
+    """What this machine enforces, protection by protection.  Raises
+    PolicyError when the trial sandbox cannot be made for a reason of this
+    process's, not the machine's (an unusable $TMPDIR, say)."""
     env, why = environment()
     abi = env.landlock_abi
     ns = env.namespaces

@@ -426,10 +426,15 @@ def _make_app():
 
 
 def doctor() -> int:
-    """Print the probe as a table; 0 when heel's default sandbox runs here, else 1."""
+    """Print the probe as a table; 0 when heel's default sandbox runs here,
+    else 1 (125: the probe itself could not run, $TMPDIR unusable, say)."""
     from ._probe import environment, probe, require
 
-    report = probe()
+    try:
+        report = probe()
+    except (HeelError, OSError) as exc:
+        _say(f"cannot probe this machine: {exc}")
+        return EXIT_HEEL_FAILED
     uname = os.uname()
     print(f"kernel       {uname.sysname} {uname.release} ({uname.machine})")
     print(f"landlock ABI {report.landlock_abi or 'none'}")

@@ -310,3 +310,12 @@ def test_heel_ipc_outside_a_sandbox_says_where_it_works():
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr
     assert "inside a sandbox" in stderr and "No such command" not in stderr, stderr
+
+
+def test_doctor_with_an_unusable_tmpdir_says_so_in_one_line():
+    """The probe's trial sandbox cannot be made there: that is this
+    process's $TMPDIR, not the machine's lack of namespaces (which the
+    probe used to report), and not a traceback."""
+    result = heel("doctor", env={**os.environ, "TMPDIR": "/proc"})
+    stderr = _one_heel_line(result)
+    assert "TMPDIR" in stderr and "Traceback" not in stderr, stderr
