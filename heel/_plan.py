@@ -332,6 +332,20 @@ def _with_python(
     return config.replace(executable=executable, writable=writable), variables
 
 
+def _views(host_tmp: str, shm: str | None, host_view: str | None) -> list[tuple[str, str]]:
+    """The directories a sandbox gets a view of its own at, as (path inside,
+    host source): its private /tmp and /dev/shm, and a read-only cover over
+    the directory that holds heel's temporary directories when that is
+    elsewhere (see build_plan's host_view)."""
+    views = [("/tmp", host_tmp)] if os.path.isdir("/tmp") else []
+    if shm:
+        views.append(("/dev/shm", shm))
+    temp_parent = os.path.dirname(os.path.dirname(host_tmp))
+    if host_view and _coverable(temp_parent) and not any(_under(temp_parent, v) for v, _ in views):
+        views.append((temp_parent, host_view))
+    return views
+
+
 def _coverable(path: str) -> bool:
     """Whether the directory holding heel's temporary directories may be
     covered by a view of the sandbox's own: not the root, nor a directory
@@ -340,17 +354,19 @@ def _coverable(path: str) -> bool:
     return bool(path) and not any(_under(r, path) or _under(path, r) for r in (*RUNTIME_DIRS, *SYSTEM_TREES))
 
 
-def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, *, workdir_is_heels: bool) -> None:
+def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, views: list[str], *,
+                     workdir_is_heels: bool) -> None:
     """Refuse a granted path that the sandbox's unprivileged outside id
     could not reach: a directory above it that other users may not search
     (root's 0700 home, a private $TMPDIR).  The path itself is mounted
     idmapped when writable, but the directories that lead to it are seen
-    as they are on disk.  Those under /tmp are spared: the private /tmp
-    rebuilds the way to them out of heel's own directories."""
+    as they are on disk.  Below a view (``views``: the private /tmp...) the
+    way is rebuilt out of heel's own idmapped directories: only the
+    directories above the view count."""
     for kind, path in paths:
-        if _under(path, "/tmp") and os.path.isdir("/tmp"):
-            continue
-        parent = os.path.dirname(path.rstrip("/")) or "/"
+        under = [v for v in views if _under(path, v)]
+        start = max(under, key=len) if under else path
+        parent = os.path.dirname(start.rstrip("/")) or "/"
         while True:
             try:
                 mode = os.stat(parent).st_mode
@@ -413,8 +429,13 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # point is to write everywhere (see README).
     sandbox_id = (ROOT_SANDBOX_ID if env.namespaces and env.euid == 0
                   and level is not IsolationLevel.PERMISSIVE else None)
+    shm = host_shm if env.namespaces and host_shm and os.path.isdir("/dev/shm") else None
+    # Directories the sandbox sees one of its own at, (path, host source):
+    # /tmp and /dev/shm, and the directory that holds heel's temporary
+    # directories (the other sandboxes' ones) wherever $TMPDIR puts them.
+    views = _views(host_tmp, shm, host_view) if env.namespaces else []
     if sandbox_id is not None:
-        _check_reachable(explicit, sandbox_id,
+        _check_reachable(explicit, sandbox_id, [v for v, _ in views],
                          workdir_is_heels=os.path.dirname(workdir) == os.path.dirname(host_tmp))
 
     grants: list[tuple[str, int]] = []
@@ -434,7 +455,6 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # Drivers find their devices in sysfs (PCI, DRM, KFD topology).  It
         # tells of the host's hardware too, so only where there is a GPU.
         grants += [("/sys", ll.READ)]
-    shm = host_shm if env.namespaces and host_shm and os.path.isdir("/dev/shm") else None
     if shm:
         grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm
     if level is IsolationLevel.DEFAULT:
@@ -462,15 +482,6 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     if env.namespaces:
         readonly_root = level is not IsolationLevel.PERMISSIVE
         private_tmp = os.path.isdir("/tmp")
-        # Directories the sandbox sees one of its own at, (path, host source):
-        # /tmp and /dev/shm, and the directory that holds heel's temporary
-        # directories (the other sandboxes' ones) wherever $TMPDIR puts them.
-        views: list[tuple[str, str]] = [("/tmp", host_tmp)] if private_tmp else []
-        if shm:
-            views.append(("/dev/shm", shm))
-        temp_parent = os.path.dirname(os.path.dirname(host_tmp))
-        if host_view and _coverable(temp_parent) and not any(_under(temp_parent, v) for v, _ in views):
-            views.append((temp_parent, host_view))
 
         def view_of(path: str):
             """The view that hides a host path, if one does (the innermost)."""
@@ -520,7 +531,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         for d in sorted(denied, key=len):
             if not os.path.lexists(d) or os.path.islink(d) or any(_under(d, m) for m in masked):
                 continue
-            if hidden(d):  # under the private /tmp: not there to cover (a $HOME in /tmp, say)
+            if hidden(d) and not any(_under(d, r) for r in rw_regions + ro_regions):
+                # Under a view, and not brought into it: not there to cover
+                # (a $HOME in /tmp, say).  One inside a grant brought into a
+                # view is there, and is covered like any other.
                 continue
             if os.path.isdir(d) and host_mask:
                 masked.append(d)

@@ -49,16 +49,22 @@ class ProbeReport(namedtuple("ProbeReport", "landlock_abi seccomp user_namespace
 
 
 def _trial(env: Environment) -> str:
-    """Run `true` under a STRICT plan for env; '' on success, else why not."""
+    """Run `true` under a DEFAULT plan for env; '' on success, else why not."""
     from . import _sync
 
     base = make_temp_dir("heel-probe-", searchable=os.geteuid() == 0)
     try:
         work, tmp = os.path.join(base, "work"), os.path.join(base, "tmp")
-        os.mkdir(work)
-        os.mkdir(tmp)
-        config: SandboxConfig[DenyAll] = SandboxConfig(level=IsolationLevel.STRICT, workdir=work)
-        plan = build_plan(config, workdir=work, host_tmp=tmp, env=env, init_path=_native.INIT_PATH)
+        view = os.path.join(base, "view")  # as a Session's (see build_plan's host_view)
+        os.mkdir(work, 0o700)
+        os.mkdir(tmp, 0o700)
+        os.mkdir(view, 0o700)
+        # DEFAULT, which has no network namespace (STRICT always has one): a
+        # machine that lets users make the other namespaces but not that one
+        # still gets them where no network is asked for.
+        config: SandboxConfig[DenyAll] = SandboxConfig(level=IsolationLevel.DEFAULT, workdir=work)
+        plan = build_plan(config, workdir=work, host_tmp=tmp, host_view=view, env=env,
+                          init_path=_native.INIT_PATH)
         prepared = Prepared(plan)
         try:
             with open(os.devnull, "r+b") as null:

@@ -91,6 +91,7 @@ class Relays:
         self.input = -1  # host fd the sandbox reads from (with input_pipe)
         self.input_pipe = -1
         self._input_reader = -1  # a read end of our own: what is left in the pipe (FIONREAD)
+        self._input_read = 0  # bytes read from the host's file: the most that can go back
         self._pending = b""
         #: (stream, OSError) for each host file that refused the command's output
         self.errors: list[tuple[str, OSError]] = []
@@ -147,6 +148,7 @@ class Relays:
     def _copy_in(self) -> None:
         if not self._pending:
             self._pending = os.read(self.input, self.CHUNK)
+            self._input_read += len(self._pending)
             if not self._pending:  # end of the host's file: end of the sandbox's stdin
                 self._close_input()
                 return
@@ -169,7 +171,7 @@ class Relays:
         if self.input_pipe >= 0:
             self._close_input()
         if self._input_reader >= 0:
-            give_back_unread(self.input, len(self._pending) + pipe_bytes(self._input_reader))
+            give_back_unread(self.input, len(self._pending) + pipe_bytes(self._input_reader), self._input_read)
             self._pending = b""
             os.close(self._input_reader)
             self._input_reader = -1
@@ -197,9 +199,13 @@ def pipe_bytes(fd: int) -> int:
         return 0
 
 
-def give_back_unread(fd: int, unread: int) -> None:
+def give_back_unread(fd: int, unread: int, read: int) -> None:
     """Move a regular file's offset back by what heel read of it and the
-    command did not: the next reader (the rest of a `while read` loop) gets it."""
+    command did not: the next reader (the rest of a `while read` loop) gets
+    it.  Never by more than heel ``read`` for the command: the command can
+    write into its own stdin pipe (reopened through /proc/self/fd/0), and
+    must not move the host's offset back before where its input began."""
+    unread = min(unread, read)
     if unread <= 0:
         return
     try:

@@ -116,13 +116,29 @@ def _missing_loader(program: str) -> str:
     """For an absolute ``program``: its #! interpreter, described, when
     that does not exist even on the host (so it is not just hidden by the
     sandbox, which may hide the program as well); else ''."""
-    if not program.startswith("/"):
-        return ""  # looked up in the sandbox's PATH, or relative to its cwd: not the host's to read
+    if not program.startswith("/") or program.startswith(("/tmp/", "/dev/")):
+        # Looked up in the sandbox's PATH, relative to its cwd, or in its own
+        # /tmp or /dev/shm: not the host's file of that name.
+        return ""
+    import stat
+
+    # Only a regular file, never through a link: the path may be in the
+    # workdir, where the sandbox could have put a FIFO (an open() that
+    # waits for ever) or a link to anything heel may open.
     try:
-        with open(program, "rb") as f:
-            head = f.read(256)
+        if not stat.S_ISREG(os.lstat(program).st_mode):
+            return ""
+        fd = os.open(program, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        head = os.read(fd, 256)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     if not head.startswith(b"#!"):
         return ""
     words = head[2:].split(b"\n", 1)[0].split()

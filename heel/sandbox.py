@@ -392,6 +392,7 @@ class Sandbox(Generic[P]):
                                  2 if stderr is Stdio.INHERIT else -1), cmd._interactive_terminal,
                                 prepared.ptmx)
         relayed_stdout = -1  # the pipe an inherited stdout file gets, which stderr may share
+        names = {1: "stdout", 2: "stderr"}  # of the relayed streams, for a refused write's report
         try:
             for index, spec in enumerate(specs):
                 if spec is Stdio.INHERIT and bridge.child_fds[index] != index:
@@ -403,6 +404,7 @@ class Sandbox(Generic[P]):
                 elif index == 2 and spec is Stdio.INHERIT and relayed_stdout >= 0 and same_file(1, 2):
                     # `> log 2>&1`: one pipe for both keeps the order written.
                     child_fds.append(relayed_stdout)
+                    names[1] = "stdout and stderr"
                     streams.append(None)
                 elif spec is Stdio.NULL:
                     fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -452,7 +454,7 @@ class Sandbox(Generic[P]):
             if function is _relay_in:
                 relay_done.append(self._start_relay(function, stream, host_fd, extra, process._exited))
             else:
-                relay_done.append(self._start_relay(function, stream, host_fd, extra))
+                relay_done.append(self._start_relay(function, stream, host_fd, extra, names[host_fd]))
         if bridge.master >= 0:
             bridge.started()
             relay_done.append(self._start_relay(_relay_terminal, bridge, process))
@@ -686,7 +688,8 @@ class Command:
                       timed_out=timed_out, truncated=state["truncated"])
 
 
-async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, errors: list, done: trio.Event) -> None:
+async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, errors: list, name: str,
+                     done: trio.Event) -> None:
     """Copy a command's output into a host file (see heel._spawn.needs_relay).
     A file that refuses it (a full disk) ends the copy: the command gets
     EPIPE, and ``errors`` (the sandbox's) gets (stream name, OSError)."""
@@ -698,7 +701,7 @@ async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, errors: list,
                     while view:
                         view = view[os.write(host_fd, view):]
                 except OSError as exc:
-                    errors.append(("stdout" if host_fd == 1 else "stderr", exc))
+                    errors.append((name, exc))
                     return
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the pipe went away with the sandbox
@@ -799,6 +802,7 @@ async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, reader: int, e
     (its offset moves back), for the next reader, as if it had read the
     file itself.  ``reader``: a read end of the pipe, of heel's own."""
     unsent = memoryview(b"")
+    read = 0  # from the host's file: the most that can go back (see give_back_unread)
     try:
         async with stream:
             fd = stream.fileno()
@@ -812,6 +816,7 @@ async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, reader: int, e
                     while True:
                         if not unsent:
                             unsent = memoryview(os.read(host_fd, 65536))
+                            read += len(unsent)
                             if not unsent:
                                 break  # the file's end: the stream's end (closed below)
                         try:
@@ -821,13 +826,13 @@ async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, reader: int, e
                 finally:
                     nursery.cancel_scope.cancel()
             if exited.is_set():
-                give_back_unread(host_fd, len(unsent) + pipe_bytes(reader))
+                give_back_unread(host_fd, len(unsent) + pipe_bytes(reader), read)
             else:
                 # The file's end came first: wait for the command, and then
                 # give back what is still in the pipe.
                 await stream.aclose()
                 await exited.wait()
-                give_back_unread(host_fd, pipe_bytes(reader))
+                give_back_unread(host_fd, pipe_bytes(reader), read)
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the sandbox closed
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -319,3 +320,66 @@ def test_doctor_with_an_unusable_tmpdir_says_so_in_one_line():
     result = heel("doctor", env={**os.environ, "TMPDIR": "/proc"})
     stderr = _one_heel_line(result)
     assert "TMPDIR" in stderr and "Traceback" not in stderr, stderr
+
+
+@RUNNERS
+def test_a_command_writing_into_its_own_stdin_cannot_move_the_host_file_back(host_dir, runner):
+    """What goes back to a stdin file is what heel read ahead and the
+    command left in the pipe; the command can add to the pipe (it reopens
+    /proc/self/fd/0 for writing, which works as a non-root user), but the
+    host's offset must never go back past where the command's input began:
+    a shell reading its script from that file would run its lines again."""
+    data = os.path.join(host_dir, "script")
+    first = b"echo first line, read by the host before heel\n"
+    rest = b"x" * 100 + b"\n"
+    with open(data, "wb") as f:
+        f.write(first + rest)
+    # All of its input read, the command puts as much as before it back.
+    script = (f"cat > /dev/null; (exec 3>/proc/self/fd/0 && head -c {len(first) + len(rest)} /dev/zero >&3) "
+              "2>/dev/null; echo done")
+    with open(data, "rb", buffering=0) as f:
+        start = os.lseek(f.fileno(), len(first), os.SEEK_SET)  # the host has read its line
+        result = heel("run", *runner, "--", "sh", "-c", script, stdin=f)
+        end = os.lseek(f.fileno(), 0, os.SEEK_CUR)
+    assert result.returncode == 0 and result.stdout == b"done\n", result.stderr
+    assert start == len(first) and start <= end <= len(first) + len(rest), (start, end)
+
+
+def test_a_fifo_named_as_the_program_does_not_hang_heel(host_dir):
+    """The message for a missing #! interpreter reads the program's first
+    line on the host; a FIFO there (or a link to one, planted by a sandbox
+    in its workdir) must not block heel in open()."""
+    fifo = os.path.join(host_dir, "tool")
+    os.mkfifo(fifo)
+    result = heel("run", "--", fifo, timeout=20)
+    assert result.returncode in (126, 127), result.stderr
+
+
+def test_a_protected_file_in_a_grant_under_the_tmpdir_view_stays_read_only(host_dir):
+    """A credential inside a writable grant that lies under the directory
+    holding heel's temporary directories (here $HOME and $TMPDIR are one)
+    is brought into the sandbox's view with its grant: it must still be
+    covered read-only (no chmod, no utime), as anywhere else."""
+    home = os.path.join(host_dir, "home")
+    docker = os.path.join(home, ".docker")
+    os.makedirs(docker)
+    secret = os.path.join(docker, "config.json")
+    with open(secret, "w") as f:
+        f.write("{}")
+    os.chmod(secret, 0o600)
+    other = os.path.join(docker, "other")
+    with open(other, "w") as f:
+        f.write("")
+    os.chmod(other, 0o666)
+    for path in (host_dir, home, docker):
+        os.chmod(path, 0o777)
+    env = {**os.environ, "HOME": home, "TMPDIR": home}
+    script = (f"chmod 644 {secret} && echo CHMOD; touch -d 2001-01-01 {secret} && echo UTIME; "
+              f"echo made >> {other} && echo WROTE")
+    result = heel("run", "--no-protect-home", "--writable", docker, "--", "sh", "-c", script, env=env)
+    # The control: the grant itself is writable (its files: Landlock cannot
+    # grant the directory itself without the credential in it).
+    assert b"WROTE" in result.stdout, result.stderr
+    assert b"CHMOD" not in result.stdout and b"UTIME" not in result.stdout, result.stdout
+    st = os.stat(secret)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime > 10**9 + 3 * 10**8, st

@@ -356,3 +356,22 @@ async def test_root_names_a_tmpdir_its_sandbox_id_cannot_reach(root_only, outsid
         assert os.listdir(tmpdir) == []  # nothing left behind
     finally:
         _probe.environment.cache_clear()
+
+
+async def test_root_with_a_private_tmpdir_runs(root_only, outside_dir, monkeypatch):
+    """A $TMPDIR that is itself 0700 is covered by the sandbox's own
+    (idmapped) view: the way to the workdir is heel's, and reachable."""
+    from heel import _probe
+
+    tmpdir = os.path.join(outside_dir, "private-tmp")
+    os.mkdir(tmpdir)
+    os.chmod(tmpdir, 0o700)
+    monkeypatch.setenv("TMPDIR", tmpdir)
+    _probe.environment.cache_clear()
+    try:
+        async with heel.Sandbox(heel.SandboxConfig()) as sb:
+            out = await sh(sb, "echo hi > f && cat f && ls -a ..")
+        assert out.returncode == 0 and out.stdout.startswith(b"hi\n"), explain(out)
+        assert os.listdir(tmpdir) == []
+    finally:
+        _probe.environment.cache_clear()
