@@ -82,3 +82,32 @@ def processes_with(arg: str) -> list[int]:
         if arg.encode() in argv:
             found.append(int(entry))
     return found
+
+
+#: Code prepended to sandboxed scripts: a raw IPC connection, as heel.client
+#: opens one (a socketpair end passed over fd 3), with msgpack at hand.
+IPC_RAW = """
+import os, socket, struct, sys, time
+from heel._ipc_codec import msgpack
+def connect():
+    broker = socket.socket(fileno=os.dup(int(os.environ.get("HEEL_IPC_FD", "3"))))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    socket.send_fds(broker, [b"c"], [theirs.fileno()])
+    theirs.close()
+    broker.close()
+    ours.settimeout(10)
+    return ours
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+def closed_by_host(sock):
+    # True when the host drops the connection (EOF or reset) within the timeout.
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+"""

@@ -17,37 +17,12 @@ import typing
 import trio
 
 import heel
-from helpers import explain, py, sh
+from helpers import IPC_RAW as RAW, explain, py, sh  # RAW: a raw connection, as heel.client opens one
 
 INVALID_PARAMS = -32602
 METHOD_NOT_FOUND = -32601
 INTERNAL_ERROR = -32603
 
-#: Code prepended to sandboxed scripts: a raw connection, as heel.client opens one.
-RAW = """
-import os, socket, struct, sys, time
-def connect():
-    broker = socket.socket(fileno=os.dup(int(os.environ.get("HEEL_IPC_FD", "3"))))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    socket.send_fds(broker, [b"c"], [theirs.fileno()])
-    theirs.close()
-    broker.close()
-    ours.settimeout(10)
-    return ours
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-def closed_by_host(sock):
-    # True when the host drops the connection (EOF or reset) within the timeout.
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
-"""
 
 
 def basic_router() -> heel.IpcRouter:

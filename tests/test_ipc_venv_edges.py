@@ -16,26 +16,11 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, py, sh
+from helpers import IPC_RAW as RAW, explain, py, sh  # RAW: a raw connection, as heel.client opens one
 from pkgtools import shared_wheels
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-#: A raw connection, as heel.client opens one (see test_ipc.RAW).
-RAW = """
-import os, socket, struct, sys, time
-from heel._ipc_codec import msgpack
-def connect():
-    broker = socket.socket(fileno=os.dup(int(os.environ.get("HEEL_IPC_FD", "3"))))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    socket.send_fds(broker, [b"c"], [theirs.fileno()])
-    theirs.close()
-    broker.close()
-    ours.settimeout(10)
-    return ours
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-"""
 
 
 def _add_router(**kwargs) -> heel.IpcRouter:

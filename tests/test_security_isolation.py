@@ -209,10 +209,24 @@ async def test_no_process_outlives_its_command_by_starving_the_inits():
     assert second == first, f"a process of the finished command is still writing: {first} -> {second} bytes"
 
 
+@pytest.fixture
+def use_tmpdir(monkeypatch):
+    """Sets $TMPDIR for the test; the probe's cached environment, which
+    depends on where heel's directories go, is forgotten before and after."""
+    from heel import _probe
+
+    def use(path: str) -> None:
+        monkeypatch.setenv("TMPDIR", path)
+        _probe.environment.cache_clear()
+
+    yield use
+    _probe.environment.cache_clear()
+
+
 # ---- 3. root with $TMPDIR outside /tmp: "no namespaces", and best effort runs as real root ----
 
 async def test_root_with_tmpdir_elsewhere_is_not_taken_for_a_machine_without_namespaces(
-        root_only, outside_dir, monkeypatch):
+        root_only, outside_dir, use_tmpdir):
     """Root's sandboxes run as uid 2000000000 and cannot enter heel's 0700
     temporary directory when $TMPDIR is not /tmp (only the private /tmp is
     idmapped): the trial run fails at chdir (EACCES), which environment()
@@ -227,15 +241,11 @@ async def test_root_with_tmpdir_elsewhere_is_not_taken_for_a_machine_without_nam
     with open(victim, "w") as f:
         f.write("root's\n")
     os.chmod(victim, 0o600)
-    monkeypatch.setenv("TMPDIR", tmpdir)
-    _probe.environment.cache_clear()
-    try:
-        env, why = _probe.environment()
-        async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, best_effort=True)) as sb:
-            out = await sh(sb, f"echo mine > mine && chmod 0640 mine && echo own=ok; chmod 0666 {victim}")
-            mine = os.stat(sb.workdir / "mine").st_mode & 0o777
-    finally:
-        _probe.environment.cache_clear()
+    use_tmpdir(tmpdir)
+    env, why = _probe.environment()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, best_effort=True)) as sb:
+        out = await sh(sb, f"echo mine > mine && chmod 0640 mine && echo own=ok; chmod 0666 {victim}")
+        mine = os.stat(sb.workdir / "mine").st_mode & 0o777
     # Control: the workdir's own files can be chmod'ed.
     assert b"own=ok" in out.stdout and mine == 0o640, explain(out)
     # Observed from the host: the root-owned file outside is unchanged.
@@ -340,38 +350,26 @@ async def test_root_refuses_a_workdir_its_sandbox_id_cannot_reach(root_only, out
     assert out.stdout == f"{work}\nhi\n".encode(), explain(out)
 
 
-async def test_root_names_a_tmpdir_its_sandbox_id_cannot_reach(root_only, outside_dir, monkeypatch):
-    from heel import _probe
-
+async def test_root_names_a_tmpdir_its_sandbox_id_cannot_reach(root_only, outside_dir, use_tmpdir):
     private = os.path.join(outside_dir, "private")
     tmpdir = os.path.join(private, "tmp")
     os.makedirs(tmpdir)
     os.chmod(private, 0o700)
-    monkeypatch.setenv("TMPDIR", tmpdir)
-    _probe.environment.cache_clear()
-    try:
-        with pytest.raises(heel.PolicyError, match=r"temporary directory is in .*set TMPDIR"):
-            async with heel.Sandbox(heel.SandboxConfig()):
-                pass
-        assert os.listdir(tmpdir) == []  # nothing left behind
-    finally:
-        _probe.environment.cache_clear()
+    use_tmpdir(tmpdir)
+    with pytest.raises(heel.PolicyError, match=r"temporary directory is in .*set TMPDIR"):
+        async with heel.Sandbox(heel.SandboxConfig()):
+            pass
+    assert os.listdir(tmpdir) == []  # nothing left behind
 
 
-async def test_root_with_a_private_tmpdir_runs(root_only, outside_dir, monkeypatch):
+async def test_root_with_a_private_tmpdir_runs(root_only, outside_dir, use_tmpdir):
     """A $TMPDIR that is itself 0700 is covered by the sandbox's own
     (idmapped) view: the way to the workdir is heel's, and reachable."""
-    from heel import _probe
-
     tmpdir = os.path.join(outside_dir, "private-tmp")
     os.mkdir(tmpdir)
     os.chmod(tmpdir, 0o700)
-    monkeypatch.setenv("TMPDIR", tmpdir)
-    _probe.environment.cache_clear()
-    try:
-        async with heel.Sandbox(heel.SandboxConfig()) as sb:
-            out = await sh(sb, "echo hi > f && cat f && ls -a ..")
-        assert out.returncode == 0 and out.stdout.startswith(b"hi\n"), explain(out)
-        assert os.listdir(tmpdir) == []
-    finally:
-        _probe.environment.cache_clear()
+    use_tmpdir(tmpdir)
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        out = await sh(sb, "echo hi > f && cat f && ls -a ..")
+    assert out.returncode == 0 and out.stdout.startswith(b"hi\n"), explain(out)
+    assert os.listdir(tmpdir) == []
