@@ -332,16 +332,19 @@ def _with_python(
     return config.replace(executable=executable, writable=writable), variables
 
 
-def _views(host_tmp: str, shm: str | None, host_view: str | None) -> list[tuple[str, str]]:
+def _views(host_tmp: str, shm: str | None, host_view: str | None, granted: list[str]) -> list[tuple[str, str]]:
     """The directories a sandbox gets a view of its own at, as (path inside,
     host source): its private /tmp and /dev/shm, and a read-only cover over
     the directory that holds heel's temporary directories when that is
-    elsewhere (see build_plan's host_view)."""
+    elsewhere (see build_plan's host_view).  That cover is left out where a
+    path the config grants (the workdir, a writable, readable or executable
+    one) holds it: what is granted stays as it is on the host."""
     views = [("/tmp", host_tmp)] if os.path.isdir("/tmp") else []
     if shm:
         views.append(("/dev/shm", shm))
     temp_parent = os.path.dirname(os.path.dirname(host_tmp))
-    if host_view and _coverable(temp_parent) and not any(_under(temp_parent, v) for v, _ in views):
+    if (host_view and _coverable(temp_parent) and not any(_under(temp_parent, v) for v, _ in views)
+            and not any(_under(temp_parent, g) for g in granted)):
         views.append((temp_parent, host_view))
     return views
 
@@ -351,7 +354,9 @@ def _coverable(path: str) -> bool:
     covered by a view of the sandbox's own: not the root, nor a directory
     the runtime lives in or under."""
     path = path.rstrip("/")
-    return bool(path) and not any(_under(r, path) or _under(path, r) for r in (*RUNTIME_DIRS, *SYSTEM_TREES))
+    # Two levels down at least: /var/tmp, /home/user; never /var or /home whole.
+    return path.count("/") >= 2 and not any(_under(r, path) or _under(path, r)
+                                            for r in (*RUNTIME_DIRS, *SYSTEM_TREES))
 
 
 def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, views: list[str], *,
@@ -391,7 +396,8 @@ def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, views: list[
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
-               host_mask: str | None = None, host_view: str | None = None, proxy_port: int = 0,
+               host_mask: str | None = None, host_mask_file: str | None = None,
+               host_view: str | None = None, proxy_port: int = 0,
                proxy_secret: str = "") -> SandboxPlan:
     """The plan for ``config`` on a machine that can enforce ``env``.
 
@@ -401,7 +407,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
 
     ``host_tmp`` (and ``host_shm``) are the sandbox's private directories on
     the host; in a mount namespace they appear at /tmp and /dev/shm.
-    ``host_mask`` is an empty directory that covers protected directories.
+    ``host_mask`` is an empty directory that covers protected directories,
+    ``host_mask_file`` an empty file that covers protected files where
+    Landlock cannot keep them closed (under a view, see below).
     ``host_view``: an empty directory of the sandbox's own (see below) that
     covers the directory holding heel's temporary directories, when that is
     not /tmp (which the private /tmp covers already): other sandboxes' ones
@@ -417,8 +425,13 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # An explicit grant of a protected place is a contradiction, not a wish.
     explicit = [("workdir", workdir)] + [(kind, str(p)) for kind in ("readable", "writable", "executable")
                                          for p in getattr(config, kind)]
+    heels_workdir = os.path.dirname(workdir) == os.path.dirname(host_tmp)
     for kind, path in explicit:
         for d in denied:
+            if _under(path, d) and kind == "workdir" and heels_workdir:
+                raise PolicyError(
+                    f"heel's temporary directory is in {os.path.dirname(os.path.dirname(path))} ($TMPDIR), "
+                    f"inside the protected place {d}: set TMPDIR to a directory outside it, such as /tmp")
             if _under(path, d):
                 raise PolicyError(
                     f"{kind} path {path} is inside the protected place {d}; to grant it, turn the "
@@ -433,10 +446,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # Directories the sandbox sees one of its own at, (path, host source):
     # /tmp and /dev/shm, and the directory that holds heel's temporary
     # directories (the other sandboxes' ones) wherever $TMPDIR puts them.
-    views = _views(host_tmp, shm, host_view) if env.namespaces else []
+    views = _views(host_tmp, shm, host_view, [p for _, p in explicit]) if env.namespaces else []
     if sandbox_id is not None:
-        _check_reachable(explicit, sandbox_id, [v for v, _ in views],
-                         workdir_is_heels=os.path.dirname(workdir) == os.path.dirname(host_tmp))
+        _check_reachable(explicit, sandbox_id, [v for v, _ in views], workdir_is_heels=heels_workdir)
 
     grants: list[tuple[str, int]] = []
     runtime = [d for d in RUNTIME_DIRS if os.path.exists(d)]
@@ -539,6 +551,11 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
             if os.path.isdir(d) and host_mask:
                 masked.append(d)
                 mounts.append(MountOp("readonly", d, source=host_mask))
+            elif hidden(d) and host_mask_file and os.path.isfile(d):
+                # In a grant brought into a view: Landlock's rule for the
+                # view (the private /tmp is the sandbox's, all of it) reaches
+                # everything mounted below it, so only a cover keeps it closed.
+                mounts.append(MountOp("readonly", d, source=host_mask_file))
             elif any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
         mounts.append(MountOp("proc", "/proc", access=ll.READ & handled))

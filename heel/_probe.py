@@ -15,7 +15,7 @@ from collections import namedtuple
 from . import _native
 from ._plan import Environment, build_plan
 from ._spawn import Prepared, make_temp_dir, remove_tree
-from .config import IsolationLevel, SandboxConfig
+from .config import IsolationLevel, SandboxConfig, SecurityConfig
 from .errors import SandboxUnavailable, SpawnError
 
 TYPE_CHECKING = False
@@ -61,8 +61,13 @@ def _trial(env: Environment) -> str:
         os.mkdir(view, 0o700)
         # DEFAULT, which has no network namespace (STRICT always has one): a
         # machine that lets users make the other namespaces but not that one
-        # still gets them where no network is asked for.
-        config: SandboxConfig[DenyAll] = SandboxConfig(level=IsolationLevel.DEFAULT, workdir=work)
+        # still gets them where no network is asked for.  The workdir goes
+        # to the plan only (a config's would be checked as the user's own:
+        # refused in /dev/shm, or in a protected home that holds $TMPDIR),
+        # and nothing is protected: the trial asks about the kernel, not
+        # about this user's files.
+        config: SandboxConfig[DenyAll] = SandboxConfig(level=IsolationLevel.DEFAULT, security=SecurityConfig(
+            protect_user_home=False, protect_credentials=False, protect_cloud_config=False))
         plan = build_plan(config, workdir=work, host_tmp=tmp, host_view=view, env=env,
                           init_path=_native.INIT_PATH)
         prepared = Prepared(plan)

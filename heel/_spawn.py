@@ -711,6 +711,8 @@ class Session:
             os.mkdir(shm, 0o700)
             os.mkdir(mask, 0o555)
             os.mkdir(view, 0o700)  # read-only inside; heel makes mount points in it
+            mask_file = os.path.join(self.base, "empty-file")
+            os.close(os.open(mask_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444))
             if config.workdir is None:
                 workdir = os.path.join(self.base, "work")
                 os.mkdir(workdir, 0o700)
@@ -729,9 +731,9 @@ class Session:
                     self._host_listener.listen(4096)
                     self._host_listener.setblocking(False)
                     proxy_port = self._host_listener.getsockname()[1]
-            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask, host_view=view,
-                              env=env, init_path=_native.INIT_PATH, proxy_port=proxy_port,
-                              proxy_secret=secret)
+            plan = build_plan(config, workdir=workdir, host_tmp=tmp, host_shm=shm, host_mask=mask,
+                              host_mask_file=mask_file, host_view=view, env=env, init_path=_native.INIT_PATH,
+                              proxy_port=proxy_port, proxy_secret=secret)
             ipc_fd = -1
             if config.ipc is not None:
                 plan = _prepare_ipc(plan, config.ipc)

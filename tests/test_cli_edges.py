@@ -76,21 +76,88 @@ def test_a_tmpdir_outside_tmp_never_costs_the_namespaces(var_tmpdir):
     assert doctor.returncode == 0, doctor.stdout
 
 
-def test_a_tmpdir_in_dev_shm_runs_the_command():
+@pytest.mark.parametrize("runner", [[], ["--network", "allow"]], ids=["plain", "trio"])
+def test_a_tmpdir_in_dev_shm_runs_the_command(runner):
     """/dev/shm is a common $TMPDIR (a tmpfs anyone may write); the
     sandbox's private /dev/shm covered the workdir made there, and every run
-    failed with "sandbox setup failed at mount: No such file or directory"."""
+    failed with "sandbox setup failed at mount: No such file or directory".
+    Under trio the probe's trial refused its own workdir there ("the host's
+    /dev cannot be made writable")."""
     if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
         pytest.skip("no writable /dev/shm here")
     path = tempfile.mkdtemp(prefix="heel-review2-shm-", dir="/dev/shm")
     try:
         os.chmod(path, 0o755)
         env = {**os.environ, "TMPDIR": path}
-        result = heel("run", "--", "sh", "-c", "touch made-here && echo ran", env=env)
+        result = heel("run", *runner, "--", "sh", "-c", "touch made-here && echo ran", env=env)
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"ran\n"
+        assert heel("doctor", env=env).returncode in (0, 1)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_grants_that_hold_the_tmpdir_stay_as_they_are(host_dir):
+    """The cover over the directory that holds heel's temporary directories
+    hid what a grant holding it brought: a --writable directory above
+    $TMPDIR (the workdir under it went missing: "chdir: No such file or
+    directory"), and a --workdir that contains $TMPDIR (its subdirectory
+    went missing)."""
+    top = os.path.join(host_dir, "scratch")
+    tmpdir = os.path.join(top, "tmp")
+    os.makedirs(tmpdir)
+    with open(os.path.join(tmpdir, "mine"), "w") as f:
+        f.write("mine\n")
+    for path in (top, tmpdir):
+        os.chmod(path, 0o777)
+    env = {**os.environ, "TMPDIR": tmpdir}
+    result = heel("run", "--writable", top, "--", "sh", "-c", f"pwd; cat {tmpdir}/mine", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(b"/work\nmine\n"), result.stdout
+    result = heel("run", "--workdir", top, "--", "sh", "-c", "cat tmp/mine && echo b > tmp/b && echo wrote",
+                  env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"mine\nwrote\n"
+
+
+@pytest.mark.parametrize("grant", ["--readable", "--writable"])
+def test_credential_files_in_a_grant_under_tmp_stay_closed(grant):
+    """A home in /tmp granted whole (with --no-protect-home): inside, the
+    grant sits in the sandbox's private /tmp, whose Landlock rule reaches
+    everything mounted below it; the credential files there were readable
+    at every level.  They are covered by an empty file now."""
+    home = tempfile.mkdtemp(prefix="heel-cred-home-", dir="/tmp")
+    try:
+        os.chmod(home, 0o755)
+        for name, text in ((".netrc", "NETRC-SECRET"), ("notes", "NOTES")):
+            with open(os.path.join(home, name), "w") as f:
+                f.write(text)
+            os.chmod(os.path.join(home, name), 0o644)
+        env = {**os.environ, "HOME": home}
+        script = f"cat {home}/notes; echo; cat {home}/.netrc; echo; echo x >> {home}/.netrc"
+        result = heel("run", "--level", "strict", "--no-protect-home", grant, home, "--", "sh", "-c", script,
+                      env=env)
+        # The control: the rest of the grant reads.
+        assert b"NOTES" in result.stdout, result.stderr
+        assert b"NETRC-SECRET" not in result.stdout, result.stdout
+        with open(os.path.join(home, ".netrc")) as f:
+            assert f.read() == "NETRC-SECRET"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_tmpdir_in_a_protected_home_is_named():
+    home = tempfile.mkdtemp(prefix="heel-home-", dir="/var/tmp")
+    try:
+        os.chmod(home, 0o777)
+        tmpdir = os.path.join(home, "tmp")
+        os.mkdir(tmpdir)
+        os.chmod(tmpdir, 0o777)
+        result = heel("run", "--", "true", env={**os.environ, "HOME": home, "TMPDIR": tmpdir})
+        stderr = _one_heel_line(result)
+        assert "TMPDIR" in stderr and "protected place" in stderr, stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # ---- stdio that is a host file ---------------------------------------------------------
