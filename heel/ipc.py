@@ -341,7 +341,11 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
             await reply(codec.error_response(request.msgid, codec.METHOD_NOT_FOUND,
                                              f"no command named {request.method!r}"))
             return
-        problem = command.check(request.params)
+        try:
+            problem = command.check(request.params)
+        except Exception as exc:  # a subclass's own check: its failure is the caller's answer too
+            await reply(codec.error_response(request.msgid, codec.INTERNAL_ERROR, _describe_failure(exc)))
+            return
         if problem:
             await reply(codec.error_response(request.msgid, codec.INVALID_PARAMS, problem))
             return

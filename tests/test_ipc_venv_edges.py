@@ -382,3 +382,25 @@ print("OK")
     # The control: more than one connection's worth ran (the sandbox's
     # bound, not the connection's, is what stopped them).
     assert running["peak"] == 16, running
+
+
+async def test_a_command_whose_own_check_raises_answers_with_an_error():
+    # An IpcCommand subclass may check parameters itself; when its check()
+    # raises, the caller gets an error and the sandbox lives on.
+    class Picky(heel.IpcCommand):
+        name = "picky"
+        parameters = {"n": int}
+
+        def check(self, params):
+            raise LookupError("check failed")
+
+        async def handle(self, **params):
+            return 1
+
+    router = _add_router()
+    router.register(Picky())
+    with trio.fail_after(30):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await sh(sb, "heel ipc picky --n 1; echo status=$?; heel ipc add --a 1")
+            assert b"status=1" in out.stdout and out.stdout.endswith(b"2\n"), explain(out)
+            assert b"check failed" in out.stderr, explain(out)
