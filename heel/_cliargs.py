@@ -36,6 +36,7 @@ from .config import (
     SecurityConfig,
     check_env_item,
     check_limit,
+    is_env_name,
     parse_size,
 )
 from .errors import PolicyError
@@ -424,7 +425,11 @@ def _convert(setting: Setting, value: Any, label: str, base: str | None) -> Any:
             raise UsageError(f"{label} must be true or false, got {value!r}")
         return value
     if kind == "names":
-        return _strings(value, label)
+        names = _strings(value, label)
+        for name in names:  # here as well as in SandboxConfig, so the message names the option
+            if not is_env_name(name):
+                raise UsageError(f"{label}: {name!r} is not a variable name")
+        return names
     if kind == "env":
         return _env(value, label)
     if kind in ("seconds", "count"):

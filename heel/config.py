@@ -329,7 +329,7 @@ def _check_writable(paths: tuple[Path, ...], what: str, level: "IsolationLevel")
                               f"({_KERNEL_DIRS[top]})")
 
 
-def _is_env_name(name: object) -> bool:
+def is_env_name(name: object) -> bool:
     """A portable variable name: ASCII letters, digits and ``_``, not
     starting with a digit."""
     return (isinstance(name, str) and name.isascii() and name[:1] != "" and not name[0].isdigit()
@@ -415,7 +415,7 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         put("env", MappingProxyType(_env(env or {})))
         names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
         for name in names:
-            if not _is_env_name(name):
+            if not is_env_name(name):
                 raise PolicyError(f"env_passthrough: {name!r} is not a variable name")
         put("env_passthrough", names)
         if workdir is not None:
@@ -478,7 +478,7 @@ def _is_async_function(function) -> bool:
 def check_env_item(key, value, what: str = "env") -> None:
     """Raise PolicyError unless key=value is a valid environment entry;
     ``what`` names the setting in the message."""
-    if not _is_env_name(key):
+    if not is_env_name(key):
         raise PolicyError(f"{what}: {key!r} is not a variable name")
     if not isinstance(value, str) or "\0" in value:
         raise PolicyError(f"{what}: the value of {key} must be a string without NUL bytes")

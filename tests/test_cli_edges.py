@@ -450,3 +450,20 @@ def test_a_protected_file_in_a_grant_under_the_tmpdir_view_stays_read_only(host_
     assert b"CHMOD" not in result.stdout and b"UTIME" not in result.stdout, result.stdout
     st = os.stat(secret)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime > 10**9 + 3 * 10**8, st
+
+
+@pytest.mark.parametrize("where", ["option", "config"])
+def test_a_bad_pass_env_is_named_as_the_user_wrote_it(host_dir, where):
+    """It was reported under the library's name, "env_passthrough:", and
+    without the config file that held it."""
+    if where == "option":
+        result = heel("run", "--pass-env", "A=B", "--", "true")
+        expected = "--pass-env: 'A=B'"
+    else:
+        config = os.path.join(host_dir, "c.toml")
+        with open(config, "w") as f:
+            f.write('pass_env = ["A=B"]\n')
+        result = heel("run", "--config", config, "--", "true")
+        expected = f"config {config}: pass_env: 'A=B'"
+    stderr = _one_heel_line(result)
+    assert expected in stderr, stderr
