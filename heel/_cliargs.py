@@ -426,9 +426,10 @@ def _convert(setting: Setting, value: Any, label: str, base: str | None) -> Any:
         return value
     if kind == "names":
         names = _strings(value, label)
-        for name in names:  # here as well as in SandboxConfig, so the message names the option
-            if not is_env_name(name):
-                raise UsageError(f"{label}: {name!r} is not a variable name")
+        if setting.target == "config.env_passthrough":
+            for name in names:  # here as well as in SandboxConfig, so the message names the option
+                if not is_env_name(name):
+                    raise UsageError(f"{label}: {name!r} is not a variable name")
         return names
     if kind == "env":
         return _env(value, label)
