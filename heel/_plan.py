@@ -425,28 +425,34 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # An explicit grant of a protected place is a contradiction, not a wish.
     explicit = [("workdir", workdir)] + [(kind, str(p)) for kind in ("readable", "writable", "executable")
                                          for p in getattr(config, kind)]
-    heels_workdir = os.path.dirname(workdir) == os.path.dirname(host_tmp)
-    for kind, path in explicit:
-        for d in denied:
-            if _under(path, d) and kind == "workdir" and heels_workdir:
-                raise PolicyError(
-                    f"heel's temporary directory is in {os.path.dirname(os.path.dirname(path))} ($TMPDIR), "
-                    f"inside the protected place {d}: set TMPDIR to a directory outside it, such as /tmp")
-            if _under(path, d):
-                raise PolicyError(
-                    f"{kind} path {path} is inside the protected place {d}; to grant it, turn the "
-                    "matching protection off (SecurityConfig(protect_user_home=False, ...); on the command "
-                    "line --no-protect-home, --no-protect-credentials or --no-protect-cloud)")
-
-    # Root does not run sandboxes as root, except at PERMISSIVE, whose whole
-    # point is to write everywhere (see README).
-    sandbox_id = (ROOT_SANDBOX_ID if env.namespaces and env.euid == 0
-                  and level is not IsolationLevel.PERMISSIVE else None)
     shm = host_shm if env.namespaces and host_shm and os.path.isdir("/dev/shm") else None
     # Directories the sandbox sees one of its own at, (path, host source):
     # /tmp and /dev/shm, and the directory that holds heel's temporary
     # directories (the other sandboxes' ones) wherever $TMPDIR puts them.
     views = _views(host_tmp, shm, host_view, [p for _, p in explicit]) if env.namespaces else []
+    heels_workdir = os.path.dirname(workdir) == os.path.dirname(host_tmp)
+    for kind, path in explicit:
+        for d in denied:
+            if not _under(path, d):
+                continue
+            if kind == "workdir" and heels_workdir:
+                # heel's own, new and empty: no grant of anything of the
+                # user's.  A protected place that a view hides (HOME=/tmp)
+                # gets no cover, and the workdir is reached through the view.
+                if any(_under(d, v) for v, _ in views):
+                    continue
+                raise PolicyError(
+                    f"heel's temporary directory is in {os.path.dirname(os.path.dirname(path))} ($TMPDIR), "
+                    f"inside the protected place {d}: set TMPDIR to a directory outside it, such as /tmp")
+            raise PolicyError(
+                f"{kind} path {path} is inside the protected place {d}; to grant it, turn the "
+                "matching protection off (SecurityConfig(protect_user_home=False, ...); on the command "
+                "line --no-protect-home, --no-protect-credentials or --no-protect-cloud)")
+
+    # Root does not run sandboxes as root, except at PERMISSIVE, whose whole
+    # point is to write everywhere (see README).
+    sandbox_id = (ROOT_SANDBOX_ID if env.namespaces and env.euid == 0
+                  and level is not IsolationLevel.PERMISSIVE else None)
     if sandbox_id is not None:
         _check_reachable(explicit, sandbox_id, [v for v, _ in views], workdir_is_heels=heels_workdir)
 

@@ -467,3 +467,19 @@ def test_a_bad_pass_env_is_named_as_the_user_wrote_it(host_dir, where):
         expected = f"config {config}: pass_env: 'A=B'"
     stderr = _one_heel_line(result)
     assert expected in stderr, stderr
+
+
+def test_a_home_in_tmp_runs_and_its_files_stay_unseen():
+    """HOME=/tmp (some containers and service accounts): the protected home
+    held heel's own workdir, and every run was refused.  The private /tmp
+    hides the host's /tmp, home and all, so heel's workdir is no grant of
+    anything of the user's."""
+    marker = tempfile.mkdtemp(prefix="heel-home-marker-", dir="/tmp")
+    try:
+        os.chmod(marker, 0o755)
+        result = heel("run", "--", "sh", "-c", f"pwd; ls {marker} 2>&1 || echo unseen",
+                      env={**os.environ, "HOME": "/tmp"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(b"/tmp/heel-") and result.stdout.endswith(b"unseen\n"), result.stdout
+    finally:
+        shutil.rmtree(marker, ignore_errors=True)
