@@ -337,6 +337,15 @@ class Connection:
         self._partial.clear()
         self._frames.append(error)
 
+    def next_frame_size(self) -> int | None:
+        """The size in bytes of the complete frame the next :meth:`next_event`
+        would decode, or None when the next event is not one (no frame yet,
+        the end, or an error): a server can make room for what a message
+        decodes to before it decodes it."""
+        if self._frames and isinstance(self._frames[0], bytes):
+            return len(self._frames[0])
+        return None
+
     def next_event(self) -> Event:
         """The next event: a :class:`Request` or :class:`InvalidRequest` (server),
         a :class:`Response` (client), :data:`NEED_DATA` or :data:`CLOSED`.

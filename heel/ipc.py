@@ -55,6 +55,9 @@ MAX_CALLS_PER_CONNECTION = 64
 #: memory a sandbox can make the host hold (each call's parameters, and its
 #: answer until sent: at most max_calls x 2 x max_message_size).
 MAX_CALLS = 128
+#: How many messages of the router's largest size a sandbox's requests may
+#: amount to at once, decoded (running or about to run); see _ByteBudget.
+PENDING_MESSAGES = 2
 #: fds the host keeps for everything else before it grants IPC connections
 #: (one fd each); see _connection_budget.
 _FD_RESERVE = 128
@@ -230,6 +233,7 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
     open_connections = [0]
     max_connections = min(router.max_connections, _connection_budget())
     all_calls = trio.Semaphore(router.max_calls)
+    budget = _ByteBudget(PENDING_MESSAGES * router.max_message_size)
     async with trio.open_nursery() as nursery:
         while True:
             await trio.lowlevel.wait_readable(broker)
@@ -244,7 +248,7 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
                     os.close(fd)
                     continue
                 open_connections[0] += 1
-                nursery.start_soon(_serve_connection, router, fd, open_connections, all_calls)
+                nursery.start_soon(_serve_connection, router, fd, open_connections, all_calls, budget)
 
 
 def _connection_budget() -> int:
@@ -283,13 +287,49 @@ async def _take_slot(slots: trio.Semaphore, sock) -> bool:
             return False
 
 
-async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphore, sock) -> bool:
-    """A slot of the connection's and one of the sandbox's (see _take_slot)."""
+class _ByteBudget:
+    """The bytes of requests a sandbox may have decoded at once (running or
+    about to run), counted as they came on the wire: a msgpack message can
+    decode to Python objects tens of times its size (an array of empty
+    arrays, about 65 times), so this, not the count of calls, is what bounds
+    the host's memory.  One message is always let through alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = trio.Event()
+
+    async def acquire(self, size: int) -> None:
+        while self.used and self.used + size > self.limit:
+            await self._changed.wait()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphore, budget: _ByteBudget,
+                      size: int, sock) -> bool:
+    """A slot of the connection's, one of the sandbox's and ``size`` bytes of
+    its budget, before the request is decoded; False (and nothing held) when
+    the caller hangs up meanwhile (see _take_slot)."""
     if not await _take_slot(connection_slots, sock):
         return False
     try:
         if await _take_slot(all_calls, sock):
-            return True
+            try:
+                while True:
+                    with trio.move_on_after(_HANGUP_POLL):
+                        await budget.acquire(size)
+                        return True
+                    if _hung_up(sock):
+                        break
+            except BaseException:
+                all_calls.release()
+                raise
+            all_calls.release()
     except BaseException:
         connection_slots.release()
         raise
@@ -304,7 +344,7 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int],
-                            all_calls: trio.Semaphore) -> None:
+                            all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     connection = codec.Connection("server", router.max_message_size)
     send_lock = trio.Lock()
@@ -328,12 +368,17 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
             except OSError:
                 pass  # the caller is gone
 
-    async def run(request: codec.Request) -> None:
+    def release(size: int) -> None:
+        slots.release()
+        all_calls.release()
+        budget.release(size)
+
+    async def run(request: codec.Request, size: int) -> None:
         try:
             await answer(request)
         finally:
-            slots.release()
-            all_calls.release()
+            del request  # its parameters go before the slot does
+            release(size)
 
     async def answer(request: codec.Request) -> None:
         command = router.get(request.method)
@@ -365,10 +410,19 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                     data = b""
                 connection.receive_data(data)
                 while True:
+                    # Room for a request is taken before it is decoded: while
+                    # every slot, or the sandbox's byte budget, is taken, the
+                    # host decodes and reads nothing more from this connection.
+                    size = connection.next_frame_size()
+                    if size is not None and not await _take_slots(slots, all_calls, budget, size, sock):
+                        handlers.cancel_scope.cancel()
+                        return
                     try:
                         event = connection.next_event()
                     except codec.ProtocolError:
                         event = codec.CLOSED  # the stream cannot be trusted: drop it
+                    if size is not None and not isinstance(event, codec.Request):
+                        release(size)  # not a call after all
                     if event is codec.NEED_DATA:
                         break
                     if event is codec.CLOSED:
@@ -381,11 +435,8 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                             return
                         await reply(codec.error_response(event.msgid, event.code, event.message))
                     elif isinstance(event, codec.Request):  # the only other event on a server connection
-                        # Every slot taken: read nothing more until one frees.
-                        if not await _take_slots(slots, all_calls, sock):
-                            handlers.cancel_scope.cancel()
-                            return
-                        handlers.start_soon(run, event)
+                        assert size is not None  # a request comes from a frame
+                        handlers.start_soon(run, event, size)
                 if not data:
                     handlers.cancel_scope.cancel()
                     return

@@ -792,7 +792,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from heel import _ipc_codec
-from heel.ipc import _serve_connection
+from heel.ipc import _ByteBudget, _serve_connection
 
 _FUZZ_ROUTER = heel.IpcRouter(max_message_size=4096)
 
@@ -824,7 +824,7 @@ def test_server_survives_arbitrary_bytes(chunks):
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_serve_connection, _FUZZ_ROUTER, theirs.detach(), connections,
-                                   trio.Semaphore(8))
+                                   trio.Semaphore(8), _ByteBudget(1 << 20))
                 peer = trio.socket.from_stdlib_socket(ours)
                 for chunk in chunks:
                     try:

@@ -404,3 +404,45 @@ async def test_a_command_whose_own_check_raises_answers_with_an_error():
             out = await sh(sb, "heel ipc picky --n 1; echo status=$?; heel ipc add --a 1")
             assert b"status=1" in out.stdout and out.stdout.endswith(b"2\n"), explain(out)
             assert b"check failed" in out.stderr, explain(out)
+
+
+async def test_decoded_requests_are_bounded_by_their_size_not_only_their_count():
+    # A msgpack message decodes to objects tens of times its size (4 MiB of
+    # empty arrays is some 260 MiB of lists).  The count of calls did not
+    # bound that, and a request was decoded before it waited for a slot.
+    # Now the requests a sandbox has decoded at once amount to at most two
+    # messages of the router's largest size on the wire.
+    router = heel.IpcRouter(max_message_size=64 * 1024)
+    running: list[int] = []
+
+    @router.command("hold")
+    async def hold(x: list) -> int:
+        running.append(len(x))
+        await trio.sleep_forever()
+
+    script = RAW + """
+big = msgpack.packb([0, 0, "hold", {"x": [[]] * 60000}], use_bin_type=True)
+small = msgpack.packb([0, 1, "hold", {"x": [1]}], use_bin_type=True)
+conns = [connect() for _ in range(6)]
+for s in conns:
+    s.sendall(frame(big))
+time.sleep(1.5)
+extra = connect()
+extra.sendall(frame(small))
+time.sleep(4)
+print("OK")
+"""
+    outputs = []
+    with trio.fail_after(60):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            async with trio.open_nursery() as nursery:
+                async def caller() -> None:
+                    outputs.append(await py(sb, script, timeout=30))
+
+                nursery.start_soon(caller)
+                await trio.sleep(3.5)  # while the caller's connections are open
+                seen = sorted(running)
+    assert outputs and b"OK" in outputs[0].stdout, explain(outputs[0])
+    # Two 60 KB messages fit the 128 KiB budget; the four others wait, not
+    # decoded.  The control: a small call still fits beside them, and runs.
+    assert seen == [1, 60000, 60000], seen
