@@ -429,7 +429,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # Directories the sandbox sees one of its own at, (path, host source):
     # /tmp and /dev/shm, and the directory that holds heel's temporary
     # directories (the other sandboxes' ones) wherever $TMPDIR puts them.
-    views = _views(host_tmp, shm, host_view, [p for _, p in explicit]) if env.namespaces else []
+    # (At PERMISSIVE, which writes everywhere, the place of heel's temporary
+    # directories is not covered: a read-only cover there would be a surprise.)
+    views = (_views(host_tmp, shm, host_view if level is not IsolationLevel.PERMISSIVE else None,
+                    [p for _, p in explicit]) if env.namespaces else [])
     heels_workdir = os.path.dirname(workdir) == os.path.dirname(host_tmp)
     for kind, path in explicit:
         for d in denied:
@@ -510,14 +513,27 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # anything granted under a view is brought into it.
         rw_regions = [p for p in writable if p != host_tmp and (readonly_root or hidden(p))]
         ro_regions = [str(p) for p in (*config.readable, *config.executable) if hidden(str(p))]
-        for kind, paths in (("readable", config.readable), ("executable", config.executable)):
+        for kind, paths in (("readable", config.readable), ("executable", config.executable),
+                            ("writable", config.writable), ("workdir", [workdir])):
             for p in map(str, paths):
-                # A read-only view of it would cover the private /tmp, or
-                # heel's temporary directory that holds it and the workdir.
+                # A view of it would cover the private /tmp, or heel's
+                # temporary directory that holds it and the workdir (and the
+                # IPC client put in the private /tmp).
                 view = view_of(p)
                 if view and (p.rstrip("/") == view[0] or _under(host_tmp, p)):
                     raise PolicyError(f"{kind} path {p} would cover the sandbox's private {view[0]}; "
                                       "grant the files or directories under it that the command needs")
+                # In the private /tmp or /dev/shm, whose Landlock rule (they
+                # are the sandbox's, all of them) reaches everything mounted
+                # below: protected places there could be renamed away, or
+                # made and read, whatever covers them.
+                if view and view[1] in (host_tmp, shm):
+                    closed = next((d for d in denied if _under(d, p)), None)
+                    if closed:
+                        raise PolicyError(
+                            f"{kind} path {p} holds the protected place {closed}, which heel cannot keep "
+                            f"closed under {view[0]}: grant the directories in it that the command needs, "
+                            "or turn that protection off")
         # A region inside a writable one comes with it (the clones are
         # recursive); mounting it again would resolve a path the sandbox
         # itself can rewrite.

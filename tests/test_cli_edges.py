@@ -120,28 +120,35 @@ def test_grants_that_hold_the_tmpdir_stay_as_they_are(host_dir):
     assert result.stdout == b"mine\nwrote\n"
 
 
-@pytest.mark.parametrize("grant", ["--readable", "--writable"])
-def test_credential_files_in_a_grant_under_tmp_stay_closed(grant):
+@pytest.mark.parametrize("grant", ["--readable", "--writable", "--workdir"])
+def test_a_grant_under_tmp_that_holds_credentials_is_refused(grant):
     """A home in /tmp granted whole (with --no-protect-home): inside, the
     grant sits in the sandbox's private /tmp, whose Landlock rule reaches
-    everything mounted below it; the credential files there were readable
-    at every level.  They are covered by an empty file now."""
+    everything mounted below it.  Its credential files were readable at
+    every level; covering them was not enough either (the directory that
+    holds a cover can be renamed away, and a credential made after the
+    start is not covered).  Such a grant is refused; a grant of a
+    directory in that home without credentials works (the control)."""
     home = tempfile.mkdtemp(prefix="heel-cred-home-", dir="/tmp")
     try:
         os.chmod(home, 0o755)
-        for name, text in ((".netrc", "NETRC-SECRET"), ("notes", "NOTES")):
-            with open(os.path.join(home, name), "w") as f:
+        project = os.path.join(home, "project")
+        os.mkdir(project)
+        os.chmod(project, 0o777)
+        for path, text in ((os.path.join(home, ".netrc"), "NETRC-SECRET"), (os.path.join(project, "notes"), "NOTES")):
+            with open(path, "w") as f:
                 f.write(text)
-            os.chmod(os.path.join(home, name), 0o644)
+            os.chmod(path, 0o644)
         env = {**os.environ, "HOME": home}
-        script = f"cat {home}/notes; echo; cat {home}/.netrc; echo; echo x >> {home}/.netrc"
+        script = f"cat {project}/notes; echo; cat {home}/.netrc"
         result = heel("run", "--level", "strict", "--no-protect-home", grant, home, "--", "sh", "-c", script,
                       env=env)
-        # The control: the rest of the grant reads.
+        stderr = _one_heel_line(result)
+        assert "protected place" in stderr and "under /tmp" in stderr, stderr
+        result = heel("run", "--level", "strict", "--no-protect-home", grant, project, "--", "sh", "-c", script,
+                      env=env)
         assert b"NOTES" in result.stdout, result.stderr
         assert b"NETRC-SECRET" not in result.stdout, result.stdout
-        with open(os.path.join(home, ".netrc")) as f:
-            assert f.read() == "NETRC-SECRET"
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -483,3 +490,22 @@ def test_a_home_in_tmp_runs_and_its_files_stay_unseen():
         assert result.stdout.startswith(b"/tmp/heel-") and result.stdout.endswith(b"unseen\n"), result.stdout
     finally:
         shutil.rmtree(marker, ignore_errors=True)
+
+
+def test_writable_tmp_is_refused_like_readable_tmp():
+    """--writable /tmp laid the host's /tmp over the sandbox's private one,
+    where heel had put the IPC client (another local user could plant one
+    there), and TMPDIR pointed at the host's /tmp."""
+    result = heel("run", "--writable", "/tmp", "--", "true")
+    stderr = _one_heel_line(result)
+    assert "private /tmp" in stderr, stderr
+
+
+def test_permissive_writes_where_tmpdir_is(host_dir):
+    """At PERMISSIVE the place of heel's temporary directories is not
+    covered: a read-only cover there contradicted "writes everywhere"."""
+    env = {**os.environ, "TMPDIR": host_dir}
+    target = os.path.join(host_dir, "written")
+    result = heel("run", "--level", "permissive", "--", "sh", "-c", f"echo x > {target}", env=env)
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(target)
