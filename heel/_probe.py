@@ -56,9 +56,12 @@ def _trial(env: Environment) -> str:
     try:
         work, tmp = os.path.join(base, "work"), os.path.join(base, "tmp")
         view = os.path.join(base, "view")  # as a Session's (see build_plan's host_view)
-        os.mkdir(work, 0o700)
-        os.mkdir(tmp, 0o700)
-        os.mkdir(view, 0o700)
+        base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # through an fd, never the name (see _spawn.make_path_nofollow)
+            for name in ("work", "tmp", "view"):
+                os.mkdir(name, 0o700, dir_fd=base_fd)
+        finally:
+            os.close(base_fd)
         # DEFAULT, which has no network namespace (STRICT always has one): a
         # machine that lets users make the other namespaces but not that one
         # still gets them where no network is asked for.  The workdir goes

@@ -81,11 +81,7 @@ class Prepared:
         #: where the ptys for commands on a terminal come from (open_pty)
         self.ptmx = -1
         for path, is_file in plan.mountpoints:
-            if is_file:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, "a").close()
-            else:
-                os.makedirs(path, exist_ok=True)
+            make_path_nofollow(path, is_file)
         try:
             self._start()
         except BaseException:
@@ -453,7 +449,14 @@ def make_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = Fa
         try:
             os.mkdir(path, 0o700)
             if searchable:
-                os.chmod(path, 0o711)  # after mkdir: the umask would take the bit away
+                # After mkdir, as the umask would take the bit away; through an
+                # fd, never the name: a sandbox that may write where $TMPDIR
+                # is could have put a link there since.
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, 0o711)
+                finally:
+                    os.close(fd)
             return path
         except FileExistsError:
             continue
@@ -465,6 +468,31 @@ def make_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = Fa
             raise PolicyError(f"cannot make heel's temporary directory in {root} (from $TMPDIR, $TEMP or $TMP, "
                               f"else /tmp): {exc.strerror}; set TMPDIR to a directory you can write") from None
     raise FileExistsError(f"no free temporary directory name in {root}")
+
+
+def make_path_nofollow(path: str, is_file: bool = False) -> None:
+    """os.makedirs(path) (and an empty file at the end when ``is_file``),
+    walking from / without following a link at any step: mount points are
+    made in heel's directories, where a sandbox that may write the place of
+    $TMPDIR could have put one.  The paths come resolved (no links of the
+    host's own in them); a link met fails with ELOOP."""
+    parts = [part for part in path.split("/") if part]
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            if last and is_file:
+                os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd))
+                return
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path: str, keep_last: str | None = None) -> None:
@@ -706,18 +734,20 @@ class Session:
             tmp = os.path.join(self.base, "tmp")
             shm = os.path.join(self.base, "shm")
             mask = os.path.join(self.base, "empty")
-            view = os.path.join(self.base, "view")
-            os.mkdir(tmp, 0o700)
-            os.mkdir(shm, 0o700)
-            os.mkdir(mask, 0o555)
-            os.mkdir(view, 0o700)  # read-only inside; heel makes mount points in it
+            view = os.path.join(self.base, "view")  # read-only inside; heel makes mount points in it
             mask_file = os.path.join(self.base, "empty-file")
-            os.close(os.open(mask_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444))
-            if config.workdir is None:
-                workdir = os.path.join(self.base, "work")
-                os.mkdir(workdir, 0o700)
-            else:
-                workdir = str(config.workdir)
+            # Made through an fd of the base, never its name (see make_path_nofollow).
+            base_fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for name, mode in (("tmp", 0o700), ("shm", 0o700), ("empty", 0o555), ("view", 0o700)):
+                    os.mkdir(name, mode, dir_fd=base_fd)
+                os.close(os.open("empty-file", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o444, dir_fd=base_fd))
+                if config.workdir is None:
+                    os.mkdir("work", 0o700, dir_fd=base_fd)
+            finally:
+                os.close(base_fd)
+            workdir = os.path.join(self.base, "work") if config.workdir is None else str(config.workdir)
             proxy_port, secret = 0, ""
             if not config.network.denies_everything:
                 import secrets

@@ -352,3 +352,24 @@ def test_a_sweep_cut_short_leaves_a_directory_the_next_sweep_removes(tmp_path, m
     assert os.path.isdir(dead) and os.path.exists(os.path.join(dead, ".owner-lock"))
     _spawn.sweep_orphaned_temp_dirs(root, "heel-")
     assert not os.path.exists(dead)
+
+
+def test_mount_points_are_made_without_following_links(tmp_path):
+    """Mount points and root's 0711 directories are made in heel's own
+    directories, where a sandbox that may write the place of $TMPDIR could
+    have put a link: heel must fail there, not create or chmod elsewhere."""
+    from heel._spawn import make_path_nofollow
+
+    base = tmp_path / "base"
+    elsewhere = tmp_path / "elsewhere"
+    base.mkdir()
+    elsewhere.mkdir()
+    make_path_nofollow(str(base / "a" / "b"))
+    make_path_nofollow(str(base / "a" / "file"), is_file=True)
+    assert (base / "a" / "b").is_dir() and (base / "a" / "file").is_file()  # the control
+    os.symlink(elsewhere, base / "link")
+    with pytest.raises(OSError):
+        make_path_nofollow(str(base / "link" / "made"))
+    with pytest.raises(OSError):
+        make_path_nofollow(str(base / "link" / "file"), is_file=True)
+    assert os.listdir(elsewhere) == []
