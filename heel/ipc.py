@@ -51,13 +51,16 @@ _TYPES = (str, int, float, bool, bytes, list, dict, type(None))
 #: parameters and answers.
 MAX_CALLS_PER_CONNECTION = 64
 #: The calls a sandbox may have running at once, over all its connections
-#: (IpcRouter's ``max_calls`` default): with the message size, what bounds the
-#: memory a sandbox can make the host hold (each call's parameters, and its
-#: answer until sent: at most max_calls x 2 x max_message_size).
+#: (IpcRouter's ``max_calls`` default).
 MAX_CALLS = 128
-#: How many messages of the router's largest size a sandbox's requests may
-#: amount to at once, decoded (running or about to run); see _ByteBudget.
+#: How many messages of the router's largest size a sandbox's large
+#: requests may amount to at once, decoded (running or about to run); see
+#: _ByteBudget.  Requests of SMALL_REQUEST bytes or less are not counted:
+#: max_calls bounds them (128 x 16 KiB decoded is some 190 MiB at worst),
+#: and small calls never wait behind large ones (a call that waits for
+#: another, a put for a get, would otherwise wait for ever).
 PENDING_MESSAGES = 2
+SMALL_REQUEST = 16 * 1024
 #: fds the host keeps for everything else before it grants IPC connections
 #: (one fd each); see _connection_budget.
 _FD_RESERVE = 128
@@ -164,9 +167,10 @@ class IpcRouter:
     ``max_calls_per_connection`` bounds the calls one connection may have
     running at once, and ``max_calls`` those of the whole sandbox: while
     that many run, the host reads no more requests (from that connection,
-    or from any).  The memory a sandbox can make the host hold for IPC is
-    at most about max_calls x 2 x max_message_size (1 GiB with the
-    defaults, and only when every call carries the largest message).
+    or from any).  Requests larger than 16 KiB also take room in a budget
+    of two messages of max_message_size, before they are decoded (a msgpack
+    message can decode to some 90 times its size).  See README (IPC) for
+    what that bounds.
     """
 
     def __init__(self, *, max_message_size: int = codec.DEFAULT_MAX_FRAME,
@@ -288,11 +292,12 @@ async def _take_slot(slots: trio.Semaphore, sock) -> bool:
 
 
 class _ByteBudget:
-    """The bytes of requests a sandbox may have decoded at once (running or
-    about to run), counted as they came on the wire: a msgpack message can
-    decode to Python objects tens of times its size (an array of empty
-    arrays, about 65 times), so this, not the count of calls, is what bounds
-    the host's memory.  One message is always let through alone."""
+    """The bytes of large requests a sandbox may have decoded at once
+    (running or about to run), counted as they came on the wire: a msgpack
+    message can decode to Python objects tens of times its size (about 65
+    times for an array of empty arrays, 90 for nested maps), so for large
+    requests this, not the count of calls, is what bounds the host's
+    memory.  One message is always let through alone; 0 bytes never wait."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -300,11 +305,13 @@ class _ByteBudget:
         self._changed = trio.Event()
 
     async def acquire(self, size: int) -> None:
-        while self.used and self.used + size > self.limit:
+        while size and self.used and self.used + size > self.limit:
             await self._changed.wait()
         self.used += size
 
     def release(self, size: int) -> None:
+        if not size:
+            return
         self.used -= size
         self._changed.set()
         self._changed = trio.Event()
@@ -414,6 +421,8 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                     # every slot, or the sandbox's byte budget, is taken, the
                     # host decodes and reads nothing more from this connection.
                     size = connection.next_frame_size()
+                    if size is not None and size <= SMALL_REQUEST:
+                        size = 0  # counted by the slots only (see SMALL_REQUEST)
                     if size is not None and not await _take_slots(slots, all_calls, budget, size, sock):
                         handlers.cancel_scope.cancel()
                         return

@@ -446,3 +446,52 @@ print("OK")
     # Two 60 KB messages fit the 128 KiB budget; the four others wait, not
     # decoded.  The control: a small call still fits beside them, and runs.
     assert seen == [1, 60000, 60000], seen
+
+
+async def test_small_calls_never_wait_behind_large_ones():
+    # Two large calls that wait for a small one (a put waiting for its get)
+    # held the whole byte budget, and the small call waited for them: for
+    # ever.  Small requests are counted by the slots only.
+    router = heel.IpcRouter(max_message_size=64 * 1024)
+    queue: list[bytes] = []
+    taken = trio.Event()
+
+    @router.command("put")
+    async def put(data: bytes) -> int:
+        queue.append(data)
+        await taken.wait()
+        return len(data)
+
+    @router.command("get")
+    async def get() -> int:
+        taken.set()
+        return len(queue)
+
+    with trio.fail_after(60):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, RAW + """
+def call(sock, msgid, method, params):
+    sock.sendall(frame(msgpack.packb([0, msgid, method, params], use_bin_type=True)))
+def answer(sock):
+    head = b""
+    while len(head) < 4:
+        head += sock.recv(4 - len(head))
+    size = struct.unpack(">I", head)[0]
+    body = b""
+    while len(body) < size:
+        body += sock.recv(size - len(body))
+    return msgpack.unpackb(body, raw=False)
+def largest(msgid):  # a put whose message is max_message_size exactly: two fill the budget
+    n = 65000
+    while len(msgpack.packb([0, msgid, "put", {"data": b"x" * n}], use_bin_type=True)) < 65536:
+        n += 1
+    return b"x" * n
+a, b, c = connect(), connect(), connect()
+call(a, 1, "put", {"data": largest(1)})
+call(b, 2, "put", {"data": largest(2)})
+time.sleep(1)
+call(c, 3, "get", {})
+print("get", answer(c)[3])
+print("puts", answer(a)[3], answer(b)[3])
+""", timeout=30)
+            assert out.stdout.startswith(b"get 2\nputs 655"), explain(out)
