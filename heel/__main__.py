@@ -1,5 +1,5 @@
 """``python -m heel``: the command line (see :mod:`heel.cli`)."""
 
-from .cli import main
+from .cli import console
 
-raise SystemExit(main())
+console()

@@ -17,10 +17,10 @@ import fcntl
 import os
 import select
 import signal
-import socket
 import stat
 import struct
 import sys
+import _socket  # not socket: it costs `heel run` ~7 ms (enum, selectors); the network and IPC paths import it
 import _thread
 
 from . import _native
@@ -32,6 +32,8 @@ from .errors import SandboxClosed, SandboxUnavailable, SpawnError, spawn_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
+
     import trio
 
 CLONE_NEWNS = 0x00020000
@@ -74,7 +76,7 @@ class Prepared:
         self._lock = _thread.allocate_lock()  # one request at a time on the zygote's socket...
         self._trio_lock: trio.Lock | None = None  # ...and under trio, without blocking the event loop
         self._pidfd = -1
-        self._ctl: socket.socket | None = None
+        self._ctl: _socket.socket | None = None
         #: the proxy's listening socket, made inside the sandbox's network namespace
         self.proxy_listener: socket.socket | None = None
         #: an O_PATH fd of the ptmx of the sandbox's own devpts (-1: none),
@@ -94,7 +96,7 @@ class Prepared:
             raise SandboxUnavailable("heel-init", f"{_native.INIT_PATH} is missing",
                                      "reinstall heel: the build makes it")
         opened: list[int] = []
-        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_end, child_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._ctl = host_end
         try:
             init_fd = os.open(_native.INIT_PATH, os.O_PATH | os.O_CLOEXEC)
@@ -143,6 +145,8 @@ class Prepared:
                 os.close(fd)
         if plan.proxy_port and plan.network_namespace:
             fd = _receive_fd(host_end, _native.MSG_LISTENER)
+            import socket  # what trio's proxy needs; only networked sandboxes get here
+
             self.proxy_listener = socket.socket(fileno=fd)
             self.proxy_listener.setblocking(False)
         if plan.namespaces and any(m.kind == "devpts" for m in plan.mounts):
@@ -176,7 +180,7 @@ class Prepared:
         return fd
 
     def launch(self, argv: list[str], env: dict[str, str], cwd: str,
-               stdio: tuple[int, int, int], ctty: bool = False) -> tuple[int, socket.socket]:
+               stdio: tuple[int, int, int], ctty: bool = False) -> tuple[int, _socket.socket]:
         """Start one command.  Returns (pidfd of its init, control socket).
 
         ``ctty``: stdin is a pty heel made (heel._terminal), to become the
@@ -189,7 +193,7 @@ class Prepared:
             return self._take_reply(argv, host_end, child_end), host_end
 
     async def launch_async(self, argv: list[str], env: dict[str, str], cwd: str,
-                           stdio: tuple[int, int, int], ctty: bool = False) -> tuple[int, socket.socket]:
+                           stdio: tuple[int, int, int], ctty: bool = False) -> tuple[int, _socket.socket]:
         """launch() for trio: the event loop runs on while heel-init works
         (a sandbox under load must not stall the host's other tasks)."""
         import trio
@@ -218,14 +222,15 @@ class Prepared:
             return self._take_reply(argv, host_end, child_end), host_end
 
     def _send_request(self, argv: list[str], env: dict[str, str], cwd: str,
-                      stdio: tuple[int, int, int], ctty: bool) -> tuple[socket.socket, socket.socket]:
+                      stdio: tuple[int, int, int], ctty: bool) -> tuple[_socket.socket, _socket.socket]:
         payload = _encode_request(argv, env, cwd, self.plan.rlimits, lib.HEEL_REQUEST_CTTY if ctty else 0)
-        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_end, child_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             if self._ctl is None:
                 raise SandboxClosed("the sandbox is closed")
             try:
-                socket.send_fds(self._ctl, [_LENGTH.pack(len(payload))], [*stdio, child_end.fileno()])
+                self._ctl.sendmsg([_LENGTH.pack(len(payload))],
+                                  [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [*stdio, child_end.fileno()]))])
                 self._ctl.sendall(payload)
             except OSError as exc:
                 raise SandboxClosed(f"the sandbox's heel-init is gone: {exc}") from None
@@ -235,7 +240,7 @@ class Prepared:
             raise
         return host_end, child_end
 
-    def _take_reply(self, argv: list[str], host_end: socket.socket, child_end: socket.socket) -> int:
+    def _take_reply(self, argv: list[str], host_end: _socket.socket, child_end: _socket.socket) -> int:
         """heel-init's answer to the request just sent: the pidfd of the
         command's init."""
         try:
@@ -336,20 +341,20 @@ def host_pid(pidfd: int) -> int:
     return -1
 
 
-def recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
+def recv_fds(sock: _socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
     """socket.recv_fds, with the fds received close-on-exec: a child the
     host starts later must not inherit a sandbox's listener or pidfds.
     (socket.recv_fds drops its flags argument before Python 3.12.)"""
     fds = array.array("i")
-    data, ancdata, flags, address = sock.recvmsg(size, socket.CMSG_SPACE(maxfds * fds.itemsize),
-                                                 socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, address = sock.recvmsg(size, _socket.CMSG_SPACE(maxfds * fds.itemsize),
+                                                 _socket.MSG_CMSG_CLOEXEC)
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
     return data, list(fds), flags, address
 
 
-def _receive_fd(ctl: socket.socket, kind: int) -> int:
+def _receive_fd(ctl: _socket.socket, kind: int) -> int:
     """An fd that the trampoline sends with a message of this kind before
     heel-init starts (MSG_LISTENER, MSG_PTMX), or the error that stopped it
     first."""
@@ -364,7 +369,7 @@ def _receive_fd(ctl: socket.socket, kind: int) -> int:
     raise SandboxUnavailable("the sandbox", "heel-init exited before it started")
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+def _recv_exactly(sock: _socket.socket, size: int) -> bytes | None:
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
@@ -756,6 +761,8 @@ class Session:
                 if not env.namespaces:
                     # Any local process can reach this one: the secret in the
                     # sandbox's proxy URLs is what the proxy asks for.
+                    import socket
+
                     self._host_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                     self._host_listener.bind(("127.0.0.1", 0))
                     self._host_listener.listen(4096)
@@ -767,6 +774,8 @@ class Session:
             ipc_fd = -1
             if config.ipc is not None:
                 plan = _prepare_ipc(plan, config.ipc)
+                import socket
+
                 self.ipc, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 ipc_fd = theirs.fileno()
             try:
@@ -840,6 +849,10 @@ def main(argv=None):
     from heel.client import main as ipc
 
     return ipc(args[1:])
+
+
+def console():
+    sys.exit(main())
 """
 
 _MAIN = """import sys

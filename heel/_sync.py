@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
+import _socket
 import stat
 import sys
 import time
@@ -16,12 +16,12 @@ from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, needs_re
 from ._terminal import TerminalBridge
 
 
-def recv_message(sock: socket.socket, *, block: bool = True):
+def recv_message(sock: _socket.socket, *, block: bool = True):
     """One control message, or None at EOF (or, when not blocking, if none is there)."""
     data = b""
     while len(data) < MSG_SIZE:
         try:
-            chunk = sock.recv(MSG_SIZE - len(data), 0 if block else socket.MSG_DONTWAIT)
+            chunk = sock.recv(MSG_SIZE - len(data), 0 if block else _socket.MSG_DONTWAIT)
         except BlockingIOError:
             if not data:
                 return None
@@ -35,7 +35,7 @@ def recv_message(sock: socket.socket, *, block: bool = True):
     return decode_message(data)
 
 
-def exit_status(ctl: socket.socket, killed: bool) -> int:
+def exit_status(ctl: _socket.socket, killed: bool) -> int:
     """The command's return code, once its init has exited: the EXITED
     message when the init sent one; otherwise it was killed (by heel, or
     with the whole sandbox), which reads as SIGKILL."""
@@ -50,7 +50,7 @@ def exit_status(ctl: socket.socket, killed: bool) -> int:
     return os.WEXITSTATUS(status)
 
 
-def kill_tree(pidfd: int, ctl: socket.socket, grace: float = 2.0) -> None:
+def kill_tree(pidfd: int, ctl: _socket.socket, grace: float = 2.0) -> None:
     """Kill the command and every process it started.
 
     The command's init is asked to: it kills its descendants, which it can
@@ -59,7 +59,7 @@ def kill_tree(pidfd: int, ctl: socket.socket, grace: float = 2.0) -> None:
     instead, and does that).  Everything left then dies with the sandbox.
     """
     try:
-        ctl.send(encode_message(_native.MSG_KILL), socket.MSG_NOSIGNAL)
+        ctl.send(encode_message(_native.MSG_KILL), _socket.MSG_NOSIGNAL)
         if grace == 0 or select.select([pidfd], [], [], grace)[0]:
             return
     except OSError:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
+import _socket
 from typing import Callable
 
 import trio
@@ -30,7 +30,7 @@ __all__ = ["Process"]
 class Process:
     """A command running in a sandbox.  Create it with ``Command.spawn()``."""
 
-    def __init__(self, *, pidfd: int, ctl: socket.socket, args: list[str],
+    def __init__(self, *, pidfd: int, ctl: _socket.socket, args: list[str],
                  stdin: trio.lowlevel.FdStream | None,
                  stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None,
                  on_reaped: Callable[["Process"], None] | None = None) -> None:
@@ -135,7 +135,7 @@ class Process:
             # SIGSTOP would stop the init itself (it cannot be caught), and
             # one path for all keeps their order (SIGSTOP, then SIGCONT).
             try:
-                self._ctl.send(encode_message(_native.MSG_SIGNAL, sig), socket.MSG_NOSIGNAL)
+                self._ctl.send(encode_message(_native.MSG_SIGNAL, sig), _socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 # The init is not reading its socket (a flood of signals): the
                 # signal then goes to it directly, to be forwarded.

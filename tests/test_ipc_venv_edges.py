@@ -259,16 +259,18 @@ async def test_heel_ipc_works_in_a_venv_that_has_heel_installed():
         config = heel.VenvConfig(os.path.join(base, "env"), python=SYSTEM_PYTHON)
         with trio.fail_after(120):
             venv = await heel.VenvManager.create(config)
-        # What pip writes for heel's console script ([project.scripts] heel = heel.cli:main).
+        # What pip writes for heel's console script: [project.scripts] heel =
+        # heel.cli:console, and heel.cli:main in earlier heels.
         script = venv.path / "bin" / "heel"
-        script.write_text(f"#!{venv.python}\nimport sys\nfrom heel.cli import main\n"
-                          "if __name__ == '__main__':\n    sys.exit(main())\n")
-        script.chmod(0o755)
         sandbox_config = heel.SandboxConfig(ipc=_add_router(), python=heel.PythonConfig(config))
         with trio.fail_after(30):
             async with heel.Sandbox(sandbox_config) as sb:
-                out = await sh(sb, "heel ipc add --a 1")
-        assert out.returncode == 0 and out.stdout == b"2\n", explain(out)
+                for entry in ("console", "main"):
+                    script.write_text(f"#!{venv.python}\nimport sys\nfrom heel.cli import {entry}\n"
+                                      f"if __name__ == '__main__':\n    sys.exit({entry}())\n")
+                    script.chmod(0o755)
+                    out = await sh(sb, "heel ipc add --a 1")
+                    assert out.returncode == 0 and out.stdout == b"2\n", (entry, explain(out))
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
