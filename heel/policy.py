@@ -126,9 +126,24 @@ class NetworkPolicy(abc.ABC):
 
     def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         """Whether a pattern of this policy names ``addr`` (an address or a
-        network holding it) or the request's exact host, port included: a
-        fact about the policy's text, whatever it decided."""
+        network holding it) or the request's exact host, port included, and
+        the policy's text alone shows that it allows ``request`` (going to
+        ``addr``): what lets a part of ``a | b`` that was never asked vouch
+        for the address."""
         return False
+
+    def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        """Whether the policy's text alone shows that it allows ``request``
+        going to ``addr`` (an AllowList that names the address counts: the
+        user said it may be reached).  False when only asking could tell (a
+        CustomPolicy)."""
+        return False
+
+    def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        """False only when the policy's text shows that it denies ``request``
+        going to ``addr``: an AllowList that matches neither the host nor the
+        address (what ``~`` turns into a sure allowance)."""
+        return True
 
     def __or__(self, other: NetworkPolicy) -> NetworkPolicy:
         if not isinstance(other, NetworkPolicy):
@@ -153,6 +168,9 @@ class DenyAll(NetworkPolicy):
         """Denies every request."""
         return Decision(False, "no network (DenyAll)")
 
+    def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return False
+
     def __repr__(self) -> str:
         return "DenyAll()"
 
@@ -173,6 +191,9 @@ class AllowAll(NetworkPolicy):
     async def decide(self, request: NetworkRequest) -> Decision:
         """Allows every request."""
         return Decision(True, "AllowAll allows every host")
+
+    def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return "AllowAll()"
@@ -217,6 +238,9 @@ class AllowList(NetworkPolicy):
 
     async def decide(self, request: NetworkRequest) -> Decision:
         """Allowed when a pattern matches the request's host and port."""
+        return self._decide_now(request)
+
+    def _decide_now(self, request: NetworkRequest) -> Decision:
         try:
             host = normalize_host(request.host)
         except ValueError as error:
@@ -249,6 +273,12 @@ class AllowList(NetworkPolicy):
             if pattern.kind == "network" and addr in pattern.target:
                 return True
         return False
+
+    def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return self._decide_now(request).allowed or self._names_restricted(request, addr)
+
+    def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return self._surely_allows(request, addr)
 
     def __repr__(self) -> str:
         return f"AllowList({[_pattern_text(pattern) for pattern in self._patterns]!r})"
@@ -504,7 +534,10 @@ class _AnyOf(_Combination):
         it, or any part names the address (``AllowAll() |
         AllowList(["10.0.0.5"])``: the internet and that one internal host,
         in either order).  A part that vouches without naming (a
-        CustomPolicy with allow_restricted) counts only if it allowed."""
+        CustomPolicy with allow_restricted) counts only if it allowed, and
+        a part that names the address only if its text shows it allows the
+        request (``AllowList(["10.0.0.0/8"]) & CustomPolicy(f)`` was not
+        asked, and f might say no)."""
         if self._names_restricted(request, addr):
             return True
         entry = _ALLOWED_BY.get().get(id(self))
@@ -514,6 +547,12 @@ class _AnyOf(_Combination):
 
     def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return any(part._names_restricted(request, addr) for part in self.parts)
+
+    def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._surely_allows(request, addr) for part in self.parts)
+
+    def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._might_allow(request, addr) for part in self.parts)
 
 
 class _AllOf(_Combination):
@@ -548,7 +587,16 @@ class _AllOf(_Combination):
         return any(part.permits_restricted(request, addr) for part in self.parts)
 
     def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
-        return any(part._names_restricted(request, addr) for part in self.parts)
+        # A part names it, and every part surely allows the request: not
+        # AllowList(["127.0.0.1"]) & ~AllowList(["127.0.0.1:22"]) for port 22.
+        return (any(part._names_restricted(request, addr) for part in self.parts)
+                and self._surely_allows(request, addr))
+
+    def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return all(part._surely_allows(request, addr) for part in self.parts)
+
+    def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return all(part._might_allow(request, addr) for part in self.parts)
 
 
 class _Not(NetworkPolicy):
@@ -572,6 +620,12 @@ class _Not(NetworkPolicy):
         if decision.allowed:
             return Decision(False, f"excluded: {decision.reason}")
         return Decision(True, f"not excluded: {decision.reason}")
+
+    def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return not self.inner._might_allow(request, addr)
+
+    def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return not self.inner._surely_allows(request, addr)
 
     def __invert__(self) -> NetworkPolicy:
         return self.inner

@@ -268,6 +268,25 @@ async def test_combined_policies_reach_the_internal_address_a_part_names(echo):
         assert [e.allowed for e in events] == [True, False], (policy, events)
 
 
+async def test_an_exclusion_inside_a_combination_holds_for_internal_addresses(echo):
+    """`AllowAll() | (AllowList([a]) & ~AllowList([a:port]))` reached the
+    excluded port: AllowAll allowed, and the `&` part, never asked, counted
+    as naming the address (found by review).  The neighbouring port, not
+    excluded, is the control."""
+    names = {"svc.test": ["127.0.0.1"]}
+    excluded = heel.AllowAll() | (heel.AllowList(["127.0.0.1"]) & ~heel.AllowList([f"127.0.0.1:{echo.port}"]))
+    neighbour = heel.AllowAll() | (heel.AllowList(["127.0.0.1"]) & ~heel.AllowList([f"127.0.0.1:{echo.port + 1}"]))
+    async with sandbox(excluded, names) as sb:
+        refused = await client(sb, "connect", f"svc.test:{echo.port}", "never")
+        events = await settled_events(sb)
+    assert "DATA never" not in refused.stdout.decode(), explain(refused)
+    assert [e.allowed for e in events] == [False] and "internal address" in events[0].reason, events
+    assert echo.connections == 0
+    async with sandbox(neighbour, names) as sb:
+        out = await client(sb, "connect", f"svc.test:{echo.port}", "through")
+    assert "DATA through" in out.stdout.decode(), explain(out)
+
+
 @pytest.mark.parametrize("request_line", [
     "CONNECT bad\x01host:80 HTTP/1.1", "CONNECT host%25eth0:80 HTTP/1.1", "CONNECT a..b:80 HTTP/1.1",
     "CONNECT " + "a" * 300 + ":80 HTTP/1.1", "GARBAGE", "CONNECT host:99999 HTTP/1.1",

@@ -565,6 +565,41 @@ async def test_all_of_permits_when_a_part_names_the_address():
     assert not nothing_named.permits_restricted(req, private)
 
 
+async def _never(req: NetworkRequest) -> bool:
+    return False
+
+
+async def test_an_unasked_part_vouches_only_if_its_text_allows_the_request():
+    """`AllowAll() | (AllowList([a]) & ~AllowList([a:port]))` reached a:port,
+    and `AllowAll() | (AllowList([net]) & CustomPolicy(no))` the whole net:
+    AllowAll allowed, and the `&` part, never asked, counted as naming the
+    address though it would have refused (found by review)."""
+    loopback = ip("127.0.0.1")
+    excluded = AllowAll() | (AllowList(["127.0.0.1"]) & ~AllowList(["127.0.0.1:22"]))
+    assert await allowed(excluded, "127.0.0.1", 22)
+    assert not excluded.permits_restricted(request("127.0.0.1", 22), loopback)
+    assert excluded.permits_restricted(request("127.0.0.1", 80), loopback)  # the neighbour
+    # An exclusion by address holds for a name that resolves there too.
+    assert not excluded.permits_restricted(request("svc.test", 22), loopback)
+    vetoed = AllowAll() | (AllowList(["127.0.0.0/8"]) & CustomPolicy(_never))
+    assert await allowed(vetoed, "127.0.0.1", 80)
+    assert not vetoed.permits_restricted(request("127.0.0.1", 80), loopback)
+    by_name = AllowAll() | (AllowList(["db.internal"]) & ~AllowList(["db.internal:22"]))
+    assert not by_name.permits_restricted(request("db.internal", 22), ip("10.0.0.1"))
+    assert by_name.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
+    # The README's pattern, under an AllowAll: still the named internal host.
+    readme = AllowAll() | (AllowList(["db.internal"]) & ~AllowList(["bad.internal"]))
+    assert readme.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
+    assert not readme.permits_restricted(request("bad.internal", 5432), ip("10.0.0.1"))
+    # Once the `&` itself allowed (asked first), what it names counts.
+    first = (AllowList(["127.0.0.0/8"]) & CustomPolicy(_db_only)) | AllowAll()
+    assert await allowed(first, "db.internal", 80)
+    assert not first.permits_restricted(request("db.internal", 80), loopback)  # names neither
+    named_first = (AllowList(["db.internal"]) & CustomPolicy(_db_only)) | AllowAll()
+    assert await allowed(named_first, "db.internal", 80)
+    assert named_first.permits_restricted(request("db.internal", 80), ip("10.0.0.1"))
+
+
 async def test_nested_any_of_inside_all_of():
     policy = (CustomPolicy(_db_only, allow_restricted=True) | AllowAll()) & AllowList(["*.example", "*.internal"])
     assert await allowed(policy, "db.internal")
