@@ -444,11 +444,23 @@ def forward_head(request: HttpRequest) -> bytes:
     """
     if request.method == "CONNECT":
         raise ValueError("a CONNECT request opens a tunnel; it is not forwarded")
-    dropped = _NOT_FORWARDED | (_connection_options(request) - _BODY_FRAMING)
+    dropped = _NOT_FORWARDED | (_connection_options(request) - _BODY_FRAMING) | {"content-length"}
     lines = [f"{request.method} {request.path} {request.version}", f"Host: {_host_header(request.host, request.port)}"]
     lines += [f"{name}: {value}" for name, value in request.headers if name not in dropped]
+    if request.header_values("content-length"):
+        # One value, however the client wrote it (`5, 5`, or twice): the
+        # server reads the body's length as the proxy does.
+        lines.append(f"Content-Length: {request_body_length(request)}")
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def request_body_length(request: HttpRequest) -> int:
+    """The length of a parsed request's body: its Content-Length (0 without
+    one).  parse_http_head has checked that every value given agrees (RFC
+    9110 8.6 lets a list of one repeated value through: ``5, 5``)."""
+    lengths = request.header_values("content-length")
+    return int(lengths[0].split(",")[0].strip(" \t")) if lengths else 0
 
 
 def _connection_options(request: HttpRequest) -> set[str]:

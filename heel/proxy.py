@@ -471,8 +471,7 @@ class Proxy:
         that gave up must not keep its slot while the server never answers.
         (So a client that half-closes after its request gets no answer, as
         with nginx's and squid's defaults.)"""
-        lengths = request.header_values("content-length")
-        remaining = int(lengths[0]) if lengths else 0
+        remaining = proto.request_body_length(request)
         body = leftover[:remaining]
         remaining -= len(body)
         head = proto.forward_head(request)

@@ -675,6 +675,26 @@ async def test_plain_http_passes_one_request_never_a_pipelined_second(web):
     assert [(m, p) for m, p, _ in web.requests] == [("POST", "/public")]
 
 
+async def test_a_repeated_content_length_is_forwarded_as_one(web):
+    """`Content-Length: 5, 5` is allowed by RFC 9110; the proxy died on it
+    with an internal error (reported as a denial) and the server got an
+    empty connection (found by review)."""
+    async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
+        out = await py(sb, f"""
+            import os, socket, urllib.parse
+            p = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+            s = socket.create_connection((p.hostname, p.port), timeout=10)
+            s.sendall(b"POST http://web.test:{web.port}/twice HTTP/1.1\\r\\nContent-Length: 5, 5\\r\\n\\r\\nhello")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            print(data.split(b"\\r\\n")[0].decode(), data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip())
+            """)
+        events = await settled_events(sb)
+    assert out.stdout.decode().split() == ["HTTP/1.1", "200", "OK", "heel-test-web", "POST", "/twice", "5"], explain(out)
+    assert [(e.allowed, e.failed) for e in events] == [(True, False)], events
+
+
 async def test_chunked_request_bodies_are_refused_with_411(web):
     async with sandbox(heel.AllowList(["web.test"]), {"web.test": ["127.0.0.1"]}) as sb:
         out = await py(sb, f"""

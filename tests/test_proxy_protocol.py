@@ -36,6 +36,7 @@ from heel._proxy_protocol import (
     is_socks5,
     parse_http_head,
     proxy_credentials,
+    request_body_length,
     socks5_reply,
 )
 
@@ -139,6 +140,17 @@ def test_post_leaves_its_body_after_the_head():
 def test_repeated_equal_content_lengths_are_accepted():
     data = request_bytes("POST http://h/ HTTP/1.1", "Content-Length: 3", "content-length: 3, 003")
     assert parse(data).header_values("content-length") == ["3", "3, 003"]
+
+
+def test_repeated_content_lengths_go_upstream_as_one():
+    """`Content-Length: 5, 5` (or the header twice) is one length to the
+    proxy, and one to the server: found by review, the proxy's int() of the
+    raw value failed and the connection died with an internal error."""
+    for headers in (["Content-Length: 5, 5"], ["Content-Length: 5", "content-length: 005"]):
+        request = parse(request_bytes("POST http://h/ HTTP/1.1", *headers) + b"hello")
+        assert request_body_length(request) == 5
+        assert forward_head(request) == b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    assert request_body_length(parse(request_bytes("GET http://h/ HTTP/1.1"))) == 0
 
 
 def test_bare_lf_line_ends_are_accepted():
@@ -372,8 +384,8 @@ def test_forward_head_drops_hop_by_hop_headers_and_sets_host_and_connection():
         b"POST /api?x=1 HTTP/1.0\r\n"  # the client's version: an HTTP/1.0 client cannot read chunks
         b"Host: example.com:8080\r\n"
         b"user-agent: curl/8\r\n"
-        b"content-length: 2\r\n"  # listed in Connection, yet it frames the body relayed after this head
         b"x-latin1: caf\xe9\r\n"
+        b"Content-Length: 2\r\n"  # listed in Connection, yet it frames the body relayed after this head
         b"Connection: close\r\n"
         b"\r\n"
     )

@@ -107,7 +107,31 @@ def test_garbage_never_crashes_the_proxy(echo, data):
             answer = await running.exchange(data)
             assert answer == b"" or answer.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5", b"\x05")), answer[:80]
             await running.settled()
+            assert not [e for e in running.proxy.events if "internal error" in e.reason]
             await running.still_serves(echo.port)
+
+    trio.run(attack)
+
+
+_framing = st.lists(st.sampled_from(["Content-Length: 5", "Content-Length: 5, 5", "Content-Length: 05",
+                                     "Content-Length:5 ,5", "Content-Length: 5, 6", "Content-Length: x",
+                                     "Content-Length: ", "Transfer-Encoding: chunked", "Connection: content-length",
+                                     "Content-Length: 99999999999999999999"]), max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=_framing)
+def test_body_framing_never_breaks_the_proxy(echo, headers):
+    """Every way of framing a request body gets an answer, never an internal
+    error: `Content-Length: 5, 5` killed the connection (found by review)."""
+    data = (f"POST http://127.0.0.1:{echo.port}/ HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers)
+            + "\r\n").encode() + b"hello"
+
+    async def attack() -> None:
+        async with proxy_running() as running:
+            await running.exchange(data)
+            await running.settled()
+            assert not [e for e in running.proxy.events if "internal error" in e.reason], running.proxy.events
 
     trio.run(attack)
 
