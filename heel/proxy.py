@@ -498,8 +498,11 @@ class Proxy:
                 received += len(data)
 
             async def respond(done: trio.CancelScope) -> None:
+                nonlocal reason
                 try:
-                    await self._respond(upstream, request.method, to_client)
+                    unanswered = await self._respond(upstream, request.method, to_client)
+                    if unanswered:
+                        reason += f" (the client got 502: {unanswered})"
                 except OSError:
                     pass  # either end went away
                 done.cancel()
@@ -514,16 +517,22 @@ class Proxy:
                                      reason, net_request.command, sent, received))
         await _linger(conn, LINGER_TIMEOUT)
 
-    async def _respond(self, upstream, method: str, to_client: Callable[[bytes], Awaitable[None]]) -> None:
+    async def _respond(self, upstream, method: str, to_client: Callable[[bytes], Awaitable[None]]) -> str | None:
         """Pass the upstream's response on: interim heads, then the final
         head with ``Connection: close`` and its body, up to where it ends.
-        An answer whose head is no HTTP response becomes a 502."""
+        A server that sends no HTTP response head (garbage, a close or a
+        reset before one) gets the client a 502: what went wrong is returned."""
         buf = bytearray()
         try:
             while True:
                 response = proto.parse_response_head(buf)
                 if response is None:
-                    chunk = await upstream.recv(_READ)
+                    try:
+                        chunk = await upstream.recv(_READ)
+                    except OSError as exc:
+                        raise proto.ProtocolError(
+                            f"the server reset the connection without a response ({exc.strerror or exc})", 502
+                        ) from None
                     if not chunk:
                         raise proto.ProtocolError("the server closed the connection without a response", 502)
                     buf += chunk
@@ -535,17 +544,18 @@ class Proxy:
                 await to_client(proto.forward_response_head(response))
         except proto.ProtocolError as exc:
             await to_client(proto.http_response(502, _reason(502), f"heel proxy: {exc}"))
-            return
+            return str(exc)
         first = bytes(buf if length is None else buf[:length])
         await to_client(proto.forward_response_head(response) + first)
         left = None if length is None else length - len(first)
         while left is None or left > 0:
             chunk = await upstream.recv(_READ if left is None else min(_READ, left))
             if not chunk:
-                return  # a short body: the client sees it by its Content-Length
+                return None  # a short body: the client sees it by its Content-Length
             await to_client(chunk)
             if left is not None:
                 left -= len(chunk)
+        return None
 
     async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float,
                       reason: str) -> None:

@@ -189,3 +189,30 @@ async def test_many_bad_clients_at_once_leave_nothing_behind(running, echo):
     await running.settled()
     (event,) = running.proxy.events
     assert event.allowed and event.bytes_sent == event.bytes_received == len("still here")
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+async def test_a_server_that_gives_no_response_gets_the_client_a_502(running, how):
+    """Plain HTTP to a server that resets (or closes) before it answers: the
+    client got nothing at all after a reset, and the event did not say
+    (found by review).  Now a 502 either way, and the event's reason says."""
+    server = trio.socket.socket()
+    await server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    async def serve_once() -> None:
+        conn, _ = await server.accept()
+        with conn:
+            await conn.recv(65536)
+            if how == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    with server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_once)
+            answer = await running.exchange(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\n\r\n" % port, close_write=False)
+    await running.settled()
+    assert answer.startswith(b"HTTP/1.1 502"), answer[:80]
+    (event,) = running.proxy.events
+    assert event.allowed and "the client got 502" in event.reason, event
