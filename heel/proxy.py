@@ -34,6 +34,7 @@ import resource
 import hmac
 import ipaddress
 import socket
+import threading
 import time
 from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Sequence
@@ -121,15 +122,48 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                       errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
-def _connection_budget() -> int:
-    """MAX_CONNECTIONS, or fewer where the process's fd limit could not hold
-    them next to everything else it has open.  The limit is left as it is
-    (raising it would reach every child the host starts): raise
-    RLIMIT_NOFILE yourself for more connections."""
+def _process_budget() -> int | None:
+    """The connections all of the process's proxies may hold at once, so
+    that their fds fit in its RLIMIT_NOFILE next to about 128 of everything
+    else (None: no limit).  The limit is left as it is (raising it would
+    reach every child the host starts): raise RLIMIT_NOFILE yourself for
+    more connections."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(16, min(MAX_CONNECTIONS, (soft - 128) // (FDS_PER_TUNNEL + 2)))
+        return None
+    return max(16, (soft - 128) // (FDS_PER_TUNNEL + 2))
+
+
+def _connection_budget() -> int:
+    """One proxy's budget: MAX_CONNECTIONS, or the process's, if lower."""
+    process = _process_budget()
+    return MAX_CONNECTIONS if process is None else min(MAX_CONNECTIONS, process)
+
+
+class _ProcessConnections:
+    """The connections served by every proxy of this process: one sandbox's
+    tunnels must not take the fds that another's (or the host's own pipes
+    for its commands) need.  Proxies may run in trio loops of their own
+    threads, hence the lock."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        budget = _process_budget()
+        with self._lock:
+            if budget is not None and self.count >= budget:
+                return False
+            self.count += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+_process_connections = _ProcessConnections()
 
 
 def _is_local(address) -> bool:
@@ -233,7 +267,7 @@ class Proxy:
                             await trio.sleep(0.05)  # out of fds or memory: let connections finish
                             continue
                         raise
-                    if self.open_connections >= self.max_connections:
+                    if self.open_connections >= self.max_connections or not _process_connections.take():
                         # Answered, briefly and a few at a time, so that the
                         # client and the user learn why; never served.
                         if self.overload_answers >= MAX_OVERLOAD_ANSWERS:
@@ -274,6 +308,7 @@ class Proxy:
                 self.overload_answers -= 1
             else:
                 self.open_connections -= 1
+                _process_connections.give_back()
             conn.close()
 
     # ---- HTTP ------------------------------------------------------------
@@ -313,7 +348,7 @@ class Proxy:
                                "Content-Length here (or use https://, through CONNECT)")
             host = _host(request.host)
             if overloaded:
-                raise _Refused(503, proto.GENERAL_FAILURE, f"too many connections ({self.max_connections})")
+                raise _Refused(503, proto.GENERAL_FAILURE, self._overload_reason())
             net_request = NetworkRequest(
                 host=host, port=request.port, protocol=protocol,
                 method=None if is_connect else request.method,
@@ -380,7 +415,7 @@ class Proxy:
         try:
             host = _host(event.host)
             if overloaded:
-                raise _Refused(503, proto.GENERAL_FAILURE, f"too many connections ({self.max_connections})")
+                raise _Refused(503, proto.GENERAL_FAILURE, self._overload_reason())
             net_request = NetworkRequest(host=host, port=event.port, protocol="socks", method=None,
                                          url=None, command=command)
             upstream, reason = await self._open_upstream(net_request)
@@ -395,6 +430,12 @@ class Proxy:
             await self._tunnel(conn, upstream, handshake.trailing_data, net_request, arrived, reason)
 
     # ---- shared ----------------------------------------------------------
+
+    def _overload_reason(self) -> str:
+        if self.open_connections >= self.max_connections:
+            return f"too many connections ({self.max_connections})"
+        return (f"too many connections through the proxies of the host process ({_process_budget()}, "
+                "for its RLIMIT_NOFILE)")
 
     def _command(self, credentials: tuple[str, str] | None) -> str | None:
         """The command that the proxy credential names (None: anonymous),
@@ -443,7 +484,11 @@ class Proxy:
         with trio.move_on_after(CONNECT_TIMEOUT):
             for address in addresses:
                 family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-                sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                except OSError as exc:  # the host process is out of fds (or memory)
+                    raise _Refused(503, proto.GENERAL_FAILURE, f"the proxy cannot open a socket: {exc}",
+                                   failed=True) from None
                 try:
                     await sock.connect((str(address), request.port))
                 except OSError as exc:
@@ -567,7 +612,11 @@ class Proxy:
             if first_out:
                 await _send(upstream, first_out)
                 sent = len(first_out)
-            result = await _relay.relay(conn, upstream)
+            try:
+                result = await _relay.relay(conn, upstream)
+            except OSError as exc:  # out of fds for its pipes: the client had its 200 already
+                reason = f"{reason} (the tunnel ended at once: the relay could not take it: {exc})"
+                raise
         finally:
             sent_total = sent + (result.a_to_b if result else 0)
             received = result.b_to_a if result else 0

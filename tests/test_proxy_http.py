@@ -288,6 +288,44 @@ print(read_all(s).split(b"\r\n")[0].decode())
     assert refusals[0].describe().startswith(f"network denied: http web.test:{web.port} by python3")
 
 
+async def test_the_budget_is_shared_by_the_sandboxes_of_one_process(echo, web, monkeypatch):
+    """Each proxy sized its budget to the whole RLIMIT_NOFILE: with a soft
+    limit of 1024, one sandbox's 112 tunnels left the host process out of
+    fds, so another sandbox's connections were closed unanswered and the
+    host could not make a pipe (found by review).  The fd-derived budget
+    now holds for all proxies together; here it is made 1."""
+    from heel import proxy
+
+    monkeypatch.setattr(proxy, "_process_budget", lambda: 1)
+    holder = r"""
+tunnel = connect_proxy()
+tunnel.sendall(f"CONNECT echo.test:{sys.argv[1]} HTTP/1.1\r\n".encode() + auth + b"\r\n")
+print(tunnel.recv(100).split(b"\r\n")[0].decode(), flush=True)
+sys.stdin.read()  # holds the tunnel until told
+"""
+    other = r"""
+s = connect_proxy()
+s.sendall(f"GET http://web.test:{sys.argv[1]}/{sys.argv[2]} HTTP/1.1\r\n".encode() + auth + b"\r\n")
+print(read_all(s).split(b"\r\n")[0].decode())
+"""
+    async with sandbox(heel.AllowList(["echo.test"]), TEST_NAMES) as a, \
+            sandbox(heel.AllowList(["web.test"]), TEST_NAMES) as b:
+        with trio.fail_after(TIMEOUT):
+            process = await a.command("python3").args(["-c", PRELUDE + holder, str(echo.port)]) \
+                .stdin(heel.Stdio.PIPE).stdout(heel.Stdio.PIPE).spawn()
+            assert (await process.stdout.receive_some(100)).startswith(b"HTTP/1.1 200"), "the tunnel opens"
+            refused = await inside(b, other, web.port, "over")
+            await process.stdin.aclose()
+            await process.wait()
+            await settled(a)
+            after = await inside(b, other, web.port, "after")
+            events = await settled(b)
+    assert refused.stdout.decode().strip() == "HTTP/1.1 503 Service Unavailable", explain(refused)
+    assert after.stdout.decode().strip() == "HTTP/1.1 200 OK", explain(after)
+    assert [p for _, p, _ in web.requests] == ["/after"]
+    assert "through the proxies of the host process" in events[0].reason, events
+
+
 # ---- D6: HTTP/1.0 stays HTTP/1.0 ----------------------------------------------------
 
 
