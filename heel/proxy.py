@@ -169,14 +169,37 @@ _process_connections = _ProcessConnections()
 def _is_local(address) -> bool:
     """Whether the kernel would deliver to ``address`` on this host (one of
     its own addresses, public ones included: a daemon bound to 0.0.0.0 is
-    not the network).  A route lookup; nothing is sent."""
+    not the network).  A route lookup, then a bind; nothing is sent."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             probe.connect((str(address), 9))
-            return ipaddress.ip_address(probe.getsockname()[0].split("%")[0]) == address
+            if ipaddress.ip_address(probe.getsockname()[0].split("%")[0]) == address:
+                return True
     except OSError:
         return False  # no route: the connect will fail too
+    # A local route whose preferred source is another address (a /24 on lo
+    # makes all of it local; AnyIP, `ip route add local P dev lo src A`):
+    # the lookup names that source, yet the kernel delivers here.  Only a
+    # local address can be bound, unless the host lets any be
+    # (ip_nonlocal_bind), where binding tells nothing and the lookup stands.
+    if _nonlocal_bind(family):
+        return False
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(address), 0))
+            return True
+    except OSError:
+        return False
+
+
+def _nonlocal_bind(family: int) -> bool:
+    version = "ipv6" if family == socket.AF_INET6 else "ipv4"
+    try:
+        with open(f"/proc/sys/net/{version}/ip_nonlocal_bind", "rb") as f:
+            return f.read().strip() != b"0"
+    except OSError:
+        return True  # unknown: binding proves nothing
 
 
 def _resolve(host: str, port: int) -> list[str]:
