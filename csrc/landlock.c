@@ -69,9 +69,22 @@ int heel_landlock_create(uint64_t handled_fs, uint64_t handled_net, uint64_t sco
     return (int)fd;
 }
 
+/* Python plans each rule on a path it has resolved (no symbolic link in
+ * it), and the ruleset is built a few milliseconds later.  A process that
+ * may write a directory on the way (another sandbox, given it writable) can
+ * swap a component for a link in between, so the path is opened without
+ * following any: a link there now fails with ELOOP instead of granting
+ * where it points.  openat2() is older (5.6) than Landlock (5.13); open()
+ * is kept for a host whose own seccomp policy hides openat2. */
 int heel_landlock_add_path(int ruleset_fd, const char *path, uint64_t allowed)
 {
-    int fd = open(path, O_PATH | O_CLOEXEC);
+    struct heel_open_how how = {
+        .flags = O_PATH | O_CLOEXEC,
+        .resolve = HEEL_RESOLVE_NO_SYMLINKS | HEEL_RESOLVE_NO_MAGICLINKS,
+    };
+    int fd = (int)syscall(__NR_openat2, AT_FDCWD, path, &how, sizeof(how));
+    if (fd < 0 && errno == ENOSYS)
+        fd = open(path, O_PATH | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return -errno;
     struct heel_path_beneath_attr attr = {

@@ -68,14 +68,6 @@
 #define HEEL_AT_EMPTY_PATH 0x1000
 #define HEEL_MOVE_MOUNT_F_EMPTY_PATH 0x4
 #define HEEL_MOVE_MOUNT_T_EMPTY_PATH 0x40
-#define HEEL_RESOLVE_NO_MAGICLINKS 0x02
-#define HEEL_RESOLVE_NO_SYMLINKS 0x04
-
-struct heel_open_how {
-    uint64_t flags;
-    uint64_t mode;
-    uint64_t resolve;
-};
 #define HEEL_MOUNT_ATTR_RDONLY 0x1
 #define HEEL_MOUNT_ATTR_IDMAP 0x00100000
 

@@ -78,4 +78,15 @@
 #define __NR_open_tree_attr 467
 #endif
 
+/* openat2(): struct open_how and the RESOLVE_ flags, for older headers. */
+#include <stdint.h>
+#define HEEL_RESOLVE_NO_MAGICLINKS 0x02
+#define HEEL_RESOLVE_NO_SYMLINKS 0x04
+
+struct heel_open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
+
 #endif

@@ -269,6 +269,22 @@ def _existing(patterns) -> list[str]:
     return out
 
 
+def _check_unchanged(config: SandboxConfig) -> None:
+    """The config's paths were resolved when it was made; refuse one in which
+    a symbolic link has appeared since.  Something that may write a
+    directory on the way (another sandbox given it writable) could otherwise
+    point a later sandbox's grant anywhere its user may reach."""
+    for kind in ("readable", "writable", "executable", "workdir"):
+        value = getattr(config, kind)
+        for path in map(str, value if isinstance(value, tuple) else [value] if value is not None else []):
+            real = os.path.realpath(path)
+            if real != path:
+                raise PolicyError(
+                    f"{kind} path {path} now leads to {real}: a symbolic link has replaced part of it since the "
+                    "config was made (something that may write there changed it); heel grants only what the "
+                    "config named, so make the config again if that is meant")
+
+
 def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list[Rule]:
     """The rules for one grant: the path resolved once (expansion then only
     walks real directories), the rights masked to what the ABI handles."""
@@ -416,6 +432,7 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     are there, and the same user could read them.
     """
     denied = protected_paths(config)
+    _check_unchanged(config)
     python_env: dict[str, str] = {}
     if config.python is not None:
         config, python_env = _with_python(config, config.python, denied)

@@ -169,6 +169,16 @@ class Prepared:
                     # Gone since the plan listed it (the host's file system
                     # lives on): nothing there to grant.
                     pass
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    # The plan resolved every path; a link in it now was
+                    # put there since (see heel_landlock_add_path).
+                    error = SpawnError("landlock", errno.ELOOP, rule.path)
+                    error.strerror = (f"{rule.path}: a symbolic link has replaced part of this path while the "
+                                      "sandbox was being set up (something that may write there changed it); "
+                                      "nothing was granted")
+                    raise error from None
             if plan.handled_net and plan.proxy_port:
                 # TCP connect to the proxy's port only; never bind.  Without a
                 # network namespace this is what keeps the sandbox off every

@@ -373,3 +373,65 @@ async def test_root_with_a_private_tmpdir_runs(root_only, outside_dir, use_tmpdi
         out = await sh(sb, "echo hi > f && cat f && ls -a ..")
     assert out.returncode == 0 and out.stdout.startswith(b"hi\n"), explain(out)
     assert os.listdir(tmpdir) == []
+
+
+# ---- a link put into a granted path ----------------------------------------------------------
+
+
+def _granted_and_secret(base: str) -> tuple[str, str]:
+    """base/proj (granted: holds `file`) and base/secret (never granted:
+    holds `data`); both open to every uid, so only the sandbox refuses."""
+    proj, secret = os.path.join(base, "proj"), os.path.join(base, "secret")
+    for path, name, text in ((proj, "file", "PROJ\n"), (secret, "data", "SECRET\n")):
+        os.mkdir(path)
+        os.chmod(path, 0o755)
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+        os.chmod(os.path.join(path, name), 0o644)
+    return proj, secret
+
+
+def _swap_for_link(proj: str, secret: str) -> None:
+    """What a sandbox given base writable can do: the granted directory
+    moved aside, a link to elsewhere in its place."""
+    os.rename(proj, proj + ".moved")
+    os.symlink(secret, proj)
+
+
+async def test_a_link_put_in_a_granted_path_after_the_config_was_made_is_refused(outside_dir):
+    """The config resolves its paths when it is made; a sandbox that may
+    write the directory holding one can replace it with a link before a
+    later sandbox opens, which then granted where the link points."""
+    proj, secret = _granted_and_secret(outside_dir)
+    config = heel.SandboxConfig(level=STRICT, readable=[proj])
+    async with heel.Sandbox(config) as sb:  # the control: the grant, and only it
+        out = await sh(sb, f"cat {proj}/file; cat {secret}/data")
+    assert out.stdout == b"PROJ\n" and b"SECRET" not in out.stdout, explain(out)
+    _swap_for_link(proj, secret)
+    with pytest.raises(heel.PolicyError, match="now leads to"):
+        async with heel.Sandbox(config):
+            pass
+
+
+async def test_a_link_swapped_in_while_the_sandbox_opens_grants_nothing(outside_dir, monkeypatch):
+    """Between the plan (every path resolved) and the Landlock ruleset
+    (each path opened) a few milliseconds pass, in which a sandbox that may
+    write the directory can swap in a link: the ruleset followed it and
+    granted the link's target.  The swap is made here at that moment."""
+    from heel import _spawn
+
+    proj, secret = _granted_and_secret(outside_dir)
+    config = heel.SandboxConfig(level=STRICT, readable=[proj])
+    real_build_plan = _spawn.build_plan
+
+    def plan_then_swap(*args, **kwargs):
+        plan = real_build_plan(*args, **kwargs)
+        _swap_for_link(proj, secret)
+        return plan
+
+    monkeypatch.setattr(_spawn, "build_plan", plan_then_swap)
+    with pytest.raises(heel.SpawnError) as caught:
+        async with heel.Sandbox(config) as sb:
+            out = await sh(sb, f"cat {proj}/data")
+            pytest.fail(f"the sandbox opened; the command read: {out.stdout!r}")
+    assert caught.value.stage == "landlock" and "symbolic link" in str(caught.value), caught.value
