@@ -208,28 +208,8 @@ class Prepared:
         (a sandbox under load must not stall the host's other tasks)."""
         import trio
 
-        if self._trio_lock is None:
-            self._trio_lock = trio.Lock()
-        async with self._trio_lock:
-            host_end, child_end = self._send_request(argv, env, cwd, stdio, ctty)
-            assert self._ctl is not None  # _send_request raised if it was closed
-            # Shielded: the reply must be read even by a cancelled caller, or
-            # the next request would read it.  Bounded, for a heel-init that
-            # never answers: then the sandbox is broken, and closed.
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(30) as waited:
-                    try:
-                        await trio.lowlevel.wait_readable(self._ctl)
-                    except trio.ClosedResourceError:  # close() from another task
-                        host_end.close()
-                        child_end.close()
-                        raise SandboxClosed("the sandbox is closed") from None
-            if waited.cancelled_caught:
-                host_end.close()
-                child_end.close()
-                self.close()
-                raise SandboxClosed("the sandbox's heel-init stopped answering; the sandbox is closed")
-            return self._take_reply(argv, host_end, child_end), host_end
+        protected = trio.lowlevel.enable_ki_protection(_launch_async)  # not at import: `heel run` has no trio
+        return await protected(self, trio, argv, env, cwd, stdio, ctty)
 
     def _send_request(self, argv: list[str], env: dict[str, str], cwd: str,
                       stdio: tuple[int, int, int], ctty: bool) -> tuple[_socket.socket, _socket.socket]:
@@ -349,6 +329,53 @@ def host_pid(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     return -1
+
+
+async def _launch_async(prepared: Prepared, trio, argv: list[str], env: dict[str, str], cwd: str,
+                        stdio: tuple[int, int, int], ctty: bool) -> tuple[int, _socket.socket]:
+    """Prepared.launch_async.  KI-protected, so that a Ctrl-C comes only at
+    the wait for the reply, never between the parts of a request; and there
+    the exchange is finished first.  A request sent must have its reply
+    read, or every later command would get the one before's (its init, and
+    so its exit status): a Ctrl-C reaches the main task even in a shielded
+    wait.  The command it started is then killed, and the Ctrl-C goes on."""
+    if prepared._trio_lock is None:
+        prepared._trio_lock = trio.Lock()
+    async with prepared._trio_lock:
+        host_end, child_end = prepared._send_request(argv, env, cwd, stdio, ctty)
+        assert prepared._ctl is not None  # _send_request raised if it was closed
+        interrupted: KeyboardInterrupt | None = None
+        # Shielded: the reply must be read even by a cancelled caller.
+        # Bounded, for a heel-init that never answers: then the sandbox is
+        # broken, and closed.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(30) as waited:
+                while True:
+                    try:
+                        await trio.lowlevel.wait_readable(prepared._ctl)
+                        break
+                    except KeyboardInterrupt as exc:
+                        interrupted = exc
+                    except trio.ClosedResourceError:  # close() from another task
+                        host_end.close()
+                        child_end.close()
+                        raise SandboxClosed("the sandbox is closed") from None
+        if waited.cancelled_caught:
+            host_end.close()
+            child_end.close()
+            prepared.close()
+            raise SandboxClosed("the sandbox's heel-init stopped answering; the sandbox is closed")
+        pidfd = prepared._take_reply(argv, host_end, child_end)
+        if interrupted is not None:
+            from ._sync import kill_tree
+
+            try:
+                kill_tree(pidfd, host_end, grace=1.0)
+            finally:
+                os.close(pidfd)
+                host_end.close()
+            raise interrupted
+        return pidfd, host_end
 
 
 def recv_fds(sock: _socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:

@@ -159,17 +159,20 @@ class Process:
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Close the streams, kill what is left, and reap."""
+        interrupted: list[KeyboardInterrupt] = []
         with trio.CancelScope(shield=True):
             for stream in (self.stdin, self.stdout, self.stderr):
                 if stream is not None:
-                    await stream.aclose()
+                    await finish_despite_ctrl_c(stream.aclose, interrupted)
             if self.returncode is None:
                 self.kill()
                 with trio.move_on_after(5):
-                    await self.wait()
+                    await finish_despite_ctrl_c(self.wait, interrupted)
                 if self.returncode is None:  # heel-init did not answer the kill message
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                    await self.wait()
+                    await finish_despite_ctrl_c(self.wait, interrupted)
+        if interrupted:
+            raise interrupted[0]
 
     async def __aenter__(self) -> "Process":
         return self
@@ -177,3 +180,17 @@ class Process:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
+
+async def finish_despite_ctrl_c(wait, interrupted: list[KeyboardInterrupt]) -> None:
+    """``await wait()`` to its end, a Ctrl-C or not: each KeyboardInterrupt
+    is kept in ``interrupted`` (for the caller to raise once done) and the
+    wait goes on.  A Ctrl-C reaches trio's main task even in a shielded wait
+    of a KI-protected function; closing must still finish (each wait it
+    makes is bounded), or the sandbox's heel-init, temporary directory and
+    proxy would stay for as long as the host lives."""
+    while True:
+        try:
+            await wait()
+            return
+        except KeyboardInterrupt as exc:
+            interrupted.append(exc)

@@ -23,7 +23,7 @@ from ._sync import BACKGROUND_RECHECK, give_back_unread, pipe_bytes, same_file
 from .config import SandboxConfig, check_env_item, check_limit
 from .errors import CommandFailed, CommandTimeout, HeelError, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
-from .process import Process
+from .process import Process, finish_despite_ctrl_c
 
 if sys.version_info < (3, 11):  # trio brings the backport there
     from exceptiongroup import BaseExceptionGroup
@@ -226,25 +226,28 @@ class Sandbox(Generic[P]):
         if self._closed:
             return
         self._closed = True
+        interrupted: list[KeyboardInterrupt] = []
         with trio.CancelScope(shield=True):
             for process in list(self._processes):
                 process.kill()
             for process in list(self._processes):
-                await process.aclose()
+                await finish_despite_ctrl_c(process.aclose, interrupted)
             self._processes.clear()
             # The relays end at the end of their pipes, now that every
             # process is gone; give them a moment to copy what is left.
             with trio.move_on_after(2):
                 for done in list(self._relays):
-                    await done.wait()
+                    await finish_despite_ctrl_c(done.wait, interrupted)
             # The proxy stops before its listener is closed with the session.
             if self._proxy_scope is not None and self._proxy_done is not None:  # set together
                 self._proxy_scope.cancel()
-                await self._proxy_done.wait()
+                await finish_despite_ctrl_c(self._proxy_done.wait, interrupted)
             for scope in list(self._background):
                 scope.cancel()
             if self._session is not None:
                 self._session.close()
+        if interrupted:
+            raise interrupted[0]
 
     @property
     def plan(self) -> SandboxPlan:

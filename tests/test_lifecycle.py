@@ -363,3 +363,108 @@ def test_remove_tree_never_follows_links(tmp_path):
     assert not os.path.lexists(base)
     assert (outside / "sub" / "keep.txt").read_text() == "keep"
     assert (outside / "file.txt").read_text() == "keep too"
+
+
+# ---- Ctrl-C in the middle of heel's own steps ----------------------------------------------
+
+# Run in a child Python of its own: a KeyboardInterrupt there is the test's
+# subject, not pytest's.  heel-init is stopped (SIGSTOP) from outside, so that
+# heel waits for it (as on a loaded machine), and the Ctrl-C lands in that wait.
+_CTRL_C_PRELUDE = r"""
+import os, signal, sys, threading, time, tempfile
+import trio, heel
+
+def init_pid(sb):
+    with open(f"/proc/self/fdinfo/{sb._session.prepared._pidfd}") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Pid:")))
+
+def tree(pid):
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            pass
+    found = [pid]
+    while more := [c for c, parent in parents.items() if parent in found and c not in found]:
+        found += more
+    return found
+
+def ctrl_c_while_stopped(pid):
+    # heel-init and every process under it: nothing in the sandbox answers.
+    stopped = tree(pid)
+    for p in stopped:
+        os.kill(p, signal.SIGSTOP)
+    def later():
+        time.sleep(0.4)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.4)
+        for p in stopped:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    threading.Thread(target=later, daemon=True).start()
+"""
+
+_CTRL_C_WHILE_STARTING = _CTRL_C_PRELUDE + r"""
+async def main():
+    async with heel.Sandbox() as sb:
+        ctrl_c_while_stopped(init_pid(sb))
+        try:
+            await sb.command("sh").args(["-c", "echo first; exit 1"]).output()
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        for i in range(3):
+            out = await sb.command("sh").args(["-c", f"echo cmd{i}; exit {10 + i}"]).output()
+            print(out.returncode, out.stdout.decode().strip())
+
+trio.run(main)
+"""
+
+_CTRL_C_WHILE_CLOSING = _CTRL_C_PRELUDE + r"""
+async def main(network):
+    config = heel.SandboxConfig(network=heel.AllowAll() if network else heel.DenyAll())
+    sb = heel.Sandbox(config)
+    try:
+        with trio.fail_after(20):
+            async with sb:
+                pid = init_pid(sb)
+                base = sb._session.base
+                await sb.command("sleep").arg("60").spawn()
+                ctrl_c_while_stopped(pid)
+        print("not interrupted")
+    except KeyboardInterrupt:
+        print("interrupted")
+    time.sleep(0.5)
+    print("heel-init", "gone" if not os.path.exists(f"/proc/{pid}") else "left")
+    print("temporary directory", "gone" if not os.path.exists(base) else "left")
+
+trio.run(main, sys.argv[1] == "network")
+"""
+
+
+def _run_child(script: str, *args: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, timeout=60)
+    return result.stdout.decode().splitlines() + [f"exit {result.returncode}", result.stderr.decode()[-2000:]]
+
+
+def test_ctrl_c_while_a_command_starts_leaves_the_sandbox_in_step():
+    """A Ctrl-C after a start request was sent and before heel-init's
+    reply was read left the reply queued: every later command got the one
+    before's init, and so its exit status (found by review).  The program
+    here catches the KeyboardInterrupt and goes on, as a REPL or an agent
+    loop does."""
+    lines = _run_child(_CTRL_C_WHILE_STARTING)
+    assert lines[:4] == ["interrupted", "10 cmd0", "11 cmd1", "12 cmd2"], lines
+
+
+@pytest.mark.parametrize("network", ["network", "none"])
+def test_ctrl_c_while_the_sandbox_closes_still_closes_it(network):
+    """A Ctrl-C in the waits of closing left heel-init running and the
+    temporary directory in place for as long as the host lived; with a
+    network policy, leaving `async with` then hung (found by review)."""
+    lines = _run_child(_CTRL_C_WHILE_CLOSING, network)
+    assert lines[:3] == ["interrupted", "heel-init gone", "temporary directory gone"], lines
