@@ -38,6 +38,7 @@ from .config import (
     check_limit,
     is_env_name,
     parse_size,
+    shown,
 )
 from .errors import PolicyError
 
@@ -486,10 +487,12 @@ def _number(value: Any, label: str, number_type: type, what: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int, number_type)):
             raise ValueError
         number = number_type(value)
+    except OverflowError:  # an int past a float's range (TOML takes any)
+        raise UsageError(f"{label} must be a finite number, got {shown(value)}") from None
     except ValueError:
-        raise UsageError(f"{label} must be {what}, got {value!r}") from None
-    if not math.isfinite(number):
-        raise UsageError(f"{label} must be a finite number, got {value!r}")
+        raise UsageError(f"{label} must be {what}, got {shown(value)}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise UsageError(f"{label} must be a finite number, got {shown(value)}")
     if number <= 0:
-        raise UsageError(f"{label} must be positive, got {value!r}")
+        raise UsageError(f"{label} must be positive, got {shown(value)}")
     return number

@@ -151,8 +151,11 @@ MAX_PROCESSES = 2**22  # the kernel's PID_MAX_LIMIT: no more can exist at once
 _MAX_DIGITS = 30
 
 
-def _shown(value) -> str:
-    """repr(value), cut short: a message stays readable for 5000 digits."""
+def shown(value) -> str:
+    """repr(value), cut short: a message stays readable for 5000 digits
+    (and an int of more than 4300, which repr() refuses, is one too)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a {'negative ' if value < 0 else ''}number of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -196,9 +199,9 @@ def parse_size(value: int | str, what: str = "size") -> int:
     else:
         raise PolicyError(f"{what} must be an int or a string such as '512M', got {type(value).__name__}")
     if number <= 0:
-        raise PolicyError(f"{what} must be positive, got {value!r}")
+        raise PolicyError(f"{what} must be positive, got {shown(value)}")
     if number > MAX_SIZE:
-        raise PolicyError(f"{what} must be at most 2**62 bytes (4 EiB), got {_shown(value)}")
+        raise PolicyError(f"{what} must be at most 2**62 bytes (4 EiB), got {shown(value)}")
     return number
 
 
@@ -206,13 +209,14 @@ def _positive_number(value, what: str, *, integer: bool = False):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PolicyError(f"{what} must be a number, got {value!r}")
+        raise PolicyError(f"{what} must be a number, got {shown(value)}")
     if integer and not isinstance(value, int):
-        raise PolicyError(f"{what} must be a whole number, got {value!r}")
-    if not math.isfinite(value):
-        raise PolicyError(f"{what} must be a finite number, got {value!r}")
+        raise PolicyError(f"{what} must be a whole number, got {shown(value)}")
+    # Only a float can be inf or nan; math.isfinite() of an int past 1e308 overflows.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(f"{what} must be a finite number, got {shown(value)}")
     if value <= 0:
-        raise PolicyError(f"{what} must be positive, got {value!r}")
+        raise PolicyError(f"{what} must be positive, got {shown(value)}")
     return value
 
 
@@ -236,7 +240,7 @@ def check_limit(field: str, value, what: str) -> None:
     else:
         most, unit = MAX_SECONDS, " seconds"
     if value > most:
-        raise PolicyError(f"{what} must be at most {most}{unit}, got {_shown(value)}")
+        raise PolicyError(f"{what} must be at most {most}{unit}, got {shown(value)}")
 
 
 class ResourceLimits(Frozen):
@@ -294,17 +298,26 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise PolicyError(f"{what}: {item!r} is not a path")
-        text = os.fspath(item)
+        try:
+            text = os.fspath(item)
+        except TypeError as exc:
+            raise PolicyError(f"{what}: {item!r} is not a path ({exc})") from None
+        if not isinstance(text, str):
+            raise PolicyError(f"{what}: {item!r} is not a path of text (bytes paths are not taken)")
         if not text or "\0" in text:
             raise PolicyError(f"{what}: {text!r} is not a valid path")
         from pathlib import Path  # only when there are paths: it costs `heel run` otherwise
 
         path = Path(os.path.expanduser(text))
         if not path.is_absolute():
-            path = Path.cwd() / path
-        if not path.exists():
-            raise PolicyError(f"{what}: {text} does not exist")
-        out.append(path.resolve())
+            path = Path.cwd() / path  # outside the try: a removed cwd is the CLI's to name
+        try:
+            os.stat(path)
+            out.append(path.resolve(strict=True))
+        except FileNotFoundError:
+            raise PolicyError(f"{what}: {text} does not exist") from None
+        except OSError as exc:  # a name too long, a directory this user cannot pass, a loop of links
+            raise PolicyError(f"{what}: {text}: {exc.strerror or exc}") from None
     return tuple(out)
 
 
@@ -413,6 +426,8 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         _check_writable(self.writable, "writable", level)
         put("executable", _paths(executable, "executable"))
         put("env", MappingProxyType(_env(env or {})))
+        if not isinstance(env_passthrough, (str, Iterable)):
+            raise PolicyError(f"env_passthrough must be a list of variable names, got {env_passthrough!r}")
         names = (env_passthrough,) if isinstance(env_passthrough, str) else tuple(env_passthrough)
         for name in names:
             if not is_env_name(name):

@@ -23,6 +23,7 @@ import trio
 
 from . import _native, _sync
 from ._spawn import MSG_SIZE, decode_message, encode_message, host_pid, raise_for_error
+from .errors import PolicyError
 
 __all__ = ["Process"]
 
@@ -127,7 +128,10 @@ class Process:
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the command (heel-init forwards it).  SIGKILL kills
-        the whole tree, like kill()."""
+        the whole tree, like kill().  A number that is no signal is a
+        PolicyError (heel-init would drop it without a word)."""
+        if isinstance(sig, bool) or not isinstance(sig, int) or not 0 < sig < signal.NSIG:
+            raise PolicyError(f"send_signal takes a signal number (1 to {signal.NSIG - 1}), got {sig!r}")
         if sig == signal.SIGKILL:
             self.kill()
         elif self.returncode is None:

@@ -167,8 +167,9 @@ class Sandbox(Generic[P]):
             # exception goes on to the caller's scopes.
             with trio.CancelScope(shield=True):
                 await self.aclose()
+            manager = self.__dict__.pop("_nursery_manager", None)
             if entered:
-                await _exit_nursery(self._nursery_manager)
+                await _exit_nursery(manager)
             raise
         return self
 
@@ -209,12 +210,16 @@ class Sandbox(Generic[P]):
 
     @trio.lowlevel.enable_ki_protection  # a Ctrl-C here would leave the sandbox half closed
     async def __aexit__(self, *exc) -> None:
+        manager = getattr(self, "_nursery_manager", None)
+        if manager is None:  # never entered, or left already
+            raise SandboxClosed("the sandbox is not open: use `async with Sandbox(config) as sb:`")
+        del self._nursery_manager
         try:
             await self.aclose()
         finally:
             # The nursery's tasks never raise, and the body's exception is not
             # the nursery's: it goes on as it is, not wrapped in a group.
-            await _exit_nursery(self._nursery_manager)
+            await _exit_nursery(manager)
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -594,7 +599,7 @@ class Command:
 
     def timeout(self, seconds: float) -> "Command":
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-                or not math.isfinite(seconds) or seconds <= 0:
+                or (isinstance(seconds, float) and not math.isfinite(seconds)) or seconds <= 0:
             raise PolicyError(f"timeout must be a positive number of seconds, got {seconds!r}")
         check_limit("timeout", seconds, "timeout")
         self._timeout = seconds

@@ -370,3 +370,30 @@ def test_an_async_network_event_callback_is_refused():
     with pytest.raises(PolicyError, match="on_network_event"):
         SandboxConfig(on_network_event=callback)
     SandboxConfig(on_network_event=lambda event: None)  # the control
+
+
+# ---- misuse gets heel's errors (found by review) ----------------------------------------
+
+
+async def test_send_signal_refuses_what_is_no_signal():
+    """999 and -1 were dropped by heel-init without a word, "x" raised
+    struct.error."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sleep").arg("30").spawn()
+        for sig in (999, -1, 0, "x", True, 2.0):
+            with pytest.raises(heel.PolicyError):
+                process.send_signal(sig)
+        process.send_signal(signal.SIGTERM)  # the neighbour: a real signal still arrives
+        assert await process.wait() == -signal.SIGTERM
+
+
+async def test_leaving_a_sandbox_not_entered_or_left_already_is_sandbox_closed():
+    """AttributeError and trio's IndexError came out of __aexit__."""
+    never = heel.Sandbox()
+    with pytest.raises(heel.SandboxClosed):
+        await never.__aexit__(None, None, None)
+    sb = heel.Sandbox()
+    async with sb:
+        pass
+    with pytest.raises(heel.SandboxClosed):
+        await sb.__aexit__(None, None, None)

@@ -6,6 +6,7 @@ command line's network options over a --config file's.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,60 @@ def test_api_limits_past_their_bounds(limits, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+@pytest.mark.parametrize("limits", [
+    {"timeout": 10**400}, {"cpu_time": -10**400}, {"processes": 10**400}, {"open_files": 10**400},
+    {"timeout": 10**5000}, {"cpu_time": -10**5000}, {"memory": -10**5000}, {"processes": -(10**5000)},
+])
+def test_api_limits_of_any_size_are_policy_errors(limits):
+    """Ints past a float's range raised OverflowError (math.isfinite), and
+    past 4300 digits ValueError (the message's repr) (found by review)."""
+    with pytest.raises(heel.PolicyError) as info:
+        ResourceLimits(**limits)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+async def test_command_timeout_of_any_size_is_a_policy_error():
+    async with heel.Sandbox() as sb:
+        with pytest.raises(heel.PolicyError):
+            sb.command("true").timeout(10**400)
+        with pytest.raises(heel.PolicyError):
+            await sb.run(["true"], timeout=10**400)
+        assert (await sb.command("true").timeout(10**3).status()).returncode == 0
+
+
+class _BytesPath:
+    def __fspath__(self):
+        return b"/tmp"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"readable": ["/tmp/" + "a" * 300]},  # a name longer than NAME_MAX
+    {"workdir": "/" + "a" * 5000},
+    {"readable": [_BytesPath()]},
+    {"workdir": _BytesPath()},
+    {"env_passthrough": None},
+    {"env_passthrough": 5},
+])
+def test_odd_config_values_are_policy_errors(kwargs):
+    """Each raised OSError or TypeError from deep inside (found by review)."""
+    with pytest.raises(heel.PolicyError):
+        SandboxConfig(**kwargs)
+
+
+def test_a_path_this_user_cannot_reach_is_a_policy_error(tmp_path):
+    """As a user who cannot pass a directory on the way (root cannot be
+    refused that way: /proc/1/root is the case that refuses root too)."""
+    with pytest.raises(heel.PolicyError):
+        SandboxConfig(readable=["/proc/1/root/etc"] if os.geteuid() == 0 else ["/root/.bashrc"])
+
+
+def test_config_file_numbers_of_any_size_exit_125(tmp_path):
+    config = tmp_path / "c.toml"
+    for text in (f"timeout = {10**400}\n", f"max_procs = {10**400}\n", f"cpu_time = -{10**400}\n"):
+        config.write_text(text)
+        assert_refused("run", "--config", str(config), "true")
 
 
 def test_limits_at_their_bounds_are_taken():
