@@ -346,6 +346,14 @@ class Connection:
             return len(self._frames[0])
         return None
 
+    def partial_frame_size(self) -> int | None:
+        """The size a frame announced whose end has not arrived yet (None:
+        no frame begun, or its header is not whole): a server can make room
+        for it before it reads the rest."""
+        if self._failed or len(self._partial) < _HEADER.size:
+            return None
+        return _HEADER.unpack_from(self._partial, 0)[0]
+
     def next_event(self) -> Event:
         """The next event: a :class:`Request` or :class:`InvalidRequest` (server),
         a :class:`Response` (client), :data:`NEED_DATA` or :data:`CLOSED`.

@@ -344,6 +344,17 @@ async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphor
     return False
 
 
+async def _take_budget(budget: _ByteBudget, size: int, sock) -> bool:
+    """``size`` bytes of the budget; False (and nothing held) when the
+    caller hangs up meanwhile (see _take_slot)."""
+    while True:
+        with trio.move_on_after(_HANGUP_POLL):
+            await budget.acquire(size)
+            return True
+        if _hung_up(sock):
+            return False
+
+
 def _hung_up(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLHUP | select.POLLRDHUP)
@@ -408,9 +419,19 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
             return
         await reply(codec.Response(request.msgid, None, result))
 
+    # Bytes of the byte budget taken for a large frame while it arrives: a
+    # connection holds no more than a small frame's worth that the budget
+    # does not count.  They pass to the request once the frame is whole.
+    reserved = 0
     try:
         async with trio.open_nursery() as handlers:
             while True:
+                announced = connection.partial_frame_size()
+                if not reserved and announced is not None and announced > SMALL_REQUEST:
+                    if not await _take_budget(budget, announced, sock):
+                        handlers.cancel_scope.cancel()
+                        return
+                    reserved = announced
                 try:
                     data = await sock.recv(65536)
                 except OSError:
@@ -423,7 +444,11 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                     size = connection.next_frame_size()
                     if size is not None and size <= SMALL_REQUEST:
                         size = 0  # counted by the slots only (see SMALL_REQUEST)
-                    if size is not None and not await _take_slots(slots, all_calls, budget, size, sock):
+                    # The frame reserved for is the first to be whole: every
+                    # one before it was taken before more was read.
+                    held, reserved = (reserved, 0) if size and size == reserved else (0, reserved)
+                    if size is not None and not await _take_slots(slots, all_calls, budget, size - held, sock):
+                        budget.release(held)
                         handlers.cancel_scope.cancel()
                         return
                     try:
@@ -450,5 +475,6 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                     handlers.cancel_scope.cancel()
                     return
     finally:
+        budget.release(reserved)  # a frame that never came whole
         open_connections[0] -= 1
         sock.close()

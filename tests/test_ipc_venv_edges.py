@@ -497,3 +497,51 @@ print("get", answer(c)[3])
 print("puts", answer(a)[3], answer(b)[3])
 """, timeout=30)
             assert out.stdout.startswith(b"get 2\nputs 655"), explain(out)
+
+
+async def test_large_frames_take_the_byte_budget_while_they_arrive():
+    """Each connection could hold a large frame partly received, raw,
+    outside the byte budget: 256 connections x 4 MiB with the defaults
+    (found by review).  A large frame now takes its room as soon as its
+    header is read; past the budget the host reads no further.  Eight
+    connections each announce a 1 MiB frame and send all but its last byte:
+    two fit the 2 MiB budget, the others stall.  The control: a small call
+    still runs beside them."""
+    router = heel.IpcRouter(max_message_size=1024 * 1024)
+
+    @router.command("add")
+    async def add(a: int, b: int = 1) -> int:
+        return a + b
+
+    with trio.fail_after(60):
+        async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+            out = await py(sb, RAW + """
+size = 1024 * 1024 - 16
+socks = [connect() for _ in range(8)]
+sent = [0] * len(socks)
+for s in socks:
+    s.setblocking(False)
+    s.send(struct.pack(">I", size))
+body = b"\\0" * 65536
+deadline = time.monotonic() + 4
+while time.monotonic() < deadline and min(sent) < size - 1:
+    moved = False
+    for i, s in enumerate(socks):
+        want = min(len(body), size - 1 - sent[i])
+        if want <= 0:
+            continue
+        try:
+            sent[i] += s.send(body[:want])
+            moved = True
+        except BlockingIOError:
+            pass
+    if not moved:
+        time.sleep(0.05)
+print("whole", sum(n == size - 1 for n in sent))
+small = connect()
+small.sendall(frame(msgpack.packb([0, 7, "add", {"a": 1}], use_bin_type=True)))
+head = small.recv(4)
+print("small", msgpack.unpackb(small.recv(struct.unpack(">I", head)[0]), raw=False)[3])
+""", timeout=30)
+    lines = out.stdout.decode().split()
+    assert lines[:2] == ["whole", "2"] and lines[2:] == ["small", "2"], explain(out)
