@@ -50,6 +50,7 @@ struct heel_seccomp_opts {
     int deny_listen;          /* listen() refused: no network namespace holds what listens */
     int deny_bind;            /* bind() refused: no network namespace holds the names bound */
     int deny_fastopen;        /* MSG_FASTOPEN refused: no network namespace, Landlock sees connect() only */
+    int deny_foreign_sched;   /* priorities and scheduling of the caller only: no pid namespace */
 };
 
 /* Assemble the filter into out[0..cap).  Returns the number of instructions

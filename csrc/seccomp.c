@@ -12,6 +12,8 @@
  *              RET ERRNO(ENOSYS)                               clone3, openat2
  *              clone, personality, mknod, mknodat, ioctl, socket, socketpair,
  *              bind, listen, sendto, sendmsg, sendmmsg, prlimit64,
+ *              setpriority, ioprio_set, sched_setaffinity, sched_setscheduler,
+ *              sched_setparam, sched_setattr,
  *              chmod, fchmod, fchmodat, fchmodat2, creat, open, openat:
  *              one argument check each (syscalls with the same check share
  *              its code), which loads its arguments and ends in a return on
@@ -519,6 +521,52 @@ static void prlimit_check(struct bpf_asm *a, const struct heel_seccomp_opts *opt
     ret(a, ALLOW);
 }
 
+/* The priority and scheduling of another process need no more than the
+ * same uid, and Landlock's signal scope does not cover them.  In a pid
+ * namespace they reach the sandbox's own processes only (PRIO_USER too: the
+ * kernel skips tasks the caller's namespace cannot see).  Without one they
+ * would reach every process of the user's on the host, heel's own Python
+ * among them (nice 19, SCHED_IDLE, one CPU, idle I/O): then only the
+ * caller itself (pid 0) and its own process group (who 0).  taskset -p and
+ * renice by pid, and pthread_setaffinity_np() (which names a thread by its
+ * tid), fail there with EPERM. */
+static void own_sched_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    if (!opts->deny_foreign_sched) {
+        ret(a, ALLOW);
+        return;
+    }
+    load(a, ARG_LO(0));
+    ret_if_eq(a, 0, ALLOW);
+    ret(a, FAIL(EPERM));
+}
+
+/* setpriority(which, who, prio): PRIO_PROCESS 0 or PRIO_PGRP 1, never PRIO_USER 2. */
+static void setpriority_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    if (!opts->deny_foreign_sched) {
+        ret(a, ALLOW);
+        return;
+    }
+    load(a, ARG_LO(1));
+    ret_if_ne(a, 0, FAIL(EPERM));
+    load(a, ARG_LO(0));
+    ret_in(a, ONE_OF(0, 1), ALLOW, FAIL(EPERM));
+}
+
+/* ioprio_set(which, who, ioprio): IOPRIO_WHO_PROCESS 1 or IOPRIO_WHO_PGRP 2, never IOPRIO_WHO_USER 3. */
+static void ioprio_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    if (!opts->deny_foreign_sched) {
+        ret(a, ALLOW);
+        return;
+    }
+    load(a, ARG_LO(1));
+    ret_if_ne(a, 0, FAIL(EPERM));
+    load(a, ARG_LO(0));
+    ret_in(a, ONE_OF(1, 2), ALLOW, FAIL(EPERM));
+}
+
 /* A connected pair of unix stream or seqpacket sockets reaches nobody
  * outside the process tree: they cannot be connected again, and sendto()
  * on them ignores (stream: refuses) an address.  A datagram pair can do
@@ -558,6 +606,12 @@ static const struct arg_check {
     {__NR_sendmsg, flags_arg2_check},
     {__NR_sendmmsg, flags_arg3_check},
     {__NR_prlimit64, prlimit_check},
+    {__NR_setpriority, setpriority_check},
+    {__NR_ioprio_set, ioprio_check},
+    {__NR_sched_setaffinity, own_sched_check},
+    {__NR_sched_setscheduler, own_sched_check},
+    {__NR_sched_setparam, own_sched_check},
+    {__NR_sched_setattr, own_sched_check},
 #ifdef __NR_chmod
     {__NR_chmod, mode_arg1_check},
 #endif

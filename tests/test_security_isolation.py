@@ -435,3 +435,65 @@ async def test_a_link_swapped_in_while_the_sandbox_opens_grants_nothing(outside_
             out = await sh(sb, f"cat {proj}/data")
             pytest.fail(f"the sandbox opened; the command read: {out.stdout!r}")
     assert caught.value.stage == "landlock" and "symbolic link" in str(caught.value), caught.value
+
+
+# ---- scheduling of host processes without a pid namespace -------------------------------------
+
+SCHED_ATTACK = r"""
+import ctypes, os, platform, sys
+victim = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+IOPRIO_SET = {"x86_64": 251, "aarch64": 30}[platform.machine()]
+IDLE_IO = 3 << 13  # IOPRIO_CLASS_IDLE
+
+def attempt(name, call):
+    try:
+        call()
+        print(name, "ok")
+    except OSError as exc:
+        print(name, "errno", exc.errno)
+
+def ioprio(who):
+    if libc.syscall(IOPRIO_SET, 1, who, IDLE_IO) != 0:
+        raise OSError(ctypes.get_errno(), "ioprio_set")
+
+for target in (victim, 0):  # the host's process, then the control: the command itself
+    attempt(f"setpriority {target}", lambda: os.setpriority(os.PRIO_PROCESS, target, 19))
+    attempt(f"affinity {target}", lambda: os.sched_setaffinity(target, {0}))
+    attempt(f"scheduler {target}", lambda: os.sched_setscheduler(target, os.SCHED_IDLE, os.sched_param(0)))
+    attempt(f"ioprio {target}", lambda: ioprio(target))
+# Every process of a uid (who 0: the caller's own), refused whoever it names.
+attempt("prio_user", lambda: os.setpriority(os.PRIO_USER, 65533, 19))
+"""
+
+
+async def test_host_processes_keep_their_scheduling_without_a_pid_namespace(no_namespaces):
+    """Without a pid namespace the sandbox sees the user's host processes,
+    and setpriority, sched_setaffinity, sched_setscheduler and ioprio_set
+    need no more than the same uid (Landlock's signal scope does not cover
+    them): a command could make heel's own Python, or any process of the
+    user's, nice 19, SCHED_IDLE and pinned to one CPU (found by review).
+    The same calls on the command itself still work."""
+    import ctypes
+    import platform
+
+    if platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("ioprio_get's number is known here for x86_64 and aarch64 only")
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        before = (os.getpriority(os.PRIO_PROCESS, victim.pid), os.sched_getaffinity(victim.pid),
+                  os.sched_getscheduler(victim.pid))
+        async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, best_effort=True)) as sb:
+            out = await py(sb, SCHED_ATTACK, str(victim.pid))
+        after = (os.getpriority(os.PRIO_PROCESS, victim.pid), os.sched_getaffinity(victim.pid),
+                 os.sched_getscheduler(victim.pid))
+        libc = ctypes.CDLL(None, use_errno=True)
+        ioprio_class = libc.syscall({"x86_64": 252, "aarch64": 31}[platform.machine()], 1, victim.pid) >> 13
+    finally:
+        victim.kill()
+        victim.wait()
+    lines = out.stdout.decode().splitlines()
+    assert after == before and ioprio_class != 3, (before, after, ioprio_class, explain(out))
+    assert [line for line in lines if line.endswith(" 0 ok")] == [
+        "setpriority 0 ok", "affinity 0 ok", "scheduler 0 ok", "ioprio 0 ok"], explain(out)
+    assert all(line.endswith("errno 1") for line in lines if not line.endswith(" 0 ok")), explain(out)
