@@ -214,6 +214,10 @@ class Prepared:
     def _send_request(self, argv: list[str], env: dict[str, str], cwd: str,
                       stdio: tuple[int, int, int], ctty: bool) -> tuple[_socket.socket, _socket.socket]:
         payload = _encode_request(argv, env, cwd, self.plan.rlimits, lib.HEEL_REQUEST_CTTY if ctty else 0)
+        if len(payload) > lib.HEEL_REQUEST_MAX:
+            # heel-init takes a request this long for a broken stream and
+            # ends (with it the sandbox); execve() would refuse it anyway.
+            raise spawn_error("exec", errno.E2BIG, argv[0])
         host_end, child_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             if self._ctl is None:

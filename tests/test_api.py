@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import errno
 import signal
 import subprocess
 
@@ -397,3 +398,17 @@ async def test_leaving_a_sandbox_not_entered_or_left_already_is_sandbox_closed()
         pass
     with pytest.raises(heel.SandboxClosed):
         await sb.__aexit__(None, None, None)
+
+
+async def test_a_request_past_heel_inits_limit_fails_alone():
+    """An argument list of more than 16 MiB was taken by heel-init for a
+    broken stream: it ended, and the whole sandbox with it (found by
+    review).  It is E2BIG now, as a 5 MiB one is from execve, and the
+    sandbox goes on."""
+    async with heel.Sandbox() as sb:
+        for size in (5, 17):
+            with pytest.raises(heel.SpawnError) as caught:
+                await sb.command("true").arg("x" * (size << 20)).output()
+            assert caught.value.errno == errno.E2BIG, (size, caught.value)
+        out = await sb.command("echo").arg("still here").output()
+    assert out.stdout == b"still here\n", out
