@@ -44,6 +44,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -552,20 +553,16 @@ static int kill_command_group(const struct command *c)
     return targets;
 }
 
-/* Our direct children, as /proc lists them: up to cap pids into out.
- * Returns how many, or -1 when /proc cannot tell.  Nothing may be reaped
- * while the list is used, so that each pid in it still names that child (a
- * zombie keeps its pid), never a recycled one. */
-static int list_children(pid_t *out, int cap)
+/* The pids of a /proc children file, up to cap into out.  Returns how
+ * many, or -1 when it cannot be read. */
+static int read_children(const char *path, pid_t *out, int cap)
 {
-    char path[64], buf[4096];
+    char buf[4096];
     long long pid = 0;
     int count = 0;
     ssize_t len;
     int fd;
 
-    /* Single-threaded: the only thread has tid == pid. */
-    snprintf(path, sizeof(path), "/proc/self/task/%d/children", (int)getpid());
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
@@ -588,6 +585,99 @@ static int list_children(pid_t *out, int cap)
         }
     }
     return count;
+}
+
+/* Our direct children, as /proc lists them: up to cap pids into out.
+ * Returns how many, or -1 when /proc cannot tell.  Nothing may be reaped
+ * while the list is used, so that each pid in it still names that child (a
+ * zombie keeps its pid), never a recycled one. */
+static int list_children(pid_t *out, int cap)
+{
+    char path[64];
+
+    /* Single-threaded: the only thread has tid == pid. */
+    snprintf(path, sizeof(path), "/proc/self/task/%d/children", (int)getpid());
+    return read_children(path, out, cap);
+}
+
+/* The children of every thread of a process, up to cap into out. */
+static int list_process_children(pid_t pid, pid_t *out, int cap)
+{
+    char path[64];
+    struct dirent *entry;
+    int count = 0;
+    DIR *tasks;
+
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+    tasks = opendir(path);
+    if (tasks == NULL)
+        return 0;
+    while (count < cap && (entry = readdir(tasks)) != NULL) {
+        if (entry->d_name[0] < '0' || entry->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof(path), "/proc/%d/task/%.16s/children", (int)pid, entry->d_name);
+        int n = read_children(path, out + count, cap - count);
+        if (n > 0)
+            count += n;
+    }
+    closedir(tasks);
+    return count;
+}
+
+/* Whether a process has stopped (or died): the state after its name in
+ * /proc/PID/stat is T, t, Z or X.  A process gone from /proc counts. */
+static int has_stopped(pid_t pid)
+{
+    char path[64], buf[512];
+    ssize_t len;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;
+    len = read_full(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (len <= 0)
+        return 1;
+    buf[len] = '\0';
+    char *end = strrchr(buf, ')'); /* the name may hold anything, but not past its last ')' */
+    return end == NULL || end[1] == '\0' || strchr("TtZX", end[2]) != NULL;
+}
+
+#define FREEZE_MAX 65536
+#define FREEZE_WAIT_NS (200 * 1000 * 1000)
+
+/* Stop every descendant, top-down, then SIGKILL them all.  Killing level
+ * by level (each round kills our children; their orphans come to us for
+ * the next) takes a round per level of a chain, and a chain thousands
+ * deep outlived the time the host gives (found by review).  Here each
+ * process is stopped before its children are listed: stopped, it can
+ * neither fork nor reap, so the list is whole and every pid in it stays
+ * that process's (a zombie keeps its pid).  What SIGCONT, a process in
+ * uninterruptible sleep, or a list past FREEZE_MAX still leaves is the
+ * rounds' (kill_descendants).  Returns -1 when /proc cannot tell. */
+static pid_t frozen[FREEZE_MAX]; /* static: each process (heel-init, a command's init) has its own copy */
+
+static int freeze_and_kill(void)
+{
+    const struct timespec pause = {.tv_sec = 0, .tv_nsec = 20 * 1000};
+    long waited = 0; /* in all: a tree of processes that do not stop must not hold the kill up for long */
+    int n = list_children(frozen, FREEZE_MAX);
+
+    if (n < 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        kill(frozen[i], SIGSTOP);
+        while (!has_stopped(frozen[i]) && waited < FREEZE_WAIT_NS) {
+            nanosleep(&pause, NULL);
+            waited += pause.tv_nsec;
+        }
+        n += list_process_children(frozen[i], frozen + n, FREEZE_MAX - n);
+    }
+    for (int i = 0; i < n; i++)
+        kill(frozen[i], SIGKILL);
+    return n;
 }
 
 #define CHILDREN_PER_ROUND 1024
@@ -615,6 +705,7 @@ static void kill_descendants(struct command *c)
 {
     const struct timespec pause = {.tv_sec = 0, .tv_nsec = 1000 * 1000};
 
+    freeze_and_kill();
     for (int round = 0; round < MAX_KILL_ROUNDS; round++) {
         int targets, reaped;
 

@@ -468,3 +468,90 @@ def test_ctrl_c_while_the_sandbox_closes_still_closes_it(network):
     network policy, leaving `async with` then hung (found by review)."""
     lines = _run_child(_CTRL_C_WHILE_CLOSING, network)
     assert lines[:3] == ["interrupted", "heel-init gone", "temporary directory gone"], lines
+
+
+# ---- killing a tree that fights back -------------------------------------------------------
+
+HYDRA_C = r"""
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+/* hydra DEPTH ACTED READY MARKER: a chain DEPTH deep in which every process
+ * but the first asks for SIGUSR1 when its parent dies, and then appends to
+ * ACTED and forks a new child.  The deepest makes READY.  (MARKER only
+ * names the processes for the test.) */
+static const char *acted;
+static void parent_died(int sig) {
+    (void)sig;
+    int fd = open(acted, O_WRONLY | O_CREAT | O_APPEND, 0666);
+    write(fd, "x", 1);
+    close(fd);
+    if (fork() == 0)
+        for (;;)
+            pause();
+}
+int main(int argc, char **argv) {
+    int depth = atoi(argv[1]);
+    acted = argv[2];
+    signal(SIGUSR1, parent_died);
+    for (int d = 0; d < depth; d++) {
+        pid_t pid = fork();
+        if (pid < 0)
+            return 1;
+        if (pid > 0)
+            for (;;)
+                pause();
+        prctl(PR_SET_PDEATHSIG, SIGUSR1);
+    }
+    close(open(argv[3], O_WRONLY | O_CREAT | O_EXCL, 0644));
+    for (;;)
+        pause();
+}
+"""
+
+
+@pytest.mark.parametrize("namespaces", ["namespaces", "none"])
+async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, monkeypatch, namespaces):
+    """The inits killed a tree a level at a time: each round its children
+    (their orphans come to it for the next).  So every process outlived its
+    parent for a while, and could act on it (fork again, from a parent-death
+    signal); a chain 3000 deep outlived the time the host gives without a
+    pid namespace, and ran on under the host's init (found by review).
+    Every process is now stopped first, top-down, and only then killed: no
+    process of this tree gets to act on its parent's death."""
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the test program")
+    if namespaces == "none":
+        from heel import _probe
+
+        env, _ = _probe.environment()
+        monkeypatch.setattr(_probe, "environment", lambda: (env._replace(namespaces=False), "off for this test"))
+    source, binary = os.path.join(outside_dir, "hydra.c"), os.path.join(outside_dir, "hydra")
+    with open(source, "w") as f:
+        f.write(HYDRA_C)
+    subprocess.run(["gcc", "-O1", "-o", binary, source], check=True, timeout=60)
+    acted, ready, marker = os.path.join(outside_dir, "acted"), os.path.join(outside_dir, "ready"), unique_marker()
+    config = heel.SandboxConfig(level=DEFAULT, writable=[outside_dir], best_effort=True)
+    try:
+        async with heel.Sandbox(config) as sb:
+            process = await sb.command(binary).args(["6", acted, ready, marker]).spawn()
+            with trio.fail_after(60):
+                while not os.path.exists(ready):
+                    await trio.sleep(0.05)
+            assert len(processes_with(marker)) == 7  # the control: the whole chain runs
+            process.kill()
+            assert await process.wait() == -signal.SIGKILL
+        await trio.sleep(0.3)
+        assert processes_with(marker) == []
+        assert not os.path.exists(acted), "a process acted on its parent's death"
+    finally:
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in processes_with(marker):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
