@@ -541,8 +541,11 @@ static void own_sched_check(struct bpf_asm *a, const struct heel_seccomp_opts *o
     ret(a, FAIL(EPERM));
 }
 
-/* setpriority(which, who, prio): PRIO_PROCESS 0 or PRIO_PGRP 1, never PRIO_USER 2. */
-static void setpriority_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+/* setpriority(which, who, prio) and ioprio_set(which, who, ioprio): who 0
+ * (the caller, or its own process group) and a `which` that is not the
+ * whole uid (``process`` and ``pgrp`` are the two values allowed). */
+static void own_prio_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts, uint32_t process,
+                           uint32_t pgrp)
 {
     if (!opts->deny_foreign_sched) {
         ret(a, ALLOW);
@@ -551,20 +554,19 @@ static void setpriority_check(struct bpf_asm *a, const struct heel_seccomp_opts 
     load(a, ARG_LO(1));
     ret_if_ne(a, 0, FAIL(EPERM));
     load(a, ARG_LO(0));
-    ret_in(a, ONE_OF(0, 1), ALLOW, FAIL(EPERM));
+    ret_in(a, ONE_OF(process, pgrp), ALLOW, FAIL(EPERM));
 }
 
-/* ioprio_set(which, who, ioprio): IOPRIO_WHO_PROCESS 1 or IOPRIO_WHO_PGRP 2, never IOPRIO_WHO_USER 3. */
+/* PRIO_PROCESS 0 or PRIO_PGRP 1, never PRIO_USER 2. */
+static void setpriority_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    own_prio_check(a, opts, 0, 1);
+}
+
+/* IOPRIO_WHO_PROCESS 1 or IOPRIO_WHO_PGRP 2, never IOPRIO_WHO_USER 3. */
 static void ioprio_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
-    if (!opts->deny_foreign_sched) {
-        ret(a, ALLOW);
-        return;
-    }
-    load(a, ARG_LO(1));
-    ret_if_ne(a, 0, FAIL(EPERM));
-    load(a, ARG_LO(0));
-    ret_in(a, ONE_OF(1, 2), ALLOW, FAIL(EPERM));
+    own_prio_check(a, opts, 1, 2);
 }
 
 /* A connected pair of unix stream or seqpacket sockets reaches nobody
