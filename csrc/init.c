@@ -645,38 +645,132 @@ static int has_stopped(pid_t pid)
     return end == NULL || end[1] == '\0' || strchr("TtZX", end[2]) != NULL;
 }
 
+/* A field of /proc/PID/status ("PPid:") or of /proc/self/fdinfo/FD
+ * ("Pid:") as an int; -2 when it cannot be read. */
+static int status_field(const char *path, const char *field)
+{
+    char buf[2048];
+    ssize_t len;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return -2;
+    len = read_full(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (len <= 0)
+        return -2;
+    buf[len] = '\0';
+    size_t flen = strlen(field);
+    for (char *line = buf; line != NULL && *line != '\0'; line = strchr(line, '\n'), line = line ? line + 1 : NULL) {
+        if (strncmp(line, field, flen) == 0)
+            return (int)strtol(line + flen, NULL, 10);
+    }
+    return -2;
+}
+
+/* The pid a pidfd's process has now: -1 once it has been reaped. */
+static int pinned_pid(int pidfd)
+{
+    char path[64];
+
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+    return status_field(path, "Pid:");
+}
+
+/* A pidfd on the process with this pid, checked to be a child of parent:
+ * the pid may have been freed and taken by another process since it was
+ * listed (a parent that ignores SIGCHLD has its children reaped at once,
+ * stopped or not).  The pidfd is opened first, then the parent read, then
+ * the pidfd found still on that pid: alive (or a zombie) all along, its
+ * process is the one whose parent was read.  A stopped parent cannot have
+ * made a new child meanwhile.  -1 when it cannot be pinned. */
+static int pin_child(pid_t pid, pid_t parent)
+{
+    char path[64];
+    int pidfd = (int)syscall(__NR_pidfd_open, pid, 0);
+
+    if (pidfd < 0)
+        return -1;
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    if (status_field(path, "PPid:") == (int)parent) {
+        if (pinned_pid(pidfd) == (int)pid)
+            return pidfd;
+    }
+    close(pidfd);
+    return -1;
+}
+
 #define FREEZE_MAX 65536
 #define FREEZE_WAIT_NS (200 * 1000 * 1000)
 
 /* Stop every descendant, top-down, then SIGKILL them all.  Killing level
  * by level (each round kills our children; their orphans come to us for
  * the next) takes a round per level of a chain, and a chain thousands
- * deep outlived the time the host gives (found by review).  Here each
- * process is stopped before its children are listed: stopped, it can
- * neither fork nor reap, so the list is whole and every pid in it stays
- * that process's (a zombie keeps its pid).  What SIGCONT, a process in
- * uninterruptible sleep, or a list past FREEZE_MAX still leaves is the
- * rounds' (kill_descendants).  Returns -1 when /proc cannot tell. */
-static pid_t frozen[FREEZE_MAX]; /* static: each process (heel-init, a command's init) has its own copy */
+ * deep outlived the time the host gives (found by review); each process
+ * also outlived its parent long enough to act on its death.  Here each
+ * process is stopped before its children are listed, so that it can fork
+ * no more, and every signal goes through a pidfd pinned on a process
+ * checked to be the lister's child (pin_child): a pid that was freed and
+ * taken by another process (review found a command that had its init kill
+ * another command's process that way) is never signalled.  What this
+ * leaves (a process that SIGCONTs others, one in uninterruptible sleep,
+ * fds or FREEZE_MAX run out) is the rounds' (kill_descendants), which
+ * signal only our own unreaped children.  Returns -1 when /proc cannot
+ * tell. */
+static int frozen[FREEZE_MAX]; /* pidfds; static: each process (heel-init, a command's init) has its own copy */
+static pid_t frozen_pid[FREEZE_MAX];
 
 static int freeze_and_kill(void)
 {
     const struct timespec pause = {.tv_sec = 0, .tv_nsec = 20 * 1000};
     long waited = 0; /* in all: a tree of processes that do not stop must not hold the kill up for long */
-    int n = list_children(frozen, FREEZE_MAX);
+    pid_t listed[1024];
+    int n = 0, nlisted;
+    struct rlimit nofile;
 
-    if (n < 0)
+    /* As many pidfds as the hard limit allows: this process ends soon. */
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+        nofile.rlim_cur = nofile.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &nofile);
+    }
+    nlisted = list_children(listed, (int)(sizeof(listed) / sizeof(listed[0])));
+    if (nlisted < 0)
         return -1;
+    for (int i = 0; i < nlisted && n < FREEZE_MAX; i++) {
+        int pidfd = pin_child(listed[i], getpid());
+        if (pidfd >= 0) {
+            frozen_pid[n] = listed[i];
+            frozen[n++] = pidfd;
+        }
+    }
     for (int i = 0; i < n; i++) {
-        kill(frozen[i], SIGSTOP);
-        while (!has_stopped(frozen[i]) && waited < FREEZE_WAIT_NS) {
+        syscall(__NR_pidfd_send_signal, frozen[i], SIGSTOP, NULL, 0);
+        while (!has_stopped(frozen_pid[i]) && waited < FREEZE_WAIT_NS) {
             nanosleep(&pause, NULL);
             waited += pause.tv_nsec;
         }
-        n += list_process_children(frozen[i], frozen + n, FREEZE_MAX - n);
+        if (!has_stopped(frozen_pid[i]))
+            continue; /* its children could still change: the rounds' */
+        int first = n;
+        nlisted = list_process_children(frozen_pid[i], listed, (int)(sizeof(listed) / sizeof(listed[0])));
+        for (int j = 0; j < nlisted && n < FREEZE_MAX; j++) {
+            int pidfd = pin_child(listed[j], frozen_pid[i]);
+            if (pidfd >= 0) {
+                frozen_pid[n] = listed[j];
+                frozen[n++] = pidfd;
+            }
+        }
+        /* Its pid was its own all along (killed and reaped, it could have
+         * been taken, and the children read would be another's). */
+        if (pinned_pid(frozen[i]) != frozen_pid[i]) {
+            while (n > first)
+                close(frozen[--n]);
+        }
     }
-    for (int i = 0; i < n; i++)
-        kill(frozen[i], SIGKILL);
+    for (int i = 0; i < n; i++) {
+        syscall(__NR_pidfd_send_signal, frozen[i], SIGKILL, NULL, 0);
+        close(frozen[i]);
+    }
     return n;
 }
 
