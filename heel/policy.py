@@ -583,8 +583,13 @@ class _AllOf(_Combination):
         """Whether some part permits it: every part allowed the request, so
         one that names the address (or vouches) is enough, and a ``~`` or an
         AllowAll, which name nothing, do not stand in the way
-        (``AllowList(["api.internal"]) & ~AllowList(["bad.internal"])``)."""
-        return any(part.permits_restricted(request, addr) for part in self.parts)
+        (``AllowList(["api.internal"]) & ~AllowList(["bad.internal"])``).
+        A ``~`` whose inner policy names the address itself does: the
+        request was allowed by its host's name, and the exclusion means the
+        address (``(AllowAll() | AllowList(["10.0.0.0/8"])) &
+        ~AllowList(["10.0.0.5"])`` for a name that resolves to 10.0.0.5)."""
+        return (any(part.permits_restricted(request, addr) for part in self.parts)
+                and all(part._might_allow(request, addr) for part in self.parts))
 
     def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         # A part names it, and every part surely allows the request: not

@@ -606,3 +606,16 @@ async def test_nested_any_of_inside_all_of():
     assert policy.permits_restricted(request("db.internal"), ip("10.0.0.1"))  # the custom part allowed
     assert await allowed(policy, "other.example")
     assert not policy.permits_restricted(request("other.example"), ip("10.0.0.1"))  # AllowAll did; wildcards name nothing
+
+
+async def test_an_excluded_internal_address_stays_excluded_for_a_name_that_resolves_there():
+    """`(AllowAll() | AllowList([net])) & ~AllowList([address])` let a name
+    that resolves to the excluded address through: the `~` was asked about
+    the name only (found by review)."""
+    policy = (AllowAll() | AllowList(["10.0.0.0/8"])) & ~AllowList(["10.0.0.5"])
+    assert await allowed(policy, "evil.test", 80)
+    assert not policy.permits_restricted(request("evil.test", 80), ip("10.0.0.5"))
+    assert policy.permits_restricted(request("evil.test", 80), ip("10.0.0.6"))  # the neighbour
+    by_port = AllowList(["10.0.0.0/8"]) & ~AllowList(["10.0.0.5:22"])
+    assert by_port.permits_restricted(request("10.0.0.5", 5432), ip("10.0.0.5"))
+    assert not by_port.permits_restricted(request("10.0.0.5", 22), ip("10.0.0.5"))
