@@ -505,12 +505,18 @@ async def _exit_nursery(manager) -> None:
     try:
         await manager.__aexit__(None, None, None)
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        for kind in (KeyboardInterrupt, SystemExit):
-            first = next((leaf for leaf in leaves if isinstance(leaf, kind)), None)
-            if first is not None and all(isinstance(leaf, (KeyboardInterrupt, SystemExit)) for leaf in leaves):
-                raise first from None
+        raise_bare_interrupt(group)
         raise
+
+
+def raise_bare_interrupt(group: BaseExceptionGroup) -> None:
+    """Raise the KeyboardInterrupt (else the SystemExit) of a group that
+    holds nothing else, however deeply nested, as itself; else return."""
+    leaves = list(_leaves(group))
+    for kind in (KeyboardInterrupt, SystemExit):
+        first = next((leaf for leaf in leaves if isinstance(leaf, kind)), None)
+        if first is not None and all(isinstance(leaf, (KeyboardInterrupt, SystemExit)) for leaf in leaves):
+            raise first from None
 
 
 def _leaves(error: BaseException):
@@ -673,14 +679,20 @@ class Command:
         try:
             process = await self._sandbox._spawn(self, stdin, stdout, stderr)
             with trio.move_on_at(deadline) as scope:
-                async with trio.open_nursery() as nursery:
-                    if process.stdin is not None:
-                        nursery.start_soon(feed, process.stdin)
-                    if process.stdout is not None:
-                        nursery.start_soon(drain, process, "stdout", process.stdout)
-                    if process.stderr is not None:
-                        nursery.start_soon(drain, process, "stderr", process.stderr)
-                    await process.wait()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if process.stdin is not None:
+                            nursery.start_soon(feed, process.stdin)
+                        if process.stdout is not None:
+                            nursery.start_soon(drain, process, "stdout", process.stdout)
+                        if process.stderr is not None:
+                            nursery.start_soon(drain, process, "stderr", process.stderr)
+                        await process.wait()
+                except BaseExceptionGroup as group:
+                    # A Ctrl-C while output() waits comes out as itself,
+                    # not in a group that `except KeyboardInterrupt` misses.
+                    raise_bare_interrupt(group)
+                    raise
             timed_out = scope.cancelled_caught
             if timed_out:
                 process.kill()

@@ -446,6 +446,24 @@ trio.run(main, sys.argv[1] == "network")
 """
 
 
+_CTRL_C_WHILE_WAITING = _CTRL_C_PRELUDE + r"""
+async def main():
+    async with heel.Sandbox() as sb:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            await sb.command("sleep").arg("5").output()
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        except BaseExceptionGroup as group:
+            print("group", group)
+        out = await sb.command("sh").args(["-c", "exit 7"]).output()
+        print(out.returncode)
+
+trio.run(main)
+"""
+
+
 def _run_child(script: str, *args: str) -> list[str]:
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, timeout=60)
     return result.stdout.decode().splitlines() + [f"exit {result.returncode}", result.stderr.decode()[-2000:]]
@@ -459,6 +477,13 @@ def test_ctrl_c_while_a_command_starts_leaves_the_sandbox_in_step():
     loop does."""
     lines = _run_child(_CTRL_C_WHILE_STARTING)
     assert lines[:4] == ["interrupted", "10 cmd0", "11 cmd1", "12 cmd2"], lines
+
+
+def test_ctrl_c_while_output_waits_is_a_bare_keyboard_interrupt():
+    """It came out of output() in a BaseExceptionGroup, which `except
+    KeyboardInterrupt` misses (found by review)."""
+    lines = _run_child(_CTRL_C_WHILE_WAITING)
+    assert lines[:2] == ["KeyboardInterrupt", "7"], lines
 
 
 @pytest.mark.parametrize("network", ["network", "none"])
