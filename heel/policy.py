@@ -145,6 +145,13 @@ class NetworkPolicy(abc.ABC):
         address (what ``~`` turns into a sure allowance)."""
         return True
 
+    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        """Whether an AllowList anywhere in the policy names ``addr`` or the
+        request's exact host (port included), whatever it decides: a part
+        whose answer for the address is unknown and that mentions it may
+        mean it (``~(AllowList([address]) & CustomPolicy(f))``)."""
+        return False
+
     def __or__(self, other: NetworkPolicy) -> NetworkPolicy:
         if not isinstance(other, NetworkPolicy):
             return NotImplemented
@@ -279,6 +286,9 @@ class AllowList(NetworkPolicy):
 
     def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return self._surely_allows(request, addr)
+
+    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return self._names_restricted(request, addr)
 
     def __repr__(self) -> str:
         return f"AllowList({[_pattern_text(pattern) for pattern in self._patterns]!r})"
@@ -554,6 +564,9 @@ class _AnyOf(_Combination):
     def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return any(part._might_allow(request, addr) for part in self.parts)
 
+    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._mentions(request, addr) for part in self.parts)
+
 
 class _AllOf(_Combination):
     """Allows what every part allows; asks the parts in order and stops at the
@@ -587,9 +600,14 @@ class _AllOf(_Combination):
         A ``~`` whose inner policy names the address itself does: the
         request was allowed by its host's name, and the exclusion means the
         address (``(AllowAll() | AllowList(["10.0.0.0/8"])) &
-        ~AllowList(["10.0.0.5"])`` for a name that resolves to 10.0.0.5)."""
+        ~AllowList(["10.0.0.5"])`` for a name that resolves to 10.0.0.5);
+        and so does a part whose answer for the address cannot be told
+        from its text but which mentions it (``~(AllowList(["10.0.0.5"]) &
+        CustomPolicy(f))``: f was not asked)."""
         return (any(part.permits_restricted(request, addr) for part in self.parts)
-                and all(part._might_allow(request, addr) for part in self.parts))
+                and all(part._might_allow(request, addr)
+                        and (part._surely_allows(request, addr) or not part._mentions(request, addr))
+                        for part in self.parts))
 
     def _names_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         # A part names it, and every part surely allows the request: not
@@ -602,6 +620,9 @@ class _AllOf(_Combination):
 
     def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return all(part._might_allow(request, addr) for part in self.parts)
+
+    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._mentions(request, addr) for part in self.parts)
 
 
 class _Not(NetworkPolicy):
@@ -631,6 +652,9 @@ class _Not(NetworkPolicy):
 
     def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return not self.inner._surely_allows(request, addr)
+
+    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return self.inner._mentions(request, addr)
 
     def __invert__(self) -> NetworkPolicy:
         return self.inner

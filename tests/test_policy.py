@@ -619,3 +619,22 @@ async def test_an_excluded_internal_address_stays_excluded_for_a_name_that_resol
     by_port = AllowList(["10.0.0.0/8"]) & ~AllowList(["10.0.0.5:22"])
     assert by_port.permits_restricted(request("10.0.0.5", 5432), ip("10.0.0.5"))
     assert not by_port.permits_restricted(request("10.0.0.5", 22), ip("10.0.0.5"))
+
+
+async def test_an_exclusion_that_mentions_the_address_and_asks_a_function_keeps_it_closed():
+    """`~(AllowList([address]) & CustomPolicy(f))` let a name resolving to
+    the address through: f was never asked, and an unknown answer counted
+    as not excluded (found by re-test).  A part that mentions the address
+    and cannot be judged by its text now keeps it closed; one that does not
+    mention it (`~CustomPolicy(blocklist)`) stays out of the way."""
+
+    async def yes(req: NetworkRequest) -> bool:
+        return True
+
+    for inner in (AllowList(["127.0.0.1"]) & CustomPolicy(yes), AllowList(["127.0.0.0/8"]) & CustomPolicy(yes)):
+        policy = AllowList(["in.test"]) & ~inner
+        assert await allowed(policy, "in.test", 80)
+        assert not policy.permits_restricted(request("in.test", 80), ip("127.0.0.1"))
+    blocklist = AllowList(["db.internal"]) & ~CustomPolicy(_never)
+    assert await allowed(blocklist, "db.internal", 5432)
+    assert blocklist.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
