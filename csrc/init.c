@@ -712,11 +712,13 @@ static int pin_child(pid_t pid, pid_t parent)
  * no more, and every signal goes through a pidfd pinned on a process
  * checked to be the lister's child (pin_child): a pid that was freed and
  * taken by another process (review found a command that had its init kill
- * another command's process that way) is never signalled.  What this
- * leaves (a process that SIGCONTs others, one in uninterruptible sleep,
- * fds or FREEZE_MAX run out) is the rounds' (kill_descendants), which
- * signal only our own unreaped children.  Returns -1 when /proc cannot
- * tell. */
+ * another command's process that way) is never signalled.  A process
+ * that does not stop (uninterruptible sleep, as a vfork parent waits) is
+ * listed all the same, and SIGKILL still ends it.  What this leaves
+ * (children forked after their parent was listed, by a process that did
+ * not stop or was SIGCONTed; fds or FREEZE_MAX run out) is the rounds'
+ * (kill_descendants), which signal only our own unreaped children.
+ * Returns -1 when /proc cannot tell. */
 static int frozen[FREEZE_MAX]; /* pidfds; static: each process (heel-init, a command's init) has its own copy */
 static pid_t frozen_pid[FREEZE_MAX];
 
@@ -749,8 +751,9 @@ static int freeze_and_kill(void)
             nanosleep(&pause, NULL);
             waited += pause.tv_nsec;
         }
-        if (!has_stopped(frozen_pid[i]))
-            continue; /* its children could still change: the rounds' */
+        /* Listed even when it did not stop (uninterruptible sleep: a vfork
+         * parent waits so, and SIGSTOP never takes, though SIGKILL does):
+         * what it forks after the list is the rounds'. */
         int first = n;
         nlisted = list_process_children(frozen_pid[i], listed, (int)(sizeof(listed) / sizeof(listed[0])));
         for (int j = 0; j < nlisted && n < FREEZE_MAX; j++) {

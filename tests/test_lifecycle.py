@@ -498,15 +498,21 @@ def test_ctrl_c_while_the_sandbox_closes_still_closes_it(network):
 # ---- killing a tree that fights back -------------------------------------------------------
 
 HYDRA_C = r"""
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
-/* hydra DEPTH ACTED READY MARKER: a chain DEPTH deep in which every process
- * but the first asks for SIGUSR1 when its parent dies, and then appends to
- * ACTED and forks a new child.  The deepest makes READY.  (MARKER only
- * names the processes for the test.) */
+/* hydra DEPTH ACTED READY MODE MARKER: a chain DEPTH deep in which every
+ * process but the first asks for SIGUSR1 when its parent dies, and then
+ * appends to ACTED and forks a new child.  The deepest makes READY.  MODE
+ * "vfork": each level is a vfork child (its own memory, like fork), so its
+ * parent waits in uninterruptible sleep, where SIGSTOP never takes.
+ * (MARKER only names the processes for the test.) */
 static const char *acted;
 static void parent_died(int sig) {
     (void)sig;
@@ -521,8 +527,9 @@ int main(int argc, char **argv) {
     int depth = atoi(argv[1]);
     acted = argv[2];
     signal(SIGUSR1, parent_died);
+    int vfork_mode = strcmp(argv[4], "vfork") == 0;
     for (int d = 0; d < depth; d++) {
-        pid_t pid = fork();
+        pid_t pid = vfork_mode ? (pid_t)syscall(SYS_clone, CLONE_VFORK | SIGCHLD, 0, 0, 0, 0) : fork();
         if (pid < 0)
             return 1;
         if (pid > 0)
@@ -537,8 +544,9 @@ int main(int argc, char **argv) {
 """
 
 
+@pytest.mark.parametrize("mode", ["fork", "vfork"])
 @pytest.mark.parametrize("namespaces", ["namespaces", "none"])
-async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, monkeypatch, namespaces):
+async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, monkeypatch, namespaces, mode):
     """The inits killed a tree a level at a time: each round its children
     (their orphans come to it for the next).  So every process outlived its
     parent for a while, and could act on it (fork again, from a parent-death
@@ -563,7 +571,7 @@ async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, m
     config = heel.SandboxConfig(level=DEFAULT, writable=[outside_dir], best_effort=True)
     try:
         async with heel.Sandbox(config) as sb:
-            process = await sb.command(binary).args(["6", acted, ready, marker]).spawn()
+            process = await sb.command(binary).args(["6", acted, ready, mode, marker]).spawn()
             with trio.fail_after(60):
                 while not os.path.exists(ready):
                     await trio.sleep(0.05)
