@@ -496,6 +496,9 @@ class _Combination(NetworkPolicy):
     def __hash__(self) -> int:
         return hash((type(self), self.parts))
 
+    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
+        return any(part._mentions(request, addr) for part in self.parts)
+
 
 # For each ``a | b`` that allowed a request in this task, which part did:
 # id(combination) -> (combination, request, part).  permits_restricted is
@@ -564,9 +567,6 @@ class _AnyOf(_Combination):
     def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return any(part._might_allow(request, addr) for part in self.parts)
 
-    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
-        return any(part._mentions(request, addr) for part in self.parts)
-
 
 class _AllOf(_Combination):
     """Allows what every part allows; asks the parts in order and stops at the
@@ -620,9 +620,6 @@ class _AllOf(_Combination):
 
     def _might_allow(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return all(part._might_allow(request, addr) for part in self.parts)
-
-    def _mentions(self, request: NetworkRequest, addr: _IPAddress) -> bool:
-        return any(part._mentions(request, addr) for part in self.parts)
 
 
 class _Not(NetworkPolicy):
