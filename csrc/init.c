@@ -730,14 +730,14 @@ static int freeze_and_kill(void)
     int n = 0, nlisted;
     struct rlimit nofile;
 
+    nlisted = list_children(listed, (int)(sizeof(listed) / sizeof(listed[0])));
+    if (nlisted <= 0)
+        return nlisted; /* most commands leave nothing: no more work at their end */
     /* As many pidfds as the hard limit allows: this process ends soon. */
     if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
         nofile.rlim_cur = nofile.rlim_max;
         setrlimit(RLIMIT_NOFILE, &nofile);
     }
-    nlisted = list_children(listed, (int)(sizeof(listed) / sizeof(listed[0])));
-    if (nlisted < 0)
-        return -1;
     for (int i = 0; i < nlisted && n < FREEZE_MAX; i++) {
         int pidfd = pin_child(listed[i], getpid());
         if (pidfd >= 0) {
