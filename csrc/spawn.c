@@ -296,10 +296,13 @@ static int setup_mounts(const struct heel_spawn_plan *p)
             close(tree[i]);
             break;
         case HEEL_MNT_PROC:
-            /* hidepid=invisible: a process sees in /proc only what it could
+            /* hidepid=ptraceable: a process sees in /proc only what it could
              * ptrace, so a command sees its own processes and not those of
-             * other commands or heel-init (Linux 5.8; plain before that). */
-            if (mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible") < 0 &&
+             * other commands or heel-init (Linux 5.8).  Not "invisible",
+             * which lets every member of the mount's gid (0 by default) see
+             * everything: a sandbox of root's at PERMISSIVE, or of a user
+             * with the supplementary group 0, would see all the commands. */
+            if (mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=ptraceable") < 0 &&
                 (errno != EINVAL ||
                  mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0))
                 return -1;

@@ -24,6 +24,8 @@ import heel
 from helpers import explain, host_py, py, sh
 
 DEFAULT = heel.IsolationLevel.DEFAULT
+STRICT = heel.IsolationLevel.STRICT
+PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 
 PRELUDE = """
 import ctypes, errno, os, signal, socket, struct, sys, time
@@ -596,6 +598,7 @@ for pid in range(1, 200):
     if pid in mine:
         continue
     for name, attempt in (('environ', lambda: open(f'/proc/{pid}/environ', 'rb').read()),
+                          ('cmdline', lambda: open(f'/proc/{pid}/cmdline', 'rb').read()),
                           ('mem', lambda: open(f'/proc/{pid}/mem', 'rb')),
                           ('kill', lambda: os.kill(pid, signal.SIGTERM))):
         try:
@@ -608,14 +611,17 @@ print('self', open('/proc/self/cmdline', 'rb').read().split(b'\\0')[0].decode())
 """
 
 
-async def test_commands_of_one_sandbox_cannot_reach_each_other():
+@pytest.mark.parametrize("level", [STRICT, DEFAULT, PERMISSIVE])
+async def test_commands_of_one_sandbox_cannot_reach_each_other(level):
     """Each command is in a Landlock domain of its own: another command of the
     same sandbox (and its init, and heel-init) is not even listed in /proc,
-    and cannot be signalled nor have its environment or memory read.
-    Control: the command sees itself."""
+    and cannot be signalled nor have its command line, environment or memory
+    read.  At every level: root's sandbox at PERMISSIVE keeps the real gid 0,
+    which hidepid=invisible lets see every process.  Control: the command
+    sees itself."""
     if not heel.probe().landlock_abi >= 6:
         pytest.skip("needs Landlock ABI 6 (scoping)")
-    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
         victim = await sb.command("sh").args(["-c", "export SECRET=heel-cross; exec sleep 31.25"]).spawn()
         async with victim:
             await trio.sleep(0.2)
