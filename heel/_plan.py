@@ -410,6 +410,33 @@ def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, views: list[
             parent = os.path.dirname(parent)
 
 
+def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
+                   host_mask: str | None, host_mask_file: str | None) -> list[MountOp]:
+    """At STRICT, covers for the top-level entries of the host's root that
+    hold nothing the sandbox is given.  Landlock keeps their contents from
+    being opened, but not from stat(), readlink(), getxattr() or an inotify
+    watch, which would name the files the host makes in them.  An entry that
+    holds a grant, a mount or a mount's source stays as it is."""
+    if not host_mask:
+        return []
+    kept = ([r.path for r in rules] + [m.path for m in mounts] + [m.source for m in mounts if m.source]
+            + [p for view in views for p in view] + [host_mask] + ([host_mask_file] if host_mask_file else []))
+    covers = []
+    try:
+        entries = sorted(os.scandir("/"), key=lambda e: e.name)
+    except OSError:
+        return []
+    for entry in entries:
+        path = "/" + entry.name
+        if path in RUNTIME_DIRS or path in SYSTEM_TREES or path == "/tmp" or any(_under(k, path) for k in kept):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            covers.append(MountOp("readonly", path, source=host_mask))
+        elif entry.is_file(follow_symlinks=False) and host_mask_file:
+            covers.append(MountOp("readonly", path, source=host_mask_file))
+    return covers
+
+
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
                host_mask: str | None = None, host_mask_file: str | None = None,
@@ -573,6 +600,8 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                 mountpoints.append((os.path.join(view[1], os.path.relpath(p, view[0])), os.path.isfile(p)))
         mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]
+        covered = _strict_covers(rules, mounts, views, host_mask, host_mask_file) if level is IsolationLevel.STRICT else []
+        mounts += covered
         # Protected directories are covered by an empty read-only directory:
         # Landlock lets the sandbox list the directories that lead to a
         # protected place, and this keeps the names inside unseen.  Protected
@@ -580,7 +609,8 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         regions = ["/"] if not readonly_root else writable
         masked: list[str] = []
         for d in sorted(denied, key=len):
-            if not os.path.lexists(d) or os.path.islink(d) or any(_under(d, m) for m in masked):
+            if (not os.path.lexists(d) or os.path.islink(d) or any(_under(d, m) for m in masked)
+                    or any(_under(d, c.path) for c in covered)):
                 continue
             if hidden(d) and not any(_under(d, r) for r in rw_regions + ro_regions):
                 # Under a view, and not brought into it: not there to cover

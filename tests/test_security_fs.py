@@ -366,6 +366,103 @@ async def test_protect_user_home(protect_user_home, fake_home):
             assert out.returncode == 0 and b"heel-ordinary-notes" in out.stdout, explain(out)
 
 
+METADATA_SCRIPT = """
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(f):
+    try:
+        return ['ok', f()]
+    except OSError as e:
+        return ['refused', e.errno]
+def watch(d):
+    fd = libc.inotify_init1(0)
+    wd = libc.inotify_add_watch(fd, d.encode(), 0x100)  # IN_CREATE: would name new files
+    err = ctypes.get_errno()
+    os.close(fd)
+    if wd < 0:
+        raise OSError(err, os.strerror(err))
+    return wd
+d = sys.argv[1]
+print(json.dumps({
+    'stat': attempt(lambda: os.stat(d).st_mode & 0),
+    'readlink': attempt(lambda: os.readlink(os.path.join(d, 'link'))),
+    'xattr': attempt(lambda: os.getxattr(os.path.join(d, 'file.txt'), 'user.heel').decode()),
+    'inotify': attempt(lambda: watch(d) * 0),
+}))
+"""
+
+
+@pytest.fixture
+def top_level_dir():
+    """A directory whose top-level directory holds nothing a sandbox is
+    given: a new one in / as root, else one under /var/tmp (skipped where
+    heel itself or its temporary directories live under /var)."""
+    import sys
+    import tempfile
+
+    if os.geteuid() == 0:
+        path = tempfile.mkdtemp(dir="/", prefix="heel-test-")
+    else:
+        heels = [os.path.realpath(p) for p in (heel.__file__, sys.prefix, sys.base_prefix, tempfile.gettempdir())]
+        if any(p.startswith("/var/") for p in heels):
+            pytest.skip("heel or its temporary directories are under /var, which a STRICT sandbox is given")
+        path = tempfile.mkdtemp(dir="/var/tmp", prefix="heel-test-")
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        import shutil
+
+        shutil.rmtree(path)
+
+
+def _metadata_fixture(directory: str) -> bool:
+    """A file with an xattr (where the file system takes them) and a link."""
+    with open(os.path.join(directory, "file.txt"), "w") as f:
+        f.write("x")
+    os.symlink("heel-link-target", os.path.join(directory, "link"))
+    try:
+        os.setxattr(os.path.join(directory, "file.txt"), "user.heel", b"heel-xattr-value")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_strict_shows_no_metadata_outside_its_view(level, top_level_dir):
+    """Landlock mediates opening, not stat(), readlink(), getxattr() or an
+    inotify watch (which names the files the host makes in a directory).  At
+    STRICT a top-level directory that holds nothing the sandbox is given is
+    covered, so none of them reach it.  Controls: the same calls work on the
+    same layout in the workdir, and on the directory itself at DEFAULT."""
+    import json
+
+    outside = os.path.join(top_level_dir, "inner")  # (the top-level one is the cover's mount point)
+    os.mkdir(outside)
+    xattrs = _metadata_fixture(outside)
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        own = os.path.join(sb.workdir, "own")
+        os.mkdir(own)
+        own_xattrs = _metadata_fixture(own)
+        out = await py(sb, METADATA_SCRIPT, outside)
+        assert out.returncode == 0, explain(out)
+        seen = json.loads(out.stdout)
+        control = await py(sb, METADATA_SCRIPT, own)
+        assert control.returncode == 0, explain(control)
+        mine = json.loads(control.stdout)
+    assert mine["stat"] == ["ok", 0] and mine["readlink"] == ["ok", "heel-link-target"], mine
+    assert mine["inotify"] == ["ok", 0], mine
+    if own_xattrs:
+        assert mine["xattr"] == ["ok", "heel-xattr-value"], mine
+    if level is STRICT:
+        assert all(result[0] == "refused" for result in seen.values()), seen
+    else:
+        assert seen["stat"] == ["ok", 0] and seen["readlink"] == ["ok", "heel-link-target"], seen
+        assert seen["inotify"] == ["ok", 0], seen
+        if xattrs:
+            assert seen["xattr"] == ["ok", "heel-xattr-value"], seen
+
+
 @pytest.mark.parametrize("level", [STRICT, DEFAULT])
 async def test_strict_sees_only_the_runtime(level, outside_dir):
     secret = os.path.join(outside_dir, "data.txt")
