@@ -181,8 +181,12 @@ async def build_bare(path: str, wheels: str, use_uv: bool, uv_venv: bool = False
         if not uv_venv and wheel is not None:
             make_argvs.append([uv, "pip", "install", "--quiet", "--offline", "--no-index",
                                "--python", os.path.join(path, "bin", "python"), str(wheel)])
-    else:  # without uv: the standard library's venv with ensurepip
-        make_argvs.append([BASE_PYTHON, "-I", "-m", "venv", path])
+    else:  # without uv, as heel does: venv without pip, then pip from the base's wheel installs itself
+        wheel = heel.venv._bundled_pip_wheel(Path(BASE_PYTHON))
+        make_argvs.append([BASE_PYTHON, "-I", "-m", "venv", "--without-pip", path])
+        make_argvs.append([os.path.join(path, "bin", "python"), "-I", "-c", heel.venv._PIP_FROM_WHEEL, str(wheel),
+                           "install", "--quiet", "--no-cache-dir", "--no-index", "--disable-pip-version-check",
+                           str(wheel)])
     install_argv = heel.venv._installer_argv(config, config.path, uv, [WHEEL_NAME])
     start = time.perf_counter()
     for argv in make_argvs:

@@ -516,29 +516,48 @@ def make_temp_dir(prefix: str, root: str | None = None, *, searchable: bool = Fa
     raise FileExistsError(f"no free temporary directory name in {root}")
 
 
+def open_dir_nofollow(path: str, create: bool = False) -> int:
+    """An O_RDONLY fd of the directory ``path``, reached from / without
+    following a link at any step (a link met fails with ELOOP); made where
+    missing when ``create``.  For paths that come resolved (no links of the
+    host's own in them) and lead through places a sandbox may write."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in (part for part in path.split("/") if part):
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except NotADirectoryError:  # what O_DIRECTORY says of a link: ELOOP, as for any other
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), part) from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def make_path_nofollow(path: str, is_file: bool = False) -> None:
     """os.makedirs(path) (and an empty file at the end when ``is_file``),
     walking from / without following a link at any step: mount points are
     made in heel's directories, where a sandbox that may write the place of
     $TMPDIR could have put one.  The paths come resolved (no links of the
     host's own in them); a link met fails with ELOOP."""
-    parts = [part for part in path.split("/") if part]
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if not is_file:
+        os.close(open_dir_nofollow(path, create=True))
+        return
+    parent = open_dir_nofollow(os.path.dirname(path), create=True)
     try:
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            if last and is_file:
-                os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd))
-                return
-            try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
-            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = child
+        os.close(os.open(os.path.basename(path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=parent))
     finally:
-        os.close(fd)
+        os.close(parent)
 
 
 def remove_tree(path: str, keep_last: str | None = None) -> None:
@@ -547,16 +566,26 @@ def remove_tree(path: str, keep_last: str | None = None) -> None:
     than any recursion or fd limit.  Nothing is followed: entries are
     reached through directory fds, links are unlinked as they are.  A
     directory that is not u+rwx is made so (this user's own only) before it
-    is emptied.  No recursion and two fds at most: each subdirectory met
+    is emptied.  No recursion and three fds at most: each subdirectory met
     below the top is moved up into the top under a name of heel's, and
     emptied there in turn.  ``keep_last``: a file in the top that goes
     only once all else has (the owner lock: a removal cut short leaves a
     directory the next sweep still knows to be heel's)."""
+    path = os.path.abspath(path)
+    # The directory that holds it is reached without following a link: a
+    # sandbox that may write a place above (a venv's parent) could have
+    # swapped one in, which would have the tree removed elsewhere.
     try:
-        top = _open_removable(path, None)
+        parent = open_dir_nofollow(os.path.dirname(path))
     except OSError:
         return
+    try:
+        top = _open_removable(os.path.basename(path), parent)
+    except OSError:
+        os.close(parent)
+        return
     if top is None:
+        os.close(parent)
         return
     try:
         pending: list[str] = []
@@ -588,9 +617,11 @@ def remove_tree(path: str, keep_last: str | None = None) -> None:
     finally:
         os.close(top)
     try:
-        os.rmdir(path)
+        os.rmdir(os.path.basename(path), dir_fd=parent)
     except OSError:
         pass
+    finally:
+        os.close(parent)
 
 
 _REMOVING = ".heel-removing-"

@@ -7,26 +7,24 @@ puts one in a sandbox (``SandboxConfig(python=...)``), where it is the
 Packages are untrusted code: installing an sdist runs its build scripts, and
 a wheel can drop a ``.pth`` file that runs at every interpreter start.  So:
 
-- the host runs only trusted tools, from "/", with the variables that steer
-  Python, pip and uv removed: the base Python (its ``venv`` module, whose
-  ensurepip runs the *new* environment's interpreter once, before any
-  sandbox has seen it) or uv with ``--no-config`` (which would otherwise read
-  a uv.toml a sandbox left in the working directory).  It never runs an
-  existing environment's interpreter, whose files a sandbox with
-  ``allow_pip_install`` may have changed;
-- the installer (pip, or ``uv pip``) runs inside a STRICT heel sandbox that
-  may write the environment and see its base Python, uv and the find_links
-  directories, and that reaches only the package index, through heel's
-  proxy: code planted in the environment by an earlier sandbox (a .pth file)
-  runs there with no more than that sandbox had;
+- the host runs nothing in an environment, and writes nothing there: a
+  sandbox with ``allow_pip_install`` (or a writable grant of it) may change
+  its files at any time, even while it is being made.  The host makes the
+  empty directory (and the build lock beside it) without following a link,
+  and asks the base Python where its pip wheel is;
+- making the environment (``uv venv``, or the base's ``venv`` module without
+  pip, then pip from the wheel the base ships) and the installer (pip, or
+  ``uv pip``) run inside a STRICT heel sandbox that may write the
+  environment and see its base Python, uv and the find_links directories,
+  and that reaches only the package index, through heel's proxy: code
+  planted in the environment by another sandbox (a .pth file) runs there
+  with no more than that sandbox had;
 - the host reads an environment's files without following links, without
   blocking and with a size limit (pyvenv.cfg), and knows what is installed
   from the ``*.dist-info`` names alone.
 
-The host tools leave nothing behind when heel is interrupted or killed:
-they run under a watchdog (``_WATCHDOG``) that ends them when heel ends,
-with a $TMPDIR in a temporary directory of heel's own (owner-locked, so the
-next run sweeps it if heel was killed before removing it).
+What the tools leave (processes, temporary files) is the sandbox's, and
+goes when it closes, or when heel dies.
 """
 
 from __future__ import annotations
@@ -45,8 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .config import Frozen
-from ._spawn import (TEMP_PREFIX, make_owned_temp_dir, release_owned_temp_dir, remove_tree,
-                     sweep_orphaned_temp_dirs)
+from ._spawn import make_path_nofollow, open_dir_nofollow, remove_tree
 from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError, SpawnError
 
 if TYPE_CHECKING:
@@ -231,7 +228,7 @@ class VenvManager:
             else:
                 report("create", f"creating {path} with Python {version[0]}.{version[1]}")
                 try:
-                    await _make_venv(path, base, uv, config.system_site_packages)
+                    await _make_venv(path, base, uv, config.system_site_packages, timeout)
                     inspect(path, version)
                 except BaseException:
                     # Half an environment would read as a broken one next time.
@@ -285,10 +282,6 @@ async def _build_lock(path: Path, wait: float):
     environment this user only reads) there is nothing to build and no lock
     is taken.  Any process that can read the file can hold the lock, hence
     the bounded wait."""
-    import fcntl
-
-    import trio
-
     lock = path.parent / (path.name + LOCK_SUFFIX)
     try:
         os.lstat(path)
@@ -296,13 +289,32 @@ async def _build_lock(path: Path, wait: float):
         pass
     except OSError as exc:
         raise _unusable(path, exc) from None
+    # The parent is reached (and made) without following a link: a sandbox
+    # that may write a directory above the environment (its workdir, say)
+    # could have swapped one in since the config was made.
     try:
-        os.makedirs(path.parent, exist_ok=True)
+        parent = open_dir_nofollow(os.fspath(path.parent), create=True)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BrokenVenv(f"{path} now leads through a symbolic link, which heel does not follow") from None
         raise _unusable(path, exc) from None
+    try:
+        async with _locked(lock, path, parent, wait):
+            yield
+    finally:
+        os.close(parent)
+
+
+@contextlib.asynccontextmanager
+async def _locked(lock: Path, path: Path, parent: int, wait: float):
+    """_build_lock's lock, its file in the directory open as ``parent``."""
+    import fcntl
+
+    import trio
+
     deadline = trio.current_time() + wait
     while True:
-        fd = _open_lock(lock, path)
+        fd = _open_lock(lock, path, parent)
         if fd is None:
             yield
             return
@@ -334,25 +346,26 @@ async def _build_lock(path: Path, wait: float):
         if fd < 0:
             yield
             return
-        if _same_file(fd, lock):
+        if _same_file(fd, lock.name, parent):
             break
         os.close(fd)  # removed, or replaced, by the builder before: the lock of another file
     try:
         yield
     finally:
         try:
-            if _same_file(fd, lock):
+            if _same_file(fd, lock.name, parent):
                 with contextlib.suppress(OSError):
-                    os.unlink(lock)
+                    os.unlink(lock.name, dir_fd=parent)
         finally:
             os.close(fd)  # and with it the lock
 
 
-def _open_lock(lock: Path, path: Path) -> int | None:
+def _open_lock(lock: Path, path: Path, parent: int) -> int | None:
     """The lock file's descriptor (made when missing, never through a
     link), or None where this user may not make it."""
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock.name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
+                     dir_fd=parent)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return None
@@ -370,10 +383,10 @@ def _open_lock(lock: Path, path: Path) -> int | None:
     return fd
 
 
-def _same_file(fd: int, name: Path) -> bool:
-    """Whether ``name`` (not followed) is still the file open as ``fd``."""
+def _same_file(fd: int, name: str, parent: int) -> bool:
+    """Whether ``name`` in ``parent`` (not followed) is still the file open as ``fd``."""
     try:
-        here, there = os.fstat(fd), os.lstat(name)
+        here, there = os.fstat(fd), os.stat(name, dir_fd=parent, follow_symlinks=False)
     except OSError:
         return False
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
@@ -558,49 +571,99 @@ def _satisfied(requirement: str, installed: dict[str, str]) -> bool:
     return m.group("pin") is None or m.group("pin") == version
 
 
-async def _make_venv(path: Path, base: Path, uv: str | None, system_site_packages: bool) -> None:
-    """Make the environment with trusted tools only, and with pip in it, so
-    that ``pip`` is on the sandbox's PATH.
+#: pip run from its wheel, installing itself: what ensurepip does.
+#: ``python -I -c _PIP_FROM_WHEEL WHEEL pip-arguments...``
+_PIP_FROM_WHEEL = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                   "runpy.run_module('pip', run_name='__main__', alter_sys=True)")
 
-    With uv: ``uv venv``, then the pip wheel that the base Python itself
-    ships (ensurepip's, or Debian's /usr/share/python-wheels) installed by
-    uv, offline: a fraction of a second.  ``uv venv --seed`` is not used: it
-    fetches pip from the network.  Otherwise, or when no such wheel is
-    found: the base interpreter's venv module, whose ensurepip does the
-    same from inside Python (seconds)."""
+
+async def _make_venv(path: Path, base: Path, uv: str | None, system_site_packages: bool, timeout: float) -> None:
+    """Make the environment, with pip in it so that ``pip`` is on the
+    sandbox's PATH, inside a STRICT sandbox that may write it and nothing
+    else (the installer's, see _installer_sandbox).
+
+    Not on the host: a sandbox that may write ``path`` (allow_pip_install,
+    a writable grant) may plant files in it while it is being built, and
+    the new interpreter would run them (venv's ensurepip runs it, and so
+    does ``uv pip install --python``), as would any tool that writes there
+    follow a link planted in it.  The host only makes the empty directory,
+    without following a link.
+
+    The pip wheel is the one the base Python ships (ensurepip's, or
+    Debian's /usr/share/python-wheels).  With uv: ``uv venv``, then uv
+    installs that wheel, offline: a fraction of a second (``uv venv --seed``
+    would fetch pip from the network).  Otherwise, or when that fails: the
+    base's venv module without pip, then pip run from the wheel installs
+    itself (seconds)."""
     import trio
 
-    # The tools' own temporary files (ensurepip's copy of the pip wheel, uv's
-    # scratch files) go to a directory of heel's, removed below whatever
-    # happens to them; if heel itself is killed, the next heel run's sweep
-    # removes it (its owner lock is free then).
-    sweep_orphaned_temp_dirs()
-    scratch, lock = make_owned_temp_dir(TEMP_PREFIX + "tools-")
+    from .sandbox import Sandbox, Stdio
+
+    wheel = await trio.to_thread.run_sync(_bundled_pip_wheel, base)
+    if wheel is None:
+        raise InstallError(f"{base} ships no pip wheel (it has no ensurepip, and there is none in "
+                           "/usr/share/python-wheels), so heel cannot put pip in an environment made from it; "
+                           "install that Python's venv support (Debian and Ubuntu: python3-venv)")
     try:
-        env = _host_tool_env(tmpdir=scratch)
-        if uv:
-            wheel = await trio.to_thread.run_sync(_bundled_pip_wheel, base)
-            if wheel is not None:
-                argv = [uv, "venv", "--quiet", "--no-config", "--python", os.fspath(base), os.fspath(path)]
-                if system_site_packages:
-                    argv.insert(2, "--system-site-packages")
-                made = await _run_group(argv, base, env)
-                if made.returncode == 0:
-                    seeded = await _run_group([uv, "pip", "install", "--quiet", "--no-config", "--offline",
-                                               "--no-index", "--python", os.fspath(path / "bin" / "python"),
-                                               os.fspath(wheel)], base, env)
-                    if seeded.returncode == 0:
-                        return
-                remove_tree(os.fspath(path))  # and make it the standard way
-        argv = [os.fspath(base), "-I", "-m", "venv", os.fspath(path)]
-        if system_site_packages:
-            argv.insert(4, "--system-site-packages")
-        result = await _run_group(argv, base, env)
-        if result.returncode != 0:
-            output = (result.stderr or result.stdout).decode(errors="replace").strip()
-            raise InstallError(f"creating {path} failed: {output[-2000:]}", output)
-    finally:
-        release_owned_temp_dir(scratch, lock)
+        make_path_nofollow(os.fspath(path))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BrokenVenv(f"{path} now leads through a symbolic link, which heel does not follow") from None
+        raise _unusable(path, exc) from None
+    python = os.fspath(path / "bin" / "python")
+    site = ["--system-site-packages"] if system_site_packages else []
+    ways = []
+    if uv:
+        ways.append([[uv, "venv", "--quiet", "--no-config", *site, "--python", os.fspath(base), os.fspath(path)],
+                     [uv, "pip", "install", "--quiet", "--no-config", "--offline", "--no-index", "--python", python,
+                      os.fspath(wheel)]])
+    ways.append([[os.fspath(base), "-I", "-m", "venv", "--without-pip", *site, os.fspath(path)],
+                 [python, "-I", "-c", _PIP_FROM_WHEEL, os.fspath(wheel), "install", "--quiet", "--no-cache-dir",
+                  "--no-index", "--disable-pip-version-check", os.fspath(wheel)]])
+    # Emptied, inside too, before the standard way is tried after uv's.
+    empty = [os.fspath(base), "-I", "-S", "-c",
+             "import os, shutil, sys\n"
+             "for e in os.scandir(sys.argv[1]):\n"
+             "    shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)",
+             os.fspath(path)]
+    failure = ""
+    async with Sandbox(_installer_sandbox(path, base, uv, [os.fspath(wheel)], None, timeout)) as sb:
+        for index, steps in enumerate(ways):
+            if index:
+                await sb.command(empty[0]).args(empty[1:]).stdin(Stdio.NULL).timeout(timeout).output()
+            for argv in steps:
+                try:
+                    out = await (sb.command(argv[0]).args(argv[1:]).stdin(Stdio.NULL).timeout(timeout)
+                                 .output())
+                except SpawnError as exc:
+                    failure = f"{argv[0]} could not start: {exc}"
+                    break
+                if out.returncode != 0:
+                    failure = (out.stderr or out.stdout).decode(errors="replace").strip()[-2000:]
+                    if out.timed_out:
+                        failure = f"{argv[0]} did not finish within {timeout:g} seconds"
+                    break
+            else:
+                return
+    raise InstallError(f"creating {path} failed: {failure}", failure)
+
+
+def _installer_sandbox(path: Path, base: Path, uv: str | None, readable: list[str], network, timeout: float):
+    """The STRICT sandbox that makes an environment and installs in it: it
+    may write the environment and run its base Python and uv, reads
+    ``readable`` and reaches what ``network`` allows (None: nothing)."""
+    from .config import IsolationLevel, ResourceLimits, SandboxConfig
+
+    # STRICT: the installer runs the environment's own interpreter, which an
+    # earlier sandbox with allow_pip_install may have changed (a .pth file),
+    # so it sees no more than such a sandbox did: the environment, its base
+    # Python, uv and the find_links directories, and the index hosts.
+    executable = [base_prefix(base)] + ([uv] if uv else [])
+    return SandboxConfig(
+        level=IsolationLevel.STRICT, writable=[path], readable=readable, executable=executable,
+        **({"network": network} if network is not None else {}), limits=ResourceLimits(timeout=timeout),
+        env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
+             "UV_PYTHON_DOWNLOADS": "never"})
 
 
 def _bundled_pip_wheel(base: Path) -> Path | None:
@@ -623,112 +686,12 @@ def _bundled_pip_wheel(base: Path) -> Path | None:
     return None
 
 
-#: Seconds the host tools have to end after SIGTERM, before SIGKILL.
-_GRACE = 1.0
-
-# The host tools run under this watchdog, run by the base interpreter
-# (-I -S: the standard library only) as the leader of a process group of
-# their own: `_WATCHDOG FD GRACE ARGV...`.  FD is the read end of a pipe
-# whose write end only heel holds, so it reads end-of-file when heel ends,
-# however it ends (SIGKILL included).  Then, or on SIGTERM (heel cancelling
-# the build), it sends SIGTERM to the whole group (venv's ensurepip runs pip
-# in a child, which would otherwise go on writing into a directory being
-# removed), and SIGKILL, itself included, once the tool has ended or after
-# GRACE seconds.  Otherwise it exits with the tool's status; the tool
-# inherits its stdout and stderr.
-#
-# Why a watchdog: PR_SET_PDEATHSIG needs preexec_fn (unsafe with threads)
-# or ctypes, and a sweep by the next heel run would come late, if ever, and
-# would have to tell a dead group from a reused process-group id.  A pipe's
-# end-of-file needs neither, and comes at once.
-_WATCHDOG = r"""
-import os, select, signal, subprocess, sys, time
-watch, grace, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
-wake, wake_w = os.pipe()
-os.set_blocking(wake, False)
-os.set_blocking(wake_w, False)
-signal.set_wakeup_fd(wake_w)
-ending = []
-for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(signum, lambda *_: ending.append(1))
-signal.signal(signal.SIGCHLD, lambda *_: None)
-
-def drain(timeout):
-    try:
-        if select.select([wake], [], [], max(timeout, 0))[0]:
-            os.read(wake, 512)
-    except (BlockingIOError, InterruptedError):
-        pass
-
-try:
-    child = subprocess.Popen(argv)
-except OSError as exc:
-    sys.stderr.write(f"{argv[0]}: {exc}\n")
-    sys.exit(127)
-while child.poll() is None and not ending:
-    ready = select.select([watch, wake], [], [])[0]
-    if wake in ready:
-        drain(0)
-    if watch in ready and not os.read(watch, 512):
-        ending.append(1)
-if ending:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.killpg(0, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while child.poll() is None and time.monotonic() < deadline:
-        drain(deadline - time.monotonic())
-    os.killpg(0, signal.SIGKILL)
-code = child.returncode
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
-async def _run_group(argv: list[str], base: Path, env: dict[str, str]):
-    """trio.run_process of ``argv`` under _WATCHDOG, in a process group of
-    its own, ended whole (SIGTERM, then SIGKILL after _GRACE seconds) when
-    cancelled or when heel dies."""
-    import signal
-
-    import trio
-
-    # Non-inheritable: only the watchdog (pass_fds) gets a copy of the read
-    # end, and nothing but this process ever holds the write end.
-    watch, keep = os.pipe()
-
-    async def end(process) -> None:
-        # The watchdog does it all; SIGKILL here only if it did not (the
-        # group is still there: trio has not reaped its leader yet).
-        try:
-            process.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        await trio.sleep(_GRACE + 5)
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    try:
-        return await trio.run_process([os.fspath(base), "-I", "-S", "-c", _WATCHDOG, str(watch), str(_GRACE), *argv],
-                                      capture_stdout=True, capture_stderr=True, check=False,
-                                      start_new_session=True, deliver_cancel=end, pass_fds=(watch,),
-                                      cwd="/", env=env)
-    finally:
-        os.close(watch)
-        os.close(keep)
-
-
-def _host_tool_env(tmpdir: str | None = None) -> dict[str, str]:
-    """The environment of the tools heel runs on the host: without the
-    variables that steer Python, pip or uv (a sandbox may have written the
-    files they point at), and run from "/" (uv reads uv.toml and
-    pyproject.toml from the directory it runs in, which may be a sandbox's
-    workdir).  ``tmpdir``: their temporary directory."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("UV_", "PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
-    if tmpdir is not None:
-        env.update(TMPDIR=tmpdir, TEMP=tmpdir, TMP=tmpdir)
-    return env
+def _host_tool_env() -> dict[str, str]:
+    """The environment of the base interpreter when heel asks it where its
+    pip wheel is: without the variables that steer Python, pip or uv (a
+    sandbox may have written the files they point at)."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith(("UV_", "PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
 
 
 def installer_policy(config: VenvConfig):
@@ -782,20 +745,10 @@ async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, r
     reach the index, and nothing else of the host."""
     import trio
 
-    from .config import IsolationLevel, ResourceLimits, SandboxConfig
     from .sandbox import Sandbox, Stdio
 
     readable = [link for link in config.find_links if not link.startswith(("http://", "https://"))]
-    # STRICT: the installer runs the environment's own interpreter, which an
-    # earlier sandbox with allow_pip_install may have changed (a .pth file),
-    # so it sees no more than such a sandbox did: the environment, its base
-    # Python, uv and the find_links directories, and the index hosts.
-    executable = [base_prefix(base)] + ([uv] if uv else [])
-    sandbox_config = SandboxConfig(
-        level=IsolationLevel.STRICT, writable=[path], readable=readable, executable=executable,
-        network=installer_policy(config), limits=ResourceLimits(timeout=timeout),
-        env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
-             "UV_PYTHON_DOWNLOADS": "never"})
+    sandbox_config = _installer_sandbox(path, base, uv, readable, installer_policy(config), timeout)
     total = len(requirements)
     done = 0
     report("install", f"installing {', '.join(requirements)}", 0, total)

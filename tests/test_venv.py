@@ -360,6 +360,83 @@ async def test_a_parent_swapped_for_a_link_is_refused(venv_dir):
         os.rename(elsewhere, base)
 
 
+async def test_a_parent_swapped_for_a_link_builds_nothing_there(venv_dir):
+    """A sandbox that may write the place above an environment (its
+    workdir, say) swaps it for a link: heel must refuse before it makes
+    anything (the lock, the environment) where the link points."""
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    base = os.path.dirname(venv_dir)
+    target = tempfile.mkdtemp(prefix="heel-venv-target-", dir="/var/tmp")
+    os.mkdir(os.path.join(target, "env"))  # an empty directory of the name: heel would build in it
+    os.rmdir(base)
+    # What stays the same only if nothing was made (or made and removed) there:
+    before = os.stat(target).st_mtime_ns, os.stat(os.path.join(target, "env")).st_ino
+    try:
+        os.symlink(target, base)
+        with trio.fail_after(60), pytest.raises(heel.BrokenVenv, match="symbolic link"):
+            await heel.VenvManager.create(config)
+        assert sorted(os.listdir(target)) == ["env"] and os.listdir(os.path.join(target, "env")) == []
+        assert (os.stat(target).st_mtime_ns, os.stat(os.path.join(target, "env")).st_ino) == before
+    finally:
+        os.unlink(base)
+        os.mkdir(base)
+        shutil.rmtree(target)
+    # The control: the same config builds where there is no link.
+    with trio.fail_after(120):
+        await heel.VenvManager.create(config)
+    assert os.path.isfile(os.path.join(venv_dir, "pyvenv.cfg"))
+
+
+#: Sandbox A empties the environment it may write, then plants a .pth file
+#: in every site-packages that appears while the host rebuilds it.  The .pth
+#: writes a marker where it runs: in the environment (which the build may
+#: write) and in a host directory that only the host may write.
+PLANTER = r"""
+P=$1; OUT=$2
+rm -rf "$P"/* "$P"/.[!.]* 2>/dev/null
+echo EMPTIED
+while :; do
+  for d in "$P"/lib/python3.*/site-packages; do
+    [ -d "$d" ] && [ ! -e "$d/zzz_planted.pth" ] &&
+      echo "import os; [open(os.path.join(p, 'planted-ran'), 'w').close() for p in ('$P', '$OUT') if os.access(p, os.W_OK)]" > "$d/zzz_planted.pth"
+  done
+done
+"""
+
+
+@pytest.mark.parametrize("use_uv", [False, True])
+async def test_code_planted_while_the_environment_is_built_never_runs_on_the_host(venv_dir, outside_dir, use_uv):
+    """A sandbox with allow_pip_install may write the environment while the
+    host (re)builds it.  The tools that make it run the new interpreter,
+    which runs the .pth files it finds: they run in the build's sandbox,
+    never on the host.  Seen from the host: the planted code ran (its marker
+    in the environment), and it could not write the host directory that the
+    host itself could."""
+    if use_uv and not shutil.which("uv"):
+        pytest.skip("uv is not installed")
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, use_uv=use_uv)
+    with trio.fail_after(240):
+        await heel.VenvManager.create(config)
+        sandbox = heel.SandboxConfig(python=heel.PythonConfig(venv_dir, allow_pip_install=True))
+        async with heel.Sandbox(sandbox) as sb:
+            for _ in range(3):  # a race: the planter may miss the moment, though it rarely does
+                planter = await (sb.command("sh").args(["-c", PLANTER, "sh", venv_dir, outside_dir])
+                                 .stdout(heel.Stdio.PIPE).spawn())
+                async with planter:
+                    assert planter.stdout is not None
+                    seen = b""
+                    while b"EMPTIED" not in seen:
+                        chunk = await planter.stdout.receive_some()
+                        assert chunk, "the planter ended"
+                        seen += chunk
+                    await heel.VenvManager.create(config)  # the host rebuilds the emptied environment
+                    planter.kill()
+                assert not os.path.exists(os.path.join(outside_dir, "planted-ran")), "the planted code ran on the host"
+                if os.path.exists(os.path.join(venv_dir, "planted-ran")):
+                    break
+    assert os.path.exists(os.path.join(venv_dir, "planted-ran")), "the planted code never ran: the race was lost"
+
+
 async def test_the_installer_sees_no_more_than_a_strict_sandbox(venv_dir, wheels, outside_dir):
     """A .pth file planted in the environment runs in the installer: it must
     not read what a STRICT sandbox cannot."""
