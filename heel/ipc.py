@@ -27,7 +27,7 @@ import os
 import resource
 import select
 import socket
-import stat
+import threading
 import types
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,6 +64,11 @@ SMALL_REQUEST = 16 * 1024
 #: fds the host keeps for everything else before it grants IPC connections
 #: (one fd each); see _connection_budget.
 _FD_RESERVE = 128
+#: A connection is refused, whatever the budget, when its fd leaves fewer
+#: than this many below the soft RLIMIT_NOFILE (fds come lowest first, so an
+#: fd's number is a count of those open): the fds may have gone elsewhere
+#: (the proxies, the host's own files).
+_FD_HEADROOM = 32
 #: How often (seconds) a connection whose calls are all taken checks whether
 #: its caller has gone, since it reads nothing meanwhile.
 _HANGUP_POLL = 0.5
@@ -163,7 +168,8 @@ class IpcRouter:
     ``max_message_size`` bounds each message either way (the client inside
     learns it from ``$HEEL_IPC_MAX_MESSAGE``); ``max_connections`` bounds the
     connections a sandbox may hold open at once (each calling process opens
-    one), fewer where the host's RLIMIT_NOFILE is low; and
+    one), and the sandboxes of the host process together hold at most what
+    its RLIMIT_NOFILE leaves room for (see _connection_budget); and
     ``max_calls_per_connection`` bounds the calls one connection may have
     running at once, and ``max_calls`` those of the whole sandbox: while
     that many run, the host reads no more requests (from that connection,
@@ -232,10 +238,12 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
 
     Each message on ``broker`` (a SOCK_SEQPACKET socket whose peer every
     sandboxed process holds) carries one socket end over SCM_RIGHTS: a new
-    connection.  Anything else passed along is closed."""
+    connection.  Anything else passed along is closed, as is a connection
+    over the router's max_connections or the process's budget (see
+    _connection_budget).  Nothing the sandbox sends makes this raise: a
+    connection that goes wrong is dropped alone."""
     broker.setblocking(False)
     open_connections = [0]
-    max_connections = min(router.max_connections, _connection_budget())
     all_calls = trio.Semaphore(router.max_calls)
     budget = _ByteBudget(PENDING_MESSAGES * router.max_message_size)
     async with trio.open_nursery() as nursery:
@@ -245,24 +253,87 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
                 data, fds, _, _ = recv_fds(broker, 16, 4)
             except (BlockingIOError, InterruptedError):
                 continue
+            except OSError:
+                return  # the channel itself is broken: no more connections come
             if not data and not fds and _hung_up(broker):
                 return  # every sandboxed end is closed (an empty message alone is no end)
             for fd in fds:
-                if open_connections[0] >= max_connections or not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                    os.close(fd)
+                if open_connections[0] >= router.max_connections or not _is_connection(fd) \
+                        or not _process_connections.take(fd):
+                    _close_fd(fd)
                     continue
                 open_connections[0] += 1
-                nursery.start_soon(_serve_connection, router, fd, open_connections, all_calls, budget)
+                nursery.start_soon(_serve_process_connection, router, fd, open_connections, all_calls, budget)
 
 
-def _connection_budget() -> int:
-    """How many connections the host's fd limit leaves room for (each holds
-    one fd), next to everything else the process has open; the limit itself
+def _connection_budget() -> int | None:
+    """How many IPC connections all the sandboxes of this process may hold
+    at once (each holds one fd): half of what the soft RLIMIT_NOFILE leaves
+    above _FD_RESERVE, at least 16; None without a limit.  The limit itself
     is left alone (as in heel.proxy): raise RLIMIT_NOFILE for more."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return 2**31
+        return None
     return max(16, (soft - _FD_RESERVE) // 2)
+
+
+class _ProcessConnections:
+    """The IPC connections open over every sandbox of this process: one
+    sandbox's connections must not take the fds that another's, or the
+    host's own files, need (each router's max_connections is its own).
+    Sandboxes may run in trio loops of their own threads, hence the lock."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def take(self, fd: int) -> bool:
+        """Room for one more connection, ``fd``; False when there is none."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and fd >= soft - _FD_HEADROOM:
+            return False
+        budget = _connection_budget()
+        with self._lock:
+            if budget is not None and self.count >= budget:
+                return False
+            self.count += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+_process_connections = _ProcessConnections()
+
+
+def _is_connection(fd: int) -> bool:
+    """Whether ``fd`` is what heel.client passes: a connected AF_UNIX
+    SOCK_STREAM socket.  A pipe, a file, an O_PATH fd of a socket inode
+    (fstat calls it a socket, yet it is none), a datagram, seqpacket,
+    listening or unconnected socket is not.  Never raises; ``fd`` stays open."""
+    try:
+        probe = socket.socket(fileno=fd)  # on failure the fd is not taken over
+    except Exception:
+        return False
+    try:
+        if probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX \
+                or probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM \
+                or probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False
+        probe.getpeername()  # ENOTCONN: no peer to answer
+        return True
+    except Exception:
+        return False
+    finally:
+        probe.detach()
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # closed all the same (EINTR, EIO from a file's last writes)
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -361,9 +432,46 @@ def _hung_up(sock: socket.socket) -> bool:
     return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
+async def _serve_process_connection(router: IpcRouter, fd: int, open_connections: list[int],
+                                    all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
+    """_serve_connection, for a connection that holds room in _process_connections."""
+    try:
+        await _serve_connection(router, fd, open_connections, all_calls, budget)
+    finally:
+        _process_connections.give_back()
+
+
 async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int],
                             all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
-    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    """Serve the connection ``fd`` (which this now owns) until it ends.
+
+    Whatever its peer does, only this connection is dropped: an error it
+    causes ends it, and its fd and its place in ``open_connections`` are
+    given back whatever happens.  (A KeyboardInterrupt or SystemExit from a
+    handler, and cancellation, still go through.)"""
+    try:
+        try:
+            stdlib_sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket after all: nothing to serve
+            _close_fd(fd)
+            return
+        sock = None
+        try:
+            sock = trio.socket.from_stdlib_socket(stdlib_sock)
+            await _converse(router, sock, all_calls, budget)
+        except Exception:
+            pass  # whatever the peer made go wrong ends its connection, not the sandbox
+        finally:
+            try:
+                (stdlib_sock if sock is None else sock).close()
+            except OSError:
+                pass
+    finally:
+        open_connections[0] -= 1
+
+
+async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
+    """Read requests from ``sock`` and answer them until it ends."""
     connection = codec.Connection("server", router.max_message_size)
     send_lock = trio.Lock()
     # A slot per running call, held until its answer is sent: at most this
@@ -476,5 +584,3 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
                     return
     finally:
         budget.release(reserved)  # a frame that never came whole
-        open_connections[0] -= 1
-        sock.close()
