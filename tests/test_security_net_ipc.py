@@ -12,6 +12,8 @@ import os
 import secrets
 import select
 import socket
+import sys
+import tempfile
 import time
 
 import pytest
@@ -195,12 +197,36 @@ async def test_unix_sockets_allowed_reach_even_unlisted_pathname_sockets(unix_li
     says so; the default (False) refuses socket(AF_UNIX) altogether."""
     server, path = unix_listener
     security = heel.SecurityConfig(allow_unix_sockets=True)
-    async with heel.Sandbox(heel.SandboxConfig(level=STRICT, security=security)) as sb:
-        hidden = await py(sb, "import os, sys; os.listdir(os.path.dirname(sys.argv[1]))", path)
-        assert hidden.returncode != 0, explain(hidden)  # the directory itself is not readable
-        out = await py(sb, CONNECT_UNIX, path)
+    # A grant beside the socket's directory keeps STRICT from covering the
+    # top-level directory that holds both (which would hide the socket too:
+    # the test below).
+    beside = tempfile.mkdtemp(dir=os.path.dirname(os.path.dirname(path)), prefix="heel-test-beside-")
+    os.chmod(beside, 0o755)
+    try:
+        config = heel.SandboxConfig(level=STRICT, security=security, readable=[beside])
+        async with heel.Sandbox(config) as sb:
+            hidden = await py(sb, "import os, sys; os.listdir(os.path.dirname(sys.argv[1]))", path)
+            assert hidden.returncode != 0, explain(hidden)  # the directory itself is not readable
+            out = await py(sb, CONNECT_UNIX, path)
+    finally:
+        os.rmdir(beside)
     assert b"CONNECTED" in out.stdout, explain(out)
     assert accept_one(server) == b"leak"
+
+
+async def test_strict_covers_unix_sockets_in_top_level_directories_it_is_not_given(unix_listener):
+    """At STRICT a top-level directory that holds nothing the sandbox is
+    given is covered, sockets in it (docker.sock, D-Bus in /run) too: even
+    allow_unix_sockets cannot reach them.  The control is the test above."""
+    server, path = unix_listener
+    top = "/" + path.split("/")[1] + "/"
+    if any(os.path.realpath(p).startswith(top) for p in (heel.__file__, sys.prefix, tempfile.gettempdir())):
+        pytest.skip("heel itself or its temporary directories are in the socket's top-level directory")
+    security = heel.SecurityConfig(allow_unix_sockets=True)
+    async with heel.Sandbox(heel.SandboxConfig(level=STRICT, security=security)) as sb:
+        out = await py(sb, CONNECT_UNIX, path)
+    assert b"CONNECTED" not in out.stdout, explain(out)
+    assert select.select([server], [], [], 0.5)[0] == []  # nothing arrived
 
 
 INTERNAL_UNIX = """
