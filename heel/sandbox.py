@@ -296,6 +296,8 @@ class Sandbox(Generic[P]):
         except UnicodeEncodeError as exc:
             raise PolicyError(f"run_python: the code cannot be written as UTF-8 ({exc.reason} at "
                               f"position {exc.start})") from None
+        if isinstance(args, (str, bytes)):  # each character would be an argument
+            raise PolicyError(f"run_python: args must be a sequence of arguments, not one {type(args).__name__}")
         argv = [_arg(a, "args") for a in args]
         import secrets
 

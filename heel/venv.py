@@ -104,7 +104,10 @@ class VenvConfig(Frozen):
                                            "VenvConfig"))
         if isinstance(packages, str):
             packages = [packages]
-        items = tuple(packages)
+        try:
+            items = tuple(packages)
+        except TypeError:
+            raise PolicyError(f"VenvConfig: packages must be requirement strings, got {packages!r}") from None
         for item in items:
             _check_requirement(item)
         self._set("packages", items)
@@ -122,8 +125,18 @@ class VenvConfig(Frozen):
             _check_url(index_url, "index_url")
         self._set("index_url", index_url)
         links = []
-        for link in ([find_links] if isinstance(find_links, (str, os.PathLike)) else find_links):
+        if isinstance(find_links, (str, os.PathLike)):
+            find_links = [find_links]
+        try:
+            given = list(find_links)
+        except TypeError:
+            raise PolicyError(f"VenvConfig: find_links must be directories or URLs, got {find_links!r}") from None
+        for link in given:
+            if not isinstance(link, (str, os.PathLike)) or not os.fspath(link) or "\0" in str(os.fspath(link)):
+                raise PolicyError(f"VenvConfig: find_links: {link!r} is not a directory or a URL")
             text = os.fspath(link)
+            if not isinstance(text, str):
+                raise PolicyError(f"VenvConfig: find_links: {link!r} is not a directory or a URL")
             if text.startswith(("http://", "https://")):
                 _check_url(text, "find_links")
                 links.append(text)
@@ -159,7 +172,11 @@ def _check_requirement(item: object) -> None:
 def _check_url(url: object, what: str) -> None:
     if not isinstance(url, str):
         raise PolicyError(f"VenvConfig: {what} must be a URL string, got {url!r}")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number, or out of range, raises)
+    except ValueError as exc:
+        raise PolicyError(f"VenvConfig: {what} {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PolicyError(f"VenvConfig: {what} must be an http(s) URL, got {url!r}")
 
@@ -203,6 +220,11 @@ class VenvManager:
 
         if not isinstance(config, VenvConfig):
             raise PolicyError(f"VenvManager.create needs a VenvConfig, got {config!r}")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+                or timeout != timeout or timeout == float("inf")):
+            raise PolicyError(f"VenvManager.create: timeout must be a number of seconds above 0, got {timeout!r}")
+        if on_progress is not None and not callable(on_progress):
+            raise PolicyError(f"VenvManager.create: on_progress must be callable, got {on_progress!r}")
 
         def report(phase: str, message: str, done: int = 0, total: int = 0) -> None:
             if on_progress is not None:
@@ -817,7 +839,8 @@ class PythonConfig(Frozen):
             raise PolicyError(f"PythonConfig: venv must be a VenvConfig or a path, got {venv!r}")
         self._set("venv", venv)
         interpreter = "python" if interpreter is None else interpreter
-        if not isinstance(interpreter, str) or not interpreter or "/" in interpreter or "\0" in interpreter:
+        if (not isinstance(interpreter, str) or interpreter in ("", ".", "..") or "/" in interpreter
+                or "\0" in interpreter):
             raise PolicyError(f"PythonConfig: interpreter must be a program name in the venv's bin/, "
                               f"got {interpreter!r}")
         self._set("interpreter", interpreter)

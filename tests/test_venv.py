@@ -138,11 +138,35 @@ async def test_broken_environments_are_reported_never_reused(venv_dir, wheels):
 @pytest.mark.parametrize("bad", [
     dict(packages=["--index-url=http://evil/"]), dict(packages=[""]), dict(index_url="ftp://x/"),
     dict(find_links=["/var/tmp/heel-does-not-exist"]), dict(no_index=True, index_url="http://a.test/"),
-    dict(use_uv="yes"),
+    dict(use_uv="yes"), dict(packages=None), dict(packages=5), dict(find_links=None), dict(find_links=[123]),
+    dict(find_links=[""]), dict(index_url="http://[::1"), dict(index_url="https://h:99999/"),
+    dict(index_url="https://h:abc/"),
 ])
 def test_bad_venv_config_is_a_policy_error(bad):
     with pytest.raises(heel.PolicyError):
         heel.VenvConfig("/var/tmp/heel-x", **bad)
+
+
+@pytest.mark.parametrize("bad", [dict(timeout="x"), dict(timeout=-1), dict(timeout=float("nan")),
+                                 dict(on_progress=5)])
+async def test_bad_create_arguments_fail_before_anything_is_made(venv_dir, bad):
+    with pytest.raises(heel.PolicyError):
+        await heel.VenvManager.create(heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON), **bad)
+    assert os.listdir(os.path.dirname(venv_dir)) == []
+
+
+@pytest.mark.parametrize("interpreter", [".", ".."])
+def test_interpreter_must_name_a_program(interpreter):
+    with pytest.raises(heel.PolicyError):
+        heel.PythonConfig("/var/tmp/heel-x", interpreter=interpreter)
+
+
+async def test_run_python_args_must_be_a_sequence():
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        with pytest.raises(heel.PolicyError):
+            await sb.run_python("pass", args="abc")
+        out = await sb.run_python("import sys; print(sys.argv[1:])", args=["abc"])  # the control
+    assert out.stdout == b"['abc']\n", explain(out)
 
 
 # ---- inside the sandbox -----------------------------------------------------------
