@@ -837,7 +837,10 @@ async def _relay_in(stream: trio.lowlevel.FdStream, host_fd: int, reader: int, e
                 try:
                     while True:
                         if not unsent:
-                            unsent = memoryview(os.read(host_fd, 65536))
+                            try:
+                                unsent = memoryview(os.read(host_fd, 65536))
+                            except OSError:  # not readable (opened for writing only): no input
+                                break
                             read += len(unsent)
                             if not unsent:
                                 break  # the file's end: the stream's end (closed below)

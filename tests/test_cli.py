@@ -934,6 +934,23 @@ trio.run(main)
 """
 
 
+def test_library_stdin_that_cannot_be_read_is_an_end_of_file(tmp_path):
+    """Stdio.INHERIT of a stdin opened for writing only (`0>file`): the
+    command reads end of file, and the sandbox closes as usual; it used to
+    end in an ExceptionGroup(OSError) out of `async with Sandbox`.  The
+    control: the same file opened for reading is passed whole."""
+    data = tmp_path / "input.txt"
+    data.write_text("heel-input\n")
+    script = 'cat > "$REPORT"; echo "cat=$?" >> "$REPORT"'
+    argv = [sys.executable, "-c", LIBRARY_INHERITS, str(tmp_path), script]
+    report = tmp_path / "fds"
+    for redirect, expected in (("0>>", "cat=0\n"), ("<", "heel-input\ncat=0\n")):
+        result = subprocess.run(["sh", "-c", f"{shlex.join(argv)} {redirect}{shlex.quote(str(data))}"],
+                                capture_output=True, timeout=60)
+        assert result.returncode == 0 and b"Traceback" not in result.stderr, result
+        assert report.read_text() == expected, (redirect, result)
+
+
 @pytest.mark.parametrize("how", ["cli", "cli-trio", "library"])
 @pytest.mark.parametrize("closed", ["<&-", ">&-", "2>&-", "<&- >&-", ">&- 2>&-", "<&- >&- 2>&-"])
 def test_a_closed_standard_stream_is_dev_null_for_the_command(tmp_path, how, closed):
