@@ -36,6 +36,7 @@ from .config import (
     SecurityConfig,
     check_env_item,
     check_limit,
+    expand_home,
     is_env_name,
     parse_size,
     shown,
@@ -459,7 +460,9 @@ def _path(value: Any, label: str, base: str | None) -> str:
         raise UsageError(f"{label} must be a path, got {value!r}")
     if not value:  # joined to a file's directory, "" would quietly be that directory
         raise UsageError(f"{label}: '' is not a valid path")
-    path = os.path.expanduser(value)
+    if "\0" in value:  # expand_home would read the password database for it
+        raise UsageError(f"{label}: {value!r} is not a valid path")
+    path = expand_home(value, label)
     return path if base is None else os.path.join(base, path)
 
 

@@ -79,7 +79,9 @@ class Relays:
     keeps its order; what the command did not read of a stdin file is left
     for the next reader (the offset goes back by what heel read ahead).  A
     host file that refuses output (a full disk) ends that stream's copy:
-    the command gets EPIPE, and ``errors`` says what happened."""
+    the command gets EPIPE, and ``errors`` says what happened.  A stdin that
+    cannot be read (opened for writing only: ``0>file``) is an end of file
+    for the command, and in ``errors`` too."""
 
     CHUNK = 65536
 
@@ -93,7 +95,8 @@ class Relays:
         self._input_reader = -1  # a read end of our own: what is left in the pipe (FIONREAD)
         self._input_read = 0  # bytes read from the host's file: the most that can go back
         self._pending = b""
-        #: (stream, OSError) for each host file that refused the command's output
+        #: (stream, OSError) for each host file that refused the command's
+        #: output, and ("stdin", OSError) when the host's stdin could not be read
         self.errors: list[tuple[str, OSError]] = []
         for index, fd in enumerate(stdio):
             if not needs_relay(fd):
@@ -147,7 +150,15 @@ class Relays:
 
     def _copy_in(self) -> None:
         if not self._pending:
-            self._pending = os.read(self.input, self.CHUNK)
+            try:
+                self._pending = os.read(self.input, self.CHUNK)
+            except BlockingIOError:  # a non-blocking description: as before, not an end
+                raise
+            except OSError as exc:  # EBADF (opened for writing only: `0>file`), EIO, EISDIR
+                # As the end of the host's file: the command gets end of file.
+                self.errors.append(("stdin", exc))
+                self._close_input()
+                return
             self._input_read += len(self._pending)
             if not self._pending:  # end of the host's file: end of the sandbox's stdin
                 self._close_input()
@@ -234,10 +245,11 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
     bridge = TerminalBridge(stdio, interactive, prepared.ptmx)
     previous: dict = {}  # the signal handlers ours replaced
     relays = None
+    tree = TreeStopper()
     try:
         relays = Relays((bridge.child_fds[0], bridge.child_fds[1], bridge.child_fds[2]))
-        _handle_terminal_signals(bridge, previous)
-        return _run(prepared, argv, env, cwd, relays, bridge, timeout)
+        _handle_terminal_signals(bridge, previous, tree if interactive else None)
+        return _run(prepared, argv, env, cwd, relays, bridge, timeout, tree)
     finally:
         if relays is not None and output_errors is not None:
             output_errors.extend(relays.errors)
@@ -251,22 +263,31 @@ def run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str,
 BACKGROUND_RECHECK = 0.5
 
 
-def _handle_terminal_signals(bridge: TerminalBridge, previous: dict) -> None:
-    """SIGWINCH: the host terminal's new size goes to the pty.  SIGTSTP (a
-    `kill -TSTP`; ^Z itself goes to the command): the terminal's settings go
-    back to the shell while heel is stopped; SIGCONT: raw again once heel is
-    the foreground job again.  The handlers replaced go into ``previous``."""
-    if bridge.master < 0:
-        return
+def _handle_terminal_signals(bridge: TerminalBridge, previous: dict, tree: "TreeStopper | None" = None) -> None:
+    """SIGWINCH: the host terminal's new size goes to the pty.  SIGTSTP (^Z
+    at a terminal heel does not hold raw, a `kill -TSTP`; at one it holds
+    raw ^Z itself goes to the command): with ``tree`` (the CLI), the
+    command's processes are stopped first (SIGSTOP), then the terminal's
+    settings go back to the shell and heel stops; when heel is continued
+    (SIGCONT: `fg`, `bg`), so is the command, and the terminal is raw again
+    once heel is the foreground job again.  The handlers replaced go into
+    ``previous``."""
+    handlers = {}
+    if bridge.master >= 0:
+        handlers[signal.SIGWINCH] = lambda signum, frame: bridge.resize()
 
     def stop(signum, frame) -> None:
-        bridge.suspend()
-        os.kill(os.getpid(), signal.SIGSTOP)
-        bridge.resume()
+        stopped = tree.stop() if tree is not None else []
+        try:
+            bridge.suspend()
+            os.kill(os.getpid(), signal.SIGSTOP)
+            bridge.resume()
+        finally:
+            TreeStopper.resume(stopped)
 
-    handlers = {signal.SIGWINCH: lambda signum, frame: bridge.resize()}
-    if bridge.interactive:
+    if bridge.interactive or (tree is not None and signal.getsignal(signal.SIGTSTP) != signal.SIG_IGN):
         handlers[signal.SIGTSTP] = stop
+    if bridge.interactive:
         handlers[signal.SIGCONT] = lambda signum, frame: bridge.resume()  # `fg` after a stop or `bg`
     try:
         for signum, handler in handlers.items():
@@ -275,14 +296,137 @@ def _handle_terminal_signals(bridge: TerminalBridge, previous: dict) -> None:
         pass
 
 
+class TreeStopper:
+    """Stops and continues every process of a running command, for the
+    CLI's SIGTSTP (heel-init forwards a signal to the command's process
+    only, and SIGSTOP not at all).
+
+    As heel-init's own freeze before a kill: top-down from the command's
+    init, each process is stopped before its children are listed (so it can
+    fork no more), and every signal goes through a pidfd pinned on a
+    process checked to be the lister's child, so that a pid freed and taken
+    by an unrelated process is never signalled.  The init itself is not
+    stopped: it must still answer heel (a kill at the timeout).  A process
+    that does not stop (uninterruptible sleep) is listed all the same."""
+
+    MOST = 65536  # processes; pidfds are held while the command is stopped
+    WAIT = 0.2  # seconds in all for processes to take their stop
+
+    def __init__(self) -> None:
+        self.pidfd = -1  # the command's init, while it runs
+
+    def stop(self) -> list[int]:
+        """Stop the tree: the pidfds of the processes stopped, for resume()."""
+        if self.pidfd < 0:
+            return []
+        init = _pinned_pid(self.pidfd)
+        if init <= 0:
+            return []
+        stopped: list[int] = []
+        pids: list[int] = []
+        waited = 0.0
+        try:
+            level = [(pid, init) for pid in _children(init)]
+            index = 0
+            while index < len(level) and len(stopped) < self.MOST:
+                pid, parent = level[index]
+                index += 1
+                pidfd = _pin_child(pid, parent)
+                if pidfd < 0:
+                    continue
+                stopped.append(pidfd)
+                pids.append(pid)
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+                except OSError:
+                    continue
+                while not _has_stopped(pid) and waited < self.WAIT:
+                    time.sleep(0.001)
+                    waited += 0.001
+                level.extend((child, pid) for child in _children(pid))
+        except BaseException:
+            self.resume(stopped)
+            raise
+        return stopped
+
+    @staticmethod
+    def resume(stopped: list[int]) -> None:
+        """SIGCONT what stop() stopped (children first), and let the pidfds go."""
+        for pidfd in reversed(stopped):
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+            except OSError:
+                pass
+            os.close(pidfd)
+        stopped.clear()
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of process pid, as /proc lists them."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as file:
+                out.extend(int(word) for word in file.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _status_field(path: str, field: bytes) -> int:
+    try:
+        with open(path, "rb") as file:
+            for line in file:
+                if line.startswith(field):
+                    return int(line[len(field):])
+    except (OSError, ValueError):
+        pass
+    return -2
+
+
+def _pinned_pid(pidfd: int) -> int:
+    """The pid that a pidfd's process has now: -1 once it has been reaped."""
+    return _status_field(f"/proc/self/fdinfo/{pidfd}", b"Pid:")
+
+
+def _pin_child(pid: int, parent: int) -> int:
+    """A pidfd on process pid, checked to be parent's child (the pidfd is
+    opened first, then the parent read, then the pidfd found still on that
+    pid); -1 when it cannot be pinned."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return -1
+    if _status_field(f"/proc/{pid}/status", b"PPid:") == parent and _pinned_pid(pidfd) == pid:
+        return pidfd
+    os.close(pidfd)
+    return -1
+
+
+def _has_stopped(pid: int) -> bool:
+    """Whether a process has stopped (or died): its state is T, t, Z or X."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            text = file.read()
+    except OSError:
+        return True
+    end = text.rfind(b")")
+    return end < 0 or text[end + 2:end + 3] in (b"T", b"t", b"Z", b"X", b"")
+
+
 def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, relays: Relays,
-         bridge: TerminalBridge, timeout: float | None) -> tuple[int, bool]:
+         bridge: TerminalBridge, timeout: float | None, tree: TreeStopper) -> tuple[int, bool]:
     try:
         stdin, stdout, stderr = relays.child_fds
         pidfd, ctl = prepared.launch(argv, env, cwd, (stdin, stdout, stderr), ctty=bridge.interactive)
     except BaseException:
         relays.finish()
         raise
+    tree.pidfd = pidfd
     relays.started()
     bridge.started()
     pty_open = bridge.master >= 0
@@ -330,6 +474,7 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
         bridge.drain()
         return exit_status(ctl, killed), timed_out
     finally:
+        tree.pidfd = -1
         if not ended:
             kill_tree(pidfd, ctl)
             select.select([pidfd], [], [], 5.0)

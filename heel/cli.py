@@ -19,15 +19,8 @@ Ctrl-C.  Every failure of heel's is one line on stderr, starting ``heel:``.
 import os
 import signal
 import sys
-from contextlib import contextmanager
-# Not typing.TYPE_CHECKING: importing typing costs `heel run` ~7 ms; type
-# checkers treat this name the same way.
-TYPE_CHECKING = False
 
 from .config import SandboxConfig
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 from .errors import CommandNotFound, HeelError, SandboxUnavailable, SpawnError
 
 __all__ = ["main", "console", "run_command", "default_shell"]
@@ -75,22 +68,46 @@ def console() -> None:
     teardown (freeing every module) would add about 5 ms to a start-up that
     is about 60.  Everything else exits the usual way.
     """
-    code = main()
     if sys.argv[1:2] in (["run"], ["shell"], ["python"]):
+        code = main()  # (heel's lines never raise: see _say)
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
-            os._exit(code)
+            os._exit(code)  # a stdout or stderr that cannot be written does not change the status
+    try:
+        code = main()
+        sys.stdout.flush()  # here, not in the interpreter's exit, where a failure would print and exit 120
+    except OSError as exc:
+        # `heel doctor >/dev/full`, `heel --version | true`: heel's own
+        # output cannot be written.  No traceback: one line, when stderr
+        # takes it; a closed pipe ends heel quietly, as SIGPIPE would.
+        if not isinstance(exc, BrokenPipeError):
+            _say(f"cannot write to stdout: {exc.strerror or exc}")
+        os._exit(128 + signal.SIGPIPE if isinstance(exc, BrokenPipeError) else EXIT_HEEL_FAILED)
     raise SystemExit(code)
 
 
 def _say(message: str) -> None:
-    """One line on stderr from heel itself (never mixed into the command's stdout)."""
+    """One line on stderr from heel itself (never mixed into the command's
+    stdout).  Never raises: a stderr that cannot be written (a closed pipe,
+    a full disk) loses the line, but must not change heel's exit status."""
     from ._terminal import line_end
 
-    sys.stderr.write(f"heel: {message}{line_end()}")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"heel: {message}{line_end()}")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # ValueError: stderr closed
+        _drop_stderr_buffer()
+
+
+def _drop_stderr_buffer() -> None:
+    """What a failed write left in stderr's buffer would be tried again (and
+    fail again) at the next flush: let it go."""
+    try:
+        sys.stderr = open(os.devnull, "w")
+    except OSError:
+        pass
 
 
 class _Terminated(BaseException):
@@ -104,28 +121,67 @@ class _Terminated(BaseException):
 #: Signals whose default action ends heel: each unwinds instead, so that
 #: the sandboxed tree is killed and the user's terminal restored.
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+#: Held (blocked) while a sandbox's session is built.
+_HELD_SIGNALS = (signal.SIGINT, *_ENDING_SIGNALS)
 
 
-@contextmanager
-def _terminate_on_signals() -> "Iterator[None]":
-    """Turn SIGTERM, SIGHUP and the other _ENDING_SIGNALS into an exception
-    while a command runs.
+class _terminate_on_signals:
+    """Turn SIGINT, SIGTERM, SIGHUP and the other _ENDING_SIGNALS into an
+    exception while a command runs (KeyboardInterrupt for SIGINT, else
+    _Terminated).
 
     The command runs in its own session, so a closed terminal's SIGHUP or a
     SIGTERM reaches heel only; unwinding lets the runner kill the whole tree
     (the default action would leave that to PDEATHSIG, which reaches heel-init
     only, not its descendants when there is no pid namespace).
+
+    Only the first signal raises: the cleanup it starts (killing the tree,
+    removing the temporary directory with the command's files) must not be
+    cut short by the next one, which an impatient user or a supervisor sends
+    at once.  Later signals are ignored, and the first one decides the exit
+    status.  Likewise once :meth:`closing` has been called (the command ended
+    and the sandbox is being closed): a signal then is only recorded, and
+    raised when the ``with`` block ends, after the cleanup.
     """
 
-    def handler(signum: int, frame: object) -> None:
+    def __init__(self) -> None:
+        self.signum = 0  # the first signal that came
+        self._closing = False
+        self._previous: dict = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.signum or self._closing:
+            self.signum = self.signum or signum
+            return
+        self.signum = signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise _Terminated(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in _ENDING_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, action in previous.items():
-            signal.signal(sig, action)
+    def closing(self) -> None:
+        """The cleanup begins: from now on a signal waits for its end."""
+        self._closing = True
+
+    def __enter__(self) -> "_terminate_on_signals":
+        for sig in (signal.SIGINT, *_ENDING_SIGNALS):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                # Ignored by whoever started heel: SIGHUP under nohup, SIGINT
+                # in a background job of a non-interactive shell.  Not for it.
+                continue
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, action in self._previous.items():
+            # Once one came, heel is ending with its status: the next ones,
+            # which would end it with another (killed by the signal), are
+            # ignored until then.
+            signal.signal(sig, signal.SIG_IGN if self.signum else action)
+        self._previous = {}
+        if exc_type is None and self.signum:  # came while closing: now it ends heel
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise _Terminated(self.signum)
 
 
 def default_shell() -> str:
@@ -149,8 +205,8 @@ def run_command(command: str, args: list[str]) -> int:
         argv = namespace.command if command == "run" else [default_shell()]
         if not config.network.denies_everything:
             return _execute_with_proxy(config, argv)
-        with _terminate_on_signals():
-            return _execute(config, argv)
+        with _terminate_on_signals() as signals:
+            return _execute(config, argv, signals)
     except CommandNotFound as exc:
         _say(f"{exc.program}: command not found in the sandbox")
         return EXIT_NOT_FOUND
@@ -185,8 +241,9 @@ def _cwd_gone() -> bool:
     return False
 
 
-def _execute(config: SandboxConfig, argv: list[str]) -> int:
-    """Run argv in a sandbox for config, on heel's own stdin, stdout and stderr."""
+def _execute(config: SandboxConfig, argv: list[str], signals: "_terminate_on_signals | None" = None) -> int:
+    """Run argv in a sandbox for config, on heel's own stdin, stdout and stderr.
+    ``signals``: told when the cleanup begins, which no signal may cut short."""
     from ._probe import assumed_environment, namespaces_missing
     from ._spawn import Session
     from ._sync import run
@@ -195,29 +252,50 @@ def _execute(config: SandboxConfig, argv: list[str]) -> int:
     # One command: skip the probe's trial run and assume namespaces work.  If
     # they do not, building the sandbox fails before anything ran, so the
     # real probe decides and the sandbox is built as that allows (or refused).
+    # Signals wait while the session is built: one that came in the middle
+    # of making its temporary directory would leave that behind.  Once the
+    # session is there, they are let through inside the try that closes it.
+    # (The mask is not inherited by the sandbox: heel's spawn clears it.)
+    held = None if signals is None else signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
-        session = Session(config, assumed_environment())
-    except SpawnError as exc:
-        if not namespaces_missing(exc):
-            raise
-        session = Session(config)
-    _say_degraded(session.degraded)
+        try:
+            session = Session(config, assumed_environment())
+        except SpawnError as exc:
+            if not namespaces_missing(exc):
+                raise
+            session = Session(config)
+    except BaseException:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
     output_errors: list = []
     try:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came meanwhile raises here
+        _say_degraded(session.degraded)
         code, timed_out = run(session.prepared, argv, env=session.plan.env,
                               cwd=session.plan.workdir, stdio=(0, 1, 2), timeout=timeout, interactive=True,
                               output_errors=output_errors)
     finally:
-        session.close()
-        _say_output_errors(output_errors)
+        try:
+            if signals is not None:
+                signals.closing()
+        finally:
+            session.close()
+            _say_output_errors(output_errors)
     return _exit_status(argv[0], timeout, code, timed_out)
 
 
 def _say_output_errors(errors) -> None:
     """The host file behind stdout or stderr refused the command's output
-    (a full disk): from then on the command got EPIPE.  Said once each."""
+    (a full disk): from then on the command got EPIPE.  Or heel's stdin
+    could not be read (opened for writing only): the command got end of
+    file.  Said once each."""
     for name, exc in errors:
-        _say(f"the command's {name} could not be written, the rest of it is lost: {exc.strerror or exc}")
+        if name == "stdin":
+            _say(f"stdin could not be read ({exc.strerror or exc}): the command got end of file")
+        else:
+            _say(f"the command's {name} could not be written, the rest of it is lost: {exc.strerror or exc}")
 
 
 def _say_degraded(missing: list[str]) -> None:
@@ -292,15 +370,15 @@ def _python(namespace, config: SandboxConfig) -> int:
             config = config.replace(readable=(*config.readable, path))
             argv += [path] + script[1:]
         if python is None and config.network.denies_everything:
-            with _terminate_on_signals():
-                return _execute(config, argv)
+            with _terminate_on_signals() as signals:
+                return _execute(config, argv, signals)
         return _execute_with_proxy(config, argv)
     finally:
         if temporary is not None:
             release_owned_temp_dir(temporary, lock)
 
 
-def _progress(event) -> None:
+def _show_progress(event) -> None:
     """The environment's build, as a one-line bar on stderr."""
     if event.phase == "install" and event.total:
         width = 20
@@ -316,6 +394,14 @@ def _progress(event) -> None:
     elif event.phase == "done" and event.total and sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     sys.stderr.flush()
+
+
+def _progress(event) -> None:
+    """_show_progress, which must not fail the build when stderr cannot be written."""
+    try:
+        _show_progress(event)
+    except (OSError, ValueError):
+        _drop_stderr_buffer()
 
 
 def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:

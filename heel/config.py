@@ -287,6 +287,50 @@ class ResourceLimits(Frozen):
                 check_limit(name, getattr(self, name), name)
 
 
+def expand_home(text: str, what: str) -> str:
+    """``text`` with a leading ``~`` or ``~user`` replaced by that home.
+
+    Not os.path.expanduser: with HOME set but empty it makes ``~`` into
+    ``/`` (and ``~/x`` into ``/x``), so a grant of the home would grant the
+    whole file system.  ``~`` is $HOME when that is an absolute path, else
+    the password database's home of the effective user; ``~user`` is that
+    user's.  A home that is not an absolute path, or is ``/`` itself, is
+    refused (PolicyError): the caller can name the place it means."""
+    if not text.startswith("~"):
+        return text
+    end = text.find("/")
+    end = len(text) if end < 0 else end
+    name, rest = text[1:end], text[end:]
+    if name:
+        import pwd
+
+        try:
+            home = pwd.getpwnam(name).pw_dir
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
+            raise PolicyError(f"{what}: {text}: there is no user {name!r} whose home ~{name} could be") from None
+        where = f"the home of {name}"
+    else:
+        home = os.environ.get("HOME", "")
+        where = "$HOME"
+        if not os.path.isabs(home):  # unset, empty or relative: the password database's
+            import pwd
+
+            try:
+                home = pwd.getpwuid(os.geteuid()).pw_dir
+            except KeyError:
+                home = ""
+            where = f"$HOME is {'empty or unset' if not os.environ.get('HOME') else 'not absolute'}, and " \
+                    "the password database's home"
+    if not os.path.isabs(home):
+        raise PolicyError(f"{what}: cannot expand {text}: {where} is {home!r}, not an absolute path; "
+                          "give the path itself")
+    home = os.path.normpath(home)
+    if home in ("/", "//"):
+        raise PolicyError(f"{what}: cannot expand {text}: {where} is /, the whole file system; "
+                          "give the path itself")
+    return home + rest
+
+
 def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
     if isinstance(value, (str, os.PathLike)):
         value = [value]
@@ -308,7 +352,7 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
             raise PolicyError(f"{what}: {text!r} is not a valid path")
         from pathlib import Path  # only when there are paths: it costs `heel run` otherwise
 
-        path = Path(os.path.expanduser(text))
+        path = Path(expand_home(text, what))
         if not path.is_absolute():
             path = Path.cwd() / path  # outside the try: a removed cwd is the CLI's to name
         try:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .config import Frozen
+from .config import Frozen, expand_home
 from ._spawn import make_path_nofollow, open_dir_nofollow, remove_tree
 from .errors import BrokenVenv, InstallError, InterpreterNotFound, PolicyError, SpawnError
 
@@ -100,7 +100,7 @@ class VenvConfig(Frozen):
             raise PolicyError(f"VenvConfig: path must be a directory path, got {path!r}")
         # Resolved once, now: inspect() refuses the path if a link appears
         # in it later.
-        self._set("path", _check_venv_path(Path(os.path.realpath(os.path.expanduser(os.fspath(path)))),
+        self._set("path", _check_venv_path(Path(os.path.realpath(expand_home(os.fspath(path), "VenvConfig"))),
                                            "VenvConfig"))
         if isinstance(packages, str):
             packages = [packages]
@@ -834,7 +834,8 @@ class PythonConfig(Frozen):
         if isinstance(venv, (str, os.PathLike)):
             if not os.fspath(venv):
                 raise PolicyError("PythonConfig: venv must not be empty")
-            venv = _check_venv_path(Path(os.path.realpath(os.path.expanduser(os.fspath(venv)))), "PythonConfig")
+            venv = _check_venv_path(Path(os.path.realpath(expand_home(os.fspath(venv), "PythonConfig"))),
+                                    "PythonConfig")
         elif not isinstance(venv, VenvConfig):
             raise PolicyError(f"PythonConfig: venv must be a VenvConfig or a path, got {venv!r}")
         self._set("venv", venv)

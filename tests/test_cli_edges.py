@@ -9,11 +9,13 @@ the sandbox /tmp is private).
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -509,3 +511,198 @@ def test_permissive_writes_where_tmpdir_is(host_dir):
     result = heel("run", "--level", "permissive", "--", "sh", "-c", f"echo x > {target}", env=env)
     assert result.returncode == 0, result.stderr
     assert os.path.exists(target)
+
+
+# ---- ~ with an empty HOME ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["option", "config"])
+def test_tilde_with_an_empty_home_does_not_grant_the_whole_file_system(host_dir, source):
+    """Found by review: with HOME="" `--readable '~'` was `--readable /`, and
+    a STRICT sandbox read any file on the host (the same from a config file)."""
+    import pwd
+
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    if not os.path.isabs(home) or os.path.normpath(home) == "/" or not os.path.isdir(home):
+        pytest.skip(f"this user's password-database home is {home!r}")
+    secret = os.path.join(host_dir, "secret.txt")
+    with open(secret, "w") as file:
+        file.write("secret\n")
+    if source == "option":
+        grant = ["--readable", "~"]
+    else:
+        config = os.path.join(host_dir, "c.toml")
+        with open(config, "w") as file:
+            file.write('readable = ["~"]\n')
+        grant = ["--config", config]
+    env = {**os.environ, "HOME": ""}
+    # with the home protected: the grant is the password database's home, refused as protected
+    result = heel("run", "--level", "strict", *grant, "--", "cat", secret, env=env, cwd="/")
+    assert b"secret" not in result.stdout
+    assert result.returncode == 125, result.stderr
+    assert b"protected place" in result.stderr, result.stderr
+    # without: the home is granted, and it is not /
+    result = heel("run", "--level", "strict", "--no-protect-home", *grant, "--", "cat", secret, env=env, cwd="/")
+    assert b"secret" not in result.stdout
+    assert result.returncode == 1, result.stderr
+
+
+def test_tilde_with_home_at_the_root_is_refused_in_one_line():
+    result = heel("run", "--level", "strict", "--readable", "~/x", "--", "true", env={**os.environ, "HOME": "/"},
+                  cwd="/")
+    assert result.returncode == 125
+    assert result.stderr.startswith(b"heel: --readable: cannot expand ~/x") and result.stderr.count(b"\n") == 1
+
+
+# ---- signals during cleanup ---------------------------------------------------------------
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    if marker in file.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signals_repeated_during_cleanup_leave_nothing_behind(var_tmpdir, signum):
+    """Found by review: a second SIGINT or SIGTERM (an impatient user, a
+    supervisor) raised again while heel closed the sandbox, in the middle of
+    removing its temporary directory: heel-XXXX, with the workdir and the
+    command's files, stayed in $TMPDIR.  Here the workdir holds thousands of
+    files, so that the removal takes a while, and signals keep coming
+    through all of it: only the first counts."""
+    marker = f"{31000 + os.getpid() % 1000}.{signum}"
+    script = f"mkdir many && cd many && seq 1 1000 | xargs touch && echo ready && exec sleep {marker}"
+    proc = subprocess.Popen([sys.executable, "-m", "heel", "run", "--", "sh", "-c", script],
+                            env={**os.environ, "TMPDIR": var_tmpdir}, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signum)
+            time.sleep(0.002)
+        assert proc.wait(timeout=30) == 128 + signum, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert os.listdir(var_tmpdir) == []
+    assert _processes_with(b"sleep\0" + marker.encode()) == []
+
+
+# ---- SIGTSTP stops the command too --------------------------------------------------------
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as file:
+        return file.read().rpartition(")")[2].split()[0]
+
+
+def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir):
+    """Found by review: SIGTSTP (^Z at a terminal heel does not hold raw,
+    `kill -TSTP`, a supervisor's pause) stopped heel only; the command went
+    on, past --timeout."""
+    count = os.path.join(host_dir, "count")
+
+    def counted() -> int:
+        try:
+            with open(count) as file:
+                return int(file.read() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    marker = f"{47000 + os.getpid() % 1000}"
+    script = f"i=0; while :; do i=$((i+1)); echo $i > count; sleep 0.0{marker}; done"
+    proc = subprocess.Popen([sys.executable, "-m", "heel", "run", "--workdir", host_dir, "--timeout", "60", "--",
+                             "sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd="/")
+    try:
+        deadline = time.monotonic() + 20
+        while counted() < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counted() >= 5, "the command did not start"
+        proc.send_signal(signal.SIGTSTP)
+        deadline = time.monotonic() + 10
+        while _state(proc.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _state(proc.pid) == "T"  # heel itself stopped
+        time.sleep(0.3)
+        stopped_at = counted()
+        time.sleep(1.0)
+        assert counted() == stopped_at, "the command ran on while heel was stopped"
+        proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while counted() <= stopped_at + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counted() > stopped_at + 3, "the command was not continued"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    deadline = time.monotonic() + 5
+    while _processes_with(f"0.0{marker}".encode()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(f"0.0{marker}".encode()) == []
+
+
+# ---- a stdin that cannot be read ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_WRONLY | os.O_APPEND], ids=["0>", "0>>"])
+def test_a_stdin_open_for_writing_only_is_an_end_of_file(host_dir, flags):
+    """Found by review: `heel run -- cat 0>file` said `heel: [Errno 9] Bad
+    file descriptor` and exited 125; the command now gets end of file and
+    its own exit status stands, with one line from heel."""
+    path = os.path.join(host_dir, "stdin")
+    fd = os.open(path, flags | os.O_CREAT, 0o644)
+    try:
+        result = heel("run", "--", "sh", "-c", "cat; echo cat=$?; exit 3", stdin=fd, cwd="/")
+    finally:
+        os.close(fd)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == b"cat=0\n"
+    assert result.stderr.startswith(b"heel: stdin could not be read") and result.stderr.count(b"\n") == 1, \
+        result.stderr
+
+
+# ---- heel's own output cannot be written ----------------------------------------------------
+
+
+@pytest.mark.parametrize("args,status", [
+    (["run", "--timeout", "0.3", "--", "sleep", "5"], 124),
+    (["run", "--", "heel-no-such-program"], 127),
+    (["run", "--level", "bogus", "--", "true"], 125),
+    (["run", "--", "sh", "-c", "exit 7"], 7),
+], ids=["timeout", "not-found", "usage", "command"])
+def test_a_stderr_that_cannot_be_written_keeps_the_exit_status(args, status):
+    """Found by review: with stderr a pipe nobody reads, heel's line failed,
+    the failure escaped and heel exited 1 instead of 124, 127 or 125."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        result = heel(*args, stderr=w, stdout=subprocess.DEVNULL, capture_output=False, cwd="/")
+    finally:
+        os.close(w)
+    assert result.returncode == status
+
+
+@pytest.mark.parametrize("args", [["doctor"], ["--version"]])
+def test_a_full_stdout_is_one_line_not_a_traceback(args):
+    with open("/dev/full", "wb") as full:
+        result = heel(*args, stdout=full, stderr=subprocess.PIPE, capture_output=False, cwd="/")
+    assert result.returncode not in (0, 1), result.stderr
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.startswith(b"heel: ") and result.stderr.count(b"\n") == 1, result.stderr

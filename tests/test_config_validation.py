@@ -308,3 +308,71 @@ def test_network_errors_in_a_config_file_name_the_file_not_options(tmp_path, tex
     assert f"config {config}:" in stderr and "--" not in stderr.split(":", 2)[2], stderr
     for word in words:
         assert word in stderr, stderr
+
+
+# ---- ~ never becomes / ----------------------------------------------------------------
+
+
+def _passwd_home() -> Path:
+    import pwd
+
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    if not os.path.isabs(home) or os.path.normpath(home) == "/" or not os.path.isdir(home):
+        pytest.skip(f"this user's password-database home is {home!r}")
+    return Path(home).resolve()
+
+
+@pytest.mark.parametrize("home", ["", None, "relative"], ids=["empty", "unset", "relative"])
+@pytest.mark.parametrize("field", ["readable", "executable"])
+def test_tilde_with_no_usable_home_is_the_password_databases_home(monkeypatch, home, field):
+    """Found by review: with HOME="" os.path.expanduser("~") is "/", so a
+    STRICT sandbox given readable=["~"] read the whole file system (and
+    "~/x" was "/x")."""
+    expected = _passwd_home()
+    if home is None:
+        monkeypatch.delenv("HOME", raising=False)
+    else:
+        monkeypatch.setenv("HOME", home)
+    config = SandboxConfig(level="strict", **{field: ["~"]})
+    assert getattr(config, field) == (expected,)
+    assert Path("/") not in getattr(config, field)
+
+
+def test_tilde_slash_with_an_empty_home_is_beneath_the_home_not_the_root(monkeypatch):
+    """With HOME="" "~/etc" was "/etc"."""
+    home = _passwd_home()
+    monkeypatch.setenv("HOME", "")
+    assert heel.config.expand_home("~/etc", "readable") == f"{home}/etc"
+    if not (home / "etc").exists():
+        with pytest.raises(heel.PolicyError, match="does not exist"):
+            SandboxConfig(readable=["~/etc"])
+
+
+@pytest.mark.parametrize("value", ["~", "~/", "~/x"])
+def test_a_home_that_is_the_root_is_refused(monkeypatch, value):
+    """HOME=/ would grant the whole file system as well: refused, not silent."""
+    monkeypatch.setenv("HOME", "/")
+    with pytest.raises(heel.PolicyError, match="cannot expand"):
+        SandboxConfig(readable=[value])
+
+
+def test_tilde_of_an_unknown_user_is_refused_clearly():
+    with pytest.raises(heel.PolicyError, match="no user"):
+        SandboxConfig(readable=["~heel-no-such-user-xyz/a"])
+
+
+def test_tilde_with_home_set_is_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert SandboxConfig(readable=["~"]).readable == (tmp_path.resolve(),)
+
+
+def test_config_file_tilde_with_an_empty_home_is_not_the_root(tmp_path, monkeypatch):
+    """The TOML path goes through _cliargs._path: the same expansion."""
+    monkeypatch.setenv("HOME", "")
+    config = tmp_path / "c.toml"
+    config.write_text('readable = ["~"]\nexecutable = ["~"]\n')
+    values = _cliargs.load_file(str(config))
+    assert values["readable"] == (str(_passwd_home()),) or Path(values["readable"][0]).resolve() == _passwd_home()
+    monkeypatch.setenv("HOME", "/")
+    with pytest.raises(heel.PolicyError, match=f"config {config}: readable: cannot expand"):
+        _cliargs.load_file(str(config))

@@ -496,3 +496,17 @@ async def test_uv_ignores_config_files_where_it_runs(venv_dir, wheels, monkeypat
     venv = await heel.VenvManager.create(heel.VenvConfig(venv_dir, ["heelalpha"], python=SYSTEM_PYTHON,
                                                          use_uv=True, find_links=[wheels], no_index=True))
     assert "heelalpha" in venv.packages
+
+
+def test_tilde_in_an_environment_path_is_never_the_root(monkeypatch):
+    """With HOME set but empty, os.path.expanduser made "~/v" into "/v"."""
+    import pwd
+
+    monkeypatch.setenv("HOME", "")
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    if os.path.normpath(home) == "/":
+        with pytest.raises(heel.PolicyError):
+            heel.VenvConfig("~/v")
+    else:
+        assert str(heel.VenvConfig("~/v").path) == os.path.join(os.path.realpath(home), "v")
+        assert str(heel.PythonConfig("~/v").venv) == os.path.join(os.path.realpath(home), "v")
