@@ -86,8 +86,10 @@ class Setting(namedtuple("Setting", "key target kind help metavar", defaults=(No
         import argparse
 
         if self.kind == "level":
+            # In any case, as SandboxConfig and the config file take it
+            # (the fast parser leaves other cases to this one).
             group.add_argument(self.flag, dest=self.key, choices=[lv.value for lv in IsolationLevel],
-                               default=None, help=self.help)
+                               type=str.lower, default=None, help=self.help)
         elif self.kind == "network":
             group.add_argument(self.flag, dest=self.key, choices=NETWORK_CHOICES, default=None,
                                help=self.help)
@@ -493,7 +495,12 @@ def _number(value: Any, label: str, number_type: type, what: str) -> Any:
     except OverflowError:  # an int past a float's range (TOML takes any)
         raise UsageError(f"{label} must be a finite number, got {shown(value)}") from None
     except ValueError:
-        raise UsageError(f"{label} must be {what}, got {shown(value)}") from None
+        text = value.strip() if isinstance(value, str) else ""
+        if not (number_type is int and text.isascii() and text.lstrip("+").isdigit()):
+            raise UsageError(f"{label} must be {what}, got {shown(value)}") from None
+        # Digits past int()'s limit (4300): far past any limit, which the
+        # caller's range check names (with a number of the same size).
+        number = 10 ** (len(text.lstrip("+").lstrip("0")) - 1)
     if isinstance(number, float) and not math.isfinite(number):
         raise UsageError(f"{label} must be a finite number, got {shown(value)}")
     if number <= 0:

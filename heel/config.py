@@ -166,11 +166,14 @@ def _read_size(text: str) -> int | None:
     ``512M``, ``1.5 GiB``, ``4096``; None when it is not that.  Written out
     rather than as a regular expression: ``re`` costs ``heel run`` ~3 ms."""
     text = text.strip().lower()
+    binary = text.endswith("ib")
     for tail in ("ib", "b"):
         if text.endswith(tail):
             text = text[:-len(tail)]
             break
     unit = text[-1:] if text[-1:] in ("k", "m", "g", "t") else ""
+    if binary and not unit:  # "1iB": "iB" belongs after a unit (KiB)
+        return None
     number = text[:len(text) - len(unit)].rstrip()
     whole, dot, fraction = number.partition(".")
     if not (whole.isascii() and whole.isdigit()) or (dot and not (fraction.isascii() and fraction.isdigit())):
@@ -199,7 +202,7 @@ def parse_size(value: int | str, what: str = "size") -> int:
     else:
         raise PolicyError(f"{what} must be an int or a string such as '512M', got {type(value).__name__}")
     if number <= 0:
-        raise PolicyError(f"{what} must be positive, got {shown(value)}")
+        raise PolicyError(f"{what} must be at least 1 byte, got {shown(value)}")
     if number > MAX_SIZE:
         raise PolicyError(f"{what} must be at most 2**62 bytes (4 EiB), got {shown(value)}")
     return number

@@ -155,6 +155,36 @@ def test_parse_size_turns_overflow_into_policy_error():
     assert parse_size("4194304T") == parse_size(str(2**62)) == 2**62
 
 
+def test_sizes_that_are_no_sizes():
+    """"1iB" was read as 1 byte ("iB" needs a unit before it), and "0.5"
+    (less than a byte) was said to be "not positive"."""
+    with pytest.raises(heel.PolicyError, match="cannot read"):
+        parse_size("1iB")
+    with pytest.raises(heel.PolicyError, match="at least 1 byte"):
+        parse_size("0.5")
+    assert parse_size("1KiB") == parse_size("1kb") == 1024 and parse_size("1b") == 1  # the controls
+
+
+def test_cli_numbers_past_ints_digit_limit_name_the_range():
+    import subprocess
+    import sys
+
+    huge = "9" * 5000  # past int()'s 4300 digits
+    result = subprocess.run([sys.executable, "-m", "heel", "run", "--max-procs", huge, "--", "true"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 125 and b"must be at most 4194304" in result.stderr, result
+
+
+def test_cli_level_in_any_case_as_the_api_and_the_config_file_take_it():
+    import subprocess
+    import sys
+
+    assert heel.SandboxConfig(level="STRICT").level is heel.IsolationLevel.STRICT
+    result = subprocess.run([sys.executable, "-m", "heel", "run", "--level", "STRICT", "--", "true"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result
+
+
 def test_config_file_limits_past_their_bounds(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("timeout = 1e300\n")
