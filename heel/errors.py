@@ -115,11 +115,31 @@ def spawn_error(stage: str, err: int, program: str = "") -> SpawnError:
 def _missing_loader(program: str) -> str:
     """For an absolute ``program``: its #! interpreter, described, when
     that does not exist even on the host (so it is not just hidden by the
-    sandbox, which may hide the program as well); else ''."""
+    sandbox, which may hide the program as well), or the interpreter of
+    its interpreter (a script too), as deep as the kernel goes; else ''."""
     if not program.startswith("/") or program.startswith(("/tmp/", "/dev/")):
         # Looked up in the sandbox's PATH, relative to its cwd, or in its own
         # /tmp or /dev/shm: not the host's file of that name.
         return ""
+    chain = []
+    path = program
+    for _ in range(4):  # the kernel's own limit on nested interpreters
+        interpreter = _shebang(path)
+        if interpreter is None:
+            return ""
+        chain.append(repr(interpreter))
+        if not os.path.exists(interpreter):
+            return f"its interpreter {chain[0]}" + "".join(f", whose interpreter {name}" for name in chain[1:]) \
+                + " does not exist"
+        if not interpreter.startswith("/") or interpreter.startswith(("/tmp/", "/dev/")):
+            return ""
+        path = interpreter
+    return ""
+
+
+def _shebang(program: str) -> str | None:
+    """The interpreter that the #! line of the regular file ``program``
+    names, or None."""
     import stat
 
     # Only a regular file, never through a link: the path may be in the
@@ -127,24 +147,22 @@ def _missing_loader(program: str) -> str:
     # waits for ever) or a link to anything heel may open.
     try:
         if not stat.S_ISREG(os.lstat(program).st_mode):
-            return ""
+            return None
         fd = os.open(program, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return ""
+        return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
+            return None
         head = os.read(fd, 256)
     except OSError:
-        return ""
+        return None
     finally:
         os.close(fd)
     if not head.startswith(b"#!"):
-        return ""
+        return None
     words = head[2:].split(b"\n", 1)[0].split()
-    if not words or os.path.exists(words[0]):
-        return ""
-    return f"its interpreter {os.fsdecode(words[0])!r} does not exist"
+    return os.fsdecode(words[0]) if words else None
 
 
 class CommandTimeout(HeelError, TimeoutError):

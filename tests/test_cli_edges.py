@@ -291,6 +291,24 @@ def test_a_missing_interpreter_is_not_a_missing_command(host_dir):
     assert "interpreter" in stderr or "/nonexistent/heel-review-interp" in stderr, stderr
 
 
+def test_a_missing_interpreter_of_an_interpreter_is_named(host_dir):
+    """A script whose #! interpreter is a script whose own interpreter does
+    not exist: execve() says ENOENT for the first, which exists; heel said
+    "command not found" (127)."""
+    inner = os.path.join(host_dir, "inner")
+    with open(inner, "w") as f:
+        f.write("#!/nonexistent/heel-review-inner\n")
+    outer = os.path.join(host_dir, "outer")
+    with open(outer, "w") as f:
+        f.write(f"#!{inner}\necho hi\n")
+    os.chmod(inner, 0o755)
+    os.chmod(outer, 0o755)
+    result = heel("run", "--", outer)
+    stderr = result.stderr.decode()
+    assert result.returncode == 126, stderr
+    assert "/nonexistent/heel-review-inner" in stderr and "command not found" not in stderr, stderr
+
+
 def test_the_workdir_message_does_not_ask_for_the_level_already_given():
     """`--level permissive --workdir /` was told "to write everywhere use
     the permissive level (--level permissive ...)"."""
