@@ -27,7 +27,6 @@ import os
 import resource
 import select
 import socket
-import threading
 import types
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,6 +35,7 @@ from typing import Any
 import trio
 
 from . import _ipc_codec as codec
+from ._budget import ProcessBudget
 from ._spawn import recv_fds
 from .errors import PolicyError
 
@@ -259,7 +259,7 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
                 return  # every sandboxed end is closed (an empty message alone is no end)
             for fd in fds:
                 if open_connections[0] >= router.max_connections or not _is_connection(fd) \
-                        or not _process_connections.take(fd):
+                        or not _room_for(fd):
                     _close_fd(fd)
                     continue
                 open_connections[0] += 1
@@ -277,34 +277,21 @@ def _connection_budget() -> int | None:
     return max(16, (soft - _FD_RESERVE) // 2)
 
 
-class _ProcessConnections:
-    """The IPC connections open over every sandbox of this process: one
-    sandbox's connections must not take the fds that another's, or the
-    host's own files, need (each router's max_connections is its own).
-    Sandboxes may run in trio loops of their own threads, hence the lock."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def take(self, fd: int) -> bool:
-        """Room for one more connection, ``fd``; False when there is none."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and fd >= soft - _FD_HEADROOM:
-            return False
-        budget = _connection_budget()
-        with self._lock:
-            if budget is not None and self.count >= budget:
-                return False
-            self.count += 1
-            return True
-
-    def give_back(self) -> None:
-        with self._lock:
-            self.count -= 1
+#: The IPC connections open over every sandbox of this process: one
+#: sandbox's connections must not take the fds that another's, or the host's
+#: own files, need (each router's max_connections is its own).
+_process_connections = ProcessBudget(lambda: _connection_budget())  # looked up each time
 
 
-_process_connections = _ProcessConnections()
+def _room_for(fd: int) -> bool:
+    """Whether the connection ``fd`` may be served, and its place taken in
+    _process_connections; not when the fd itself is within _FD_HEADROOM of
+    the soft RLIMIT_NOFILE (fds come lowest first, so its number counts
+    those open, whatever holds them: the proxies, the host's own files)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and fd >= soft - _FD_HEADROOM:
+        return False
+    return _process_connections.take()
 
 
 def _is_connection(fd: int) -> bool:

@@ -34,7 +34,6 @@ import resource
 import hmac
 import ipaddress
 import socket
-import threading
 import time
 from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +42,7 @@ from typing import NamedTuple
 import trio
 
 from . import _netaddr, _relay
+from ._budget import ProcessBudget
 from . import _proxy_protocol as proto
 from .policy import NetworkPolicy, NetworkRequest
 
@@ -140,30 +140,10 @@ def _connection_budget() -> int:
     return MAX_CONNECTIONS if process is None else min(MAX_CONNECTIONS, process)
 
 
-class _ProcessConnections:
-    """The connections served by every proxy of this process: one sandbox's
-    tunnels must not take the fds that another's (or the host's own pipes
-    for its commands) need.  Proxies may run in trio loops of their own
-    threads, hence the lock."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        budget = _process_budget()
-        with self._lock:
-            if budget is not None and self.count >= budget:
-                return False
-            self.count += 1
-            return True
-
-    def give_back(self) -> None:
-        with self._lock:
-            self.count -= 1
-
-
-_process_connections = _ProcessConnections()
+#: The connections served by every proxy of this process: one sandbox's
+#: tunnels must not take the fds that another's (or the host's own pipes for
+#: its commands) need.
+_process_connections = ProcessBudget(lambda: _process_budget())  # looked up each time (tests replace it)
 
 
 def _is_local(address) -> bool:
