@@ -257,7 +257,7 @@ class VenvManager:
                     remove_tree(os.fspath(path))
                     if existed:
                         with contextlib.suppress(OSError):
-                            os.makedirs(path, exist_ok=True)  # the empty directory it was given
+                            make_path_nofollow(os.fspath(path))  # the empty directory it was given
                     raise
             installed = installed_distributions(path)
             missing = [req for req in config.packages if not _satisfied(req, installed)]
@@ -681,11 +681,20 @@ def _installer_sandbox(path: Path, base: Path, uv: str | None, readable: list[st
     # so it sees no more than such a sandbox did: the environment, its base
     # Python, uv and the find_links directories, and the index hosts.
     executable = [base_prefix(base)] + ([uv] if uv else [])
-    return SandboxConfig(
+    config = SandboxConfig(
         level=IsolationLevel.STRICT, writable=[path], readable=readable, executable=executable,
         **({"network": network} if network is not None else {}), limits=ResourceLimits(timeout=timeout),
         env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
              "UV_PYTHON_DOWNLOADS": "never"})
+    # The grant is resolved again here, following links: one swapped in
+    # above the environment since (by a sandbox that may write there) would
+    # give the installer another directory to write, another project's
+    # environment say.  From here on the plan holds the path to what it
+    # resolves to now, and a later link fails the sandbox's start.
+    if config.writable != (path,):
+        raise BrokenVenv(f"{path} now leads through a symbolic link (to {config.writable[0]}), which heel "
+                         "does not follow")
+    return config
 
 
 def _bundled_pip_wheel(base: Path) -> Path | None:

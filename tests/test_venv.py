@@ -411,6 +411,37 @@ async def test_a_parent_swapped_for_a_link_builds_nothing_there(venv_dir):
     assert os.path.isfile(os.path.join(venv_dir, "pyvenv.cfg"))
 
 
+async def test_a_parent_swapped_for_a_link_while_the_environment_is_made_redirects_nothing(venv_dir, monkeypatch):
+    """The worst moment for the swap: after heel made the empty directory,
+    before the build's sandbox is given it.  That grant must not follow the
+    new link to another project's environment (which it would rewrite)."""
+    from heel import venv as venv_module
+
+    base = os.path.dirname(venv_dir)
+    os.mkdir(os.path.join(base, "a"))
+    path = os.path.join(base, "a", "sub", "env")
+    other = os.path.join(base, "projB")
+    os.makedirs(os.path.join(other, "env"))
+    with open(os.path.join(other, "env", "pyvenv.cfg"), "w") as f:
+        f.write("home = /opt/projB-python\n")
+    before = {name: os.stat(os.path.join(other, "env", name)).st_mtime_ns for name in os.listdir(os.path.join(other, "env"))}
+    made = venv_module.make_path_nofollow
+
+    def then_swap(target: str, is_file: bool = False) -> None:
+        made(target, is_file)
+        if target == path:  # what a sandbox that may write a/ would do now
+            os.rename(os.path.join(base, "a", "sub"), os.path.join(base, "a", "sub-was"))
+            os.symlink(other, os.path.join(base, "a", "sub"))
+
+    monkeypatch.setattr(venv_module, "make_path_nofollow", then_swap)
+    with trio.fail_after(120), pytest.raises(heel.BrokenVenv, match="symbolic link"):
+        await heel.VenvManager.create(heel.VenvConfig(path, python=SYSTEM_PYTHON))
+    after = {name: os.stat(os.path.join(other, "env", name)).st_mtime_ns for name in os.listdir(os.path.join(other, "env"))}
+    assert after == before  # nothing made or changed in the other environment
+    with open(os.path.join(other, "env", "pyvenv.cfg")) as f:
+        assert f.read() == "home = /opt/projB-python\n"
+
+
 #: Sandbox A empties the environment it may write, then plants a .pth file
 #: in every site-packages that appears while the host rebuilds it.  The .pth
 #: writes a marker where it runs: in the environment (which the build may
