@@ -68,7 +68,9 @@ def console() -> None:
     teardown (freeing every module) would add about 5 ms to a start-up that
     is about 60.  Everything else exits the usual way.
     """
+    global _ENDS_AFTER
     if sys.argv[1:2] in (["run"], ["shell"], ["python"]):
+        _ENDS_AFTER = True
         code = main()  # (heel's lines never raise: see _say)
         try:
             sys.stdout.flush()
@@ -121,6 +123,8 @@ class _Terminated(BaseException):
 #: Signals whose default action ends heel: each unwinds instead, so that
 #: the sandboxed tree is killed and the user's terminal restored.
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+#: Set by console(): the process ends once main() returns (see _terminate_on_signals).
+_ENDS_AFTER = False
 #: Held (blocked) while a sandbox's session is built.
 _HELD_SIGNALS = (signal.SIGINT, *_ENDING_SIGNALS)
 
@@ -173,10 +177,11 @@ class _terminate_on_signals:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for sig, action in self._previous.items():
-            # Once one came, heel is ending with its status: the next ones,
-            # which would end it with another (killed by the signal), are
-            # ignored until then.
-            signal.signal(sig, signal.SIG_IGN if self.signum else action)
+            # Once one came and the process ends after this command (the
+            # console script), the next ones, which would end it with
+            # another status (killed by the signal), are ignored until then.
+            # A caller of run_command that goes on gets its handlers back.
+            signal.signal(sig, signal.SIG_IGN if self.signum and _ENDS_AFTER else action)
         self._previous = {}
         if exc_type is None and self.signum:  # came while closing: now it ends heel
             if self.signum == signal.SIGINT:

@@ -724,3 +724,17 @@ def test_a_full_stdout_is_one_line_not_a_traceback(args):
     assert result.returncode not in (0, 1), result.stderr
     assert b"Traceback" not in result.stderr
     assert result.stderr.startswith(b"heel: ") and result.stderr.count(b"\n") == 1, result.stderr
+
+
+def test_run_command_gives_the_caller_its_signal_handlers_back():
+    """heel.cli.run_command is public: ended by a SIGTERM, it left SIGINT,
+    SIGTERM and SIGHUP ignored in its caller, and in every child the caller
+    started afterwards."""
+    script = (
+        "import os, signal, threading; import heel.cli\n"
+        "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+        "code = heel.cli.run_command('run', ['--', 'sleep', '20'])\n"
+        "print(code, [signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert result.stdout == b"143 [False, True, True]\n", result  # SIGINT: Python's own handler
