@@ -311,6 +311,7 @@ class TreeStopper:
 
     MOST = 65536  # processes; pidfds are held while the command is stopped
     WAIT = 0.2  # seconds in all for processes to take their stop
+    WALKS = 64  # walks of the tree at most, each after one that met a process not stopped yet
 
     def __init__(self) -> None:
         self.pidfd = -1  # the command's init, while it runs
@@ -323,27 +324,43 @@ class TreeStopper:
         if init <= 0:
             return []
         stopped: list[int] = []
-        pids: list[int] = []
+        seen: set[int] = set()  # pids stopped (pinned by their pidfds while held)
         waited = 0.0
         try:
-            level = [(pid, init) for pid in _children(init)]
-            index = 0
-            while index < len(level) and len(stopped) < self.MOST:
-                pid, parent = level[index]
-                index += 1
-                pidfd = _pin_child(pid, parent)
-                if pidfd < 0:
-                    continue
-                stopped.append(pidfd)
-                pids.append(pid)
-                try:
-                    signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
-                except OSError:
-                    continue
-                while not _has_stopped(pid) and waited < self.WAIT:
-                    time.sleep(0.001)
-                    waited += 0.001
-                level.extend((child, pid) for child in _children(pid))
+            # Again from the top until a walk meets only stopped processes: a
+            # process that forked and exited before it was reached left its
+            # child to the init (the subreaper), after the init's children
+            # were listed.
+            for _ in range(self.WALKS):
+                fresh = False  # a process this walk found that no walk had stopped
+                level = [(pid, init) for pid in _children(init)]
+                index = 0
+                while index < len(level) and len(stopped) < self.MOST:
+                    pid, parent = level[index]
+                    index += 1
+                    if pid in seen:
+                        # Stopped already: it forks no more, but a child it
+                        # had then may have been missed; list them again.
+                        level.extend((child, pid) for child in _children(pid))
+                        continue
+                    fresh = True
+                    pidfd = _pin_child(pid, parent)
+                    if pidfd < 0:
+                        continue
+                    stopped.append(pidfd)
+                    seen.add(pid)
+                    try:
+                        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+                    except OSError:
+                        continue
+                    while not _has_stopped(pid) and waited < self.WAIT:
+                        time.sleep(0.001)
+                        waited += 0.001
+                    children = _children(pid)
+                    if _pinned_pid(pidfd) == pid:  # the list was that process's, not a new one's
+                        level.extend((child, pid) for child in children)
+                if not fresh:
+                    break
         except BaseException:
             self.resume(stopped)
             raise

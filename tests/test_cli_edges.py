@@ -626,10 +626,29 @@ def _state(pid: int) -> str:
         return file.read().rpartition(")")[2].split()[0]
 
 
-def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir):
+HOPPER = """
+import os, sys, time
+if os.fork():  # the command's own process stays; its child hops
+    while True:
+        time.sleep(1)
+n, last = 0, 0.0
+while True:
+    if os.fork():
+        os._exit(0)  # the child goes on, left to the init: its pid hops
+    if time.time() - last > 0.02:
+        n, last = n + 1, time.time()
+        with open('count', 'w') as f:
+            f.write(str(n))
+"""
+
+
+@pytest.mark.parametrize("kind", ["plain", "hopping"])
+def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir, kind):
     """Found by review: SIGTSTP (^Z at a terminal heel does not hold raw,
     `kill -TSTP`, a supervisor's pause) stopped heel only; the command went
-    on, past --timeout."""
+    on, past --timeout.  "hopping": a process that forks and exits without
+    end, each child left to the init after the init's children were listed
+    (the second review: the first walk of the tree missed it)."""
     count = os.path.join(host_dir, "count")
 
     def counted() -> int:
@@ -640,9 +659,12 @@ def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir):
             return 0
 
     marker = f"{47000 + os.getpid() % 1000}"
-    script = f"i=0; while :; do i=$((i+1)); echo $i > count; sleep 0.0{marker}; done"
+    if kind == "plain":
+        command = ["sh", "-c", f"i=0; while :; do i=$((i+1)); echo $i > count; sleep 0.0{marker}; done"]
+    else:
+        command = ["python3", "-c", HOPPER, f"0.0{marker}"]
     proc = subprocess.Popen([sys.executable, "-m", "heel", "run", "--workdir", host_dir, "--timeout", "60", "--",
-                             "sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd="/")
     try:
         deadline = time.monotonic() + 20
