@@ -600,7 +600,8 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                 mountpoints.append((os.path.join(view[1], os.path.relpath(p, view[0])), os.path.isfile(p)))
         mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]
-        covered = _strict_covers(rules, mounts, views, host_mask, host_mask_file) if level is IsolationLevel.STRICT else []
+        covered = (_strict_covers(rules, mounts, views, host_mask, host_mask_file)
+                   if level is IsolationLevel.STRICT else [])
         mounts += covered
         # Protected directories are covered by an empty read-only directory:
         # Landlock lets the sandbox list the directories that lead to a

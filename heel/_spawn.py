@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import os
 import select
 import signal
@@ -26,7 +27,7 @@ import _thread
 from . import _native
 from . import _landlock as ll
 from ._native import lib
-from ._plan import SandboxPlan, build_plan
+from ._plan import SandboxPlan, _under, build_plan
 from .config import SandboxConfig
 from .errors import SandboxClosed, SandboxUnavailable, SpawnError, spawn_error
 
@@ -441,10 +442,31 @@ def encode_message(kind: int, a: int = 0, b: int = 0) -> bytes:
     return _MSG.pack(kind, a, b)
 
 
-def raise_for_error(message: tuple[int, int, int], program: str) -> None:
+def raise_for_error(message: tuple[int, int, int], program: str, plan: SandboxPlan | None = None) -> None:
+    """A SpawnError for heel-init's error message; ``plan``: the sandbox's,
+    so that the error may say what of the program is missing (only from
+    what the sandbox itself may read)."""
     kind, a, b = message
     if kind == _native.MSG_ERROR:
-        raise spawn_error(_native.STAGES.get(a, str(a)), b, program)
+        raise spawn_error(_native.STAGES.get(a, str(a)), b, program,
+                          None if plan is None else functools.partial(sandbox_reads, plan))
+
+
+def sandbox_reads(plan: SandboxPlan, path: str, directory: bool = False) -> bool:
+    """Whether the sandbox of ``plan`` may read the host's file (or list
+    the directory) at ``path`` by that name: a Landlock rule that reads it
+    reaches it, no protected place holds it, and the name is not one of the
+    sandbox's own /tmp or /dev/shm (unless a grant brings the host's file
+    there, the workdir say)."""
+    if any(_under(path, d) for d in plan.protected):
+        return False
+    rules = plan.rules
+    own = next((m for m in plan.mounts if m.kind == "bind" and _under(path, m.path)), None)
+    if own is not None:  # in the sandbox's own /tmp or /dev/shm: only what is granted there is the host's
+        rules = tuple(rule for rule in rules if _under(rule.path, own.path) and rule.path != own.path
+                      and not _under(rule.path, own.source))
+    right = ll.READ_DIR if directory else ll.READ_FILE
+    return any(rule.access & right and _under(path, rule.path) for rule in rules)
 
 
 #: The name of heel's temporary directories; the lock file in each is held

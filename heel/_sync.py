@@ -453,7 +453,7 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
         first = recv_message(ctl)
         if first is None:
             raise _init_vanished(argv[0])
-        raise_for_error(first, argv[0])
+        raise_for_error(first, argv[0], prepared.plan)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -98,10 +98,11 @@ class CommandNotFound(SpawnError, FileNotFoundError):
     """The program to run does not exist (inside the sandbox's view)."""
 
 
-def spawn_error(stage: str, err: int, program: str = "") -> SpawnError:
-    """The right SpawnError subclass for a (stage, errno) pair."""
+def spawn_error(stage: str, err: int, program: str = "", readable=None) -> SpawnError:
+    """The right SpawnError subclass for a (stage, errno) pair.  ``readable``:
+    whether the sandbox may read a host path (None: nothing is looked at)."""
     if stage == "exec" and err == _errno.ENOENT:
-        missing = _missing_loader(program)
+        missing = _missing_loader(program, readable) if readable is not None else ""
         if missing:
             # The program is there; what execve() could not find is what it
             # names to run it (bash's "bad interpreter").
@@ -112,27 +113,34 @@ def spawn_error(stage: str, err: int, program: str = "") -> SpawnError:
     return SpawnError(stage, err, program)
 
 
-def _missing_loader(program: str) -> str:
+def _missing_loader(program: str, readable) -> str:
     """For an absolute ``program``: its #! interpreter, described, when
     that does not exist even on the host (so it is not just hidden by the
     sandbox, which may hide the program as well), or the interpreter of
-    its interpreter (a script too), as deep as the kernel goes; else ''."""
-    if not program.startswith("/") or program.startswith(("/tmp/", "/dev/")):
-        # Looked up in the sandbox's PATH, relative to its cwd, or in its own
-        # /tmp or /dev/shm: not the host's file of that name.
-        return ""
+    its interpreter (a script too), as deep as the kernel goes; else ''.
+
+    Only files the sandbox itself may read (``readable``) are looked at:
+    the program and its interpreters are named by the command line, which
+    a model may write, and the answer (or its absence) would tell it of a
+    host file it cannot see, or show it a protected file's first line."""
     chain = []
     path = program
     for _ in range(4):  # the kernel's own limit on nested interpreters
+        path = os.path.normpath(path) if path.startswith("/") else ""
+        if not path or path.startswith("/dev/") or not readable(path):
+            # Looked up in the sandbox's PATH, relative to its cwd, or out
+            # of its sight (in its own /tmp, which is not the host's).
+            return ""
         interpreter = _shebang(path)
         if interpreter is None:
             return ""
         chain.append(repr(interpreter))
-        if not os.path.exists(interpreter):
+        target = os.path.normpath(interpreter) if interpreter.startswith("/") else ""
+        # Said missing only where the sandbox could list it as missing itself.
+        if target and not target.startswith("/dev/") and readable(os.path.dirname(target), True) \
+                and not os.path.lexists(target):
             return f"its interpreter {chain[0]}" + "".join(f", whose interpreter {name}" for name in chain[1:]) \
                 + " does not exist"
-        if not interpreter.startswith("/") or interpreter.startswith(("/tmp/", "/dev/")):
-            return ""
         path = interpreter
     return ""
 

@@ -22,6 +22,7 @@ from typing import Callable
 import trio
 
 from . import _native, _sync
+from ._plan import SandboxPlan
 from ._spawn import MSG_SIZE, decode_message, encode_message, host_pid, raise_for_error
 from .errors import PolicyError
 
@@ -34,8 +35,9 @@ class Process:
     def __init__(self, *, pidfd: int, ctl: _socket.socket, args: list[str],
                  stdin: trio.lowlevel.FdStream | None,
                  stdout: trio.lowlevel.FdStream | None, stderr: trio.lowlevel.FdStream | None,
-                 on_reaped: Callable[["Process"], None] | None = None) -> None:
+                 on_reaped: Callable[["Process"], None] | None = None, plan: SandboxPlan | None = None) -> None:
         self._pid: int | None = None
+        self._plan = plan  # the sandbox's (for what a SpawnError may say)
         self.args = args
         self.stdin: trio.abc.SendStream | None = stdin
         self.stdout: trio.abc.ReceiveStream | None = stdout
@@ -78,7 +80,7 @@ class Process:
                 await self.wait()
                 raise _sync._init_vanished(self.args[0])
             data += chunk
-        raise_for_error(decode_message(data), self.args[0])
+        raise_for_error(decode_message(data), self.args[0], self._plan)
 
     async def wait(self) -> int:
         """Wait for the command to exit; returns its code (or -signal)."""

@@ -458,7 +458,7 @@ class Sandbox(Generic[P]):
                 os.close(fd)
         process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
-                          stderr=streams[2], on_reaped=self._processes.discard)
+                          stderr=streams[2], on_reaped=self._processes.discard, plan=self._live().plan)
         relay_done = []
         for function, stream, host_fd, extra in relays:
             if function is _relay_in:

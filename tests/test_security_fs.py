@@ -649,3 +649,28 @@ def test_inherited_file_stdout_cannot_be_tampered_with(outside_dir, via):
         content = f.read()
     assert content == "kept line\nafter\n", (content, done.stderr)
     assert after.st_mode == before.st_mode and after.st_mtime >= before.st_mtime, done.stderr
+
+
+@pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])
+async def test_a_spawn_error_tells_nothing_of_a_protected_file(level, fake_home):
+    """heel explains an ENOENT from execve() by reading the program's #!
+    line on the host.  For a program the sandbox cannot see (in a protected
+    place), that would show its first line, and tell whether a host path
+    exists: the command line may be a model's.  Control: a script in the
+    workdir with the same #! line is explained."""
+    secret = os.path.join(fake_home, ".ssh", "heel-script")
+    with open(secret, "w") as f:
+        f.write("#!/heel-secret-first-line\necho hi\n")
+    os.chmod(secret, 0o755)
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        with pytest.raises(heel.SpawnError) as hidden:
+            await sb.command(secret).output()
+        own = os.path.join(sb.workdir, "script")
+        with open(own, "w") as f:
+            f.write("#!/heel-secret-first-line\necho hi\n")
+        os.chmod(own, 0o755)
+        with pytest.raises(heel.SpawnError) as seen:
+            await sb.command(own).output()
+    assert "heel-secret-first-line" not in str(hidden.value), hidden.value
+    assert isinstance(hidden.value, heel.CommandNotFound)  # what the sandbox sees: nothing there
+    assert "its interpreter '/heel-secret-first-line' does not exist" in str(seen.value), seen.value

@@ -411,7 +411,8 @@ async def test_a_parent_swapped_for_a_link_builds_nothing_there(venv_dir):
     assert os.path.isfile(os.path.join(venv_dir, "pyvenv.cfg"))
 
 
-async def test_a_parent_swapped_for_a_link_while_the_environment_is_made_redirects_nothing(venv_dir, monkeypatch):
+async def test_a_parent_swapped_for_a_link_while_the_environment_is_made_redirects_nothing(
+        venv_dir, monkeypatch):
     """The worst moment for the swap: after heel made the empty directory,
     before the build's sandbox is given it.  That grant must not follow the
     new link to another project's environment (which it would rewrite)."""
@@ -424,7 +425,11 @@ async def test_a_parent_swapped_for_a_link_while_the_environment_is_made_redirec
     os.makedirs(os.path.join(other, "env"))
     with open(os.path.join(other, "env", "pyvenv.cfg"), "w") as f:
         f.write("home = /opt/projB-python\n")
-    before = {name: os.stat(os.path.join(other, "env", name)).st_mtime_ns for name in os.listdir(os.path.join(other, "env"))}
+    def state() -> dict[str, int]:
+        return {name: os.stat(os.path.join(other, "env", name)).st_mtime_ns
+                for name in os.listdir(os.path.join(other, "env"))}
+
+    before = state()
     made = venv_module.make_path_nofollow
 
     def then_swap(target: str, is_file: bool = False) -> None:
@@ -436,8 +441,7 @@ async def test_a_parent_swapped_for_a_link_while_the_environment_is_made_redirec
     monkeypatch.setattr(venv_module, "make_path_nofollow", then_swap)
     with trio.fail_after(120), pytest.raises(heel.BrokenVenv, match="symbolic link"):
         await heel.VenvManager.create(heel.VenvConfig(path, python=SYSTEM_PYTHON))
-    after = {name: os.stat(os.path.join(other, "env", name)).st_mtime_ns for name in os.listdir(os.path.join(other, "env"))}
-    assert after == before  # nothing made or changed in the other environment
+    assert state() == before  # nothing made or changed in the other environment
     with open(os.path.join(other, "env", "pyvenv.cfg")) as f:
         assert f.read() == "home = /opt/projB-python\n"
 
@@ -460,7 +464,8 @@ done
 
 
 @pytest.mark.parametrize("use_uv", [False, True])
-async def test_code_planted_while_the_environment_is_built_never_runs_on_the_host(venv_dir, outside_dir, use_uv):
+async def test_code_planted_while_the_environment_is_built_never_runs_on_the_host(
+        venv_dir, outside_dir, use_uv):
     """A sandbox with allow_pip_install may write the environment while the
     host (re)builds it.  The tools that make it run the new interpreter,
     which runs the .pth files it finds: they run in the build's sandbox,
