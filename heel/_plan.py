@@ -411,16 +411,19 @@ def _check_reachable(paths: list[tuple[str, str]], sandbox_id: int, views: list[
 
 
 def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
-                   host_mask: str | None, host_mask_file: str | None) -> list[MountOp]:
+                   host_mask: str | None, host_mask_file: str | None, spelled: list[str]) -> list[MountOp]:
     """At STRICT, covers for the top-level entries of the host's root that
     hold nothing the sandbox is given.  Landlock keeps their contents from
     being opened, but not from stat(), readlink(), getxattr() or an inotify
     watch, which would name the files the host makes in them.  An entry that
-    holds a grant, a mount or a mount's source stays as it is."""
+    holds a grant, a mount or a mount's source stays as it is, as does one
+    that holds a grant's name as the config gave it (``spelled``: through a
+    link, as /var/run/docker.sock names /run/docker.sock)."""
     if not host_mask:
         return []
     kept = ([r.path for r in rules] + [m.path for m in mounts] + [m.source for m in mounts if m.source]
-            + [p for view in views for p in view] + [host_mask] + ([host_mask_file] if host_mask_file else []))
+            + [p for view in views for p in view] + [host_mask] + ([host_mask_file] if host_mask_file else [])
+            + spelled)
     covers = []
     try:
         entries = sorted(os.scandir("/"), key=lambda e: e.name)
@@ -600,7 +603,8 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                 mountpoints.append((os.path.join(view[1], os.path.relpath(p, view[0])), os.path.isfile(p)))
         mounts += [MountOp("keep_rw", p, idmap=idmap) for p in rw_regions]
         mounts += [MountOp("readonly", p) for p in ro_regions]
-        covered = (_strict_covers(rules, mounts, views, host_mask, host_mask_file)
+        covered = (_strict_covers(rules, mounts, views, host_mask, host_mask_file,
+                                  [given for given, _ in getattr(config, "_spelled", ())])
                    if level is IsolationLevel.STRICT else [])
         mounts += covered
         # Protected directories are covered by an empty read-only directory:

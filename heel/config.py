@@ -334,7 +334,11 @@ def expand_home(text: str, what: str) -> str:
     return home + rest
 
 
-def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
+def _paths(value: Iterable[PathLike] | PathLike, what: str,
+           spelled: list[tuple[str, str]] | None = None) -> tuple[Path, ...]:
+    """The paths, absolute and resolved (PolicyError for one that is not
+    there).  ``spelled``: gets (as given, resolved) for each path given
+    through a symbolic link, made absolute."""
     if isinstance(value, (str, os.PathLike)):
         value = [value]
     out = []
@@ -360,7 +364,11 @@ def _paths(value: Iterable[PathLike] | PathLike, what: str) -> tuple[Path, ...]:
             path = Path.cwd() / path  # outside the try: a removed cwd is the CLI's to name
         try:
             os.stat(path)
-            out.append(path.resolve(strict=True))
+            resolved = path.resolve(strict=True)
+            out.append(resolved)
+            given = os.path.normpath(path)
+            if spelled is not None and given != str(resolved):
+                spelled.append((given, str(resolved)))
         except FileNotFoundError:
             raise PolicyError(f"{what}: {text} does not exist") from None
         except OSError as exc:  # a name too long, a directory this user cannot pass, a loop of links
@@ -468,10 +476,16 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
         if not isinstance(security, SecurityConfig):
             raise PolicyError(f"security must be a SecurityConfig, got {security!r}")
         put("security", security)
-        put("readable", _paths(readable, "readable"))
-        put("writable", _paths(writable, "writable"))
+        spelled: list[tuple[str, str]] = []
+        put("readable", _paths(readable, "readable", spelled))
+        put("writable", _paths(writable, "writable", spelled))
         _check_writable(self.writable, "writable", level)
-        put("executable", _paths(executable, "executable"))
+        put("executable", _paths(executable, "executable", spelled))
+        #: (as given, resolved) for the grants given through a symbolic link
+        #: (/var/run/docker.sock for /run/docker.sock): at STRICT, the way
+        #: the command names them must not be covered (see heel._plan).
+        #: Not a field: it does not change what the config grants.
+        self._set("_spelled", tuple(spelled))
         put("env", MappingProxyType(_env(env or {})))
         if not isinstance(env_passthrough, (str, Iterable)):
             raise PolicyError(f"env_passthrough must be a list of variable names, got {env_passthrough!r}")
@@ -517,6 +531,15 @@ class SandboxConfig(Frozen, _GenericInPolicy[P]):
             if not isinstance(ipc, IpcRouter):
                 raise PolicyError(f"ipc must be a heel.IpcRouter, got {ipc!r}")
         put("ipc", ipc)
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated like a new one); the
+        spellings through links of the grants it still has go with it."""
+        new = super().replace(**changes)
+        granted = {str(p) for p in (*new.readable, *new.writable, *new.executable)}
+        kept = [pair for pair in self._spelled if pair[1] in granted and pair not in new._spelled]
+        new._set("_spelled", new._spelled + tuple(kept))
+        return new
 
 
 def _env(env: Mapping[str, str]) -> dict[str, str]:

@@ -674,3 +674,34 @@ async def test_a_spawn_error_tells_nothing_of_a_protected_file(level, fake_home)
     assert "heel-secret-first-line" not in str(hidden.value), hidden.value
     assert isinstance(hidden.value, heel.CommandNotFound)  # what the sandbox sees: nothing there
     assert "its interpreter '/heel-secret-first-line' does not exist" in str(seen.value), seen.value
+
+
+async def test_strict_keeps_the_way_a_grant_was_named_through_a_link(root_only):
+    """A grant named through a link in another top-level directory
+    (/var/run/docker.sock, which is /run/docker.sock) is resolved, and STRICT
+    covered the directory that holds the link: the name the command uses was
+    gone.  Control: a directory of the same kind that no grant names is
+    covered (nothing in it can be seen)."""
+    import shutil
+    import tempfile
+
+    named = tempfile.mkdtemp(dir="/", prefix="heel-test-named-")
+    data = tempfile.mkdtemp(dir="/", prefix="heel-test-data-")
+    other = tempfile.mkdtemp(dir="/", prefix="heel-test-other-")
+    try:
+        for d in (named, data, other):
+            os.chmod(d, 0o755)
+        with open(os.path.join(data, "f"), "w") as f:
+            f.write("heel-through-a-link\n")
+        os.chmod(os.path.join(data, "f"), 0o644)
+        os.symlink(data, os.path.join(named, "link"))
+        os.symlink(data, os.path.join(other, "link"))
+        config = heel.SandboxConfig(level=STRICT, readable=[os.path.join(named, "link")])
+        async with heel.Sandbox(config) as sb:
+            out = await py(sb, "import sys; print(open(sys.argv[1]).read(), end='')", os.path.join(named, "link", "f"))
+            covered = await py(sb, "import os, sys; print(os.path.lexists(sys.argv[1]))", os.path.join(other, "link"))
+        assert out.returncode == 0 and out.stdout == b"heel-through-a-link\n", explain(out)
+        assert covered.stdout == b"False\n", explain(covered)
+    finally:
+        for d in (named, data, other):
+            shutil.rmtree(d)
