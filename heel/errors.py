@@ -127,7 +127,10 @@ def _missing_loader(program: str, readable) -> str:
     path = program
     for _ in range(4):  # the kernel's own limit on nested interpreters
         path = os.path.normpath(path) if path.startswith("/") else ""
-        if not path or path.startswith("/dev/") or not readable(path):
+        # By its own name only: a link on the way (one the sandbox made in
+        # its workdir, to a protected place) would lead the host's look
+        # where the sandbox's own cannot go.
+        if not path or path.startswith("/dev/") or not readable(path) or os.path.realpath(path) != path:
             # Looked up in the sandbox's PATH, relative to its cwd, or out
             # of its sight (in its own /tmp, which is not the host's).
             return ""
@@ -137,8 +140,9 @@ def _missing_loader(program: str, readable) -> str:
         chain.append(repr(interpreter))
         target = os.path.normpath(interpreter) if interpreter.startswith("/") else ""
         # Said missing only where the sandbox could list it as missing itself.
-        if target and not target.startswith("/dev/") and readable(os.path.dirname(target), True) \
-                and not os.path.lexists(target):
+        parent = os.path.dirname(target)
+        if target and not target.startswith("/dev/") and readable(parent, True) \
+                and os.path.realpath(parent) == parent and not os.path.lexists(target):
             return f"its interpreter {chain[0]}" + "".join(f", whose interpreter {name}" for name in chain[1:]) \
                 + " does not exist"
         path = interpreter

@@ -665,14 +665,21 @@ async def test_a_spawn_error_tells_nothing_of_a_protected_file(level, fake_home)
     async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
         with pytest.raises(heel.SpawnError) as hidden:
             await sb.command(secret).output()
+        # The same through a link the sandbox makes in its workdir: a name
+        # under the workdir, which the host would have followed.
+        out = await sb.command("ln").args(["-s", os.path.dirname(secret), "l"]).output()
+        assert out.returncode == 0, explain(out)
+        with pytest.raises(heel.SpawnError) as linked:
+            await sb.command(os.path.join(sb.workdir, "l", "heel-script")).output()
         own = os.path.join(sb.workdir, "script")
         with open(own, "w") as f:
             f.write("#!/heel-secret-first-line\necho hi\n")
         os.chmod(own, 0o755)
         with pytest.raises(heel.SpawnError) as seen:
             await sb.command(own).output()
-    assert "heel-secret-first-line" not in str(hidden.value), hidden.value
-    assert isinstance(hidden.value, heel.CommandNotFound)  # what the sandbox sees: nothing there
+    for error in (hidden.value, linked.value):
+        assert "heel-secret-first-line" not in str(error), error
+        assert isinstance(error, heel.CommandNotFound)  # what the sandbox sees: nothing there
     assert "its interpreter '/heel-secret-first-line' does not exist" in str(seen.value), seen.value
 
 
