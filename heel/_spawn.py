@@ -966,44 +966,67 @@ sys.exit(main([{name!r}] + sys.argv[1:]))
 """
 
 
+def _write_files(directory: str, entries: list[tuple[str, bytes, int]]) -> None:
+    """Write new files (name, data, mode) in ``directory`` (made if missing),
+    neither following a link nor writing into anything already there."""
+    dir_fd = open_dir_nofollow(directory, create=True)
+    try:
+        for name, data, mode in entries:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=dir_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _prepare_ipc(plan: SandboxPlan, router) -> SandboxPlan:
     """Make heel.client importable and `heel ipc` runnable inside: a small
     package and launchers in the sandbox's private tmp, whatever Python the
     sandbox runs.  Returns the plan with the environment that finds them."""
-    import shutil
-
     import msgpack
 
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.join(plan.host_tmp, ".heel")
     package = os.path.join(root, "lib", "heel")
     vendor = os.path.join(package, "_vendor", "msgpack")
-    bin_dir = os.path.join(root, "bin")
-    for path in (vendor, bin_dir):
-        os.makedirs(path)
-    with open(os.path.join(package, "__init__.py"), "w") as f:
-        f.write('"""heel inside a sandbox: only heel.client is here."""\n')
-    open(os.path.join(package, "_vendor", "__init__.py"), "w").close()
+    files: dict[str, list[tuple[str, bytes, int]]] = {package: [], vendor: [], os.path.join(package, "_vendor"): [],
+                                                      os.path.join(root, "bin"): []}
+    files[package].append(("__init__.py", b'"""heel inside a sandbox: only heel.client is here."""\n', 0o644))
+    files[os.path.join(package, "_vendor")].append(("__init__.py", b"", 0o644))
     for name, text in (("cli.py", _CLI), ("__main__.py", _MAIN)):
-        with open(os.path.join(package, name), "w") as f:
-            f.write(text)
+        files[package].append((name, text.encode(), 0o644))
     for name in _CLIENT_FILES:
-        shutil.copyfile(os.path.join(here, name), os.path.join(package, name))
+        files[package].append((name, _read_file(os.path.join(here, name)), 0o644))
     # msgpack whole: its C extension serves a sandbox Python of the host's
     # version, and msgpack falls back to its pure-Python modules otherwise.
     source = os.path.dirname(os.path.abspath(msgpack.__file__))
     for name in os.listdir(source):
         if name.endswith((".py", ".so")):
-            shutil.copyfile(os.path.join(source, name), os.path.join(vendor, name))
+            files[vendor].append((name, _read_file(os.path.join(source, name)), 0o644))
     scripts = {"heel": _LAUNCHER}
     # A wrapper per command, unless its name would shadow something heel
     # itself needs on the PATH.
     scripts.update({name: _WRAPPER.format(name=name) for name in router.names if name != "heel"})
-    for name, text in scripts.items():
-        path = os.path.join(bin_dir, name)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, 0o755)
+    files[os.path.join(root, "bin")] += [(name, text.encode(), 0o755) for name, text in scripts.items()]
+    # The private tmp is the sandbox's to write, and (where $TMPDIR's place
+    # is not covered) another sandbox's of the same user too: nothing is
+    # followed, and nothing that is there already is written into.
+    for directory, entries in files.items():
+        try:
+            _write_files(directory, entries)
+        except OSError as exc:  # something else wrote there meanwhile
+            raise SpawnError("ipc", exc.errno or errno.EIO) from None
     inside = os.path.join(plan.tmp, ".heel")
     env = dict(plan.env)
     env["HEEL_IPC_FD"] = str(lib.HEEL_IPC_FD)

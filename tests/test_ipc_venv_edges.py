@@ -545,3 +545,30 @@ print("small", msgpack.unpackb(small.recv(struct.unpack(">I", head)[0]), raw=Fal
 """, timeout=30)
     lines = out.stdout.decode().split()
     assert lines[:2] == ["whole", "2"] and lines[2:] == ["small", "2"], explain(out)
+
+
+def test_the_ipc_client_files_are_never_written_through_a_link(tmp_path):
+    """heel writes the IPC client into the sandbox's private tmp, which a
+    sandbox (or, where $TMPDIR's place is not covered, a PERMISSIVE one of
+    the same user) may write: a link swapped in for .heel/bin had the host
+    overwrite and chmod 0755 the files where it pointed (a protected
+    ~/bin).  Nothing is followed, nothing there already is written into."""
+    from heel._spawn import _write_files
+
+    target = tmp_path / "protected"
+    target.mkdir()
+    (target / "heel").write_text("ORIGINAL\n")
+    os.chmod(target / "heel", 0o600)
+    tmp = tmp_path / "tmp"
+    (tmp / ".heel").mkdir(parents=True)
+    os.symlink(target, tmp / ".heel" / "bin")
+    with pytest.raises(OSError):
+        _write_files(str(tmp / ".heel" / "bin"), [("heel", b"#!/bin/sh\n", 0o755)])
+    assert (target / "heel").read_text() == "ORIGINAL\n" and os.stat(target / "heel").st_mode & 0o777 == 0o600
+    os.unlink(tmp / ".heel" / "bin")
+    (tmp / ".heel" / "bin").mkdir()
+    (tmp / ".heel" / "bin" / "heel").write_text("planted\n")  # a file put there first is not written into
+    with pytest.raises(FileExistsError):
+        _write_files(str(tmp / ".heel" / "bin"), [("heel", b"#!/bin/sh\n", 0o755)])
+    _write_files(str(tmp / ".heel" / "lib"), [("x", b"data", 0o644)])  # the control
+    assert (tmp / ".heel" / "lib" / "x").read_bytes() == b"data"
