@@ -84,7 +84,10 @@ class Prepared:
         #: where the ptys for commands on a terminal come from (open_pty)
         self.ptmx = -1
         for path, is_file in plan.mountpoints:
-            make_path_nofollow(path, is_file)
+            try:
+                make_path_nofollow(path, is_file)
+            except OSError as exc:  # a link or something else put there (by a sandbox that may write it)
+                raise SpawnError("mountpoint", exc.errno or errno.EIO, path) from None
         try:
             self._start()
         except BaseException:
@@ -576,8 +579,15 @@ def make_path_nofollow(path: str, is_file: bool = False) -> None:
         return
     parent = open_dir_nofollow(os.path.dirname(path), create=True)
     try:
-        os.close(os.open(os.path.basename(path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=parent))
+        # O_RDONLY|O_NONBLOCK: a FIFO planted there opens at once (and is
+        # refused below) instead of waiting for ever for a reader.
+        fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644, dir_fd=parent)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EEXIST, "a mount point for a file is there, and is not a file", path)
+        finally:
+            os.close(fd)
     finally:
         os.close(parent)
 

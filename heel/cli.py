@@ -340,10 +340,10 @@ def _python(namespace, config: SandboxConfig) -> int:
                 # Owner-locked like heel's other temporary directories: one
                 # left by a heel that was killed is removed here, next time.
                 sweep_orphaned_temp_dirs("/var/tmp", "heel-venv-")
-                temporary, lock = make_owned_temp_dir("heel-venv-", root="/var/tmp")
                 # Searchable by the sandbox's uid, which is not root's when
-                # root runs heel (the environment itself stays root's).
-                os.chmod(temporary, 0o755)
+                # root runs heel (the environment itself stays root's): 0711,
+                # set through the directory's fd, never its name in /var/tmp.
+                temporary, lock = make_owned_temp_dir("heel-venv-", root="/var/tmp", searchable=True)
                 path = os.path.join(temporary, "env")
             venv = VenvConfig(path, namespace.packages, python=namespace.python,
                               system_site_packages=namespace.system_site_packages, use_uv=namespace.use_uv,

@@ -311,3 +311,11 @@ def test_mount_points_are_made_without_following_links(tmp_path):
     with pytest.raises(OSError):
         make_path_nofollow(str(base / "link" / "file"), is_file=True)
     assert os.listdir(elsewhere) == []
+    # A FIFO where a file's mount point goes: refused at once, not waited on
+    # for ever (the open used to block the host's event loop).
+    os.mkfifo(base / "a" / "fifo")
+    result = subprocess.run([sys.executable, "-c", "import sys; from heel._spawn import make_path_nofollow\n"
+                             "try:\n    make_path_nofollow(sys.argv[1], is_file=True)\n"
+                             "except OSError as e:\n    print('refused', e.errno)",
+                             str(base / "a" / "fifo")], capture_output=True, timeout=20)
+    assert result.stdout.startswith(b"refused"), result
