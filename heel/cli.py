@@ -372,7 +372,14 @@ def _python(namespace, config: SandboxConfig) -> int:
                     raise PolicyError(f"python: the script {path} is inside the protected place {place}: "
                                       "copy it elsewhere, or run with --no-protect-home (or "
                                       "--no-protect-credentials, --no-protect-cloud)")
-            config = config.replace(readable=(*config.readable, path))
+            # Granted by the name it was given: not through a link, which a
+            # sandbox that wrote the script's directory (a kept workdir)
+            # could have swapped in, to a file it may not read itself.
+            granted = config.replace(readable=(*config.readable, path))
+            if str(granted.readable[-1]) != path:
+                raise PolicyError(f"python: the script {path} leads through a symbolic link (to "
+                                  f"{granted.readable[-1]}); name the file itself")
+            config = granted
             argv += [path] + script[1:]
         if python is None and config.network.denies_everything:
             with _terminate_on_signals() as signals:

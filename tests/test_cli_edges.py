@@ -760,3 +760,25 @@ def test_run_command_gives_the_caller_its_signal_handlers_back():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert result.stdout == b"143 [False, True, True]\n", result  # SIGINT: Python's own handler
+
+
+def test_heel_python_does_not_grant_a_script_through_a_link(host_dir):
+    """A sandbox that wrote a kept workdir replaced script.py with a link to
+    a host file it may not read; `heel python script.py` granted the link's
+    target, and Python's SyntaxError printed its first line.  Control: the
+    script itself runs."""
+    secret = os.path.join(host_dir, "secret.conf")
+    with open(secret, "w") as f:
+        f.write("DB_PASSWORD = heel-not-for-the-sandbox\n")
+    work = os.path.join(host_dir, "work")
+    os.mkdir(work)
+    os.chmod(work, 0o755)
+    os.symlink(secret, os.path.join(work, "script.py"))
+    result = heel("python", "--level", "strict", "--workdir", work, "script.py", cwd=work)
+    assert result.returncode == 125 and b"symbolic link" in result.stderr, result
+    assert b"heel-not-for-the-sandbox" not in result.stdout + result.stderr
+    os.unlink(os.path.join(work, "script.py"))
+    with open(os.path.join(work, "script.py"), "w") as f:
+        f.write("print('heel-script-ran')\n")
+    result = heel("python", "--level", "strict", "--workdir", work, "script.py", cwd=work)
+    assert result.returncode == 0 and result.stdout == b"heel-script-ran\n", result
