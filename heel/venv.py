@@ -564,7 +564,21 @@ def _cfg_version(cfg: dict[str, str]) -> tuple[int, int] | None:
 
 
 def site_packages(path: Path) -> list[Path]:
-    return sorted(p for p in (path / "lib").glob("python*/site-packages") if p.is_dir())
+    """The environment's lib/python*/site-packages, each step a directory
+    of its own, not a link: a sandbox that may write the environment could
+    point one at a host directory, whose names heel would then read."""
+    def directories(parent: Path, match) -> list[Path]:
+        try:
+            with os.scandir(parent) as entries:
+                return [Path(e.path) for e in entries if match(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+
+    if os.path.islink(path / "lib"):
+        return []
+    found = [site for version in directories(path / "lib", lambda name: name.startswith("python"))
+             for site in directories(version, lambda name: name == "site-packages")]
+    return sorted(found)
 
 
 def installed_distributions(path: Path) -> dict[str, str]:
@@ -572,8 +586,13 @@ def installed_distributions(path: Path) -> dict[str, str]:
     names (``name-version.dist-info``): reading names runs nothing."""
     found: dict[str, str] = {}
     for directory in site_packages(path):
-        for entry in directory.glob("*.dist-info"):
-            stem = entry.name[: -len(".dist-info")]
+        try:
+            with os.scandir(directory) as entries:
+                names = [e.name for e in entries if e.name.endswith(".dist-info")]
+        except OSError:
+            continue
+        for entry in names:
+            stem = entry[: -len(".dist-info")]
             name, sep, version = stem.partition("-")
             if sep:
                 found[canonical_name(name)] = version

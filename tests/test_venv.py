@@ -546,3 +546,25 @@ def test_tilde_in_an_environment_path_is_never_the_root(monkeypatch):
     else:
         assert str(heel.VenvConfig("~/v").path) == os.path.join(os.path.realpath(home), "v")
         assert str(heel.PythonConfig("~/v").venv) == os.path.join(os.path.realpath(home), "v")
+
+
+def test_installed_packages_are_read_without_following_links(venv_dir, tmp_path):
+    """A sandbox that may write the environment pointed site-packages (or
+    lib) at a host directory: heel listed the *.dist-info names there (a
+    leak, and a wrong list).  Control: the environment's own site-packages
+    is read."""
+    from pathlib import Path
+
+    from heel.venv import installed_distributions
+
+    site = os.path.join(venv_dir, "lib", "python3.11", "site-packages")
+    os.makedirs(os.path.join(site, "mine-1.0.dist-info"))
+    assert installed_distributions(Path(venv_dir)) == {"mine": "1.0"}
+    elsewhere = tmp_path / "protected"
+    (elsewhere / "python3.11" / "site-packages" / "secret_token-9.9.dist-info").mkdir(parents=True)
+    shutil.rmtree(site)
+    os.symlink(elsewhere / "python3.11" / "site-packages", site)
+    assert installed_distributions(Path(venv_dir)) == {}
+    shutil.rmtree(os.path.join(venv_dir, "lib"))
+    os.symlink(elsewhere, os.path.join(venv_dir, "lib"))
+    assert installed_distributions(Path(venv_dir)) == {}
