@@ -10,7 +10,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -69,12 +72,47 @@ int heel_landlock_create(uint64_t handled_fs, uint64_t handled_net, uint64_t sco
     return (int)fd;
 }
 
+/* An O_PATH fd of the absolute ``path``, one component at a time, none of
+ * them a symbolic link (ELOOP): what openat2(RESOLVE_NO_SYMLINKS) does, for
+ * a host that hides openat2 (its own seccomp policy, or heel's: a heel run
+ * inside a sandbox).  -errno on failure. */
+static int open_walking(const char *path)
+{
+    char copy[PATH_MAX];
+    size_t length = strlen(path);
+    if (path[0] != '/' || length >= sizeof(copy))
+        return -EINVAL;
+    memcpy(copy, path, length + 1);
+    int dir = open("/", O_PATH | O_CLOEXEC | O_DIRECTORY);
+    if (dir < 0)
+        return -errno;
+    char *save = NULL;
+    for (char *part = strtok_r(copy, "/", &save); part; part = strtok_r(NULL, "/", &save)) {
+        if (strcmp(part, ".") == 0 || strcmp(part, "..") == 0) {
+            close(dir);
+            return -EINVAL;  /* the paths come resolved: none of these */
+        }
+        int next = openat(dir, part, O_PATH | O_CLOEXEC | O_NOFOLLOW);
+        int err = errno;
+        close(dir);
+        if (next < 0)
+            return -err;
+        struct stat st;
+        if (fstat(next, &st) < 0 || S_ISLNK(st.st_mode)) {
+            close(next);
+            return -ELOOP;
+        }
+        dir = next;
+    }
+    return dir;
+}
+
 /* Python plans each rule on a path it has resolved (no symbolic link in
  * it), and the ruleset is built a few milliseconds later.  A process that
  * may write a directory on the way (another sandbox, given it writable) can
  * swap a component for a link in between, so the path is opened without
  * following any: a link there now fails with ELOOP instead of granting
- * where it points.  openat2() is older (5.6) than Landlock (5.13); open()
+ * where it points.  openat2() is older (5.6) than Landlock (5.13); the walk
  * is kept for a host whose own seccomp policy hides openat2. */
 int heel_landlock_add_path(int ruleset_fd, const char *path, uint64_t allowed)
 {
@@ -83,8 +121,13 @@ int heel_landlock_add_path(int ruleset_fd, const char *path, uint64_t allowed)
         .resolve = HEEL_RESOLVE_NO_SYMLINKS | HEEL_RESOLVE_NO_MAGICLINKS,
     };
     int fd = (int)syscall(__NR_openat2, AT_FDCWD, path, &how, sizeof(how));
-    if (fd < 0 && errno == ENOSYS)
-        fd = open(path, O_PATH | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0 && errno == ENOSYS) {
+        fd = open_walking(path);
+        if (fd < 0) {
+            errno = -fd;
+            fd = -1;
+        }
+    }
     if (fd < 0)
         return -errno;
     struct heel_path_beneath_attr attr = {
