@@ -266,6 +266,12 @@ class Prepared:
 
     def close(self) -> None:
         """Kill every process of the sandbox and reap its heel-init."""
+        self.close_channels()
+        self.reap()
+
+    def close_channels(self) -> None:
+        """Close the sockets to the sandbox (in the trio thread, where trio
+        watches them): heel-init, told so, kills what it started."""
         if self.proxy_listener is not None:
             self.proxy_listener.close()
             self.proxy_listener = None
@@ -282,6 +288,11 @@ class Prepared:
                         pass  # not in a trio run
                 self._ctl.close()
                 self._ctl = None
+
+    def reap(self) -> None:
+        """Kill heel-init, and with it every process of the sandbox, and
+        wait for it: blocking (a tree of thousands takes a while to die),
+        so under trio in a thread of its own."""
         if self._pidfd >= 0:
             # In a pid namespace heel-init is its pid 1: its death is every
             # process's.  Without one, the closed socket has told it to kill
@@ -824,6 +835,7 @@ class Session:
         from ._probe import environment, require
 
         guard_standard_fds()
+        self._finishing = _thread.allocate_lock()  # finish() once, from whichever thread
         why = ""
         if env is None:
             env, why = environment()
@@ -906,15 +918,32 @@ class Session:
         return self._host_listener is not None
 
     def close(self) -> None:
-        self.prepared.close()
-        self._remove()
+        self.close_channels()
+        self.finish()
 
-    def _remove(self) -> None:
+    def close_channels(self) -> None:
+        """The fast part of close(): the sockets, in the thread that runs trio."""
+        self.prepared.close_channels()
+        self._close_sockets()
+
+    def finish(self) -> None:
+        """The slow part of close(), which may run in a thread of its own:
+        heel-init and every process killed and reaped, the temporary
+        directory (with a workdir of any size) removed.  Once: a second
+        call waits for the first one's end."""
+        with self._finishing:
+            self.prepared.reap()
+            self._remove()
+
+    def _close_sockets(self) -> None:
         if self._host_listener is not None:
             self._host_listener.close()
             self._host_listener = None
         if self.ipc is not None:
             self.ipc.close()
+
+    def _remove(self) -> None:
+        self._close_sockets()
         if self._lock >= 0:
             release_owned_temp_dir(self.base, self._lock)
             self._lock = -1

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Iterable, Mapping, Sequence, TypeVar
 
@@ -250,7 +251,12 @@ class Sandbox(Generic[P]):
             for scope in list(self._background):
                 scope.cancel()
             if self._session is not None:
-                self._session.close()
+                # The sockets here, where trio watches them; the kill, the
+                # reaping and the removal of the workdir (a tree of
+                # thousands, a workdir of a million files: seconds) in a
+                # thread, so that the other sandboxes of this process go on.
+                self._session.close_channels()
+                await finish_despite_ctrl_c(partial(trio.to_thread.run_sync, self._session.finish), interrupted)
         if interrupted:
             raise interrupted[0]
 
