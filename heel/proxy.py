@@ -651,10 +651,13 @@ def _host(raw: str) -> str:
 
 
 def _safe_host(raw: str) -> str:
+    """The host of a request for its event: normalised, or (not a valid
+    host) shown, cut to what a host name can be: the sandbox writes it, and
+    each event is kept (up to the cap on their number) and printed."""
     try:
         return _netaddr.normalize_host(raw)
     except ValueError:
-        return repr(raw)
+        return repr(raw[:253]) + ("..." if len(raw) > 253 else "")
 
 
 def _url(host: str, port: int, path: str) -> str:

@@ -368,6 +368,25 @@ print(answer.split(b"\r\n")[0].decode(), "|", answer.split(b"\r\n\r\n", 1)[1].de
     assert web.requests == []
 
 
+async def test_an_event_keeps_no_more_of_an_invalid_host_than_a_host_name(web):
+    """The 411 for a chunked body came before the host was checked, and its
+    event kept the host as the sandbox wrote it, 8 KiB: 10,000 such events
+    (the cap on their number) held 76 MB.  The event's host is cut to what
+    a host name can be."""
+    async with sandbox(heel.AllowList(["web.test"]), TEST_NAMES) as sb:
+        with trio.fail_after(TIMEOUT):
+            out = await inside(sb, r"""
+s = connect_proxy()
+host = "h" * 8000
+s.sendall(f"POST http://{host}:80/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n".encode() + auth + b"\r\n0\r\n\r\n")
+print(read_all(s).split(b"\r\n")[0].decode())
+""")
+            events = await settled(sb)
+    assert out.stdout.decode().startswith("HTTP/1.1 4"), explain(out)
+    (event,) = events
+    assert event.allowed is False and len(event.host) < 300, (len(event.host), event.reason[:100])
+
+
 # ---- D8: an upstream that fails is no denial ------------------------------------------
 
 
