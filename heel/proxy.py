@@ -58,7 +58,8 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
 #: Connections one sandbox may have open through its proxy at once; past it,
 #: new ones are answered 503 (SOCKS: general failure).  Each tunnel holds six
-#: host fds (two sockets, two relay pipes) and up to 2 MiB of pipe buffers,
+#: host fds (two sockets, two relay pipes), up to 2 MiB of pipe buffers and its
+#: sockets' buffers (which the kernel grows to tcp_rmem's maximum when a side does not read),
 #: none of it counted against the sandbox's own limits, so the budget is also
 #: kept within the host's fd limit (see _connection_budget).
 MAX_CONNECTIONS = 256
