@@ -283,12 +283,12 @@ def test_a_missing_interpreter_is_not_a_missing_command(host_dir):
     for the script.  bash says "bad interpreter"."""
     script = os.path.join(host_dir, "tool")
     with open(script, "w") as f:
-        f.write("#!/nonexistent/heel-review-interp\necho hi\n")
+        f.write("#!/heel-no-such-dir/heel-review-interp\necho hi\n")
     os.chmod(script, 0o755)
     result = heel("run", "--", script)
     stderr = result.stderr.decode()
     assert result.returncode in (126, 127), stderr
-    assert "interpreter" in stderr or "/nonexistent/heel-review-interp" in stderr, stderr
+    assert "interpreter" in stderr or "/heel-no-such-dir/heel-review-interp" in stderr, stderr
 
 
 def test_a_missing_interpreter_of_an_interpreter_is_named(host_dir):
@@ -297,7 +297,7 @@ def test_a_missing_interpreter_of_an_interpreter_is_named(host_dir):
     "command not found" (127)."""
     inner = os.path.join(host_dir, "inner")
     with open(inner, "w") as f:
-        f.write("#!/nonexistent/heel-review-inner\n")
+        f.write("#!/heel-no-such-dir/heel-review-inner\n")
     outer = os.path.join(host_dir, "outer")
     with open(outer, "w") as f:
         f.write(f"#!{inner}\necho hi\n")
@@ -306,7 +306,7 @@ def test_a_missing_interpreter_of_an_interpreter_is_named(host_dir):
     result = heel("run", "--", outer)
     stderr = result.stderr.decode()
     assert result.returncode == 126, stderr
-    assert "/nonexistent/heel-review-inner" in stderr and "command not found" not in stderr, stderr
+    assert "/heel-no-such-dir/heel-review-inner" in stderr and "command not found" not in stderr, stderr
 
 
 def test_the_workdir_message_does_not_ask_for_the_level_already_given():
