@@ -303,7 +303,10 @@ class Prepared:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+            try:
+                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+            except ChildProcessError:  # a host that ignores SIGCHLD: the kernel reaped it
+                pass
             os.close(self._pidfd)
             self._pidfd = -1
 
@@ -382,7 +385,9 @@ async def _launch_async(prepared: Prepared, trio, argv: list[str], env: dict[str
         if waited.cancelled_caught:
             host_end.close()
             child_end.close()
-            prepared.close()
+            # Its sockets only, here on the trio loop: the kill and the
+            # reaping (blocking) are left to the sandbox's close, in a thread.
+            prepared.close_channels()
             raise SandboxClosed("the sandbox's heel-init stopped answering; the sandbox is closed")
         pidfd = prepared._take_reply(argv, host_end, child_end)
         if interrupted is not None:
@@ -932,8 +937,10 @@ class Session:
         directory (with a workdir of any size) removed.  Once: a second
         call waits for the first one's end."""
         with self._finishing:
-            self.prepared.reap()
-            self._remove()
+            try:
+                self.prepared.reap()
+            finally:
+                self._remove()
 
     def _close_sockets(self) -> None:
         if self._host_listener is not None:

@@ -430,8 +430,10 @@ class CustomPolicy(NetworkPolicy):
         with trio.move_on_after(self.timeout) as deadline:
             decision = await self._ask(request)
         # cancel_called, not cancelled_caught: a late answer from a function
-        # that swallowed the cancellation is still late.
-        if deadline.cancel_called:
+        # that swallowed the cancellation is still late; and so is one from a
+        # function that blocked the event loop (time.sleep in an async def),
+        # which no cancellation could reach.
+        if deadline.cancel_called or trio.current_time() >= deadline.deadline:
             return Decision(False, f"policy did not answer within {self.timeout:g} s")
         return decision
 

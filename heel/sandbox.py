@@ -77,6 +77,20 @@ class ExitStatus:
         return self.returncode == 0 and not self.timed_out
 
 
+_CLOSE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("heel_close_limiter")
+
+
+def _close_limiter() -> trio.CapacityLimiter:
+    """The threads that finish closing sandboxes: heel's own, without a
+    bound (each is one sandbox's close), per trio run."""
+    try:
+        return _CLOSE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(math.inf)
+        _CLOSE_LIMITER.set(limiter)
+        return limiter
+
+
 class Sandbox(Generic[P]):
     """A sandbox: a workdir, a plan and the commands run in it.
 
@@ -119,6 +133,7 @@ class Sandbox(Generic[P]):
         self._background: set[trio.CancelScope] = set()
         self._processes: set[Process] = set()
         self._closed = False
+        self._close_done: trio.Event | None = None  # set once aclose() has finished
         self.degraded: list[str] = []
 
     # KI-protected: a Ctrl-C arrives at an await (where the cleanup below
@@ -230,8 +245,20 @@ class Sandbox(Generic[P]):
         body goes on, and what it asks of the sandbox then raises
         SandboxClosed."""
         if self._closed:
+            # Another task closes it: return once that is done (the workdir
+            # removed), as `async with` promises.
+            if self._close_done is not None:
+                with trio.CancelScope(shield=True):
+                    await self._close_done.wait()
             return
         self._closed = True
+        self._close_done = trio.Event()
+        try:
+            await self._close()
+        finally:
+            self._close_done.set()
+
+    async def _close(self) -> None:
         interrupted: list[KeyboardInterrupt] = []
         with trio.CancelScope(shield=True):
             for process in list(self._processes):
@@ -256,7 +283,13 @@ class Sandbox(Generic[P]):
                 # thousands, a workdir of a million files: seconds) in a
                 # thread, so that the other sandboxes of this process go on.
                 self._session.close_channels()
-                await finish_despite_ctrl_c(partial(trio.to_thread.run_sync, self._session.finish), interrupted)
+                # heel's own limiter: not queued behind the application's
+                # threads (trio's default limiter), which no cancel could end.
+                await finish_despite_ctrl_c(partial(trio.to_thread.run_sync, self._session.finish,
+                                                    limiter=_close_limiter()), interrupted)
+                # A Ctrl-C that came while the thread ran is raised here,
+                # with the others, rather than at the caller's next await.
+                await finish_despite_ctrl_c(trio.lowlevel.checkpoint, interrupted)
         if interrupted:
             raise interrupted[0]
 

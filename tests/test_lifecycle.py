@@ -588,3 +588,75 @@ async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, m
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
+
+
+# ---- closing: on its own thread, once, whatever the host does -----------------------------
+
+
+async def test_closing_does_not_queue_behind_the_applications_threads():
+    """Closing finishes in a thread (the kill, the reaping, the removal), and
+    used trio's default limiter: with the application's 40 threads all
+    waiting (here, on an event set only after the close), the close waited
+    behind them, shielded, for ever."""
+    import threading
+
+    release = threading.Event()
+    watchdog_fired = []
+
+    def watchdog() -> None:  # bounds the test where closing waits for the threads
+        if not release.wait(20):
+            watchdog_fired.append(True)
+            release.set()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    async with trio.open_nursery() as nursery:
+        for _ in range(trio.to_thread.current_default_thread_limiter().total_tokens):
+            nursery.start_soon(trio.to_thread.run_sync, release.wait)
+        await trio.sleep(0.2)  # every token taken
+        try:
+            async with heel.Sandbox(heel.SandboxConfig()) as sb:
+                workdir = sb.workdir
+                assert (await sb.command("true").status()).returncode == 0
+            assert not watchdog_fired, "the close waited for the application's threads"
+            assert not workdir.exists()
+        finally:
+            release.set()
+
+
+async def test_a_second_close_returns_once_the_first_has_removed_the_workdir():
+    """A task that closes the sandbox while the body ends: the second
+    aclose() returned at once, so `async with` exited with the workdir still
+    on disk."""
+    seen = []
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        workdir = sb.workdir
+        (workdir / "many").mkdir()
+        for i in range(2000):
+            (workdir / "many" / str(i)).touch()
+
+        async def close_and_look():
+            await sb.aclose()
+            seen.append(workdir.exists())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close_and_look)
+            nursery.start_soon(close_and_look)
+    assert seen == [False, False] and not workdir.exists()
+
+
+def test_a_host_that_ignores_sigchld_can_run_and_close_a_sandbox():
+    """With SIGCHLD ignored, the kernel reaps children itself and waitid()
+    fails with ECHILD: closing raised ChildProcessError and left the
+    temporary directory."""
+    script = textwrap.dedent("""
+        import signal, trio, heel
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        async def main():
+            async with heel.Sandbox(heel.SandboxConfig()) as sb:
+                workdir = sb.workdir
+                print((await sb.command("true").status()).returncode)
+            print(workdir.exists())
+        trio.run(main)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == b"0\nFalse\n", result

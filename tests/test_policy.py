@@ -355,6 +355,20 @@ async def test_a_late_answer_is_still_late():
     assert not (await CustomPolicy(ignores_cancellation, timeout=0.02).decide(request("example.com"))).allowed
 
 
+async def test_an_answer_from_a_function_that_blocked_the_loop_is_late():
+    """A policy that blocks (time.sleep in an async def) cannot be cancelled
+    while it blocks; its allow came after the timeout and still counted."""
+    async def blocks(req: NetworkRequest) -> bool:
+        time.sleep(0.1)
+        return True
+
+    async def quick(req: NetworkRequest) -> bool:
+        return True
+
+    assert not (await CustomPolicy(blocks, timeout=0.02).decide(request("example.com"))).allowed
+    assert (await CustomPolicy(quick, timeout=0.02).decide(request("example.com"))).allowed  # the control
+
+
 @pytest.mark.parametrize("answer", [None, 1, "yes", (True, "ok"), Decision("yes", "ok")])
 async def test_bad_return_denies(answer):
     async def odd(req: NetworkRequest):
