@@ -102,12 +102,7 @@ class VenvConfig(Frozen):
         # in it later.
         self._set("path", _check_venv_path(Path(os.path.realpath(expand_home(os.fspath(path), "VenvConfig"))),
                                            "VenvConfig"))
-        if isinstance(packages, str):
-            packages = [packages]
-        try:
-            items = tuple(packages)
-        except TypeError:
-            raise PolicyError(f"VenvConfig: packages must be requirement strings, got {packages!r}") from None
+        items = tuple(_one_or_many(packages, "packages must be requirement strings"))
         for item in items:
             _check_requirement(item)
         self._set("packages", items)
@@ -125,13 +120,7 @@ class VenvConfig(Frozen):
             _check_url(index_url, "index_url")
         self._set("index_url", index_url)
         links = []
-        if isinstance(find_links, (str, os.PathLike)):
-            find_links = [find_links]
-        try:
-            given = list(find_links)
-        except TypeError:
-            raise PolicyError(f"VenvConfig: find_links must be directories or URLs, got {find_links!r}") from None
-        for link in given:
+        for link in _one_or_many(find_links, "find_links must be directories or URLs"):
             if not isinstance(link, (str, os.PathLike)) or not os.fspath(link) or "\0" in str(os.fspath(link)):
                 raise PolicyError(f"VenvConfig: find_links: {link!r} is not a directory or a URL")
             text = os.fspath(link)
@@ -147,6 +136,17 @@ class VenvConfig(Frozen):
         self._set("find_links", tuple(links))
         if no_index and index_url is not None:
             raise PolicyError("VenvConfig: no_index and index_url contradict each other")
+
+
+def _one_or_many(value, what: str) -> list:
+    """``value`` as a list: one string or path alone, or any iterable;
+    PolicyError("VenvConfig: ``what``") for anything else."""
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise PolicyError(f"VenvConfig: {what}, got {value!r}") from None
 
 
 def _check_venv_path(path: Path, what: str) -> Path:
