@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import _native
-from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, needs_relay, raise_for_error
+from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, host_pid, needs_relay, raise_for_error
 from ._terminal import TerminalBridge
 
 
@@ -407,7 +407,10 @@ def _status_field(path: str, field: bytes) -> int:
 
 def _pinned_pid(pidfd: int) -> int:
     """The pid that a pidfd's process has now: -1 once it has been reaped."""
-    return _status_field(f"/proc/self/fdinfo/{pidfd}", b"Pid:")
+    try:
+        return host_pid(pidfd)
+    except (OSError, ValueError):
+        return -2
 
 
 def _pin_child(pid: int, parent: int) -> int:
