@@ -277,13 +277,7 @@ def _handle_terminal_signals(bridge: TerminalBridge, previous: dict, tree: "Tree
         handlers[signal.SIGWINCH] = lambda signum, frame: bridge.resize()
 
     def stop(signum, frame) -> None:
-        stopped = tree.stop() if tree is not None else []
-        try:
-            bridge.suspend()
-            os.kill(os.getpid(), signal.SIGSTOP)
-            bridge.resume()
-        finally:
-            TreeStopper.resume(stopped)
+        stop_with_command(tree, bridge)
 
     if bridge.interactive or (tree is not None and signal.getsignal(signal.SIGTSTP) != signal.SIG_IGN):
         handlers[signal.SIGTSTP] = stop
@@ -294,6 +288,19 @@ def _handle_terminal_signals(bridge: TerminalBridge, previous: dict, tree: "Tree
             previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: the size stays what it was
         pass
+
+
+def stop_with_command(tree: "TreeStopper | None", bridge: TerminalBridge) -> None:
+    """SIGTSTP: stop the command's processes (``tree``), give the shell its
+    terminal settings back and stop heel; once heel is continued, so is the
+    command, and the terminal is raw again if heel is in the foreground."""
+    stopped = tree.stop() if tree is not None else []
+    try:
+        bridge.suspend()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        bridge.resume()
+    finally:
+        TreeStopper.resume(stopped)
 
 
 class TreeStopper:

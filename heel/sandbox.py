@@ -20,7 +20,7 @@ import trio
 from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
 from ._terminal import DRAIN_SECONDS, TerminalBridge
-from ._sync import BACKGROUND_RECHECK, give_back_unread, pipe_bytes, same_file
+from ._sync import BACKGROUND_RECHECK, TreeStopper, give_back_unread, pipe_bytes, same_file, stop_with_command
 from .config import SandboxConfig, check_env_item, check_limit
 from .errors import CommandFailed, CommandTimeout, HeelError, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
@@ -507,6 +507,8 @@ class Sandbox(Generic[P]):
         if bridge.master >= 0:
             bridge.started()
             relay_done.append(self._start_relay(_relay_terminal, bridge, process))
+        if cmd._interactive_terminal:
+            relay_done.append(self._start_relay(_job_control, bridge, process))
         process._relays = relay_done
         self._processes.add(process)
         try:
@@ -804,27 +806,6 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
             bridge.copy_input()
         hung_up()
 
-    async def signals() -> None:
-        # The CLI's one interactive command only (signal receivers of several
-        # commands would take each other's handlers): SIGWINCH, the new size
-        # to the pty; SIGTSTP (^Z itself goes to the command), the shell's
-        # settings back while heel is stopped; SIGCONT, raw again in the
-        # foreground.  A library command's pty keeps the size it started with.
-        wanted = (signal.SIGWINCH, signal.SIGTSTP, signal.SIGCONT)
-        try:
-            with trio.open_signal_receiver(*wanted) as received:
-                async for signum in received:
-                    if signum == signal.SIGWINCH:
-                        bridge.resize()
-                    elif signum == signal.SIGTSTP:
-                        bridge.suspend()
-                        os.kill(os.getpid(), signal.SIGSTOP)
-                        bridge.resume()
-                    else:
-                        bridge.resume()
-        except RuntimeError:  # not trio's main thread: the size stays
-            pass
-
     async def all_output(ended: trio.Event) -> None:
         await output()
         ended.set()
@@ -833,8 +814,6 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
         async with trio.open_nursery() as nursery:
             output_ended = trio.Event()
             nursery.start_soon(typed)
-            if bridge.interactive:
-                nursery.start_soon(signals)
             nursery.start_soon(all_output, output_ended)
             await process._exited.wait()
             # What the command left in the pty goes on to the terminal for as
@@ -853,6 +832,41 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
             if fd >= 0:
                 trio.lowlevel.notify_closing(fd)
         bridge.close()
+        done.set()
+
+
+async def _job_control(bridge: TerminalBridge, process: Process, done: trio.Event) -> None:
+    """The CLI's one command (signal receivers of several commands would
+    take each other's handlers), until it ends: SIGWINCH, the new size to
+    its pty; SIGTSTP (^Z at a terminal heel does not hold raw, `kill -TSTP`;
+    at one it holds raw ^Z itself goes to the command), the command's
+    processes are stopped, the shell gets its terminal settings back and
+    heel stops; SIGCONT (`fg`, `bg`), the command goes on too, and its pty
+    is raw again in the foreground.  A SIGTSTP ignored when heel started
+    stays ignored.  A library command's pty keeps the size it started with."""
+    wanted = [signal.SIGWINCH, signal.SIGCONT]
+    if signal.getsignal(signal.SIGTSTP) != signal.SIG_IGN:
+        wanted.append(signal.SIGTSTP)
+    try:
+        async with trio.open_nursery() as nursery:
+            async def receive() -> None:
+                with trio.open_signal_receiver(*wanted) as received:
+                    async for signum in received:
+                        if signum == signal.SIGWINCH:
+                            bridge.resize()
+                        elif signum == signal.SIGTSTP:
+                            tree = TreeStopper()
+                            tree.pidfd = process._pidfd
+                            stop_with_command(tree, bridge)
+                        else:
+                            bridge.resume()
+
+            nursery.start_soon(receive)
+            await process._exited.wait()
+            nursery.cancel_scope.cancel()
+    except RuntimeError:  # not trio's main thread: no job control
+        pass
+    finally:
         done.set()
 
 

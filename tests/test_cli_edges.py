@@ -642,13 +642,14 @@ while True:
 """
 
 
-@pytest.mark.parametrize("kind", ["plain", "hopping"])
+@pytest.mark.parametrize("kind", ["plain", "hopping", "network"])
 def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir, kind):
     """Found by review: SIGTSTP (^Z at a terminal heel does not hold raw,
     `kill -TSTP`, a supervisor's pause) stopped heel only; the command went
     on, past --timeout.  "hopping": a process that forks and exits without
     end, each child left to the init after the init's children were listed
-    (the second review: the first walk of the tree missed it)."""
+    (the second review: the first walk of the tree missed it).  "network":
+    the command runs under trio (the proxy), which stopped heel only."""
     count = os.path.join(host_dir, "count")
 
     def counted() -> int:
@@ -659,12 +660,13 @@ def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir, kind):
             return 0
 
     marker = f"{47000 + os.getpid() % 1000}"
-    if kind == "plain":
+    options = ["--network", "allow"] if kind == "network" else []
+    if kind != "hopping":
         command = ["sh", "-c", f"i=0; while :; do i=$((i+1)); echo $i > count; sleep 0.0{marker}; done"]
     else:
         command = ["python3", "-c", HOPPER, f"0.0{marker}"]
-    proc = subprocess.Popen([sys.executable, "-m", "heel", "run", "--workdir", host_dir, "--timeout", "60", "--",
-                             *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "heel", "run", "--workdir", host_dir, "--timeout", "60", *options,
+                             "--", *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd="/")
     try:
         deadline = time.monotonic() + 20
