@@ -35,19 +35,27 @@ def recv_message(sock: _socket.socket, *, block: bool = True):
     return decode_message(data)
 
 
-def exit_status(ctl: _socket.socket, killed: bool) -> int:
-    """The command's return code, once its init has exited: the EXITED
-    message when the init sent one; otherwise it was killed (by heel, or
-    with the whole sandbox), which reads as SIGKILL."""
+def exit_status(ctl: _socket.socket, killed: bool) -> tuple[int, bool]:
+    """(the command's return code, lost) once its init has exited: the
+    EXITED message when the init sent one; otherwise it was killed (by heel,
+    or with the whole sandbox), which reads as SIGKILL.  ``lost``: killed
+    without heel's asking (``killed``), from outside (the init or the
+    sandbox's pid 1 SIGKILLed on the host), so the command's own status is
+    unknown."""
     status = None
     while (msg := recv_message(ctl, block=False)) is not None:
         if msg[0] == _native.MSG_EXITED:
             status = msg[1]
     if status is None:
-        return -signal.SIGKILL
+        return -signal.SIGKILL, not killed
     if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+        return -os.WTERMSIG(status), False
+    return os.WEXITSTATUS(status), False
+
+
+#: The name under which a lost status (see exit_status) is reported among
+#: the output errors of a run.
+INIT_LOST = "init"
 
 
 def kill_tree(pidfd: int, ctl: _socket.socket, grace: float = 2.0) -> None:
@@ -499,7 +507,10 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
         ended = True
         relays.finish()
         bridge.drain()
-        return exit_status(ctl, killed), timed_out
+        code, lost = exit_status(ctl, killed)
+        if lost:
+            relays.errors.append((INIT_LOST, None))
+        return code, timed_out
     finally:
         tree.pidfd = -1
         if not ended:

@@ -295,9 +295,12 @@ def _say_output_errors(errors) -> None:
     """The host file behind stdout or stderr refused the command's output
     (a full disk): from then on the command got EPIPE.  Or heel's stdin
     could not be read (opened for writing only): the command got end of
-    file.  Said once each."""
+    file.  Or the command's init was killed from outside.  Said once each."""
     for name, exc in errors:
-        if name == "stdin":
+        if name == "init":  # heel._sync.INIT_LOST, not imported for this
+            _say("the command's init in the sandbox was killed from outside heel (SIGKILL), and the command "
+                 "with it: its own exit status is unknown")
+        elif name == "stdin":
             _say(f"stdin could not be read ({exc.strerror or exc}): the command got end of file")
         else:
             _say(f"the command's {name} could not be written, the rest of it is lost: {exc.strerror or exc}")

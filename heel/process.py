@@ -47,6 +47,7 @@ class Process:
         self._ctl = ctl
         ctl.setblocking(False)
         self._killed = False
+        self._lost = False  # its init was killed from outside heel: its own status is unknown
         self._on_reaped = on_reaped
         self._relays: list[trio.Event] = []  # copies of inherited host files still running
         self._exited = trio.Event()  # set once reaped
@@ -113,7 +114,7 @@ class Process:
     def _reap(self) -> None:
         # The command's init is the sandbox zygote's child, not ours: the
         # zygote reaps it, and the status comes in the init's last message.
-        self.returncode = _sync.exit_status(self._ctl, self._killed)
+        self.returncode, self._lost = _sync.exit_status(self._ctl, self._killed)
         self._exited.set()
         self._close_fds()
         if self._on_reaped is not None:

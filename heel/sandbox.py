@@ -20,7 +20,7 @@ import trio
 from ._plan import SandboxPlan, proxy_environment
 from ._spawn import Prepared, Session, needs_relay
 from ._terminal import DRAIN_SECONDS, TerminalBridge
-from ._sync import BACKGROUND_RECHECK, TreeStopper, give_back_unread, pipe_bytes, same_file, stop_with_command
+from ._sync import BACKGROUND_RECHECK, INIT_LOST, TreeStopper, give_back_unread, pipe_bytes, same_file, stop_with_command
 from .config import SandboxConfig, check_env_item, check_limit
 from .errors import CommandFailed, CommandTimeout, HeelError, PolicyError, SandboxClosed
 from .policy import NetworkPolicy
@@ -129,7 +129,7 @@ class Sandbox(Generic[P]):
         self._nursery: trio.Nursery | None = None
         self._relays: set[trio.Event] = set()  # of the copies still running
         #: (stream name, OSError) for each inherited host file that refused a command's output
-        self._output_errors: list[tuple[str, OSError]] = []
+        self._output_errors: list[tuple[str, OSError | None]] = []  # and INIT_LOST, for the CLI
         self._background: set[trio.CancelScope] = set()
         self._processes: set[Process] = set()
         self._closed = False
@@ -497,7 +497,7 @@ class Sandbox(Generic[P]):
                 os.close(fd)
         process = Process(pidfd=pidfd, ctl=ctl, args=list(cmd._argv),
                           stdin=streams[0], stdout=streams[1],
-                          stderr=streams[2], on_reaped=self._processes.discard, plan=self._live().plan)
+                          stderr=streams[2], on_reaped=self._reaped, plan=self._live().plan)
         relay_done = []
         for function, stream, host_fd, extra in relays:
             if function is _relay_in:
@@ -521,6 +521,11 @@ class Sandbox(Generic[P]):
                 raise SandboxClosed("the sandbox is closed") from exc
             raise
         return process
+
+    def _reaped(self, process: Process) -> None:
+        self._processes.discard(process)
+        if process._lost:  # said by the CLI, with the output errors
+            self._output_errors.append((INIT_LOST, None))
 
     def _start_relay(self, function, *args) -> trio.Event:
         """A copy of a command's stdio in the background: ``function(*args,

@@ -784,3 +784,65 @@ def test_heel_python_does_not_grant_a_script_through_a_link(host_dir):
         f.write("print('heel-script-ran')\n")
     result = heel("python", "--level", "strict", "--workdir", work, "script.py", cwd=work)
     assert result.returncode == 0 and result.stdout == b"heel-script-ran\n", result
+
+
+# ---- the command's init killed from outside ---------------------------------------------------
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as file:
+            return next(int(line.split()[1]) for line in file if line.startswith("PPid:"))
+    except (OSError, StopIteration, ValueError):
+        return -1
+
+
+@pytest.mark.parametrize("which,network", [("command", False), ("command", True), ("sandbox", False)],
+                         ids=["command-init", "command-init-network", "pid-1"])
+def test_an_init_killed_from_outside_is_said(which, network):
+    """`kill -9` on the host of the command's init, or of the sandbox's pid
+    1, ended `heel run` with 137 and no word: the command's own status is
+    unknown then, and heel says why it ended.  Nothing is left running."""
+    marker = f"{48000 + os.getpid() % 1000}"
+    options = ["--network", "allow"] if network else []
+    proc = subprocess.Popen([sys.executable, "-m", "heel", "run", *options, "--", "sleep", f"3{marker}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    try:
+        def sleepers() -> list[int]:  # heel's own command line holds the marker too
+            found = []
+            for pid in _processes_with(f"3{marker}".encode()):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as file:
+                        if file.read().startswith(b"sleep\0"):
+                            found.append(pid)
+                except OSError:
+                    pass
+            return found
+
+        deadline = time.monotonic() + 20
+        while not sleepers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (sleeper,) = sleepers()
+        command_init = _ppid(sleeper)
+        target = command_init if which == "command" else _ppid(command_init)
+        with open(f"/proc/{target}/cmdline", "rb") as file:
+            assert file.read().startswith(b"heel-init")
+        os.kill(target, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 128 + signal.SIGKILL
+        stderr = proc.stderr.read()
+        assert b"init in the sandbox was killed from outside heel" in stderr, stderr
+        assert stderr.count(b"\n") == 1, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert _processes_with(f"3{marker}".encode()) == []
+
+
+def test_a_command_killed_by_sigkill_is_its_own_status():
+    """The control: a command that dies of SIGKILL itself exits 137, and
+    heel says nothing (its status is known)."""
+    result = heel("run", "--", "sh", "-c", "kill -9 $$", cwd="/")
+    assert result.returncode == 128 + signal.SIGKILL
+    assert result.stderr == b""
