@@ -9,7 +9,9 @@
  *              syscall number to its exit
  *   exits      RET ALLOW                                       every syscall not listed
  *              RET ERRNO(EPERM)                                each denied syscall
- *              RET ERRNO(ENOSYS)                               clone3, openat2
+ *              RET ERRNO(ENOSYS)                               clone3, openat2, and every
+ *                                                              number past the last one
+ *                                                              heel knows
  *              clone, personality, mknod, mknodat, ioctl, socket, socketpair,
  *              bind, listen, sendto, sendmsg, sendmmsg, prlimit64,
  *              setpriority, ioprio_set, sched_setaffinity, sched_setscheduler,
@@ -689,8 +691,8 @@ struct segment {
 };
 
 /* Each listed number adds at most two segments: its own, and the allowed
- * gap after it. */
-#define MAX_SEGMENTS (1 + 2 * MAX_LISTED)
+ * gap after it; the unknown numbers past the last known one make one more. */
+#define MAX_SEGMENTS (2 + 2 * MAX_LISTED)
 
 /* Let the numbers from `from` on lead to `exit`, in seg[0..n) (n >= 1).
  * Calls come in rising order of `from`: this either starts a segment or,
@@ -774,10 +776,15 @@ int heel_seccomp_build(const struct heel_seccomp_opts *opts,
         n_listed = add_listed(list, n_listed, arg_checks[i].nr, EXIT_CHECK + first_alike(i));
 
     for (int i = 0; i < n_listed; i++) {
+        if (list[i].nr > HEEL_LAST_KNOWN_SYSCALL)
+            return -EFAULT;  /* a listed number past the known ones: raise the constant */
         n_seg = cut(seg, n_seg, list[i].nr, list[i].exit);
-        if (list[i].nr != UINT32_MAX)
-            n_seg = cut(seg, n_seg, list[i].nr + 1, EXIT_ALLOW);
+        n_seg = cut(seg, n_seg, list[i].nr + 1, EXIT_ALLOW);
     }
+    /* A syscall a newer kernel adds (a mount, namespace or tracing call
+     * among them) is not let through unreviewed: ENOSYS, what an older
+     * kernel says, so callers fall back to the calls heel knows. */
+    n_seg = cut(seg, n_seg, HEEL_LAST_KNOWN_SYSCALL + 1, EXIT_ENOSYS);
 
     /* A syscall number only means something within its own table. */
     load(&a, DATA_ARCH);

@@ -81,6 +81,11 @@
 #define __NR_open_tree_attr 467
 #endif
 
+/* The highest syscall number of the kernels heel knows (file_setattr,
+ * Linux 6.17; 6.18 added none).  The numbers past it answer ENOSYS inside
+ * the sandbox whatever a newer kernel gives them (see seccomp.c). */
+#define HEEL_LAST_KNOWN_SYSCALL 469u
+
 /* openat2(): struct open_how and the RESOLVE_ flags, for older headers. */
 #include <stdint.h>
 #define HEEL_RESOLVE_NO_MAGICLINKS 0x02
