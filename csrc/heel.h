@@ -165,6 +165,7 @@ struct heel_msg {
 #define HEEL_INIT_NO_FASTOPEN 128  /* seccomp: refuse sendto/sendmsg/sendmmsg with MSG_FASTOPEN */
 
 /* Landlock scopes (ABI 6): abstract unix sockets and signals. */
+#define HEEL_LANDLOCK_SCOPE_SIGNAL 2
 #define HEEL_LANDLOCK_SCOPES 3
 
 /* A command request, host -> heel-init, on heel-init's control socket: a

@@ -120,6 +120,7 @@ struct command {
     pid_t pid;
     int reaped;         /* status is valid; the pid may be recycled */
     int status;
+    int scoped;         /* the init is in a signal-scoped domain of its own (see command_init) */
 };
 
 static struct heel_bpf_insn filter_code[FILTER_CAP];
@@ -802,7 +803,17 @@ static void kill_descendants(struct command *c)
 {
     const struct timespec pause = {.tv_sec = 0, .tv_nsec = 1000 * 1000};
 
-    freeze_and_kill();
+    /* In a signal-scoped domain of its own, the init may signal this
+     * command's processes and no others (not heel-init, pid 1, which
+     * kill(-1) skips anyway, nor another command's), so one kill(-1)
+     * reaches the whole tree at once: the kernel signals every process
+     * under one lock that fork takes too, and a process with SIGKILL
+     * pending forks no more.  A fork bomb whose processes fork and exit
+     * (each child left to us) kept the top-down freeze below racing it,
+     * with the init one runnable process among thousands (found by
+     * review).  The freeze is for kernels without scoping (ABI < 6). */
+    if (!c->scoped || kill(-1, SIGKILL) < 0)
+        freeze_and_kill();
     for (int round = 0; round < MAX_KILL_ROUNDS; round++) {
         int targets, reaped;
 
@@ -840,6 +851,15 @@ static void command_init(const struct zygote *z, struct command *c)
      * command's end can be the end of all it started. */
     if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
         fail(c->ctl, HEEL_STAGE_INIT, errno, EXIT_INIT_FAILED);
+
+    /* A Landlock domain of the init's own, scoped, in which the command's
+     * own is nested: the init can signal the command's processes and
+     * nothing of another command's (their inits and processes are in
+     * sibling domains), and the command cannot signal its init (a parent
+     * domain).  See kill_descendants. */
+    if (z->pidns && z->own_domain && (z->scope & HEEL_LANDLOCK_SCOPE_SIGNAL) &&
+        enter_own_domain(z->landlock_abi, z->scope) == 0)
+        c->scoped = 1;
 
     c->pid = start_command(z, c);
     for (int i = 0; i < 3; i++)

@@ -129,7 +129,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeout", "limits.timeout", "seconds",
             "kill the command after SECONDS of wall-clock time; heel then exits 124", "SECONDS"),
     Setting("memory", "limits.memory", "size", "data memory per process (e.g. 512M, 2G)", "SIZE"),
-    Setting("max_procs", "limits.processes", "count", "processes the command may have at once", "N"),
+    Setting("max_procs", "limits.processes", "count", "processes and threads the sandbox may have at once (default: 4096, with user namespaces)", "N"),
     Setting("cpu_time", "limits.cpu_time", "seconds", "CPU seconds per process", "SECONDS"),
     Setting("max_file_size", "limits.file_size", "size", "the largest file a process may write", "SIZE"),
     Setting("network", "config.network", "network",

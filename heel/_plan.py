@@ -440,6 +440,14 @@ def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
     return covers
 
 
+#: The process limit of a sandbox whose config sets none (ResourceLimits
+#: processes=None): processes and threads of all its commands at once.
+#: Enough for builds, browsers and thread pools; a fork bomb stops there
+#: instead of at the host's pid_max (32768 on many machines), which would
+#: leave the host unable to start anything.
+DEFAULT_PROCESSES = 4096
+
+
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
                init_path: str, host_shm: str | None = None,
                host_mask: str | None = None, host_mask_file: str | None = None,
@@ -677,11 +685,15 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         rlimits.append((resource.RLIMIT_FSIZE, limits.file_size, limits.file_size))
     if limits.open_files:
         rlimits.append((resource.RLIMIT_NOFILE, limits.open_files, limits.open_files))
-    if limits.processes:
+    # processes=None: heel's default, where the count is the sandbox's own
+    # (its user namespace).  Without one RLIMIT_NPROC counts every process
+    # of the user's, so only a limit the config asks for is set there.
+    processes = limits.processes or (DEFAULT_PROCESSES if env.namespaces else None)
+    if processes:
         # Counted in the sandbox's user namespace: every command running at
         # the same time, heel-init and each command's init count (the +2 are
         # heel-init and this command's init).
-        rlimits.append((resource.RLIMIT_NPROC, limits.processes + 2, limits.processes + 2))
+        rlimits.append((resource.RLIMIT_NPROC, processes + 2, processes + 2))
 
     return SandboxPlan(
         level=level,

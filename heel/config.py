@@ -255,8 +255,11 @@ class ResourceLimits(Frozen):
     cpu_time: CPU seconds per process (RLIMIT_CPU).
     file_size: the largest file a process may write (RLIMIT_FSIZE).
     open_files: open file descriptors per process (RLIMIT_NOFILE).
-    processes: processes at once (RLIMIT_NPROC, counted inside the sandbox's
-    user namespace: across its commands running at the same time).
+    processes: processes (and threads) at once (RLIMIT_NPROC, counted inside
+    the sandbox's user namespace: across its commands running at the same
+    time).  None: 4096, heel's default, where the sandbox has a user
+    namespace (without one the kernel would count all of the user's
+    processes, and no limit is set unless asked for).
     output_bytes: captured stdout+stderr; past it the command is killed and
     the output marked truncated.
     Sizes accept ints or strings such as ``"512M"``.  Each has a bound, past

@@ -590,6 +590,78 @@ async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, m
                     pass
 
 
+HOPPER_C = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+/* Fork `width` children and exit at once, in every generation: each child
+ * is left to the command's init, and the tree is never the same twice. */
+int main(int argc, char **argv) {
+    int width = atoi(argv[1]);
+    close(open(argv[2], O_WRONLY | O_CREAT, 0644));  /* it ran */
+    if (fork() > 0)  /* the command's own process stays; its children hop */
+        for (;;)
+            pause();
+    for (;;) {
+        int made = 0;
+        for (int i = 0; i < width; i++) {
+            pid_t pid = fork();
+            if (pid == 0)
+                goto child;
+            if (pid > 0)
+                made++;
+        }
+        if (made)
+            _exit(0);
+        continue;  /* at the process limit: try again */
+    child:;
+    }
+}
+"""
+
+
+async def test_a_fork_and_exit_bomb_is_killed_and_other_commands_live_on(outside_dir):
+    """Found by review: a bomb whose processes fork and exit (every child
+    left to the init) ran past its timeout for minutes: the init, one
+    runnable process among thousands, raced it a process at a time.  The
+    init now sits in a signal-scoped Landlock domain of its own and ends
+    its command with one kill(-1), which the kernel delivers to the whole
+    tree at once.  The control: another command of the same sandbox, in a
+    sibling domain, is not touched by that kill(-1).  The bomb stops at
+    the default process limit (4096)."""
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the test program")
+    source, binary = os.path.join(outside_dir, "hopper.c"), os.path.join(outside_dir, "hopper")
+    with open(source, "w") as f:
+        f.write(HOPPER_C)
+    subprocess.run(["gcc", "-O1", "-o", binary, source], check=True, timeout=60)
+    ran, marker = os.path.join(outside_dir, "ran"), unique_marker()
+    config = heel.SandboxConfig(level=DEFAULT, writable=[outside_dir])
+    try:
+        async with heel.Sandbox(config) as sb:
+            neighbour = await sb.command("sleep").arg("60").spawn()
+            with trio.fail_after(45):  # the bomb's kill: minutes before the fix
+                out = await sb.command(binary).args(["3", ran, marker]).timeout(2).output()
+            assert out.timed_out, explain(out)
+            assert os.path.exists(ran)  # the control: the bomb ran
+            await trio.sleep(0.3)
+            assert processes_with(marker) == []
+            assert neighbour.poll() is None, "another command of the sandbox was killed too"
+            assert (await sb.command("true").status()).returncode == 0  # the sandbox serves on
+            neighbour.kill()
+            assert await neighbour.wait() == -signal.SIGKILL
+    finally:
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in processes_with(marker):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
 # ---- closing: on its own thread, once, whatever the host does -----------------------------
 
 

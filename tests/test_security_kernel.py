@@ -470,6 +470,45 @@ async def test_fork_bomb_is_bounded():
     assert subprocess.run(["true"], timeout=10).returncode == 0
 
 
+THREADS = """
+import threading, time
+threading.stack_size(64 * 1024)
+stop = threading.Event()
+started = 0
+try:
+    while started < 6000:
+        threading.Thread(target=stop.wait, daemon=True).start()
+        started += 1
+except RuntimeError as e:
+    print('refused', e)
+print('started', started, flush=True)
+stop.set()
+"""
+
+
+async def test_processes_have_a_limit_by_default():
+    """Found by review: with no `processes` in the config, a fork bomb
+    (one that forks and exits, so the init's kill cannot catch up) took
+    every pid of the host's (pid_max 32768 here): the host could start
+    nothing for minutes.  The default is 4096 processes and threads per
+    sandbox, counted in its user namespace; a config's own limit wins."""
+    if not heel.probe().user_namespaces:
+        pytest.skip("without user namespaces heel sets no default (the count would be the user's)")
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, THREADS)
+    assert out.returncode == 0, explain(out)
+    started = int(re.search(rb"started (\d+)", out.stdout).group(1))
+    assert b"refused" in out.stdout, explain(out)
+    assert 4000 <= started <= 4096, explain(out)
+    # Control: a config's own limit above the default is the one that holds.
+    limits = heel.ResourceLimits(processes=5000)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
+        out = await py(sb, THREADS)
+    assert out.returncode == 0, explain(out)
+    started = int(re.search(rb"started (\d+)", out.stdout).group(1))
+    assert 4900 <= started <= 5000, explain(out)
+
+
 async def test_memory_limit():
     limits = heel.ResourceLimits(memory="256M")
     async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, limits=limits)) as sb:
