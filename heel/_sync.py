@@ -105,7 +105,7 @@ class Relays:
         self._pending = b""
         #: (stream, OSError) for each host file that refused the command's
         #: output, and ("stdin", OSError) when the host's stdin could not be read
-        self.errors: list[tuple[str, OSError]] = []
+        self.errors: list[tuple[str, OSError | None]] = []  # None: INIT_LOST
         for index, fd in enumerate(stdio):
             if not needs_relay(fd):
                 continue

@@ -64,6 +64,16 @@ class NetworkRequest(
     forwarding) or ``"socks"`` (SOCKS5).  ``method`` and ``url`` are set for
     plain HTTP only; ``command`` names the sandboxed command that asked, when
     known.
+
+    ``url`` is ``http://`` + the canonical host (and the port, unless 80) +
+    the path and query exactly as the request sent them, which is what goes
+    to the server: it is not normalised (percent-encoding, ``//``, case
+    stay as written, and the server may read them otherwise).  One thing is
+    refused before a policy is asked: a path with a dot segment (``.`` or
+    ``..``, as written or %-encoded, ``%2e``, and also where ``%2f``,
+    ``%5c`` or ``\\`` ends it) gets 400, so a policy that matches
+    ``url.startswith("http://files.example/public/")`` does not pass
+    ``/public/../secret``.
     """
 
     __slots__ = ()
@@ -78,11 +88,65 @@ class NetworkRequest(
 class Decision(namedtuple("Decision", ["allowed", "reason"])):
     """A policy's answer: ``allowed``, and the ``reason`` in words
     (``"not in the allow-list"``, ``"matches *.example.com"``), which heel
-    reports with each denied request."""
+    reports with each denied request: in the host's event, and to the
+    sandbox in the body of the 403.  A reason heel writes from what only the
+    host should know (the text of a :class:`CustomPolicy`'s exception) goes
+    to the event alone; the sandbox reads "the policy failed"."""
 
     __slots__ = ()
     allowed: bool
     reason: str
+
+
+class _Withheld(Decision):
+    """A decision whose ``reason`` is for the host alone; ``public`` is what
+    the sandbox may read instead (see :func:`sandbox_reason`)."""
+
+    # No __slots__: ``public`` lives in the instance's __dict__, and the
+    # tuple stays (allowed, reason), equal to a Decision of the same two.
+    public = "the policy failed"
+
+    def __new__(cls, allowed: bool, reason: str, public: str = "the policy failed") -> _Withheld:
+        decision = super().__new__(cls, allowed, reason)
+        decision.public = public
+        return decision
+
+    def __repr__(self) -> str:
+        return f"Decision(allowed={self.allowed!r}, reason={self.reason!r})"
+
+
+class _Failed(_Withheld):
+    """A denial because a policy failed (a CustomPolicy that raised, was
+    late or answered wrongly): it is no answer, so it stays a denial
+    whatever combines it.  ``~`` does not turn it into an allow (that would
+    let everything through while a blocklist service is down), and a
+    ``|`` whose parts all denied, one of them by failing, fails too."""
+
+    def __new__(cls, allowed: bool, reason: str, public: str = "the policy failed") -> _Failed:
+        decision = super().__new__(cls, False, reason, public)
+        assert isinstance(decision, _Failed)
+        return decision
+
+
+def sandbox_reason(decision: Decision) -> str:
+    """The reason of ``decision`` as the sandbox may read it (the proxy's
+    403 body): its reason, less what only the host should know."""
+    return decision.public if isinstance(decision, _Withheld) else decision.reason
+
+
+def _decision(allowed: bool, reason: str, public: str) -> Decision:
+    """A Decision, or a _Withheld one when the sandbox must read less."""
+    return Decision(allowed, reason) if public == reason else _Withheld(allowed, reason, public)
+
+
+def _joined(allowed: bool, decisions: list[Decision]) -> Decision:
+    """The parts' reasons, one after another, for the host and for the
+    sandbox; a denial among whose parts one failed is a failure (_Failed)."""
+    reason = "; ".join(decision.reason for decision in decisions)
+    public = "; ".join(sandbox_reason(decision) for decision in decisions)
+    if not allowed and any(isinstance(decision, _Failed) for decision in decisions):
+        return _Failed(False, reason, public)
+    return _decision(allowed, reason, public)
 
 
 class NetworkPolicy(abc.ABC):
@@ -401,7 +465,9 @@ class CustomPolicy(NetworkPolicy):
 
     The answer must come within ``timeout`` seconds.  A function that raises,
     hangs past the timeout or returns anything else denies the request, with
-    a reason that says so.  ``allow_restricted=True`` lets the requests it
+    a reason that says so: the host's event names the exception (its text
+    included) or the wrong answer, while the sandbox reads only "the policy
+    failed".  ``allow_restricted=True`` lets the requests it
     allows reach restricted addresses (loopback, private networks, cloud
     metadata): only for a function that checks the host itself.
     """
@@ -434,24 +500,25 @@ class CustomPolicy(NetworkPolicy):
         # function that blocked the event loop (time.sleep in an async def),
         # which no cancellation could reach.
         if deadline.cancel_called or trio.current_time() >= deadline.deadline:
-            return Decision(False, f"policy did not answer within {self.timeout:g} s")
+            return _Failed(False, f"policy did not answer within {self.timeout:g} s",
+                           f"the policy did not answer within {self.timeout:g} s")
         return decision
 
     async def _ask(self, request: NetworkRequest) -> Decision:
         try:
             pending = self.func(request)
             if not hasattr(pending, "__await__"):
-                return Decision(
+                return _Failed(
                     False, f"policy {self._name} returned {type(pending).__name__}, not an awaitable: it must be async"
                 )
             answer = await pending
         except Exception as error:
-            return Decision(False, f"policy raised {type(error).__name__}: {error}")
+            return _Failed(False, f"policy raised {type(error).__name__}: {error}")
         if isinstance(answer, bool):
             return Decision(answer, f"{'allowed' if answer else 'denied'} by {self._name}")
         if isinstance(answer, Decision) and isinstance(answer.allowed, bool):
             return Decision(answer.allowed, str(answer.reason))
-        return Decision(False, f"policy {self._name} returned {answer!r}, not a bool or a Decision")
+        return _Failed(False, f"policy {self._name} returned {answer!r}, not a bool or a Decision")
 
     @property
     def _name(self) -> str:
@@ -528,15 +595,15 @@ class _AnyOf(_Combination):
 
     async def decide(self, request: NetworkRequest) -> Decision:
         """The first part's approval, or every part's reason for denying."""
-        reasons = []
+        denials = []
         for part in self.parts:
             decision = await part.decide(request)
             if decision.allowed:
                 self._remember(request, part)
                 return decision
-            reasons.append(decision.reason)
+            denials.append(decision)
         self._remember(request, None)
-        return Decision(False, "; ".join(reasons))
+        return _joined(False, denials)
 
     def _remember(self, request: NetworkRequest, part: NetworkPolicy | None) -> None:
         record = {key: entry for key, entry in _ALLOWED_BY.get().items() if key != id(self)}
@@ -586,13 +653,13 @@ class _AllOf(_Combination):
 
     async def decide(self, request: NetworkRequest) -> Decision:
         """The first part's denial, or every part's reason for allowing."""
-        reasons = []
+        approvals = []
         for part in self.parts:
             decision = await part.decide(request)
             if not decision.allowed:
                 return decision
-            reasons.append(decision.reason)
-        return Decision(True, "; ".join(reasons))
+            approvals.append(decision)
+        return _joined(True, approvals)
 
     def permits_restricted(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         """Whether some part permits it: every part allowed the request, so
@@ -642,9 +709,11 @@ class _Not(NetworkPolicy):
     async def decide(self, request: NetworkRequest) -> Decision:
         """The inner policy's answer, turned around."""
         decision = await self.inner.decide(request)
-        if decision.allowed:
-            return Decision(False, f"excluded: {decision.reason}")
-        return Decision(True, f"not excluded: {decision.reason}")
+        if isinstance(decision, _Failed):  # no answer to turn around: still a denial
+            return _Failed(False, f"cannot exclude: {decision.reason}", sandbox_reason(decision))
+        verdict = "excluded" if decision.allowed else "not excluded"
+        return _decision(not decision.allowed, f"{verdict}: {decision.reason}",
+                         f"{verdict}: {sandbox_reason(decision)}")
 
     def _surely_allows(self, request: NetworkRequest, addr: _IPAddress) -> bool:
         return not self.inner._might_allow(request, addr)

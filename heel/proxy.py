@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import collections
 import errno
+import heapq
 import resource
 import hmac
 import ipaddress
 import socket
+import struct
 import time
+import urllib.parse
 from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
@@ -44,7 +47,7 @@ import trio
 from . import _netaddr, _relay
 from ._budget import ProcessBudget
 from . import _proxy_protocol as proto
-from .policy import NetworkPolicy, NetworkRequest
+from .policy import NetworkPolicy, NetworkRequest, sandbox_reason
 
 __all__ = ["NetworkEvent", "Resolver"]
 
@@ -78,8 +81,10 @@ LINGER_TIMEOUT = 2.0
 #: the server says nothing ends when a probe is answered with a reset, where
 #: the relay alone would wait for the server for ever.
 KEEPALIVE = (60, 10, 6)
-#: Decisions kept for network_events(); older ones are dropped (the
-#: on_network_event callback still sees every one).
+#: Events kept for network_events(), of each kind: this many allowed ones
+#: and this many others (denied, failed); past it the oldest of that kind is
+#: dropped (and counted; the on_network_event callback still sees every one).
+#: Two stores, so that a flood of denials never pushes out an allowed event.
 MAX_EVENTS = 10_000
 #: Name lookups one proxy runs at once (each takes a thread while it waits).
 MAX_LOOKUPS = 8
@@ -149,8 +154,69 @@ _process_connections = ProcessBudget(lambda: _process_budget())  # looked up eac
 
 def _is_local(address) -> bool:
     """Whether the kernel would deliver to ``address`` on this host (one of
-    its own addresses, public ones included: a daemon bound to 0.0.0.0 is
-    not the network).  A route lookup, then a bind; nothing is sent."""
+    its own addresses, public ones included: a daemon bound to 0.0.0.0 or
+    :: is not the network).  The kernel's own route lookup says so: a
+    ``local`` (or broadcast, or anycast) route, whether for an address of
+    an interface, a whole prefix on lo or an AnyIP route (``ip route add
+    local P dev lo``), of either family.  Nothing is sent."""
+    route = _route_type(address)
+    if route is not None:
+        return route in _DELIVERED_HERE
+    return _is_local_by_socket(address)
+
+
+# rtnetlink (linux/netlink.h, linux/rtnetlink.h): one RTM_GETROUTE request,
+# as `ip route get ADDRESS` sends it, whose answer's rtm_type says what the
+# kernel does with a packet for that address.
+_NETLINK_ROUTE = 0
+_RTM_GETROUTE = 26
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_RTA_DST = 1
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST = 2, 3, 4
+#: Route types whose packets this host takes for itself.
+_DELIVERED_HERE = frozenset({_RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST})
+
+
+def _route_type(address) -> int | None:
+    """The type (RTN_*) of the route the kernel picks for ``address``, as
+    for a connection this process makes; None when rtnetlink cannot be
+    asked or has no route to give."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    packed = address.packed
+    body = (_RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0)
+            + struct.pack("=HH", 4 + len(packed), _RTA_DST) + packed)  # 4 or 16 bytes: aligned
+    sequence = 1
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, sequence, 0) + body
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_ROUTE) as nl:
+            nl.settimeout(1.0)  # the kernel answers at once; never hang the event loop
+            nl.send(request)
+            while True:
+                answer = nl.recv(65536)
+                offset = 0
+                while offset + _NLMSGHDR.size <= len(answer):
+                    length, kind, _, seq, _ = _NLMSGHDR.unpack_from(answer, offset)
+                    if length < _NLMSGHDR.size:
+                        return None
+                    if seq != sequence:
+                        offset += (length + 3) & ~3  # not the answer to this request
+                        continue
+                    if kind == _NLMSG_ERROR or offset + _NLMSGHDR.size + _RTMSG.size > len(answer):
+                        # No route (ENETUNREACH), or a blackhole or prohibit
+                        # route (EINVAL, EACCES): the connect fails too, which
+                        # the lookup through a socket finds out again.
+                        return None
+                    return _RTMSG.unpack_from(answer, offset + _NLMSGHDR.size)[7]
+    except OSError:
+        return None
+
+
+def _is_local_by_socket(address) -> bool:
+    """Where rtnetlink cannot be asked: a route lookup through a UDP
+    socket, then a bind()."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
@@ -164,6 +230,7 @@ def _is_local(address) -> bool:
     # the lookup names that source, yet the kernel delivers here.  Only a
     # local address can be bound, unless the host lets any be
     # (ip_nonlocal_bind), where binding tells nothing and the lookup stands.
+    # (IPv6 binds only the addresses of interfaces, not AnyIP prefixes.)
     if _nonlocal_bind(family):
         return False
     try:
@@ -197,11 +264,16 @@ class _Refused(Exception):
     """The request ends here: ``status`` (HTTP) / ``socks_code`` to answer."""
 
     def __init__(self, status: int, socks_code: int, reason: str, *, decided: bool = True,
-                 failed: bool = False) -> None:
+                 failed: bool = False, public: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.socks_code = socks_code
+        #: for the host (the event)
         self.reason = reason
+        #: for the sandbox (the body of the answer): the reason, unless it
+        #: holds what only the host should know (a policy's exception, the
+        #: address an internal name resolves to)
+        self.public = reason if public is None else public
         #: whether a request was understood far enough to be an event
         self.decided = decided
         #: the policy allowed it; the way to the server failed
@@ -232,7 +304,12 @@ class Proxy:
         self._resolver = resolver
         self._on_event = on_event
         self._handshake_timeout = handshake_timeout
-        self.events: collections.deque[NetworkEvent] = collections.deque(maxlen=MAX_EVENTS)
+        # (sequence number, event): allowed ones, and the rest (see MAX_EVENTS)
+        self._allowed_events: collections.deque[tuple[int, NetworkEvent]] = collections.deque(maxlen=MAX_EVENTS)
+        self._other_events: collections.deque[tuple[int, NetworkEvent]] = collections.deque(maxlen=MAX_EVENTS)
+        self._recorded = 0
+        #: events recorded but no longer in :attr:`events` (see MAX_EVENTS)
+        self.events_dropped = 0
         self.max_connections = _connection_budget()
         self._lookups = trio.CapacityLimiter(MAX_LOOKUPS)
         #: proxy user name -> the command it stands for
@@ -248,8 +325,23 @@ class Proxy:
         return await trio.to_thread.run_sync(_resolve, host, port, limiter=self._lookups,
                                              abandon_on_cancel=True)
 
+    @property
+    def events(self) -> list[NetworkEvent]:
+        """The events kept, in the order they were recorded: the latest
+        MAX_EVENTS allowed ones and the latest MAX_EVENTS others;
+        :attr:`events_dropped` counts the rest."""
+        return [event for _, event in heapq.merge(self._allowed_events, self._other_events,
+                                                   key=lambda entry: entry[0])]
+
     def record(self, event: NetworkEvent) -> None:
-        self.events.append(event)
+        """Keep ``event`` (allowed ones apart from the rest, so that denials,
+        which the sandbox can make as fast as it likes, never push an allowed
+        one out) and pass it to ``on_event``."""
+        store = self._allowed_events if event.allowed else self._other_events
+        if len(store) == store.maxlen:
+            self.events_dropped += 1
+        store.append((self._recorded, event))
+        self._recorded += 1
         if self._on_event is not None:
             try:
                 self._on_event(event)
@@ -351,6 +443,13 @@ class Proxy:
                                "chunked request bodies are not supported: a request body needs a "
                                "Content-Length here (or use https://, through CONNECT)")
             host = _host(request.host)
+            if not is_connect and _has_dot_segment(request.path):
+                # A policy that matches the URL's path (CustomPolicy on
+                # NetworkRequest.url) must see the path the server will
+                # serve: /public/../secret.txt is /secret.txt to it.
+                raise _Refused(400, proto.GENERAL_FAILURE,
+                               "the request's path has a dot segment ('.' or '..', plain or %-encoded): "
+                               "send it without them")
             if overloaded:
                 raise _Refused(503, proto.GENERAL_FAILURE, self._overload_reason())
             net_request = NetworkRequest(
@@ -368,13 +467,13 @@ class Proxy:
                 self.record(NetworkEvent(arrived, _safe_host(request.host), request.port, protocol,
                                          False, refused.reason, command, failed=refused.failed))
             await _send(conn, proto.http_response(refused.status, _reason(refused.status),
-                                                  f"heel proxy: {where}: {refused.reason}", extra))
+                                                  f"heel proxy: {where}: {refused.public}", extra))
             await _linger(conn, OVERLOAD_TIMEOUT if overloaded else LINGER_TIMEOUT)
             return
         with upstream:
             if is_connect:
-                await _send(conn, proto.CONNECT_ESTABLISHED)
-                await self._tunnel(conn, upstream, leftover, net_request, arrived, reason)
+                await self._tunnel(conn, upstream, proto.CONNECT_ESTABLISHED, leftover, net_request, arrived,
+                                   reason)
             else:
                 await self._forward(conn, upstream, request, leftover, net_request, arrived, reason)
 
@@ -430,8 +529,8 @@ class Proxy:
             await _send(conn, proto.socks5_reply(refused.socks_code))
             return
         with upstream:
-            await _send(conn, proto.socks5_reply(proto.SUCCEEDED))
-            await self._tunnel(conn, upstream, handshake.trailing_data, net_request, arrived, reason)
+            await self._tunnel(conn, upstream, proto.socks5_reply(proto.SUCCEEDED), handshake.trailing_data,
+                               net_request, arrived, reason)
 
     # ---- shared ----------------------------------------------------------
 
@@ -459,7 +558,7 @@ class Proxy:
         reason for allowing it; or _Refused."""
         decision = await self.policy.decide(request)
         if not decision.allowed:
-            raise _Refused(403, proto.NOT_ALLOWED, decision.reason)
+            raise _Refused(403, proto.NOT_ALLOWED, decision.reason, public=sandbox_reason(decision))
         literal = _netaddr.parse_ip(request.host)
         if literal is not None:
             addresses = [literal]
@@ -480,10 +579,13 @@ class Proxy:
         for address in addresses:
             internal = _netaddr.is_restricted(address) or _is_local(address)
             if internal and not self.policy.permits_restricted(request, address):
-                what = "is" if literal is not None else f"resolves to {address}, which is"
-                raise _Refused(403, proto.NOT_ALLOWED,
-                               f"{request.host} {what} an internal address (loopback, private, link-local, "
-                               "metadata or this host's own) that the policy does not name")
+                what = ("an internal address (loopback, private, link-local, metadata or this host's own) "
+                        "that the policy does not name")
+                if literal is not None:
+                    raise _Refused(403, proto.NOT_ALLOWED, f"{request.host} is {what}")
+                # The sandbox learns that, not where the name points.
+                raise _Refused(403, proto.NOT_ALLOWED, f"{request.host} resolves to {address}, which is {what}",
+                               public=f"{request.host} resolves to {what}")
         errors = []
         with trio.move_on_after(CONNECT_TIMEOUT):
             for address in addresses:
@@ -606,13 +708,22 @@ class Proxy:
                 left -= len(chunk)
         return None
 
-    async def _tunnel(self, conn, upstream, first_out: bytes, request: NetworkRequest, arrived: float,
-                      reason: str) -> None:
+    async def _tunnel(self, conn, upstream, answer: bytes, first_out: bytes, request: NetworkRequest,
+                      arrived: float, reason: str) -> None:
+        """Tell the client its tunnel is open (``answer``), pass on what it
+        sent early (``first_out``) and relay; the event is recorded however
+        that ends: the upstream connection is made, even when the client is
+        gone before it reads ``answer``."""
         sent = 0
         result = None
         for sock in (conn, upstream):
             _keepalive(sock)
         try:
+            try:
+                await _send(conn, answer)
+            except OSError as exc:
+                reason = f"{reason} (the client was gone before the tunnel opened: {exc.strerror or exc})"
+                raise
             if first_out:
                 await _send(upstream, first_out)
                 sent = len(first_out)
@@ -648,7 +759,7 @@ def _host(raw: str) -> str:
     try:
         return _netaddr.normalize_host(raw)
     except ValueError as exc:
-        raise _Refused(400, proto.ADDRESS_TYPE_NOT_SUPPORTED, f"invalid host: {exc}", decided=False) from None
+        raise _Refused(400, proto.ADDRESS_TYPE_NOT_SUPPORTED, f"invalid host: {exc}") from None
 
 
 def _safe_host(raw: str) -> str:
@@ -659,6 +770,18 @@ def _safe_host(raw: str) -> str:
         return _netaddr.normalize_host(raw)
     except ValueError:
         return repr(raw[:253]) + ("..." if len(raw) > 253 else "")
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether the path of an origin-form target (``/a/b?q``) has a ``.`` or
+    ``..`` segment, as written or %-encoded (``%2e``, ``.%2E``), also where
+    an encoded slash or a backslash, which some servers take for a slash,
+    ends the segment (``..%2f``, ``..\\``).  The query is not looked at."""
+    path = path.split("?", 1)[0]
+    if "." not in path and "%" not in path:
+        return False
+    decoded = urllib.parse.unquote(path, errors="replace").replace("\\", "/")
+    return any(segment in (".", "..") for segment in decoded.split("/"))
 
 
 def _url(host: str, port: int, path: str) -> str:

@@ -221,8 +221,19 @@ class Sandbox(Generic[P]):
 
     def network_events(self) -> list[NetworkEvent]:
         """What the proxy decided so far, oldest first (see heel.NetworkEvent).
-        Empty under DenyAll: there is no proxy, and no network to ask for."""
+        Empty under DenyAll: there is no proxy, and no network to ask for.
+
+        The list is bounded: it keeps the latest 10,000 allowed events and,
+        apart from them, the latest 10,000 others (denied, failed), so a
+        flood of denials never pushes out an allowed one.
+        ``network_events_dropped`` counts what is no longer listed;
+        the config's ``on_network_event`` sees every event."""
         return list(self._proxy.events) if self._proxy is not None else []
+
+    @property
+    def network_events_dropped(self) -> int:
+        """How many events network_events() no longer lists (see there)."""
+        return self._proxy.events_dropped if self._proxy is not None else 0
 
     @trio.lowlevel.enable_ki_protection  # a Ctrl-C here would leave the sandbox half closed
     async def __aexit__(self, *exc) -> None:
