@@ -111,3 +111,44 @@ def closed_by_host(sock):
     except socket.timeout:
         return False
 """
+
+
+#: The start of an in-sandbox client that speaks to the proxy named by
+#: $HTTP_PROXY itself, so that a test controls every byte it sends and sees
+#: every byte of the answer: ``proxy`` (the URL's parts), ``credential``
+#: and ``auth`` (its Proxy-Authorization line), ``connect_proxy()``,
+#: ``read_all()`` (to the end, or a reset) and ``socks_connect()`` (user and
+#: password, then CONNECT to a name).
+PROXY_CLIENT = r"""
+import base64, os, socket, struct, sys, time, urllib.parse
+
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+credential = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
+auth = f"Proxy-Authorization: Basic {credential}\r\n".encode()
+
+
+def connect_proxy(timeout=10):
+    return socket.create_connection((proxy.hostname, proxy.port), timeout=timeout)
+
+
+def read_all(s, data=b""):
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def socks_connect(name, port):
+    s = connect_proxy()
+    user, password = proxy.username.encode(), proxy.password.encode()
+    s.sendall(b"\x05\x01\x02")
+    assert s.recv(2) == b"\x05\x02"
+    s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+    assert s.recv(2) == b"\x01\x00"
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
+    return s
+"""

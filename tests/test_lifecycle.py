@@ -497,6 +497,17 @@ def test_ctrl_c_while_the_sandbox_closes_still_closes_it(network):
 
 # ---- killing a tree that fights back -------------------------------------------------------
 
+def _stop_and_kill(marker: str) -> None:
+    """What a failed test left running: stopped first (so it forks no
+    more), then killed."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in processes_with(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 HYDRA_C = r"""
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -582,12 +593,7 @@ async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, m
         assert processes_with(marker) == []
         assert not os.path.exists(acted), "a process acted on its parent's death"
     finally:
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for pid in processes_with(marker):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+        _stop_and_kill(marker)
 
 
 HOPPER_C = r"""
@@ -654,12 +660,7 @@ async def test_a_fork_and_exit_bomb_is_killed_and_other_commands_live_on(outside
             neighbour.kill()
             assert await neighbour.wait() == -signal.SIGKILL
     finally:
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for pid in processes_with(marker):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+        _stop_and_kill(marker)
 
 
 # ---- closing: on its own thread, once, whatever the host does -----------------------------

@@ -19,33 +19,13 @@ import trio
 
 import heel
 from heel import _proxy_protocol as proto
-from helpers import explain, py
+from helpers import PROXY_CLIENT, explain, py
 from netservers import resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 TIMEOUT = 30
 
-#: The in-sandbox side: raw sockets to the proxy named by $HTTP_PROXY, so
-#: that a test controls every byte and sees every byte of the answer.
-PRELUDE = r"""
-import base64, os, socket, sys, time, urllib.parse
-
-proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
-credential = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
-auth = f"Proxy-Authorization: Basic {credential}\r\n".encode()
-
-
-def connect_proxy(timeout=10):
-    return socket.create_connection((proxy.hostname, proxy.port), timeout=timeout)
-
-
-def read_all(s, data=b""):
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-"""
+PRELUDE = PROXY_CLIENT
 
 
 class RawServer:
@@ -261,13 +241,7 @@ s = connect_proxy()
 s.sendall(f"GET http://web.test:{web_port}/over HTTP/1.1\r\n".encode() + auth + b"\r\n")
 answer = read_all(s)
 print(answer.split(b"\r\n")[0].decode(), "|", answer.split(b"\r\n\r\n", 1)[1].decode().strip())
-s = connect_proxy()
-user, password = proxy.username.encode(), proxy.password.encode()
-s.sendall(b"\x05\x01\x02")
-assert s.recv(2) == b"\x05\x02"
-s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-assert s.recv(2) == b"\x01\x00"
-s.sendall(b"\x05\x01\x00\x03\x08web.test" + int(web_port).to_bytes(2, "big"))
+s = socks_connect(b"web.test", web_port)
 print("SOCKS", s.recv(262)[1])
 tunnel.close()
 time.sleep(0.5)

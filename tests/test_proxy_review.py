@@ -29,49 +29,15 @@ import trio
 import heel
 import heel.proxy
 from heel.policy import AllowAll, AllowList, CustomPolicy, Decision
-from helpers import explain, py
+from helpers import PROXY_CLIENT, explain, py
 from netservers import HttpServer, resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 #: Generous: these tests must pass on a loaded machine too.
 TIMEOUT = 60
 
-#: The in-sandbox side: raw sockets to the proxy named by $HTTP_PROXY, so
-#: that a test controls every byte and sees every byte of the answer.
-PRELUDE = r"""
-import base64, os, socket, struct, sys, time, urllib.parse
-
-proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
-credential = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
-auth = f"Proxy-Authorization: Basic {credential}\r\n".encode()
-
-
-def connect_proxy(timeout=10):
-    return socket.create_connection((proxy.hostname, proxy.port), timeout=timeout)
-
-
-def read_all(s, data=b""):
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
-def socks_request(name, port):
-    # Username/password authentication (what the proxy asks for where
-    # others could reach it), then CONNECT to a domain name.
-    s = connect_proxy()
-    user, password = proxy.username.encode(), proxy.password.encode()
-    s.sendall(b"\x05\x01\x02")
-    assert s.recv(2) == b"\x05\x02"
-    s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-    assert s.recv(2) == b"\x01\x00"
-    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
-    return s
+#: The in-sandbox side (helpers.PROXY_CLIENT), and a reset.
+PRELUDE = PROXY_CLIENT + r"""
 
 
 def reset(s):
@@ -275,7 +241,7 @@ for _ in range(3):
     s.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n".encode() + auth + b"\r\n")
     reset(s)
 for _ in range(3):
-    reset(socks_request(b"allowed.test", port))
+    reset(socks_connect(b"allowed.test", port))
 open("reset-all", "w").close()
 s = connect_proxy()
 s.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n".encode() + auth + b"\r\n")
@@ -565,7 +531,7 @@ async def test_a_malformed_socks_name_is_an_event(echo):
         out = await inside(sb, r"""
 port = int(sys.argv[1])
 for name in sys.argv[2:] + ["echo.test"]:
-    s = socks_request(name.encode(), port)
+    s = socks_connect(name.encode(), port)
     code = s.recv(10)[1]
     if code == 0:
         s.sendall(b"fine")
