@@ -424,48 +424,54 @@ static pid_t start_command(const struct zygote *z, const struct command *c)
 
 /* Reap every child that has exited, without blocking.  Returns how many
  * were reaped, or -1 when there is no child left at all. */
-static int reap_exited(struct command *c)
+static int reap_exited(struct command *c, int most)
 {
     int reaped = 0, status;
-    pid_t pid;
+    pid_t pid = 0;
 
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    while ((most <= 0 || reaped < most) && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
         if (c != NULL && pid == c->pid) {
             c->status = status;
             c->reaped = 1;
         }
         reaped++;
     }
-    if (pid < 0 && errno == ECHILD)
+    if (reaped == 0 && pid < 0 && errno == ECHILD)
         return -1;
     return reaped;
 }
 
-/* Drain the signalfd.  Returns 1 once the command has exited. */
-static int handle_signals(struct command *c, int sfd)
+/* Zombies reaped at most per turn of run_until_end: the host's messages
+ * are read between turns.  A fork bomb whose processes fork and exit (each
+ * child left to us) makes zombies as fast as we reap them, and reaping
+ * until none was left kept the init from ever reading the host's KILL
+ * (found by review). */
+#define REAP_PER_TURN 256
+
+/* Take what the signalfd has (one read) and reap up to REAP_PER_TURN
+ * zombies, when a SIGCHLD came or *backlog says some may be left from the
+ * turn before; *backlog is set when this turn reaped its most.  Returns 1
+ * once the command has exited. */
+static int handle_signals(struct command *c, int sfd, int *backlog)
 {
     struct signalfd_siginfo info[8];
     ssize_t n;
+    int reap = *backlog;
 
-    for (;;) {
+    do {
         n = read(sfd, info, sizeof(info));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return 0; /* EAGAIN: drained */
-        for (size_t i = 0; i < (size_t)n / sizeof(info[0]); i++) {
-            if (info[i].ssi_signo == SIGCHLD) {
-                reap_exited(c);
-                if (c->reaped)
-                    return 1;
-            } else {
-                /* The command is reaped only just above, and its init
-                 * ends right then, so this pid still names the command
-                 * (at worst a zombie), never a recycled pid. */
-                kill(c->pid, (int)info[i].ssi_signo);
-            }
-        }
+    } while (n < 0 && errno == EINTR);
+    for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof(info[0]); i++) {
+        if (info[i].ssi_signo == SIGCHLD)
+            reap = 1;
+        else if (!c->reaped)
+            /* The command is reaped only below, and its init ends right
+             * then, so this pid still names the command (at worst a
+             * zombie), never a recycled pid. */
+            kill(c->pid, (int)info[i].ssi_signo);
     }
+    *backlog = reap && reap_exited(c, REAP_PER_TURN) == REAP_PER_TURN;
+    return c->reaped;
 }
 
 /* A message from the host, read in as many pieces as the socket delivers. */
@@ -504,15 +510,16 @@ static void run_until_end(struct command *c, int sfd)
         {.fd = c->ctl, .events = POLLIN},
     };
     struct ctl_reader reader = {.have = 0};
+    int backlog = 0; /* zombies may be left from the turn before: no waiting */
 
     for (;;) {
-        if (poll(fds, 2, -1) < 0) {
+        if (poll(fds, 2, backlog ? 0 : -1) < 0) {
             if (errno == EINTR)
                 continue;
             return; /* the command can no longer be watched: end it */
         }
         /* Signals first: the command's exit is reported if it came first. */
-        if (fds[0].revents != 0 && handle_signals(c, sfd))
+        if ((fds[0].revents != 0 || backlog) && handle_signals(c, sfd, &backlog))
             return;
         /* Any event, POLLHUP and POLLERR included, shows in the read. */
         if (fds[1].revents != 0 && handle_ctl(c, &reader))
@@ -812,13 +819,13 @@ static void kill_descendants(struct command *c)
      * (each child left to us) kept the top-down freeze below racing it,
      * with the init one runnable process among thousands (found by
      * review).  The freeze is for kernels without scoping (ABI < 6). */
-    if (!c->scoped || kill(-1, SIGKILL) < 0)
+    if (c == NULL || !c->scoped || kill(-1, SIGKILL) < 0)
         freeze_and_kill();
     for (int round = 0; round < MAX_KILL_ROUNDS; round++) {
         int targets, reaped;
 
         targets = kill_children(c);
-        reaped = reap_exited(c);
+        reaped = reap_exited(c, 0);
         if (reaped < 0 || (targets == 0 && reaped == 0))
             return;
         /* Nothing had died yet: give SIGKILL a moment rather than spin. */

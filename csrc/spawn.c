@@ -324,7 +324,7 @@ static int setup_mounts(const struct heel_spawn_plan *p)
              * inside can chmod the ptmx (which a non-root caller's sandbox
              * owns) or its ptys. */
             if (mount("devpts", op->path, "devpts", MS_NOSUID | MS_NOEXEC,
-                      "newinstance,ptmxmode=0666,mode=0000,max=" HEEL_DEVPTS_MAX) < 0 ||
+                      "newinstance,ptmxmode=0666,mode=0620,max=" HEEL_DEVPTS_MAX) < 0 ||
                 mount(NULL, op->path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC,
                       NULL) < 0)
                 return -1;

@@ -214,7 +214,10 @@ def probe() -> ProbeReport:
           "no network policy can be enforced (needs Landlock ABI 4); only DenyAll works",
           partial=abi >= 4),
         p("capabilities", True, "none inside (bounding set emptied, securebits locked)", ""),
-        p("process_limit", ns or not root, "RLIMIT_NPROC counted inside the sandbox's user namespace",
+        p("process_limit", ns or not root,
+          "RLIMIT_NPROC counted inside the sandbox's user namespace (4096 unless the config sets one)"
+          + ("; not for PERMISSIVE, whose root sandboxes run as the real uid 0" if root else "")
+          if ns else "RLIMIT_NPROC, counted over all of this user's processes; none by default",
           "RLIMIT_NPROC does not bind uid 0 without a user namespace"),
     ]
     return ProbeReport(landlock_abi=abi, seccomp=env.seccomp, user_namespaces=ns, euid=env.euid,

@@ -83,6 +83,10 @@ class Prepared:
         #: an O_PATH fd of the ptmx of the sandbox's own devpts (-1: none),
         #: where the ptys for commands on a terminal come from (open_pty)
         self.ptmx = -1
+        #: How heel-init ended, once reaped: (si_code, si_status) of its
+        #: waitid (CLD_EXITED and 0 when it ended by itself, as it does
+        #: without a pid namespace; CLD_KILLED and SIGKILL, heel's, with one).
+        self.init_ended: tuple[int, int] | None = None
         for path, is_file in plan.mountpoints:
             try:
                 make_path_nofollow(path, is_file)
@@ -304,7 +308,9 @@ class Prepared:
             except ProcessLookupError:
                 pass
             try:
-                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+                info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+                if info is not None:
+                    self.init_ended = (info.si_code, info.si_status)
             except ChildProcessError:  # a host that ignores SIGCHLD: the kernel reaped it
                 pass
             os.close(self._pidfd)

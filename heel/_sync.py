@@ -13,7 +13,7 @@ import time
 
 from . import _native
 from ._spawn import MSG_SIZE, Prepared, decode_message, encode_message, host_pid, needs_relay, raise_for_error
-from ._terminal import TerminalBridge
+from ._terminal import DRAIN_SECONDS, TerminalBridge
 
 
 def recv_message(sock: _socket.socket, *, block: bool = True):
@@ -183,9 +183,17 @@ class Relays:
         self.input_pipe = -1
 
     def finish(self) -> None:
-        """Every sandboxed process is gone: copy what is left, close the rest."""
+        """The command's init has ended: copy what is left, close the rest.
+        Its processes ended with it, unless it was killed before it could
+        end them (from outside, or at heel's grace, starved by a fork bomb):
+        a pipe one of them still holds open is given up after DRAIN_SECONDS
+        without output, and the sandbox's close ends the holder."""
         for r in list(self.outputs):
             while r in self.outputs:
+                if not select.select([r], [], [], DRAIN_SECONDS)[0]:
+                    os.close(r)
+                    del self.outputs[r]
+                    break
                 self._copy_out(r)
         if self.input_pipe >= 0:
             self._close_input()

@@ -455,7 +455,14 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
                     # Ctrl-C, SIGTERM or a closed terminal: unwind, and the
                     # sandbox's close kills the whole tree.  Received here, not
                     # raised as KeyboardInterrupt somewhere inside trio.
-                    with trio.open_signal_receiver(signal.SIGINT, *_ENDING_SIGNALS) as signals:
+                    # A signal ignored when heel started (SIGHUP under nohup,
+                    # SIGINT for a job a shell started in the background) stays
+                    # ignored, as on the plain path.
+                    wanted = [s for s in (signal.SIGINT, *_ENDING_SIGNALS) if signal.getsignal(s) != signal.SIG_IGN]
+                    if not wanted:
+                        task_status.started()
+                        await trio.sleep_forever()
+                    with trio.open_signal_receiver(*wanted) as signals:
                         task_status.started()
                         async for signum in signals:
                             nursery.cancel_scope.cancel()

@@ -846,3 +846,42 @@ def test_a_command_killed_by_sigkill_is_its_own_status():
     result = heel("run", "--", "sh", "-c", "kill -9 $$", cwd="/")
     assert result.returncode == 128 + signal.SIGKILL
     assert result.stderr == b""
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["plain", "network"])
+def test_a_signal_ignored_when_heel_started_stays_ignored(network):
+    """SIGINT and SIGHUP ignored by heel's parent (a shell's background job,
+    nohup) stay ignored: heel and its command run on.  Found by review: under
+    trio (--network) a SIGINT ended heel anyway.  The control: SIGTERM,
+    not ignored, still ends it."""
+    options = ["--network", "allow"] if network else []
+
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def started(*args):
+        return subprocess.Popen([sys.executable, "-m", "heel", "run", *options, "--", *args],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd="/", preexec_fn=ignore)
+
+    proc = started("sh", "-c", "sleep 1.5; echo done")
+    try:
+        time.sleep(0.7)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and out == b"done\n", err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    proc = started("sleep", "30")
+    try:
+        time.sleep(0.7)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -733,3 +733,44 @@ def test_a_host_that_ignores_sigchld_can_run_and_close_a_sandbox():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert result.returncode == 0 and result.stdout == b"0\nFalse\n", result
+
+
+CHAIN = """
+import os, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() > 0:
+        os.wait()
+        os._exit(0)
+time.sleep(300)
+"""
+
+
+async def test_without_namespaces_what_outlives_a_killed_init_dies_with_the_sandbox(monkeypatch):
+    """Without namespaces heel-init is the subreaper of the commands'
+    orphans: when a command's init dies (SIGKILLed from outside), what it
+    left comes to heel-init a level at a time, and heel-init's last sweep
+    at the close kills what is left.  Found by review: that sweep
+    dereferenced a NULL command, heel-init segfaulted at every close, and a
+    chain of processes ran on after the sandbox."""
+    from heel import _probe
+
+    env, _ = _probe.environment()
+    monkeypatch.setattr(_probe, "environment", lambda: (env._replace(namespaces=False), "off for this test"))
+    marker = unique_marker()
+    config = heel.SandboxConfig(level=DEFAULT, best_effort=True)
+    try:
+        async with heel.Sandbox(config) as sb:
+            process = await sb.command("python3").args(["-c", CHAIN, "60", marker]).spawn()
+            with trio.fail_after(30):
+                while len(processes_with(marker)) < 61:
+                    await trio.sleep(0.05)
+            os.kill(process.pid, signal.SIGKILL)  # the command's init
+            assert await process.wait() == -signal.SIGKILL
+            prepared = sb._session.prepared
+        with trio.fail_after(10):
+            while processes_with(marker):
+                await trio.sleep(0.05)
+        # heel-init ended by itself (it is given 2 s), after its sweep.
+        assert prepared.init_ended == (os.CLD_EXITED, 0), prepared.init_ended
+    finally:
+        _stop_and_kill(marker)
