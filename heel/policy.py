@@ -516,6 +516,11 @@ class CustomPolicy(NetworkPolicy):
             return _Failed(False, f"policy raised {type(error).__name__}: {error}")
         if isinstance(answer, bool):
             return Decision(answer, f"{'allowed' if answer else 'denied'} by {self._name}")
+        if isinstance(answer, _Withheld):
+            # Another policy's decision passed on (``return await
+            # other.decide(request)``): a failure stays one, and what the
+            # sandbox may not read stays withheld.
+            return answer
         if isinstance(answer, Decision) and isinstance(answer.allowed, bool):
             return Decision(answer.allowed, str(answer.reason))
         return _Failed(False, f"policy {self._name} returned {answer!r}, not a bool or a Decision")

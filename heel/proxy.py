@@ -152,14 +152,17 @@ def _connection_budget() -> int:
 _process_connections = ProcessBudget(lambda: _process_budget())  # looked up each time (tests replace it)
 
 
-def _is_local(address) -> bool:
+def _is_local(address, port: int = 0) -> bool:
     """Whether the kernel would deliver to ``address`` on this host (one of
     its own addresses, public ones included: a daemon bound to 0.0.0.0 or
     :: is not the network).  The kernel's own route lookup says so: a
     ``local`` (or broadcast, or anycast) route, whether for an address of
     an interface, a whole prefix on lo or an AnyIP route (``ip route add
-    local P dev lo``), of either family.  Nothing is sent."""
-    route = _route_type(address)
+    local P dev lo``), of either family; asked for TCP to ``port``, so that
+    a policy-routing rule that picks its table by protocol or port (``ip
+    rule add ipproto tcp dport 80 lookup T``) is followed as a connection's
+    would be.  Nothing is sent."""
+    route = _route_type(address, port)
     if route is not None:
         return route in _DELIVERED_HERE
     return _is_local_by_socket(address)
@@ -173,6 +176,7 @@ _RTM_GETROUTE = 26
 _NLMSG_ERROR = 2
 _NLM_F_REQUEST = 1
 _RTA_DST = 1
+_RTA_IP_PROTO, _RTA_DPORT = 27, 29  # Linux 4.17: the lookup's protocol and port, for ip rules
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST = 2, 3, 4
@@ -180,14 +184,17 @@ _RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST = 2, 3, 4
 _DELIVERED_HERE = frozenset({_RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST})
 
 
-def _route_type(address) -> int | None:
+def _route_type(address, port: int = 0) -> int | None:
     """The type (RTN_*) of the route the kernel picks for ``address``, as
     for a connection this process makes; None when rtnetlink cannot be
     asked or has no route to give."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     packed = address.packed
     body = (_RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0)
-            + struct.pack("=HH", 4 + len(packed), _RTA_DST) + packed)  # 4 or 16 bytes: aligned
+            + struct.pack("=HH", 4 + len(packed), _RTA_DST) + packed  # 4 or 16 bytes: aligned
+            + struct.pack("=HHB3x", 5, _RTA_IP_PROTO, socket.IPPROTO_TCP))  # padded to 8
+    if port:
+        body += struct.pack("=HH", 6, _RTA_DPORT) + struct.pack("!H", port) + b"\0\0"
     sequence = 1
     request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, sequence, 0) + body
     try:
@@ -219,7 +226,11 @@ def _is_local_by_socket(address) -> bool:
     socket, then a bind()."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:
+        return True  # no fd to look with (EMFILE): treated as local, so refused
+    try:
+        with probe:
             probe.connect((str(address), 9))
             if ipaddress.ip_address(probe.getsockname()[0].split("%")[0]) == address:
                 return True
@@ -234,11 +245,15 @@ def _is_local_by_socket(address) -> bool:
     if _nonlocal_bind(family):
         return False
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        return True  # as above
+    with probe:
+        try:
             probe.bind((str(address), 0))
             return True
-    except OSError:
-        return False
+        except OSError:
+            return False
 
 
 def _nonlocal_bind(family: int) -> bool:
@@ -577,7 +592,7 @@ class Proxy:
             if not addresses:
                 raise _Refused(502, proto.HOST_UNREACHABLE, f"{request.host} has no address", failed=True)
         for address in addresses:
-            internal = _netaddr.is_restricted(address) or _is_local(address)
+            internal = _netaddr.is_restricted(address) or _is_local(address, request.port)
             if internal and not self.policy.permits_restricted(request, address):
                 what = ("an internal address (loopback, private, link-local, metadata or this host's own) "
                         "that the policy does not name")
@@ -772,16 +787,36 @@ def _safe_host(raw: str) -> str:
         return repr(raw[:253]) + ("..." if len(raw) > 253 else "")
 
 
+#: How many rounds of %-decoding _has_dot_segment looks through: servers
+#: behind a decoding proxy or framework decode twice (``%252e``).
+_DECODE_ROUNDS = 3
+
+
 def _has_dot_segment(path: str) -> bool:
     """Whether the path of an origin-form target (``/a/b?q``) has a ``.`` or
     ``..`` segment, as written or %-encoded (``%2e``, ``.%2E``), also where
     an encoded slash or a backslash, which some servers take for a slash,
-    ends the segment (``..%2f``, ``..\\``).  The query is not looked at."""
+    ends the segment (``..%2f``, ``..\\``), where the segment carries
+    parameters (``..;x=1``, which Java servers strip), after up to three
+    rounds of decoding (``%252e``), or spelled with an overlong UTF-8 dot
+    (``%c0%ae``).  A NUL (``%00``) counts too: a server that ends the path
+    there may see ``..``.  The query is not looked at."""
     path = path.split("?", 1)[0]
     if "." not in path and "%" not in path:
         return False
-    decoded = urllib.parse.unquote(path, errors="replace").replace("\\", "/")
-    return any(segment in (".", "..") for segment in decoded.split("/"))
+    text = path
+    for _ in range(_DECODE_ROUNDS):
+        lowered = text.lower()
+        if "%00" in lowered or "\0" in text or "%c0%ae" in lowered or "%e0%80%ae" in lowered:
+            return True
+        for segment in text.replace("\\", "/").split("/"):
+            if segment.split(";", 1)[0] in (".", ".."):
+                return True
+        decoded = urllib.parse.unquote(text, errors="replace")
+        if decoded == text:
+            return False
+        text = decoded
+    return True  # still more to decode: no server of ours needs that many
 
 
 def _url(host: str, port: int, path: str) -> str:

@@ -169,6 +169,10 @@ LOCAL_ROUTE_CASES = [
     (["addr add 9.9.9.9/32 dev lo", "route add local 44.0.0.0/16 dev lo src 9.9.9.9"], "44.0.1.2"),
     # An IPv6 address on an interface (found before, and still).
     (["-6 addr add 2606:4700::2222/128 dev lo"], "2606:4700::2222"),
+    # A policy-routing rule that picks a table holding a local route for TCP
+    # only (the second review: a lookup that named no protocol missed it).
+    (["-6 route add local 2600:6::/64 dev lo table 106", "-6 rule add ipproto tcp to 2600:6::/64 lookup 106"],
+     "2600:6::7"),
 ]
 
 
@@ -426,6 +430,12 @@ def test_a_failed_policy_stays_a_denial_under_not():
                        ~~~failing, AllowAll() & ~(failing & AllowAll())):
             decision = trio.run(decide, policy)
             assert not decision.allowed, (policy, decision)
+    async def delegate(request):  # passes another policy's answer on
+        return await CustomPolicy(boom).decide(request)
+
+    delegated = trio.run(decide, ~CustomPolicy(delegate))
+    assert not delegated.allowed and "the policy failed" in heel.policy.sandbox_reason(delegated), delegated
+    assert "service is down" not in heel.policy.sandbox_reason(trio.run(decide, CustomPolicy(delegate)))
     assert trio.run(decide, ~CustomPolicy(not_listed)).allowed
     assert trio.run(decide, AllowAll() & ~CustomPolicy(not_listed)).allowed
     assert trio.run(decide, AllowAll() | CustomPolicy(boom)).allowed
@@ -484,8 +494,14 @@ async def test_dot_segments_are_refused_before_a_url_policy_sees_them():
     policy = CustomPolicy(only_public, allow_restricted=True)
     refused = ["/public/../secret.txt", "/public/%2e%2e/secret.txt", "/public/%2E./secret.txt",
                "/public/.%2e/secret.txt", "/public/./index.txt", "/public/..%2fsecret.txt",
-               "/public/..\\secret.txt", "/public/.."]
-    served = ["/public/index.txt", "/public/a?up=../secret.txt", "/public/..hidden", "/public/a.b/c"]
+               "/public/..\\secret.txt", "/public/..",
+               # The second review: what Java servers (";params"), servers
+               # that decode twice, and older ones (overlong UTF-8, NUL) read
+               # as "..".
+               "/public/..;/secret.txt", "/public/..;x=1/secret.txt", "/public/%252e%252e/secret.txt",
+               "/public/%252e%252e%252fsecret.txt", "/public/%c0%ae%c0%ae/secret.txt", "/public/..%00/secret.txt"]
+    served = ["/public/index.txt", "/public/a?up=../secret.txt", "/public/..hidden", "/public/a.b/c",
+              "/public/a;b/c", "/public/file%2etxt"]
     try:
         async with sandbox(policy, {"files.test": ["127.0.0.1"]}) as sb:
             out = await inside(sb, r"""
@@ -512,6 +528,8 @@ for path in sys.argv[2:]:
     ("/a/%2e/b", True), ("/a/..%2Fb", True), ("/a/..%5cb", True), ("/a\\..\\b", True),
     ("/", False), ("/a/b.c", False), ("/a/...", False), ("/a/..b", False), ("/a?x=/../", False),
     ("/a/%2e%2e%2e", False), ("/a/%zz", False),
+    ("/a/..;/b", True), ("/a/.;x=1/b", True), ("/a/%252e%252e/b", True), ("/a/%25252e%25252e/b", True),
+    ("/a/%c0%ae%c0%ae/b", True), ("/a/..%00/b", True), ("/a;b/c", False), ("/a%2520b", False),
 ])
 def test_what_counts_as_a_dot_segment(path, dotted):
     from heel.proxy import _has_dot_segment
@@ -549,3 +567,27 @@ for name in sys.argv[2:] + ["echo.test"]:
         assert len(event.host) < 300, event
     assert [e.host for e in events if e.allowed] == ["echo.test"]
     assert echo.connections == 1
+
+
+def test_a_local_check_that_cannot_look_refuses():
+    """The second review: where the route check has no fd to look with
+    (EMFILE), an address counted as not local, and an fd freed before the
+    connect let it through.  It counts as local (refused) now.  The
+    control: with fds to spare, a public address is not local."""
+    script = r"""
+import ipaddress, os, resource
+from heel import proxy
+public = ipaddress.ip_address("192.0.2.1")
+print(proxy._is_local_by_socket(public))
+fds = []
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+print(proxy._is_local_by_socket(public), proxy._route_type(public) is None)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True"], result
