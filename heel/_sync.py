@@ -187,13 +187,18 @@ class Relays:
         Its processes ended with it, unless it was killed before it could
         end them (from outside, or at heel's grace, starved by a fork bomb):
         a pipe one of them still holds open is given up after DRAIN_SECONDS
-        without output, and the sandbox's close ends the holder."""
+        without output (DRAIN_SECONDS of waiting in all), and the sandbox's
+        close ends the holder."""
+        self.started()  # a launch that failed: heel's copies of the child's ends
+        waited = 0.0
         for r in list(self.outputs):
             while r in self.outputs:
-                if not select.select([r], [], [], DRAIN_SECONDS)[0]:
+                start = time.monotonic()
+                if not select.select([r], [], [], max(0.0, DRAIN_SECONDS - waited))[0]:
                     os.close(r)
                     del self.outputs[r]
                     break
+                waited += time.monotonic() - start
                 self._copy_out(r)
         if self.input_pipe >= 0:
             self._close_input()

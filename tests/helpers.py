@@ -152,3 +152,20 @@ def socks_connect(name, port):
     s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
     return s
 """
+
+
+def usable_uv() -> str | None:
+    """uv where heel's installer sandbox can run it: on the PATH, and not in
+    a home directory (which that sandbox keeps closed; CI's unprivileged run
+    keeps its venv, and so its uv, in its home, and tests heel's fallback to
+    pip there)."""
+    import shutil
+
+    from heel._plan import _under, home_directories
+
+    found = shutil.which("uv")
+    if found is None:
+        return None
+    real = os.path.realpath(found)
+    return None if any(_under(real, home) for home in home_directories()) else found
+

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain
+from helpers import explain, usable_uv
 from pkgtools import SimpleIndex, shared_wheels
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -310,10 +310,10 @@ async def test_a_venv_whose_python_lives_in_a_protected_home_is_refused(tmp_path
 
 
 async def test_uv_builds_the_same_environment(venv_dir, wheels):
-    if not shutil.which("uv"):
-        with pytest.raises(heel.InstallError, match="uv is not installed"):
+    if not usable_uv():
+        with pytest.raises(heel.InstallError, match="uv is not installed|which the installer's sandbox keeps closed"):
             await heel.VenvManager.create(heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, use_uv=True))
-        pytest.skip("uv is not installed: checked that use_uv=True says so")
+        pytest.skip("uv is not installed, or lives in the home directory: checked that use_uv=True says so")
     config = heel.VenvConfig(venv_dir, ["heelalpha"], python=SYSTEM_PYTHON, use_uv=True, find_links=[wheels],
                              no_index=True)
     venv = await heel.VenvManager.create(config)
@@ -472,8 +472,8 @@ async def test_code_planted_while_the_environment_is_built_never_runs_on_the_hos
     never on the host.  Seen from the host: the planted code ran (its marker
     in the environment), and it could not write the host directory that the
     host itself could."""
-    if use_uv and not shutil.which("uv"):
-        pytest.skip("uv is not installed")
+    if use_uv and not usable_uv():
+        pytest.skip("uv is not installed outside the home directory")
     config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, use_uv=use_uv)
     with trio.fail_after(240):
         await heel.VenvManager.create(config)
@@ -523,8 +523,8 @@ async def test_the_installer_sees_no_more_than_a_strict_sandbox(venv_dir, wheels
 
 
 async def test_uv_ignores_config_files_where_it_runs(venv_dir, wheels, monkeypatch, tmp_path):
-    if not shutil.which("uv"):
-        pytest.skip("uv is not installed")
+    if not usable_uv():
+        pytest.skip("uv is not installed outside the home directory")
     # uv reads uv.toml from its working directory: one that does not parse
     # would stop it, if heel let it look.
     (tmp_path / "uv.toml").write_text("this is [not toml\n")
