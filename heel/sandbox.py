@@ -863,25 +863,26 @@ async def _job_control(bridge: TerminalBridge, process: Process, done: trio.Even
     wanted = [signal.SIGWINCH, signal.SIGCONT]
     if signal.getsignal(signal.SIGTSTP) != signal.SIG_IGN:
         wanted.append(signal.SIGTSTP)
+    async def receive() -> None:
+        try:
+            with trio.open_signal_receiver(*wanted) as received:
+                async for signum in received:
+                    if signum == signal.SIGWINCH:
+                        bridge.resize()
+                    elif signum == signal.SIGTSTP:
+                        tree = TreeStopper()
+                        tree.pidfd = process._pidfd
+                        stop_with_command(tree, bridge)
+                    else:
+                        bridge.resume()
+        except RuntimeError:  # not trio's main thread: no job control
+            pass
+
     try:
         async with trio.open_nursery() as nursery:
-            async def receive() -> None:
-                with trio.open_signal_receiver(*wanted) as received:
-                    async for signum in received:
-                        if signum == signal.SIGWINCH:
-                            bridge.resize()
-                        elif signum == signal.SIGTSTP:
-                            tree = TreeStopper()
-                            tree.pidfd = process._pidfd
-                            stop_with_command(tree, bridge)
-                        else:
-                            bridge.resume()
-
             nursery.start_soon(receive)
             await process._exited.wait()
             nursery.cancel_scope.cancel()
-    except RuntimeError:  # not trio's main thread: no job control
-        pass
     finally:
         done.set()
 
