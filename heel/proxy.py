@@ -221,14 +221,21 @@ def _route_type(address, port: int = 0) -> int | None:
         return None
 
 
+#: What a socket() that fails for want of resources says: then the local
+#: check could not look, and the address counts as local (refused).
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 def _is_local_by_socket(address) -> bool:
     """Where rtnetlink cannot be asked: a route lookup through a UDP
     socket, then a bind()."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         probe = socket.socket(family, socket.SOCK_DGRAM)
-    except OSError:
-        return True  # no fd to look with (EMFILE): treated as local, so refused
+    except OSError as exc:
+        # No fd to look with (EMFILE): treated as local, so refused.  No
+        # such family here (IPv6 disabled): the connect fails as well.
+        return exc.errno in _OUT_OF_RESOURCES
     try:
         with probe:
             probe.connect((str(address), 9))
@@ -246,8 +253,8 @@ def _is_local_by_socket(address) -> bool:
         return False
     try:
         probe = socket.socket(family, socket.SOCK_STREAM)
-    except OSError:
-        return True  # as above
+    except OSError as exc:
+        return exc.errno in _OUT_OF_RESOURCES  # as above
     with probe:
         try:
             probe.bind((str(address), 0))
@@ -792,6 +799,11 @@ def _safe_host(raw: str) -> str:
 _DECODE_ROUNDS = 3
 
 
+#: NUL, overlong UTF-8 dots and slashes, and IIS's %u escapes of them.
+_ODD_SPELLINGS = ("%00", "%c0%ae", "%e0%80%ae", "%f0%80%80%ae", "%c0%af", "%e0%80%af", "%f0%80%80%af",
+                  "%u002e", "%u002f")
+
+
 def _has_dot_segment(path: str) -> bool:
     """Whether the path of an origin-form target (``/a/b?q``) has a ``.`` or
     ``..`` segment, as written or %-encoded (``%2e``, ``.%2E``), also where
@@ -799,7 +811,7 @@ def _has_dot_segment(path: str) -> bool:
     ends the segment (``..%2f``, ``..\\``), where the segment carries
     parameters (``..;x=1``, which Java servers strip), after up to three
     rounds of decoding (``%252e``), or spelled with an overlong UTF-8 dot
-    (``%c0%ae``).  A NUL (``%00``) counts too: a server that ends the path
+    or slash (``%c0%ae``, ``%c0%af``) or IIS's ``%u002e``.  A NUL (``%00``) counts too: a server that ends the path
     there may see ``..``.  The query is not looked at."""
     path = path.split("?", 1)[0]
     if "." not in path and "%" not in path:
@@ -807,7 +819,7 @@ def _has_dot_segment(path: str) -> bool:
     text = path
     for _ in range(_DECODE_ROUNDS):
         lowered = text.lower()
-        if "%00" in lowered or "\0" in text or "%c0%ae" in lowered or "%e0%80%ae" in lowered:
+        if "\0" in text or any(spelling in lowered for spelling in _ODD_SPELLINGS):
             return True
         for segment in text.replace("\\", "/").split("/"):
             if segment.split(";", 1)[0] in (".", ".."):

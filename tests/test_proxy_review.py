@@ -530,6 +530,8 @@ for path in sys.argv[2:]:
     ("/a/%2e%2e%2e", False), ("/a/%zz", False),
     ("/a/..;/b", True), ("/a/.;x=1/b", True), ("/a/%252e%252e/b", True), ("/a/%25252e%25252e/b", True),
     ("/a/%c0%ae%c0%ae/b", True), ("/a/..%00/b", True), ("/a;b/c", False), ("/a%2520b", False),
+    ("/a/%f0%80%80%ae%f0%80%80%ae/b", True), ("/a/..%c0%afb", True), ("/a/%u002e%u002e/b", True),
+    ("/caf%C3%A9/r%C3%A9sum%C3%A9.pdf", False), ("/api/v1/projects/group%2Fname", False),
 ])
 def test_what_counts_as_a_dot_segment(path, dotted):
     from heel.proxy import _has_dot_segment
@@ -591,3 +593,26 @@ print(proxy._is_local_by_socket(public), proxy._route_type(public) is None)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "True"], result
+
+
+def test_a_family_this_host_lacks_is_not_counted_local(monkeypatch):
+    """The third review: the fail-closed answer above was given for any
+    socket() error, so on a host without IPv6 (socket(AF_INET6) fails with
+    EAFNOSUPPORT) every IPv6 address counted as local, and a name with
+    IPv6 and IPv4 addresses (pypi.org) was refused whole.  Only a want of
+    resources refuses now.  (The missing family is simulated: this host has
+    IPv6.)"""
+    import errno
+    import ipaddress
+    import socket
+
+    real = socket.socket
+
+    def no_inet6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_inet6)
+    assert heel.proxy._is_local_by_socket(ipaddress.ip_address("2001:db8::1")) is False
+    assert heel.proxy._is_local_by_socket(ipaddress.ip_address("192.0.2.1")) is False
