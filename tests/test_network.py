@@ -19,7 +19,7 @@ import trio
 
 import heel
 import heel._relay
-from helpers import explain, py, sh
+from helpers import PROXY_CLIENT, explain, py, sh
 from netservers import EchoServer, HttpServer, resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
@@ -27,15 +27,7 @@ TIMEOUT = 20
 
 #: The in-sandbox client: speaks to the proxy named by $HTTP_PROXY itself,
 #: so a test controls every byte of the request.
-CLIENT = r"""
-import base64, os, socket, sys, urllib.parse
-
-proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
-credential = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
-
-
-def connect_proxy():
-    return socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+CLIENT = PROXY_CLIENT + r"""
 
 
 def read_head(s):
@@ -47,14 +39,6 @@ def read_head(s):
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     return head.decode(errors="replace"), rest
-
-
-def read_all(s, data=b""):
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 
 def connect(target, payload):
@@ -72,14 +56,7 @@ def connect(target, payload):
 
 
 def socks(host, port, payload):
-    s = connect_proxy()
-    user, password = proxy.username.encode(), proxy.password.encode()
-    s.sendall(b"\x05\x01\x02")
-    assert s.recv(2) == b"\x05\x02"
-    s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-    assert s.recv(2) == b"\x01\x00"
-    name = host.encode()
-    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
+    s = socks_connect(host.encode(), port)
     reply = s.recv(262)
     print("SOCKS", reply[1])
     if reply[1] == 0:
