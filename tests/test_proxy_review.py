@@ -40,6 +40,17 @@ TIMEOUT = 60
 PRELUDE = PROXY_CLIENT + r"""
 
 
+def tunnel(target):
+    # CONNECT target: the socket and the answer's status line, read a byte
+    # at a time so that nothing after the head is taken.
+    s = connect_proxy()
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\n".encode() + auth + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    return s, head.split(b"\r\n")[0].decode()
+
+
 def reset(s):
     # Close with a reset (RST), not a FIN: the client is gone at once.
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -247,13 +258,9 @@ for _ in range(3):
 for _ in range(3):
     reset(socks_connect(b"allowed.test", port))
 open("reset-all", "w").close()
-s = connect_proxy()
-s.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n".encode() + auth + b"\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
+s, status = tunnel(f"allowed.test:{port}")
 s.sendall(b"stayed")
-print(head.split(b"\r\n")[0].decode(), s.recv(100).decode())
+print(status, s.recv(100).decode())
 s.close()
 """, echo.port)
         with trio.move_on_after(15):  # the server's count and the events, both final
@@ -284,11 +291,7 @@ async def test_a_flood_of_denials_does_not_push_out_an_allowed_event(echo, monke
         flood = r"""
 port, denials, allowed = map(int, sys.argv[1:])
 for _ in range(allowed):
-    s = connect_proxy()
-    s.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n".encode() + auth + b"\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
+    s, _ = tunnel(f"allowed.test:{port}")
     s.sendall(b"exfiltrated")
     s.shutdown(socket.SHUT_WR)
     read_all(s)
@@ -337,15 +340,11 @@ async def test_a_403_tells_the_sandbox_neither_a_policys_exception_nor_where_an_
         out = await inside(sb, r"""
 port = sys.argv[1]
 for target in ["boom.test:443", "db.test:" + port, "polite.test:443", "echo.test:" + port]:
-    s = connect_proxy()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\n".encode() + auth + b"\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    if head.startswith(b"HTTP/1.1 200"):
+    s, status = tunnel(target)
+    if status.startswith("HTTP/1.1 200"):
         s.sendall(b"hello")
         s.shutdown(socket.SHUT_WR)
-    print(target, "|", head.split(b"\r\n")[0].decode(), "|", read_all(s).decode(errors="replace").strip())
+    print(target, "|", status, "|", read_all(s).decode(errors="replace").strip())
 s = connect_proxy()
 s.sendall(b"GET http://boom.test/x HTTP/1.1\r\n" + auth + b"\r\n")
 answer = read_all(s).decode(errors="replace")
@@ -457,12 +456,7 @@ async def test_a_sandbox_behind_a_failing_blocklist_reaches_nothing(echo):
     policy = AllowList(["echo.test"]) & ~CustomPolicy(blocklist)
     async with sandbox(policy, {"echo.test": ["127.0.0.1"]}) as sb:
         code = r"""
-s = connect_proxy()
-s.sendall(f"CONNECT echo.test:{sys.argv[1]} HTTP/1.1\r\n".encode() + auth + b"\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
-print(head.split(b"\r\n")[0].decode())
+print(tunnel(f"echo.test:{sys.argv[1]}")[1])
 """
         down = await inside(sb, code, echo.port)
         state["down"] = False
