@@ -531,6 +531,21 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # Drivers find their devices in sysfs (PCI, DRM, KFD topology).  It
         # tells of the host's hardware too, so only where there is a GPU.
         grants += [("/sys", ll.READ)]
+    # The sandbox's own /proc is read-only, except where a GPU driver runs:
+    # CUDA names the threads it starts by writing /proc/self/task/TID/comm
+    # from another thread (prctl names only the caller), and cuInit fails
+    # with error 304 when it cannot.  Landlock cannot grant files that do
+    # not exist yet, so the grant is the whole of the sandbox's own procfs
+    # (mounted below, hidepid=ptraceable, in its pid namespace): its
+    # processes' own files, never another command's (another Landlock
+    # domain, so not even listed) nor the host's.  Files of the kernel's
+    # own there (/proc/sys, /proc/sysrq-trigger) belong to the host's root,
+    # so only an identity that is not the host's uid 0 gets it: not root's
+    # sandboxes at PERMISSIVE, nor any sandbox without namespaces (whose
+    # /proc is the host's).  See README, "GPUs".
+    proc_access = ll.READ
+    if gpus and env.namespaces and not (env.euid == 0 and sandbox_id is None):
+        proc_access |= ll.WRITE_FILE | ll.TRUNCATE
     if shm:
         grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm
     if level is IsolationLevel.DEFAULT:
@@ -640,7 +655,7 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
                 mounts.append(MountOp("readonly", d, source=host_mask_file))
             elif any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
-        mounts.append(MountOp("proc", "/proc", access=ll.READ & handled))
+        mounts.append(MountOp("proc", "/proc", access=proc_access & handled))
         if os.path.isdir("/dev/pts"):
             # Its own ptys only: the host's terminals stay out of reach.
             mounts.append(MountOp("devpts", "/dev/pts", access=(ll.DEVICE | ll.READ_DIR) & handled))

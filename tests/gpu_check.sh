@@ -41,6 +41,7 @@ if [ -n "$wheels" ]; then
     export PYTHONPATH=$site
 fi
 
+cd /  # not the checkout: ./heel there has no compiled module
 say "doctor"
 "$python" -m heel doctor
 for args in "" "--level strict" "--level permissive" "--no-allow-gpu"; do

@@ -115,3 +115,112 @@ async def test_strict_opens_sys_only_where_there_is_a_gpu():
     assert node == f"open {errno.errorcode[errno.ENOENT]}", node
     assert null == "ioctl ENOTTY", null
     assert sysfs == "sys EACCES"
+
+
+#: One thread names another by writing /proc/self/task/TID/comm, as CUDA's
+#: cuInit does (fopen "w": O_CREAT|O_TRUNC); then the kernel's own files of
+#: /proc are opened for writing (never written).  Prints "named NAME" or
+#: "name ERRNO", then what the kernel's files gave.
+NAME_A_THREAD = """
+import errno, os, threading
+ready, done, tids = threading.Event(), threading.Event(), []
+def worker():
+    tids.append(threading.get_native_id())
+    ready.set()
+    done.wait(10)
+thread = threading.Thread(target=worker)
+thread.start()
+ready.wait(10)
+path = f"/proc/self/task/{tids[0]}/comm"
+try:
+    with open(path, "w") as f:
+        f.write("heel-named")
+    print("named", open(path).read().strip())
+except OSError as exc:
+    print("name", errno.errorcode[exc.errno])
+done.set()
+thread.join()
+kernel = []
+for path in ("/proc/sys/kernel/hostname", "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger"):
+    try:
+        os.close(os.open(path, os.O_WRONLY))
+        kernel.append("OPENED " + path)
+    except OSError as exc:
+        kernel.append("refused")
+print(" ".join(kernel))
+"""
+
+#: Every other pid of the sandbox, tried for writing: comm and oom_score_adj
+#: (which any process of the same uid may raise) are opened, never written.
+WRITE_OTHERS = """
+import os
+mine = {os.getpid(), os.getppid()}
+reached = []
+for pid in range(1, 200):
+    if pid in mine:
+        continue
+    for name in ("comm", "oom_score_adj"):
+        try:
+            os.close(os.open(f"/proc/{pid}/{name}", os.O_WRONLY))
+            reached.append((pid, name))
+        except OSError:
+            pass
+print("reached", reached)
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_a_thread_can_name_another_where_there_is_a_gpu(level, gpu_node):
+    """CUDA names its threads through /proc (cuInit fails with 304 if it
+    cannot): with a GPU, the sandbox's own /proc is writable, except for
+    root's sandboxes at PERMISSIVE, which run as the host's uid 0 (README).
+    The kernel's files there stay closed either way, and so do the
+    processes of another command (see the next test)."""
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=True))
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, NAME_A_THREAD)
+    assert out.returncode == 0, explain(out)
+    named, kernel = out.stdout.decode().splitlines()
+    if level is heel.IsolationLevel.PERMISSIVE and os.geteuid() == 0:
+        assert named == "name EACCES", explain(out)
+    else:
+        assert named == "named heel-named", explain(out)
+    assert kernel == "refused refused refused", explain(out)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_proc_stays_read_only_without_allow_gpu(level, gpu_node):
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=False))
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, NAME_A_THREAD)
+    assert out.returncode == 0, explain(out)
+    assert out.stdout.decode().splitlines() == ["name EACCES", "refused refused refused"], explain(out)
+
+
+async def test_proc_stays_read_only_where_there_is_no_gpu():
+    from heel._plan import GPU_DEVICES, _existing
+
+    if _existing(GPU_DEVICES):
+        pytest.skip("this host has GPU device nodes")
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        out = await py(sb, NAME_A_THREAD)
+    assert out.returncode == 0, explain(out)
+    assert out.stdout.decode().splitlines() == ["name EACCES", "refused refused refused"], explain(out)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_a_writable_proc_reaches_no_other_command(level, gpu_node):
+    """With the GPU's writable /proc, another command of the same sandbox,
+    its init and heel-init are still out of reach (not even listed).
+    Control: the command names its own thread (previous tests)."""
+    import trio
+
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=True))
+    async with heel.Sandbox(config) as sb:
+        victim = await sb.command("sleep").arg("30.75").spawn()
+        async with victim:
+            await trio.sleep(0.2)
+            out = await py(sb, WRITE_OTHERS)
+            victim.kill()
+    assert out.returncode == 0, explain(out)
+    assert out.stdout.decode().strip() == "reached []", explain(out)
