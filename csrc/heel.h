@@ -45,6 +45,7 @@ struct heel_bpf_insn {
 
 struct heel_seccomp_opts {
     int allow_unix_sockets;   /* socket(AF_UNIX, ...); socketpair(AF_UNIX) stream/seqpacket always */
+    int allow_unix_seqpacket; /* socket(AF_UNIX, SOCK_SEQPACKET) only (implied by allow_unix_sockets) */
     int allow_inet_stream;    /* socket(AF_INET/AF_INET6, SOCK_STREAM, ...) */
     int allow_netlink_route;  /* socket(AF_NETLINK, *, NETLINK_ROUTE) */
     int deny_listen;          /* listen() refused: no network namespace holds what listens */
@@ -163,6 +164,7 @@ struct heel_msg {
 #define HEEL_INIT_NO_LISTEN 32     /* seccomp: refuse listen() */
 #define HEEL_INIT_NO_BIND 64       /* seccomp: refuse bind() */
 #define HEEL_INIT_NO_FASTOPEN 128  /* seccomp: refuse sendto/sendmsg/sendmmsg with MSG_FASTOPEN */
+#define HEEL_INIT_UNIX_SEQPACKET 256 /* seccomp: allow socket(AF_UNIX, SOCK_SEQPACKET) (a GPU's driver) */
 
 /* Landlock scopes (ABI 6): abstract unix sockets and signals. */
 #define HEEL_LANDLOCK_SCOPE_SIGNAL 2

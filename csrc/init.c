@@ -1143,7 +1143,8 @@ int main(int argc, char **argv)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     if (flags < 0 || (flags & ~(HEEL_INIT_PIDNS | HEEL_INIT_UNIX_SOCKETS | HEEL_INIT_INET_STREAM |
                                 HEEL_INIT_NETLINK_ROUTE | HEEL_INIT_SCOPE | HEEL_INIT_NO_LISTEN |
-                                HEEL_INIT_NO_BIND | HEEL_INIT_NO_FASTOPEN)) != 0)
+                                HEEL_INIT_NO_BIND | HEEL_INIT_NO_FASTOPEN |
+                                HEEL_INIT_UNIX_SEQPACKET)) != 0)
         fail(z.ctl, HEEL_STAGE_INIT, EINVAL, EXIT_INIT_FAILED);
     z.pidns = (flags & HEEL_INIT_PIDNS) != 0;
     z.own_domain = (flags & HEEL_INIT_SCOPE) != 0;
@@ -1158,6 +1159,7 @@ int main(int argc, char **argv)
 
     /* The filter of heel-init and so of every command. */
     opts.allow_unix_sockets = (flags & HEEL_INIT_UNIX_SOCKETS) != 0;
+    opts.allow_unix_seqpacket = (flags & HEEL_INIT_UNIX_SEQPACKET) != 0;
     opts.allow_inet_stream = (flags & HEEL_INIT_INET_STREAM) != 0;
     opts.allow_netlink_route = (flags & HEEL_INIT_NETLINK_ROUTE) != 0;
     opts.deny_listen = (flags & HEEL_INIT_NO_LISTEN) != 0;

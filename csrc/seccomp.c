@@ -429,7 +429,20 @@ static void ioctl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 static void socket_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
     load(a, ARG_LO(0));
-    ret_if_eq(a, AF_UNIX, opts->allow_unix_sockets ? ALLOW : FAIL(EPERM));
+    if (opts->allow_unix_sockets || !opts->allow_unix_seqpacket) {
+        ret_if_eq(a, AF_UNIX, opts->allow_unix_sockets ? ALLOW : FAIL(EPERM));
+    } else {
+        /* Where a GPU is granted: CUDA listens on an abstract seqpacket
+         * socket of its own (in the sandbox's network namespace) and fails
+         * to start without one.  Stream and datagram sockets, what host
+         * daemons listen on, stay refused. */
+        int unix_ = begin_if(a, ONE_OF(AF_UNIX));
+
+        load(a, ARG_LO(1));
+        emit(a, BPF_ALU | BPF_AND | BPF_K, 0, 0, 0xf);
+        ret_in(a, ONE_OF(SOCK_SEQPACKET), ALLOW, FAIL(EPERM));
+        end_if(a, unix_);
+    }
     if (opts->allow_inet_stream) {
         int inet = begin_if(a, ONE_OF(AF_INET, AF_INET6));
 

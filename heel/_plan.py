@@ -546,6 +546,14 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     proc_access = ll.READ
     if gpus and env.namespaces and not (env.euid == 0 and sandbox_id is None):
         proc_access |= ll.WRITE_FILE | ll.TRUNCATE
+    # CUDA also listens on an abstract seqpacket unix socket of its own
+    # ("cuda-uvmfd-...") and fails to start without it: where a GPU is
+    # granted, socket(AF_UNIX, SOCK_SEQPACKET) is allowed, in a network
+    # namespace of the sandbox's own, which holds the names it binds (and
+    # keeps the host's abstract sockets out of reach).  Stream and datagram
+    # unix sockets stay refused.  Not without namespaces: a name would be
+    # bound in the host's namespace.
+    gpu_seqpacket = bool(gpus) and env.namespaces
     if shm:
         grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm
     if level is IsolationLevel.DEFAULT:
@@ -727,13 +735,14 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # listening ports and addresses.
         network_namespace=env.namespaces and (
             level is IsolationLevel.STRICT or not config.network.denies_everything
-            or config.security.allow_unix_sockets),
+            or config.security.allow_unix_sockets or gpu_seqpacket),
         mounts=tuple(mounts),
         readonly_root=readonly_root,
         env=variables,
         rlimits=tuple(rlimits),
         seccomp={
             "allow_unix_sockets": config.security.allow_unix_sockets,
+            "allow_unix_seqpacket": gpu_seqpacket,
             "allow_inet_stream": not config.network.denies_everything,
             "allow_netlink_route": False,
         },

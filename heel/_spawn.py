@@ -321,6 +321,8 @@ def _init_flags(plan: SandboxPlan) -> int:
     flags = lib.HEEL_INIT_PIDNS if plan.namespaces else 0
     if plan.seccomp["allow_unix_sockets"]:
         flags |= lib.HEEL_INIT_UNIX_SOCKETS
+    elif plan.seccomp["allow_unix_seqpacket"]:
+        flags |= lib.HEEL_INIT_UNIX_SEQPACKET
     if plan.seccomp["allow_inet_stream"]:
         flags |= lib.HEEL_INIT_INET_STREAM
         if not plan.network_namespace:

@@ -51,6 +51,13 @@ for args in "" "--level strict" "--level permissive" "--no-allow-gpu"; do
     echo "exit status $?"
 done
 
+torch='import torch; print("cuda available:", torch.cuda.is_available())'
+for args in "" "--pass-env LD_LIBRARY_PATH"; do
+    say "heel run $args -- python -c 'import torch ...'"
+    # shellcheck disable=SC2086
+    "$python" -m heel run $args -- "$python" -c "$torch" 2>&1 | tail -3
+done
+
 work=$(mktemp -d /tmp/heel-gpu-tests.XXXXXX)
 cp -r "$here" "$work/tests"
 cp "$here/../pyproject.toml" "$work/"

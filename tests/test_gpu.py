@@ -224,3 +224,89 @@ async def test_a_writable_proc_reaches_no_other_command(level, gpu_node):
             victim.kill()
     assert out.returncode == 0, explain(out)
     assert out.stdout.decode().strip() == "reached []", explain(out)
+
+
+#: Unix sockets by type: a seqpacket one bound to an abstract name, listened
+#: on and connected to (what CUDA does), then a stream and a datagram one;
+#: then a connection to the host's listener named in argv[1].
+UNIX_SOCKETS = """
+import errno, os, socket, sys
+def attempt(kind):
+    try:
+        s = socket.socket(socket.AF_UNIX, kind)
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    with s:
+        if kind == socket.SOCK_SEQPACKET:
+            s.bind("\\0heel-gpu-own-%d" % os.getpid())
+            s.listen(1)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+                c.connect(s.getsockname())
+                c.send(b"x")
+                conn, _ = s.accept()
+                assert conn.recv(1) == b"x"
+        return "ok"
+def reach(address):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+            c.connect(address)
+        return "CONNECTED"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+print(attempt(socket.SOCK_SEQPACKET), attempt(socket.SOCK_STREAM), attempt(socket.SOCK_DGRAM),
+      reach(sys.argv[1].replace("@", "\\0", 1)))
+"""
+
+
+def _seqpacket_listener(address: str, mode: int | None = None):
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(address)
+    if mode is not None:
+        os.chmod(address, mode)
+    s.listen(4)
+    return s
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_a_gpu_gets_seqpacket_unix_sockets_of_its_own(level, gpu_node):
+    """CUDA listens on an abstract seqpacket socket (cuInit fails with 304
+    without it): with a GPU, seqpacket unix sockets are allowed, in a network
+    namespace of the sandbox's own.  Stream and datagram ones, what host
+    daemons listen on, stay refused, and the host's abstract sockets stay
+    out of reach (another namespace; Landlock's scope too)."""
+    name = f"heel-gpu-host-{os.getpid()}"
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=True))
+    with _seqpacket_listener("\0" + name):
+        async with heel.Sandbox(config) as sb:
+            out = await py(sb, UNIX_SOCKETS, "@" + name)
+    assert out.returncode == 0, explain(out)
+    own, stream, dgram, host = out.stdout.decode().split()
+    assert (own, stream, dgram) == ("ok", "EPERM", "EPERM"), explain(out)
+    assert host in ("ECONNREFUSED", "EPERM"), explain(out)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.value)
+async def test_no_unix_sockets_without_allow_gpu(level, gpu_node):
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=False))
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, UNIX_SOCKETS, "@heel-none")
+    assert out.returncode == 0, explain(out)
+    assert out.stdout.decode().split() == ["EPERM"] * 4, explain(out)
+
+
+async def test_a_gpu_sandbox_reaches_a_hosts_seqpacket_socket_only_by_its_mode(gpu_node, outside_dir):
+    """The documented limit: a seqpacket socket can connect to a host's
+    seqpacket listener whose file the sandbox sees and may write.  Such
+    listeners are rare, and root's (udev's control socket, systemd-coredump)
+    are 0600: root's sandboxes run as another uid, so those stay closed."""
+    private = os.path.join(outside_dir, "private.sock")
+    public = os.path.join(outside_dir, "public.sock")
+    config = heel.SandboxConfig(security=heel.SecurityConfig(allow_gpu=True))
+    with _seqpacket_listener(private, 0o600), _seqpacket_listener(public, 0o666):
+        async with heel.Sandbox(config) as sb:
+            closed = await py(sb, UNIX_SOCKETS, private)
+            reached = await py(sb, UNIX_SOCKETS, public)
+    assert closed.stdout.decode().split()[-1] == "EACCES", explain(closed)
+    assert reached.stdout.decode().split()[-1] == "CONNECTED", explain(reached)
