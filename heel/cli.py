@@ -551,6 +551,23 @@ def _make_app():
     return app
 
 
+def _gpu_line(report) -> str:
+    """What allow_gpu grants here, and where CUDA cannot start (README, GPUs)."""
+    from ._plan import GPU_DEVICES, _existing
+
+    nodes = _existing(GPU_DEVICES)
+    if not nodes:
+        return "no GPU device nodes (" + ", ".join(GPU_DEVICES) + ")"
+    if not report.user_namespaces:
+        cuda = "CUDA cannot start without user namespaces (its /proc stays the host's, read-only)"
+    elif report.euid == 0:
+        cuda = "CUDA starts at STRICT and DEFAULT, not in root's PERMISSIVE sandboxes (the host's uid 0)"
+    else:
+        cuda = "CUDA starts at every level"
+    return (", ".join(nodes) + " granted with allow_gpu, with the sandbox's own /proc writable and "
+            "seqpacket unix sockets, which CUDA needs; " + cuda)
+
+
 def doctor() -> int:
     """Print the probe as a table; 0 when heel's default sandbox runs here,
     else 1 (125: the probe itself could not run, $TMPDIR unusable, say)."""
@@ -565,6 +582,7 @@ def doctor() -> int:
     print(f"kernel       {uname.sysname} {uname.release} ({uname.machine})")
     print(f"landlock ABI {report.landlock_abi or 'none'}")
     print(f"euid         {report.euid}{' (root: capabilities are dropped inside)' if report.euid == 0 else ''}")
+    print(f"gpu          {_gpu_line(report)}")
     print()
     rows = [("protection", "status", "detail")] + [(p.name, p.status, p.detail) for p in report.protections]
     name_width = max(len(row[0]) for row in rows)

@@ -197,6 +197,11 @@ def test_doctor():
     result = heel("doctor")
     assert result.returncode == expected
     assert "landlock" in result.stdout.decode()
+    from heel._plan import GPU_DEVICES, _existing
+
+    gpu = [line for line in result.stdout.decode().splitlines() if line.startswith("gpu ")]
+    assert len(gpu) == 1, result.stdout
+    assert ("granted with allow_gpu" in gpu[0]) == bool(_existing(GPU_DEVICES)), gpu
 
 
 def test_top_level_help_lists_the_commands():
