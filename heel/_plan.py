@@ -294,6 +294,25 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
     return [r for r in expand(real, access & abi_mask, denied, os.path.isdir(real)) if r.access]
 
 
+def _proc_kernel_entries() -> list[str]:
+    """The entries of /proc that are not a process's and that a mode could
+    let someone write: its directories (sys, pressure, irq, bus, fs, ...)
+    and its files with a write bit (sysrq-trigger, mtrr).  Links (self,
+    thread-self, mounts, net) lead to a process's own."""
+    out = []
+    for name in sorted(os.listdir("/proc")):
+        if name.isdigit():
+            continue
+        path = "/proc/" + name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue  # a process that just ended
+        if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_mode & 0o222):
+            out.append(path)
+    return out
+
+
 def _known_python_prefixes(python) -> set[str]:
     """The installation prefixes of the Pythons heel can vouch for: the one
     running it, and the base a VenvConfig names."""
@@ -543,17 +562,17 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # so only an identity that is not the host's uid 0 gets it: not root's
     # sandboxes at PERMISSIVE, nor any sandbox without namespaces (whose
     # /proc is the host's).  See README, "GPUs".
-    proc_access = ll.READ
-    if gpus and env.namespaces and not (env.euid == 0 and sandbox_id is None):
-        proc_access |= ll.WRITE_FILE | ll.TRUNCATE
+    #
     # CUDA also listens on an abstract seqpacket unix socket of its own
-    # ("cuda-uvmfd-...") and fails to start without it: where a GPU is
-    # granted, socket(AF_UNIX, SOCK_SEQPACKET) is allowed, in a network
-    # namespace of the sandbox's own, which holds the names it binds (and
-    # keeps the host's abstract sockets out of reach).  Stream and datagram
-    # unix sockets stay refused.  Not without namespaces: a name would be
-    # bound in the host's namespace.
-    gpu_seqpacket = bool(gpus) and env.namespaces
+    # ("cuda-uvmfd-...") and fails to start without it: there,
+    # socket(AF_UNIX, SOCK_SEQPACKET) is allowed, in a network namespace of
+    # the sandbox's own, which holds the names it binds (and keeps the
+    # host's abstract sockets out of reach).  Stream and datagram unix
+    # sockets stay refused.  Root's PERMISSIVE sandboxes, as the host's uid
+    # 0, could connect to root's 0600 seqpacket listeners (udev's control
+    # socket): they get neither grant, and CUDA does not start there.
+    gpu_runtime = bool(gpus) and env.namespaces and not (env.euid == 0 and sandbox_id is None)
+    proc_access = ll.READ | (ll.WRITE_FILE | ll.TRUNCATE if gpu_runtime else 0)
     if shm:
         grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm
     if level is IsolationLevel.DEFAULT:
@@ -664,6 +683,13 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
             elif any(_under(d, r) for r in regions):
                 mounts.append(MountOp("readonly", d))
         mounts.append(MountOp("proc", "/proc", access=proc_access & handled))
+        if gpu_runtime:
+            # Landlock's grant is the whole procfs: the kernel's own entries
+            # in it (PSI triggers in /proc/pressure, mode 0666; the sysctls
+            # of the sandbox's own namespaces; whatever else a mode opens)
+            # become read-only mounts, so that only the processes' own
+            # files can be written.
+            mounts += [MountOp("readonly", p) for p in _proc_kernel_entries()]
         if os.path.isdir("/dev/pts"):
             # Its own ptys only: the host's terminals stay out of reach.
             mounts.append(MountOp("devpts", "/dev/pts", access=(ll.DEVICE | ll.READ_DIR) & handled))
@@ -735,14 +761,14 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         # listening ports and addresses.
         network_namespace=env.namespaces and (
             level is IsolationLevel.STRICT or not config.network.denies_everything
-            or config.security.allow_unix_sockets or gpu_seqpacket),
+            or config.security.allow_unix_sockets or gpu_runtime),
         mounts=tuple(mounts),
         readonly_root=readonly_root,
         env=variables,
         rlimits=tuple(rlimits),
         seccomp={
             "allow_unix_sockets": config.security.allow_unix_sockets,
-            "allow_unix_seqpacket": gpu_seqpacket,
+            "allow_unix_seqpacket": gpu_runtime,
             "allow_inet_stream": not config.network.denies_everything,
             "allow_netlink_route": False,
         },

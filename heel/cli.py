@@ -561,7 +561,8 @@ def _gpu_line(report) -> str:
     if not report.user_namespaces:
         cuda = "CUDA cannot start without user namespaces (its /proc stays the host's, read-only)"
     elif report.euid == 0:
-        cuda = "CUDA starts at STRICT and DEFAULT, not in root's PERMISSIVE sandboxes (the host's uid 0)"
+        cuda = ("CUDA starts at STRICT and DEFAULT; root's PERMISSIVE sandboxes (the host's uid 0) get "
+                "neither grant, and CUDA does not start there")
     else:
         cuda = "CUDA starts at every level"
     return (", ".join(nodes) + " granted with allow_gpu, with the sandbox's own /proc writable and "
