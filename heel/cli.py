@@ -555,7 +555,7 @@ def _gpu_line(report) -> str:
     """What allow_gpu grants here, and where CUDA cannot start (README, GPUs)."""
     from ._plan import GPU_DEVICES, _existing
 
-    nodes = _existing(GPU_DEVICES)
+    nodes = list(dict.fromkeys(_existing(GPU_DEVICES)))  # /dev/nvidia* holds /dev/nvidia-caps too
     if not nodes:
         return "no GPU device nodes (" + ", ".join(GPU_DEVICES) + ")"
     if not report.user_namespaces:
