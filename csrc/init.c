@@ -1089,12 +1089,17 @@ static int serve_request(struct zygote *z)
 }
 
 /* Reap what has exited among heel-init's children, forgetting the commands'
- * inits among them. */
-static void reap_zygote(struct zygote *z)
+ * inits among them: at most REAP_PER_TURN, so that children that keep
+ * exiting (orphans of a fork bomb whose init was killed, without a pid
+ * namespace) cannot keep heel-init from the host's requests.  Returns
+ * nonzero when there may be more. */
+static int reap_zygote(struct zygote *z)
 {
     pid_t pid;
+    int n = 0;
 
-    while ((pid = waitpid(-1, NULL, WNOHANG)) > 0) {
+    while (n < REAP_PER_TURN && (pid = waitpid(-1, NULL, WNOHANG)) > 0) {
+        n++;
         for (size_t i = 0; i < z->ninits; i++) {
             if (z->inits[i] == pid) {
                 z->inits[i] = z->inits[--z->ninits];
@@ -1102,6 +1107,7 @@ static void reap_zygote(struct zygote *z)
             }
         }
     }
+    return n == REAP_PER_TURN;
 }
 
 /* A child of heel-init that is not a command's init is an orphan whose
@@ -1192,21 +1198,22 @@ int main(int argc, char **argv)
         fail(z.ctl, HEEL_STAGE_SECCOMP, errno, EXIT_INIT_FAILED);
     send_msg(z.ctl, HEEL_MSG_STARTED, getpid(), 0);
 
-    for (;;) {
+    for (int backlog = 0;;) {
         struct pollfd fds[2] = {
             {.fd = z.sfd, .events = POLLIN},
             {.fd = z.ctl, .events = POLLIN},
         };
-        if (poll(fds, 2, -1) < 0) {
+        /* With zombies left from the last turn, only look for requests. */
+        if (poll(fds, 2, backlog ? 0 : -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
-        if (fds[0].revents != 0) {
+        if (fds[0].revents != 0 || backlog) {
             struct signalfd_siginfo info[8];
             while (read(z.sfd, info, sizeof(info)) > 0)
                 continue; /* only SIGCHLD matters here: */
-            reap_zygote(&z);   /* commands' inits, and orphans */
+            backlog = reap_zygote(&z);   /* commands' inits, and orphans */
             kill_escapees(&z);
         }
         if (fds[1].revents != 0 && serve_request(&z))
