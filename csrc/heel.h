@@ -72,6 +72,7 @@ enum heel_mount_kind {
     HEEL_MNT_PROC = 4,     /* a fresh procfs for the new pid namespace at `path` */
     HEEL_MNT_TMPFS = 5,    /* an empty private tmpfs at `path` */
     HEEL_MNT_DEVPTS = 6,   /* a private devpts instance (the sandbox sees only its own ptys) */
+    HEEL_MNT_PROC_KERNEL_RO = 7, /* the kernel's entries of the procfs at `path`, read-only over themselves */
 };
 
 struct heel_mount_op {

@@ -12,7 +12,7 @@ uint32_t heel_seccomp_arch(void);
 
 enum heel_mount_kind {
     HEEL_MNT_KEEP_RW, HEEL_MNT_READONLY, HEEL_MNT_BIND, HEEL_MNT_PROC, HEEL_MNT_TMPFS,
-    HEEL_MNT_DEVPTS, ...
+    HEEL_MNT_DEVPTS, HEEL_MNT_PROC_KERNEL_RO, ...
 };
 
 struct heel_mount_op {

@@ -53,6 +53,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -221,6 +222,79 @@ static int attach_tree(int fd, const char *path)
     return rc;
 }
 
+/* The procfs at `path`, mounted here a moment ago, with every entry of the
+ * kernel's own in it (each directory: sys, pressure, irq, bus, ...; each
+ * file with a write bit: sysrq-trigger, mtrr) bound read-only over itself,
+ * so that where Landlock lets the sandbox write its /proc (a GPU driver
+ * names its threads there), only the processes' own files can be written.
+ * The list is read from this procfs, not from the host's view of /proc
+ * (which may be a subset=pid one), and each entry is cloned alone from it,
+ * without the submounts the host may have below its own (binfmt_misc).
+ * getdents64 into a buffer on the stack: no allocation in the child. */
+struct heel_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+static int readonly_proc_entry(int dir, const char *name)
+{
+    struct stat st;
+    int tree, target, rc;
+
+    if (fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return -1;
+    if (!S_ISDIR(st.st_mode) && !(S_ISREG(st.st_mode) && (st.st_mode & 0222)))
+        return 0;  /* links (self, mounts, net) lead to a process's own; read-only files stay so */
+    tree = (int)syscall(__NR_open_tree, dir, name, HEEL_OPEN_TREE_CLONE | O_CLOEXEC | AT_SYMLINK_NOFOLLOW);
+    if (tree < 0)
+        return -1;
+    target = openat(dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    rc = target < 0 || set_readonly(tree, "", HEEL_AT_EMPTY_PATH) < 0 ? -1
+         : (int)syscall(__NR_move_mount, tree, "", target, "",
+                        HEEL_MOVE_MOUNT_F_EMPTY_PATH | HEEL_MOVE_MOUNT_T_EMPTY_PATH);
+    if (target >= 0)
+        close(target);
+    close(tree);
+    return rc < 0 ? -1 : 0;
+}
+
+static int readonly_proc_entries(const char *path)
+{
+    char buf[4096] __attribute__((aligned(8)));
+    int dir = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    long n;
+
+    if (dir < 0)
+        return -1;
+    while ((n = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
+        for (long at = 0; at < n;) {
+            const struct heel_dirent64 *d = (const struct heel_dirent64 *)(buf + at);
+            at += d->d_reclen;
+            /* ".", "..", and the processes (only digits; no entry of the
+             * kernel's starts with one) */
+            if (d->d_name[0] == '.' || (d->d_name[0] >= '0' && d->d_name[0] <= '9'))
+                continue;
+            if (readonly_proc_entry(dir, d->d_name) < 0) {
+                int e = errno;
+                close(dir);
+                errno = e;
+                return -1;
+            }
+        }
+    }
+    if (n < 0) {
+        int e = errno;
+        close(dir);
+        errno = e;
+        return -1;
+    }
+    close(dir);
+    return 0;
+}
+
 /* A file system mounted fresh in the child (its /proc, its devpts) is
  * invisible to the parent's Landlock rules: the rule on the host's /proc is
  * on a mount root, which Landlock's walk skips ("hidden mount point"), and
@@ -307,6 +381,10 @@ static int setup_mounts(const struct heel_spawn_plan *p)
                  mount("proc", op->path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0))
                 return -1;
             if (allow_new_mount(p, op) < 0)
+                return -1;
+            break;
+        case HEEL_MNT_PROC_KERNEL_RO:
+            if (readonly_proc_entries(op->path) < 0)
                 return -1;
             break;
         case HEEL_MNT_TMPFS:

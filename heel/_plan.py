@@ -294,25 +294,6 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
     return [r for r in expand(real, access & abi_mask, denied, os.path.isdir(real)) if r.access]
 
 
-def _proc_kernel_entries() -> list[str]:
-    """The entries of /proc that are not a process's and that a mode could
-    let someone write: its directories (sys, pressure, irq, bus, fs, ...)
-    and its files with a write bit (sysrq-trigger, mtrr).  Links (self,
-    thread-self, mounts, net) lead to a process's own."""
-    out = []
-    for name in sorted(os.listdir("/proc")):
-        if name.isdigit():
-            continue
-        path = "/proc/" + name
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue  # a process that just ended
-        if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_mode & 0o222):
-            out.append(path)
-    return out
-
-
 def _known_python_prefixes(python) -> set[str]:
     """The installation prefixes of the Pythons heel can vouch for: the one
     running it, and the base a VenvConfig names."""
@@ -571,7 +552,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # sockets stay refused.  Root's PERMISSIVE sandboxes, as the host's uid
     # 0, could connect to root's 0600 seqpacket listeners (udev's control
     # socket): they get neither grant, and CUDA does not start there.
-    gpu_runtime = bool(gpus) and env.namespaces and not (env.euid == 0 and sandbox_id is None)
+    # NVIDIA's nodes only: that is where it was seen, and a cloud VM's
+    # /dev/dri (a display adapter) asks for neither.
+    nvidia = [g for g in gpus if g.startswith("/dev/nvidia")]
+    gpu_runtime = bool(nvidia) and env.namespaces and not (env.euid == 0 and sandbox_id is None)
     proc_access = ll.READ | (ll.WRITE_FILE | ll.TRUNCATE if gpu_runtime else 0)
     if shm:
         grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm
@@ -688,8 +672,9 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
             # in it (PSI triggers in /proc/pressure, mode 0666; the sysctls
             # of the sandbox's own namespaces; whatever else a mode opens)
             # become read-only mounts, so that only the processes' own
-            # files can be written.
-            mounts += [MountOp("readonly", p) for p in _proc_kernel_entries()]
+            # files can be written.  The child lists them in the procfs it
+            # has just mounted (spawn.c).
+            mounts.append(MountOp("proc_kernel_ro", "/proc"))
         if os.path.isdir("/dev/pts"):
             # Its own ptys only: the host's terminals stay out of reach.
             mounts.append(MountOp("devpts", "/dev/pts", access=(ll.DEVICE | ll.READ_DIR) & handled))

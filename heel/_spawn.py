@@ -51,6 +51,7 @@ _MOUNT_KINDS = {
     "proc": lib.HEEL_MNT_PROC,
     "tmpfs": lib.HEEL_MNT_TMPFS,
     "devpts": lib.HEEL_MNT_DEVPTS,
+    "proc_kernel_ro": lib.HEEL_MNT_PROC_KERNEL_RO,
 }
 _MSG = struct.Struct("=iii")  # struct heel_msg
 MSG_SIZE = _MSG.size

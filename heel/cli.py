@@ -558,6 +558,8 @@ def _gpu_line(report) -> str:
     nodes = list(dict.fromkeys(_existing(GPU_DEVICES)))  # /dev/nvidia* holds /dev/nvidia-caps too
     if not nodes:
         return "no GPU device nodes (" + ", ".join(GPU_DEVICES) + ")"
+    if not any(n.startswith("/dev/nvidia") for n in nodes):
+        return ", ".join(nodes) + " granted with allow_gpu (no NVIDIA node: no more than that)"
     if not report.user_namespaces:
         cuda = "CUDA cannot start without user namespaces (its /proc stays the host's, read-only)"
     elif report.euid == 0:

@@ -325,3 +325,93 @@ async def test_a_gpu_sandbox_reaches_a_hosts_seqpacket_socket_only_by_its_mode(l
     else:
         assert closed.stdout.decode().split()[-1] == "EACCES", explain(closed)
         assert reached.stdout.decode().split()[-1] == "CONNECTED", explain(reached)
+
+
+#: Run from a mount namespace of the test's own, whose /proc the host side
+#: changes first (argv[1]): "subset", a subset=pid procfs over /proc, as
+#: under systemd's ProcSubset=pid, where the host's view of /proc lists no
+#: kernel entries; or "submount", a tmpfs with a marker file mounted on
+#: /proc/sys/fs/binfmt_misc, as binfmt_misc is on many hosts.  Then a GPU
+#: sandbox opens the PSI trigger file for writing, lists binfmt_misc, and
+#: names a thread (the control).
+UNUSUAL_HOST_PROC = """
+import os, subprocess, sys, trio, heel
+if sys.argv[1] == "subset":
+    subprocess.run(["mount", "-t", "proc", "-o", "subset=pid", "proc", "/proc"], check=True)
+else:
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/proc/sys/fs/binfmt_misc"], check=True)
+    open("/proc/sys/fs/binfmt_misc/heel-host-marker", "w").close()
+PROBE = '''
+import errno, os, threading
+def attempt(path):
+    try:
+        os.close(os.open(path, os.O_WRONLY))
+        return "OPENED"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+path = "/proc/sys/fs/binfmt_misc"
+listed = ",".join(sorted(os.listdir(path))) if os.path.isdir(path) else "none"
+stop = threading.Event()
+thread = threading.Thread(target=stop.wait)
+thread.start()
+named = attempt(f"/proc/self/task/{thread.native_id}/comm")
+stop.set()
+thread.join()
+print(attempt("/proc/pressure/cpu"), listed or "empty", named)
+'''
+async def main():
+    config = heel.SandboxConfig(security=heel.SecurityConfig(allow_gpu=True))
+    async with heel.Sandbox(config) as sb:
+        out = await sb.command("python3").args(["-c", PROBE]).timeout(30).output()
+    sys.stdout.write(out.stdout.decode())
+    sys.stderr.write(out.stderr.decode())
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("host_proc", ["subset", "submount"])
+def test_the_kernel_entries_of_a_writable_proc_stay_closed_whatever_the_hosts_proc(host_proc, gpu_node):
+    """What is made read-only in a GPU sandbox's writable /proc is read from
+    the procfs the sandbox mounts, not from the host's view of /proc: a host
+    whose /proc is subset=pid (no kernel entries to list) still gets the PSI
+    trigger files closed; and each entry is cloned alone from that procfs,
+    so a host's submount under its own /proc (binfmt_misc) does not come
+    in.  Control: the sandbox still names its threads."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or not os.path.exists("/proc/pressure/cpu"):
+        pytest.skip("needs unshare(1) and PSI (/proc/pressure)")
+    if host_proc == "submount" and not os.path.isdir("/proc/sys/fs/binfmt_misc"):
+        pytest.skip("no /proc/sys/fs/binfmt_misc here")
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+                             UNUSUAL_HOST_PROC, host_proc], capture_output=True, timeout=120)
+    if host_proc == "subset" and b"mount" in result.stderr and result.returncode != 0:
+        pytest.skip(f"no subset=pid procfs here: {result.stderr[-300:]!r}")
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.decode().split() == ["EROFS", "empty", "OPENED"], explain(result)
+
+
+async def test_a_non_nvidia_gpu_node_is_granted_without_cudas_extras():
+    """/dev/kfd (AMD) and /dev/dri are granted like NVIDIA's nodes, but the
+    two grants CUDA needs (a writable /proc, seqpacket sockets) come only
+    with an NVIDIA node: a cloud VM's display adapter asks for neither."""
+    from heel._plan import GPU_DEVICES, _existing
+
+    if os.geteuid() != 0:
+        pytest.skip("making a stand-in device node needs root")
+    if _existing(GPU_DEVICES):
+        pytest.skip("this host has GPU device nodes")
+    os.mknod("/dev/kfd", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    try:
+        os.chmod("/dev/kfd", 0o666)
+        async with heel.Sandbox(heel.SandboxConfig()) as sb:
+            node = _report(await py(sb, ATTEMPT, "/dev/kfd"))[0]
+            named = await py(sb, NAME_A_THREAD)
+            sockets = await py(sb, UNIX_SOCKETS, "@heel-none")
+    finally:
+        os.unlink("/dev/kfd")
+    assert node == "ioctl ENOTTY", node  # granted, ioctl included
+    assert named.stdout.decode().splitlines()[0] == "name EACCES", explain(named)
+    assert sockets.stdout.decode().split() == ["EPERM"] * 4, explain(sockets)
