@@ -294,6 +294,13 @@ def _rules_for(path: str, access: int, denied: list[str], abi_mask: int) -> list
     return [r for r in expand(real, access & abi_mask, denied, os.path.isdir(real)) if r.access]
 
 
+def is_nvidia(node: str) -> bool:
+    """Whether a GPU node is NVIDIA's: only those bring the grants CUDA
+    needs (build_plan), where they were seen; a cloud VM's /dev/dri (a
+    display adapter) asks for neither."""
+    return node.startswith("/dev/nvidia")
+
+
 def _known_python_prefixes(python) -> set[str]:
     """The installation prefixes of the Pythons heel can vouch for: the one
     running it, and the base a VenvConfig names."""
@@ -552,10 +559,8 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # sockets stay refused.  Root's PERMISSIVE sandboxes, as the host's uid
     # 0, could connect to root's 0600 seqpacket listeners (udev's control
     # socket): they get neither grant, and CUDA does not start there.
-    # NVIDIA's nodes only: that is where it was seen, and a cloud VM's
-    # /dev/dri (a display adapter) asks for neither.
-    nvidia = [g for g in gpus if g.startswith("/dev/nvidia")]
-    gpu_runtime = bool(nvidia) and env.namespaces and not (env.euid == 0 and sandbox_id is None)
+    gpu_runtime = (any(map(is_nvidia, gpus)) and env.namespaces
+                   and not (env.euid == 0 and sandbox_id is None))
     proc_access = ll.READ | (ll.WRITE_FILE | ll.TRUNCATE if gpu_runtime else 0)
     if shm:
         grants.append((shm, ll.READ | ll.WRITE))  # the sandbox's private /dev/shm

@@ -553,12 +553,12 @@ def _make_app():
 
 def _gpu_line(report) -> str:
     """What allow_gpu grants here, and where CUDA cannot start (README, GPUs)."""
-    from ._plan import GPU_DEVICES, _existing
+    from ._plan import GPU_DEVICES, _existing, is_nvidia
 
     nodes = list(dict.fromkeys(_existing(GPU_DEVICES)))  # /dev/nvidia* holds /dev/nvidia-caps too
     if not nodes:
         return "no GPU device nodes (" + ", ".join(GPU_DEVICES) + ")"
-    if not any(n.startswith("/dev/nvidia") for n in nodes):
+    if not any(map(is_nvidia, nodes)):
         return ", ".join(nodes) + " granted with allow_gpu (no NVIDIA node: no more than that)"
     if not report.user_namespaces:
         cuda = "CUDA cannot start without user namespaces (its /proc stays the host's, read-only)"
