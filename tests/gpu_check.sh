@@ -6,7 +6,8 @@
 # Usage: tests/gpu_check.sh [WHEELS_DIR] [LOG_DIR]
 #   WHEELS_DIR (optional): heel's wheel and any dependency the machine lacks
 #   (cffi, trio, outcome, sniffio, pytest-trio), installed with --no-index
-#   into a private directory; without it, heel must be importable already.
+#   into a private directory (tests/gpu_wheels.sh makes them); without it,
+#   heel must be importable already.
 #   LOG_DIR: where the log goes (default: the current directory).
 #
 # It runs the tests from a copy of tests/ outside the checkout, so that the
