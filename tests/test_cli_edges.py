@@ -653,11 +653,19 @@ def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir, kind):
     count = os.path.join(host_dir, "count")
 
     def counted() -> int:
-        try:
-            with open(count) as file:
-                return int(file.read() or 0)
-        except (OSError, ValueError):
-            return 0
+        # `echo $i > count` truncates, then writes: a read in between finds
+        # the file empty, so an empty file is read again a few times (it
+        # stays empty only where the command was stopped in between).
+        for _ in range(20):
+            try:
+                with open(count) as file:
+                    text = file.read().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                return int(text)
+            time.sleep(0.005)
+        return 0
 
     marker = f"{47000 + os.getpid() % 1000}"
     options = ["--network", "allow"] if kind == "network" else []
@@ -684,9 +692,9 @@ def test_sigtstp_stops_the_command_and_sigcont_resumes_it(host_dir, kind):
         assert counted() == stopped_at, "the command ran on while heel was stopped"
         proc.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 10
-        while counted() <= stopped_at + 3 and time.monotonic() < deadline:
+        while (now := counted()) <= stopped_at + 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert counted() > stopped_at + 3, "the command was not continued"
+        assert now > stopped_at + 3, "the command was not continued"
         proc.terminate()
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM, proc.stderr.read()
     finally:
