@@ -27,6 +27,7 @@ import os
 import resource
 import select
 import socket
+import time
 import types
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -361,6 +362,9 @@ class _ByteBudget:
         self.limit = limit
         self.used = 0
         self._changed = trio.Event()
+        #: Held while one of the sandbox's large requests is decoded, and
+        #: as long again after (see _decode_paced).
+        self.decoding = trio.Lock()
 
     async def acquire(self, size: int) -> None:
         while size and self.used and self.used + size > self.limit:
@@ -373,6 +377,22 @@ class _ByteBudget:
         self.used -= size
         self._changed.set()
         self._changed = trio.Event()
+
+
+async def _decode_paced(connection: codec.Connection, decoding: trio.Lock) -> codec.Event:
+    """connection.next_event() for a large request: decoding it runs on
+    trio's thread (msgpack holds the GIL throughout, so another thread would
+    not free it), up to some 0.4 s for a message of 4 MiB.  The sandbox's
+    large requests are decoded one at a time, and each holds the turn as
+    long again after: a sandbox that sends nothing else keeps the host's
+    thread for at most half of its time, and its other tasks (the other
+    sandboxes, the timeouts) run in between."""
+    async with decoding:
+        start = time.perf_counter()
+        try:
+            return connection.next_event()
+        finally:
+            await trio.sleep(time.perf_counter() - start)
 
 
 async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphore, budget: _ByteBudget,
@@ -457,6 +477,14 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
         open_connections[0] -= 1
 
 
+# Every read and write on a connection: the socket is the sandbox's, passed
+# over SCM_RIGHTS, so its open file, and the O_NONBLOCK flag trio set on
+# it, is shared with the sandbox, which may clear the flag again.  A plain
+# recv() would then block trio's whole thread (every sandbox's proxy, IPC
+# and timeout, and the host's own tasks) for as long as the sandbox liked.
+_NEVER_BLOCK = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+
 async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
     """Read requests from ``sock`` and answer them until it ends."""
     connection = codec.Connection("server", router.max_message_size)
@@ -477,7 +505,7 @@ async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: 
             view = memoryview(data)
             try:
                 while view:
-                    view = view[await sock.send(view):]
+                    view = view[await sock.send(view, _NEVER_BLOCK):]
             except OSError:
                 pass  # the caller is gone
 
@@ -528,7 +556,7 @@ async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: 
                         return
                     reserved = announced
                 try:
-                    data = await sock.recv(65536)
+                    data = await sock.recv(65536, _NEVER_BLOCK)
                 except OSError:
                     data = b""
                 connection.receive_data(data)
@@ -547,7 +575,8 @@ async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: 
                         handlers.cancel_scope.cancel()
                         return
                     try:
-                        event = connection.next_event()
+                        event = (connection.next_event() if not size
+                                 else await _decode_paced(connection, budget.decoding))
                     except codec.ProtocolError:
                         event = codec.CLOSED  # the stream cannot be trusted: drop it
                     if size is not None and not isinstance(event, codec.Request):

@@ -541,3 +541,35 @@ hostile_bytes = st.one_of(
 )
 def test_hostile_bytes_give_only_documented_outcomes(role, data, cuts, max_frame):
     _feed_hostile(role, data, cuts, max_frame)
+
+
+def test_a_large_frame_is_decoded_with_the_collector_paused():
+    """A frame of a million empty arrays: each pass of the garbage collector
+    while they are made would walk all made so far (seconds for 4 MiB).
+    None runs while it is decoded (the 1,400 it took before); a small frame changes nothing, and the
+    collector is on again afterwards."""
+    import gc
+
+    def collections_while_decoding(count: int) -> int:
+        body = msgpack.packb([0, 1, "m", {"p": [[] for _ in range(count)]}])
+        conn = Connection("server")
+        conn.receive_data(struct.pack(">I", len(body)) + body)
+        passes = []
+
+        def seen(phase: str, info: dict) -> None:
+            if phase == "start":
+                passes.append(info["generation"])
+
+        gc.callbacks.append(seen)
+        try:
+            event = conn.next_event()
+        finally:
+            gc.callbacks.remove(seen)
+        assert isinstance(event, Request) and len(event.params["p"]) == count
+        return len(passes)
+
+    assert gc.isenabled()
+    # (At most one pass: the first allocation once it is back on may start one.)
+    assert collections_while_decoding(1_000_000) <= 1
+    assert gc.isenabled()
+    assert collections_while_decoding(50_000) > 0  # under 64 KiB: the collector runs as ever

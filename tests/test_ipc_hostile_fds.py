@@ -237,3 +237,96 @@ async def test_sandboxes_of_one_process_share_one_connection_budget():
                     assert out.returncode == 0 and out.stdout == b"42\n", explain(out)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_connection_made_blocking_again_does_not_block_the_host():
+    """The connection's socket is the sandbox's own open file: it clears the
+    O_NONBLOCK that the host set on it, then sends one byte and keeps quiet.
+    The host must not block in recv() (that would stop every task of the
+    host's process): its other tasks go on, and the command's timeout still
+    ends the command."""
+    script = RAW + _RECV + """
+import fcntl
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+socket.send_fds(socket.socket(fileno=os.dup(3)), [b"c"], [theirs.fileno()])
+ours.settimeout(10)
+assert ping(ours, 1)  # the host serves it, and has made it non-blocking
+flags = fcntl.fcntl(theirs.fileno(), fcntl.F_GETFL)
+print("host made it non-blocking:", bool(flags & os.O_NONBLOCK), flush=True)
+fcntl.fcntl(theirs.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+ours.send(b"\\0")  # a frame's first byte: the host reads it, and waits for more
+print("cleared", flush=True)
+time.sleep(60)
+"""
+    ticks = 0
+
+    async def tick(stop: trio.Event) -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            await trio.sleep(0.05)
+            ticks += 1
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick, stop)
+        async with heel.Sandbox(heel.SandboxConfig(ipc=_add_router())) as sb:
+            with trio.fail_after(30):  # the host hung: the test fails instead
+                out = await py(sb, script, timeout=3)
+            before = ticks
+            await trio.sleep(0.5)
+            stop.set()
+    assert b"host made it non-blocking: True" in out.stdout and b"cleared" in out.stdout, explain(out)
+    assert out.timed_out, explain(out)
+    # Another task of the host ran while the command held its connection.
+    assert before >= 20, before
+
+
+async def test_large_requests_back_to_back_leave_the_host_time_to_run():
+    """Requests of a million empty arrays each (the slowest to decode for
+    their size), sent back to back for four seconds: decoding holds trio's
+    thread, but the sandbox's large requests take their turns one at a time
+    and each leaves as long again to the host, whose other tasks go on."""
+    script = RAW + """
+ours = connect()
+ours.setblocking(False)
+n = 1024 * 1024
+body = msgpack.packb([0, 1, "add", {"a": [[]] * n}])
+data = frame(body)
+sent, deadline = 0, time.time() + 4
+while time.time() < deadline:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[ours.send(view):]
+        except BlockingIOError:
+            time.sleep(0.001)
+        try:
+            while ours.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
+    sent += 1
+print("sent", sent, flush=True)
+"""
+    ticks = 0
+
+    async def tick(stop: trio.Event) -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            await trio.sleep(0.01)
+            ticks += 1
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async with heel.Sandbox(heel.SandboxConfig(ipc=_add_router())) as sb:
+            nursery.start_soon(tick, stop)
+            start = trio.current_time()
+            out = await py(sb, script, timeout=60)
+            elapsed = trio.current_time() - start
+            stop.set()
+    assert out.returncode == 0 and b"sent" in out.stdout, explain(out)
+    sent = int(out.stdout.split()[1])
+    assert sent >= 2, explain(out)
+    # Half of the time is the host's: a 10 ms ticker runs at least a
+    # fifth of the times it could (before the pacing: 2.5%).
+    assert ticks >= 0.2 * elapsed / 0.01, (ticks, elapsed, sent)
