@@ -406,3 +406,29 @@ def test_config_file_tilde_with_an_empty_home_is_not_the_root(tmp_path, monkeypa
     monkeypatch.setenv("HOME", "/")
     with pytest.raises(heel.PolicyError, match=f"config {config}: readable: cannot expand"):
         _cliargs.load_file(str(config))
+
+
+def test_isolation_level_behaves_as_an_enum():
+    """IsolationLevel is written out (see its docstring), with an Enum's ways."""
+    import copy
+    import pickle
+
+    L = heel.IsolationLevel
+    assert list(L) == [L.STRICT, L.DEFAULT, L.PERMISSIVE] and len(L) == 3
+    assert [(m.name, m.value) for m in L] == [("STRICT", "strict"), ("DEFAULT", "default"),
+                                              ("PERMISSIVE", "permissive")]
+    assert L("default") is L.DEFAULT and L(L.STRICT) is L.STRICT and L["PERMISSIVE"] is L.PERMISSIVE
+    assert all(isinstance(m, L) for m in L) and L.STRICT in L and L.STRICT != L.DEFAULT
+    assert repr(L.STRICT) == "<IsolationLevel.STRICT: 'strict'>" and str(L.DEFAULT) == "IsolationLevel.DEFAULT"
+    for member in L:
+        assert pickle.loads(pickle.dumps(member)) is member and copy.deepcopy(member) is member
+        assert {member: 1}[L(member.value)] == 1
+    with pytest.raises(ValueError):
+        L("STRICTER")
+    with pytest.raises(KeyError):
+        L["strict"]
+    with pytest.raises(AttributeError):
+        L.STRICT.value = "permissive"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        L.STRICT = L.PERMISSIVE  # type: ignore[misc]
+    assert L.STRICT.value == "strict" and L.STRICT.name == "STRICT"
