@@ -128,6 +128,22 @@ class ProtocolError(Exception):
         self.status = status
 
 
+class InvalidHost(ProtocolError):
+    """The request names something that is no host name or address (a NUL,
+    a zone id, a character outside letters, digits, '.', '-', '_'): refused
+    as malformed, and reported by the proxy as a denied request too.
+
+    ``host``: what the request named (as text, not to be trusted); ``port``:
+    its port when that could be read, else 0; ``request``: for HTTP, the
+    rest of the head (its proxy credential says whose request it was)."""
+
+    def __init__(self, message: str, host: str, port: int = 0) -> None:
+        super().__init__(message)
+        self.host = host
+        self.port = port
+        self.request: HttpRequest | None = None
+
+
 def is_socks5(first_bytes: bytes | bytearray) -> bool:
     """Whether a connection that started with *first_bytes* speaks SOCKS5 (else HTTP)."""
     return first_bytes[:1] == b"\x05"
@@ -223,11 +239,15 @@ def parse_http_head(buf: bytes | bytearray) -> HttpRequest | None:
     method, target, version = _parse_request_line(lines[0])
     headers = _parse_headers(lines[1:])
     _check_body_framing(headers, version)
-    if method == "CONNECT":
-        host, port = _parse_authority(target, default_port=None)
-        path = ""
-    else:
-        host, port, path = _parse_absolute_uri(target)
+    try:
+        if method == "CONNECT":
+            host, port = _parse_authority(target, default_port=None)
+            path = ""
+        else:
+            host, port, path = _parse_absolute_uri(target)
+    except InvalidHost as exc:
+        exc.request = HttpRequest(method, target, version, headers, exc.host, exc.port, "", head_length)
+        raise
     return HttpRequest(method, target, version, headers, host, port, path, head_length)
 
 
@@ -354,14 +374,16 @@ def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int
             raise ProtocolError(f"the address {authority[:80]!r} has no closing bracket")
         host, after_host = authority[1:close], authority[close + 1 :]
         if not _is_ipv6_address(host):
-            raise ProtocolError(f"{host[:80]!r} in brackets is not an IPv6 address")
+            raise InvalidHost(f"{host[:80]!r} in brackets is not an IPv6 address", host,
+                              _port_if_any(after_host, default_port))
     else:
         if authority.count(":") > 1:
-            raise ProtocolError(f"{authority[:80]!r}: an IPv6 address is written in brackets, [::1]:443")
+            raise InvalidHost(f"{authority[:80]!r}: an IPv6 address is written in brackets, [::1]:443", authority)
         host, colon, port_text = authority.partition(":")
         after_host = colon + port_text
         if not _HOST_NAME.fullmatch(host):
-            raise ProtocolError(f"{host[:80]!r} is not a host name (letters, digits, '.', '-', '_')")
+            raise InvalidHost(f"{host[:80]!r} is not a host name (letters, digits, '.', '-', '_')", host,
+                              _port_if_any(after_host, default_port))
     if after_host.startswith(":"):
         return host, _parse_port(after_host[1:])
     if after_host:
@@ -369,6 +391,13 @@ def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int
     if default_port is None:
         raise ProtocolError(f"CONNECT needs host:port, not {authority[:80]!r}")
     return host, default_port
+
+
+def _port_if_any(after_host: str, default_port: int | None) -> int:
+    """The port of an authority whose host is invalid, for its event (0: none)."""
+    if after_host.startswith(":"):
+        return parse_port(after_host[1:]) or 0
+    return default_port or 0
 
 
 def _is_ipv6_address(text: str) -> bool:
@@ -852,8 +881,8 @@ class Socks5Handshake:
         if len(buffer) < address_end + 2:
             return NEED_DATA
         message = self._take(address_end + 2)
-        host = _decode_address(address_type, message[address_start:address_end])
         port = int.from_bytes(message[address_end:], "big")
+        host = _decode_address(address_type, message[address_start:address_end], port)
         if port == 0:
             raise ProtocolError("the SOCKS request asks for port 0")
         self._state = _CONNECT_REQUESTED
@@ -868,7 +897,7 @@ def _decode_credential(raw: bytes, what: str) -> str:
         raise ProtocolError(f"the SOCKS {what} is not UTF-8") from None
 
 
-def _decode_address(address_type: int, raw: bytes) -> str:
+def _decode_address(address_type: int, raw: bytes, port: int) -> str:
     if address_type == ATYP_IPV4:
         return str(ipaddress.IPv4Address(raw))
     if address_type == ATYP_IPV6:
@@ -877,7 +906,8 @@ def _decode_address(address_type: int, raw: bytes) -> str:
     # The same syntax as an HTTP host: no NUL to cut a name short in C, no
     # non-ASCII to be read as a different name after IDNA.
     if not _HOST_NAME.fullmatch(name):
-        raise ProtocolError(f"the SOCKS request names {name[:80]!r}, not a host name (letters, digits, '.', '-', '_')")
+        raise InvalidHost(f"the SOCKS request names {name[:80]!r}, not a host name (letters, digits, '.', '-', '_')",
+                          name, port)
     return name
 
 

@@ -447,6 +447,14 @@ class Proxy:
             if handshake.cancelled_caught or request is None:
                 return
         except proto.ProtocolError as exc:
+            if isinstance(exc, proto.InvalidHost) and exc.request is not None:
+                try:
+                    credentials = _credentials(exc.request)
+                except _Refused:
+                    pass  # a credential that is no credential: not the sandbox's request
+                else:
+                    self._record_invalid_host(exc, "connect" if exc.request.method == "CONNECT" else "http",
+                                              arrived, credentials)
             await _send(conn, proto.http_response(exc.status, _reason(exc.status),
                                                   f"heel proxy: {exc}"))
             await _linger(conn, OVERLOAD_TIMEOUT if overloaded else LINGER_TIMEOUT)
@@ -533,6 +541,11 @@ class Proxy:
                         break
             if timer.cancelled_caught:
                 return
+        except proto.InvalidHost as exc:
+            # Past the authentication, when there is one: the sandbox's.
+            self._record_invalid_host(exc, "socks", arrived, None, command)
+            await _send(conn, proto.socks5_reply(proto.ADDRESS_TYPE_NOT_SUPPORTED))
+            return
         except proto.ProtocolError:
             return  # SOCKS has no way to say more; the connection closes
         if not isinstance(event, proto.SocksConnect):  # the loop ends only at one
@@ -561,6 +574,20 @@ class Proxy:
             return f"too many connections ({self.max_connections})"
         return (f"too many connections through the proxies of the host process ({_process_budget()}, "
                 "for its RLIMIT_NOFILE)")
+
+    def _record_invalid_host(self, exc: proto.InvalidHost, protocol: str, arrived: float,
+                             credentials: tuple[str, str] | None, command: str | None = None) -> None:
+        """A request that named no valid host is a denied event, as one whose
+        host failed later (_host), when it is the sandbox's: with its
+        credential where the proxy asks for one (HTTP: ``credentials``;
+        SOCKS: checked before, ``command``)."""
+        if protocol != "socks":
+            try:
+                command = self._command(credentials)
+            except _Refused:
+                return  # not the sandbox's: nothing is recorded for those
+        self.record(NetworkEvent(arrived, _safe_host(exc.host), exc.port, protocol, False,
+                                 f"invalid host: {exc}", command))
 
     def _command(self, credentials: tuple[str, str] | None) -> str | None:
         """The command that the proxy credential names (None: anonymous),

@@ -540,12 +540,15 @@ async def test_a_malformed_socks_name_is_an_event(echo):
     """Names that the SOCKS wire format carries but that are no host name
     get code 8 (address type not supported) and a denied event whose host
     is cut to what a host name can be; a good name is the control."""
-    names = [b"a..b", b"x" * 64 + b".com", b"1.2.3.4.5", b"a" * 255]
+    # The first ones fail the name's syntax at once (r16 found those left
+    # no event), the others only once the proxy looks at them.
+    names = [b"evil.test\x00.good.test", "b\u00fccher.de".encode(), b"", b"evil test", b"evil.test:80",
+             b"a..b", b"x" * 64 + b".com", b"1.2.3.4.5", b"a" * 255]
     async with sandbox(AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
         out = await inside(sb, r"""
 port = int(sys.argv[1])
-for name in sys.argv[2:] + ["echo.test"]:
-    s = socks_connect(name.encode(), port)
+for name in [bytes.fromhex(n) for n in sys.argv[2:]] + [b"echo.test"]:
+    s = socks_connect(name, port)
     code = s.recv(10)[1]
     if code == 0:
         s.sendall(b"fine")
@@ -553,7 +556,7 @@ for name in sys.argv[2:] + ["echo.test"]:
         print(code, read_all(s).decode())
     else:
         print(code)
-""", echo.port, *(name.decode() for name in names))
+""", echo.port, *(name.hex() for name in names))
         events = await settled(sb)
     assert out.stdout.decode().splitlines() == ["8"] * len(names) + ["0 fine"], explain(out)
     refused = [e for e in events if not e.allowed]
@@ -563,6 +566,36 @@ for name in sys.argv[2:] + ["echo.test"]:
         assert len(event.host) < 300, event
     assert [e.host for e in events if e.allowed] == ["echo.test"]
     assert echo.connections == 1
+
+
+async def test_an_http_request_naming_no_host_is_an_event(echo):
+    """CONNECT and plain HTTP requests whose host is no host name (a '!', a
+    %-escape, a zone id, an IPv6 address without brackets) answer 400, and
+    each is a denied event with its port, as a..b was before; a bad port is
+    the control (malformed, but it names a host: no event), and a good
+    request goes through."""
+    targets = [("CONNECT evil!test:443", "connect", 443), ("CONNECT evil%2etest:444", "connect", 444),
+               ("GET http://evil!test/", "http", 80), ("GET http://evil!test:8080/x", "http", 8080),
+               ("CONNECT [fe80::1%25eth0]:445", "connect", 445), ("CONNECT fe80::1:446", "connect", 0)]
+    async with sandbox(AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
+        out = await inside(sb, r"""
+lines, port = sys.argv[1:-1], int(sys.argv[-1])
+for line in lines:
+    s = connect_proxy()
+    s.sendall(line.encode() + b" HTTP/1.1\r\n" + auth + b"\r\n")
+    print(read_all(s).split(b"\r\n")[0].decode())
+s, status = tunnel(f"echo.test:{port}")
+s.sendall(b"fine")
+s.shutdown(socket.SHUT_WR)
+print(status, read_all(s).decode())
+""", *(line for line, _, _ in targets), "CONNECT echo.test:99999", echo.port)
+        events = await settled(sb)
+    assert out.stdout.decode().splitlines() == (["HTTP/1.1 400 Bad Request"] * (len(targets) + 1)
+                                                + ["HTTP/1.1 200 Connection established fine"]), explain(out)
+    refused = [e for e in events if not e.allowed]
+    assert [(e.protocol, e.port) for e in refused] == [(protocol, port) for _, protocol, port in targets], events
+    assert all("invalid host" in e.reason and len(e.host) < 300 for e in refused), refused
+    assert [e.host for e in events if e.allowed] == ["echo.test"]
 
 
 def test_a_local_check_that_cannot_look_refuses():
