@@ -219,8 +219,12 @@ class HttpRequest(NamedTuple):
         return "HttpRequest(" + ", ".join(f"{name}={value!r}" for name, value in fields.items()) + ")"
 
 
-def parse_http_head(buf: bytes | bytearray) -> HttpRequest | None:
+def parse_http_head(buf: bytes | bytearray, searched: int = 0) -> HttpRequest | None:
     """The request whose head starts *buf*, or None while the head is incomplete.
+
+    *searched*: how much of *buf* an earlier call found incomplete; the
+    search for the head's end resumes there, so that a head trickled in a
+    byte at a time costs its length in searching, not its square.
 
     The head ends at the first blank line; lines end with CRLF or a bare LF.
     Bytes after the head are left alone (see ``head_length``).  Raises
@@ -232,7 +236,7 @@ def parse_http_head(buf: bytes | bytearray) -> HttpRequest | None:
     user information.  A fragment (``#...``) is refused rather than dropped, so
     that the path sent upstream is exactly the one the client wrote.
     """
-    head_length = _find_head_end(buf)
+    head_length = _find_head_end(buf, searched)
     if head_length is None:
         return None
     lines = _split_lines(bytes(buf[:head_length]))
@@ -251,10 +255,12 @@ def parse_http_head(buf: bytes | bytearray) -> HttpRequest | None:
     return HttpRequest(method, target, version, headers, host, port, path, head_length)
 
 
-def _find_head_end(buf: bytes | bytearray) -> int | None:
+def _find_head_end(buf: bytes | bytearray, searched: int = 0) -> int | None:
     # Search only where a head may end: a client that never sends the blank
     # line costs MAX_HEAD bytes of searching, not the whole of its stream.
-    blank_line = _HEAD_END.search(buf, 0, MAX_HEAD)
+    # The blank line is up to 3 bytes long: one that straddles what was
+    # searched before starts at most 2 bytes before its end.
+    blank_line = _HEAD_END.search(buf, max(0, searched - 2), MAX_HEAD)
     if blank_line is not None:
         return blank_line.end()
     if len(buf) >= MAX_HEAD:
@@ -542,8 +548,9 @@ class HttpResponse(NamedTuple):
         return 100 <= self.status < 200 and self.status != 101
 
 
-def parse_response_head(buf: bytes | bytearray) -> HttpResponse | None:
-    """The response whose head starts *buf*, or None while it is incomplete.
+def parse_response_head(buf: bytes | bytearray, searched: int = 0) -> HttpResponse | None:
+    """The response whose head starts *buf*, or None while it is incomplete
+    (*searched*: as for :func:`parse_http_head`).
 
     Raises :class:`ProtocolError` with status 502 for what the proxy will not
     pass on: a head longer than :data:`MAX_RESPONSE_HEAD`, no ``HTTP/x.y NNN``
@@ -551,7 +558,7 @@ def parse_response_head(buf: bytes | bytearray) -> HttpResponse | None:
     without a colon or with a name that is not a token.  Folded header lines
     are unfolded (RFC 9112 section 5.2).
     """
-    end = _HEAD_END.search(buf, 0, MAX_RESPONSE_HEAD)
+    end = _HEAD_END.search(buf, max(0, searched - 2), MAX_RESPONSE_HEAD)
     if end is None:
         if not b"HTTP/".startswith(bytes(buf[:5])):  # an answer that is no response: say so at once
             raise ProtocolError("the server's answer is not an HTTP/1.x response", 502)

@@ -436,10 +436,12 @@ class Proxy:
         arrived = time.time()
         try:
             with trio.move_on_at(deadline) as handshake:
+                searched = 0
                 while True:
-                    request = proto.parse_http_head(buf)
+                    request = proto.parse_http_head(buf, searched)
                     if request is not None:
                         break
+                    searched = len(buf)
                     chunk = await conn.recv(_READ)
                     if not chunk:
                         return
@@ -723,10 +725,12 @@ class Proxy:
         A server that sends no HTTP response head (garbage, a close or a
         reset before one) gets the client a 502: what went wrong is returned."""
         buf = bytearray()
+        searched = 0
         try:
             while True:
-                response = proto.parse_response_head(buf)
+                response = proto.parse_response_head(buf, searched)
                 if response is None:
+                    searched = len(buf)
                     try:
                         chunk = await upstream.recv(_READ)
                     except OSError as exc:
@@ -739,6 +743,7 @@ class Proxy:
                     continue
                 length = proto.response_body_length(response, method)
                 del buf[:response.head_length]
+                searched = 0  # what follows the interim head is searched anew
                 if not response.interim:
                     break
                 await to_client(proto.forward_response_head(response))

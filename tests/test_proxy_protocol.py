@@ -848,3 +848,55 @@ def test_a_valid_socks5_handshake_gives_the_same_events_however_it_is_split(name
             events += [event for event in drain(handshake) if event is not NEED_DATA]
     assert events == [SocksReply(b"\x05\x02"), SocksAuth("u", "p"), b"\x01\x00", SocksConnect(name.decode(), port, 3)]
     assert handshake.trailing_data == b"tail"
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_searched_once():
+    """parse_http_head and parse_response_head resume their search where the
+    last call stopped, also when the blank line straddles two reads; each
+    head comes out the same as when parsed whole."""
+    from heel import _proxy_protocol as proto
+
+    request = (b"GET http://example.test/x HTTP/1.1\r\nHost: example.test\r\n"
+               + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 40) for i in range(90)) + b"\r\nBODY")
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 4\n\nBODY"
+    for data, parse in ((request, proto.parse_http_head), (response, proto.parse_response_head)):
+        whole = parse(data)
+        assert whole is not None
+        for split in range(1, len(data) - 3):
+            buf, searched = bytearray(data[:split]), 0
+            found = parse(buf, searched)
+            if found is None:
+                searched = len(buf)
+                buf += data[split:]
+                found = parse(buf, searched)
+            assert found == whole, split
+
+
+def test_a_trickled_head_costs_its_length_in_searching():
+    """A head of 15 KiB (MAX_HEAD is 16), one byte per read: the search
+    looks at each byte a bounded number of times, where searching from the
+    start each time looked at some 120 million."""
+    import re
+
+    from heel import _proxy_protocol as proto
+
+    looked = [0]
+
+    class Counting:
+        def search(self, buf, start, end):
+            looked[0] += min(end, len(buf)) - start
+            return re.compile(rb"\n\r?\n").search(buf, start, end)
+
+    data = b"GET http://example.test/ HTTP/1.1\r\n" + b"A: %s\r\n" % (b"b" * 150) * 99 + b"\r\n"
+    original = proto._HEAD_END
+    proto._HEAD_END = Counting()
+    try:
+        buf, searched = bytearray(), 0
+        for byte in data:
+            buf.append(byte)
+            request = proto.parse_http_head(buf, searched)
+            searched = len(buf)
+        assert request is not None and request.head_length == len(data)
+    finally:
+        proto._HEAD_END = original
+    assert looked[0] <= 4 * len(data), looked[0]
