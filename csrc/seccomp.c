@@ -111,6 +111,12 @@
 /* sendto/sendmsg's flag that connects a TCP socket as it sends
  * (include/linux/socket.h); not every libc names it. */
 #define HEEL_MSG_FASTOPEN 0x20000000u
+/* SO_PASSPIDFD (Linux 6.5), and F_SETLEASE, which glibc shows only with
+ * _GNU_SOURCE: the kernel's numbers, whatever the headers have. */
+#define HEEL_SO_PASSPIDFD 76u
+#ifndef F_SETLEASE
+#define F_SETLEASE 1024
+#endif
 
 /* The namespaces a sandboxed process must not create: each would hand it
  * capabilities over a fresh view of the system (CLONE_NEWTIME is left out
@@ -600,6 +606,41 @@ static void socketpair_check(struct bpf_asm *a, const struct heel_seccomp_opts *
     ret_in(a, ONE_OF(SOCK_STREAM, SOCK_SEQPACKET), ALLOW, FAIL(EPERM));
 }
 
+/* fcntl(fd, F_SETLEASE, ...).  A lease makes whoever opens the file next
+ * (for writing; for a write lease, at all) wait for its holder, up to
+ * fs.lease-break-time (45 s) each time, and the holder may take it again.
+ * It takes no more than owning the file, opened read-only: a non-root
+ * user's sandbox would hold up the user's host processes on any of the
+ * user's files it may read.  Sandboxed code has no use for one.  (Locks,
+ * flock() and fcntl()'s, are not refused: programs need them, and seccomp
+ * cannot see whether a file is the sandbox's.)  The kernel reads cmd as
+ * unsigned int, hence the low word only. */
+static void fcntl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    (void)opts;
+    load(a, ARG_LO(1));
+    ret_in(a, ONE_OF(F_SETLEASE), FAIL(EPERM), ALLOW);
+}
+
+/* setsockopt(fd, SOL_SOCKET, SO_PASSCRED or SO_PASSPIDFD, ...).  A unix
+ * socket that passes credentials is given an abstract name of the kernel's
+ * choosing ("autobind") as soon as it sends, a socketpair's ends included.
+ * Where bind() is refused (no network namespace) that name would be taken
+ * in the host's namespace, the same as a bind(): some 1.8 KB of kernel
+ * memory each, counted by no limit of the sandbox's, out of a pool of 2^20
+ * names for the whole host. */
+static void setsockopt_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
+{
+    if (!opts->deny_bind) {
+        ret(a, ALLOW);
+        return;
+    }
+    load(a, ARG_LO(1));
+    ret_if_ne(a, SOL_SOCKET, ALLOW);
+    load(a, ARG_LO(2));
+    ret_in(a, ONE_OF(SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
+}
+
 /* The syscalls whose arguments decide, and the check each one gets.
  * Syscalls that name the same check share one copy of its code (and, when
  * their numbers are adjacent, as chmod and fchmod are on x86-64, one
@@ -618,6 +659,11 @@ static const struct arg_check {
     {__NR_socket, socket_check},
     {__NR_socketpair, socketpair_check},
     {__NR_bind, bind_check},
+    {__NR_setsockopt, setsockopt_check},
+    {__NR_fcntl, fcntl_check},
+#ifdef __NR_fcntl64
+    {__NR_fcntl64, fcntl_check},
+#endif
     {__NR_listen, listen_check},
     {__NR_sendto, flags_arg3_check},
     {__NR_sendmsg, flags_arg2_check},

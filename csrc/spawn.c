@@ -156,6 +156,39 @@ static int write_file(const char *path, const char *data)
     return 0;
 }
 
+/* The kernel charges some per-user quotas at every level of the user
+ * namespaces above a process (its "ucounts"): what a sandbox takes is also
+ * taken from the host user who made its namespace (root's daemons, when
+ * root runs heel).  The maxima of the sandbox's own namespace bound its
+ * share: inotify instances and watches (a review's command took all 128
+ * instances of root's, and the host's inotify_init1 failed meanwhile), and
+ * fanotify's groups and marks.  Written by a process in that namespace with
+ * its CAP_SYS_RESOURCE: the /proc/sys/user values are those of the writer's
+ * user namespace.  (Pending signals and POSIX message queues are bounded by
+ * rlimits, see heel/_plan.py.) */
+static const struct {
+    const char *path;
+    const char *value;
+} userns_maxima[] = {
+    {"/proc/sys/user/max_inotify_instances", "32"},
+    {"/proc/sys/user/max_inotify_watches", "16384"},
+    {"/proc/sys/user/max_fanotify_groups", "16"},
+    {"/proc/sys/user/max_fanotify_marks", "16384"},
+};
+
+/* A file the kernel lacks (fanotify's before Linux 5.13) and a read-only
+ * /proc/sys (a container's; the README says so) are passed over; any other
+ * failure fails the sandbox's start. */
+static int limit_userns_quotas(void)
+{
+    for (size_t i = 0; i < sizeof(userns_maxima) / sizeof(userns_maxima[0]); i++) {
+        if (write_file(userns_maxima[i].path, userns_maxima[i].value) < 0 && errno != ENOENT &&
+            errno != EROFS)
+            return -1;
+    }
+    return 0;
+}
+
 static int write_id_maps(const struct heel_spawn_plan *p)
 {
     /* "deny" first: an unprivileged process may write gid_map only then. */
@@ -629,7 +662,7 @@ static int child_main(void *arg)
     for (sig = 1; sig < NSIG; sig++)
         sigaction(sig, &dfl, NULL); /* EINVAL for SIGKILL, SIGSTOP, libc's own: fine */
 
-    if ((p->clone_flags & CLONE_NEWUSER) && write_id_maps(p) < 0)
+    if ((p->clone_flags & CLONE_NEWUSER) && (write_id_maps(p) < 0 || limit_userns_quotas() < 0))
         fail(report, HEEL_STAGE_USERNS, errno);
     if ((p->clone_flags & CLONE_NEWNET) && p->proxy_port > 0 && proxy_listener(report, p->proxy_port) < 0)
         fail(report, HEEL_STAGE_NETWORK, errno);
@@ -712,6 +745,46 @@ static int holder_main(void *arg)
     return 0;
 }
 
+/* In a vfork child: enter the new namespace (its full capabilities come
+ * with setns) and set its maxima.  Exits with 0 or the errno. */
+static int quota_setter_main(void *arg)
+{
+    int userns_fd = *(int *)arg;
+
+    if (syscall(SYS_setns, userns_fd, CLONE_NEWUSER) < 0 || limit_userns_quotas() < 0)
+        _exit(errno ? errno : EIO);
+    _exit(0);
+}
+
+/* limit_userns_quotas() for the namespace ``userns_fd``, from a child that
+ * shares our memory while we wait (CLONE_VFORK: it is the only one that
+ * runs, so it may use errno), as heel_spawn's child does.  0 or -errno. */
+static int limit_quotas_of(int userns_fd)
+{
+    const size_t stack_size = 64 * 1024;
+    sigset_t all, saved;
+    int pid, status, err;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+
+    if (stack == MAP_FAILED)
+        return -errno;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    pid = clone(quota_setter_main, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, &userns_fd);
+    err = pid < 0 ? errno : 0;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    munmap(stack, stack_size);
+    if (pid < 0)
+        return -err;
+    while (waitpid(pid, &status, __WALL) < 0) {
+        if (errno != EINTR)
+            return -errno;
+    }
+    if (!WIFEXITED(status))
+        return -EIO;
+    return -WEXITSTATUS(status);
+}
+
 static int write_proc(int pid, const char *file, const char *data)
 {
     char path[64];
@@ -759,6 +832,14 @@ int heel_userns_create(const char *uid_map, const char *gid_map)
     pipefd[1] = -1;
     while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
         ;
+    if (fd >= 0) {
+        int rc = limit_quotas_of(fd);
+        if (rc < 0) {
+            err = -rc;
+            close(fd);
+            fd = -1;
+        }
+    }
 out_stack:
     munmap(stack, stack_size);
 out_pipe:

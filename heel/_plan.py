@@ -453,6 +453,10 @@ def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
 #: instead of at the host's pid_max (32768 on many machines), which would
 #: leave the host unable to start anything.
 DEFAULT_PROCESSES = 4096
+#: The sandbox's share of its user's pending signals (the host's default is
+#: some 96,000 on a machine of 24 GiB) and POSIX message queue bytes (819,200).
+SANDBOX_SIGPENDING = 4096
+SANDBOX_MSGQUEUE = 64 * 1024
 
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
@@ -728,6 +732,19 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
     # (its user namespace).  Without one RLIMIT_NPROC counts every process
     # of the user's, so only a limit the config asks for is set there.
     processes = limits.processes or (DEFAULT_PROCESSES if env.namespaces else None)
+    if env.namespaces:
+        # Pending signals (a queued real-time signal, a POSIX timer) and
+        # POSIX message queue bytes are counted for the user at every level
+        # of user namespaces up to the host's: unbounded, a sandbox took all
+        # of its user's (root's, for root) and sigqueue() failed on the host.
+        # Counted in the sandbox's namespace, these bound its share.  (inotify
+        # and fanotify: the namespace's maxima, see csrc/spawn.c.)  Without
+        # one they would count every process of the user's: not set there.
+        for which, share in ((resource.RLIMIT_SIGPENDING, SANDBOX_SIGPENDING),
+                             (resource.RLIMIT_MSGQUEUE, SANDBOX_MSGQUEUE)):
+            hard = resource.getrlimit(which)[1]  # never above it: raising it would fail the command
+            bound = share if hard == resource.RLIM_INFINITY else min(share, hard)
+            rlimits.append((which, bound, bound))
     if processes:
         # Counted in the sandbox's user namespace: every command running at
         # the same time, heel-init and each command's init count (the +2 are

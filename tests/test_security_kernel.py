@@ -709,3 +709,95 @@ async def test_landlock_rules_follow_no_link_where_openat2_is_hidden():
         out = await sb.command(sys.executable).args(["-c", NESTED_RULE]).timeout(30).output()
     assert out.returncode == 0, explain(out)
     assert out.stdout == b"refused ELOOP\ncontrol granted\n", explain(out)
+
+
+LEASE = """
+import errno, fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.lockf(fd, fcntl.LOCK_SH)  # control: a lock on a file opened for reading works
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    print("lease", flush=True)
+except OSError as exc:
+    print("refused", exc.errno, flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT, PERMISSIVE])
+async def test_no_lease_holds_up_the_hosts_writers(level, tmp_path):
+    """A read lease makes whoever opens the file for writing next wait for
+    the holder (up to 45 s, again and again), and needs only to own the file
+    opened read-only: a non-root user's sandbox could hold up the user's
+    own host processes on any of the user's files it may read.  The lease is
+    refused, on a file of the sandbox's own in its workdir too, and a host
+    process opens that file for writing at once while the command lives;
+    a read lock (the control) works."""
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        target = sb.workdir / "leased"
+        await sh(sb, "echo data > leased")
+        process = await sb.command("python3").args(["-c", LEASE, str(target)]).stdout(
+            heel.Stdio.PIPE).timeout(60).spawn()
+        async with process:
+            with trio.fail_after(20):
+                said = await process.stdout.receive_some(100)
+            # A host writer: with a lease it would wait for the lease's break.
+            with trio.fail_after(20):
+                writer = await trio.run_process(
+                    [sys.executable, "-c", f"open({str(target)!r}, 'a').write('x')"], check=False)
+            process.kill()
+    assert said.decode().split() == ["refused", str(errno.EPERM)], said
+    assert writer.returncode == 0
+
+
+HOARD = r"""
+import ctypes, errno, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+instances = 0
+while instances < 10000:
+    if libc.inotify_init1(os.O_CLOEXEC) < 0:
+        break
+    instances += 1
+inotify_errno = ctypes.get_errno()
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+queued = 0
+while queued < 200000:
+    if libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) < 0:
+        break
+    queued += 1
+print(instances, errno.errorcode.get(inotify_errno, inotify_errno), queued, flush=True)
+time.sleep(30)
+"""
+
+HOST_SHARE = r"""
+import ctypes, os, signal
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(os.O_CLOEXEC)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+print(fd >= 0, libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) == 0)
+"""
+
+
+@pytest.mark.parametrize("level", [STRICT, PERMISSIVE])
+async def test_a_sandbox_takes_a_bounded_share_of_its_users_kernel_quotas(level):
+    """inotify instances and pending signals are counted for the user at
+    every level of user namespaces up to the host's: a command that took
+    all it could left its user (root, when root runs heel) unable to watch a
+    file or queue a signal on the host.  The sandbox's share is bounded (32
+    instances, 4096 signals), and while the command holds all of it a host
+    process of the same user gets both.  Control: the command got some."""
+    if not heel.probe().user_namespaces:
+        pytest.skip("the bounds are per user namespace")
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        process = await sb.command("python3").args(["-c", HOARD]).stdout(heel.Stdio.PIPE).timeout(60).spawn()
+        async with process:
+            with trio.fail_after(30):
+                said = b""
+                while not said.endswith(b"\n"):
+                    said += await process.stdout.receive_some(100)
+            host = await trio.run_process([sys.executable, "-c", HOST_SHARE], capture_stdout=True)
+            process.kill()
+    instances, why, queued = said.decode().split()
+    assert 1 <= int(instances) <= 32 and why == "EMFILE", said
+    assert 1 <= int(queued) <= 4096, said
+    assert host.stdout.decode().split() == ["True", "True"], host.stdout

@@ -423,3 +423,52 @@ async def test_abstract_names_of_the_host_cannot_be_taken(allow):
                 host.close()
             process.kill()
     assert said == (["bound"] if allow else ["refused", str(errno.EPERM)]), said
+
+
+AUTOBIND = """
+import socket, sys, time
+pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+try:
+    for end in pair:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    print("passcred", flush=True)
+except OSError as exc:
+    print("refused", exc.errno, flush=True)
+pair[0].send(b"x")
+assert pair[1].recv(1) == b"x"  # the pair works either way
+name = pair[0].getsockname()  # bytes for an abstract name, "" for none
+print("name", name.hex() if name else "-", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("allow", [False, True])
+async def test_a_socketpair_takes_no_abstract_name_of_the_host_by_autobind(allow):
+    """A unix socket that passes credentials (SO_PASSCRED) is given an
+    abstract name by the kernel when it sends: a name bound without bind().
+    Without unix sockets (no network namespace) SO_PASSCRED is refused, so
+    no name of the host's is taken; with them (a network namespace of the
+    sandbox's own), it works and the name is the sandbox's alone: neither
+    shows up among the host's sockets while the process lives."""
+    security = heel.SecurityConfig(allow_unix_sockets=allow, allow_gpu=False)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT, security=security)) as sb:
+        cmd = sb.command("python3").args(["-c", AUTOBIND])
+        process = await cmd.stdout(heel.Stdio.PIPE).timeout(60).spawn()
+        async with process:
+            said = b""
+            with trio.fail_after(20):
+                while said.count(b"\n") < 2:
+                    said += await process.stdout.receive_some(100)
+            with open("/proc/net/unix") as table:
+                host_names = {line.split()[-1] for line in table.read().splitlines()[1:] if len(line.split()) > 7}
+            process.kill()
+    lines = said.decode().split("\n")
+    assert lines[0] == ("passcred" if allow else f"refused {errno.EPERM}"), said
+    name = lines[1].split()[1]
+    if allow:
+        # Autobound: "\0" and five hex digits, after the family.
+        assert name != "-", said
+        abstract = "@" + bytes.fromhex(name)[1:].decode()
+        assert abstract not in host_names, abstract
+    else:
+        assert name == "-", said
