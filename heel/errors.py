@@ -142,11 +142,32 @@ def _missing_loader(program: str, readable) -> str:
         # Said missing only where the sandbox could list it as missing itself.
         parent = os.path.dirname(target)
         if target and not target.startswith("/dev/") and readable(parent, True) \
-                and os.path.realpath(parent) == parent and not os.path.lexists(target):
+                and os.path.realpath(parent) == parent and not _exists_nofollow(target):
             return f"its interpreter {chain[0]}" + "".join(f", whose interpreter {name}" for name in chain[1:]) \
                 + " does not exist"
         path = interpreter
     return ""
+
+
+def _exists_nofollow(path: str) -> bool:
+    """os.path.lexists(path), with no link followed on the way (see _shebang)."""
+    from ._spawn import open_dir_nofollow
+
+    try:
+        parent = open_dir_nofollow(os.path.dirname(path))
+    except FileNotFoundError:
+        return False  # a directory on the way is missing
+    except OSError:
+        return True  # a link on the way, or no way to look: not known to be missing
+    try:
+        os.stat(os.path.basename(path), dir_fd=parent, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(parent)
 
 
 def _shebang(program: str) -> str | None:
@@ -154,15 +175,25 @@ def _shebang(program: str) -> str | None:
     names, or None."""
     import stat
 
-    # Only a regular file, never through a link: the path may be in the
-    # workdir, where the sandbox could have put a FIFO (an open() that
-    # waits for ever) or a link to anything heel may open.
+    from ._spawn import open_dir_nofollow
+
+    # Only a regular file, never through a link, at the end or on the way:
+    # the path may be in the workdir, where the sandbox could have put a
+    # FIFO (an open() that waits for ever) or a link to anything heel may
+    # open, or swap a directory for a link after the caller looked at it.
     try:
-        if not stat.S_ISREG(os.lstat(program).st_mode):
-            return None
-        fd = os.open(program, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        parent = open_dir_nofollow(os.path.dirname(program))
     except OSError:
         return None
+    try:
+        name = os.path.basename(program)
+        if not stat.S_ISREG(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            return None
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+    except OSError:
+        return None
+    finally:
+        os.close(parent)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
