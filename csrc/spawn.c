@@ -745,44 +745,50 @@ static int holder_main(void *arg)
     return 0;
 }
 
+struct quota_ctx {
+    int userns_fd;
+    int err; /* the child's result: it shares our memory */
+};
+
 /* In a vfork child: enter the new namespace (its full capabilities come
- * with setns) and set its maxima.  Exits with 0 or the errno. */
+ * with setns) and set its maxima. */
 static int quota_setter_main(void *arg)
 {
-    int userns_fd = *(int *)arg;
+    struct quota_ctx *ctx = arg;
 
-    if (syscall(SYS_setns, userns_fd, CLONE_NEWUSER) < 0 || limit_userns_quotas() < 0)
-        _exit(errno ? errno : EIO);
+    ctx->err = 0;
+    if (syscall(SYS_setns, ctx->userns_fd, CLONE_NEWUSER) < 0 || limit_userns_quotas() < 0)
+        ctx->err = errno ? errno : EIO;
     _exit(0);
 }
 
 /* limit_userns_quotas() for the namespace ``userns_fd``, from a child that
  * shares our memory while we wait (CLONE_VFORK: it is the only one that
- * runs, so it may use errno), as heel_spawn's child does.  0 or -errno. */
+ * runs, so it may use errno), as heel_spawn's child does.  It reports
+ * through that memory, and exits with no signal to us: a host whose
+ * SIGCHLD is ignored has its children reaped for it, and its waitpid()
+ * would find none.  0 or -errno. */
 static int limit_quotas_of(int userns_fd)
 {
     const size_t stack_size = 64 * 1024;
+    struct quota_ctx ctx = {userns_fd, EIO};
     sigset_t all, saved;
-    int pid, status, err;
+    int pid, err;
     char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
 
     if (stack == MAP_FAILED)
         return -errno;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
-    pid = clone(quota_setter_main, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, &userns_fd);
+    pid = clone(quota_setter_main, stack + stack_size, CLONE_VM | CLONE_VFORK, &ctx);
     err = pid < 0 ? errno : 0;
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
     munmap(stack, stack_size);
     if (pid < 0)
         return -err;
-    while (waitpid(pid, &status, __WALL) < 0) {
-        if (errno != EINTR)
-            return -errno;
-    }
-    if (!WIFEXITED(status))
-        return -EIO;
-    return -WEXITSTATUS(status);
+    while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
+        ; /* reaped: it has exited already (vfork) */
+    return -ctx.err;
 }
 
 static int write_proc(int pid, const char *file, const char *data)
