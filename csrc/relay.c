@@ -233,6 +233,11 @@ static int tunnel_new(struct relay_tunnel **out, int fd_a, int fd_b, uint64_t id
     for (int i = 0; i < 2 && !err; i++)
         err = open_flow_pipe(&t->flow[i]);
     if (err) {
+        /* The pipes made so far only: fd_a and fd_b are the caller's to
+         * close (heel_relay_add does).  Closed here too, the caller's close
+         * came second, and in a threaded host it could take an fd another
+         * thread had opened in between. */
+        t->end[0].fd = t->end[1].fd = -1;
         close_tunnel_fds(t);
         free(t);
         return err;
