@@ -890,13 +890,16 @@ static void command_init(const struct zygote *z, struct command *c)
 static long receive_header(int ctl, int fds[HEEL_REQUEST_FDS])
 {
     uint32_t length;
-    char control[CMSG_SPACE(sizeof(int) * HEEL_REQUEST_FDS)];
+    union { /* aligned for the cmsghdr in it */
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int) * HEEL_REQUEST_FDS)];
+    } control;
     struct iovec iov = {.iov_base = &length, .iov_len = sizeof(length)};
     struct msghdr msg = {
         .msg_iov = &iov,
         .msg_iovlen = 1,
-        .msg_control = control,
-        .msg_controllen = sizeof(control),
+        .msg_control = control.buf,
+        .msg_controllen = sizeof(control.buf),
     };
     struct cmsghdr *cmsg;
     ssize_t n;
@@ -984,16 +987,19 @@ static int parse_request(struct command *c, char *payload, size_t length)
 /* Answer a request: the command's init's pid and a pidfd for it, or -errno. */
 static void reply(int ctl, int32_t result, int pidfd)
 {
-    char control[CMSG_SPACE(sizeof(int))];
+    union { /* aligned for the cmsghdr in it */
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
     struct iovec iov = {.iov_base = &result, .iov_len = sizeof(result)};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
     ssize_t n;
 
     if (pidfd >= 0) {
         struct cmsghdr *cmsg;
-        memset(control, 0, sizeof(control));
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof(control);
+        memset(control.buf, 0, sizeof(control.buf));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
         cmsg = CMSG_FIRSTHDR(&msg);
         cmsg->cmsg_level = SOL_SOCKET;
         cmsg->cmsg_type = SCM_RIGHTS;

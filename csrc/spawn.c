@@ -114,21 +114,6 @@ struct child_ctx {
 
 /* ---- helpers that run in the child ----------------------------------- */
 
-static void write_all(int fd, const void *buf, size_t len)
-{
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-}
-
 static _Noreturn void fail(int report_fd, int stage, int err)
 {
     struct heel_msg msg = {HEEL_MSG_ERROR, stage, err};
@@ -395,7 +380,8 @@ static int setup_mounts(const struct heel_spawn_plan *p)
         case HEEL_MNT_READONLY:
             if (set_readonly(tree[i], "", HEEL_AT_EMPTY_PATH) < 0)
                 return -1;
-            /* fall through: attach the read-only copy over the original */
+            /* attach the read-only copy over the original: */
+            __attribute__((fallthrough));
         case HEEL_MNT_KEEP_RW:
         case HEEL_MNT_BIND:
             if (attach_tree(tree[i], op->path) < 0)
