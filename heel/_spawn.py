@@ -459,35 +459,16 @@ def needs_relay(fd: int) -> bool:
     """Whether a host fd that the caller wants to hand to the sandbox as one
     of its standard streams must be relayed through a pipe instead.
 
-    Anonymous pipes, sockets and character devices that the sandbox's uid
-    cannot own (/dev/null; terminals are replaced by a pty of heel's own
-    before this is asked, see heel._terminal) are passed as they are.
-    Anything else, a regular file above all, is not: through /proc/self/fd
-    the sandbox would reach the inode itself and could chmod, truncate or
-    utime it, none of which Landlock mediates.  A named FIFO is such an
-    inode (made 0666, any local user could read or write the pipeline), and
-    so is a character device of the user's own: only root's are passed,
-    which root's sandbox does not own but at PERMISSIVE (where it may
-    change system files anyway)."""
-    st = os.fstat(fd)
-    if stat.S_ISSOCK(st.st_mode):
-        return False
-    if stat.S_ISFIFO(st.st_mode):
-        return st.st_dev != _pipe_device()
-    if stat.S_ISCHR(st.st_mode):
-        return st.st_uid != 0
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _pipe_device() -> int:
-    """The device of anonymous pipes (pipefs): a named FIFO is elsewhere."""
-    r, w = os.pipe()
-    try:
-        return os.fstat(r).st_dev
-    finally:
-        os.close(r)
-        os.close(w)
+    Pipes (named ones too: relaying one would read ahead what the next
+    reader of the FIFO should get, and block on it; see the README's
+    limits), sockets and character devices (/dev/null; terminals are
+    replaced by a pty of heel's own before this is asked, see
+    heel._terminal) are passed as they are.  Anything else, a regular file
+    above all, is not: through /proc/self/fd the sandbox would reach the
+    file itself and could chmod, truncate or utime it, none of which
+    Landlock mediates."""
+    mode = os.fstat(fd).st_mode
+    return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode))
 
 
 def decode_message(data: bytes) -> tuple[int, int, int]:
