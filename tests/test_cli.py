@@ -231,10 +231,9 @@ def test_run_imports_neither_typer_nor_trio():
     imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
     assert "heel._spawn" in imported, imported  # it did run heel's path
     assert not {"typer", "trio"} & imported
-    # Nor what heel's run path got rid of (each a few ms at every start);
-    # enum came with the signal module and with IsolationLevel.
+    # Nor what heel's run path got rid of (each a few ms at every start).
     assert not {"shutil", "tempfile", "threading", "typing", "heel._netaddr", "argparse", "re",
-                "glob", "gettext", "enum", "signal", "socket"} & imported, imported
+                "glob", "gettext", "signal", "socket"} & imported, imported
 
 
 # The option table, in process: no sandbox needed.

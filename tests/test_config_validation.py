@@ -409,7 +409,9 @@ def test_config_file_tilde_with_an_empty_home_is_not_the_root(tmp_path, monkeypa
 
 
 def test_isolation_level_behaves_as_an_enum():
-    """IsolationLevel is written out (see its docstring), with an Enum's ways."""
+    """IsolationLevel is an Enum: what users (and typer, pydantic) rely on."""
+    import enum
+
     import copy
     import pickle
 
@@ -432,3 +434,4 @@ def test_isolation_level_behaves_as_an_enum():
     with pytest.raises(AttributeError):
         L.STRICT = L.PERMISSIVE  # type: ignore[misc]
     assert L.STRICT.value == "strict" and L.STRICT.name == "STRICT"
+    assert issubclass(L, enum.Enum) and list(L.__members__) == ["STRICT", "DEFAULT", "PERMISSIVE"]
