@@ -411,7 +411,7 @@ class Connection:
 
 
 #: Frames larger than this are decoded with the garbage collector paused.
-GC_PAUSE_ABOVE = 64 * 1024
+GC_PAUSE_ABOVE = 4 * 1024
 
 
 def _decode(frame: bytes) -> object:

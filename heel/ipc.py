@@ -362,9 +362,8 @@ class _ByteBudget:
         self.limit = limit
         self.used = 0
         self._changed = trio.Event()
-        #: Held while one of the sandbox's large requests is decoded, and
-        #: as long again after (see _decode_paced).
-        self.decoding = trio.Lock()
+        #: The sandbox's share of trio's thread for decoding its requests.
+        self.decoding = _DecodeShare()
 
     async def acquire(self, size: int) -> None:
         while size and self.used and self.used + size > self.limit:
@@ -379,20 +378,45 @@ class _ByteBudget:
         self._changed = trio.Event()
 
 
-async def _decode_paced(connection: codec.Connection, decoding: trio.Lock) -> codec.Event:
-    """connection.next_event() for a large request: decoding it runs on
-    trio's thread (msgpack holds the GIL throughout, so another thread would
-    not free it), up to some 0.4 s for a message of 4 MiB.  The sandbox's
-    large requests are decoded one at a time, and each holds the turn as
-    long again after: a sandbox that sends nothing else keeps the host's
-    thread for at most half of its time, and its other tasks (the other
-    sandboxes, the timeouts) run in between."""
-    async with decoding:
+class _DecodeShare:
+    """Decoding a request runs on trio's thread (msgpack holds the GIL
+    throughout, so another thread would not free it): up to some 0.8 s for
+    a message of 4 MiB, and a sandbox can send many, large or small, over
+    many connections.  Its requests are decoded one at a time, and whenever
+    the time they took passes half of the time since the window began, the
+    next waits until it is half again: the host's other tasks (the other
+    sandboxes, the timeouts) get the rest.  Calls at an ordinary pace never
+    wait.  The window starts afresh each second."""
+
+    WINDOW = 1.0
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._start = time.perf_counter()
+        self._spent = 0.0
+
+    async def next_event(self, connection: codec.Connection) -> codec.Event:
+        if self._owed() <= 0 and not self._lock.locked():
+            return self._decode(connection)  # no checkpoint: an ordinary call waits for nothing
+        async with self._lock:
+            owed = self._owed()
+            if owed > 0:
+                await trio.sleep(owed)
+            return self._decode(connection)
+
+    def _owed(self) -> float:
+        """How long the next decode must wait for the host's half."""
+        now = time.perf_counter()
+        if now - self._start >= self.WINDOW:
+            self._start, self._spent = now, 0.0
+        return 2 * self._spent - (now - self._start)
+
+    def _decode(self, connection: codec.Connection) -> codec.Event:
         start = time.perf_counter()
         try:
             return connection.next_event()
         finally:
-            await trio.sleep(time.perf_counter() - start)
+            self._spent += time.perf_counter() - start
 
 
 async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphore, budget: _ByteBudget,
@@ -575,8 +599,8 @@ async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: 
                         handlers.cancel_scope.cancel()
                         return
                     try:
-                        event = (connection.next_event() if not size
-                                 else await _decode_paced(connection, budget.decoding))
+                        event = (connection.next_event() if size is None
+                                 else await budget.decoding.next_event(connection))
                     except codec.ProtocolError:
                         event = codec.CLOSED  # the stream cannot be trusted: drop it
                     if size is not None and not isinstance(event, codec.Request):
