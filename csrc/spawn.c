@@ -161,14 +161,15 @@ static const struct {
     {"/proc/sys/user/max_fanotify_marks", "16384"},
 };
 
-/* A file the kernel lacks (fanotify's before Linux 5.13) and a read-only
- * /proc/sys (a container's; the README says so) are passed over; any other
- * failure fails the sandbox's start. */
+/* A file the kernel lacks (fanotify's before Linux 5.13), a read-only
+ * /proc/sys (a container's) and a write a security module refuses (EACCES,
+ * EPERM) are passed over, as the README says: the sandbox runs without
+ * that bound rather than not at all.  Any other failure fails its start. */
 static int limit_userns_quotas(void)
 {
     for (size_t i = 0; i < sizeof(userns_maxima) / sizeof(userns_maxima[0]); i++) {
         if (write_file(userns_maxima[i].path, userns_maxima[i].value) < 0 && errno != ENOENT &&
-            errno != EROFS)
+            errno != EROFS && errno != EACCES && errno != EPERM)
             return -1;
     }
     return 0;
