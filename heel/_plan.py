@@ -454,9 +454,10 @@ def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
 #: leave the host unable to start anything.
 DEFAULT_PROCESSES = 4096
 #: The sandbox's share of its user's pending signals (the host's default is
-#: some 96,000 on a machine of 24 GiB) and POSIX message queue bytes (819,200).
+#: some 96,000 on a machine of 24 GiB) and POSIX message queue bytes (819,200;
+#: a queue with the default attributes takes some 82 KB of it).
 SANDBOX_SIGPENDING = 4096
-SANDBOX_MSGQUEUE = 64 * 1024
+SANDBOX_MSGQUEUE = 256 * 1024
 
 
 def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Environment,
