@@ -425,7 +425,11 @@ def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
     watch, which would name the files the host makes in them.  An entry that
     holds a grant, a mount or a mount's source stays as it is, as does one
     that holds a grant's name as the config gave it (``spelled``: through a
-    link, as /var/run/docker.sock names /run/docker.sock)."""
+    link, as /var/run/docker.sock names /run/docker.sock).  /sys is such an
+    entry where no GPU grants it (its names tell interfaces, block devices,
+    loaded modules); /dev and /proc always hold something given, and are
+    left to the rules.  Top-level links and other non-directories but files
+    cannot be covered (see README)."""
     if not host_mask:
         return []
     kept = ([r.path for r in rules] + [m.path for m in mounts] + [m.source for m in mounts if m.source]
@@ -438,7 +442,7 @@ def _strict_covers(rules, mounts: list[MountOp], views: list[tuple[str, str]],
         return []
     for entry in entries:
         path = "/" + entry.name
-        if path in RUNTIME_DIRS or path in SYSTEM_TREES or path == "/tmp" or any(_under(k, path) for k in kept):
+        if path in RUNTIME_DIRS or path in ("/dev", "/proc", "/tmp") or any(_under(k, path) for k in kept):
             continue
         if entry.is_dir(follow_symlinks=False):
             covers.append(MountOp("readonly", path, source=host_mask))

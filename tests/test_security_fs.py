@@ -428,6 +428,36 @@ def _metadata_fixture(directory: str) -> bool:
         return False
 
 
+SYS_NAMES = """
+import os
+for path in ("/sys/class/net/lo", "/sys/module", "/sys/block"):
+    try:
+        os.lstat(path)
+        print(path, "seen", os.readlink(path) if os.path.islink(path) else "")
+    except OSError as e:
+        print(path, "refused", e.errno)
+"""
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_strict_shows_no_names_in_sys(level):
+    """/sys holds nothing a STRICT sandbox is given (without a GPU): its
+    names (network interfaces and their PCI paths, block devices, loaded
+    modules) are covered like any such top-level directory's.  Control: at
+    DEFAULT, which may read /sys, they are seen."""
+    if not os.path.exists("/sys/class/net/lo"):
+        pytest.skip("no /sys/class/net/lo here")
+    config = heel.SandboxConfig(level=level, security=heel.SecurityConfig(allow_gpu=False))
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, SYS_NAMES)
+    assert out.returncode == 0, explain(out)
+    lines = out.stdout.decode().splitlines()
+    if level is STRICT:
+        assert all(line.split()[1] == "refused" for line in lines), lines
+    else:
+        assert lines[0].split()[1] == "seen" and "devices/virtual/net/lo" in lines[0], lines
+
+
 @pytest.mark.parametrize("level", [STRICT, DEFAULT])
 async def test_strict_shows_no_metadata_outside_its_view(level, top_level_dir):
     """Landlock mediates opening, not stat(), readlink(), getxattr() or an
