@@ -207,7 +207,8 @@ def probe() -> ProbeReport:
         p("pid_namespace", ns, "every process dies with the command or the sandbox",
           "processes that escape the subreaper may outlive the sandbox", partial=True),
         p("network_namespace", ns, "only loopback: no route out, no UDP, no DNS; the proxy listens "
-          "inside at 127.0.0.1 and nothing else can reach it",
+          "inside at 127.0.0.1 and nothing else can reach it (for STRICT, a network policy, unix "
+          "sockets or a GPU; DenyAll at DEFAULT and PERMISSIVE needs none: no internet socket at all)",
           "TCP held by Landlock's port rule and seccomp (no UDP, no listen()): a direct connection to "
           "the proxy's port number on another host is possible, and the proxy's listener on the "
           "host's loopback is guarded by a secret" if abi >= 4 else
