@@ -549,23 +549,33 @@ static int send_ptmx(int report, const struct heel_spawn_plan *p)
  * and is done and checked in every case. */
 static int drop_capabilities(bool may_lack_privilege)
 {
+    const int securebits = SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
+                           SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
+                           SECBIT_KEEP_CAPS_LOCKED |
+                           SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
+    int current;
+
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
         return -1;
-    if (prctl(PR_SET_SECUREBITS,
-              SECBIT_NOROOT | SECBIT_NOROOT_LOCKED |
-              SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED |
-              SECBIT_KEEP_CAPS_LOCKED |
-              SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
-              0, 0, 0) < 0) {
+    /* Setting securebits and dropping from the bounding set both need
+     * CAP_SETPCAP, even when nothing would change.  What is already so is
+     * left alone: a uid 0 without capabilities whose bits are set and locked
+     * and whose bounding set is empty (heel inside a heel sandbox) is as
+     * closed as this function makes it. */
+    current = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+    if ((current < 0 || (current & securebits) != securebits) &&
+        prctl(PR_SET_SECUREBITS, securebits, 0, 0, 0) < 0) {
         if (!may_lack_privilege || errno != EPERM)
             return -1;
+        /* Unprivileged outside a user namespace (above): the bounding set
+         * cannot shrink either. */
     } else {
         for (int cap = 0; cap < 64; cap++) {
-            if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
-                if (errno == EINVAL) /* past the last capability this kernel has */
-                    break;
+            int held = prctl(PR_CAPBSET_READ, cap, 0, 0, 0);
+            if (held < 0 && errno == EINVAL) /* past the last capability this kernel has */
+                break;
+            if (held != 0 && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
                 return -1;
-            }
         }
     }
     struct heel_cap_header head = {HEEL_CAP_VERSION_3, 0};

@@ -6,7 +6,9 @@ as if it had none: the same C code runs with no namespace flags."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import pytest
 import trio
@@ -68,3 +70,49 @@ async def test_best_effort_names_the_abstract_socket_names_it_cannot_keep(no_nam
         assert "abstract socket names" in sb.degraded
     async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:  # control: bind() is refused there
         assert "abstract socket names" not in sb.degraded
+
+
+def _heel_inside_grants() -> list[str]:
+    """What a sandbox needs to run this Python's heel: its prefixes and
+    heel's own package (an editable install reads the source tree)."""
+    package = os.path.dirname(os.path.dirname(os.path.realpath(heel.__file__)))
+    return sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix), package})
+
+
+@pytest.mark.parametrize("level", [heel.IsolationLevel.DEFAULT, heel.IsolationLevel.PERMISSIVE],
+                         ids=lambda level: level.value)
+async def test_heel_inside_a_sandbox_runs_with_best_effort_and_stays_closed(outside_dir, level):
+    """A sandbox's uid 0 (root's, or a user's mapped to 0) holds no
+    capability: heel run inside it cannot set securebits or shrink the
+    bounding set, and needs not, since they are so already.  It refuses to
+    run without namespaces, and with --best-effort runs the command with
+    Landlock and seccomp on, no capability and the outside still closed."""
+    inner = [sys.executable, "-m", "heel", "run"]
+    script = (f"grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status; echo x > ok; "
+              f"echo x > {outside_dir}/no || echo refused")
+    grants = _heel_inside_grants()
+    # This Python may live in a home directory (pyenv's): credentials stay closed.
+    config = heel.SandboxConfig(level=level, readable=grants, executable=grants,
+                                security=heel.SecurityConfig(protect_user_home=False))
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            sb = await stack.enter_async_context(heel.Sandbox(config))
+        except heel.PolicyError as exc:
+            # Root's DEFAULT runs as an unprivileged uid, which cannot reach
+            # a Python under /root (0700); PERMISSIVE runs the same test.
+            if level is heel.IsolationLevel.DEFAULT and "cannot be reached" in str(exc):
+                pytest.skip(str(exc))
+            raise
+        # Inside, the workdir is $HOME, whose .ssh heel would keep closed:
+        # the inner command's workdir is below it.
+        (sb.workdir / "in").mkdir()
+        refused = await sb.command(inner[0]).args([*inner[1:], "--", "true"]).timeout(60).output()
+        out = await sb.command(inner[0]).args([*inner[1:], "--best-effort", "--no-protect-home", "--workdir", str(sb.workdir / "in"),
+                                               "--", "sh", "-c", script]).timeout(60).output()
+        assert refused.returncode == 125 and b"user namespaces" in refused.stderr, explain(refused)
+        assert out.returncode == 0, explain(out)
+        assert b"CapEff:\t0000000000000000" in out.stdout, explain(out)
+        assert b"CapBnd:\t0000000000000000" in out.stdout, explain(out)
+        assert b"NoNewPrivs:\t1" in out.stdout and b"refused" in out.stdout, explain(out)
+        assert (sb.workdir / "in" / "ok").read_text() == "x\n", explain(out)
+    assert not os.path.exists(os.path.join(outside_dir, "no"))
