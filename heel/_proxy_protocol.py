@@ -71,7 +71,7 @@ import ipaddress
 import re
 from typing import Iterable, NamedTuple, Union
 
-from ._netaddr import parse_port
+from ._netaddr import normalize_host, parse_port
 
 __all__ = [
     "MAX_HEAD",
@@ -468,7 +468,10 @@ def forward_head(request: HttpRequest) -> bytes:
     headers are dropped (Connection and every header it lists, except those
     that frame the body, Proxy-Connection, Proxy-Authorization,
     Proxy-Authenticate, Keep-Alive, TE, Trailer, Upgrade), Host is replaced by
-    the host and port the policy approved, and ``Connection: close`` is added.
+    the host and port the policy approved (the host in its canonical form, as
+    the policy saw it: ``GOOD.TEST.`` is ``good.test``, ``0x7f.1`` is
+    ``127.0.0.1``; raises ValueError for a host that has none), and
+    ``Connection: close`` is added.
 
     Why close: the proxy relays the rest of the client's connection as bytes.
     Were the upstream connection kept alive, a second request on it, naming
@@ -480,7 +483,7 @@ def forward_head(request: HttpRequest) -> bytes:
     if request.method == "CONNECT":
         raise ValueError("a CONNECT request opens a tunnel; it is not forwarded")
     dropped = _NOT_FORWARDED | (_connection_options(request) - _BODY_FRAMING) | {"content-length"}
-    lines = [f"{request.method} {request.path} {request.version}", f"Host: {_host_header(request.host, request.port)}"]
+    lines = [f"{request.method} {request.path} {request.version}", f"Host: {_host_header(normalize_host(request.host), request.port)}"]
     lines += [f"{name}: {value}" for name, value in request.headers if name not in dropped]
     if request.header_values("content-length"):
         # One value, however the client wrote it (`5, 5`, or twice): the

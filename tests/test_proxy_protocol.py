@@ -398,6 +398,11 @@ def test_forward_head_drops_hop_by_hop_headers_and_sets_host_and_connection():
         ("http://example.com:80/", b"Host: example.com\r\n"),
         ("http://[::1]/", b"Host: [::1]\r\n"),
         ("http://[::1]:8080/", b"Host: [::1]:8080\r\n"),
+        # The host as the policy saw it, not as the client spelled it.
+        ("http://GOOD.Test.:8080/", b"Host: good.test:8080\r\n"),
+        ("http://0x7f.1/", b"Host: 127.0.0.1\r\n"),
+        ("http://[::FFFF:127.0.0.1]/", b"Host: 127.0.0.1\r\n"),
+        ("http://[0:0::1]/", b"Host: [::1]\r\n"),
     ],
 )
 def test_forward_head_host(target, host_header):
