@@ -97,8 +97,10 @@ class NetworkEvent(NamedTuple):
     ``time``: when it arrived (time.time()).  ``protocol``: "connect",
     "http" or "socks".  ``allowed``: whether bytes were let through;
     ``reason`` says why or why not.  ``command``: which command of the
-    sandbox asked, when known.  ``bytes_sent``: from the sandbox to the
-    server; ``bytes_received``: back.  ``failed``: the policy allowed the
+    sandbox asked, when known.  ``bytes_sent``: the bytes sent to the
+    server; ``bytes_received``: those read from it (for plain HTTP, the
+    request's head as the proxy rewrote it and its body, and the server's
+    response as it came; never the proxy's own answers, such as a 502).  ``failed``: the policy allowed the
     request, but the server could not be reached (no address, refused,
     timed out); ``allowed`` is then False, since no byte went through.  An
     allowed event is reported when its connection ends, a denied or failed
@@ -694,15 +696,17 @@ class Proxy:
                     pass  # a reset, or a server that stopped reading: the request ends
                 done.cancel()  # the client is gone, and so is the request
 
-            async def to_client(data: bytes) -> None:
+            def from_server(count: int) -> None:
                 nonlocal received
+                received += count
+
+            async def to_client(data: bytes) -> None:
                 await _send(conn, data)
-                received += len(data)
 
             async def respond(done: trio.CancelScope) -> None:
                 nonlocal reason
                 try:
-                    unanswered = await self._respond(upstream, request.method, to_client)
+                    unanswered = await self._respond(upstream, request.method, to_client, from_server)
                     if unanswered:
                         reason += f" (the client got 502: {unanswered})"
                 except OSError:
@@ -719,11 +723,14 @@ class Proxy:
                                      reason, net_request.command, sent, received))
         await _linger(conn, LINGER_TIMEOUT)
 
-    async def _respond(self, upstream, method: str, to_client: Callable[[bytes], Awaitable[None]]) -> str | None:
+    async def _respond(self, upstream, method: str, to_client: Callable[[bytes], Awaitable[None]],
+                       from_server: Callable[[int], None]) -> str | None:
         """Pass the upstream's response on: interim heads, then the final
         head with ``Connection: close`` and its body, up to where it ends.
         A server that sends no HTTP response head (garbage, a close or a
-        reset before one) gets the client a 502: what went wrong is returned."""
+        reset before one) gets the client a 502: what went wrong is returned.
+        ``from_server`` counts the bytes read from the server (the event's
+        ``bytes_received``: not the heads as rewritten, nor heel's 502 page)."""
         buf = bytearray()
         searched = 0
         try:
@@ -739,6 +746,7 @@ class Proxy:
                         ) from None
                     if not chunk:
                         raise proto.ProtocolError("the server closed the connection without a response", 502)
+                    from_server(len(chunk))
                     buf += chunk
                     continue
                 length = proto.response_body_length(response, method)
@@ -757,6 +765,7 @@ class Proxy:
             chunk = await upstream.recv(_READ if left is None else min(_READ, left))
             if not chunk:
                 return None  # a short body: the client sees it by its Content-Length
+            from_server(len(chunk))
             await to_client(chunk)
             if left is not None:
                 left -= len(chunk)

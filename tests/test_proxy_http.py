@@ -192,6 +192,47 @@ for path in ("/one", "/two", "/three"):
     assert server.connections == 3
 
 
+def answers(response: bytes):
+    """A handler that reads the request (head and a Content-Length body),
+    keeps every byte it read in ``server.read``, sends ``response`` and closes."""
+    def handler(conn: socket.socket, server: RawServer) -> None:
+        head, body = server.read_head(conn)
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        server.read = head + b"\r\n\r\n" + body
+        conn.sendall(response)
+        conn.close()
+    return handler
+
+
+@pytest.mark.parametrize("response", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Pad: 12345\r\n\r\nhello",
+                                      b"no HTTP here\r\n\r\n"], ids=["ok", "garbage"])
+async def test_an_http_events_bytes_are_those_that_crossed_to_the_server_and_back(servers, response):
+    """The event counts what the server read and what it sent: not the
+    head as the proxy rewrote it for the client, nor the proxy's 502 page."""
+    server = servers(answers(response))
+    async with sandbox(heel.AllowList(["web.test"]), TEST_NAMES) as sb:
+        with trio.fail_after(TIMEOUT):
+            out = await inside(sb, r"""
+s = connect_proxy()
+s.sendall(b"POST http://web.test:%s/in HTTP/1.1\r\nContent-Length: 4\r\n" % sys.argv[1].encode()
+          + auth + b"\r\nbody")
+print(len(read_all(s)))
+""", server.port)
+            events = await settled(sb)
+    (event,) = events
+    got = int(out.stdout)
+    assert out.returncode == 0 and got > 0, explain(out)
+    assert event.bytes_sent == len(server.read) and server.read.endswith(b"\r\n\r\nbody"), (event, server.read)
+    assert event.bytes_received == len(response), event
+    if response.startswith(b"HTTP"):  # the client got the head rewritten: other bytes, another length
+        assert got != len(response)
+    else:
+        assert got > len(response) and "502" in event.reason, (got, event)
+
+
 # ---- D4: a client that gives up ends its request -----------------------------------
 
 
