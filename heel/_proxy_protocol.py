@@ -470,7 +470,7 @@ def forward_head(request: HttpRequest) -> bytes:
     Proxy-Authenticate, Keep-Alive, TE, Trailer, Upgrade), Host is replaced by
     the host and port the policy approved (the host in its canonical form, as
     the policy saw it: ``GOOD.TEST.`` is ``good.test``, ``0x7f.1`` is
-    ``127.0.0.1``; raises ValueError for a host that has none), and
+    ``127.0.0.1``; raises InvalidHost for a host that has none), and
     ``Connection: close`` is added.
 
     Why close: the proxy relays the rest of the client's connection as bytes.
@@ -483,7 +483,11 @@ def forward_head(request: HttpRequest) -> bytes:
     if request.method == "CONNECT":
         raise ValueError("a CONNECT request opens a tunnel; it is not forwarded")
     dropped = _NOT_FORWARDED | (_connection_options(request) - _BODY_FRAMING) | {"content-length"}
-    lines = [f"{request.method} {request.path} {request.version}", f"Host: {_host_header(normalize_host(request.host), request.port)}"]
+    try:
+        host = normalize_host(request.host)
+    except ValueError as exc:
+        raise InvalidHost(f"invalid host: {exc}", request.host, request.port) from None
+    lines = [f"{request.method} {request.path} {request.version}", f"Host: {_host_header(host, request.port)}"]
     lines += [f"{name}: {value}" for name, value in request.headers if name not in dropped]
     if request.header_values("content-length"):
         # One value, however the client wrote it (`5, 5`, or twice): the

@@ -25,6 +25,7 @@ from heel._proxy_protocol import (
     NOT_ALLOWED,
     SUCCEEDED,
     HttpRequest,
+    InvalidHost,
     ProtocolError,
     Socks5Handshake,
     SocksAuth,
@@ -421,6 +422,14 @@ def test_forward_head_parses_back_as_the_same_request_to_the_same_place():
 def test_forward_head_refuses_connect():
     with pytest.raises(ValueError):
         forward_head(parse(request_bytes("CONNECT h:443 HTTP/1.1")))
+
+
+@pytest.mark.parametrize("host", [".", ".0", "a..b"])
+def test_forward_head_refuses_a_host_that_has_no_canonical_form(host):
+    request = parse(request_bytes(f"GET http://{host}/ HTTP/1.1"))
+    with pytest.raises(InvalidHost) as info:
+        forward_head(request)
+    assert info.value.status == 400 and info.value.host == host
 
 
 # -- responses ---------------------------------------------------------------------
