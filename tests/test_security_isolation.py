@@ -11,6 +11,7 @@ that it failed, and shows next to it that the allowed neighbour works.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import socket
 import stat
@@ -123,11 +124,43 @@ for pid in (1, os.getppid()):
 """
 
 
+#: The same attack through a pointer whose low 32 bits are 0: a page mapped
+#: at 0x300000000.  A filter that looks at the low word of prlimit64's `new`
+#: argument only takes it for NULL (a read of the limits, allowed).
+PRLIMIT_HIGH_WORD = """
+import ctypes, os, platform, resource, struct, sys
+N = resource.RLIMIT_NOFILE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+PRLIMIT64 = {'x86_64': 302, 'aarch64': 261}[platform.machine()]
+WANTED = 0x300000000
+# MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+addr = libc.mmap(ctypes.c_void_p(WANTED), 4096, 3, 0x22 | 0x100000, -1, 0)
+print('mapped', hex(addr or 0), flush=True)
+if addr != WANTED:
+    sys.exit(4)
+for pid, soft in ((1, 64), (os.getppid(), 64), (0, 77)):
+    hard = resource.prlimit(pid, N)[1]
+    ctypes.memmove(addr, struct.pack('=QQ', soft, hard), 16)
+    ctypes.set_errno(0)
+    rc = libc.syscall(ctypes.c_long(PRLIMIT64), ctypes.c_long(pid), ctypes.c_long(N),
+                      ctypes.c_void_p(addr), ctypes.c_void_p(0))
+    print('high', 'self' if pid == 0 else pid, 'changed' if rc == 0 else f'errno {ctypes.get_errno()}',
+          flush=True)
+print('own', resource.getrlimit(N)[0], flush=True)
+"""
+
+
 async def test_command_cannot_change_heel_init_resource_limits():
     """heel-init (pid 1) and each command's init share the command's uid, and
     prlimit() asks for no more than that (Landlock does not mediate it, and
     hidepid only hides /proc).  A command that lowers their RLIMIT_NOFILE
-    stops them from reading /proc, on which their cleanup rests."""
+    stops them from reading /proc, on which their cleanup rests.  The filter
+    looks at the whole of prlimit64's `new` pointer: one whose low word is 0
+    is not taken for NULL."""
+    if platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("prlimit64's number is known here for x86_64 and aarch64 only")
     async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
         from heel._spawn import host_pid
 
@@ -135,6 +168,8 @@ async def test_command_cannot_change_heel_init_resource_limits():
         before = _limit(init_pid, "Max open files")
         out = await py(sb, PRLIMIT_INIT)
         after = _limit(init_pid, "Max open files")
+        high = await py(sb, PRLIMIT_HIGH_WORD)
+        after_high = _limit(init_pid, "Max open files")
     # Control: a command may change its own limits (setrlimit, prlimit with
     # pid 0) and read another process's.  Setting another's (its children's
     # too: seccomp cannot tell them from the inits) is refused.
@@ -143,6 +178,13 @@ async def test_command_cannot_change_heel_init_resource_limits():
     # Observed from the host: heel-init's limits are as heel left them.
     assert after == before, (before, after, explain(out))
     assert b"1 changed" not in out.stdout, explain(out)
+    # Through the pointer with a low word of 0: refused too, as the host sees;
+    # the same buffer with pid 0 (the control) sets the command's own limit.
+    assert high.returncode == 0, explain(high)
+    assert after_high == before, (before, after_high, explain(high))
+    lines = high.stdout.decode().splitlines()
+    assert lines[0] == "mapped 0x300000000" and lines[1] == "high 1 errno 1", explain(high)
+    assert lines[2].endswith(" errno 1") and lines[3:] == ["high self changed", "own 77"], explain(high)
 
 
 SURVIVOR = """
