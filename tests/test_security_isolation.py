@@ -539,3 +539,88 @@ async def test_host_processes_keep_their_scheduling_without_a_pid_namespace(no_n
     assert [line for line in lines if line.endswith(" 0 ok")] == [
         "setpriority 0 ok", "affinity 0 ok", "scheduler 0 ok", "ioprio 0 ok"], explain(out)
     assert all(line.endswith("errno 1") for line in lines if not line.endswith(" 0 ok")), explain(out)
+
+
+# ---- descriptors of the host's that a sandbox's command inherits -------------------------------
+
+#: Which fds the command holds (found without opening one: fstat on each
+#: number), what /proc/self/fd says they are, and a read of the host's fd.
+FD_LISTING = """
+import errno, os, resource, sys
+planted = int(sys.argv[1])
+held = []
+for fd in range(min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 65536)):
+    try:
+        os.fstat(fd)
+    except OSError:
+        continue
+    held.append(fd)
+print('held', held)
+for fd in held:
+    print('fd', fd, os.readlink(f'/proc/self/fd/{fd}'))
+print('listed', sorted(int(name) for name in os.listdir('/proc/self/fd')))
+try:
+    print('read', os.pread(planted, 100, 0))  # at 0: the control's read moved the shared offset
+except OSError as e:
+    print('read', errno.errorcode[e.errno])
+"""
+
+
+def _held(stdout: bytes, name: str) -> list[int]:
+    m = re.search(rb"^%s \[([\d, ]*)\]$" % name.encode(), stdout, re.M)
+    assert m, stdout
+    return [int(n) for n in m.group(1).split(b",") if n.strip()]
+
+
+@pytest.mark.parametrize("level, ipc", [(STRICT, False), (DEFAULT, False), (DEFAULT, True)],
+                         ids=["strict", "default", "default-ipc"])
+async def test_the_hosts_open_files_do_not_reach_the_command(level, ipc, outside_dir):
+    """heel promises the command closed fds: a descriptor the host process
+    left open and inheritable (a shell's `40<secret`, or a library's
+    leftover) does not reach it, whatever it opens.  Inside, the command
+    holds 0, 1 and 2, and the IPC socket when the sandbox has IPC; a read of
+    the host's descriptor number fails with EBADF.  Control: a host
+    subprocess that keeps fds sees the descriptor and reads the secret."""
+    secret = os.path.join(outside_dir, "secret")
+    with open(secret, "w") as f:
+        f.write("heel-secret-fd\n")
+    os.chmod(secret, 0o600)
+    planted = 40
+    while True:  # the first free number from 40: never clobber one of the test runner's
+        try:
+            os.fstat(planted)
+        except OSError:
+            break
+        planted += 1
+    fd = os.open(secret, os.O_RDONLY)
+    try:
+        os.dup2(fd, planted, inheritable=True)
+        try:
+            control = subprocess.run([sys.executable, "-c", FD_LISTING, str(planted)], close_fds=False,
+                                     capture_output=True, timeout=20)
+            config = heel.SandboxConfig(level=level, ipc=heel.IpcRouter() if ipc else None)
+            async with heel.Sandbox(config) as sb:
+                out = await py(sb, FD_LISTING, str(planted))
+                ipc_fd = await sh(sb, 'echo "$HEEL_IPC_FD"')
+        finally:
+            os.close(planted)
+    finally:
+        os.close(fd)
+    assert control.returncode == 0, explain(control)
+    assert planted in _held(control.stdout, "held"), explain(control)
+    assert b"read b'heel-secret-fd\\n'" in control.stdout, explain(control)
+
+    assert out.returncode == 0, explain(out)
+    assert b"heel-secret" not in out.stdout + out.stderr, explain(out)
+    assert b"read EBADF" in out.stdout, explain(out)
+    held = _held(out.stdout, "held")
+    if ipc:
+        number = int(ipc_fd.stdout)
+        assert held == [0, 1, 2, number], explain(out)
+        assert re.search(rb"^fd %d socket:" % number, out.stdout, re.M), explain(out)
+    else:
+        assert ipc_fd.stdout == b"\n", explain(ipc_fd)
+        assert held == [0, 1, 2], explain(out)
+    # /proc/self/fd lists the same, and one more: the listing's own descriptor.
+    listed = _held(out.stdout, "listed")
+    assert len(listed) == len(held) + 1 and set(held) < set(listed), explain(out)
