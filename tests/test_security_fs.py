@@ -762,3 +762,130 @@ def test_the_hosts_look_at_a_shebang_follows_no_link_on_the_way(outside_dir):
     assert errors._exists_nofollow(os.path.join(outside_dir, "link", "tool"))  # not said to be missing
     assert not errors._exists_nofollow(os.path.join(real, "missing"))
     assert not errors._exists_nofollow("/heel-no-such-dir/interp")
+
+
+# ---- every protected place, home and system ------------------------------------------------
+
+#: The places the README promises to keep closed, written out here (not taken
+#: from heel._plan, whose lists a test cannot check by iterating over them):
+#: path -> a file in it (a directory) or None (the place is a file).
+REQUIRED_IN_HOME = {
+    ".ssh": "id_ed25519", ".gnupg": "private-keys-v1.d/k.key", ".netrc": None,
+    ".git-credentials": None, ".pypirc": None, ".npmrc": None, ".docker/config.json": None,
+    ".cargo/credentials": None, ".cargo/credentials.toml": None, ".config/gh": "hosts.yml",
+    ".bash_history": None, ".zsh_history": None, ".python_history": None,
+    ".local/share/keyrings": "login.keyring",
+    ".aws": "credentials", ".azure": "accessTokens.json", ".config/gcloud": "credentials.db",
+    ".kube": "config", ".oci": "oci_api_key.pem",
+}
+#: heel's own lists may hold more: each is tried as well, as a directory when
+#: its name says so, else as a file.
+_DIRECTORY_PLACES = {".password-store", ".gnome2/keyrings", ".config/doctl"}
+
+
+def _protected_in_home() -> dict[str, str | None]:
+    from heel._plan import CLOUD_IN_HOME, CREDENTIALS_IN_HOME
+
+    places = dict(REQUIRED_IN_HOME)
+    for rel in (*CREDENTIALS_IN_HOME, *CLOUD_IN_HOME):
+        places.setdefault(rel, "secret" if rel in _DIRECTORY_PLACES else None)
+    return places
+
+
+def _make_full_home(base: str) -> tuple[str, dict[str, str], list[str]]:
+    """A home with every protected place in it, each holding a secret that
+    names it, and next to each an ordinary file (the control) that names it
+    too.  Returns the home, secret file -> content, and the ordinary files."""
+    home = os.path.join(base, "home")
+    secrets, ordinary = {}, []
+    for n, (rel, inner) in enumerate(sorted(_protected_in_home().items())):
+        secret = os.path.join(home, rel, inner) if inner else os.path.join(home, rel)
+        os.makedirs(os.path.dirname(secret), exist_ok=True)
+        with open(secret, "w") as f:
+            f.write(f"heel-secret-{n}")
+        secrets[secret] = f"heel-secret-{n}"
+        beside = os.path.join(os.path.dirname(os.path.join(home, rel)), f"heel-ordinary-{n}")
+        with open(beside, "w") as f:
+            f.write(f"heel-ordinary-{n}")
+        ordinary.append(beside)
+    for root, dirs, files in os.walk(home):  # open to every uid: only heel stands in the way
+        os.chmod(root, 0o777)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666)
+    return home, secrets, ordinary
+
+
+READ_EACH = """
+import os, sys
+for path in sys.argv[1:]:
+    try:
+        print('READ', path, open(path).read(), flush=True)
+    except OSError as e:
+        print('refused', path, e.errno, flush=True)
+"""
+
+
+@pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])
+async def test_every_protected_place_in_home_is_unreadable(level, outside_dir, monkeypatch):
+    """Every credential and cloud configuration place heel keeps closed in
+    the home (the README's list, and whatever else heel's own lists hold),
+    with the home itself open (protect_user_home=False): reading the secret
+    in each is refused.  Control: a file next to each place is read."""
+    home, secrets, ordinary = _make_full_home(outside_dir)
+    monkeypatch.setenv("HOME", home)
+    security = heel.SecurityConfig(protect_user_home=False)
+    async with heel.Sandbox(heel.SandboxConfig(level=level, security=security)) as sb:
+        out = await py(sb, READ_EACH, *secrets, *ordinary)
+    assert out.returncode == 0, explain(out)
+    lines = out.stdout.decode().splitlines()
+    leaked = [rel for rel, content in ((os.path.relpath(p, home), c) for p, c in secrets.items())
+              if content.encode() in out.stdout]
+    assert leaked == [], f"read inside the sandbox: {leaked}\n" + explain(out)
+    for path in secrets:
+        assert any(line.startswith(f"refused {path} ") for line in lines), (path, explain(out))
+    # Control: the ordinary file beside each place is read, whole.
+    for path in ordinary:
+        content = open(path).read()
+        assert f"READ {path} {content}" in lines, (path, explain(out))
+
+
+def _system_credentials() -> list[str]:
+    """The system's credential files present here: the README's, and those
+    of heel's own list (its globs expanded); a directory's files too."""
+    from heel._plan import SYSTEM_CREDENTIALS, _existing
+
+    found = []
+    for path in sorted({"/etc/shadow", "/etc/gshadow", "/etc/sudoers", *_existing(SYSTEM_CREDENTIALS)}):
+        if os.path.isdir(path):
+            found += [os.path.join(path, name) for name in sorted(os.listdir(path))
+                      if os.path.isfile(os.path.join(path, name))]
+        elif os.path.isfile(path):
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT, PERMISSIVE])
+async def test_the_systems_credentials_are_unreadable_by_roots_sandbox(root_only, level):
+    """/etc/shadow and its kind, which root reads on the host: root's sandbox
+    (at PERMISSIVE the real uid 0, which owns them) reads none.  Control:
+    /etc/passwd, beside them, is read."""
+    paths = _system_credentials()
+    if "/etc/shadow" not in paths:
+        pytest.skip("this system has no /etc/shadow")
+    for path in paths:  # the host's control: root reads each one
+        open(path, "rb").close()
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        out = await py(sb, """
+            import sys
+            for path in sys.argv[1:]:
+                try:
+                    data = open(path, 'rb').read()
+                    print('READ', path, len(data), flush=True)
+                except OSError as e:
+                    print('refused', path, e.errno, flush=True)
+            """, "/etc/passwd", *paths)
+    assert out.returncode == 0, explain(out)
+    lines = out.stdout.decode().splitlines()
+    assert lines[0] == f"READ /etc/passwd {os.path.getsize('/etc/passwd')}", explain(out)
+    assert [line.split()[1] for line in lines[1:] if not line.startswith("refused ")] == [], explain(out)
+    assert len(lines) == 1 + len(paths), explain(out)
