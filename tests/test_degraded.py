@@ -14,7 +14,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, processes_with, unique_marker
+from helpers import explain, processes_with, py, unique_marker
 
 
 async def test_refused_unless_best_effort(no_namespaces):
@@ -33,6 +33,38 @@ async def test_best_effort_still_enforces_landlock_and_seccomp(no_namespaces, ou
         assert b"Permission denied" in out.stderr, explain(out)
         assert not os.path.exists(os.path.join(outside_dir, "no"))
         assert b"NoNewPrivs:\t1" in out.stdout and b"Seccomp:\t2" in out.stdout, explain(out)
+
+
+#: The file operations Landlock itself refuses, so that they stay refused
+#: without the read-only mount view.  (chmod, chown, utime and xattrs are
+#: not Landlock's: without namespaces they work on what the sandbox's uid
+#: owns, as the README's limits say.)
+LANDLOCK_FILE_OPS = ["write", "append", "create_beside", "delete", "rename", "rename_into_workdir", "truncate"]
+
+
+@pytest.mark.parametrize("op", LANDLOCK_FILE_OPS)
+async def test_best_effort_refuses_file_changes_outside_the_workdir(no_namespaces, outside_dir, op):
+    """With namespaces the read-only mount view refuses these before
+    Landlock is asked; without them Landlock alone does, and it must handle
+    each right (TRUNCATE among them).  The target is the sandbox's user's
+    own file, mode 0666: only the sandbox stands in the way.  Control: the
+    same operation on a file in the workdir works."""
+    from test_security_fs import FILE_OPS, OP_SCRIPT, make_own_target, make_target, observe
+
+    script = OP_SCRIPT.format(op=FILE_OPS[op])
+    outside = make_target(outside_dir)
+    async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:
+        assert "user namespaces" in sb.degraded
+        inside = await make_own_target(sb)
+        before = observe(outside_dir, outside)
+        attack = await py(sb, script, outside)
+        assert attack.returncode == 3, explain(attack)
+        assert observe(outside_dir, outside) == before, "the host file or its directory changed"
+
+        before_inside = observe(str(sb.workdir), inside)
+        control = await py(sb, script, inside)
+        assert control.returncode == 0 and control.stdout.strip() == b"done", explain(control)
+        assert observe(str(sb.workdir), inside) != before_inside
 
 
 async def test_best_effort_timeout_kills_daemons_through_the_subreaper(no_namespaces):
