@@ -844,6 +844,17 @@ async def test_no_lease_holds_up_the_hosts_writers(level, tmp_path):
 HOARD = r"""
 import ctypes, errno, os, signal, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
+# Watches first, all on one instance: one file of the workdir each.
+watcher = libc.inotify_init1(os.O_CLOEXEC)
+os.mkdir('watched')
+watches = 0
+while watches < 17000:
+    name = f'watched/{watches}'.encode()
+    open(name, 'w').close()
+    if libc.inotify_add_watch(watcher, name, 2) < 0:  # IN_MODIFY
+        break
+    watches += 1
+watch_errno = ctypes.get_errno() if watches < 17000 else 0
 instances = 0
 while instances < 10000:
     if libc.inotify_init1(os.O_CLOEXEC) < 0:
@@ -856,7 +867,8 @@ while queued < 200000:
     if libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) < 0:
         break
     queued += 1
-print(instances, errno.errorcode.get(inotify_errno, inotify_errno), queued, flush=True)
+print(instances, errno.errorcode.get(inotify_errno, inotify_errno), queued,
+      watches, errno.errorcode.get(watch_errno, watch_errno), flush=True)
 time.sleep(30)
 """
 
@@ -865,7 +877,7 @@ import ctypes, os, signal
 libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.inotify_init1(os.O_CLOEXEC)
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
-print(fd >= 0, libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) == 0)
+print(fd >= 0, libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) == 0, libc.inotify_add_watch(fd, b'/', 2) >= 0)
 """
 
 
@@ -875,8 +887,9 @@ async def test_a_sandbox_takes_a_bounded_share_of_its_users_kernel_quotas(level)
     every level of user namespaces up to the host's: a command that took
     all it could left its user (root, when root runs heel) unable to watch a
     file or queue a signal on the host.  The sandbox's share is bounded (32
-    instances, 4096 signals), and while the command holds all of it a host
-    process of the same user gets both.  Control: the command got some."""
+    instances, 16384 watches, 4096 signals), and while the command holds
+    all of it a host process of the same user gets each.  Control: the
+    command got some."""
     if not heel.probe().user_namespaces:
         pytest.skip("the bounds are per user namespace")
     async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
@@ -888,7 +901,8 @@ async def test_a_sandbox_takes_a_bounded_share_of_its_users_kernel_quotas(level)
                     said += await process.stdout.receive_some(100)
             host = await trio.run_process([sys.executable, "-c", HOST_SHARE], capture_stdout=True)
             process.kill()
-    instances, why, queued = said.decode().split()
+    instances, why, queued, watches, watch_why = said.decode().split()
     assert 1 <= int(instances) <= 32 and why == "EMFILE", said
     assert 1 <= int(queued) <= 4096, said
-    assert host.stdout.decode().split() == ["True", "True"], host.stdout
+    assert 1 <= int(watches) <= 16384 and watch_why == "ENOSPC", said
+    assert host.stdout.decode().split() == ["True", "True", "True"], host.stdout
