@@ -135,3 +135,37 @@ def echo():
     server = EchoServer()
     yield server
     server.close()
+
+
+try:
+    _ExceptionGroup = BaseExceptionGroup
+except NameError:  # Python 3.10: trio brings the backport
+    from exceptiongroup import BaseExceptionGroup as _ExceptionGroup
+
+
+def _skip_reason(exc: BaseException | None) -> str | None:
+    """The message of the one Skipped inside the exception group that
+    pytest-trio turns into a bare ``pytest.skip()`` (it drops the reason)."""
+    group = exc.__context__ if exc is not None else None
+    leaves, queue = [], [group] if isinstance(group, _ExceptionGroup) else []
+    while queue:
+        ex = queue.pop()
+        if isinstance(ex, _ExceptionGroup):
+            queue.extend(ex.exceptions)
+        else:
+            leaves.append(ex)
+    if len(leaves) == 1 and isinstance(leaves[0], pytest.skip.Exception) and leaves[0].msg:
+        return leaves[0].msg
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Give a trio test's skip its reason back (see _skip_reason)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and call.excinfo is not None and isinstance(report.longrepr, tuple):
+        reason = _skip_reason(call.excinfo.value)
+        if reason is not None:  # and the test's place rather than pytest-trio's
+            path, line, _ = item.location
+            report.longrepr = (path, (line or 0) + 1, f"Skipped: {reason}")
