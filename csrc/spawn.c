@@ -574,8 +574,11 @@ static int drop_capabilities(bool may_lack_privilege)
             int held = prctl(PR_CAPBSET_READ, cap, 0, 0, 0);
             if (held < 0 && errno == EINVAL) /* past the last capability this kernel has */
                 break;
-            if (held != 0 && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
-                return -1;
+            if (held != 0 && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+                if (!may_lack_privilege || errno != EPERM)
+                    return -1;
+                break; /* bits already set by someone else, but no CAP_SETPCAP: as above */
+            }
         }
     }
     struct heel_cap_header head = {HEEL_CAP_VERSION_3, 0};
