@@ -493,6 +493,79 @@ async def test_strict_shows_no_metadata_outside_its_view(level, top_level_dir):
             assert seen["xattr"] == ["ok", "heel-xattr-value"], seen
 
 
+TOP_FILE_SCRIPT = """
+import json, os, sys
+p = sys.argv[1]
+def attempt(f):
+    try:
+        return ['ok', f()]
+    except OSError as e:
+        return ['refused', e.errno]
+st = os.stat(p)
+print(json.dumps({
+    'stat': [st.st_size, st.st_ino, int(st.st_mtime)],
+    'read': attempt(lambda: open(p, 'rb').read().decode(errors='replace')),
+    'xattr': attempt(lambda: os.getxattr(p, 'user.heel').decode()),
+}))
+"""
+
+
+@pytest.fixture
+def top_level_file():
+    """A regular file directly in /: a new one (with content, an xattr where
+    the file system takes them, and an old mtime) as root; as another user,
+    one that is there already."""
+    if os.geteuid() != 0:
+        found = [e.path for e in sorted(os.scandir("/"), key=lambda e: e.name)
+                 if e.is_file(follow_symlinks=False) and os.stat(e.path).st_size > 0
+                 and os.access(e.path, os.R_OK)]
+        if not found:
+            pytest.skip("no regular file in / to look at, and only root can make one there")
+        yield found[0]
+        return
+    import tempfile
+
+    fd, path = tempfile.mkstemp(dir="/", prefix="heel-test-", suffix=".txt")
+    try:
+        os.write(fd, b"heel-top-level-content")
+        os.close(fd)
+        os.chmod(path, 0o644)
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+        try:
+            os.setxattr(path, "user.heel", b"heel-xattr-value")
+        except OSError:
+            pass
+        yield path
+    finally:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_strict_covers_the_top_level_files_it_is_not_given(level, top_level_file):
+    """Landlock keeps a file from being opened, not from stat() or
+    getxattr(): at STRICT a regular file directly in / (the host's own,
+    /.dockerenv, a root-made note) is covered by heel's empty read-only
+    file, so its size, inode, times and xattrs stay unseen, as for the
+    top-level directories.  Control: at DEFAULT, which reads the rest of the
+    file system, the same stat() shows the host's size, inode and mtime (and
+    the file can be read)."""
+    import json
+
+    st = os.stat(top_level_file)
+    host = [st.st_size, st.st_ino, int(st.st_mtime)]
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        out = await py(sb, TOP_FILE_SCRIPT, top_level_file)
+    assert out.returncode == 0, explain(out)
+    seen = json.loads(out.stdout)
+    if level is STRICT:
+        assert seen["stat"][0] == 0 and seen["stat"] != host, (seen, host)
+        assert seen["read"][1] in ("", errno.EACCES), seen  # the empty cover, or Landlock
+        assert seen["xattr"][0] == "refused", seen
+    else:
+        assert seen["stat"] == host, (seen, host)
+        assert seen["read"][0] == "ok" and len(seen["read"][1]) > 0, seen
+
+
 @pytest.mark.parametrize("level", [STRICT, DEFAULT])
 async def test_strict_sees_only_the_runtime(level, outside_dir):
     secret = os.path.join(outside_dir, "data.txt")
