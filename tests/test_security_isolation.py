@@ -319,6 +319,51 @@ trio.run(main)
 """
 
 
+SHM_SCRIPT = """
+import errno, json, os, sys
+name = sys.argv[1]
+seen = {'listed': name in os.listdir('/dev/shm')}
+try:
+    os.stat('/dev/shm/' + name)
+    seen['stat'] = 'ok'
+except OSError as e:
+    seen['stat'] = errno.errorcode[e.errno]
+try:  # what shm_open and multiprocessing's semaphores do
+    with open('/dev/shm/own-segment', 'w') as f:
+        f.write('mine')
+    seen['own'] = open('/dev/shm/own-segment').read()
+except OSError as e:
+    seen['own'] = errno.errorcode[e.errno]
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_the_hosts_shared_memory_is_out_of_sight(level):
+    """/dev/shm is the sandbox's own: a segment the host (or another
+    sandbox of the same user) keeps there can be neither listed nor
+    stat()ed, which Landlock alone would not prevent.  Control: the sandbox
+    makes, writes and reads a segment of its own there, and the host's
+    segment is still in the host's /dev/shm."""
+    import json
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm on this host")
+    fd, host_segment = tempfile.mkstemp(dir="/dev/shm", prefix="heel-test-host-")
+    os.close(fd)
+    try:
+        async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+            out = await py(sb, SHM_SCRIPT, os.path.basename(host_segment))
+        assert out.returncode == 0, explain(out)
+        seen = json.loads(out.stdout)
+        assert seen == {"listed": False, "stat": "ENOENT", "own": "mine"}, seen
+        assert os.path.exists(host_segment)
+        assert not os.path.exists("/dev/shm/own-segment")
+    finally:
+        os.unlink(host_segment)
+
+
 async def test_sandboxes_cannot_read_each_others_temporary_directories(outside_dir, monkeypatch):
     """heel makes each sandbox's workdir and private /tmp under $TMPDIR.  When
     that is not /tmp, the private /tmp hides nothing: at DEFAULT another
