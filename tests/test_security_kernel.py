@@ -12,7 +12,9 @@ import errno
 import os
 import platform
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -532,6 +534,58 @@ async def test_cpu_time_limit_kills_busy_loop():
         # Control: a short computation finishes under the same limit.
         out = await py(sb, "print(sum(range(10000)))")
         assert out.returncode == 0 and out.stdout == b"49995000\n", explain(out)
+
+
+CORE_DUMP = """
+import os, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    raised = 'raised'
+except (ValueError, OSError):
+    raised = 'refused'
+pid = os.fork()
+if pid == 0:
+    os.abort()
+_, status = os.waitpid(pid, 0)
+print(soft, hard, raised, os.WTERMSIG(status), os.WCOREDUMP(status), flush=True)
+"""
+
+
+def _core_files(directory) -> list[str]:
+    return [name for name in os.listdir(directory) if name.startswith("core")]
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_core_dumps_are_off(level, tmp_path):
+    """A crashing command must leave no core dump: one holds its whole
+    memory, is bounded by no file_size limit, and, where core_pattern is a
+    pipe, is handed to a helper of the host's.  The command raises
+    RLIMIT_CORE to the most it may (refused: the hard limit is 0) and
+    aborts a child: nothing is dumped, and no core file appears in its
+    workdir.  Control: the same script run on the host, where the hard
+    limit allows it, raises the limit and (with a core_pattern that names a
+    file in the crashing process's directory) dumps a core there."""
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        out = await py(sb, CORE_DUMP)
+        left = _core_files(sb.workdir)
+    assert out.returncode == 0, explain(out)
+    assert out.stdout.split() == [b"0", b"0", b"refused", str(signal.SIGABRT).encode(), b"False"], explain(out)
+    assert left == [], left
+    # Control, on the host.
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
+        pytest.skip("the host's own hard RLIMIT_CORE is 0: no control possible")
+    host = subprocess.run([sys.executable, "-c", CORE_DUMP], cwd=tmp_path, capture_output=True, timeout=60)
+    said = host.stdout.split()
+    assert said[2:4] == [b"raised", str(signal.SIGABRT).encode()], host
+    with open("/proc/sys/kernel/core_pattern") as f:
+        pattern = f.read().strip()
+    dumped = _core_files(tmp_path)
+    for name in dumped:
+        os.unlink(tmp_path / name)  # the size of a Python process
+    if not pattern.startswith("|") and "/" not in pattern:
+        assert said[4] == b"True" and dumped, host
 
 
 async def test_file_size_limit():
