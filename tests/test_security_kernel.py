@@ -436,6 +436,37 @@ async def test_host_environment_secrets_stay_out(monkeypatch):
     assert b"HEEL_PASSED=heel-passed-value" in out.stdout, explain(out)
 
 
+async def test_the_command_gets_only_the_documented_variables(monkeypatch):
+    """The command's environment is a clean one: PATH, HOME, TMPDIR, LANG,
+    LANGUAGE, LC_*, TERM, COLORTERM, TZ and what the config names, nothing
+    else of the host's.  Host variables that point at the user's agents and
+    sessions, or that carry a secret under a name no list of secrets knows,
+    are set on the host and must not appear inside, whatever their name
+    looks like.  Controls: the variables that are passed (TZ, LC_ALL, one the
+    config names) arrive with the host's values."""
+    import json
+
+    leaks = {
+        "SSH_AUTH_SOCK": "/tmp/ssh-heel/agent.1", "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1/bus",
+        "XDG_RUNTIME_DIR": "/run/user/1", "KUBECONFIG": "/root/.kube/config", "VAULT_TOKEN": "heel-leak",
+        "HEEL_UNLISTED": "heel-leak", "LCX_NOT_A_LOCALE": "heel-leak", "TERMINFO_DIRS": "/heel-leak",
+    }
+    for name, value in leaks.items():
+        monkeypatch.setenv(name, value)
+    passed = {"TZ": "Europe/Paris", "LC_ALL": "C.UTF-8", "HEEL_NAMED": "heel-named-value"}
+    for name, value in passed.items():
+        monkeypatch.setenv(name, value)
+    config = heel.SandboxConfig(level=DEFAULT, env_passthrough=["HEEL_NAMED"], env={"HEEL_SET": "x"})
+    async with heel.Sandbox(config) as sb:
+        out = await py(sb, "import json, os; print(json.dumps(dict(os.environ)))")
+    assert out.returncode == 0, explain(out)
+    inside = json.loads(out.stdout)
+    documented = {"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TERM", "COLORTERM", "TZ", "HEEL_NAMED", "HEEL_SET"}
+    extra = {name for name in inside if name not in documented and not name.startswith("LC_")}
+    assert extra == set(), (extra, inside)
+    assert {name: inside.get(name) for name in passed} == passed, inside
+
+
 # ---- resource limits -------------------------------------------------------------
 
 FORK_BOMB = """
