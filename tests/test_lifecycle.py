@@ -157,6 +157,66 @@ async def test_sigkill_of_the_host_process_kills_the_sandbox():
         host.stderr.close()
 
 
+HOST_WITH_A_CHILD = """
+import os, sys, time, trio, heel
+marker = sys.argv[1]
+async def main():
+    async with heel.Sandbox(heel.SandboxConfig()) as sb:
+        p = await sb.command("sh").args(["-c", f"sleep {marker} & exec sleep {marker}"]).spawn()
+        child = os.fork()
+        if child == 0:  # outlives the host, holding every fd the host held
+            time.sleep(60)
+            os._exit(0)
+        print("ready", p.pid, child, flush=True)
+        await trio.sleep(60)
+trio.run(main)
+"""
+
+
+async def test_sigkill_of_the_host_process_kills_the_sandbox_while_its_child_lives():
+    """The host process is SIGKILLed while a child it forked (a worker that
+    never execs, say) lives on with copies of every fd the host held, the
+    sandbox's control socket too: the sandbox must end with its host all
+    the same (heel-init dies with the process that made it), not when that
+    child does.  Control: the child is still alive when the sandbox's
+    processes are checked, and the sandbox ran before the kill."""
+    marker = unique_marker()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(heel.__file__))] + sys.path))
+    host = subprocess.Popen([sys.executable, "-c", HOST_WITH_A_CHILD, marker], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    child = None
+    try:
+        readable, _, _ = select.select([host.stdout], [], [], 20)
+        line = host.stdout.readline() if readable else b""
+        assert line.startswith(b"ready"), (line, host.poll())
+        child = int(line.split()[2])
+        await wait_for_processes(marker, 2)  # control: the sandbox runs
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        def sandboxed():  # the host's child has the marker in its argv too
+            return [pid for pid in processes_with(marker) if pid != child]
+        with trio.move_on_after(5):
+            while sandboxed():
+                await trio.sleep(0.05)
+        assert os.path.exists(f"/proc/{child}"), "control: the host's child still lives"
+        assert sandboxed() == [], "the sandbox outlived its host while the host's child lived"
+    finally:
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        host.stdout.close()
+        host.stderr.close()
+        with trio.move_on_after(10):
+            while processes_with(marker):
+                await trio.sleep(0.05)
+
+
 async def test_fresh_workdir_is_removed_on_close():
     async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
         workdir = sb.workdir
