@@ -471,6 +471,22 @@ def _ask_proxy(port: int, request: bytes) -> bytes:
         return s.recv(4096)
 
 
+def _socks_without_secret(port: int, echo_port: int, password: bytes | None) -> bytes:
+    """What the host listener answers a SOCKS5 client that offers no
+    authentication (password None) or a wrong password, up to its CONNECT."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.settimeout(5)
+        s.sendall(b"\x05\x01\x00" if password is None else b"\x05\x01\x02")
+        said = s.recv(2)
+        if password is not None and said == b"\x05\x02":
+            s.sendall(b"\x01\x04heel" + bytes([len(password)]) + password)
+            said += s.recv(2)
+        if said in (b"\x05\x00", b"\x05\x02\x01\x00"):  # let in: ask for the echo server
+            s.sendall(b"\x05\x01\x00\x03\x09echo.test" + echo_port.to_bytes(2, "big"))
+            said += s.recv(10)
+        return said
+
+
 async def test_without_namespaces_the_host_listener_needs_the_secret(no_namespaces, echo):
     names = {"echo.test": ["127.0.0.1"]}
     async with sandbox(heel.AllowList(["echo.test"]), names, best_effort=True) as sb:
@@ -483,11 +499,19 @@ async def test_without_namespaces_the_host_listener_needs_the_secret(no_namespac
         wrong = await trio.to_thread.run_sync(
             _ask_proxy, port, request + b"Proxy-Authorization: Basic aGVlbDpub3Bl\r\n\r\n")
         assert anonymous.startswith(b"HTTP/1.1 407") and wrong.startswith(b"HTTP/1.1 407"), (anonymous, wrong)
+        # The same over SOCKS5, on the same port: no method it accepts
+        # without the credential, and a wrong password fails.
+        anonymous = await trio.to_thread.run_sync(_socks_without_secret, port, echo.port, None)
+        wrong = await trio.to_thread.run_sync(_socks_without_secret, port, echo.port, b"nope")
+        assert anonymous == b"\x05\xff" and wrong == b"\x05\x02\x01\x01", (anonymous, wrong)
         assert echo.connections == 0
         # The sandbox, with the credential of its environment, gets through...
         out = await client(sb, "connect", f"echo.test:{echo.port}", "degraded but filtered")
         assert "DATA degraded but filtered" in out.stdout.decode(), explain(out)
         assert echo.connections == 1
+        out = await client(sb, "socks", "echo.test", echo.port, "socks with the secret")
+        assert "DATA socks with the secret" in out.stdout.decode(), explain(out)
+        assert echo.connections == 2
         # ...and Landlock keeps it off every other port, loopback included.
         direct = await py(sb, f"""
             import socket
@@ -498,7 +522,7 @@ async def test_without_namespaces_the_host_listener_needs_the_secret(no_namespac
                 print("refused", e.errno)
             """)
     assert b"refused 13" in direct.stdout, explain(direct)  # EACCES: Landlock
-    assert echo.connections == 1
+    assert echo.connections == 2
 
 
 async def test_strict_network_refuses_to_run_without_namespaces(no_namespaces):
