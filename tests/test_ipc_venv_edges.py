@@ -105,14 +105,19 @@ async def test_handler_exception_that_cannot_be_printed_does_not_crash_the_sandb
             assert out.stdout == b"2\n", explain(out)
 
 
-async def test_ipc_connections_leave_the_host_file_descriptors():
+@pytest.mark.parametrize("host_fds", [0, 300])
+async def test_ipc_connections_leave_the_host_file_descriptors(host_fds):
     # max_connections (256) is granted whatever the host's RLIMIT_NOFILE: with
     # a soft limit of a few hundred (1024 is common; heel's proxy sizes its own
     # budget from it), one sandbox takes every fd the host has, and the host's
-    # next command fails with a bare OSError(EMFILE).
+    # next command fails with a bare OSError(EMFILE).  host_fds: the host
+    # holds that many files of its own besides, so that the connection
+    # budget, sized from the limit alone, would leave it none: the last fds
+    # below the limit are never given to connections.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1024:
         pytest.skip("needs a hard fd limit of 1024 or more")
+    held = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(host_fds)]
     in_use = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 150, hard))
     try:
@@ -135,6 +140,8 @@ time.sleep(30)
                     holder.kill()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in held:
+            os.close(fd)
 
 
 # ---- IPC: the client inside -------------------------------------------------------------------
