@@ -163,16 +163,25 @@ async def test_oversized_head_gets_431(running, echo):
     await running.still_serves(echo.port)
 
 
-async def test_a_client_that_never_finishes_is_dropped(running, echo):
-    # The handshake deadline (1 s here) ends it, whatever trickles in.
+@pytest.mark.parametrize("opening", [None, b"\x05\x01", b"\x05\x01\x00\x05\x01\x00\x03"],
+                         ids=["http_trickle", "socks_greeting_unfinished", "socks_request_unfinished"])
+async def test_a_client_that_never_finishes_is_dropped(running, echo, opening):
+    # The handshake deadline (1 s here) ends it, whatever trickles in.  Over
+    # SOCKS5 too: a greeting, or a CONNECT request, begun and never finished
+    # (the proxy's method answer may come first) is closed by the deadline,
+    # never held open.  Control: the proxy still serves afterwards.
     sock = trio.socket.socket()
     with sock:
         await sock.connect(("127.0.0.1", running.port))
         with trio.fail_after(10):
             try:
-                while True:
-                    await sock.send(b"X")
-                    await trio.sleep(0.1)
+                if opening is None:
+                    while True:
+                        await sock.send(b"X")
+                        await trio.sleep(0.1)
+                await sock.send(opening)
+                while await sock.recv(100):
+                    pass  # until the proxy closes it
             except OSError:
                 pass
     await running.settled()
