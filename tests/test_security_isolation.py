@@ -26,6 +26,7 @@ from helpers import explain, py, sh
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
+PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 
 MSG_FASTOPEN = 0x20000000
 
@@ -669,3 +670,40 @@ async def test_the_hosts_open_files_do_not_reach_the_command(level, ipc, outside
     # /proc/self/fd lists the same, and one more: the listing's own descriptor.
     listed = _held(out.stdout, "listed")
     assert len(listed) == len(held) + 1 and set(held) < set(listed), explain(out)
+
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT, PERMISSIVE], ids=lambda level: level.value)
+async def test_the_sandbox_is_a_session_of_its_own(level):
+    """heel-init leads a session and a process group of its own, and so does
+    each command: the host's terminal and its job control (a Ctrl-C to the
+    foreground group, a SIGHUP at hang-up) never reach into the sandbox,
+    and no command can take the host's terminal as its controlling one.
+    Seen from the host, through /proc.  Control: the test itself is in
+    another session, which its own child shares."""
+    from heel._spawn import host_pid
+
+    async with heel.Sandbox(heel.SandboxConfig(level=level)) as sb:
+        init = host_pid(sb._session.prepared._pidfd)
+        process = await sb.command("sleep").args(["30"]).spawn()
+        try:
+            with trio.fail_after(10):  # the command is the child of its init (process.pid)
+                while not (children := _children(process.pid)):
+                    await trio.sleep(0.01)
+            command = children[0]
+            sessions = {"init": (os.getsid(init), os.getpgid(init)),
+                        "command": (command, os.getsid(command), os.getpgid(command))}
+        finally:
+            process.kill()
+            await process.wait()
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getsid(0))"], capture_output=True,
+                           text=True, timeout=30)
+    assert int(child.stdout) == os.getsid(0)  # the control: a plain child stays in the test's session
+    assert sessions["init"] == (init, init), sessions
+    assert os.getsid(0) != init
+    command, sid, pgid = sessions["command"]
+    assert sid == pgid == command, sessions
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(n) for n in f.read().split()]
