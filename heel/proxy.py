@@ -100,11 +100,11 @@ class NetworkEvent(NamedTuple):
     sandbox asked, when known.  ``bytes_sent``: the bytes sent to the
     server; ``bytes_received``: those read from it (for plain HTTP, the
     request's head as the proxy rewrote it and its body, and the server's
-    response as it came; never the proxy's own answers, such as a 502).  ``failed``: the policy allowed the
-    request, but the server could not be reached (no address, refused,
-    timed out); ``allowed`` is then False, since no byte went through.  An
-    allowed event is reported when its connection ends, a denied or failed
-    one at once.
+    response as it came; never the proxy's own answers, such as a 502).
+    ``failed``: the policy allowed the request, but the server could not be
+    reached (no address, refused, timed out); ``allowed`` is then False,
+    since no byte went through.  An allowed event is reported when its
+    connection ends, a denied or failed one at once.
     """
 
     time: float
