@@ -38,8 +38,9 @@ echo server (selectors).  Each sample is connect() + (CONNECT request +
 ``added`` is the proxy's p50 minus the direct p50.  The "to 200" column is
 connect() until the 200 head was read (direct: connect() alone).
 
-Sender, sink, the proxy (its trio loop and its relay thread) and tinyproxy
-all share this machine's cores; the output says how many.
+Sender, sink, the proxy (its trio loop and its relay threads: heel's own
+choice, or --relay-threads) and tinyproxy all share this machine's cores;
+the output says how many.
 """
 
 from __future__ import annotations
@@ -198,7 +199,12 @@ print(json.dumps({"total": total, "to_200": to_200}))
 """
 
 HEEL_PROXY = r"""
-import socket, sys, trio, heel, heel.proxy
+import socket, sys, trio, heel, heel.proxy, heel._relay
+
+threads = int(sys.argv[1])
+if threads:
+    heel._relay._restart_pool(threads)
+print(heel._relay.THREADS, flush=True)
 
 async def main():
     listener = socket.socket()
@@ -375,7 +381,8 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def main(size_mib: int, streams_list: list[int], runs: int, connections: int) -> None:
+def main(size_mib: int, streams_list: list[int], runs: int, connections: int,
+         relay_threads: int) -> None:
     total = size_mib << 20
     for streams in streams_list:
         if total % streams:
@@ -383,7 +390,8 @@ def main(size_mib: int, streams_list: list[int], runs: int, connections: int) ->
     children = Children()
     tmp = tempfile.mkdtemp(prefix="bench_proxy.")
     try:
-        heel_proxy = children.python(HEEL_PROXY, stdin=True)
+        heel_proxy = children.python(HEEL_PROXY, relay_threads, stdin=True)
+        threads = int(read_line(heel_proxy, "heel proxy"))
         heel_port = int(read_line(heel_proxy, "heel proxy"))
         tiny = start_tinyproxy(children, tmp)
         paths: list[tuple[str, str]] = [("direct", "direct"), ("heel", str(heel_port))]
@@ -398,7 +406,8 @@ def main(size_mib: int, streams_list: list[int], runs: int, connections: int) ->
         time.sleep(1)
         busy1, all1 = machine_cpu()
         background = (busy1 - busy0) / max(1, all1 - all0)
-        print(f"sender, sink, heel's proxy (trio loop + relay thread) and tinyproxy share "
+        print(f"sender, sink, heel's proxy (trio loop + {threads} relay thread{'s' * (threads > 1)}"
+              f"{'' if relay_threads else ', its default here'}) and tinyproxy share "
               f"{os.cpu_count()} cores")
         print(f"before the run: {background * 100:.0f}% of the cores busy with other work (1 s), "
               f"load average {load_average()}; other work skews every number below")
@@ -506,7 +515,10 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=500,
                         help="sequential tunnels per path for the latency (default 500)")
+    parser.add_argument("--relay-threads", type=int, default=0,
+                        help="relay threads of heel's proxy (default 0: heel's default, "
+                             "one per 4 CPUs, 1 to 8)")
     args = parser.parse_args()
     # SIGTERM as well as Ctrl-C runs the cleanup in main's finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main(args.size_mib, args.streams, args.runs, args.connections)
+    main(args.size_mib, args.streams, args.runs, args.connections, args.relay_threads)

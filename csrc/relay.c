@@ -4,7 +4,8 @@
  * Once the proxy has answered a CONNECT (or SOCKS5) request, the tunnel's
  * bytes need no more Python: they go socket -> pipe -> socket with splice(),
  * so the kernel moves page references and no byte is copied to user space.
- * One thread with one epoll set serves every tunnel of the process.
+ * Each relay is one thread with one epoll set; heel/_relay.py runs a pool
+ * of them and gives each new tunnel to the one that carries fewest.
  *
  * Ownership and threads.  The relay thread alone touches tunnels, the epoll
  * interest of their sockets and the list of unreported completions.  Other
@@ -646,6 +647,8 @@ int heel_relay_start(struct heel_relay **out)
         relay_free(r);
         return -err;
     }
+    /* For top -H, /proc/PID/task/TID/comm and the tests; only a name. */
+    pthread_setname_np(r->thread, "heel-relay");
     *out = r;
     return 0;
 }

@@ -1,15 +1,21 @@
 """The trio face of the C tunnel relay (csrc/relay.c).
 
 After the proxy's handshake, ``await relay(client, upstream)`` hands both
-sockets to the relay thread, which splices their bytes until the tunnel ends,
+sockets to a relay thread, which splices their bytes until the tunnel ends,
 and returns how it ended.  No trio task runs per tunnel.
 
-One relay thread serves the whole process; it starts on first use and
-outlives ``trio.run``.  What waits for completions belongs to one trio run
-(a ``RunVar``), so a later ``trio.run`` in the same process starts afresh.
-Completions arrive as records on one pipe; trio lets one task at a time wait
-on an fd, so the first waiting task reads the pipe for everyone and hands
-that job on when it leaves.
+A pool of relay threads serves the whole process: ``THREADS`` of them, each
+with its own epoll set, started together on first use and outliving
+``trio.run``.  A new tunnel goes to the thread with the fewest tunnels.  One
+thread moves some 6 GiB/s of loopback tunnels, a core's worth; where the
+machine has cores to spare, more threads let many tunnels go faster
+(benchmarks/bench_proxy.py, and the README's Performance section).
+
+What waits for completions belongs to one trio run (a ``RunVar``), so a
+later ``trio.run`` in the same process starts afresh.  Each thread reports
+completions as records on a pipe of its own; trio lets one task at a time
+wait on an fd, so for each pipe the first waiting task reads it for everyone
+and hands that job on when it leaves.
 """
 
 from __future__ import annotations
@@ -42,24 +48,81 @@ class RelayResult:
     error: int = 0
 
 
-_process_relay: _native.Relay | None = None
-_process_relay_lock = threading.Lock()
+def _default_threads() -> int:
+    """One relay thread per four CPUs this process may run on, 1 to 8: the
+    senders and receivers of the tunnels' bytes need the other cores."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // 4))
+
+
+#: How many relay threads the process starts on first use.  Changing it
+#: later takes effect only through ``_restart_pool`` (tests, benchmarks).
+THREADS = _default_threads()
+
+
+class _Slot:
+    """One relay thread and how many tunnels it carries now."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.relay = _native.Relay()
+        self.tunnels = 0
+
+
+_pool: list[_Slot] | None = None
+_pool_lock = threading.Lock()
 _tunnel_ids = itertools.count(1)
 
 
-def _get_relay() -> _native.Relay:
-    global _process_relay
-    with _process_relay_lock:
-        if _process_relay is None:
-            _process_relay = _native.Relay()
-        return _process_relay
+def _get_pool() -> list[_Slot]:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            pool: list[_Slot] = []
+            try:
+                for index in range(max(1, THREADS)):
+                    pool.append(_Slot(index))
+            except BaseException:
+                for slot in pool:
+                    slot.relay.stop()
+                raise
+            _pool = pool
+        return _pool
+
+
+def _take_slot() -> _Slot:
+    pool = _get_pool()
+    with _pool_lock:
+        slot = min(pool, key=lambda s: s.tunnels)
+        slot.tunnels += 1
+        return slot
+
+
+def _release_slot(slot: _Slot) -> None:
+    with _pool_lock:
+        slot.tunnels -= 1
+
+
+def _restart_pool(threads: int) -> None:
+    """Stop the pool (its tunnels end without completions) and make the
+    next tunnel start ``threads`` relay threads.  For tests and benchmarks,
+    with no tunnel running."""
+    global _pool, THREADS
+    with _pool_lock:
+        pool, _pool = _pool, None
+        THREADS = threads
+    for slot in pool or ():
+        slot.relay.stop()
 
 
 def _forget_relay_after_fork() -> None:
-    # A forked child has the relay's memory but not its thread.
-    global _process_relay, _process_relay_lock
-    _process_relay = None
-    _process_relay_lock = threading.Lock()
+    # A forked child has the relays' memory but not their threads.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_relay_after_fork)
@@ -111,13 +174,17 @@ class _Completions:
 _completions: trio.lowlevel.RunVar = trio.lowlevel.RunVar("heel_relay_completions")
 
 
-def _run_completions() -> _Completions:
+def _run_completions(slot: _Slot) -> _Completions:
+    """This trio run's waiters on the given relay thread."""
     try:
-        return _completions.get()
+        by_relay = _completions.get()
     except LookupError:
-        completions = _Completions()
-        _completions.set(completions)
-        return completions
+        by_relay = {}
+        _completions.set(by_relay)
+    completions = by_relay.get(slot.relay)
+    if completions is None:
+        completions = by_relay[slot.relay] = _Completions()
+    return completions
 
 
 def _take_fd(sock: socket.socket | trio.socket.SocketType) -> int:
@@ -139,26 +206,30 @@ async def relay(sock_a: socket.socket | trio.socket.SocketType,
     calling task is cancelled, both connections are reset and closed before
     ``Cancelled`` propagates (waiting at most ``CANCEL_GRACE_S``).
     """
-    relay_thread = _get_relay()
-    completions = _run_completions()
     tunnel_id = next(_tunnel_ids)
-    fd_a = _take_fd(sock_a)
+    slot = _take_slot()
     try:
-        fd_b = _take_fd(sock_b)
-    except BaseException:
-        os.close(fd_a)
-        raise
-    waiter = _Waiter()
-    completions.waiters[tunnel_id] = waiter
-    try:
-        relay_thread.add(fd_a, fd_b, tunnel_id)
+        fd_a = _take_fd(sock_a)
         try:
-            return await completions.wait(relay_thread, waiter)
+            fd_b = _take_fd(sock_b)
         except BaseException:
-            relay_thread.cancel(tunnel_id)
-            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S):
-                await completions.wait(relay_thread, waiter)
+            os.close(fd_a)
             raise
+        relay_thread = slot.relay
+        completions = _run_completions(slot)
+        waiter = _Waiter()
+        completions.waiters[tunnel_id] = waiter
+        try:
+            relay_thread.add(fd_a, fd_b, tunnel_id)
+            try:
+                return await completions.wait(relay_thread, waiter)
+            except BaseException:
+                relay_thread.cancel(tunnel_id)
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S):
+                    await completions.wait(relay_thread, waiter)
+                raise
+        finally:
+            del completions.waiters[tunnel_id]
+            completions.hand_over_reading()
     finally:
-        del completions.waiters[tunnel_id]
-        completions.hand_over_reading()
+        _release_slot(slot)

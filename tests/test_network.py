@@ -891,7 +891,7 @@ async def test_closing_the_sandbox_ends_its_tunnels_and_leaves_no_fds(echo):
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
-    heel._relay._get_relay()  # the relay's own fds live as long as the process
+    heel._relay._get_pool()  # the relays' own fds live as long as the process
     before = open_fds()
     async with sandbox(heel.AllowList(["echo.test"]), {"echo.test": ["127.0.0.1"]}) as sb:
         # A tunnel held open by a process that never ends on its own.

@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from heel import _native
-from heel._relay import RelayResult, _get_relay, relay
+from heel import _relay
+from heel._relay import RelayResult, _get_pool, relay
 
 #: A bound on every test's trio part.
 TIMEOUT = 20
@@ -80,6 +81,17 @@ async def recv_end(sock: trio.socket.SocketType) -> bytes | str:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True, params=[1, 3], ids=["1-thread", "3-threads"])
+def relay_threads(request):
+    """Every test here runs with one relay thread (the default below eight
+    CPUs) and with a pool of three, among which tunnels are spread.  Each
+    ends with every tunnel of the pool accounted for."""
+    _relay._restart_pool(request.param)
+    yield request.param
+    assert all(slot.tunnels == 0 for slot in _get_pool())
+    _relay._restart_pool(_relay._default_threads())
 
 
 async def test_bytes_arrive_intact_both_ways():
@@ -205,7 +217,7 @@ async def test_a_stalled_tunnel_does_not_hold_up_others():
 
 
 async def test_no_fd_is_left_open():
-    _get_relay()   # the process-wide relay's own fds stay; started first
+    _get_pool()   # the process-wide relays' own fds stay; started first
     before = open_fds()
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -331,3 +343,66 @@ def test_a_refused_add_closes_its_two_fds_once():
         relay_.stop()
     assert refused > 100
     assert stolen[0] == 0, stolen[0]
+
+
+def relay_threads_cpu() -> dict[int, int]:
+    """The CPU time so far, in ns, of each of this process's relay threads."""
+    times = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != "heel-relay":
+                    continue
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                times[int(tid)] = int(f.read().split()[0])
+        except FileNotFoundError:   # a thread that just ended
+            continue
+    return times
+
+
+async def test_tunnels_are_spread_over_the_pool(relay_threads):
+    """As many tunnels as threads, running at once: each thread moves bytes
+    (its CPU time grows, seen in /proc).  With one tunnel fewer, one thread
+    stays idle: the control that an idle relay thread's time does not grow."""
+    _get_pool()
+    await trio.sleep(0.05)   # the threads have started and wait in epoll
+    assert len(relay_threads_cpu()) == relay_threads
+    for count, busy in ((relay_threads - 1, relay_threads - 1), (relay_threads, relay_threads)):
+        if count == 0:
+            continue
+        before = relay_threads_cpu()
+        data = bytes(16 << 20)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                peers = [await tunnel(nursery) for _ in range(count)]
+                await trio.sleep(0.05)   # every relay() has taken its thread
+
+                async def carry(peer_a, peer_b):
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(send_all, peer_a, data)
+                        assert await recv_exactly(peer_b, len(data)) == data
+                    peer_a.close()
+                    peer_b.close()
+
+                for peer_a, peer_b in peers:
+                    nursery.start_soon(carry, peer_a, peer_b)
+        after = relay_threads_cpu()
+        grew = [tid for tid in after if after[tid] > before.get(tid, 0)]
+        assert len(grew) == busy, (count, before, after)
+
+
+def test_restarting_the_pool_leaves_no_thread_or_fd_behind():
+    """The pool's threads are named, counted and stopped: a restart with
+    another size leaves exactly that many threads and the fds of the old
+    pool closed."""
+    _relay._restart_pool(1)
+    _get_pool()
+    fds_with_one = open_fds()
+    _relay._restart_pool(4)
+    _get_pool()
+    assert len(relay_threads_cpu()) == 4
+    assert open_fds() == fds_with_one + 3 * 4   # each: epoll, eventfd, the completion pipe's two ends
+    _relay._restart_pool(1)
+    _get_pool()
+    assert len(relay_threads_cpu()) == 1
+    assert open_fds() == fds_with_one
