@@ -81,14 +81,14 @@ def _get_pool() -> list[_Slot]:
     global _pool
     with _pool_lock:
         if _pool is None:
-            pool: list[_Slot] = []
+            # The first thread must start; where a later one cannot (out of
+            # fds or threads), the pool is the threads that did.
+            pool = [_Slot(0)]
             try:
-                for index in range(max(1, THREADS)):
+                for index in range(1, max(1, THREADS)):
                     pool.append(_Slot(index))
-            except BaseException:
-                for slot in pool:
-                    slot.relay.stop()
-                raise
+            except OSError:
+                pass
             _pool = pool
         return _pool
 

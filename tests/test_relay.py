@@ -360,13 +360,24 @@ def relay_threads_cpu() -> dict[int, int]:
     return times
 
 
+def settled_relay_threads(count: int) -> dict[int, int]:
+    """relay_threads_cpu() once it lists ``count`` threads (or after 2 s):
+    a stopped relay's thread has been joined, but the kernel lists it under
+    /proc/self/task for a moment longer."""
+    import time
+    deadline = time.monotonic() + 2
+    while len(times := relay_threads_cpu()) != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return times
+
+
 async def test_tunnels_are_spread_over_the_pool(relay_threads):
     """As many tunnels as threads, running at once: each thread moves bytes
     (its CPU time grows, seen in /proc).  With one tunnel fewer, one thread
     stays idle: the control that an idle relay thread's time does not grow."""
     _get_pool()
     await trio.sleep(0.05)   # the threads have started and wait in epoll
-    assert len(relay_threads_cpu()) == relay_threads
+    assert len(settled_relay_threads(relay_threads)) == relay_threads
     for count, busy in ((relay_threads - 1, relay_threads - 1), (relay_threads, relay_threads)):
         if count == 0:
             continue
@@ -400,9 +411,69 @@ def test_restarting_the_pool_leaves_no_thread_or_fd_behind():
     fds_with_one = open_fds()
     _relay._restart_pool(4)
     _get_pool()
-    assert len(relay_threads_cpu()) == 4
+    assert len(settled_relay_threads(4)) == 4
     assert open_fds() == fds_with_one + 3 * 4   # each: epoll, eventfd, the completion pipe's two ends
     _relay._restart_pool(1)
     _get_pool()
-    assert len(relay_threads_cpu()) == 1
+    assert len(settled_relay_threads(1)) == 1
     assert open_fds() == fds_with_one
+
+
+def test_a_pool_that_cannot_start_every_thread_runs_with_those_that_did():
+    """Out of fds after the first relay thread: the pool is that one thread,
+    and tunnels still run; with no fd for even the first, relay() raises
+    EMFILE and takes over neither socket."""
+    _relay._restart_pool(3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        # Room for the first relay's four fds and not for the second's.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fds(4, soft), hard))
+        assert len(_get_pool()) == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(settled_relay_threads(1)) == 1
+
+    async def one_tunnel() -> RelayResult:
+        results = {}
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                peer_a, peer_b = await tunnel(nursery, results, "t")
+                await send_all(peer_a, b"ping")
+                peer_a.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(peer_b) == b"ping"
+                peer_b.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(peer_a) == b""
+        return results["t"]
+
+    assert trio.run(one_tunnel) == RelayResult(4, 0)
+
+    _relay._restart_pool(3)
+
+    async def without_fds() -> None:
+        a, b = socket.socketpair()
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fds(0, soft), hard))
+            with pytest.raises(OSError) as info:
+                await relay(a, b)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert info.value.errno == errno.EMFILE
+        assert a.fileno() != -1 and b.fileno() != -1   # not taken over
+        a.close()
+        b.close()
+
+    trio.run(without_fds)
+    assert len(settled_relay_threads(0)) == 0
+
+
+def _lowest_free_fds(room: int, soft: int) -> int:
+    """An RLIMIT_NOFILE that leaves exactly ``room`` free fds below it,
+    counting the holes below the highest open one."""
+    open_now = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    limit = 0
+    free = 0
+    while free < room or limit in open_now:
+        if limit not in open_now:
+            free += 1
+        limit += 1
+    return limit
