@@ -86,13 +86,26 @@ async def settled(sb, timeout: float = 30) -> list:
 #: (plain HTTP through its proxy): the first port must be refused, the
 #: second must arrive.
 LOCAL_ROUTES = r"""
-import json, socket, subprocess, sys, threading
+import json, socket, subprocess, sys, threading, time
 import trio, heel
 
 targets, nonlocal_bind, setup = json.loads(sys.argv[1])
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def ip(*args):
+    # Seen once under load: a route added just after lo came up failed
+    # (exit 2); a few tries, then the failure with what ip said.
+    for attempt in range(5):
+        done = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.1 * (attempt + 1))
+    sys.exit(f"ip {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
+
+
+ip("link", "set", "lo", "up")
 for command in setup:
-    subprocess.run(["ip", *command.split()], check=True)
+    ip(*command.split())
 for version in ("ipv4", "ipv6"):
     with open(f"/proc/sys/net/{version}/ip_nonlocal_bind", "w") as f:
         f.write(nonlocal_bind)
