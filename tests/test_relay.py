@@ -79,6 +79,20 @@ async def recv_end(sock: trio.socket.SocketType) -> bytes | str:
         return "reset"
 
 
+async def ping_tunnel() -> RelayResult:
+    """One tunnel that carries b"ping" one way, then ends."""
+    results = {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            peer_a, peer_b = await tunnel(nursery, results, "t")
+            await send_all(peer_a, b"ping")
+            peer_a.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(peer_b) == b"ping"
+            peer_b.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(peer_a) == b""
+    return results["t"]
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -255,20 +269,8 @@ async def test_a_socket_the_relay_cannot_take_is_closed_and_raises():
 
 
 def test_trio_run_twice_in_one_process():
-    async def one_tunnel() -> RelayResult:
-        results = {}
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                peer_a, peer_b = await tunnel(nursery, results, "t")
-                await send_all(peer_a, b"ping")
-                peer_a.shutdown(socket.SHUT_WR)
-                assert await recv_until_eof(peer_b) == b"ping"
-                peer_b.shutdown(socket.SHUT_WR)
-                assert await recv_until_eof(peer_a) == b""
-        return results["t"]
-
-    assert trio.run(one_tunnel) == RelayResult(4, 0)
-    assert trio.run(one_tunnel) == RelayResult(4, 0)
+    assert trio.run(ping_tunnel) == RelayResult(4, 0)
+    assert trio.run(ping_tunnel) == RelayResult(4, 0)
 
 
 def test_stopping_a_relay_closes_its_tunnels():
@@ -433,19 +435,7 @@ def test_a_pool_that_cannot_start_every_thread_runs_with_those_that_did():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(settled_relay_threads(1)) == 1
 
-    async def one_tunnel() -> RelayResult:
-        results = {}
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                peer_a, peer_b = await tunnel(nursery, results, "t")
-                await send_all(peer_a, b"ping")
-                peer_a.shutdown(socket.SHUT_WR)
-                assert await recv_until_eof(peer_b) == b"ping"
-                peer_b.shutdown(socket.SHUT_WR)
-                assert await recv_until_eof(peer_a) == b""
-        return results["t"]
-
-    assert trio.run(one_tunnel) == RelayResult(4, 0)
+    assert trio.run(ping_tunnel) == RelayResult(4, 0)
 
     _relay._restart_pool(3)
 
