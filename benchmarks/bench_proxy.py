@@ -204,7 +204,7 @@ import socket, sys, trio, heel, heel.proxy, heel._relay
 threads = int(sys.argv[1])
 if threads:
     heel._relay._restart_pool(threads)
-print(heel._relay.THREADS, flush=True)
+print(len(heel._relay._get_pool()), flush=True)   # the threads that started
 
 async def main():
     listener = socket.socket()

@@ -14,8 +14,16 @@ machine has cores to spare, more threads let many tunnels go faster
 What waits for completions belongs to one trio run (a ``RunVar``), so a
 later ``trio.run`` in the same process starts afresh.  Each thread reports
 completions as records on a pipe of its own; trio lets one task at a time
-wait on an fd, so for each pipe the first waiting task reads it for everyone
-and hands that job on when it leaves.
+wait on an fd, so for each pipe the first waiting task of a run reads it for
+everyone and hands that job on when it leaves.  Trio runs in other threads
+may read the same pipe at the same time: a record read by a run that does
+not own the tunnel is handed to the run that does (``_owners``).
+
+A pool that could not start every thread (out of fds or threads) is the
+threads that did start, for the rest of the process.  A child made by
+``os.fork()`` starts a pool of its own, but holds copies of the fds of the
+parent's tunnels, as of every fd, until it execs (they are close-on-exec) or
+exits: heel's own children are exec'd at once.
 """
 
 from __future__ import annotations
@@ -89,6 +97,10 @@ def _get_pool() -> list[_Slot]:
                     pool.append(_Slot(index))
             except OSError:
                 pass
+            except BaseException:   # interrupted: no thread left outside a pool
+                for slot in pool:
+                    slot.relay.stop()
+                raise
             _pool = pool
         return _pool
 
@@ -120,9 +132,11 @@ def _restart_pool(threads: int) -> None:
 
 def _forget_relay_after_fork() -> None:
     # A forked child has the relays' memory but not their threads.
-    global _pool, _pool_lock
+    global _pool, _pool_lock, _owners, _owners_lock
     _pool = None
     _pool_lock = threading.Lock()
+    _owners = {}
+    _owners_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_relay_after_fork)
@@ -135,18 +149,40 @@ class _Waiter:
 
 
 class _Completions:
-    """Waiters of one trio run, by tunnel id, and who reads the pipe."""
+    """Waiters of one trio run on one relay thread, by tunnel id, and who
+    of them reads that relay's pipe."""
 
     def __init__(self) -> None:
         self.waiters: dict[int, _Waiter] = {}
         self.reading = False
+        self.token = trio.lowlevel.current_trio_token()
+        self.read_scope: trio.CancelScope | None = None
+
+    def deliver(self, tunnel_id: int, result: RelayResult) -> None:
+        """In this run's thread: the tunnel's result to its waiter."""
+        waiter = self.waiters.get(tunnel_id)
+        if waiter is None:   # it gave up (cancelled, past its grace)
+            return
+        waiter.result = result
+        waiter.wake.set()
+        if self.read_scope is not None:
+            # This run's reader may be that very waiter, waiting on a pipe
+            # from which another run took its record.
+            self.read_scope.cancel()
 
     def dispatch(self, records) -> None:
         for tunnel_id, a_to_b, b_to_a, error in records:
-            waiter = self.waiters.get(tunnel_id)
-            if waiter is not None:   # else: a waiter that gave up, or an earlier run's
-                waiter.result = RelayResult(a_to_b, b_to_a, error)
-                waiter.wake.set()
+            result = RelayResult(a_to_b, b_to_a, error)
+            with _owners_lock:
+                owner = _owners.get(tunnel_id)
+            if owner is self:
+                self.deliver(tunnel_id, result)
+            elif owner is not None:   # a trio run's in another thread
+                try:
+                    owner.token.run_sync_soon(owner.deliver, tunnel_id, result)
+                except trio.RunFinishedError:
+                    pass
+            # else: a waiter that gave up, in this run or an ended one
 
     def hand_over_reading(self) -> None:
         if not self.reading:
@@ -164,14 +200,21 @@ class _Completions:
                 continue
             self.reading = True
             try:
-                await trio.lowlevel.wait_readable(relay.notify_fd)
+                with trio.CancelScope() as self.read_scope:
+                    await trio.lowlevel.wait_readable(relay.notify_fd)
             finally:
+                self.read_scope = None
                 self.reading = False
             self.dispatch(relay.read_done())
         return waiter.result
 
 
 _completions: trio.lowlevel.RunVar = trio.lowlevel.RunVar("heel_relay_completions")
+
+#: Each live tunnel's waiters, by tunnel id, whatever trio run (and thread)
+#: they belong to.
+_owners: dict[int, _Completions] = {}
+_owners_lock = threading.Lock()
 
 
 def _run_completions(slot: _Slot) -> _Completions:
@@ -194,6 +237,7 @@ def _take_fd(sock: socket.socket | trio.socket.SocketType) -> int:
     return sock.detach()
 
 
+@trio.lowlevel.enable_ki_protection
 async def relay(sock_a: socket.socket | trio.socket.SocketType,
                 sock_b: socket.socket | trio.socket.SocketType) -> RelayResult:
     """Relay bytes between two connected stream sockets until the tunnel
@@ -205,6 +249,9 @@ async def relay(sock_a: socket.socket | trio.socket.SocketType,
     ``shutdown(SHUT_WR)`` while the other direction keeps flowing.  When the
     calling task is cancelled, both connections are reset and closed before
     ``Cancelled`` propagates (waiting at most ``CANCEL_GRACE_S``).
+
+    Protected from KeyboardInterrupt (trio delivers it elsewhere), which
+    could otherwise land between two steps and leak fds or a tunnel count.
     """
     tunnel_id = next(_tunnel_ids)
     slot = _take_slot()
@@ -219,6 +266,8 @@ async def relay(sock_a: socket.socket | trio.socket.SocketType,
         completions = _run_completions(slot)
         waiter = _Waiter()
         completions.waiters[tunnel_id] = waiter
+        with _owners_lock:
+            _owners[tunnel_id] = completions
         try:
             relay_thread.add(fd_a, fd_b, tunnel_id)
             try:
@@ -229,6 +278,8 @@ async def relay(sock_a: socket.socket | trio.socket.SocketType,
                     await completions.wait(relay_thread, waiter)
                 raise
         finally:
+            with _owners_lock:
+                del _owners[tunnel_id]
             del completions.waiters[tunnel_id]
             completions.hand_over_reading()
     finally:

@@ -79,6 +79,14 @@ async def recv_end(sock: trio.socket.SocketType) -> bytes | str:
         return "reset"
 
 
+def blocking_pair() -> tuple[socket.socket, socket.socket]:
+    """socket_pair() without trio: two connected TCP sockets on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
 async def ping_tunnel() -> RelayResult:
     """One tunnel that carries b"ping" one way, then ends."""
     results = {}
@@ -274,14 +282,8 @@ def test_trio_run_twice_in_one_process():
 
 
 def test_stopping_a_relay_closes_its_tunnels():
-    def pair():
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            near = socket.create_connection(listener.getsockname())
-            far, _ = listener.accept()
-        return near, far
-
-    peer_a, a = pair()
-    peer_b, b = pair()
+    peer_a, a = blocking_pair()
+    peer_b, b = blocking_pair()
     before = open_fds()
     own = _native.Relay()
     own.add(a.detach(), b.detach(), 1)
@@ -467,3 +469,134 @@ def _lowest_free_fds(room: int, soft: int) -> int:
             free += 1
         limit += 1
     return limit
+
+
+@pytest.mark.parametrize("relay_threads", [3], indirect=True, ids=["3-threads"])
+async def test_a_tunnel_ends_while_another_relays_tunnel_lives_on():
+    """The long tunnel's task reads relay 0's pipe; the short tunnel is on
+    relay 1.  Its relay() returns when it ends, not when the long one does
+    (it did not when one trio run had one reader for all relays)."""
+    results = {}
+    long_a, la = blocking_pair()
+    long_b, lb = blocking_pair()
+    short_a, sa = blocking_pair()
+    short_b, sb = blocking_pair()
+    async with trio.open_nursery() as nursery:
+        async def run(key, a, b):
+            results[key] = await relay(a, b)
+
+        nursery.start_soon(run, "long", la, lb)
+        await trio.sleep(0.05)
+        nursery.start_soon(run, "short", sa, sb)
+        await trio.sleep(0.05)
+        assert sorted(slot.tunnels for slot in _get_pool()) == [0, 1, 1]
+        short_a.close()
+        short_b.close()
+        with trio.move_on_after(2):
+            while "short" not in results:
+                await trio.sleep(0.01)
+        short_done = "short" in results
+        long_a.close()
+        long_b.close()
+    assert short_done, "the short tunnel's completion waited for the long one"
+    assert results["short"] == RelayResult(0, 0, 0)
+
+
+def test_two_trio_runs_in_two_threads_share_the_relays():
+    """Two trio runs in two threads at once, each with two tunnels at a
+    time, so that they share a relay thread: each run's relay() returns
+    when its tunnel ends, whichever run read the record (each run's reader
+    dropped the other's records, and its relay() waited forever)."""
+    import threading
+
+    rounds = 30
+    hung: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        async def main() -> None:
+            for _ in range(rounds):
+                barrier.wait(timeout=10)   # both runs have their tunnels at once
+                pairs = [(blocking_pair(), blocking_pair()) for _ in range(2)]
+                with trio.move_on_after(5) as scope:
+                    async with trio.open_nursery() as nursery:
+                        for (_, a), (_, b) in pairs:
+                            nursery.start_soon(relay, a, b)
+                        await trio.sleep(0.01)
+                        for (peer_a, _), (peer_b, _) in pairs:
+                            peer_a.close()
+                            peer_b.close()
+                if scope.cancelled_caught:
+                    hung.append(name)
+                    barrier.abort()
+                    return
+
+        try:
+            trio.run(main)
+        except threading.BrokenBarrierError:
+            pass
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("x", "y")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not hung
+
+
+def test_a_forked_child_gets_a_pool_of_its_own():
+    """After os.fork() the child has the parent's pool in memory but not its
+    threads; a tunnel there still runs (without the at-fork reset it waits
+    forever on a relay thread that does not exist)."""
+    assert trio.run(ping_tunnel) == RelayResult(4, 0)   # the parent's pool is up
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            status = 0 if trio.run(ping_tunnel) == RelayResult(4, 0) else 2
+        except BaseException:
+            status = 3
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_a_cancelled_relay_has_closed_both_connections_when_it_returns():
+    """The docstring's promise, checked with no await in between
+    (test_cancelling_relay_closes_both_connections_promptly allows 2 s)."""
+    for _ in range(5):
+        peer_a, a = blocking_pair()
+        peer_b, b = blocking_pair()
+        with trio.move_on_after(0.05):
+            await relay(a, b)
+        for peer in (peer_a, peer_b):
+            try:
+                assert peer.recv(1, socket.MSG_DONTWAIT) == b""
+            except ConnectionResetError:
+                pass
+            peer.close()
+
+
+def test_a_pool_start_interrupted_leaves_no_thread_running(monkeypatch):
+    """Interrupted between two relay threads (a KeyboardInterrupt, here made
+    to happen at the third), the pool stops the ones it started: no thread
+    is left running outside a pool, and the next use starts a whole one."""
+    _relay._restart_pool(4)
+    started = []
+    real_relay = _native.Relay
+
+    def interrupted_third() -> _native.Relay:
+        if len(started) == 2:
+            raise KeyboardInterrupt
+        started.append(real_relay())
+        return started[-1]
+
+    monkeypatch.setattr(_native, "Relay", interrupted_third)
+    with pytest.raises(KeyboardInterrupt):
+        _get_pool()
+    assert len(settled_relay_threads(0)) == 0
+    monkeypatch.setattr(_native, "Relay", real_relay)
+    assert len(_get_pool()) == 4
+    assert len(settled_relay_threads(4)) == 4
