@@ -23,7 +23,7 @@ import sys
 
 import trio
 
-from heel._relay import relay
+from heel._relay import _get_pool, relay
 
 PEER = r"""
 import socket, sys, threading, time
@@ -116,7 +116,9 @@ async def main(mib: int, streams_list: list[int], runs: int) -> None:
     total = mib << 20
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Linux {platform.release()}, "
           f"Python {platform.python_version()}")
-    print(f"{mib} MiB in total per transfer, median of {runs}; sender, receiver and the relay thread "
+    threads = len(_get_pool())
+    print(f"{mib} MiB in total per transfer, median of {runs}; sender, receiver and "
+          f"{threads} relay thread{'s' * (threads > 1)} "
           f"share {os.cpu_count()} cores")
     print(f"{'streams':>8} {'direct GiB/s':>13} {'relay GiB/s':>12} {'relay/direct':>13}")
     for streams in streams_list:
