@@ -74,8 +74,7 @@ THREADS = _default_threads()
 class _Slot:
     """One relay thread and how many tunnels it carries now."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self) -> None:
         self.relay = _native.Relay()
         self.tunnels = 0
 
@@ -91,10 +90,10 @@ def _get_pool() -> list[_Slot]:
         if _pool is None:
             # The first thread must start; where a later one cannot (out of
             # fds or threads), the pool is the threads that did.
-            pool = [_Slot(0)]
+            pool = [_Slot()]
             try:
-                for index in range(1, max(1, THREADS)):
-                    pool.append(_Slot(index))
+                while len(pool) < THREADS:
+                    pool.append(_Slot())
             except OSError:
                 pass
             except BaseException:   # interrupted: no thread left outside a pool
