@@ -10,6 +10,57 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class RawServer:
+    """TCP on 127.0.0.1 whose connections ``handler(conn, server)`` serves,
+    each in a thread; ``lines`` records request lines, ``connections``
+    counts arrivals.  Closing closes every connection still open."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.lines: list[str] = []
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn, self)
+        except OSError:
+            pass
+
+    def read_head(self, conn: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        self.lines.append(head.split(b"\r\n")[0].decode())
+        return head, rest
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._open]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
 class LoopbackHttpServer:
     """An HTTP server on 127.0.0.1 in a thread of its own; ``port`` is where."""
 

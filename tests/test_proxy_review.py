@@ -13,6 +13,13 @@ that does arrive.
   exception, where an internal name points) to the host's event;
 - dot segments in a plain-HTTP path are refused before a policy sees the URL;
 - a SOCKS name that is no host name is an event.
+
+And what a mutation audit of the policy code found no test for (each test
+fails under its mutant): a wildcard matches subdomains only, never a name
+that merely holds ``.suffix``; a SOCKS request's policy sees the host in
+canonical form, and its denial is an event; what a plain-HTTP client sends
+after its request never reaches the server; without namespaces, plain HTTP
+needs the sandbox's secret too.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -28,9 +36,9 @@ import trio
 
 import heel
 import heel.proxy
-from heel.policy import AllowAll, AllowList, CustomPolicy, Decision
+from heel.policy import AllowAll, AllowList, CustomPolicy, Decision, NetworkRequest
 from helpers import PROXY_CLIENT, explain, py
-from netservers import HttpServer, resolver_for
+from netservers import HttpServer, RawServer, resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
 #: Generous: these tests must pass on a loaded machine too.
@@ -656,3 +664,253 @@ def test_a_family_this_host_lacks_is_not_counted_local(monkeypatch):
     monkeypatch.setattr(socket, "socket", no_inet6)
     assert heel.proxy._is_local_by_socket(ipaddress.ip_address("2001:db8::1")) is False
     assert heel.proxy._is_local_by_socket(ipaddress.ip_address("192.0.2.1")) is False
+
+
+# ---- found by a mutation audit of the policy code ------------------------------------
+
+#: The in-sandbox side of these tests: a CONNECT or a SOCKS5 request, then
+#: a payload and a half-close; prints the answer and what came back.
+AUDIT = r"""
+
+
+def through_connect(target, payload):
+    s = connect_proxy()
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\n".encode() + auth + b"\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    print("STATUS", head.decode(errors="replace").splitlines()[0] if head else "none")
+    if head.startswith(b"HTTP/1.1 200"):
+        s.sendall(payload.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("DATA", read_all(s, rest).decode(errors="replace"))
+
+
+def through_socks(host, port, payload):
+    s = socks_connect(host.encode(), int(port))
+    reply = s.recv(262)
+    print("SOCKS", reply[1])
+    if reply[1] == 0:
+        s.sendall(payload.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("DATA", read_all(s).decode(errors="replace"))
+"""
+
+
+async def via_connect(sb, target: str, payload: str) -> heel.Output:
+    return await inside(sb, AUDIT + "through_connect(sys.argv[1], sys.argv[2])", target, payload)
+
+
+async def via_socks(sb, host: str, port: int, payload: str) -> heel.Output:
+    return await inside(sb, AUDIT + "through_socks(*sys.argv[1:])", host, port, payload)
+
+
+def dns_like(names: dict[str, list[str]]):
+    """resolver_for(names), ignoring a name's case and a trailing dot as DNS
+    does: so a host the policy should have seen in canonical form still
+    resolves, and would be reached, where it was not."""
+    exact = resolver_for(names)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return await exact(host.lower().rstrip("."), port)
+
+    return resolve
+
+
+def recording(linger: float = 1.5):
+    """A RawServer handler that keeps what each connection sends for
+    ``linger`` seconds (or until the peer closes) in ``server.received``,
+    then answers 200 with a Content-Length and keeps the connection open,
+    as a server that ignores ``Connection: close`` does: whatever a proxy
+    passes on after the first request arrives and is seen."""
+
+    def handler(conn: socket.socket, server: RawServer) -> None:
+        data = b""
+        conn.settimeout(linger)
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+        except OSError:   # the linger ran out
+            pass
+        server.received.append(data)
+        conn.settimeout(5)
+        target = data.split(b" ", 2)[1] if data.count(b" ") >= 2 else b"?"
+        body = b"served " + target + b"\n"
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
+                     % (len(body), body))
+        while conn.recv(65536):
+            pass
+
+    return handler
+
+
+@pytest.fixture
+def recorder():
+    server = RawServer(recording())
+    server.received = []
+    yield server
+    server.close()
+
+
+# ---- wildcards: subdomains of the suffix, nothing that merely contains it ----------
+
+
+@pytest.mark.parametrize("host", ["api.good.test.evil.test", "good.test.evil.test", "x.good.test.",
+                                  "evilgood.test", "a.good.testx", "a.good.test.x"])
+async def test_a_wildcard_matches_only_names_that_end_in_its_suffix(host):
+    policy = AllowList(["*.good.test"])
+    expected = host == "x.good.test."  # the trailing dot is the same name
+    decision = await policy.decide(NetworkRequest(host, 443, "connect"))
+    assert decision.allowed is expected, (host, decision)
+    # Control: a subdomain at any depth is allowed.
+    assert (await policy.decide(NetworkRequest("a.b.good.test", 443, "connect"))).allowed
+
+
+async def test_a_wildcard_does_not_reach_a_name_that_holds_its_suffix_in_the_middle(echo):
+    # The internal test server, by address, and *.good.test: a name that
+    # the wildcard does not match is refused by the policy itself, though
+    # it resolves to the address the policy names.
+    names = {"api.good.test": ["127.0.0.1"], "api.good.test.evil.test": ["127.0.0.1"]}
+    policy = AllowList(["*.good.test"]) | AllowList(["127.0.0.1"])
+    async with sandbox(policy, resolver=dns_like(names)) as sb:
+        with trio.fail_after(TIMEOUT):
+            allowed = await via_connect(sb, f"api.good.test:{echo.port}", "wildcard ok")
+            refused = await via_connect(sb, f"api.good.test.evil.test:{echo.port}", "wildcard leak")
+            events = await settled(sb)
+    assert "DATA wildcard ok" in allowed.stdout.decode(), explain(allowed)
+    assert "STATUS HTTP/1.1 403" in refused.stdout.decode(), explain(refused)
+    assert "leak" not in refused.stdout.decode()
+    assert echo.connections == 1
+    denied = [e for e in events if not e.allowed]
+    assert [e.host for e in denied] == ["api.good.test.evil.test"], events
+    assert denied[0].reason == "not in the allow-list; not in the allow-list", denied
+
+
+# ---- SOCKS: the policy sees the canonical host, and a denial is an event -----------
+
+
+@pytest.mark.parametrize("spelling", ["BLOCKED.TEST", "blocked.test.", "Blocked.Test."])
+async def test_a_socks_request_reaches_the_policy_with_its_host_in_canonical_form(echo, spelling):
+    # A CustomPolicy that compares the host (it may: NetworkRequest.host is
+    # canonical) and vouches for the internal address of what it allows.
+    seen = []
+
+    async def not_blocked(request):
+        seen.append((request.protocol, request.host))
+        return request.host != "blocked.test"
+
+    names = {"blocked.test": ["127.0.0.1"], "fine.test": ["127.0.0.1"]}
+    policy = CustomPolicy(not_blocked, allow_restricted=True)
+    async with sandbox(policy, resolver=dns_like(names)) as sb:
+        with trio.fail_after(TIMEOUT):
+            allowed = await via_socks(sb, "FINE.TEST.", echo.port, "socks ok")
+            over_socks = await via_socks(sb, spelling, echo.port, "socks leak")
+            over_connect = await via_connect(sb, f"{spelling}:{echo.port}", "connect leak")
+            await settled(sb)
+    assert "DATA SOCKS OK" in allowed.stdout.decode().upper(), explain(allowed)
+    assert "SOCKS 2" in over_socks.stdout.decode(), explain(over_socks)
+    assert "leak" not in over_socks.stdout.decode()
+    assert "STATUS HTTP/1.1 403" in over_connect.stdout.decode(), explain(over_connect)
+    assert echo.connections == 1
+    assert seen == [("socks", "fine.test"), ("socks", "blocked.test"), ("connect", "blocked.test")], seen
+
+
+async def test_a_socks_request_the_policy_denies_is_an_event(echo):
+    reported = []
+    names = {"good.test": ["127.0.0.1"], "evil.test": ["127.0.0.1"]}
+    policy = AllowList(["good.test"])
+    async with sandbox(policy, resolver=dns_like(names), on_network_event=reported.append) as sb:
+        with trio.fail_after(TIMEOUT):
+            allowed = await via_socks(sb, "good.test", echo.port, "ok")
+            refused = await via_socks(sb, "evil.test", echo.port, "no")
+            events = await settled(sb)
+    assert "SOCKS 0" in allowed.stdout.decode(), explain(allowed)
+    assert "SOCKS 2" in refused.stdout.decode(), explain(refused)
+    summary = sorted((e.host, e.port, e.protocol, e.allowed, e.reason) for e in events)
+    assert summary == [("evil.test", echo.port, "socks", False, "not in the allow-list"),
+                       ("good.test", echo.port, "socks", True, "matches good.test")], events
+    assert sorted(e.host for e in reported) == ["evil.test", "good.test"], reported
+
+
+# ---- plain HTTP: one request per connection, nothing after it -----------------------
+
+
+async def test_a_request_sent_after_the_first_on_its_connection_never_reaches_the_server(recorder):
+    # A URL policy: /public/ on this server only.  The server ignores
+    # Connection: close, so a second request that reached it would be served.
+    port = recorder.port
+
+    async def public_only(request):
+        return request.url is not None and request.url.startswith(f"http://web.test:{port}/public/")
+
+    names = {"web.test": ["127.0.0.1"]}
+    async with sandbox(CustomPolicy(public_only, allow_restricted=True), resolver=dns_like(names)) as sb:
+        with trio.fail_after(TIMEOUT):
+            out = await inside(sb, AUDIT + r"""
+port = sys.argv[1]
+# Control, and the policy at work: /secret alone is refused.
+s = connect_proxy()
+s.sendall(b"GET http://web.test:%s/secret HTTP/1.1\r\nHost: web.test\r\n" % port.encode() + auth + b"\r\n")
+print("ALONE", read_all(s).split(b"\r\n")[0].decode())
+# /public/a, then, a moment later on the same connection, /secret.
+s = connect_proxy()
+s.sendall(b"GET http://web.test:%s/public/a HTTP/1.1\r\nHost: web.test\r\n" % port.encode() + auth + b"\r\n")
+time.sleep(0.4)
+try:
+    s.sendall(b"GET /secret HTTP/1.1\r\nHost: web.test\r\n\r\n"
+              b"GET http://web.test:%s/secret HTTP/1.1\r\nHost: web.test\r\n\r\n" % port.encode())
+except OSError:
+    pass
+print("PIPELINED", read_all(s).decode(errors="replace").split("\r\n\r\n", 1)[-1].strip())
+""", port)
+            await settled(sb)
+    lines = out.stdout.decode().splitlines()
+    assert lines == ["ALONE HTTP/1.1 403 Forbidden", "PIPELINED served /public/a"], explain(out)
+    assert len(recorder.received) == 1, recorder.received
+    (received,) = recorder.received
+    assert received.startswith(b"GET /public/a HTTP/1.1\r\n"), received
+    assert b"secret" not in received, received
+
+
+# ---- the secret without namespaces, for plain HTTP too -------------------------------
+
+
+def _ask_proxy(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        s.settimeout(5)
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except OSError:
+            pass
+        return data
+
+
+async def test_without_namespaces_plain_http_needs_the_secret_too(no_namespaces, web):
+    names = {"web.test": ["127.0.0.1"]}
+    async with sandbox(AllowList(["web.test"]), resolver=dns_like(names), best_effort=True) as sb:
+        assert sb._session.proxy_requires_secret
+        port = sb.plan.proxy_port
+        request = f"GET http://web.test:{web.port}/from-another-process HTTP/1.1\r\nHost: web.test\r\n".encode()
+        anonymous = await trio.to_thread.run_sync(_ask_proxy, port, request + b"\r\n")
+        wrong = await trio.to_thread.run_sync(
+            _ask_proxy, port, request + b"Proxy-Authorization: Basic aGVlbDpub3Bl\r\n\r\n")
+        assert anonymous.startswith(b"HTTP/1.1 407") and wrong.startswith(b"HTTP/1.1 407"), (anonymous, wrong)
+        assert web.requests == []
+        # Control: the sandbox, with the credential of its environment.
+        with trio.fail_after(TIMEOUT):
+            out = await inside(sb, AUDIT + r"""
+s = connect_proxy()
+s.sendall(b"GET http://web.test:%s/from-the-sandbox HTTP/1.1\r\nHost: web.test\r\n" % sys.argv[1].encode()
+          + auth + b"\r\n")
+print(read_all(s).decode(errors="replace").split("\r\n")[0])
+""", web.port)
+            await settled(sb)
+    assert out.stdout.decode().strip() == "HTTP/1.1 200 OK", explain(out)
+    assert [path for _, path, _ in web.requests] == ["/from-the-sandbox"], web.requests
