@@ -117,8 +117,11 @@ def closed_by_host(sock):
 #: $HTTP_PROXY itself, so that a test controls every byte it sends and sees
 #: every byte of the answer: ``proxy`` (the URL's parts), ``credential``
 #: and ``auth`` (its Proxy-Authorization line), ``connect_proxy()``,
-#: ``read_all()`` (to the end, or a reset) and ``socks_connect()`` (user and
-#: password, then CONNECT to a name).
+#: ``read_all()`` (to the end, or a reset), ``read_head()`` (an answer's head
+#: as text, and the bytes after it) and ``socks_connect()`` (user and
+#: password, then CONNECT to a name); ``connect_and_send()`` and
+#: ``socks_and_send()`` open a tunnel, send a payload and a half-close, and
+#: print the answer and what came back.
 PROXY_CLIENT = r"""
 import base64, os, socket, struct, sys, time, urllib.parse
 
@@ -142,6 +145,17 @@ def read_all(s, data=b""):
         data += chunk
 
 
+def read_head(s):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.decode(errors="replace"), rest
+
+
 def socks_connect(name, port):
     s = connect_proxy()
     user, password = proxy.username.encode(), proxy.password.encode()
@@ -151,6 +165,29 @@ def socks_connect(name, port):
     assert s.recv(2) == b"\x01\x00"
     s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
     return s
+
+
+def connect_and_send(target, payload):
+    s = connect_proxy()
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n".encode() + auth + b"\r\n")
+    head, rest = read_head(s)
+    print("STATUS", head.splitlines()[0] if head else "none")
+    if head.startswith("HTTP/1.1 200"):
+        s.sendall(payload.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("DATA", read_all(s, rest).decode(errors="replace"))
+    else:
+        print("BODY", read_all(s, rest).decode(errors="replace").strip())
+
+
+def socks_and_send(host, port, payload):
+    s = socks_connect(host.encode(), int(port))
+    reply = s.recv(262)
+    print("SOCKS", reply[1])
+    if reply[1] == 0:
+        s.sendall(payload.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("DATA", read_all(s).decode(errors="replace"))
 """
 
 

@@ -28,43 +28,7 @@ TIMEOUT = 20
 #: The in-sandbox client: speaks to the proxy named by $HTTP_PROXY itself,
 #: so a test controls every byte of the request.
 CLIENT = PROXY_CLIENT + r"""
-
-
-def read_head(s):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head.decode(errors="replace"), rest
-
-
-def connect(target, payload):
-    s = connect_proxy()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-              f"Proxy-Authorization: Basic {credential}\r\n\r\n".encode())
-    head, rest = read_head(s)
-    print("STATUS", head.splitlines()[0] if head else "none")
-    if head.startswith("HTTP/1.1 200"):
-        s.sendall(payload.encode())
-        s.shutdown(socket.SHUT_WR)
-        print("DATA", read_all(s, rest).decode(errors="replace"))
-    else:
-        print("BODY", read_all(s, rest).decode(errors="replace").strip())
-
-
-def socks(host, port, payload):
-    s = socks_connect(host.encode(), port)
-    reply = s.recv(262)
-    print("SOCKS", reply[1])
-    if reply[1] == 0:
-        s.sendall(payload.encode())
-        s.shutdown(socket.SHUT_WR)
-        print("DATA", read_all(s).decode(errors="replace"))
-
-
+connect, socks = connect_and_send, socks_and_send
 globals()[sys.argv[1]](*sys.argv[2:])
 """
 

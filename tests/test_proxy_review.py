@@ -668,45 +668,12 @@ def test_a_family_this_host_lacks_is_not_counted_local(monkeypatch):
 
 # ---- found by a mutation audit of the policy code ------------------------------------
 
-#: The in-sandbox side of these tests: a CONNECT or a SOCKS5 request, then
-#: a payload and a half-close; prints the answer and what came back.
-AUDIT = r"""
-
-
-def through_connect(target, payload):
-    s = connect_proxy()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\n".encode() + auth + b"\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    print("STATUS", head.decode(errors="replace").splitlines()[0] if head else "none")
-    if head.startswith(b"HTTP/1.1 200"):
-        s.sendall(payload.encode())
-        s.shutdown(socket.SHUT_WR)
-        print("DATA", read_all(s, rest).decode(errors="replace"))
-
-
-def through_socks(host, port, payload):
-    s = socks_connect(host.encode(), int(port))
-    reply = s.recv(262)
-    print("SOCKS", reply[1])
-    if reply[1] == 0:
-        s.sendall(payload.encode())
-        s.shutdown(socket.SHUT_WR)
-        print("DATA", read_all(s).decode(errors="replace"))
-"""
-
-
 async def via_connect(sb, target: str, payload: str) -> heel.Output:
-    return await inside(sb, AUDIT + "through_connect(sys.argv[1], sys.argv[2])", target, payload)
+    return await inside(sb, "connect_and_send(sys.argv[1], sys.argv[2])", target, payload)
 
 
 async def via_socks(sb, host: str, port: int, payload: str) -> heel.Output:
-    return await inside(sb, AUDIT + "through_socks(*sys.argv[1:])", host, port, payload)
+    return await inside(sb, "socks_and_send(*sys.argv[1:])", host, port, payload)
 
 
 def dns_like(names: dict[str, list[str]]):
@@ -850,7 +817,7 @@ async def test_a_request_sent_after_the_first_on_its_connection_never_reaches_th
     names = {"web.test": ["127.0.0.1"]}
     async with sandbox(CustomPolicy(public_only, allow_restricted=True), resolver=dns_like(names)) as sb:
         with trio.fail_after(TIMEOUT):
-            out = await inside(sb, AUDIT + r"""
+            out = await inside(sb, r"""
 port = sys.argv[1]
 # Control, and the policy at work: /secret alone is refused.
 s = connect_proxy()
@@ -905,7 +872,7 @@ async def test_without_namespaces_plain_http_needs_the_secret_too(no_namespaces,
         assert web.requests == []
         # Control: the sandbox, with the credential of its environment.
         with trio.fail_after(TIMEOUT):
-            out = await inside(sb, AUDIT + r"""
+            out = await inside(sb, r"""
 s = connect_proxy()
 s.sendall(b"GET http://web.test:%s/from-the-sandbox HTTP/1.1\r\nHost: web.test\r\n" % sys.argv[1].encode()
           + auth + b"\r\n")
