@@ -96,19 +96,21 @@ class VenvConfig(Frozen):
                  python: str | os.PathLike[str] | None = None, system_site_packages: bool = False,
                  use_uv: bool | None = None, index_url: str | None = None,
                  find_links: Iterable[str | os.PathLike[str]] = (), no_index: bool = False) -> None:
-        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or "\0" in os.fspath(path):
+        path_text = _path_text(path)
+        if path_text is None:
             raise PolicyError(f"VenvConfig: path must be a directory path, got {path!r}")
         # Resolved once, now: inspect() refuses the path if a link appears
         # in it later.
-        self._set("path", _check_venv_path(Path(os.path.realpath(expand_home(os.fspath(path), "VenvConfig"))),
+        self._set("path", _check_venv_path(Path(os.path.realpath(expand_home(path_text, "VenvConfig"))),
                                            "VenvConfig"))
         items = tuple(_one_or_many(packages, "packages must be requirement strings"))
         for item in items:
             _check_requirement(item)
         self._set("packages", items)
-        if python is not None and (not isinstance(python, (str, os.PathLike)) or not os.fspath(python)):
+        python_text = None if python is None else _path_text(python)
+        if python is not None and python_text is None:
             raise PolicyError(f"VenvConfig: python must be a path or a program name, got {python!r}")
-        self._set("python", None if python is None else os.fspath(python))
+        self._set("python", python_text)
         for name, value in (("system_site_packages", system_site_packages), ("no_index", no_index)):
             if not isinstance(value, bool):
                 raise PolicyError(f"VenvConfig: {name} must be a bool, got {value!r}")
@@ -121,10 +123,8 @@ class VenvConfig(Frozen):
         self._set("index_url", index_url)
         links = []
         for link in _one_or_many(find_links, "find_links must be directories or URLs"):
-            if not isinstance(link, (str, os.PathLike)) or not os.fspath(link) or "\0" in str(os.fspath(link)):
-                raise PolicyError(f"VenvConfig: find_links: {link!r} is not a directory or a URL")
-            text = os.fspath(link)
-            if not isinstance(text, str):
+            text = _path_text(link)
+            if text is None:
                 raise PolicyError(f"VenvConfig: find_links: {link!r} is not a directory or a URL")
             if text.startswith(("http://", "https://")):
                 _check_url(text, "find_links")
@@ -147,6 +147,17 @@ def _one_or_many(value, what: str) -> list:
         return list(value)
     except TypeError:
         raise PolicyError(f"VenvConfig: {what}, got {value!r}") from None
+
+
+def _path_text(value: object) -> str | None:
+    """The text of a str or os.PathLike path; None where it is not one, is
+    empty, holds a NUL or is bytes (a PathLike may give bytes)."""
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text or "\0" in text:
+        return None
+    return text
 
 
 def _check_venv_path(path: Path, what: str) -> Path:
@@ -860,9 +871,10 @@ class PythonConfig(Frozen):
     def __init__(self, venv: VenvConfig | str | os.PathLike[str], *, interpreter: str | None = None,
                  allow_pip_install: bool = False) -> None:
         if isinstance(venv, (str, os.PathLike)):
-            if not os.fspath(venv):
-                raise PolicyError("PythonConfig: venv must not be empty")
-            venv = _check_venv_path(Path(os.path.realpath(expand_home(os.fspath(venv), "PythonConfig"))),
+            venv_text = _path_text(venv)
+            if venv_text is None:
+                raise PolicyError(f"PythonConfig: venv must be a directory path, got {venv!r}")
+            venv = _check_venv_path(Path(os.path.realpath(expand_home(venv_text, "PythonConfig"))),
                                     "PythonConfig")
         elif not isinstance(venv, VenvConfig):
             raise PolicyError(f"PythonConfig: venv must be a VenvConfig or a path, got {venv!r}")

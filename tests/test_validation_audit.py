@@ -1,0 +1,233 @@
+"""Input validation that a mutation audit (helper r23) found untested: each
+test here fails when one check of heel's own (config.py, _cliargs.py,
+cli.py, venv.py) is weakened, and passes on the real code.  Real sandboxes and real CLI runs
+where the behaviour matters; every test is bounded and cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+
+import heel
+from heel import PolicyError
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
+
+
+def heel_cli(*args: str, cwd: str = "/", timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heel", *args], capture_output=True, timeout=timeout,
+                          cwd=cwd)
+
+
+def assert_refused(*args: str, cwd: str = "/") -> str:
+    """heel refused by itself: 125, one 'heel:' line, no traceback."""
+    result = heel_cli(*args, cwd=cwd)
+    stderr = result.stderr.decode()
+    assert result.returncode == 125, stderr
+    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+@pytest.fixture
+def host_dir():
+    """A directory the sandbox can see (not the host's /tmp, which is private inside)."""
+    path = Path(tempfile.mkdtemp(prefix="heel-mutants-", dir="/var/tmp"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- SecurityConfig takes bools only --------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["protect_user_home", "protect_credentials", "protect_cloud_config",
+                                   "allow_gpu", "allow_unix_sockets", "strict_network"])
+@pytest.mark.parametrize("value", [0, 1, "no", None])
+def test_security_config_takes_only_bools(field, value):
+    # 0 would silently turn a protection off, "no" would silently keep it on.
+    with pytest.raises(PolicyError, match=field):
+        heel.SecurityConfig(**{field: value})
+
+
+# ---- a grant given through a symbolic link --------------------------------------------
+
+
+async def test_a_grant_through_a_symbolic_link_is_resolved_and_the_sandbox_opens(host_dir):
+    (host_dir / "real").mkdir()
+    (host_dir / "real" / "f").write_text("through-the-link\n")
+    (host_dir / "link").symlink_to("real")
+    config = heel.SandboxConfig(readable=[host_dir / "link"], level=heel.IsolationLevel.STRICT)
+    # Resolved when the config is made: not the link's name, which would
+    # then fail the open as a link that "appeared since".
+    assert config.readable == ((host_dir / "real").resolve(),)
+    with trio.fail_after(30):
+        async with heel.Sandbox(config) as sandbox:
+            out = await sandbox.command("cat").arg(str(host_dir / "real" / "f")).output()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"through-the-link\n"
+
+
+# ---- config file values of the wrong type name the key --------------------------------
+
+
+@pytest.mark.parametrize("key", ["protect_home", "allow_gpu", "best_effort"])
+def test_config_file_flag_of_the_wrong_type_names_the_key(tmp_path, key):
+    config = tmp_path / "c.toml"
+    config.write_text(f'{key} = "no"\n')
+    stderr = assert_refused("run", "--config", str(config), "true")
+    assert f"config {config}: {key} must be true or false" in stderr
+
+
+# ---- heel python: a failed start leaves no temporary environment ----------------------
+
+
+def _orphaned_venv_dirs(before: set[str]) -> list[str]:
+    """heel-venv-* directories in /var/tmp made since ``before`` whose owner
+    lock is free: left by a heel that has ended (a live one holds its lock)."""
+    import fcntl
+
+    orphans = []
+    for name in set(os.listdir("/var/tmp")) - before:
+        if not name.startswith("heel-venv-"):
+            continue
+        try:
+            lock = os.open(os.path.join("/var/tmp", name, ".owner-lock"), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            orphans.append(os.path.join("/var/tmp", name))
+        except OSError:
+            pass  # another heel's, alive
+        finally:
+            os.close(lock)
+    return orphans
+
+
+def test_heel_python_failed_start_removes_its_temporary_environment():
+    before = set(os.listdir("/var/tmp"))
+    try:
+        stderr = assert_refused("python", "--python", "/nonexistent/python3", "-p", "msgpack", "-c", "pass")
+        assert "/nonexistent/python3" in stderr
+        assert _orphaned_venv_dirs(before) == []
+    finally:
+        for path in _orphaned_venv_dirs(before):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- config files: typos and wrong types are refused, never ignored -------------------
+
+
+@pytest.mark.parametrize("text,words", [
+    ("timout = 5\n", ["unknown setting 'timout'"]),  # a typo must not drop the limit
+    ("protect_hom = false\n", ["unknown setting 'protect_hom'"]),
+    ("timeout = true\n", ["timeout must be a number of seconds", "True"]),  # not 1 second
+    ("max_procs = false\n", ["max_procs must be a whole number", "False"]),
+    ("readable = 5\n", ["readable must be a list of strings"]),
+    ("writable = true\n", ["writable must be a list of strings"]),
+])
+def test_config_file_typos_and_wrong_types_are_refused(tmp_path, text, words):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    stderr = assert_refused("run", "--config", str(config), "true")
+    for word in words:
+        assert word in stderr
+
+
+def test_cli_env_without_equals_is_refused_not_an_empty_value():
+    stderr = assert_refused("run", "--env", "FOO", "true")
+    assert "--env: expected KEY=VALUE, got 'FOO'" in stderr
+
+
+# ---- a symbolic link that appears in a granted path after the config was made ---------
+
+
+async def test_a_link_swapped_into_a_grant_after_the_config_is_a_policy_error(host_dir):
+    (host_dir / "grant").mkdir()
+    (host_dir / "elsewhere").mkdir()
+    config = heel.SandboxConfig(readable=[host_dir / "grant"])
+    (host_dir / "grant").rmdir()
+    (host_dir / "grant").symlink_to(host_dir / "elsewhere")
+    with trio.fail_after(30):
+        with pytest.raises(PolicyError, match="now leads to"):
+            async with heel.Sandbox(config):
+                pass
+
+
+# ---- VenvConfig and VenvManager arguments -----------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"packages": ["--index-url=http://evil.example/simple"]}, "installer option"),
+    ({"packages": ["-e ."]}, "installer option"),
+    ({"index_url": "file:///etc"}, "http(s) URL"),
+    ({"index_url": "ftp://example.com/simple"}, "http(s) URL"),
+    ({"index_url": "https://example.com/simple", "no_index": True}, "contradict"),
+    ({"packages": ["msgpack\n--index-url=http://evil.example/simple"]}, "not a requirement"),
+    ({"packages": ["msgpack\0"]}, "not a requirement"),
+])
+def test_venv_config_refuses(tmp_path, kwargs, words):
+    with pytest.raises(PolicyError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        heel.VenvConfig(tmp_path / "env", **kwargs)
+
+
+@pytest.mark.parametrize("make", [heel.VenvConfig, heel.PythonConfig])
+def test_a_venv_path_with_the_path_separator_is_refused(tmp_path, make):
+    # Its bin/ goes on the sandbox's PATH, which a ":" would cut in two.
+    with pytest.raises(PolicyError, match="separates PATH entries"):
+        make(tmp_path / "a:b")
+
+
+@pytest.mark.parametrize("interpreter", ["../../bin/sh", "/bin/sh", "bin/python"])
+def test_python_config_interpreter_is_a_name_in_bin(tmp_path, interpreter):
+    with pytest.raises(PolicyError, match="interpreter"):
+        heel.PythonConfig(tmp_path / "env", interpreter=interpreter)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, True])
+async def test_venv_manager_timeout_must_be_finite_and_positive(tmp_path, timeout):
+    with trio.fail_after(10):
+        with pytest.raises(PolicyError, match="timeout"):
+            await heel.VenvManager.create(heel.VenvConfig(tmp_path / "env"), timeout=timeout)
+    assert not (tmp_path / "env").exists()
+
+
+# ---- paths that are not text: PolicyError, as SandboxConfig gives ----------------------
+# (a review found a bare ValueError from os.path.realpath, a TypeError from
+# a PathLike that gives bytes, and VenvConfig's python not checked at all)
+
+
+def test_python_config_path_with_nul_is_a_policy_error():
+    with pytest.raises(PolicyError, match="venv must be a directory path"):
+        heel.PythonConfig("/var/tmp/env\0x")
+
+
+class _BytesPath:
+    def __fspath__(self):
+        return b"/var/tmp/heel-bytes-env"
+
+
+@pytest.mark.parametrize("make", [heel.VenvConfig, heel.PythonConfig])
+def test_bytes_pathlike_venv_path_is_a_policy_error(make):
+    with pytest.raises(PolicyError):
+        make(_BytesPath())
+    with pytest.raises(PolicyError):   # SandboxConfig, the neighbour that always refused it
+        heel.SandboxConfig(readable=[_BytesPath()])
+
+
+@pytest.mark.parametrize("python", ["/usr/bin/python3\0x", _BytesPath(), ""])
+def test_venv_config_python_must_be_a_path_or_a_name(tmp_path, python):
+    with pytest.raises(PolicyError, match="python must be a path or a program name"):
+        heel.VenvConfig(tmp_path / "env", python=python)
+    # Control: a name on the PATH and a path are taken as given.
+    assert heel.VenvConfig(tmp_path / "env", python="python3").python == "python3"
+    assert heel.VenvConfig(tmp_path / "env", python=Path(sys.executable)).python == sys.executable
