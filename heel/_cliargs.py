@@ -486,7 +486,11 @@ def _env(value: Any, label: str) -> dict[str, str]:
 
 
 def _number(value: Any, label: str, number_type: type, what: str) -> Any:
-    """A positive int or float from a string or a TOML number."""
+    """A positive int or float from a string or a TOML number.  A string is
+    ASCII without underscores, as sizes are: int() and float() would also
+    take '1_000' and other scripts' digits."""
+    if isinstance(value, str) and (not value.isascii() or "_" in value):
+        raise UsageError(f"{label} must be {what}, got {shown(value)}")
     try:
         # TOML's true is an int to Python, and 2.5 must not become 2 processes
         if isinstance(value, bool) or not isinstance(value, (str, int, number_type)):

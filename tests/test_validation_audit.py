@@ -231,3 +231,14 @@ def test_venv_config_python_must_be_a_path_or_a_name(tmp_path, python):
     # Control: a name on the PATH and a path are taken as given.
     assert heel.VenvConfig(tmp_path / "env", python="python3").python == "python3"
     assert heel.VenvConfig(tmp_path / "env", python=Path(sys.executable)).python == sys.executable
+
+
+@pytest.mark.parametrize("option,value", [("--max-procs", "1_000"), ("--timeout", "1_0"),
+                                          ("--timeout", "\u0663"), ("--max-procs", "\u0663")])
+def test_cli_numbers_are_ascii_digits_without_underscores(option, value):
+    # int() and float() take both; sizes (--memory 1_000M) never did.
+    stderr = assert_refused("run", option, value, "true")
+    assert stderr.startswith(f"heel: {option} must be")
+    # Control: the plain spelling of the same number is taken.
+    plain = heel_cli("run", option, "1000" if option == "--max-procs" else "10", "true")
+    assert plain.returncode == 0, plain.stderr.decode()
