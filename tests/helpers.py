@@ -63,6 +63,18 @@ def snapshot(path: str) -> dict | None:
     }
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None where
+    there is no such process or it has died (a zombie): with it, a later
+    look tells the same process from another given the freed pid since."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def unique_marker() -> str:
     """A `sleep` argument no other process on the host has: NNN.NNNNNN seconds."""
     return f"{random.randint(600, 999)}.{random.randint(100000, 999999)}"
