@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,14 @@ def pytest_runtest_makereport(item, call):
         if reason is not None:  # and the test's place rather than pytest-trio's
             path, line, _ = item.location
             report.longrepr = (path, (line or 0) + 1, f"Skipped: {reason}")
+
+
+@pytest.fixture
+def host_dir():
+    """A directory on the host that the sandbox can see (unlike the host's /tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="heel-cli-test-", dir="/var/tmp"))
+    # Open to every uid: started as root, heel runs the command as another
+    # one, and a refusal a test sees must be the sandbox's, not the file mode's.
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -63,6 +63,15 @@ def snapshot(path: str) -> dict | None:
     }
 
 
+def assert_heel_error(result: subprocess.CompletedProcess, code: int) -> str:
+    """heel failed by itself: the exit status, one 'heel:' line, no traceback."""
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
 def process_start(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot), None where
     there is no such process or it has died (a zombie): with it, a later

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from heel import _cliargs
 from heel import errors as heel_errors
-from helpers import processes_with, unique_marker
+from helpers import assert_heel_error, processes_with, unique_marker
 from heel.errors import PolicyError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
@@ -35,26 +35,6 @@ def heel(*args: str, input: bytes | None = None, env: dict[str, str] | None = No
          timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "heel", *args], input=input, capture_output=True,
                           env=env, timeout=timeout)
-
-
-def assert_heel_error(result: subprocess.CompletedProcess, code: int) -> str:
-    """heel failed by itself: the exit status, one 'heel:' line, no traceback."""
-    stderr = result.stderr.decode()
-    assert result.returncode == code, stderr
-    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
-    assert "Traceback" not in stderr
-    return stderr
-
-
-@pytest.fixture
-def host_dir():
-    """A directory on the host that the sandbox can see (unlike the host's /tmp)."""
-    path = Path(tempfile.mkdtemp(prefix="heel-cli-test-", dir="/var/tmp"))
-    # Open to every uid: started as root, heel runs the command as another
-    # one, and a refusal a test sees must be the sandbox's, not the file mode's.
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_exit_status_passes_through():

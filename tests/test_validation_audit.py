@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import trio
 
 import heel
 from heel import PolicyError
+from helpers import assert_heel_error
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 
@@ -29,21 +29,7 @@ def heel_cli(*args: str, cwd: str = "/", timeout: float = 30) -> subprocess.Comp
 
 def assert_refused(*args: str, cwd: str = "/") -> str:
     """heel refused by itself: 125, one 'heel:' line, no traceback."""
-    result = heel_cli(*args, cwd=cwd)
-    stderr = result.stderr.decode()
-    assert result.returncode == 125, stderr
-    assert stderr.startswith("heel: ") and stderr.count("\n") == 1, stderr
-    assert "Traceback" not in stderr
-    return stderr
-
-
-@pytest.fixture
-def host_dir():
-    """A directory the sandbox can see (not the host's /tmp, which is private inside)."""
-    path = Path(tempfile.mkdtemp(prefix="heel-mutants-", dir="/var/tmp"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return assert_heel_error(heel_cli(*args, cwd=cwd), 125)
 
 
 # ---- SecurityConfig takes bools only --------------------------------------------------
