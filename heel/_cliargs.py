@@ -471,7 +471,11 @@ def _path(value: Any, label: str, base: str | None) -> str:
 def _env(value: Any, label: str) -> dict[str, str]:
     if isinstance(value, dict):  # from TOML: a table
         pairs = list(value.items())
-    else:  # from the command line: KEY=VALUE strings
+    else:  # KEY=VALUE strings: the command line's, or TOML's list (or one string)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{label} must be a table or a list of KEY=VALUE strings, got {value!r}")
         pairs = []
         for item in value:
             if not isinstance(item, str):  # argparse's reading of --env=--

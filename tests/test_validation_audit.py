@@ -120,6 +120,8 @@ def test_heel_python_failed_start_removes_its_temporary_environment():
     ("max_procs = false\n", ["max_procs must be a whole number", "False"]),
     ("readable = 5\n", ["readable must be a list of strings"]),
     ("writable = true\n", ["writable must be a list of strings"]),
+    ("env = 5\n", ["env must be a table or a list of KEY=VALUE strings", "5"]),  # was a TypeError
+    ("env = [true]\n", ["env: expected KEY=VALUE, got True"]),
 ])
 def test_config_file_typos_and_wrong_types_are_refused(tmp_path, text, words):
     config = tmp_path / "c.toml"
