@@ -131,6 +131,26 @@ def test_config_file_typos_and_wrong_types_are_refused(tmp_path, text, words):
         assert word in stderr
 
 
+# One value of each TOML type (and an empty and a nested list): every setting takes it
+# or refuses it with heel's own error, never a Python one.
+TOML_VALUES = ['5', '-1', '1.5', 'inf', 'nan', 'true', '"x"', '""', '[]', '[5]', '[["x"]]', '{}',
+               '{a = 1}', '1979-05-27T07:32:00Z', '07:32:00']
+
+
+@pytest.mark.parametrize("value", TOML_VALUES)
+def test_every_setting_takes_any_toml_value_or_refuses_it_cleanly(tmp_path, value):
+    from heel import _cliargs
+    config = tmp_path / "c.toml"
+    for key in _cliargs._BY_KEY:
+        config.write_text(f"{key} = {value}\n")
+        try:
+            _cliargs._config_from(_cliargs.load_file(str(config)), str(config))
+        except heel.HeelError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{key} = {value}: {type(exc).__name__}: {exc}")
+
+
 def test_cli_env_without_equals_is_refused_not_an_empty_value():
     stderr = assert_refused("run", "--env", "FOO", "true")
     assert "--env: expected KEY=VALUE, got 'FOO'" in stderr
