@@ -348,6 +348,8 @@ class Sandbox(Generic[P]):
                               f"position {exc.start})") from None
         if isinstance(args, (str, bytes)):  # each character would be an argument
             raise PolicyError(f"run_python: args must be a sequence of arguments, not one {type(args).__name__}")
+        if not isinstance(args, Iterable):
+            raise PolicyError(f"run_python: args must be a sequence of arguments, got {type(args).__name__}")
         argv = [_arg(a, "args") for a in args]
         import secrets
 
@@ -392,7 +394,13 @@ class Sandbox(Generic[P]):
         goes to the host's stdout/stderr.  With ``check`` (the default) a
         non-zero exit raises CommandFailed and a timeout CommandTimeout.
         """
-        argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        if isinstance(command, str):
+            argv = ["sh", "-c", command]
+        elif isinstance(command, (bytes, bytearray, memoryview)) or not isinstance(command, Iterable):
+            raise PolicyError(f"run() takes a list of arguments or a shell command as a str, "
+                              f"got {type(command).__name__}")
+        else:
+            argv = list(command)
         if not argv:
             raise PolicyError("run() needs a command")
         cmd = self.command(argv[0]).args(argv[1:])
@@ -401,7 +409,7 @@ class Sandbox(Generic[P]):
         cmd.stderr(Stdio.PIPE if capture_stderr else Stdio.INHERIT)
         if cwd is not None:
             cmd.current_dir(cwd)
-        if env:
+        if env is not None:
             cmd.envs(env)
         if timeout is not None:
             cmd.timeout(timeout)
@@ -615,6 +623,8 @@ class Command:
     def args(self, values: Iterable[PathLike]) -> "Command":
         if isinstance(values, (str, bytes)):
             raise PolicyError("args() takes a list of arguments; use arg() for one")
+        if not isinstance(values, Iterable):
+            raise PolicyError(f"args() takes a list of arguments, got {type(values).__name__}")
         for value in values:
             self.arg(value)
         return self
@@ -626,6 +636,8 @@ class Command:
         return self
 
     def envs(self, values: Mapping[str, str]) -> "Command":
+        if not isinstance(values, Mapping):
+            raise PolicyError(f"envs() takes a mapping of names to strings, got {type(values).__name__}")
         for key, value in values.items():
             self.env(key, value)
         return self
@@ -636,7 +648,7 @@ class Command:
         return self
 
     def current_dir(self, path: PathLike) -> "Command":
-        text = os.fspath(path)
+        text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
         if not isinstance(text, str) or "\0" in text:
             raise PolicyError(f"current_dir: {path!r} is not a valid path")
         if not os.path.isabs(text):

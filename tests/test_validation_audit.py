@@ -250,3 +250,38 @@ def test_cli_numbers_are_ascii_digits_without_underscores(option, value):
     # Control: the plain spelling of the same number is taken.
     plain = heel_cli("run", option, "1000" if option == "--max-procs" else "10", "true")
     assert plain.returncode == 0, plain.stderr.decode()
+
+
+# ---- the command builder and run(): wrong types are PolicyErrors, at the call ----------
+
+
+async def test_builder_and_run_refuse_wrong_types_with_policy_error():
+    """Each of these was a TypeError or AttributeError from inside heel (and
+    run(env=0) was quietly ignored); the control runs the right types."""
+    with trio.fail_after(60):
+        async with heel.Sandbox(heel.SandboxConfig()) as sb:
+            for value in (5, None, 1.5, object()):
+                with pytest.raises(PolicyError, match="args"):
+                    sb.command("true").args(value)
+                with pytest.raises(PolicyError, match="envs"):
+                    sb.command("true").envs(value)
+                with pytest.raises(PolicyError, match="current_dir"):
+                    sb.command("true").current_dir(value)
+                with pytest.raises(PolicyError, match="run"):
+                    await sb.run(value)
+                with pytest.raises(PolicyError, match="args"):
+                    await sb.run_python("pass", args=value)
+            for value in (0, ["A=1"], "A=1"):
+                with pytest.raises(PolicyError, match="envs"):
+                    await sb.run(["true"], env=value)
+            with pytest.raises(PolicyError, match="run"):
+                await sb.run(b"true")
+            with pytest.raises(PolicyError, match="current_dir"):
+                sb.command("true").current_dir(b"/tmp")
+            # control: the same calls with the types they take
+            out = await sb.command("sh").args(iter(["-c", "echo $A; pwd"])).envs({"A": "1"}) \
+                .current_dir(Path("/tmp")).stdout(heel.Stdio.PIPE).output()
+            assert out.stdout == b"1\n/tmp\n"
+            done = await sb.run(("sh", "-c", "echo $A"), env={"A": "2"}, capture_stdout=True)
+            assert done.stdout == b"2\n"
+            assert (await sb.run_python("import sys; print(sys.argv[1:])", args=("a",))).stdout == b"['a']\n"
