@@ -220,6 +220,8 @@ class IpcRouter:
     def command(self, name: str | None = None):
         """Decorator: register an async function, named ``name`` or after itself."""
         def decorate(function):
+            if name is None and not inspect.iscoroutinefunction(function):
+                raise PolicyError(f"IPC command: {function!r} is not an async function")
             self.register(_FunctionCommand(function.__name__ if name is None else name, function))
             return function
         return decorate

@@ -117,6 +117,8 @@ class Sandbox(Generic[P]):
             raise PolicyError(f"Sandbox needs a SandboxConfig, got {config!r}")
         if resolver is not None and not callable(resolver):
             raise PolicyError(f"resolver must be an async callable (host, port) -> addresses, got {resolver!r}")
+        if on_venv_progress is not None and not callable(on_venv_progress):
+            raise PolicyError(f"on_venv_progress must be callable, got {on_venv_progress!r}")
         self.config = config
         self._resolver = resolver
         self._on_venv_progress = on_venv_progress

@@ -285,3 +285,15 @@ async def test_builder_and_run_refuse_wrong_types_with_policy_error():
             done = await sb.run(("sh", "-c", "echo $A"), env={"A": "2"}, capture_stdout=True)
             assert done.stdout == b"2\n"
             assert (await sb.run_python("import sys; print(sys.argv[1:])", args=("a",))).stdout == b"['a']\n"
+
+
+def test_ipc_decorator_and_venv_progress_refuse_what_is_not_callable():
+    with pytest.raises(PolicyError, match="not an async function"):
+        heel.IpcRouter().command()(5)  # was an AttributeError
+    with pytest.raises(PolicyError, match="on_venv_progress must be callable"):
+        heel.Sandbox(on_venv_progress=5)  # was taken, to fail when a venv was built
+
+    async def echo(text: str) -> str:
+        return text
+    assert heel.IpcRouter().command()(echo) is echo  # control
+    heel.Sandbox(on_venv_progress=print)
