@@ -341,6 +341,8 @@ def build_config(namespace: argparse.Namespace) -> SandboxConfig:
 def load_file(path: str) -> dict[str, Any]:
     """The settings of a TOML config file, read and checked; relative paths in
     it are taken from the file's directory."""
+    if not isinstance(path, str) or not path or "\0" in path:  # argparse reads --config=-- as []
+        raise UsageError(f"--config must be a path, got {path!r}")
     if sys.version_info >= (3, 11):
         import tomllib
     else:

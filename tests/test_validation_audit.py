@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import heel
-from heel import PolicyError
+from heel import PolicyError, _cliargs
 from helpers import assert_heel_error
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
@@ -139,7 +139,6 @@ TOML_VALUES = ['5', '-1', '1.5', 'inf', 'nan', 'true', '"x"', '""', '[]', '[5]',
 
 @pytest.mark.parametrize("value", TOML_VALUES)
 def test_every_setting_takes_any_toml_value_or_refuses_it_cleanly(tmp_path, value):
-    from heel import _cliargs
     config = tmp_path / "c.toml"
     for key in _cliargs._BY_KEY:
         config.write_text(f"{key} = {value}\n")
@@ -297,3 +296,12 @@ def test_ipc_decorator_and_venv_progress_refuse_what_is_not_callable():
         return text
     assert heel.IpcRouter().command()(echo) is echo  # control
     heel.Sandbox(on_venv_progress=print)
+
+
+@pytest.mark.parametrize("flag", ["--config"] + [s.flag for s in _cliargs.SETTINGS
+                                                 if s.kind not in ("flag", "switch")])
+def test_every_option_given_a_double_dash_value_is_refused_cleanly(flag):
+    """argparse reads --OPTION=-- as an empty list; --config=-- was a
+    TypeError traceback."""
+    stderr = assert_refused("run", f"{flag}=--", "true")
+    assert stderr.startswith(f"heel: {flag}")
