@@ -236,6 +236,11 @@ def finish(command: str, namespace: Any) -> Any:
             raise UsageError("run: no command given (usage: heel run [OPTIONS] [--] COMMAND [ARGS]...)")
         namespace.command = argv
     if command == "python":
+        for key, flag in (("code", "-c"), ("venv", "--venv"), ("python", "--python"), ("index_url", "--index-url")):
+            value = getattr(namespace, key)
+            # argparse reads --venv=-- as []; --python '' would quietly be python3
+            if value is not None and (not isinstance(value, str) or (key == "python" and not value)):
+                raise UsageError(f"{flag} needs a value, got {value!r}")
         rest = namespace.script
         if rest[:1] == ["--"]:
             rest = rest[1:]

@@ -305,3 +305,18 @@ def test_every_option_given_a_double_dash_value_is_refused_cleanly(flag):
     TypeError traceback."""
     stderr = assert_refused("run", f"{flag}=--", "true")
     assert stderr.startswith(f"heel: {flag}")
+
+
+@pytest.mark.parametrize("args", [["--venv=--", "-c", "pass"], ["--python=--", "-c", "pass"],
+                                  ["--python=", "-c", "pass"], ["-c=--"], ["--index-url=--", "-c", "pass"]])
+def test_heel_python_options_without_a_value_are_refused(args):
+    """--venv=-- and --python=-- were quietly dropped (the run went on
+    without them), -c=-- was a TypeError traceback."""
+    stderr = assert_refused("python", *args)
+    assert "needs a value" in stderr
+
+
+def test_heel_python_with_its_options_runs():
+    """The control: -c with a value."""
+    result = heel_cli("python", "-c", "print(6 * 7)")
+    assert (result.returncode, result.stdout) == (0, b"42\n"), result.stderr
