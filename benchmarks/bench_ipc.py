@@ -55,7 +55,11 @@ print(json.dumps({"per_second": n * workers / (time.perf_counter() - start)}))
 PROCESSES = """
 import json, statistics, subprocess, sys, time
 runs = int(sys.argv[1])
-variants = {"python3 -c pass": ["python3", "-c", "pass"], "heel ipc noop": ["heel", "ipc", "noop"]}
+# The third is `heel ipc` as it was before heel._minipack: msgpack imported.
+with_msgpack = ("import sys; from heel import _ipc_codec; _ipc_codec._msgpack(); "
+                "from heel.client import main; sys.exit(main(['noop']))")
+variants = {"python3 -c pass": ["python3", "-c", "pass"], "heel ipc noop": ["heel", "ipc", "noop"],
+            "with msgpack": ["python3", "-S", "-c", with_msgpack]}
 times = {name: [] for name in variants}
 for _ in range(runs):
     for name, argv in variants.items():
@@ -95,6 +99,8 @@ async def main(calls: int) -> None:
     print(f"{'python3 -c pass, whole process (ms)':46} {base:12.1f}")
     print(f"{'heel ipc noop, whole process (ms)':46} {processes['heel ipc noop']:12.1f}"
           f"   ({processes['heel ipc noop'] / base:.2f}x)")
+    print(f"{'  the same, importing msgpack as before (ms)':46} {processes['with msgpack']:12.1f}"
+          f"   ({processes['with msgpack'] / base:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ What goes wrong, and who learns of it:
   not fit in a frame.  Nothing was sent and the connection is unharmed.
 
 This module needs only the standard library and msgpack: the sandbox side
-(``heel.client``) imports it without the rest of heel.  See docs/ipc.md.
+(``heel.client``) imports it without the rest of heel.  A connection made with
+``pure_python=True`` needs no msgpack either (``heel ipc``, one call per
+process, which importing msgpack cost more than the call): it packs and reads
+the same bytes with heel._minipack.  See docs/ipc.md.
 """
 
 from __future__ import annotations
@@ -42,10 +45,17 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Literal, Union
 
-try:
-    import msgpack
-except ImportError:  # inside a sandbox whose Python lacks msgpack: the copy heel puts there
-    from ._vendor import msgpack  # type: ignore[no-redef]
+msgpack = None  # imported by the first connection that uses it
+
+
+def _msgpack():
+    global msgpack
+    if msgpack is None:
+        try:
+            import msgpack
+        except ImportError:  # inside a sandbox whose Python lacks msgpack: the copy heel puts there
+            from ._vendor import msgpack  # type: ignore[no-redef]
+    return msgpack
 
 __all__ = [
     "PARSE_ERROR",
@@ -274,13 +284,15 @@ class Connection:
     of a frame announcing more than ``max_frame`` is never stored.
     """
 
-    def __init__(self, role: Literal["server", "client"], max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, role: Literal["server", "client"], max_frame: int = DEFAULT_MAX_FRAME, *,
+                 pure_python: bool = False) -> None:
         if role not in ("server", "client"):
             raise ValueError(f"role must be 'server' or 'client', not {role!r}")
         if type(max_frame) is not int or not 1 <= max_frame <= MAX_MSGID:
             raise ValueError(f"max_frame must be an integer in [1, 2**32), not {max_frame!r}")
         self.role = role
         self.max_frame = max_frame
+        self.pure_python = pure_python
         self._partial = bytearray()  # the start of a frame whose end has not arrived
         # Complete frames not yet decoded, then perhaps the error that ends the stream.
         # A list rather than collections.deque (which costs `heel ipc` its
@@ -370,7 +382,7 @@ class Connection:
         self._frames.pop(0)
         self._framed -= len(frame)
         try:
-            message = _decode(frame)
+            message = _decode(frame, self.pure_python)
             if self.role == "server":
                 return _parse_request(message)
             return _parse_response(message)
@@ -393,7 +405,12 @@ class Connection:
             raise TypeError(f"a {self.role} sends a {expected}, not {type(event).__name__}")
         what = f"the {'params' if type(event) is Request else 'result'} of message {event.msgid}"
         try:
-            body = msgpack.packb(message, use_bin_type=True)
+            if self.pure_python:
+                from . import _minipack
+
+                body = _minipack.packb(message)
+            else:
+                body = _msgpack().packb(message, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as error:
             # ValueError: nested too deeply; OverflowError: an int beyond 64 bits.
             raise TypeError(f"{what} cannot be packed as msgpack: {error}") from None
@@ -404,7 +421,7 @@ class Connection:
         try:
             # What the peer would refuse (map keys other than str or bytes,
             # extension types) must fail here, not drop the connection there.
-            _decode(body)
+            _decode(body, self.pure_python)
         except ProtocolError as error:
             raise TypeError(f"{what} would be refused by the peer: {error}") from None
         return _HEADER.pack(len(body)) + body
@@ -414,7 +431,7 @@ class Connection:
 GC_PAUSE_ABOVE = 4 * 1024
 
 
-def _decode(frame: bytes) -> object:
+def _decode(frame: bytes, pure_python: bool = False) -> object:
     size = len(frame)
     # A large frame can hold millions of small containers (four million empty
     # arrays in 4 MiB), and each pass of the collector while they are made
@@ -425,7 +442,11 @@ def _decode(frame: bytes) -> object:
     if paused:
         gc.disable()
     try:
-        return msgpack.unpackb(
+        if pure_python:
+            from . import _minipack
+
+            return _minipack.unpackb(frame)
+        return _msgpack().unpackb(
             frame,
             raw=False,
             strict_map_key=True,

@@ -976,7 +976,7 @@ class Session:
 
 #: What heel.client needs inside a sandbox, copied there: the standard
 #: library does the rest.
-_CLIENT_FILES = ("client.py", "_ipc_codec.py")
+_CLIENT_FILES = ("client.py", "_ipc_codec.py", "_minipack.py")
 
 # The launcher and the wrappers are Python scripts run with -S (no
 # site-packages): heel.client needs only the standard library and the msgpack

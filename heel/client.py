@@ -45,6 +45,10 @@ class IpcError(Exception):
 
 
 _lock = _thread.allocate_lock()  # threading's Lock, without importing threading
+# Connections read and write msgpack with msgpack itself, except in `heel ipc`
+# (main()), one call per process, whose start importing msgpack would double:
+# there heel._minipack does it, in a little pure Python, with the same bytes.
+_pure_python = False
 _ids = itertools.count(1)
 _state: dict = {"pid": None, "sock": None, "connection": None}
 
@@ -94,7 +98,7 @@ def _connect() -> tuple[_socket.socket, codec.Connection]:
     finally:
         theirs.close()
         broker.close()
-    return ours, codec.Connection("client", _max_message())
+    return ours, codec.Connection("client", _max_message(), pure_python=_pure_python)
 
 
 def call(name: str, /, **params):
@@ -179,7 +183,9 @@ def _parse_args(args: list[str]) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     """``heel ipc NAME [ARGS...]``: prints the result (text as is, anything
     else as JSON) and exits 0; on error prints one line to stderr, exits 1."""
+    global _pure_python
     args = sys.argv[1:] if argv is None else argv
+    _pure_python = True
     try:
         name, params = _parse_args(args)
         result = call(name, **params)

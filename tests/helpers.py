@@ -109,7 +109,8 @@ def processes_with(arg: str) -> list[int]:
 #: opens one (a socketpair end passed over fd 3), with msgpack at hand.
 IPC_RAW = """
 import os, socket, struct, sys, time
-from heel._ipc_codec import msgpack
+from heel._ipc_codec import _msgpack
+msgpack = _msgpack()
 def connect():
     broker = socket.socket(fileno=os.dup(int(os.environ.get("HEEL_IPC_FD", "3"))))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

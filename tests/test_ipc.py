@@ -400,6 +400,28 @@ async def test_heel_ipc_argument_forms_and_output():
         assert len(got) == calls
 
 
+async def test_heel_ipc_runs_without_msgpack_and_call_with_it():
+    """`heel ipc` (one call per process) packs with heel._minipack and never
+    imports msgpack, whose import cost it more than the call; call() in a
+    program uses msgpack itself.  Both get the same answers."""
+    async with heel.Sandbox(heel.SandboxConfig(ipc=basic_router())) as sb:
+        out = await py(sb, """
+            import sys
+            from heel.client import main
+            code = main(["echo", "--value", '{"k": [1, -2, 3.5, null, true, "s"]}'])
+            print(any("msgpack" in name for name in sys.modules), code)
+        """)
+        assert out.returncode == 0 and out.stdout == b'{"k": [1, -2, 3.5, null, true, "s"]}\nFalse 0\n', explain(out)
+        out = await py(sb, """
+            import sys
+            from heel.client import call
+            result = call("echo", value={"k": [1, -2, 3.5, None, True, "s", b"b"]})
+            print(result, any("msgpack" in name for name in sys.modules))  # msgpack, or heel's copy of it
+        """)
+        assert out.returncode == 0, explain(out)
+        assert out.stdout == b"{'k': [1, -2, 3.5, None, True, 's', b'b']} True\n", explain(out)
+
+
 # ---- 8. isolation levels ---------------------------------------------------------
 
 @pytest.mark.parametrize("level", ["strict", "default", "permissive"])
