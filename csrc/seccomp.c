@@ -622,7 +622,21 @@ static void fcntl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
     ret_in(a, ONE_OF(F_SETLEASE), FAIL(EPERM), ALLOW);
 }
 
-/* setsockopt(fd, SOL_SOCKET, SO_PASSCRED or SO_PASSPIDFD, ...).  A unix
+/* setsockopt(fd, SOL_SOCKET, SO_LINGER, ...), at every level: the last
+ * close() of a TCP socket with a linger time waits, up to that time (for
+ * ever, in effect), until its FIN is acknowledged, which a peer whose
+ * receive buffer is full never does.  The sandbox can make the host do that
+ * last close: it hands fds over IPC, and the host closes what is not an IPC
+ * connection (and the kernel drops, in the host's thread, what a message
+ * carries past the host's four) in the thread that runs trio, which then
+ * stands still, every sandbox's timeout and the proxy with it.  Inside a
+ * network namespace the sandbox has such a peer of its own (a listen()ed
+ * ephemeral port, reached with MSG_FASTOPEN); with a permissive policy, a
+ * server of its choosing that stops reading.  seccomp cannot read the
+ * struct linger behind the pointer, so the option is refused whatever it
+ * holds (getsockopt works).
+ *
+ * And SO_PASSCRED or SO_PASSPIDFD where bind() is refused.  A unix
  * socket that passes credentials is given an abstract name of the kernel's
  * choosing ("autobind") as soon as it sends, a socketpair's ends included.
  * Where bind() is refused (no network namespace) that name would be taken
@@ -631,14 +645,14 @@ static void fcntl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
  * names for the whole host. */
 static void setsockopt_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
-    if (!opts->deny_bind) {
-        ret(a, ALLOW);
-        return;
-    }
     load(a, ARG_LO(1));
     ret_if_ne(a, SOL_SOCKET, ALLOW);
     load(a, ARG_LO(2));
-    ret_in(a, ONE_OF(SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
+    if (!opts->deny_bind) {
+        ret_in(a, ONE_OF(SO_LINGER), FAIL(EPERM), ALLOW);
+        return;
+    }
+    ret_in(a, ONE_OF(SO_LINGER, SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
 }
 
 /* The syscalls whose arguments decide, and the check each one gets.

@@ -94,6 +94,7 @@ static const char *const probes_userns[] = {
     "socket_unix", "socket_unix_with_unix", "socket_unix_seqpacket_with_seqpacket",
     "socket_unix_stream_with_seqpacket", "socketpair_dgram", "socketpair_stream",
     "bind_with_unix_nobind", "bind_with_unix", "listen_with_unix_nolisten", "passcred_with_nobind", "passcred",
+    "so_linger", "so_linger_with_nobind", "so_keepalive",
     "sendto_fastopen_with_inet_nofastopen", "sendmsg_fastopen_with_inet_nofastopen",
     "sendmmsg_fastopen_with_inet_nofastopen",
 };
@@ -643,6 +644,16 @@ static int probe(const char *name)
         if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0)
             setup_failed("socketpair");
         return ASK(setsockopt(pair[0], SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)));
+    }
+    if (!strcmp(name, "so_linger") || !strcmp(name, "so_linger_with_nobind") || !strcmp(name, "so_keepalive")) {
+        /* SO_LINGER on any socket is refused (r26); SO_KEEPALIVE, its neighbour, is not */
+        int pair[2], one = 1;
+        struct linger linger = {1, 1};
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0)
+            setup_failed("socketpair");
+        if (!strcmp(name, "so_keepalive"))
+            return ASK(setsockopt(pair[0], SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)));
+        return ASK(setsockopt(pair[0], SOL_SOCKET, SO_LINGER, &linger, sizeof(linger)));
     }
     if (!strcmp(name, "sendto_fastopen_with_inet_nofastopen"))
         return tcp_sendto_fastopen(0);
