@@ -472,3 +472,89 @@ async def test_a_socketpair_takes_no_abstract_name_of_the_host_by_autobind(allow
         assert abstract not in host_names, abstract
     else:
         assert name == "-", said
+
+
+# ---- the host's event loop and the sockets a sandbox hands over ---------------------
+
+ATTACK = r"""
+import os, socket, struct, sys, time
+listener = socket.socket()
+listener.listen(1)  # an ephemeral port of the sandbox's network namespace
+port = listener.getsockname()[1]
+c = socket.socket()
+c.sendto(b"x", socket.MSG_FASTOPEN, ("127.0.0.1", port))  # never accepted, never read
+c.setblocking(False)
+try:
+    while True:
+        c.send(b"\0" * 65536)
+except BlockingIOError:
+    pass
+try:
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 100000))
+    print("linger set", flush=True)
+except OSError as exc:
+    print("linger refused:", exc.errno, flush=True)
+fds = [c.fileno()]
+if sys.argv[1] == "truncated":  # the fifth fd of a message is dropped by the kernel
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)] + fds
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+broker.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+c.close()
+print("handed over", flush=True)
+time.sleep(float(sys.argv[2]))  # the listener lives on: the host's close() waits
+"""
+
+
+@pytest.mark.parametrize("how", ["closed_by_host", "truncated"])
+async def test_a_lingering_socket_handed_over_ipc_does_not_freeze_the_host(how):
+    """Review r26: the host closes the fds a sandbox hands over IPC that are
+    no IPC connection (and the kernel drops, as recvmsg returns, those past
+    the four a message may carry), in trio's thread.  The last close() of a
+    TCP socket with SO_LINGER and data its peer does not read waits up to the
+    linger time: the host's event loop, every timeout with it, stood still
+    for as long as the sandbox chose.  Inside its network namespace the
+    sandbox is its own peer (listen() on an ephemeral port, MSG_FASTOPEN)."""
+    router = heel.IpcRouter()
+
+    @router.command("ping")
+    async def ping() -> str:
+        return "pong"
+
+    config = heel.SandboxConfig(network=heel.AllowList(["example.invalid"]), ipc=router)
+    beats: list[float] = []
+
+    async def heartbeat():
+        while True:
+            beats.append(time.monotonic())
+            await trio.sleep(0.05)
+
+    async with heel.Sandbox(config) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat)
+            started = time.monotonic()
+            out = await sb.python().args(["-c", ATTACK, how, "8"]).timeout(2).output()
+            ended = time.monotonic()
+            nursery.cancel_scope.cancel()
+    assert b"handed over" in out.stdout, (out.stdout, out.stderr)
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    # The command's 2 s timeout ends it, and trio never stops meanwhile.
+    assert out.timed_out and ended - started < 5, (ended - started, out.stdout)
+    assert max(gaps) < 1.5, f"the host's event loop stood still for {max(gaps):.1f} s ({out.stdout!r})"
+
+
+async def test_so_linger_is_refused_and_so_keepalive_works():
+    """The linger is what makes close() wait; SO_KEEPALIVE, a neighbour, works."""
+    sb_config = heel.SandboxConfig(network=heel.AllowList(["example.invalid"]))
+    code = ("import socket, struct\n"
+            "s = socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)\n"
+            "print('keepalive', s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))\n"
+            "try:\n"
+            "    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 5))\n"
+            "    print('linger set')\n"
+            "except OSError as exc:\n"
+            "    print('linger refused', exc.errno)\n")
+    async with heel.Sandbox(sb_config) as sb:
+        out = await py(sb, code)
+    assert b"keepalive 1" in out.stdout, out
+    assert b"linger refused 1" in out.stdout, out
