@@ -1217,10 +1217,17 @@ int main(int argc, char **argv)
         }
         if (fds[0].revents != 0 || backlog) {
             struct signalfd_siginfo info[8];
-            while (read(z.sfd, info, sizeof(info)) > 0)
-                continue; /* only SIGCHLD matters here: */
+            ssize_t got;
+            int host_gone = 0;
+            /* SIGCHLD, and without a pid namespace SIGTERM: the parent-death
+             * signal spawn.c asks for then (heel._spawn), the host's end. */
+            while ((got = read(z.sfd, info, sizeof(info))) > 0)
+                for (ssize_t i = 0; i < got / (ssize_t)sizeof(info[0]); i++)
+                    host_gone |= !z.pidns && info[i].ssi_signo == SIGTERM;
             backlog = reap_zygote(&z);   /* commands' inits, and orphans */
             kill_escapees(&z);
+            if (host_gone)
+                break;
         }
         if (fds[1].revents != 0 && serve_request(&z))
             break;

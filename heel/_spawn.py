@@ -149,7 +149,13 @@ class Prepared:
                 mounts=[(_MOUNT_KINDS[m.kind], m.source, m.path, m.access, m.idmap) for m in plan.mounts],
                 readonly_root=plan.readonly_root,
                 landlock_fd=landlock_fd,
-                pdeathsig=signal.SIGKILL,
+                # With a pid namespace heel-init's death is the end of every
+                # process in it: SIGKILL.  Without one it ends nothing by
+                # itself, and a SIGKILL in the middle of its last sweep
+                # (which stops every descendant before it kills them) left
+                # the tree stopped for ever: SIGTERM, which heel-init reads
+                # as the host's end, sweeps and exits.
+                pdeathsig=signal.SIGKILL if plan.namespaces else signal.SIGTERM,
                 userns_fd=userns_fd,
                 proxy_port=plan.proxy_port if plan.network_namespace else 0,
             )
