@@ -321,8 +321,13 @@ async def test_without_namespaces_a_daemon_is_the_command_inits_to_kill(no_names
         async with heel.Sandbox(config) as sb:
             process = await sb.command("python3").args(["-c", DAEMON, marker]).spawn()
             async with process:
-                await wait_for_processes(marker, 2)  # the command (python) and its daemon (sleep)
-                (daemon,) = [pid for pid in processes_with(marker) if command_line(pid)[0] == b"sleep"]
+                # the command (python) and its daemon, once it is sleep (its
+                # fork, still python, carries the marker too)
+                with trio.fail_after(10):
+                    while not (daemons := [pid for pid in processes_with(marker)
+                                           if command_line(pid)[0] == b"sleep"]):
+                        await trio.sleep(0.02)
+                (daemon,) = daemons
                 zygote = heel_init_pid(sb)
                 os.kill(zygote, signal.SIGSTOP)
                 continuer = Continuer(zygote, limit=20)
