@@ -530,3 +530,56 @@ time.sleep(20)
             finally:
                 caller.kill()
                 await caller.wait()
+
+
+# ---- a bug found on the way ------------------------------------------------------
+
+class _Ticks:
+    """A task of the host's that counts its sleeps of 10 ms until stopped:
+    what the rest of the host got of trio's thread meanwhile."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stop = trio.Event()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await trio.sleep(0.01)
+            self.count += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def test_checking_many_unknown_parameters_leaves_the_host_time_to_run():
+    """A request of the largest size whose params are some 650,000 names
+    the command does not have.  Its decoding is paced (the host gets half of
+    trio's thread), but the command's check of its parameters ran on
+    trio's thread unpaced, and sorted every name to report the first: about
+    twice the decoding's time.  Sent back to back for four seconds, such
+    requests left a 10 ms ticker of the host a few percent of its runs."""
+    script = RAW + _ANSWER + """
+import itertools, string
+chars = string.ascii_letters + string.digits
+params = dict.fromkeys("".join(p) for p in itertools.islice(itertools.product(chars, repeat=4), 650000))
+data = frame(msgpack.packb([0, 1, "add", params]))
+s = connect()
+s.settimeout(30)
+sent, deadline = 0, time.time() + 4
+while time.time() < deadline:
+    s.sendall(data)
+    reply = answer(s)
+    sent += 1
+print("sent", sent, reply[2][0], flush=True)
+"""
+    ticks = _Ticks()
+    async with trio.open_nursery() as nursery:
+        async with heel.Sandbox(heel.SandboxConfig(ipc=_router())) as sb:
+            nursery.start_soon(ticks.run)
+            start = trio.current_time()
+            out = await py(sb, script, timeout=60)
+            elapsed = trio.current_time() - start
+            ticks.stop()
+    assert out.returncode == 0 and out.stdout.startswith(b"sent "), explain(out)
+    assert out.stdout.split()[2] == b"-32602", explain(out)  # INVALID_PARAMS
+    assert ticks.count >= 0.2 * elapsed / 0.01, (ticks.count, elapsed, out.stdout)
