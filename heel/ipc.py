@@ -348,6 +348,11 @@ async def _take_slot(slots: trio.Semaphore, sock) -> bool:
     """Wait for a free call slot; False when the caller hangs up meanwhile
     (nothing is read while every slot is taken, so its end of file would
     not be seen)."""
+    try:
+        slots.acquire_nowait()  # a free slot (then nobody waits): no checkpoint, no cancel scope
+        return True
+    except trio.WouldBlock:
+        pass
     while True:
         with trio.move_on_after(_HANGUP_POLL):
             await slots.acquire()
@@ -434,6 +439,8 @@ async def _take_slots(connection_slots: trio.Semaphore, all_calls: trio.Semaphor
         return False
     try:
         if await _take_slot(all_calls, sock):
+            if not size:
+                return True  # a small request takes no bytes (see SMALL_REQUEST)
             try:
                 while True:
                     with trio.move_on_after(_HANGUP_POLL):
@@ -531,13 +538,18 @@ async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: 
         except Exception as exc:  # TypeError: not msgpack; anything else a strange result raised
             data = connection.send(codec.error_response(response.msgid, codec.INTERNAL_ERROR,
                                                         _describe_failure(exc)))
-        async with send_lock:
+        try:
+            send_lock.acquire_nowait()  # free: no checkpoint (sock.send has one)
+        except trio.WouldBlock:
+            await send_lock.acquire()
+        try:
             view = memoryview(data)
-            try:
-                while view:
-                    view = view[await sock.send(view, _NEVER_BLOCK):]
-            except OSError:
-                pass  # the caller is gone
+            while view:
+                view = view[await sock.send(view, _NEVER_BLOCK):]
+        except OSError:
+            pass  # the caller is gone
+        finally:
+            send_lock.release()
 
     def release(size: int) -> None:
         slots.release()
