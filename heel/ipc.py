@@ -152,7 +152,10 @@ def _msgpack_types(command: str, param: str, hint: Any):
         return Any
     origin = typing.get_origin(hint)
     if origin is typing.Union or origin is types.UnionType:
-        return tuple(t for a in typing.get_args(hint) for t in _as_tuple(_msgpack_types(command, param, a)))
+        members = [_msgpack_types(command, param, a) for a in typing.get_args(hint)]
+        if any(member is Any for member in members):
+            return Any  # Optional[Any] is Any: None is one of its values already
+        return tuple(t for member in members for t in _as_tuple(member))
     if origin is not None:
         hint = origin  # list[str] -> list, dict[str, int] -> dict
     if hint is None:

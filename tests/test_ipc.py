@@ -743,6 +743,20 @@ def test_registration_errors():
     with pytest.raises(heel.PolicyError):
         router.command("custom")(custom)
 
+    async def optional_custom(a: Optional[Custom] = None) -> None:
+        pass
+
+    with pytest.raises(heel.PolicyError):
+        router.command("optional_custom")(optional_custom)
+
+    # Optional[Any] and Any | None are Any (they were refused as a type msgpack does not carry)
+    async def optional_any(a: Optional[Any] = None, b: "Any | None" = None) -> None:
+        pass
+
+    anything = heel.IpcRouter()
+    anything.command("optional_any")(optional_any)
+    assert anything.get("optional_any").parameters == {"a": Any, "b": Any}
+
     async def star(*args: int) -> None:
         pass
 
