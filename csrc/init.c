@@ -1178,6 +1178,7 @@ int main(int argc, char **argv)
     opts.deny_bind = (flags & HEEL_INIT_NO_BIND) != 0;
     opts.deny_fastopen = (flags & HEEL_INIT_NO_FASTOPEN) != 0;
     opts.deny_foreign_sched = !z.pidns;
+    opts.deny_linger = z.ipc_fd >= 0;  /* see setsockopt_check in seccomp.c */
     n = heel_seccomp_build(&opts, filter_code, FILTER_CAP);
     if (n <= 0)
         fail(z.ctl, HEEL_STAGE_SECCOMP, n < 0 ? -n : EINVAL, EXIT_INIT_FAILED);

@@ -622,19 +622,20 @@ static void fcntl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
     ret_in(a, ONE_OF(F_SETLEASE), FAIL(EPERM), ALLOW);
 }
 
-/* setsockopt(fd, SOL_SOCKET, SO_LINGER, ...), at every level: the last
- * close() of a TCP socket with a linger time waits, up to that time (for
- * ever, in effect), until its FIN is acknowledged, which a peer whose
- * receive buffer is full never does.  The sandbox can make the host do that
- * last close: it hands fds over IPC, and the host closes what is not an IPC
- * connection (and the kernel drops, in the host's thread, what a message
- * carries past the host's four) in the thread that runs trio, which then
- * stands still, every sandbox's timeout and the proxy with it.  Inside a
- * network namespace the sandbox has such a peer of its own (a listen()ed
- * ephemeral port, reached with MSG_FASTOPEN); with a permissive policy, a
- * server of its choosing that stops reading.  seccomp cannot read the
- * struct linger behind the pointer, so the option is refused whatever it
- * holds (getsockopt works).
+/* setsockopt(fd, SOL_SOCKET, SO_LINGER, ...) where the sandbox has IPC: the
+ * last close() of a TCP socket with a linger time waits, up to that time
+ * (for ever, in effect), until its FIN is acknowledged, which a peer whose
+ * receive buffer is full never does.  Through IPC the sandbox can make the
+ * host do that last close: it hands fds over the broker, and the host closes
+ * what is not an IPC connection (and the kernel drops, in the host's thread,
+ * what a message carries past the host's four) in the thread that runs trio,
+ * which then stands still, every sandbox's timeout and the proxy with it.
+ * Inside a network namespace the sandbox has such a peer of its own (a
+ * listen()ed ephemeral port, reached with MSG_FASTOPEN); with a permissive
+ * policy, a server of its choosing that stops reading.  seccomp cannot read
+ * the struct linger behind the pointer, so the option is refused whatever it
+ * holds (getsockopt works).  Without IPC no fd of the sandbox's reaches the
+ * host, and programs that reset connections with a zero linger keep working.
  *
  * And SO_PASSCRED or SO_PASSPIDFD where bind() is refused.  A unix
  * socket that passes credentials is given an abstract name of the kernel's
@@ -645,14 +646,19 @@ static void fcntl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
  * names for the whole host. */
 static void setsockopt_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
 {
+    if (!opts->deny_bind && !opts->deny_linger) {
+        ret(a, ALLOW);
+        return;
+    }
     load(a, ARG_LO(1));
     ret_if_ne(a, SOL_SOCKET, ALLOW);
     load(a, ARG_LO(2));
-    if (!opts->deny_bind) {
+    if (!opts->deny_bind)
         ret_in(a, ONE_OF(SO_LINGER), FAIL(EPERM), ALLOW);
-        return;
-    }
-    ret_in(a, ONE_OF(SO_LINGER, SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
+    else if (!opts->deny_linger)
+        ret_in(a, ONE_OF(SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
+    else
+        ret_in(a, ONE_OF(SO_LINGER, SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
 }
 
 /* The syscalls whose arguments decide, and the check each one gets.

@@ -94,7 +94,8 @@ static const char *const probes_userns[] = {
     "socket_unix", "socket_unix_with_unix", "socket_unix_seqpacket_with_seqpacket",
     "socket_unix_stream_with_seqpacket", "socketpair_dgram", "socketpair_stream",
     "bind_with_unix_nobind", "bind_with_unix", "listen_with_unix_nolisten", "passcred_with_nobind", "passcred",
-    "so_linger", "so_linger_with_nobind", "so_keepalive",
+    "so_linger", "so_linger_with_nobind", "so_linger_with_nolinger", "so_linger_with_nobind_nolinger",
+    "passcred_with_nolinger", "passcred_with_nobind_nolinger", "so_keepalive_with_nolinger",
     "sendto_fastopen_with_inet_nofastopen", "sendmsg_fastopen_with_inet_nofastopen",
     "sendmmsg_fastopen_with_inet_nofastopen",
 };
@@ -639,19 +640,19 @@ static int probe(const char *name)
             setup_failed("bind");
         return ASK(listen(fd, 1));
     }
-    if (!strcmp(name, "passcred_with_nobind") || !strcmp(name, "passcred")) {
+    if (!strncmp(name, "passcred", 8)) {
         int pair[2], one = 1;
         if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0)
             setup_failed("socketpair");
         return ASK(setsockopt(pair[0], SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)));
     }
-    if (!strcmp(name, "so_linger") || !strcmp(name, "so_linger_with_nobind") || !strcmp(name, "so_keepalive")) {
-        /* SO_LINGER on any socket is refused (r26); SO_KEEPALIVE, its neighbour, is not */
+    if (!strncmp(name, "so_linger", 9) || !strcmp(name, "so_keepalive_with_nolinger")) {
+        /* SO_LINGER on any socket is refused with IPC (r26); SO_KEEPALIVE, its neighbour, is not */
         int pair[2], one = 1;
         struct linger linger = {1, 1};
         if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0)
             setup_failed("socketpair");
-        if (!strcmp(name, "so_keepalive"))
+        if (!strcmp(name, "so_keepalive_with_nolinger"))
             return ASK(setsockopt(pair[0], SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)));
         return ASK(setsockopt(pair[0], SOL_SOCKET, SO_LINGER, &linger, sizeof(linger)));
     }
@@ -743,6 +744,8 @@ static void options_for(const char *name, struct heel_seccomp_opts *opts)
             opts->deny_fastopen = 1;
         else if (!strcmp(word, "nosched"))
             opts->deny_foreign_sched = 1;
+        else if (!strcmp(word, "nolinger"))
+            opts->deny_linger = 1;
     }
 }
 

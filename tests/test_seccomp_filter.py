@@ -77,7 +77,9 @@ EXPECTED = {
     "socket_unix_stream_with_seqpacket": EPERM, "socketpair_dgram": EPERM, "socketpair_stream": ALLOWED,
     "bind_with_unix_nobind": EPERM, "bind_with_unix": ALLOWED, "listen_with_unix_nolisten": EPERM,
     "passcred_with_nobind": EPERM, "passcred": ALLOWED,
-    "so_linger": EPERM, "so_linger_with_nobind": EPERM, "so_keepalive": ALLOWED,
+    "so_linger": ALLOWED, "so_linger_with_nobind": ALLOWED, "so_linger_with_nolinger": EPERM,
+    "so_linger_with_nobind_nolinger": EPERM, "passcred_with_nolinger": ALLOWED,
+    "passcred_with_nobind_nolinger": EPERM, "so_keepalive_with_nolinger": ALLOWED,
     "sendto_fastopen_with_inet_nofastopen": EPERM, "sendmsg_fastopen_with_inet_nofastopen": EPERM,
     "sendmmsg_fastopen_with_inet_nofastopen": EPERM,
     # the host's root only (invalid arguments where the call could change the host)

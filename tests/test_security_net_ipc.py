@@ -542,19 +542,27 @@ async def test_a_lingering_socket_handed_over_ipc_does_not_freeze_the_host(how):
     assert max(gaps) < 1.5, f"the host's event loop stood still for {max(gaps):.1f} s ({out.stdout!r})"
 
 
-async def test_so_linger_is_refused_and_so_keepalive_works():
-    """The linger is what makes close() wait; SO_KEEPALIVE, a neighbour, works."""
-    sb_config = heel.SandboxConfig(network=heel.AllowList(["example.invalid"]))
+@pytest.mark.parametrize("with_ipc", [True, False], ids=["ipc", "no-ipc"])
+async def test_so_linger_is_refused_where_the_sandbox_has_ipc(with_ipc):
+    """The linger is what makes the host's close() wait, and only IPC hands
+    the host a socket of the sandbox's: there SO_LINGER is refused, and
+    SO_KEEPALIVE, a neighbour, works.  Without IPC SO_LINGER works (programs
+    reset connections with a zero linger)."""
+    config = heel.SandboxConfig(network=heel.AllowList(["example.invalid"]),
+                                ipc=heel.IpcRouter() if with_ipc else None)
     code = ("import socket, struct\n"
             "s = socket.socket()\n"
             "s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)\n"
             "print('keepalive', s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))\n"
             "try:\n"
             "    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 5))\n"
-            "    print('linger set')\n"
+            "    print('linger set', struct.unpack('ii', s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)))\n"
             "except OSError as exc:\n"
             "    print('linger refused', exc.errno)\n")
-    async with heel.Sandbox(sb_config) as sb:
+    async with heel.Sandbox(config) as sb:
         out = await py(sb, code)
     assert b"keepalive 1" in out.stdout, out
-    assert b"linger refused 1" in out.stdout, out
+    if with_ipc:
+        assert b"linger refused 1" in out.stdout, out
+    else:
+        assert b"linger set (1, 5)" in out.stdout, out
