@@ -263,6 +263,11 @@ async def commands_of_every_kind(sb: heel.Sandbox) -> None:
             assert await p.wait() == -signal.SIGKILL
     with pytest.raises(heel.CommandNotFound):
         await sb.command("heel-no-such-program").output()
+    # An inherited stream that is a file (pytest's capture) is relayed
+    # through a pipe, whose copy drains after the command's exit.
+    with trio.fail_after(10):
+        while sb._relays:
+            await trio.sleep(0.01)
 
 
 async def test_commands_and_a_closed_sandbox_leave_no_fd_in_the_host():
@@ -539,20 +544,25 @@ def test_a_timeout_in_the_trio_runner_is_said_once():
 async def test_finished_processes_kept_by_the_caller_hold_no_fd():
     """A Process that has been reaped has closed its pidfd and its control
     socket, even while the caller keeps the object (a list of finished
-    commands): only the garbage collector closed the socket."""
+    commands): only the garbage collector closed the socket.  Their output
+    goes nowhere: under pytest stdout is a file, which heel relays through a
+    pipe that its copy holds until it has drained, after the exit."""
     async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        def command(*argv: str) -> heel.Command:
+            return sb.command(argv[0]).args(argv[1:]).stdout(heel.Stdio.NULL).stderr(heel.Stdio.NULL)
+
         kept = []
-        p = await sb.command("true").spawn()
+        p = await command("true").spawn()
         await p.wait()
         kept.append(p)
         before = open_fds()
         for _ in range(5):
-            p = await sb.command("sleep").arg("30").spawn()
+            p = await command("sleep", "30").spawn()
             p.kill()
             with trio.fail_after(10):
                 await p.wait()
             kept.append(p)
-            p = await sb.command("true").spawn()
+            p = await command("true").spawn()
             with trio.fail_after(10):
                 await p.wait()
             kept.append(p)
