@@ -105,6 +105,29 @@ def processes_with(arg: str) -> list[int]:
     return found
 
 
+async def wait_for_processes(marker: str, count: int, timeout: float = 10) -> list[int]:
+    """Poll the host's /proc until `count` processes carry `marker`."""
+    import trio
+
+    with trio.fail_after(timeout):
+        while len(found := processes_with(marker)) < count:
+            await trio.sleep(0.02)
+    return found
+
+
+def kill_marked(marker: str) -> None:
+    """What a failed test left running: stopped first (so it forks no
+    more), then killed."""
+    import signal
+
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in processes_with(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 #: Code prepended to sandboxed scripts: a raw IPC connection, as heel.client
 #: opens one (a socketpair end passed over fd 3), with msgpack at hand.
 IPC_RAW = """

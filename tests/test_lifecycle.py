@@ -22,17 +22,9 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, process_start, processes_with, py, sh, unique_marker
+from helpers import explain, kill_marked, process_start, processes_with, py, sh, unique_marker, wait_for_processes
 
 DEFAULT = heel.IsolationLevel.DEFAULT
-
-
-async def wait_for_processes(marker: str, count: int, timeout: float = 10) -> list[int]:
-    """Poll the host's /proc until `count` processes carry `marker`."""
-    with trio.fail_after(timeout):
-        while len(found := processes_with(marker)) < count:
-            await trio.sleep(0.02)
-    return found
 
 
 async def test_timeout_kills_grandchildren():
@@ -561,17 +553,6 @@ def test_ctrl_c_while_the_sandbox_closes_still_closes_it(network):
 
 # ---- killing a tree that fights back -------------------------------------------------------
 
-def _stop_and_kill(marker: str) -> None:
-    """What a failed test left running: stopped first (so it forks no
-    more), then killed."""
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for pid in processes_with(marker):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
 HYDRA_C = r"""
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -657,7 +638,7 @@ async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, m
         assert processes_with(marker) == []
         assert not os.path.exists(acted), "a process acted on its parent's death"
     finally:
-        _stop_and_kill(marker)
+        kill_marked(marker)
 
 
 HOPPER_C = r"""
@@ -724,7 +705,7 @@ async def test_a_fork_and_exit_bomb_is_killed_and_other_commands_live_on(outside
             neighbour.kill()
             assert await neighbour.wait() == -signal.SIGKILL
     finally:
-        _stop_and_kill(marker)
+        kill_marked(marker)
 
 
 # ---- closing: on its own thread, once, whatever the host does -----------------------------
@@ -837,4 +818,4 @@ async def test_without_namespaces_what_outlives_a_killed_init_dies_with_the_sand
         # heel-init ended by itself (it is given 2 s), after its sweep.
         assert prepared.init_ended == (os.CLD_EXITED, 0), prepared.init_ended
     finally:
-        _stop_and_kill(marker)
+        kill_marked(marker)

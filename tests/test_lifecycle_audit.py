@@ -21,17 +21,9 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, process_start, processes_with, sh, unique_marker
+from helpers import explain, kill_marked, process_start, processes_with, sh, unique_marker, wait_for_processes
 
 DEFAULT = heel.IsolationLevel.DEFAULT
-
-
-async def wait_for_processes(marker: str, count: int, timeout: float = 10) -> list[int]:
-    """Poll the host's /proc until `count` processes carry `marker`."""
-    with trio.fail_after(timeout):
-        while len(found := processes_with(marker)) < count:
-            await trio.sleep(0.02)
-    return found
 
 
 async def wait_gone(marker: str, timeout: float = 10) -> list[int]:
@@ -41,16 +33,6 @@ async def wait_gone(marker: str, timeout: float = 10) -> list[int]:
         while processes_with(marker):
             await trio.sleep(0.05)
     return processes_with(marker)
-
-
-def kill_marked(marker: str) -> None:
-    """What a failed test left running: stopped first, then killed."""
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for pid in processes_with(marker):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
 
 def command_line(pid: int) -> list[bytes]:
