@@ -94,6 +94,26 @@ def request(msgid, method, params):
 """
 
 
+def _slow_command(router: heel.IpcRouter) -> tuple[trio.Event, dict]:
+    """Registers "slow", a call of a minute: the event is set when it starts,
+    and record["cancelled"] when the host cancels it."""
+    started = trio.Event()
+    record = {"cancelled": False}
+
+    @router.command("slow")
+    async def slow() -> int:
+        started.set()
+        try:
+            await trio.sleep(60)
+        except trio.Cancelled:
+            record["cancelled"] = True
+            raise
+        return 0
+
+    return started, record
+
+
+
 @pytest.mark.parametrize("kind", ["listening", "unconnected"])
 async def test_a_socket_that_is_no_connection_takes_no_connection_slot(kind):
     # A listening or an unconnected AF_UNIX stream socket (which a sandbox
@@ -270,18 +290,7 @@ async def test_a_caller_that_hangs_up_while_its_calls_wait_is_seen_gone():
     # it, so it cannot see its end of file: it looks for the hang-up
     # instead, and cancels the calls of a caller that has gone.
     router = heel.IpcRouter(max_calls_per_connection=1)
-    started = trio.Event()
-    record = {"cancelled": False}
-
-    @router.command("slow")
-    async def slow() -> int:
-        started.set()
-        try:
-            await trio.sleep(60)
-        except trio.Cancelled:
-            record["cancelled"] = True
-            raise
-        return 0
+    started, record = _slow_command(router)
 
     with trio.fail_after(30):
         async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
@@ -484,18 +493,7 @@ async def test_a_forked_child_does_not_keep_its_parents_connection_open():
     # interrupted), the host sees its end and cancels the call, although
     # the child, which never calls, lives on.
     router = heel.IpcRouter()
-    started = trio.Event()
-    record = {"cancelled": False}
-
-    @router.command("slow")
-    async def slow() -> int:
-        started.set()
-        try:
-            await trio.sleep(60)
-        except trio.Cancelled:
-            record["cancelled"] = True
-            raise
-        return 0
+    started, record = _slow_command(router)
 
     with trio.fail_after(30):
         async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
