@@ -22,11 +22,14 @@ nursery, several at once; closing the sandbox cancels those still running.
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import os
 import resource
 import select
 import socket
+import struct
+import termios
 import time
 import types
 import typing
@@ -73,6 +76,11 @@ _FD_HEADROOM = 32
 #: How often (seconds) a connection whose calls are all taken checks whether
 #: its caller has gone, since it reads nothing meanwhile.
 _HANGUP_POLL = 0.5
+#: SO_PASSRIGHTS (Linux 6.16): set to 0, a unix socket refuses fds (the
+#: sender's sendmsg fails with EPERM).  Python 3.11 does not name it.
+_SO_PASSRIGHTS = {"sparc": 0x5C, "sparc64": 0x5C, "parisc": 0x4051, "parisc64": 0x4051}.get(os.uname().machine, 83)
+#: The most fds one message can carry (the kernel's SCM_MAX_FD).
+_SCM_MAX_FD = 253
 
 
 class IpcCommand:
@@ -251,29 +259,122 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
     connection.  Anything else passed along is closed, as is a connection
     over the router's max_connections or the process's budget (see
     _connection_budget).  Nothing the sandbox sends makes this raise: a
-    connection that goes wrong is dropped alone."""
+    connection that goes wrong is dropped alone.
+
+    The sandbox decides where its files are last closed: any fd it passes,
+    and any fd it sends along a connection's bytes, may be the last
+    reference to a file of its, and whoever drops that frees the file then
+    and there (a large unlinked file or memfd takes about 0.2 s a GiB;
+    a lingering socket as long as it likes).  So what the kernel may drop
+    or the host may close happens in a worker thread of the sandbox's
+    (``threads``, one at a time), never on trio's thread: the broker's
+    recvmsg (which drops the fds past the room it gives), the closing of
+    what is no connection, and a connection's reads until the kernel
+    refuses fds on it (see _refuse_fds)."""
     broker.setblocking(False)
     open_connections = [0]
     all_calls = trio.Semaphore(router.max_calls)
     budget = _ByteBudget(PENDING_MESSAGES * router.max_message_size)
+    threads = trio.CapacityLimiter(1)
     async with trio.open_nursery() as nursery:
         while True:
             await trio.lowlevel.wait_readable(broker)
+            received = await trio.to_thread.run_sync(_receive_connections, broker, limiter=threads)
+            if received is None:
+                return  # the channel is broken, or every sandboxed end is closed
+            refused = []
             try:
-                data, fds, _, _ = recv_fds(broker, 16, 4)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return  # the channel itself is broken: no more connections come
-            if not data and not fds and _hung_up(broker):
-                return  # every sandboxed end is closed (an empty message alone is no end)
-            for fd in fds:
-                if open_connections[0] >= router.max_connections or not _is_connection(fd) \
-                        or not _room_for(fd):
-                    _close_fd(fd)
-                    continue
-                open_connections[0] += 1
-                nursery.start_soon(_serve_process_connection, router, fd, open_connections, all_calls, budget)
+                while received:
+                    fd, unsafe = received[0]
+                    if open_connections[0] >= router.max_connections or not _room_for(fd):
+                        refused.append(received.pop(0)[0])
+                        continue
+                    open_connections[0] += 1
+                    received.pop(0)
+                    nursery.start_soon(_serve_process_connection, router, fd, open_connections, all_calls,
+                                       budget, unsafe, threads)
+            finally:
+                await _close_in_thread(refused + [fd for fd, _ in received], threads)
+
+
+def _receive_connections(broker: socket.socket) -> list[tuple[int, int | None]] | None:
+    """In a worker thread: one message from the broker, as the connections
+    it carries, each with its count of unsafe bytes (see _refuse_fds); every
+    other fd is closed here.  [] when there was nothing after all; None when
+    the broker is broken or every sandboxed end of it is closed."""
+    try:
+        data, fds, _, _ = recv_fds(broker, 16, 4)
+    except (BlockingIOError, InterruptedError):
+        return []
+    except OSError:
+        return None
+    if not data and not fds and _hung_up(broker):
+        return None  # (an empty message alone is no end)
+    connections = []
+    for fd in fds:
+        unsafe = _refuse_fds(fd) if _is_connection(fd) else -1
+        if unsafe == -1:
+            _close_fd(fd)
+        else:
+            connections.append((fd, unsafe))
+    return connections
+
+
+def _refuse_fds(fd: int) -> int | None:
+    """Make the kernel refuse fds sent to the connection ``fd`` from now on
+    (SO_PASSRIGHTS off: the sender's sendmsg fails with EPERM), and count
+    the bytes already waiting on it: fds may come with those, sent before
+    the host had the connection, and they are read in a worker thread (see
+    _converse).  None where the kernel has no SO_PASSRIGHTS (before Linux
+    6.16): then every read is.  -1: not a connection after all."""
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return -1
+    try:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, _SO_PASSRIGHTS, 0)
+        except OSError:
+            return None
+        # Read after the option is set: a sender checks the option and
+        # queues its bytes under the socket's lock, so whatever came with
+        # fds is queued by now, and counted.
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return -1
+    finally:
+        probe.detach()
+
+
+def _recv_in_thread(fd: int, size: int) -> bytes:
+    """In a worker thread: up to ``size`` bytes of the connection ``fd``,
+    with room for every fd that may come along (installed here, not dropped
+    inside recvmsg) and those fds closed here.  b"" at its end or on an
+    error; a BlockingIOError when nothing waits."""
+    sock = socket.socket(fileno=fd)
+    try:
+        data, fds, _, _ = recv_fds(sock, size, _SCM_MAX_FD, _NEVER_BLOCK)
+    except (BlockingIOError, InterruptedError):
+        raise BlockingIOError from None
+    except OSError:
+        data, fds = b"", []
+    finally:
+        sock.detach()
+    _close_all(fds)
+    return data
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        _close_fd(fd)
+
+
+async def _close_in_thread(fds: list[int], threads: trio.CapacityLimiter) -> None:
+    """Close fds of the sandbox's in a worker thread (see serve), even when
+    cancelled: the task waits for it."""
+    if fds:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_close_all, fds, limiter=threads)
 
 
 def _connection_budget() -> int | None:
@@ -473,6 +574,21 @@ async def _take_budget(budget: _ByteBudget, size: int, sock) -> bool:
             return False
 
 
+async def _read_unsafe(sock, unsafe: list[int | None], threads: trio.CapacityLimiter) -> bytes:
+    """The next bytes of ``sock`` that may come with fds: read in a worker
+    thread, which closes the fds (see serve)."""
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        size = 65536 if unsafe[0] is None else min(65536, unsafe[0])
+        try:
+            data = await trio.to_thread.run_sync(_recv_in_thread, sock.fileno(), size, limiter=threads)
+        except BlockingIOError:
+            continue
+        if unsafe[0] is not None:
+            unsafe[0] = 0 if not data else unsafe[0] - len(data)
+        return data
+
+
 def _hung_up(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLHUP | select.POLLRDHUP)
@@ -480,39 +596,48 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 async def _serve_process_connection(router: IpcRouter, fd: int, open_connections: list[int],
-                                    all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
+                                    all_calls: trio.Semaphore, budget: _ByteBudget, unsafe: int | None,
+                                    threads: trio.CapacityLimiter) -> None:
     """_serve_connection, for a connection that holds room in _process_connections."""
     try:
-        await _serve_connection(router, fd, open_connections, all_calls, budget)
+        await _serve_connection(router, fd, open_connections, all_calls, budget, unsafe, threads)
     finally:
         _process_connections.give_back()
 
 
 async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[int],
-                            all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
+                            all_calls: trio.Semaphore, budget: _ByteBudget, unsafe: int | None,
+                            threads: trio.CapacityLimiter) -> None:
     """Serve the connection ``fd`` (which this now owns) until it ends.
 
+    ``unsafe``: how many of its first bytes may come with fds, to be read
+    in a worker thread of ``threads`` (None: all; see _refuse_fds).
     Whatever its peer does, only this connection is dropped: an error it
     causes ends it, and its fd and its place in ``open_connections`` are
     given back whatever happens.  (A KeyboardInterrupt or SystemExit from a
     handler, and cancellation, still go through.)"""
+    state = [unsafe]
     try:
         try:
             stdlib_sock = socket.socket(fileno=fd)
         except OSError:  # not a socket after all: nothing to serve
-            _close_fd(fd)
+            await _close_in_thread([fd], threads)
             return
         sock = None
         try:
             sock = trio.socket.from_stdlib_socket(stdlib_sock)
-            await _converse(router, sock, all_calls, budget)
+            await _converse(router, sock, all_calls, budget, state, threads)
         except Exception:
             pass  # whatever the peer made go wrong ends its connection, not the sandbox
         finally:
-            try:
-                (stdlib_sock if sock is None else sock).close()
-            except OSError:
-                pass
+            # Closing purges what is still queued, fds too: not on trio's
+            # thread while some may be (the sandbox's end of it is its own).
+            if sock is not None:
+                trio.lowlevel.notify_closing(sock)
+            if state[0] == 0:
+                stdlib_sock.close()
+            else:
+                await _close_in_thread([stdlib_sock.detach()], threads)
     finally:
         open_connections[0] -= 1
 
@@ -525,8 +650,11 @@ async def _serve_connection(router: IpcRouter, fd: int, open_connections: list[i
 _NEVER_BLOCK = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
-async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: _ByteBudget) -> None:
-    """Read requests from ``sock`` and answer them until it ends."""
+async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: _ByteBudget,
+                    unsafe: list[int | None], threads: trio.CapacityLimiter) -> None:
+    """Read requests from ``sock`` and answer them until it ends.  While
+    ``unsafe[0]`` is not 0, reads are made in a worker thread of
+    ``threads`` and counted down (see _refuse_fds and serve)."""
     connection = codec.Connection("server", router.max_message_size)
     send_lock = trio.Lock()
     # A slot per running call, held until its answer is sent: at most this
@@ -601,7 +729,10 @@ async def _converse(router: IpcRouter, sock, all_calls: trio.Semaphore, budget: 
                         return
                     reserved = announced
                 try:
-                    data = await sock.recv(65536, _NEVER_BLOCK)
+                    if unsafe[0] == 0:
+                        data = await sock.recv(65536, _NEVER_BLOCK)
+                    else:
+                        data = await _read_unsafe(sock, unsafe, threads)
                 except OSError:
                     data = b""
                 connection.receive_data(data)

@@ -849,10 +849,11 @@ _frames = st.one_of(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(chunks=st.lists(_frames, max_size=6))
-def test_server_survives_arbitrary_bytes(chunks):
+@given(chunks=st.lists(_frames, max_size=6), unsafe=st.sampled_from([0, 7, None]))
+def test_server_survives_arbitrary_bytes(chunks, unsafe):
     """Whatever arrives on a connection, the server answers or drops it: it
-    never raises into the sandbox's nursery and never hangs."""
+    never raises into the sandbox's nursery and never hangs, whether its
+    first bytes, or all, are read in a worker thread (see ipc.serve)."""
 
     async def scenario():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -860,7 +861,7 @@ def test_server_survives_arbitrary_bytes(chunks):
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_serve_connection, _FUZZ_ROUTER, theirs.detach(), connections,
-                                   trio.Semaphore(8), _ByteBudget(1 << 20))
+                                   trio.Semaphore(8), _ByteBudget(1 << 20), unsafe, trio.CapacityLimiter(1))
                 peer = trio.socket.from_stdlib_socket(ours)
                 for chunk in chunks:
                     try:
