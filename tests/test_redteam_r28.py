@@ -90,16 +90,21 @@ async def test_a_planted_pth_cannot_make_the_host_hold_the_installers_output(ven
 # ---- a config file heel reads -------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{x=" * 3000 + "1" + "}" * 3000, "[1]"],
-                         ids=["nested-arrays", "nested-tables", "control"])
-def test_a_deeply_nested_config_file_is_a_usage_error_not_a_traceback(tmp_path, value):
+@pytest.mark.parametrize("line", ["readable = " + "[" * 3000 + "]" * 3000,
+                                  "readable = " + "{x=" * 3000 + "1" + "}" * 3000,
+                                  "readable." + ".".join(["x"] * 20000) + " = 1",
+                                  "readable = [1]"],
+                         ids=["nested-arrays", "nested-tables", "dotted-keys", "control"])
+def test_a_deeply_nested_config_file_is_a_usage_error_not_a_traceback(tmp_path, line):
     """`heel run --config FILE`: a file within the size limit whose values
-    nest thousands deep made tomllib recurse past Python's limit, and heel
-    died with a RecursionError traceback (thousands of lines) instead of
-    its usage error.  Control: a shallow value of the wrong kind is a usage
-    error naming the setting."""
+    nest thousands deep made tomllib recurse past Python's limit (arrays,
+    inline tables), or the repr of the value in heel's own message (dotted
+    keys, which tomllib reads without recursing), and heel died with a
+    RecursionError traceback (thousands of lines) instead of its usage
+    error.  Control: a shallow value of the wrong kind is a usage error
+    naming the file."""
     path = tmp_path / "heel.toml"
-    path.write_text(f"readable = {value}\n")
+    path.write_text(line + "\n")
     result = subprocess.run([sys.executable, "-m", "heel", "run", "--config", str(path), "--", "true"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 125, explain(result)  # heel's usage error
