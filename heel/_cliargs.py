@@ -369,13 +369,25 @@ def load_file(path: str) -> dict[str, Any]:
         raise UsageError(f"config {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8, or not TOML
         raise UsageError(f"config {path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise _too_deep(path) from None
     unknown = sorted(set(data) - set(_BY_KEY))
     if unknown:
         raise UsageError(f"config {path}: unknown setting {unknown[0]!r} "
                          f"(known: {', '.join(_BY_KEY)})")
     base = os.path.dirname(os.path.abspath(path))
-    return {key: _convert(_BY_KEY[key], value, f"config {path}: {key}", base)
-            for key, value in data.items()}
+    try:
+        return {key: _convert(_BY_KEY[key], value, f"config {path}: {key}", base)
+                for key, value in data.items()}
+    except RecursionError:  # the repr of a value nested deeper than Python recurses, in its error
+        raise _too_deep(path) from None
+
+
+def _too_deep(path: str) -> UsageError:
+    """A config file whose values nest thousands deep (arrays, inline
+    tables, dotted keys), within its size limit: tomllib, and the repr of
+    such a value in a message, recurse past Python's limit."""
+    return UsageError(f"config {path}: its values are nested too deeply for a settings file")
 
 
 def _config_from(values: dict[str, Any], network_from: str | None = None) -> SandboxConfig:
