@@ -110,3 +110,88 @@ def test_a_deeply_nested_config_file_is_a_usage_error_not_a_traceback(tmp_path, 
     assert result.returncode == 125, explain(result)  # heel's usage error
     assert "Traceback" not in result.stderr and "RecursionError" not in result.stderr, result.stderr[-2000:]
     assert f"config {path}" in result.stderr, result.stderr[-2000:]
+
+
+# ---- a venv's base Python, named by a pyvenv.cfg the sandbox wrote -------------------
+
+
+# Run in a sandbox that may write the environment (allow_pip_install): its
+# pyvenv.cfg names <env>/link/bin as the base Python, and <env>/link is
+# flipped, atomically and without end, between the real base's prefix and
+# a host directory a STRICT sandbox may not read.
+FLIPPER = r"""
+import os, sys
+env, base, target = sys.argv[1:4]
+link = os.path.join(env, "link")
+with open(os.path.join(env, "pyvenv.cfg")) as f:
+    lines = [l for l in f.read().splitlines() if not l.startswith("home")]
+with open(os.path.join(env, "pyvenv.cfg"), "w") as f:
+    f.write("\n".join(lines + ["home = " + link + "/bin"]) + "\n")
+print("flipping", flush=True)
+while True:
+    for where in (base, target):
+        try:
+            os.unlink(link + ".new")
+        except FileNotFoundError:
+            pass
+        os.symlink(where, link + ".new")
+        os.rename(link + ".new", link)
+"""
+
+
+@pytest.mark.skipif(not os.path.isfile("/usr/bin/python3"), reason="needs /usr/bin/python3")
+async def test_a_base_python_link_flipped_while_a_strict_sandbox_opens_grants_nothing_else(outside_dir):
+    """At STRICT, heel grants the directory that a venv's pyvenv.cfg names
+    as its base (`home`) only when it resolves to a Python heel knows (the
+    VenvConfig's base, or its own).  That check resolved the path, and the
+    grant resolved it again: a sandbox that may write the environment
+    (allow_pip_install), running while another sandbox of the same
+    environment opens, flips a link in `home` between the two, and the
+    STRICT sandbox is granted (read and execute) any host directory: here,
+    one with a secret in it (a few opens in forty won the race).  Control:
+    the opens that do succeed run the environment's Python, from the base
+    that heel knows."""
+    base = tempfile.mkdtemp(prefix="heel-r28-base-", dir="/var/tmp")
+    try:
+        os.chmod(base, 0o755)
+        # A base Python outside the system's runtime directories (as /opt/python3.12
+        # or a conda's would be): a copy of the system's interpreter, whose prefix
+        # is then granted at STRICT.
+        prefix = os.path.join(base, "py")
+        os.makedirs(os.path.join(prefix, "bin"))
+        os.chmod(prefix, 0o755)
+        os.chmod(os.path.join(prefix, "bin"), 0o755)
+        shutil.copy2(os.path.realpath("/usr/bin/python3"), os.path.join(prefix, "bin", "python3"))
+        secret = os.path.join(outside_dir, "secret.txt")
+        with open(secret, "w") as f:
+            f.write("heel-r28-secret\n")
+        os.chmod(secret, 0o644)
+        env = os.path.join(base, "env")
+        venv = heel.VenvConfig(env, python=os.path.join(prefix, "bin", "python3"))
+        strict = heel.SandboxConfig(level=heel.IsolationLevel.STRICT, python=heel.PythonConfig(venv))
+        wins = ran = 0
+        with trio.fail_after(240):
+            await heel.VenvManager.create(venv)
+            writer = heel.SandboxConfig(python=heel.PythonConfig(venv, allow_pip_install=True))
+            async with heel.Sandbox(writer) as attacker:
+                flipper = await (attacker.command("python3").args(["-c", FLIPPER, env, prefix, outside_dir])
+                                 .stdout(heel.Stdio.PIPE).spawn())
+                async with flipper:
+                    assert flipper.stdout is not None
+                    assert b"flipping" in await flipper.stdout.receive_some()
+                    for _ in range(80):
+                        try:
+                            async with heel.Sandbox(strict) as sb:
+                                out = await sb.command("cat").arg(secret).timeout(20).output()
+                                if b"heel-r28-secret" in out.stdout:
+                                    wins += 1
+                                    break
+                                python = await sb.python().args(["-c", "print('ran')"]).timeout(20).output()
+                                ran += python.stdout == b"ran\n"
+                        except heel.PolicyError:
+                            continue  # the link pointed elsewhere when heel looked: refused
+                    flipper.kill()
+        assert wins == 0, "a STRICT sandbox read a host directory through its venv's base Python grant"
+        assert ran, "no STRICT sandbox of the environment opened and ran its Python"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
