@@ -325,7 +325,12 @@ def _with_python(
     venv = python.path
     cfg = inspect(venv)
     home = cfg.get("home", "")
-    prefix = os.path.dirname(os.path.abspath(home)) if home else ""
+    # Resolved once, here, and granted as resolved: pyvenv.cfg and the
+    # links in the path it names may be a sandbox's (allow_pip_install), one
+    # that runs while this sandbox opens.  Checked by one resolution and
+    # granted by another, a link it flips between a Python heel knows and
+    # any host directory would have the second granted at STRICT.
+    prefix = os.path.realpath(os.path.dirname(os.path.abspath(home))) if home else ""
     for what, path in (("the venv", str(venv)), ("the venv's base Python", prefix)):
         for d in denied:
             if path and _under(path, d):
@@ -342,7 +347,7 @@ def _with_python(
     covered = any(_under(prefix, d) for d in RUNTIME_DIRS)
     if (config.level is IsolationLevel.STRICT and prefix and prefix != "/" and not covered
             and os.path.isdir(prefix)):
-        if os.path.realpath(prefix) not in _known_python_prefixes(python):
+        if prefix not in _known_python_prefixes(python):
             raise PolicyError(
                 f"the venv {venv} names {home} as its base Python, which heel did not make it from: at "
                 "STRICT heel grants only a base it knows (PythonConfig(VenvConfig(..., python=...)), or the "
