@@ -29,6 +29,8 @@ goes when it closes, or when heel dies.
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
 import errno
 import os
@@ -55,6 +57,15 @@ __all__ = ["VenvConfig", "VenvManager", "Venv", "VenvProgress", "PythonConfig"]
 PYPI_HOSTS = ("pypi.org:443", "files.pythonhosted.org:443")
 #: How long one install may take, by default.
 INSTALL_TIMEOUT = 900.0
+# What the host keeps of the installer's output: code planted in the
+# environment (a .pth file) runs in the installer and may write without end,
+# in lines without end, for as long as the install may take.  The last
+# _KEPT_LINES lines, each cut to _MAX_LINE characters (the rest of a longer
+# one is dropped), and at most _MAX_OUTPUT bytes of a step that makes the
+# environment (which says next to nothing: past it, the step is killed).
+_KEPT_LINES = 200
+_MAX_LINE = 4096
+_MAX_OUTPUT = 1 << 20
 
 # A requirement's project name, optional extras, and an exact pin if there is one.
 _REQUIREMENT = re.compile(
@@ -713,7 +724,8 @@ def _installer_sandbox(path: Path, base: Path, uv: str | None, readable: list[st
     executable = [base_prefix(base)] + ([uv] if uv else [])
     config = SandboxConfig(
         level=IsolationLevel.STRICT, writable=[path], readable=readable, executable=executable,
-        **({"network": network} if network is not None else {}), limits=ResourceLimits(timeout=timeout),
+        **({"network": network} if network is not None else {}),
+        limits=ResourceLimits(timeout=timeout, output_bytes=_MAX_OUTPUT),
         env={"PIP_NO_CACHE_DIR": "1", "PYTHONDONTWRITEBYTECODE": "1", "UV_NO_CACHE": "1",
              "UV_PYTHON_DOWNLOADS": "never"})
     # The grant is resolved again here, following links: one swapped in
@@ -813,7 +825,7 @@ async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, r
     total = len(requirements)
     done = 0
     report("install", f"installing {', '.join(requirements)}", 0, total)
-    lines: list[str] = []
+    lines: collections.deque[str] = collections.deque(maxlen=_KEPT_LINES)
     async with Sandbox(sandbox_config, resolver=resolver) as sb:
         argv = _installer_argv(config, path, uv, requirements)
         command = sb.command(argv[0]).args(argv[1:])
@@ -827,21 +839,27 @@ async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, r
             assert stdout is not None and stderr is not None  # both Stdio.PIPE above
 
             async def read_stderr() -> None:
+                cutter = _LineCutter()
                 async for chunk in stderr:
-                    lines.extend(chunk.decode(errors="replace").splitlines())
+                    lines.extend(cutter.feed(chunk))
+                lines.extend(cutter.end())
+
+            def progress(line: str) -> None:
+                nonlocal done
+                lines.append(line)
+                if line.startswith(("Collecting ", "Processing ", "Downloading ")):
+                    done = min(total, done + line.startswith(("Collecting ", "Processing ")))
+                if line.strip():
+                    report("install", line.strip(), done, total)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_stderr)
-                pending = ""
+                cutter = _LineCutter()
                 async for chunk in stdout:
-                    pending += chunk.decode(errors="replace")
-                    *complete, pending = pending.split("\n")
-                    for line in complete:
-                        lines.append(line)
-                        if line.startswith(("Collecting ", "Processing ", "Downloading ")):
-                            done = min(total, done + line.startswith(("Collecting ", "Processing ")))
-                        if line.strip():
-                            report("install", line.strip(), done, total)
+                    for line in cutter.feed(chunk):
+                        progress(line)
+                for line in cutter.end():
+                    progress(line)
             code = await process.wait()
     if code != 0:
         output = "\n".join(lines).strip()
@@ -850,6 +868,45 @@ async def _install(config: VenvConfig, path: Path, base: Path, uv: str | None, r
         detail = "\n".join([line for line in lines if line.strip()][-12:])
         raise InstallError(f"installing {', '.join(requirements)} into {path} failed (exit {code}):\n"
                            f"{detail[-4000:]}", output)
+
+
+class _LineCutter:
+    """An installer's output stream as lines, each cut to _MAX_LINE
+    characters: the rest of a longer line is dropped as it comes, so the
+    host holds no more than one line's start and one chunk, and looks at
+    each byte once, however long a line the installer (or code planted in
+    the environment) writes."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._overlong = False  # the line being read was cut: its rest is dropped
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines that ``chunk`` completes (or cuts)."""
+        return self._split(self._decoder.decode(chunk))
+
+    def end(self) -> list[str]:
+        """The last line, when the stream ended without a newline."""
+        lines = self._split(self._decoder.decode(b"", final=True))
+        if self._pending and not self._overlong:
+            lines.append(self._pending)
+        self._pending = ""
+        return lines
+
+    def _split(self, text: str) -> list[str]:
+        *complete, rest = text.split("\n")
+        lines = []
+        for piece in complete:
+            if not self._overlong:
+                lines.append((self._pending + piece)[:_MAX_LINE])
+            self._pending, self._overlong = "", False
+        if not self._overlong:
+            self._pending += rest
+            if len(self._pending) > _MAX_LINE:
+                lines.append(self._pending[:_MAX_LINE])
+                self._pending, self._overlong = "", True
+        return lines
 
 
 class PythonConfig(Frozen):
