@@ -4,6 +4,7 @@ neighbour.  Every attack is done for real and observed from the host."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -195,3 +196,41 @@ async def test_a_base_python_link_flipped_while_a_strict_sandbox_opens_grants_no
         assert ran, "no STRICT sandbox of the environment opened and ran its Python"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- what a planted file writes, shown on the user's terminal by heel ----------------
+
+# Writes, only in the installer (its sandbox sets PIP_NO_CACHE_DIR), an
+# escape sequence that would set the terminal's title and clear its screen.
+ESCAPES = ("import os, sys; os.environ.get('PIP_NO_CACHE_DIR') and "
+           "[sys.stdout.write('\\x1b]0;heel-r28\\x07\\x1b[2Jplanted\\n'), sys.stdout.flush(), "
+           "sys.stderr.write('\\x1b]0;heel-r28\\x07\\x1b[2Jplanted\\n'), sys.stderr.flush()]\n")
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
+async def test_heel_python_shows_no_escape_sequence_a_planted_file_writes(venv_dir, wheels):
+    """`heel python` shows the installer's lines as progress on stderr, and
+    the installer's output in its error: code planted in the environment (a
+    .pth file an allow_pip_install sandbox wrote) runs in the installer, so
+    what it writes reached the user's terminal as it was, escape sequences
+    too (a title, a cleared screen, a cursor moved over heel's own lines).
+    heel shows them escaped.  Control: the lines are shown, and the
+    command's own output still passes through as it is."""
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON, find_links=[wheels], no_index=True, use_uv=False)
+    with trio.fail_after(120):
+        await heel.VenvManager.create(config)
+    site = glob.glob(os.path.join(venv_dir, "lib", "python3*", "site-packages"))
+    with open(os.path.join(site[0], "zz_escapes.pth"), "w") as f:
+        f.write(ESCAPES)
+    common = ["python", "--venv", venv_dir, "--python", SYSTEM_PYTHON, "--no-index", "--find-links", wheels]
+    installed = subprocess.run([sys.executable, "-m", "heel", *common, "-p", "heelalpha", "-c",
+                                "import sys; sys.stderr.write('\\x1b[0mown\\n')"],
+                               capture_output=True, timeout=180)
+    failed = subprocess.run([sys.executable, "-m", "heel", *common, "-p", "heel-not-there", "-c", "pass"],
+                            capture_output=True, timeout=180)
+    assert installed.returncode == 0, explain(installed)
+    assert failed.returncode == 125 and b"heel-not-there" in failed.stderr, explain(failed)
+    for result in (installed, failed):
+        assert b"\\x1b]0;heel-r28\\x07\\x1b[2Jplanted" in result.stderr, result.stderr[-3000:]  # shown, escaped
+        assert b"\x1b]0;heel-r28" not in result.stderr, result.stderr[-3000:]  # never sent
+    assert installed.stderr.endswith(b"\x1b[0mown\n"), installed.stderr[-300:]  # the command's own, as it is
