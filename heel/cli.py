@@ -104,10 +104,21 @@ def _say(message: str) -> None:
     from ._terminal import line_end
 
     try:
-        sys.stderr.write(f"heel: {message}{line_end()}")
+        sys.stderr.write(f"heel: {_shown(message)}{line_end()}")
         sys.stderr.flush()
     except (OSError, ValueError):  # ValueError: stderr closed
         _drop_stderr_buffer()
+
+
+def _shown(text: str) -> str:
+    """``text`` for heel's lines on the user's terminal: a message may carry
+    what a sandbox wrote (an installer's output, which code planted in an
+    environment writes too), so control characters other than newlines and
+    tabs (escape sequences: a title, a cursor move, a screen cleared) are
+    shown as escapes, never sent."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _drop_stderr_buffer() -> None:
@@ -406,13 +417,13 @@ def _show_progress(event) -> None:
         width = 20
         filled = width * event.done // event.total
         bar = "=" * filled + " " * (width - filled)
-        line = f"heel: installing [{bar}] {event.done}/{event.total} {event.message[:60]}"
+        line = f"heel: installing [{bar}] {event.done}/{event.total} {_shown(event.message[:60])}"
         if sys.stderr.isatty():
             sys.stderr.write("\r\033[K" + line)
         else:
             sys.stderr.write(line + "\n")
     elif event.phase == "create":
-        sys.stderr.write(f"heel: {event.message}\n")
+        sys.stderr.write(f"heel: {_shown(event.message)}\n")
     elif event.phase == "done" and event.total and sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     sys.stderr.flush()
