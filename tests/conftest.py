@@ -181,3 +181,13 @@ def host_dir():
     path.chmod(0o777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def venv_dir():
+    """Where a test's environment goes: ``<dir>/env`` in a fresh directory in
+    /var/tmp that every uid may search (root's sandboxes run as another)."""
+    base = tempfile.mkdtemp(prefix="heel-venv-test-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    yield os.path.join(base, "env")
+    shutil.rmtree(base, ignore_errors=True)

@@ -34,14 +34,6 @@ def wheels():
         yield directory
 
 
-@pytest.fixture
-def venv_dir():
-    base = tempfile.mkdtemp(prefix="heel-venv-r28-", dir="/var/tmp")
-    os.chmod(base, 0o755)
-    yield os.path.join(base, "env")
-    shutil.rmtree(base, ignore_errors=True)
-
-
 # A .pth file that floods the interpreter's stdout and stderr, without a
 # newline, every time the environment's Python starts (pip's, in the
 # installer's sandbox).

@@ -34,14 +34,6 @@ def wheels():
         yield directory
 
 
-@pytest.fixture
-def venv_dir():
-    base = tempfile.mkdtemp(prefix="heel-venv-test-", dir="/var/tmp")
-    os.chmod(base, 0o755)
-    yield os.path.join(base, "env")
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def alpha_venv(wheels):
     """One environment with heelalpha, shared by the tests that only read it."""
