@@ -667,7 +667,10 @@ def build_plan(config: SandboxConfig, *, workdir: str, host_tmp: str, env: Envir
         regions = ["/"] if not readonly_root else writable
         masked: list[str] = []
         for d in sorted(denied, key=len):
-            if (not os.path.lexists(d) or os.path.islink(d) or any(_under(d, m) for m in masked)
+            # A place named through a link (a $HOME of /home/user where /home
+            # leads to /var/home) is covered by its real name, also in
+            # `denied`: the child mounts on no path with a link in it.
+            if (not os.path.lexists(d) or os.path.realpath(d) != d or any(_under(d, m) for m in masked)
                     or any(_under(d, c.path) for c in covered)):
                 continue
             if hidden(d) and not any(_under(d, r) for r in rw_regions + ro_regions):
