@@ -619,3 +619,70 @@ async def test_abstract_host_socket_unreachable_without_namespaces(no_namespaces
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:  # the host's control
             client.connect(name)
             assert select.select([server], [], [], 5)[0]
+
+
+# ---- the home of the password database, whatever $HOME says ----------------------
+
+async def test_the_password_databases_home_stays_closed_when_home_is_elsewhere(root_only, fake_home, outside_dir):
+    """heel protects both the home $HOME names and the one the password
+    database gives the user: with $HOME elsewhere, root's own home (/root)
+    stays closed to root's PERMISSIVE sandbox (the real uid 0, whom its
+    mode lets in).  Control: a file outside any home is read."""
+    import pwd
+
+    home = os.path.abspath(pwd.getpwuid(0).pw_dir)
+    if home == "/" or not os.path.isdir(home) or os.path.realpath(fake_home).startswith(home + "/"):
+        pytest.skip("root's home from the password database is no directory of its own here")
+    fd, secret = tempfile.mkstemp(dir=home, prefix="heel-test-")
+    try:
+        os.write(fd, b"heel-secret-passwd-home")
+        os.close(fd)
+        ordinary = os.path.join(outside_dir, "ordinary")
+        with open(ordinary, "w") as f:
+            f.write("heel-ordinary")
+        async with heel.Sandbox(heel.SandboxConfig(level=PERMISSIVE)) as sb:
+            out = await py(sb, READ_EACH, ordinary, secret)
+    finally:
+        os.unlink(secret)
+    lines = _lines(out)
+    assert f"READ {ordinary} heel-ordinary" in lines, explain(out)
+    assert b"heel-secret" not in out.stdout, explain(out)
+    assert any(line.startswith(f"refused {secret} ") for line in lines), explain(out)
+
+
+# ---- protected files inside a writable place ------------------------------------------
+
+@pytest.mark.parametrize("level", [STRICT, DEFAULT])
+async def test_protected_files_in_a_writable_place_keep_their_mode_and_times(level, outside_dir, monkeypatch):
+    """A writable place that holds a home: Landlock keeps the credentials
+    from being read or written, but it does not mediate chmod, utime or
+    xattrs, which the sandbox's ownership of the files would allow there;
+    heel makes the protected files read-only mounts.  Control: the same
+    changes to the home's ordinary file work."""
+    from helpers import snapshot
+
+    proj = os.path.join(outside_dir, "proj")
+    os.mkdir(proj)
+    os.chmod(proj, 0o777)
+    home = make_home(proj)
+    monkeypatch.setenv("HOME", home)
+    secrets = [os.path.join(home, name) for name in (".netrc", ".bash_history")]
+    notes = os.path.join(home, "notes.txt")
+    before = {p: snapshot(p) for p in secrets}
+    security = heel.SecurityConfig(protect_user_home=False)
+    async with heel.Sandbox(heel.SandboxConfig(level=level, security=security, writable=[proj])) as sb:
+        out = await py(sb, """
+            import os, sys
+            for path in sys.argv[1:]:
+                for what, attempt in (('chmod', lambda: os.chmod(path, 0o600)),
+                                      ('utime', lambda: os.utime(path, (0, 0)))):
+                    try:
+                        attempt()
+                        print('CHANGED', what, path, flush=True)
+                    except OSError as e:
+                        print('refused', what, path, e.errno, flush=True)
+            """, notes, *secrets)
+    lines = _lines(out)
+    assert f"CHANGED chmod {notes}" in lines and f"CHANGED utime {notes}" in lines, explain(out)
+    assert not any(line.startswith("CHANGED") and notes not in line for line in lines), explain(out)
+    assert {p: snapshot(p) for p in secrets} == before
