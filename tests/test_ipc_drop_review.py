@@ -1,0 +1,239 @@
+"""r29's review of "nothing a sandbox hands over is dropped on trio's thread".
+
+Two more ways for a sandbox with IPC to have the host drop the last
+reference of a heavy file of its (a 4 GiB memfd: about 0.8 s to free) on
+trio's thread, where every sandbox's timeouts, proxy and IPC run:
+
+- the sandbox keeps its own fd of the host's end of a connection, and turns
+  SO_PASSRIGHTS back on through it once the host has turned it off: the host
+  then reads the connection on trio's thread (nothing was waiting when it
+  looked), and the recv drops the fds sent along;
+- the host closes the broker on trio's thread when the sandbox closes, and
+  that purges what the sandbox left queued on it, fds included.
+
+Each next to a control that does the same without the attack.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+import trio
+
+import heel
+
+GiB = 1 << 30
+
+
+def _need_memory(total: int) -> None:
+    if os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < total + 4 * GiB:
+        pytest.skip("not enough free memory for the heavy files")
+
+
+def _kernel_has_passrights() -> bool:
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        try:
+            a.setsockopt(socket.SOL_SOCKET, 83, 0)
+            return True
+        except OSError:
+            return False
+
+
+class _Heartbeat:
+    """The longest the host's event loop stood still, seen from a task of its."""
+
+    def __init__(self) -> None:
+        self.beats: list[float] = []
+
+    async def run(self) -> None:
+        while True:
+            self.beats.append(time.monotonic())
+            await trio.sleep(0.02)
+
+    def longest_gap(self) -> float:
+        return max(b - a for a, b in zip(self.beats, self.beats[1:]))
+
+
+def _ping_router() -> heel.IpcRouter:
+    router = heel.IpcRouter()
+
+    @router.command("ping")
+    async def ping() -> str:
+        return "pong"
+
+    return router
+
+
+async def _read_until(process, marker: bytes) -> bytes:
+    said = b""
+    with trio.fail_after(60):
+        while marker not in said:
+            chunk = await process.stdout.receive_some(1000)
+            assert chunk, said
+            said += chunk
+    return said
+
+
+PASSRIGHTS_BACK_ON = r"""
+import os, socket, struct, sys, time
+how, size = sys.argv[1], int(sys.argv[2])
+SO_PASSRIGHTS = 83
+
+def rights(fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+
+heavy = os.memfd_create("heavy")
+os.posix_fallocate(heavy, 0, size)
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+ours, theirs = socket.socketpair()
+broker.sendmsg([b"c"], rights([theirs.fileno()]))
+# theirs is kept: passing an fd copies it, and this copy is the same socket
+# as the host's end of the connection.
+deadline = time.monotonic() + 20
+while theirs.getsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS) != 0:  # the host has turned it off
+    assert time.monotonic() < deadline, "the host never turned SO_PASSRIGHTS off"
+    time.sleep(0.001)
+time.sleep(0.2)  # and has counted the bytes waiting (none)
+if how == "back_on":
+    try:
+        theirs.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 1)
+        print("back on", flush=True)
+    except OSError as exc:
+        print("setsockopt refused", exc.errno, flush=True)
+theirs.close()
+try:
+    ours.sendmsg([b"\0"], rights([heavy]))
+    print("sent", flush=True)
+except OSError as exc:
+    print("refused", exc.errno, flush=True)
+os.close(heavy)
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.skipif(not _kernel_has_passrights(), reason="SO_PASSRIGHTS needs Linux 6.16")
+@pytest.mark.parametrize("how", ["back_on", "control"])
+async def test_the_sandbox_cannot_turn_passrights_back_on_through_its_copy_of_a_connection(how):
+    """The socket the sandbox passes as a connection stays the sandbox's too
+    (SCM_RIGHTS copies an fd, it does not move it): through its own fd of
+    it, the sandbox sets SO_PASSRIGHTS back to 1 after the host turned it
+    off and counted nothing waiting, then sends a 4 GiB memfd along a byte.
+    The host reads the connection on trio's thread (its unsafe count is 0),
+    and that recv drops the memfd there.  The control leaves the option
+    alone: the kernel refuses the fd (EPERM).  Either way the host's event
+    loop must not stand still, and the sandbox's calls still work."""
+    size = 4 * GiB
+    _need_memory(3 * size)
+    heartbeat = _Heartbeat()
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat.run)
+            process = await sb.python().args(["-c", PASSRIGHTS_BACK_ON, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(90).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(2)  # the host frees the file meanwhile, wherever it does
+                process.kill()
+            nursery.cancel_scope.cancel()
+        control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
+            .timeout(30).output()
+    assert control.stdout == b"pong\n", control
+    if how == "control":
+        assert b"refused %d" % errno.EPERM in said, said
+    gap = heartbeat.longest_gap()
+    assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r})"
+
+
+LEFT_ON_THE_BROKER = r"""
+import os, socket, struct, sys, time
+blocker_size, size = int(sys.argv[1]), int(sys.argv[2])
+
+def rights(fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+
+blocker = os.memfd_create("blocker")
+os.posix_fallocate(blocker, 0, blocker_size)
+heavy = os.memfd_create("heavy")
+os.posix_fallocate(heavy, 0, size)
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+# The host closes the blocker in its worker thread (a while); meanwhile the
+# heavy file waits, queued on the broker.
+broker.sendmsg([b"c"], rights([blocker]))
+broker.sendmsg([b"c"], rights([heavy]))
+os.close(blocker)
+os.close(heavy)
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["closed_at_once", "control"])
+async def test_what_the_sandbox_leaves_on_the_broker_is_not_freed_on_the_hosts_event_loop(how):
+    """The sandbox passes a 3 GiB memfd over the broker (the host closes it
+    in the sandbox's worker thread: some 0.6 s), and right after it a 4 GiB
+    one, which waits in the broker's queue meanwhile.  The sandbox is then
+    closed: aclose() cancels the IPC task and closes the broker on trio's
+    thread (Session.close_channels), and closing it purges its queue: the
+    4 GiB memfd is freed there.  The control waits until the host has read
+    (and closed, in its thread) both before it closes the sandbox."""
+    blocker_size, size = 3 * GiB, 4 * GiB
+    _need_memory(blocker_size + size)
+    heartbeat = _Heartbeat()
+    said = b""
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat.run)
+        try:
+            async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+                process = await sb.python().args(["-c", LEFT_ON_THE_BROKER, str(blocker_size), str(size)]) \
+                    .stdout(heel.Stdio.PIPE).timeout(90).spawn()
+                said = await _read_until(process, b"handed over")
+                if how == "control":
+                    await trio.sleep(4)
+                # the `async with` ends here: the sandbox closes, the command with it
+        except Exception as exc:  # (see the test below: the close may also raise)
+            failure = exc
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    gap = heartbeat.longest_gap()
+    assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r}, {failure!r})"
+    if failure is not None:
+        raise failure
+
+
+BLOCKER_ONLY = r"""
+import os, socket, struct, sys, time
+fd = os.memfd_create("blocker")
+os.posix_fallocate(fd, 0, int(sys.argv[1]))
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+broker.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+os.close(fd)
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["closed_at_once", "control"])
+async def test_a_sandbox_closed_while_its_ipc_thread_works_closes_without_an_error(how):
+    """The IPC task waits, uncancellable, for its worker thread (here closing
+    a 2 GiB memfd the sandbox passed: some 0.4 s); the sandbox closes
+    meanwhile, and close_channels() closes the broker.  When the thread
+    returns, the cancelled task went round its loop to wait_readable() on
+    the closed socket (fileno -1) before any checkpoint, and trio's
+    ValueError came out of the user's `async with heel.Sandbox`.  The
+    control closes the sandbox once the thread is done."""
+    _need_memory(2 * GiB)
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        process = await sb.python().args(["-c", BLOCKER_ONLY, str(2 * GiB)]) \
+            .stdout(heel.Stdio.PIPE).timeout(90).spawn()
+        await _read_until(process, b"handed over")
+        if how == "control":
+            await trio.sleep(3)
+    # reaching here, without an exception, is the test
