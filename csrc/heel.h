@@ -52,7 +52,7 @@ struct heel_seccomp_opts {
     int deny_bind;            /* bind() refused: no network namespace holds the names bound */
     int deny_fastopen;        /* MSG_FASTOPEN refused: no network namespace, Landlock sees connect() only */
     int deny_foreign_sched;   /* priorities and scheduling of the caller only: no pid namespace */
-    int deny_linger;          /* setsockopt(SO_LINGER) refused: the sandbox can hand sockets to the host (IPC) */
+    int deny_linger;          /* setsockopt(SO_LINGER, SO_PASSRIGHTS) refused: the sandbox can hand sockets to the host (IPC) */
 };
 
 /* Assemble the filter into out[0..cap).  Returns the number of instructions

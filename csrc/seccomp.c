@@ -114,6 +114,9 @@
 /* SO_PASSPIDFD (Linux 6.5), and F_SETLEASE, which glibc shows only with
  * _GNU_SOURCE: the kernel's numbers, whatever the headers have. */
 #define HEEL_SO_PASSPIDFD 76u
+/* SO_PASSRIGHTS (Linux 6.16): the host turns it off on each IPC connection
+ * (heel.ipc._refuse_fds); the sandbox must not turn it back on. */
+#define HEEL_SO_PASSRIGHTS 83u
 #ifndef F_SETLEASE
 #define F_SETLEASE 1024
 #endif
@@ -637,6 +640,13 @@ static void fcntl_check(struct bpf_asm *a, const struct heel_seccomp_opts *opts)
  * holds (getsockopt works).  Without IPC no fd of the sandbox's reaches the
  * host, and programs that reset connections with a zero linger keep working.
  *
+ * And, where the sandbox has IPC, SO_PASSRIGHTS: the host turns it off on
+ * the end of each connection the sandbox passes, so that the kernel refuses
+ * fds sent along it, and then reads the connection in the thread that runs
+ * trio, where a recv would drop (and a last close free) whatever file came
+ * along.  Passing an fd copies it: the sandbox may keep that same socket,
+ * and through its own fd it would turn the option back on.
+ *
  * And SO_PASSCRED or SO_PASSPIDFD where bind() is refused.  A unix
  * socket that passes credentials is given an abstract name of the kernel's
  * choosing ("autobind") as soon as it sends, a socketpair's ends included.
@@ -654,11 +664,11 @@ static void setsockopt_check(struct bpf_asm *a, const struct heel_seccomp_opts *
     ret_if_ne(a, SOL_SOCKET, ALLOW);
     load(a, ARG_LO(2));
     if (!opts->deny_bind)
-        ret_in(a, ONE_OF(SO_LINGER), FAIL(EPERM), ALLOW);
+        ret_in(a, ONE_OF(SO_LINGER, HEEL_SO_PASSRIGHTS), FAIL(EPERM), ALLOW);
     else if (!opts->deny_linger)
         ret_in(a, ONE_OF(SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
     else
-        ret_in(a, ONE_OF(SO_LINGER, SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
+        ret_in(a, ONE_OF(SO_LINGER, HEEL_SO_PASSRIGHTS, SO_PASSCRED, HEEL_SO_PASSPIDFD), FAIL(EPERM), ALLOW);
 }
 
 /* The syscalls whose arguments decide, and the check each one gets.

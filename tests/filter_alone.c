@@ -96,6 +96,7 @@ static const char *const probes_userns[] = {
     "bind_with_unix_nobind", "bind_with_unix", "listen_with_unix_nolisten", "passcred_with_nobind", "passcred",
     "so_linger", "so_linger_with_nobind", "so_linger_with_nolinger", "so_linger_with_nobind_nolinger",
     "passcred_with_nolinger", "passcred_with_nobind_nolinger", "so_keepalive_with_nolinger",
+    "passrights", "passrights_with_nolinger", "passrights_with_nobind_nolinger",
     "sendto_fastopen_with_inet_nofastopen", "sendmsg_fastopen_with_inet_nofastopen",
     "sendmmsg_fastopen_with_inet_nofastopen",
 };
@@ -655,6 +656,14 @@ static int probe(const char *name)
         if (!strcmp(name, "so_keepalive_with_nolinger"))
             return ASK(setsockopt(pair[0], SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)));
         return ASK(setsockopt(pair[0], SOL_SOCKET, SO_LINGER, &linger, sizeof(linger)));
+    }
+    if (!strncmp(name, "passrights", 10)) {
+        /* SO_PASSRIGHTS (83, Linux 6.16) is refused with IPC (r29): the sandbox
+         * may keep its own fd of a connection's host end and turn it back on */
+        int pair[2], one = 1;
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0)
+            setup_failed("socketpair");
+        return ASK(setsockopt(pair[0], SOL_SOCKET, 83, &one, sizeof(one)));
     }
     if (!strcmp(name, "sendto_fastopen_with_inet_nofastopen"))
         return tcp_sendto_fastopen(0);

@@ -80,6 +80,7 @@ EXPECTED = {
     "so_linger": ALLOWED, "so_linger_with_nobind": ALLOWED, "so_linger_with_nolinger": EPERM,
     "so_linger_with_nobind_nolinger": EPERM, "passcred_with_nolinger": ALLOWED,
     "passcred_with_nobind_nolinger": EPERM, "so_keepalive_with_nolinger": ALLOWED,
+    "passrights": ALLOWED, "passrights_with_nolinger": EPERM, "passrights_with_nobind_nolinger": EPERM,
     "sendto_fastopen_with_inet_nofastopen": EPERM, "sendmsg_fastopen_with_inet_nofastopen": EPERM,
     "sendmmsg_fastopen_with_inet_nofastopen": EPERM,
     # the host's root only (invalid arguments where the call could change the host)
