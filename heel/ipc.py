@@ -278,6 +278,10 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
     threads = trio.CapacityLimiter(1)
     async with trio.open_nursery() as nursery:
         while True:
+            # The thread below cannot be cancelled: a sandbox that closed
+            # meanwhile (its broker given up, see Session.close_channels)
+            # ends this here, before the broker is waited on again.
+            await trio.lowlevel.checkpoint_if_cancelled()
             await trio.lowlevel.wait_readable(broker)
             received = await trio.to_thread.run_sync(_receive_connections, broker, limiter=threads)
             if received is None:
