@@ -237,3 +237,59 @@ async def test_a_sandbox_closed_while_its_ipc_thread_works_closes_without_an_err
         if how == "control":
             await trio.sleep(3)
     # reaching here, without an exception, is the test
+
+
+MANY_FDS_QUEUED = r"""
+import os, socket, struct, sys, time
+how, size = sys.argv[1], int(sys.argv[2])
+heavy = os.memfd_create("heavy")
+os.posix_fallocate(heavy, 0, size)
+null = os.open("/dev/null", os.O_RDONLY)
+fds = [heavy] + ([null] * 252 if how == "many" else [])  # one fd may be listed many times
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+ours, theirs = socket.socketpair()
+# Queued before the host has the connection: SO_PASSRIGHTS comes too late
+# for it, and the host reads it in its worker thread.
+ours.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+os.close(heavy)
+broker.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
+theirs.close()
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["many", "control"])
+async def test_a_sandbox_does_not_make_the_host_hold_hundreds_of_its_fds(how):
+    """The bytes queued on a connection before the host has it are read in
+    the sandbox's worker thread with room for 253 fds, which are installed
+    in the host's fd table and then closed one by one: the first a 1 GiB
+    memfd (some 0.2 s to free), the host held the 252 others meanwhile.
+    A sandbox can do that again and again, and every sandbox at once; the
+    host keeps only half of its RLIMIT_NOFILE (less 128) for itself and
+    counts 32 of headroom (heel.ipc._connection_budget, _room_for): at a
+    soft limit of 1024 two sandboxes fill it and the host's own opens fail
+    with EMFILE.  The fds need no room: dropped inside the recv, they are
+    freed in the same thread.  The control passes the memfd alone."""
+    size = GiB
+    _need_memory(size)
+    counts: list[int] = []
+
+    async def count_fds() -> None:
+        while True:
+            counts.append(len(os.listdir("/proc/self/fd")))
+            await trio.sleep(0.003)
+
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_fds)
+            await trio.sleep(0.1)
+            process = await sb.python().args(["-c", MANY_FDS_QUEUED, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(1.5)
+                process.kill()
+            nursery.cancel_scope.cancel()
+    grown = max(counts) - counts[0]
+    assert grown < 32, f"the host held {grown} more fds at once ({said!r})"
