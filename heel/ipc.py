@@ -79,8 +79,6 @@ _HANGUP_POLL = 0.5
 #: SO_PASSRIGHTS (Linux 6.16): set to 0, a unix socket refuses fds (the
 #: sender's sendmsg fails with EPERM).  Python 3.11 does not name it.
 _SO_PASSRIGHTS = {"sparc": 0x5C, "sparc64": 0x5C, "parisc": 0x4051, "parisc64": 0x4051}.get(os.uname().machine, 83)
-#: The most fds one message can carry (the kernel's SCM_MAX_FD).
-_SCM_MAX_FD = 253
 
 
 class IpcCommand:
@@ -351,21 +349,22 @@ def _refuse_fds(fd: int) -> int | None:
 
 
 def _recv_in_thread(fd: int, size: int) -> bytes:
-    """In a worker thread: up to ``size`` bytes of the connection ``fd``,
-    with room for every fd that may come along (installed here, not dropped
-    inside recvmsg) and those fds closed here.  b"" at its end or on an
-    error; a BlockingIOError when nothing waits."""
+    """In a worker thread: up to ``size`` bytes of the connection ``fd``.
+    The fds that come along are dropped inside the recv, in this thread
+    (the kernel drops what it has no room for where it receives, as a close
+    would), never installed: up to 253 at a time, held while the first was
+    freed, were fds the host's own files and the other sandboxes' budgets
+    count on (see _connection_budget).  b"" at its end or on an error; a
+    BlockingIOError when nothing waits."""
     sock = socket.socket(fileno=fd)
     try:
-        data, fds, _, _ = recv_fds(sock, size, _SCM_MAX_FD, _NEVER_BLOCK)
+        return sock.recv(size, _NEVER_BLOCK)
     except (BlockingIOError, InterruptedError):
         raise BlockingIOError from None
     except OSError:
-        data, fds = b"", []
+        return b""
     finally:
         sock.detach()
-    _close_all(fds)
-    return data
 
 
 def _close_all(fds: list[int]) -> None:
