@@ -338,9 +338,12 @@ def _refuse_fds(fd: int) -> int | None:
             probe.setsockopt(socket.SOL_SOCKET, _SO_PASSRIGHTS, 0)
         except OSError:
             return None
-        # Read after the option is set: a sender checks the option and
-        # queues its bytes under the socket's lock, so whatever came with
-        # fds is queued by now, and counted.
+        # A sender checks the option and queues its bytes under the
+        # socket's state lock, which setsockopt does not take: a sender that
+        # read the option before it changed may not have queued yet.
+        # getpeername takes that lock (unix_peer_get), so once it returns
+        # whatever came with fds is queued, and counted below.
+        probe.getpeername()
         return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return -1
