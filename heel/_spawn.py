@@ -423,13 +423,13 @@ async def _launch_async(prepared: Prepared, trio, argv: list[str], env: dict[str
         return pidfd, host_end
 
 
-def recv_fds(sock: _socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
+def recv_fds(sock: _socket.socket, size: int, maxfds: int, flags: int = 0) -> tuple[bytes, list[int], int, object]:
     """socket.recv_fds, with the fds received close-on-exec: a child the
     host starts later must not inherit a sandbox's listener or pidfds.
     (socket.recv_fds drops its flags argument before Python 3.12.)"""
     fds = array.array("i")
     data, ancdata, flags, address = sock.recvmsg(size, _socket.CMSG_SPACE(maxfds * fds.itemsize),
-                                                 _socket.MSG_CMSG_CLOEXEC)
+                                                 _socket.MSG_CMSG_CLOEXEC | flags)
     for level, kind, payload in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
