@@ -125,6 +125,7 @@ class Sandbox(Generic[P]):
         self._proxy: Proxy | None = None
         self._proxy_scope: trio.CancelScope | None = None
         self._proxy_done: trio.Event | None = None
+        self._ipc_done: trio.Event | None = None  # set when the IPC task has ended
         self._commands_started = 0
         self._snippets = 0
         self._session: Session | None = None
@@ -169,7 +170,8 @@ class Sandbox(Generic[P]):
             if self.config.ipc is not None and self._session.ipc is not None:  # (the socket comes with the router)
                 from .ipc import serve
 
-                self._start_background(serve, self.config.ipc, self._session.ipc, run_if_closed=False)
+                self._ipc_done = self._start_background(serve, self.config.ipc, self._session.ipc,
+                                                        run_if_closed=False)
             if self._session.proxy_listener is not None:
                 from .proxy import Proxy
 
@@ -191,27 +193,33 @@ class Sandbox(Generic[P]):
             raise
         return self
 
-    def _start_background(self, function, *args, run_if_closed: bool = True) -> None:
+    def _start_background(self, function, *args, run_if_closed: bool = True) -> trio.Event:
         """Run ``function(*args)`` in the sandbox's nursery, in a cancel
         scope of its own that aclose() cancels.  If the sandbox closed
         before the task began, it runs cancelled (a relay closes its ends
         and sets its event), or not at all when ``run_if_closed`` is false
-        (IPC, whose socket is closed with the sandbox)."""
+        (IPC, whose socket is closed with the sandbox).  Returns an event
+        set once the task has ended (or found it had nothing to do)."""
         assert self._nursery is not None
+        done = trio.Event()
 
         async def run() -> None:
-            if self._closed and not run_if_closed:
-                return
-            with trio.CancelScope() as scope:
-                if self._closed:  # it ends at its first checkpoint
-                    scope.cancel()
-                self._background.add(scope)
-                try:
-                    await function(*args)
-                finally:
-                    self._background.discard(scope)
+            try:
+                if self._closed and not run_if_closed:
+                    return
+                with trio.CancelScope() as scope:
+                    if self._closed:  # it ends at its first checkpoint
+                        scope.cancel()
+                    self._background.add(scope)
+                    try:
+                        await function(*args)
+                    finally:
+                        self._background.discard(scope)
+            finally:
+                done.set()
 
         self._nursery.start_soon(run)
+        return done
 
     async def _run_proxy(self, proxy: Proxy, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._proxy_done = trio.Event()
@@ -290,6 +298,12 @@ class Sandbox(Generic[P]):
                 await finish_despite_ctrl_c(self._proxy_done.wait, interrupted)
             for scope in list(self._background):
                 scope.cancel()
+            # The IPC task ends before its broker is closed: its worker
+            # thread, which no cancel stops, may be reading the broker (or
+            # closing what the sandbox handed over: bounded by the sandbox's
+            # memory), and an fd number closed under it could be another's.
+            if self._ipc_done is not None:
+                await finish_despite_ctrl_c(self._ipc_done.wait, interrupted)
             if self._session is not None:
                 # The sockets here, where trio watches them; the kill, the
                 # reaping and the removal of the workdir (a tree of
