@@ -251,3 +251,41 @@ def usable_uv() -> str | None:
     real = os.path.realpath(found)
     return None if any(_under(real, home) for home in home_directories()) else found
 
+
+def make_home_with_secrets(base: str, places: dict[str, str | None]) -> tuple[str, dict[str, str], list[str]]:
+    """A home in ``base`` with each of ``places`` (a path relative to it ->
+    a file inside it, or None when the place is a file) holding a secret
+    that names it, and beside each an ordinary file (the control) that names
+    it too; every directory and file open to every uid, so that only heel
+    stands in the way.  Returns the home, secret file -> content, and the
+    ordinary files."""
+    home = os.path.join(base, "home")
+    secrets, ordinary = {}, []
+    for n, (rel, inner) in enumerate(sorted(places.items())):
+        secret = os.path.join(home, rel, inner) if inner else os.path.join(home, rel)
+        os.makedirs(os.path.dirname(secret), exist_ok=True)
+        with open(secret, "w") as f:
+            f.write(f"heel-secret-{n}")
+        secrets[secret] = f"heel-secret-{n}"
+        beside = os.path.join(os.path.dirname(os.path.join(home, rel)), f"heel-ordinary-{n}")
+        with open(beside, "w") as f:
+            f.write(f"heel-ordinary-{n}")
+        ordinary.append(beside)
+    for root, _, files in os.walk(home):
+        os.chmod(root, 0o777)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666)
+    return home, secrets, ordinary
+
+
+def kernel_has_passrights() -> bool:
+    """Whether this kernel has SO_PASSRIGHTS (Linux 6.16)."""
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        try:
+            a.setsockopt(socket.SOL_SOCKET, 83, 0)
+            return True
+        except OSError:
+            return False

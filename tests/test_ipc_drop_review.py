@@ -24,6 +24,7 @@ import pytest
 import trio
 
 import heel
+from helpers import kernel_has_passrights
 
 GiB = 1 << 30
 
@@ -31,18 +32,6 @@ GiB = 1 << 30
 def _need_memory(total: int) -> None:
     if os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < total + 4 * GiB:
         pytest.skip("not enough free memory for the heavy files")
-
-
-def _kernel_has_passrights() -> bool:
-    import socket
-
-    a, b = socket.socketpair()
-    with a, b:
-        try:
-            a.setsockopt(socket.SOL_SOCKET, 83, 0)
-            return True
-        except OSError:
-            return False
 
 
 class _Heartbeat:
@@ -118,7 +107,7 @@ time.sleep(30)
 """
 
 
-@pytest.mark.skipif(not _kernel_has_passrights(), reason="SO_PASSRIGHTS needs Linux 6.16")
+@pytest.mark.skipif(not kernel_has_passrights(), reason="SO_PASSRIGHTS needs Linux 6.16")
 @pytest.mark.parametrize("how", ["back_on", "control"])
 async def test_the_sandbox_cannot_turn_passrights_back_on_through_its_copy_of_a_connection(how):
     """The socket the sandbox passes as a connection stays the sandbox's too

@@ -16,7 +16,7 @@ import pytest
 
 import heel
 from conftest import make_home
-from helpers import explain, py
+from helpers import explain, make_home_with_secrets, py
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
@@ -52,22 +52,7 @@ HISTORIES_AND_KEYRINGS = {
 
 @pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])
 async def test_every_shell_history_and_keyring_is_unreadable(level, outside_dir, monkeypatch):
-    home = os.path.join(outside_dir, "home")
-    secrets, ordinary = {}, []
-    for n, (rel, inner) in enumerate(sorted(HISTORIES_AND_KEYRINGS.items())):
-        secret = os.path.join(home, rel, inner) if inner else os.path.join(home, rel)
-        os.makedirs(os.path.dirname(secret), exist_ok=True)
-        with open(secret, "w") as f:
-            f.write(f"heel-secret-{n}")
-        secrets[secret] = f"heel-secret-{n}"
-        beside = os.path.join(os.path.dirname(os.path.join(home, rel)), f"heel-ordinary-{n}")
-        with open(beside, "w") as f:
-            f.write(f"heel-ordinary-{n}")
-        ordinary.append(beside)
-    for root, _, files in os.walk(home):  # open to every uid: only heel stands in the way
-        os.chmod(root, 0o777)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666)
+    home, secrets, ordinary = make_home_with_secrets(outside_dir, HISTORIES_AND_KEYRINGS)
     monkeypatch.setenv("HOME", home)
     security = heel.SecurityConfig(protect_user_home=False)
     async with heel.Sandbox(heel.SandboxConfig(level=level, security=security)) as sb:

@@ -14,7 +14,7 @@ import pytest
 
 import heel
 from conftest import CREDENTIALS, ORDINARY_IN_HOME
-from helpers import explain, py, snapshot
+from helpers import explain, make_home_with_secrets, py, snapshot
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
@@ -870,29 +870,6 @@ def _protected_in_home() -> dict[str, str | None]:
     return places
 
 
-def _make_full_home(base: str) -> tuple[str, dict[str, str], list[str]]:
-    """A home with every protected place in it, each holding a secret that
-    names it, and next to each an ordinary file (the control) that names it
-    too.  Returns the home, secret file -> content, and the ordinary files."""
-    home = os.path.join(base, "home")
-    secrets, ordinary = {}, []
-    for n, (rel, inner) in enumerate(sorted(_protected_in_home().items())):
-        secret = os.path.join(home, rel, inner) if inner else os.path.join(home, rel)
-        os.makedirs(os.path.dirname(secret), exist_ok=True)
-        with open(secret, "w") as f:
-            f.write(f"heel-secret-{n}")
-        secrets[secret] = f"heel-secret-{n}"
-        beside = os.path.join(os.path.dirname(os.path.join(home, rel)), f"heel-ordinary-{n}")
-        with open(beside, "w") as f:
-            f.write(f"heel-ordinary-{n}")
-        ordinary.append(beside)
-    for root, dirs, files in os.walk(home):  # open to every uid: only heel stands in the way
-        os.chmod(root, 0o777)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666)
-    return home, secrets, ordinary
-
-
 READ_EACH = """
 import os, sys
 for path in sys.argv[1:]:
@@ -909,7 +886,7 @@ async def test_every_protected_place_in_home_is_unreadable(level, outside_dir, m
     the home (the README's list, and whatever else heel's own lists hold),
     with the home itself open (protect_user_home=False): reading the secret
     in each is refused.  Control: a file next to each place is read."""
-    home, secrets, ordinary = _make_full_home(outside_dir)
+    home, secrets, ordinary = make_home_with_secrets(outside_dir, _protected_in_home())
     monkeypatch.setenv("HOME", home)
     security = heel.SecurityConfig(protect_user_home=False)
     async with heel.Sandbox(heel.SandboxConfig(level=level, security=security)) as sb:

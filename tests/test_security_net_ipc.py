@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, py
+from helpers import explain, kernel_has_passrights, py
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
@@ -611,17 +611,6 @@ time.sleep(30)
 """
 
 
-def _kernel_refuses_fds() -> bool:
-    """Whether this kernel has SO_PASSRIGHTS (Linux 6.16)."""
-    a, b = socket.socketpair()
-    with a, b:
-        try:
-            a.setsockopt(socket.SOL_SOCKET, 83, 0)
-            return True
-        except OSError:
-            return False
-
-
 @pytest.mark.parametrize("how", ["broker", "truncated", "queued", "on_connection", "on_connection_old_kernel"])
 async def test_a_heavy_file_handed_over_ipc_is_not_freed_on_the_hosts_event_loop(how, monkeypatch):
     """A sandbox with IPC can make the host drop the last reference of any
@@ -678,7 +667,7 @@ async def test_a_heavy_file_handed_over_ipc_is_not_freed_on_the_hosts_event_loop
         control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
             .timeout(30).output()
     assert control.stdout == b"pong\n", control
-    if how == "on_connection" and _kernel_refuses_fds() and not old_kernel:
+    if how == "on_connection" and kernel_has_passrights() and not old_kernel:
         assert b"refused %d" % errno.EPERM in said, said  # SO_PASSRIGHTS off: the fd never left
     elif how == "on_connection":
         assert b"refused" not in said, said
