@@ -1,15 +1,20 @@
-"""r29's review of "nothing a sandbox hands over is dropped on trio's thread".
+"""Nothing a sandbox hands over IPC is dropped on trio's thread.
 
-Two more ways for a sandbox with IPC to have the host drop the last
-reference of a heavy file of its (a 4 GiB memfd: about 0.8 s to free) on
-trio's thread, where every sandbox's timeouts, proxy and IPC run:
+A sandbox with IPC can make the host drop the last reference of any file of
+its (a 4 GiB memfd: about 0.8 s to free), and whoever drops it frees the
+file then and there: on trio's thread, every sandbox's timeouts, proxy and
+IPC would stand still.  The first test tries each way in (over the broker,
+past the fds a message carries, queued on a connection, along a
+connection's bytes).  The rest come from r29's review of the change that
+moved those drops to a worker thread:
 
 - the sandbox keeps its own fd of the host's end of a connection, and turns
   SO_PASSRIGHTS back on through it once the host has turned it off: the host
   then reads the connection on trio's thread (nothing was waiting when it
   looked), and the recv drops the fds sent along;
 - the host closes the broker on trio's thread when the sandbox closes, and
-  that purges what the sandbox left queued on it, fds included.
+  that purges what the sandbox left queued on it, fds included;
+- a sandbox closed while its IPC thread works; hundreds of fds held at once.
 
 Each next to a control that does the same without the attack.
 """
@@ -67,6 +72,94 @@ async def _read_until(process, marker: bytes) -> bytes:
             assert chunk, said
             said += chunk
     return said
+
+
+HEAVY_FILE = r"""
+import os, socket, struct, sys, time
+how, size = sys.argv[1], int(sys.argv[2])
+
+def rights(fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+
+# A large memfd (tmpfs, as an unlinked file in a tmpfs /tmp would be):
+# whoever drops its last reference frees its pages (about 0.2 s a GiB); a
+# large unlinked file on a disk costs about half that.  That last
+# reference is put in flight, in the queue of a socket (heavy), which the
+# sandbox then gives away with its last own reference.
+fd = os.memfd_create("heavy")
+os.posix_fallocate(fd, 0, size)
+heavy, wrapper = socket.socketpair()
+wrapper.sendmsg([b"x"], rights([fd]))
+os.close(fd)
+wrapper.close()
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+if how == "broker":  # a connection whose request the host reads, or what it closes
+    broker.sendmsg([b"c"], rights([heavy.fileno()]))
+elif how == "truncated":  # the fifth fd of a message: dropped inside the host's recvmsg
+    broker.sendmsg([b"c"], rights([os.open("/dev/null", os.O_RDONLY) for _ in range(4)] + [heavy.fileno()]))
+else:
+    ours, theirs = socket.socketpair()
+    if how == "queued":  # waiting on the host's end of a connection before the host has it
+        ours.sendmsg([b"\0"], rights([heavy.fileno()]))
+        heavy.close()
+    broker.sendmsg([b"c"], rights([theirs.fileno()]))
+    theirs.close()
+    if how == "on_connection":  # along with a byte of a request: the host's recv drops it
+        time.sleep(0.5)
+        try:
+            ours.sendmsg([b"\0"], rights([heavy.fileno()]))
+        except OSError as exc:
+            print("refused", exc.errno, flush=True)
+heavy.close()
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["broker", "truncated", "queued", "on_connection", "on_connection_old_kernel"])
+async def test_a_heavy_file_handed_over_ipc_is_not_freed_on_the_hosts_event_loop(how, monkeypatch):
+    """A sandbox with IPC can make the host drop the last reference of any
+    file of its: over the broker (the host closes what is no connection; the
+    kernel drops, inside the host's recvmsg, what is past the fds a message
+    may carry) or along with a connection's data (the host's recv drops it).
+    The last close of a large unlinked file frees its pages then and there:
+    4 GiB of a memfd or tmpfs is about 0.8 s, and a disk's worth more.  None of that
+    may happen on trio's thread, where every sandbox's timeouts, proxy and
+    IPC run.  The control: the same sandbox's calls still work.
+
+    "on_connection_old_kernel": as before Linux 6.16, where the host cannot
+    make the kernel refuse fds on a connection (SO_PASSRIGHTS), so it reads
+    every byte of it in a worker thread."""
+    if how == "on_connection_old_kernel":
+        from heel import ipc
+
+        monkeypatch.setattr(ipc, "_SO_PASSRIGHTS", 0x7FFF)  # no such option: ENOPROTOOPT
+        how = "on_connection"
+        old_kernel = True
+    else:
+        old_kernel = False
+    size = 4 * GiB
+    _need_memory(3 * size)
+    heartbeat = _Heartbeat()
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat.run)
+            process = await sb.python().args(["-c", HEAVY_FILE, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(2)  # the host frees the file meanwhile, wherever it does
+                process.kill()
+            nursery.cancel_scope.cancel()
+        control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
+            .timeout(30).output()
+    assert control.stdout == b"pong\n", control
+    if how == "on_connection" and kernel_has_passrights() and not old_kernel:
+        assert b"refused %d" % errno.EPERM in said, said  # SO_PASSRIGHTS off: the fd never left
+    elif how == "on_connection":
+        assert b"refused" not in said, said
+    gap = heartbeat.longest_gap()
+    assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r})"
 
 
 PASSRIGHTS_BACK_ON = r"""

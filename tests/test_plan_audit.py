@@ -16,20 +16,11 @@ import pytest
 
 import heel
 from conftest import make_home
-from helpers import explain, make_home_with_secrets, py
+from helpers import READ_EACH, explain, make_home_with_secrets, py
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
-
-READ_EACH = """
-import os, sys
-for path in sys.argv[1:]:
-    try:
-        print('READ', path, open(path).read(), flush=True)
-    except OSError as e:
-        print('refused', path, e.errno, flush=True)
-"""
 
 
 def _lines(out) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 
 import heel
 from conftest import CREDENTIALS, ORDINARY_IN_HOME
-from helpers import explain, make_home_with_secrets, py, snapshot
+from helpers import READ_EACH, explain, make_home_with_secrets, py, snapshot
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
@@ -868,16 +868,6 @@ def _protected_in_home() -> dict[str, str | None]:
     for rel in (*CREDENTIALS_IN_HOME, *CLOUD_IN_HOME):
         places.setdefault(rel, "secret" if rel in _DIRECTORY_PLACES else None)
     return places
-
-
-READ_EACH = """
-import os, sys
-for path in sys.argv[1:]:
-    try:
-        print('READ', path, open(path).read(), flush=True)
-    except OSError as e:
-        print('refused', path, e.errno, flush=True)
-"""
 
 
 @pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])

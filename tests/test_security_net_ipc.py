@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, kernel_has_passrights, py
+from helpers import explain, py
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
@@ -566,110 +566,3 @@ async def test_so_linger_is_refused_where_the_sandbox_has_ipc(with_ipc):
         assert b"linger refused 1" in out.stdout, out
     else:
         assert b"linger set (1, 5)" in out.stdout, out
-
-
-
-HEAVY_FILE = r"""
-import os, socket, struct, sys, time
-how, size = sys.argv[1], int(sys.argv[2])
-
-def rights(fds):
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
-
-# A large memfd (tmpfs, as an unlinked file in a tmpfs /tmp would be):
-# whoever drops its last reference frees its pages (about 0.2 s a GiB); a
-# large unlinked file on a disk costs about half that.  That last
-# reference is put in flight, in the queue of a socket (heavy), which the
-# sandbox then gives away with its last own reference.
-fd = os.memfd_create("heavy")
-os.posix_fallocate(fd, 0, size)
-heavy, wrapper = socket.socketpair()
-wrapper.sendmsg([b"x"], rights([fd]))
-os.close(fd)
-wrapper.close()
-broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
-if how == "broker":  # a connection whose request the host reads, or what it closes
-    broker.sendmsg([b"c"], rights([heavy.fileno()]))
-elif how == "truncated":  # the fifth fd of a message: dropped inside the host's recvmsg
-    broker.sendmsg([b"c"], rights([os.open("/dev/null", os.O_RDONLY) for _ in range(4)] + [heavy.fileno()]))
-else:
-    ours, theirs = socket.socketpair()
-    if how == "queued":  # waiting on the host's end of a connection before the host has it
-        ours.sendmsg([b"\0"], rights([heavy.fileno()]))
-        heavy.close()
-    broker.sendmsg([b"c"], rights([theirs.fileno()]))
-    theirs.close()
-    if how == "on_connection":  # along with a byte of a request: the host's recv drops it
-        time.sleep(0.5)
-        try:
-            ours.sendmsg([b"\0"], rights([heavy.fileno()]))
-        except OSError as exc:
-            print("refused", exc.errno, flush=True)
-heavy.close()
-print("handed over", flush=True)
-time.sleep(30)
-"""
-
-
-@pytest.mark.parametrize("how", ["broker", "truncated", "queued", "on_connection", "on_connection_old_kernel"])
-async def test_a_heavy_file_handed_over_ipc_is_not_freed_on_the_hosts_event_loop(how, monkeypatch):
-    """A sandbox with IPC can make the host drop the last reference of any
-    file of its: over the broker (the host closes what is no connection; the
-    kernel drops, inside the host's recvmsg, what is past the fds a message
-    may carry) or along with a connection's data (the host's recv drops it).
-    The last close of a large unlinked file frees its pages then and there:
-    4 GiB of a memfd or tmpfs is about 0.8 s, and a disk's worth more.  None of that
-    may happen on trio's thread, where every sandbox's timeouts, proxy and
-    IPC run.  The control: the same sandbox's calls still work.
-
-    "on_connection_old_kernel": as before Linux 6.16, where the host cannot
-    make the kernel refuse fds on a connection (SO_PASSRIGHTS), so it reads
-    every byte of it in a worker thread."""
-    if how == "on_connection_old_kernel":
-        from heel import ipc
-
-        monkeypatch.setattr(ipc, "_SO_PASSRIGHTS", 0x7FFF)  # no such option: ENOPROTOOPT
-        how = "on_connection"
-        old_kernel = True
-    else:
-        old_kernel = False
-    router = heel.IpcRouter()
-
-    @router.command("ping")
-    async def ping() -> str:
-        return "pong"
-
-    size = 4 << 30
-    if os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 3 * size:
-        pytest.skip("not enough free memory for the heavy file")
-    beats: list[float] = []
-
-    async def heartbeat():
-        while True:
-            beats.append(time.monotonic())
-            await trio.sleep(0.02)
-
-    async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeat)
-            process = await sb.python().args(["-c", HEAVY_FILE, how, str(size)]) \
-                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
-            async with process:
-                said = b""
-                with trio.fail_after(40):
-                    while b"handed over" not in said:
-                        chunk = await process.stdout.receive_some(100)
-                        assert chunk, said
-                        said += chunk
-                await trio.sleep(2)  # the host frees the file meanwhile, wherever it does
-                process.kill()
-            nursery.cancel_scope.cancel()
-        control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
-            .timeout(30).output()
-    assert control.stdout == b"pong\n", control
-    if how == "on_connection" and kernel_has_passrights() and not old_kernel:
-        assert b"refused %d" % errno.EPERM in said, said  # SO_PASSRIGHTS off: the fd never left
-    elif how == "on_connection":
-        assert b"refused" not in said, said
-    gaps = [b - a for a, b in zip(beats, beats[1:])]
-    assert max(gaps) < 0.4, f"the host's event loop stood still for {max(gaps):.2f} s ({said!r})"
