@@ -74,6 +74,31 @@ async def _read_until(process, marker: bytes) -> bytes:
     return said
 
 
+async def _hand_over_and_watch(script: str, how: str) -> tuple[bytes, float]:
+    """Run ``script how SIZE`` (a 4 GiB memfd) in a sandbox with IPC until
+    it says "handed over", and 2 s more while the host frees the file
+    wherever it does; then check that the sandbox's calls still work (the
+    control).  Returns what the script said and the longest time the host's
+    event loop stood still meanwhile."""
+    size = 4 * GiB
+    _need_memory(3 * size)
+    heartbeat = _Heartbeat()
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat.run)
+            process = await sb.python().args(["-c", script, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(90).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(2)
+                process.kill()
+            nursery.cancel_scope.cancel()
+        control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
+            .timeout(30).output()
+    assert control.stdout == b"pong\n", control
+    return said, heartbeat.longest_gap()
+
+
 HEAVY_FILE = r"""
 import os, socket, struct, sys, time
 how, size = sys.argv[1], int(sys.argv[2])
@@ -138,27 +163,11 @@ async def test_a_heavy_file_handed_over_ipc_is_not_freed_on_the_hosts_event_loop
         old_kernel = True
     else:
         old_kernel = False
-    size = 4 * GiB
-    _need_memory(3 * size)
-    heartbeat = _Heartbeat()
-    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeat.run)
-            process = await sb.python().args(["-c", HEAVY_FILE, how, str(size)]) \
-                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
-            async with process:
-                said = await _read_until(process, b"handed over")
-                await trio.sleep(2)  # the host frees the file meanwhile, wherever it does
-                process.kill()
-            nursery.cancel_scope.cancel()
-        control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
-            .timeout(30).output()
-    assert control.stdout == b"pong\n", control
+    said, gap = await _hand_over_and_watch(HEAVY_FILE, how)
     if how == "on_connection" and kernel_has_passrights() and not old_kernel:
         assert b"refused %d" % errno.EPERM in said, said  # SO_PASSRIGHTS off: the fd never left
     elif how == "on_connection":
         assert b"refused" not in said, said
-    gap = heartbeat.longest_gap()
     assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r})"
 
 
@@ -211,25 +220,9 @@ async def test_the_sandbox_cannot_turn_passrights_back_on_through_its_copy_of_a_
     and that recv drops the memfd there.  The control leaves the option
     alone: the kernel refuses the fd (EPERM).  Either way the host's event
     loop must not stand still, and the sandbox's calls still work."""
-    size = 4 * GiB
-    _need_memory(3 * size)
-    heartbeat = _Heartbeat()
-    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeat.run)
-            process = await sb.python().args(["-c", PASSRIGHTS_BACK_ON, how, str(size)]) \
-                .stdout(heel.Stdio.PIPE).timeout(90).spawn()
-            async with process:
-                said = await _read_until(process, b"handed over")
-                await trio.sleep(2)  # the host frees the file meanwhile, wherever it does
-                process.kill()
-            nursery.cancel_scope.cancel()
-        control = await sb.python().args(["-c", "from heel.client import call; print(call('ping'))"]) \
-            .timeout(30).output()
-    assert control.stdout == b"pong\n", control
+    said, gap = await _hand_over_and_watch(PASSRIGHTS_BACK_ON, how)
     if how == "control":
         assert b"refused %d" % errno.EPERM in said, said
-    gap = heartbeat.longest_gap()
     assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r})"
 
 
