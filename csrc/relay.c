@@ -56,6 +56,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -92,6 +93,7 @@ struct relay_flow {
     uint64_t delivered;      /* bytes written to dst */
     bool src_eof;
     bool finished;           /* EOF passed on: dst was shut down for writing */
+    bool urgent;             /* src has reported urgent data (EPOLLPRI) not yet passed on */
 };
 
 /* A request from another thread: add `tunnel`, or cancel `id` (tunnel NULL). */
@@ -183,6 +185,10 @@ static int prepare_socket(int fd)
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return errno;
+    /* TCP urgent data stays in the byte stream (see flow_pass_urgent). */
+    int inline_urgent = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &inline_urgent, sizeof(inline_urgent)) < 0)
+        return errno;
     if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
         return errno;
     return 0;
@@ -254,6 +260,49 @@ static bool flow_wants_input(const struct relay_flow *f)
     return !f->src_eof && f->in_pipe < f->pipe_size;
 }
 
+/* splice() from a TCP socket stops at the urgent mark (tcp_read_sock()
+ * reads nothing past it until recv() has), and says EAGAIN there, or 0 once
+ * the peer's FIN has come too: a sender's one send(MSG_OOB) stalled its
+ * tunnel, and at its end of file the rest of the stream was dropped and the
+ * end passed on as a clean one (found by review).  The sockets keep urgent
+ * data inline (SO_OOBINLINE, prepare_socket), so at the mark the urgent
+ * byte is the next byte of the stream: copy it into the pipe with recv()
+ * (peeked first, so that a full pipe loses nothing), and splice() goes on
+ * past it.  The byte reaches dst as ordinary data: a tunnel is a byte
+ * stream.  Returns 1 when it moved the byte, 0 when src is not at the mark,
+ * -EAGAIN, or -errno. */
+static ssize_t flow_pass_urgent(struct relay_flow *f)
+{
+    int at_mark = 0;
+    char byte;
+    ssize_t n;
+
+    if (ioctl(f->src, SIOCATMARK, &at_mark) < 0)
+        return -errno;
+    if (!at_mark)
+        return 0;
+    do
+        n = recv(f->src, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    if (n == 0)
+        return 0;
+    do
+        n = write(f->pipe_wr, &byte, 1);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;   /* EAGAIN: the pipe is full, a drain makes room */
+    do
+        n = recv(f->src, &byte, 1, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n != 1)   /* the byte just peeked: cannot happen */
+        return n < 0 ? -errno : -EIO;
+    f->urgent = false;   /* another urgent byte comes with an EPOLLPRI of its own */
+    f->in_pipe += 1;
+    return 1;
+}
+
 /* One splice from src into the pipe: bytes moved (0 at EOF), -EAGAIN, or
  * -errno. */
 static ssize_t flow_fill(struct relay_flow *f)
@@ -263,8 +312,15 @@ static ssize_t flow_fill(struct relay_flow *f)
         n = splice(f->src, NULL, f->pipe_wr, NULL, f->pipe_size - f->in_pipe,
                    RELAY_SPLICE_FLAGS);
     while (n < 0 && errno == EINTR);
-    if (n < 0)
+    if (n < 0 && errno != EAGAIN)
         return -errno;
+    if (n <= 0 && f->urgent) {
+        ssize_t moved = flow_pass_urgent(f);
+        if (moved != 0)
+            return moved;
+    }
+    if (n < 0)
+        return -EAGAIN;
     if (n == 0)
         f->src_eof = true;
     f->in_pipe += n;
@@ -329,7 +385,7 @@ static uint32_t endpoint_wanted(const struct relay_tunnel *t, int side)
 {
     const struct relay_flow *out = &t->flow[side];     /* side is its source */
     const struct relay_flow *in = &t->flow[1 - side];  /* side is its destination */
-    return (flow_wants_input(out) ? EPOLLIN : 0) | (in->in_pipe > 0 ? EPOLLOUT : 0);
+    return (flow_wants_input(out) ? EPOLLIN | EPOLLPRI : 0) | (in->in_pipe > 0 ? EPOLLOUT : 0);
 }
 
 static void tunnel_end(struct heel_relay *r, struct relay_tunnel *t, int error)
@@ -433,9 +489,12 @@ static void endpoint_event(struct heel_relay *r, struct relay_endpoint *e, uint3
             return;
         }
     }
+    /* Urgent data: splice() stops at its mark (see flow_pass_urgent). */
+    if (events & EPOLLPRI)
+        t->flow[side].urgent = true;
     /* A hang-up is news for both directions through this socket. */
     unsigned which = 0;
-    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+    if (events & (EPOLLIN | EPOLLPRI | EPOLLHUP | EPOLLERR))
         which |= 1u << side;             /* the flow this socket feeds */
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         which |= 1u << (1 - side);       /* the flow that feeds it */
