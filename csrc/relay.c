@@ -314,7 +314,10 @@ static ssize_t flow_fill(struct relay_flow *f)
     while (n < 0 && errno == EINTR);
     if (n < 0 && errno != EAGAIN)
         return -errno;
-    if (n <= 0 && f->urgent) {
+    /* At the mark: EAGAIN once EPOLLPRI has told us of urgent data, and an
+     * end of file always (the FIN may have come with the urgent byte, before
+     * its EPOLLPRI was read; an end of file comes once per flow). */
+    if (n == 0 || (n < 0 && f->urgent)) {
         ssize_t moved = flow_pass_urgent(f);
         if (moved != 0)
             return moved;
