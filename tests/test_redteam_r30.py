@@ -8,9 +8,10 @@ import socket
 import time
 
 import pytest
+import trio
 
 import heel
-from helpers import PROXY_CLIENT, explain, py
+from helpers import PROXY_CLIENT, explain, kill_marked, processes_with, py, unique_marker, wait_for_processes
 from netservers import RawServer, resolver_for
 
 PERMISSIVE = heel.IsolationLevel.PERMISSIVE
@@ -106,3 +107,61 @@ async def test_an_urgent_byte_does_not_stall_or_cut_a_tunnel(filler, delay):
         assert "ANSWER got" in urgent.stdout.decode() and not urgent.timed_out, explain(urgent)
     finally:
         server.close()
+
+
+# ---- a command's init: the freeze's time budget (no pid namespace) -------------------
+
+#: A command whose child forks a process that will not stop, or (argv[2]
+#: "plain") one that stops at once, then prints the monotonic clock (the
+#: host's: there is no time namespace) and exits.
+FREEZE_CLIENT = r"""
+import ctypes, os, signal, sys, time
+marker, kind = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+if os.fork() == 0:
+    if kind == "vfork":
+        # A vfork parent waits for its child in the kernel: SIGSTOP never
+        # takes (SIGKILL does).  Its child stops itself.
+        if libc.vfork() == 0:
+            libc.kill(libc.getpid(), signal.SIGSTOP)
+            libc._exit(0)
+    elif os.fork() == 0:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(0)
+    os.execlp("sleep", "sleep", marker)
+time.sleep(0.3)
+print(time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["plain", "vfork"])
+async def test_without_a_pid_namespace_a_process_that_never_stops_holds_the_kill_briefly(no_namespaces, kind):
+    """Without a pid namespace (or before Landlock ABI 6) a command's init
+    stops its tree before it kills it, and waits for each process to stop
+    for 200 ms in all (FREEZE_WAIT_NS), so that processes that never stop
+    (a vfork parent) cannot hold the kill up for long.  The wait was
+    counted in the 20 µs asked of each nanosleep(), not in the time that
+    went by: each turn (a /proc read and a sleep the timer slack stretches)
+    takes some 140 µs here, so one vfork parent held its command's end for
+    1.4 s, and longer on a busy machine (the host kills the init after 5 s,
+    midway, and heel-init's sweeps then finish the job).  The control: a
+    process that stops at once is killed at once."""
+    marker = unique_marker()
+    config = heel.SandboxConfig(level=heel.IsolationLevel.DEFAULT, best_effort=True)
+    try:
+        async with heel.Sandbox(config) as sb:
+            process = await (sb.command("python3").args(["-c", FREEZE_CLIENT, marker, kind])
+                             .stdout(heel.Stdio.PIPE).spawn())
+            async with process:
+                await wait_for_processes(marker, 1)
+                with trio.fail_after(TIMEOUT):
+                    printed = b""
+                    while not printed.endswith(b"\n"):
+                        printed += await process.stdout.receive_some(100)
+                    await process.wait()
+                took = time.monotonic() - float(printed)
+            assert processes_with(marker) == [], "a process outlived its command"
+        # 200 ms of waiting, the command's exit and the host's wakeup: well under 0.6 s.
+        assert took < 0.6, f"the init took {took:.2f}s to end a tree with a process that never stops"
+    finally:
+        kill_marked(marker)
