@@ -249,7 +249,7 @@ class IpcRouter:
 
 # ---- the host's side of the transport ------------------------------------
 
-async def serve(router: IpcRouter, broker: socket.socket) -> None:
+async def serve(router: IpcRouter, broker: socket.socket, broker_done: trio.Event | None = None) -> None:
     """Accept connections from the sandbox until cancelled.
 
     Each message on ``broker`` (a SOCK_SEQPACKET socket whose peer every
@@ -270,37 +270,49 @@ async def serve(router: IpcRouter, broker: socket.socket) -> None:
     what is no connection, and a connection's reads until the kernel
     refuses fds on it (see _refuse_fds).  What heel.client sends, one
     connection alone with no fd waiting on it, is taken on trio's thread,
-    where nothing is dropped (see _receive_plain_connection, _fds_queued)."""
+    where nothing is dropped (see _receive_plain_connection, _fds_queued).
+
+    ``broker_done``, when given, is set as soon as the broker is no longer
+    read (its loop left), before the connections' handlers have ended."""
     broker.setblocking(False)
     open_connections = [0]
     all_calls = trio.Semaphore(router.max_calls)
     budget = _ByteBudget(PENDING_MESSAGES * router.max_message_size)
     threads = trio.CapacityLimiter(1)
     async with trio.open_nursery() as nursery:
-        while True:
-            # The thread below cannot be cancelled: a sandbox that closed
-            # meanwhile (its broker given up, see Session.close_channels)
-            # ends this here, before the broker is waited on again.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            await trio.lowlevel.wait_readable(broker)
-            received, copies = _receive_plain_connection(broker)
-            if received is None:
-                received = await trio.to_thread.run_sync(_receive_connections, broker, copies, limiter=threads)
-            if received is None:
-                return  # the channel is broken, or every sandboxed end is closed
-            refused = []
-            try:
-                while received:
-                    fd, unsafe = received[0]
-                    if open_connections[0] >= router.max_connections or not _room_for(fd):
-                        refused.append(received.pop(0)[0])
-                        continue
-                    open_connections[0] += 1
-                    received.pop(0)
-                    nursery.start_soon(_serve_process_connection, router, fd, open_connections, all_calls,
-                                       budget, unsafe, threads)
-            finally:
-                await _close_in_thread(refused + [fd for fd, _ in received], threads)
+        # ``broker_done`` is set once this loop is left for good: the broker
+        # is no longer used, though handlers may still run (one may be
+        # closing the sandbox itself, and waits for its close: see
+        # Sandbox._close, which waits for this, not for the whole task).
+        try:
+            while True:
+                # The thread below cannot be cancelled: a sandbox that closed
+                # meanwhile (its broker given up, see Session.close_channels)
+                # ends this here, before the broker is waited on again.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                await trio.lowlevel.wait_readable(broker)
+                received, copies = _receive_plain_connection(broker)
+                if received is None:
+                    received = await trio.to_thread.run_sync(_receive_connections, broker, copies,
+                                                             limiter=threads)
+                if received is None:
+                    return  # the channel is broken, or every sandboxed end is closed
+                refused = []
+                try:
+                    while received:
+                        fd, unsafe = received[0]
+                        if open_connections[0] >= router.max_connections or not _room_for(fd):
+                            refused.append(received.pop(0)[0])
+                            continue
+                        open_connections[0] += 1
+                        received.pop(0)
+                        nursery.start_soon(_serve_process_connection, router, fd, open_connections, all_calls,
+                                           budget, unsafe, threads)
+                finally:
+                    await _close_in_thread(refused + [fd for fd, _ in received], threads)
+        finally:
+            if broker_done is not None:
+                broker_done.set()
 
 
 def _receive_plain_connection(broker: socket.socket) -> tuple[list[tuple[int, int | None]] | None, list[int]]:

@@ -170,8 +170,10 @@ class Sandbox(Generic[P]):
             if self.config.ipc is not None and self._session.ipc is not None:  # (the socket comes with the router)
                 from .ipc import serve
 
-                self._ipc_done = self._start_background(serve, self.config.ipc, self._session.ipc,
-                                                        run_if_closed=False)
+                # Set when serve() no longer uses the broker, or the task ended.
+                self._ipc_done = trio.Event()
+                self._start_background(serve, self.config.ipc, self._session.ipc, self._ipc_done,
+                                       run_if_closed=False, done=self._ipc_done)
             if self._session.proxy_listener is not None:
                 from .proxy import Proxy
 
@@ -193,15 +195,17 @@ class Sandbox(Generic[P]):
             raise
         return self
 
-    def _start_background(self, function, *args, run_if_closed: bool = True) -> trio.Event:
+    def _start_background(self, function, *args, run_if_closed: bool = True,
+                          done: trio.Event | None = None) -> trio.Event:
         """Run ``function(*args)`` in the sandbox's nursery, in a cancel
         scope of its own that aclose() cancels.  If the sandbox closed
         before the task began, it runs cancelled (a relay closes its ends
         and sets its event), or not at all when ``run_if_closed`` is false
         (IPC, whose socket is closed with the sandbox).  Returns an event
-        set once the task has ended (or found it had nothing to do)."""
+        set once the task has ended (or found it had nothing to do):
+        ``done`` when given (the task may set it earlier)."""
         assert self._nursery is not None
-        done = trio.Event()
+        done = trio.Event() if done is None else done
 
         async def run() -> None:
             try:
@@ -298,10 +302,13 @@ class Sandbox(Generic[P]):
                 await finish_despite_ctrl_c(self._proxy_done.wait, interrupted)
             for scope in list(self._background):
                 scope.cancel()
-            # The IPC task ends before its broker is closed: its worker
+            # The IPC task leaves the broker before it is closed: its worker
             # thread, which no cancel stops, may be reading the broker (or
             # closing what the sandbox handed over: bounded by the sandbox's
             # memory), and an fd number closed under it could be another's.
+            # Not the whole task: its handlers may still run, and one of
+            # them may be this close (an IPC command that closes its own
+            # sandbox), which the task would wait for.
             if self._ipc_done is not None:
                 await finish_despite_ctrl_c(self._ipc_done.wait, interrupted)
             if self._session is not None:
