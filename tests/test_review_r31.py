@@ -4,11 +4,15 @@ that shows the observation can tell."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import trio
+
+import heel
 
 # ---- closing a sandbox from one of its IPC handlers ---------------------------------
 
@@ -63,3 +67,45 @@ def test_an_ipc_handler_can_close_its_own_sandbox(how):
     except subprocess.TimeoutExpired:
         pytest.fail("closing the sandbox from its IPC handler never finished (60 s)")
     assert result.returncode == 0 and result.stdout.startswith("closed"), result.stderr[-3000:]
+
+
+# ---- a base Python named with a NUL in pyvenv.cfg ----------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+#: In an allow_pip_install sandbox: rewrite the environment's pyvenv.cfg so
+#: that its `home` is argv[1] (with "<NUL>" made a NUL byte).
+REWRITE_HOME = r"""
+import os, sys
+cfg = os.path.join(sys.prefix, "pyvenv.cfg")
+lines = [l for l in open(cfg).read().splitlines() if not l.startswith("home")]
+with open(cfg, "w") as f:
+    f.write("\n".join(lines + ["home = " + sys.argv[1].replace("<NUL>", "\0")]) + "\n")
+print("rewritten")
+"""
+
+
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
+@pytest.mark.parametrize("home", ["/usr<NUL>x/bin", "/nonexistent/bin"], ids=["nul", "control"])
+async def test_a_nul_in_pyvenv_cfgs_home_is_no_traceback(venv_dir, home):
+    """07a8190 resolves pyvenv.cfg's `home` at once (os.path.realpath), at
+    every level; before, the path was only resolved at STRICT, after
+    os.path.isdir (which says False for a NUL).  pyvenv.cfg is the
+    sandbox's to write (allow_pip_install), and os.path.realpath raises
+    ValueError on a NUL byte: every later sandbox of the environment failed
+    to open with a ValueError traceback instead of opening (as it did) or a
+    HeelError.  The control: a `home` that names nothing."""
+    venv = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    with trio.fail_after(240):
+        await heel.VenvManager.create(venv)
+        async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(venv, allow_pip_install=True))) as sb:
+            out = await sb.python().args(["-c", REWRITE_HOME, home]).timeout(60).output()
+            assert b"rewritten" in out.stdout, out
+        with open(os.path.join(venv_dir, "pyvenv.cfg"), "rb") as f:
+            assert home.replace("<NUL>", "\0").encode() in f.read()
+        try:
+            async with heel.Sandbox(heel.SandboxConfig(python=heel.PythonConfig(venv))) as sb:
+                ran = await sb.command("true").timeout(30).output()
+            assert ran.returncode == 0, ran
+        except heel.HeelError:
+            pass  # refused cleanly: fine too
