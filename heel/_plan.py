@@ -325,6 +325,8 @@ def _with_python(
     venv = python.path
     cfg = inspect(venv)
     home = cfg.get("home", "")
+    if "\0" in home:
+        home = ""  # names no directory (os.path.realpath would raise ValueError)
     # Resolved once, here, and granted as resolved: pyvenv.cfg and the
     # links in the path it names may be a sandbox's (allow_pip_install), one
     # that runs while this sandbox opens.  Checked by one resolution and
