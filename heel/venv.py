@@ -895,7 +895,9 @@ class _LineCutter:
         return lines
 
     def _split(self, text: str) -> list[str]:
-        *complete, rest = text.split("\n")
+        # A carriage return ends a line too, as str.splitlines() had it
+        # (a progress bar redraws its line with one).
+        *complete, rest = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         lines = []
         for piece in complete:
             if not self._overlong:

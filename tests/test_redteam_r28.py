@@ -226,3 +226,20 @@ async def test_heel_python_shows_no_escape_sequence_a_planted_file_writes(venv_d
         assert b"\\x1b]0;heel-r28\\x07\\x1b[2Jplanted" in result.stderr, result.stderr[-3000:]  # shown, escaped
         assert b"\x1b]0;heel-r28" not in result.stderr, result.stderr[-3000:]  # never sent
     assert installed.stderr.endswith(b"\x1b[0mown\n"), installed.stderr[-300:]  # the command's own, as it is
+
+
+def test_the_installers_output_is_cut_into_bounded_lines():
+    """heel.venv._LineCutter, which the host reads the installer's output
+    with: lines end at a newline or a carriage return (a progress bar's
+    redraw), a line longer than _MAX_LINE is cut and its rest dropped as it
+    comes, a character split between chunks is kept whole, and the last
+    line without a newline comes at the end."""
+    from heel.venv import _MAX_LINE, _LineCutter
+
+    cutter = _LineCutter()
+    assert cutter.feed(b"Collecting a\r\nb\rc\n") == ["Collecting a", "b", "c"]
+    assert cutter.feed("é".encode()[:1]) == []
+    assert cutter.feed("é".encode()[1:] + b"\n") == ["é"]
+    long_line = cutter.feed(b"x" * (_MAX_LINE + 10)) + cutter.feed(b"y" * 100_000 + b"\nafter\n")
+    assert long_line == ["x" * _MAX_LINE, "after"]
+    assert cutter.feed(b"last") == [] and cutter.end() == ["last"]
