@@ -12,6 +12,8 @@ test_redteam_r30.py and the others let through.
   the host must not keep the other fd (nor the copy its peek made) open;
 - a sandbox closed while the IPC worker thread is about to read the broker
   must not close the broker under it (Sandbox._close waits for _ipc_done);
+- a connection over the router's max_connections is closed (its queue,
+  fds too, purged) in the worker thread;
 - the relay gets past TCP's urgent mark when epoll tells of urgent data,
   not only at the sender's end of file (test_redteam_r30's client always
   half-closes, and the end of file got past the mark too).
@@ -31,7 +33,7 @@ import trio
 import heel
 from helpers import PROXY_CLIENT, explain, py
 from netservers import RawServer, resolver_for
-from test_ipc_drop_review import _hand_over_and_watch, _ping_router, _read_until
+from test_ipc_drop_review import GiB, _Heartbeat, _hand_over_and_watch, _need_memory, _ping_router, _read_until
 
 QUEUED_PAST_ONE_READ = r"""
 import os, socket, struct, sys, threading, time
@@ -250,3 +252,64 @@ async def test_an_urgent_byte_does_not_stall_a_tunnel_whose_client_waits_for_an_
     finally:
         server.close()
 
+
+
+# ---- a connection refused (max_connections) is closed in the worker thread ---------------
+
+REFUSED_CONNECTION = r"""
+import os, socket, struct, sys, time
+from heel.client import call
+how, size = sys.argv[1], int(sys.argv[2])
+
+def rights(fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+
+fd = os.memfd_create("heavy")
+os.posix_fallocate(fd, 0, size)
+# A connected stream socket (what a connection is), with the memfd queued
+# on it: the host's close of it purges the queue and frees the memfd.
+heavy, wrapper = socket.socketpair()
+wrapper.sendmsg([b"x"], rights([fd]))
+os.close(fd)
+wrapper.close()
+if how == "over_the_limit":
+    print(call("ping"), flush=True)  # this process's connection: the router's one
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+broker.sendmsg([b"c"], rights([heavy.fileno()]))
+heavy.close()
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["over_the_limit", "control"])
+async def test_a_connection_over_max_connections_is_not_freed_on_the_hosts_event_loop(how):
+    """The router takes one connection (max_connections=1); the sandbox
+    holds it, then passes a second one with a 4 GiB memfd queued on it.
+    The host refuses it and closes it, which purges its queue: in the
+    worker thread (serve's _close_in_thread), not on trio's.  The control
+    passes the same socket as the only connection: the host reads it, in
+    the worker thread too (its bytes came with fds)."""
+    size = 4 * GiB
+    _need_memory(3 * size)
+    router = heel.IpcRouter(max_connections=1)
+
+    @router.command("ping")
+    async def ping() -> str:
+        return "pong"
+
+    heartbeat = _Heartbeat()
+    async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat.run)
+            process = await sb.python().args(["-c", REFUSED_CONNECTION, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(90).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(2)
+                process.kill()
+            nursery.cancel_scope.cancel()
+    if how == "over_the_limit":
+        assert b"pong" in said, said
+    gap = heartbeat.longest_gap()
+    assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r})"
