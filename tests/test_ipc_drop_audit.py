@@ -14,6 +14,8 @@ test_redteam_r30.py and the others let through.
   must not close the broker under it (Sandbox._close waits for _ipc_done);
 - a connection over the router's max_connections is closed (its queue,
   fds too, purged) in the worker thread;
+- a broker message of 253 fds: the host reads it with room for four, and
+  holds no more than that at once;
 - the relay gets past TCP's urgent mark when epoll tells of urgent data,
   not only at the sender's end of file (test_redteam_r30's client always
   half-closes, and the end of file got past the mark too).
@@ -313,3 +315,53 @@ async def test_a_connection_over_max_connections_is_not_freed_on_the_hosts_event
         assert b"pong" in said, said
     gap = heartbeat.longest_gap()
     assert gap < 0.4, f"the host's event loop stood still for {gap:.2f} s ({said!r})"
+
+
+# ---- the broker's message: at most four fds installed in the host ------------------------
+
+MANY_FDS_ON_THE_BROKER = r"""
+import os, socket, struct, sys, time
+how, size = sys.argv[1], int(sys.argv[2])
+heavy = os.memfd_create("heavy")
+os.posix_fallocate(heavy, 0, size)
+null = os.open("/dev/null", os.O_RDONLY)
+fds = [heavy] + ([null] * 252 if how == "many" else [])  # one fd may be listed many times
+broker = socket.socket(fileno=int(os.environ["HEEL_IPC_FD"]))
+broker.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+os.close(heavy)
+print("handed over", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["many", "control"])
+async def test_a_broker_message_does_not_make_the_host_hold_hundreds_of_fds(how):
+    """A broker message may carry 253 fds; the host reads it with room for
+    four (_receive_connections), and the kernel drops the rest inside the
+    recvmsg.  With room for them all they are installed in the host's fd
+    table and closed one by one, the first a 1 GiB memfd (some 0.2 s): the
+    host holds the 252 others meanwhile (see test_ipc_drop_review's test of
+    a connection's queue, and _connection_budget).  The control passes the
+    memfd alone."""
+    size = GiB
+    _need_memory(size)
+    counts: list[int] = []
+
+    async def count_fds() -> None:
+        while True:
+            counts.append(len(os.listdir("/proc/self/fd")))
+            await trio.sleep(0.003)
+
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_fds)
+            await trio.sleep(0.1)
+            process = await sb.python().args(["-c", MANY_FDS_ON_THE_BROKER, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(1.5)
+                process.kill()
+            nursery.cancel_scope.cancel()
+    grown = max(counts) - counts[0]
+    assert grown < 32, f"the host held {grown} more fds at once ({said!r})"
