@@ -35,7 +35,8 @@ import trio
 import heel
 from helpers import PROXY_CLIENT, explain, py
 from netservers import RawServer, resolver_for
-from test_ipc_drop_review import GiB, _Heartbeat, _hand_over_and_watch, _need_memory, _ping_router, _read_until
+from test_ipc_drop_review import (GiB, _fds_held_while, _hand_over_and_watch, _Heartbeat, _need_memory, _ping_router,
+                                  _read_until)
 
 QUEUED_PAST_ONE_READ = r"""
 import os, socket, struct, sys, threading, time
@@ -343,25 +344,5 @@ async def test_a_broker_message_does_not_make_the_host_hold_hundreds_of_fds(how)
     host holds the 252 others meanwhile (see test_ipc_drop_review's test of
     a connection's queue, and _connection_budget).  The control passes the
     memfd alone."""
-    size = GiB
-    _need_memory(size)
-    counts: list[int] = []
-
-    async def count_fds() -> None:
-        while True:
-            counts.append(len(os.listdir("/proc/self/fd")))
-            await trio.sleep(0.003)
-
-    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(count_fds)
-            await trio.sleep(0.1)
-            process = await sb.python().args(["-c", MANY_FDS_ON_THE_BROKER, how, str(size)]) \
-                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
-            async with process:
-                said = await _read_until(process, b"handed over")
-                await trio.sleep(1.5)
-                process.kill()
-            nursery.cancel_scope.cancel()
-    grown = max(counts) - counts[0]
+    said, grown = await _fds_held_while(MANY_FDS_ON_THE_BROKER, how)
     assert grown < 32, f"the host held {grown} more fds at once ({said!r})"

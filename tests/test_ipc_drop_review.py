@@ -104,6 +104,34 @@ async def _hand_over_and_watch(script: str, how: str) -> tuple[bytes, float]:
     return said, heartbeat.longest_gap()
 
 
+async def _fds_held_while(script: str, how: str) -> tuple[bytes, int]:
+    """Run ``script how SIZE`` (a 1 GiB memfd) in a sandbox with IPC until
+    it says "handed over", and 1.5 s more, counting the host's open fds
+    meanwhile.  Returns what it said and how many more fds the host held at
+    most than before it started."""
+    size = GiB
+    _need_memory(size)
+    counts: list[int] = []
+
+    async def count_fds() -> None:
+        while True:
+            counts.append(len(os.listdir("/proc/self/fd")))
+            await trio.sleep(0.003)
+
+    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_fds)
+            await trio.sleep(0.1)
+            process = await sb.python().args(["-c", script, how, str(size)]) \
+                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
+            async with process:
+                said = await _read_until(process, b"handed over")
+                await trio.sleep(1.5)
+                process.kill()
+            nursery.cancel_scope.cancel()
+    return said, max(counts) - counts[0]
+
+
 HEAVY_FILE = r"""
 import os, socket, struct, sys, time
 how, size = sys.argv[1], int(sys.argv[2])
@@ -351,25 +379,5 @@ async def test_a_sandbox_does_not_make_the_host_hold_hundreds_of_its_fds(how):
     soft limit of 1024 two sandboxes fill it and the host's own opens fail
     with EMFILE.  The fds need no room: dropped inside the recv, they are
     freed in the same thread.  The control passes the memfd alone."""
-    size = GiB
-    _need_memory(size)
-    counts: list[int] = []
-
-    async def count_fds() -> None:
-        while True:
-            counts.append(len(os.listdir("/proc/self/fd")))
-            await trio.sleep(0.003)
-
-    async with heel.Sandbox(heel.SandboxConfig(ipc=_ping_router())) as sb:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(count_fds)
-            await trio.sleep(0.1)
-            process = await sb.python().args(["-c", MANY_FDS_QUEUED, how, str(size)]) \
-                .stdout(heel.Stdio.PIPE).timeout(60).spawn()
-            async with process:
-                said = await _read_until(process, b"handed over")
-                await trio.sleep(1.5)
-                process.kill()
-            nursery.cancel_scope.cancel()
-    grown = max(counts) - counts[0]
+    said, grown = await _fds_held_while(MANY_FDS_QUEUED, how)
     assert grown < 32, f"the host held {grown} more fds at once ({said!r})"
