@@ -214,7 +214,10 @@ async def test_heel_python_shows_no_escape_sequence_a_planted_file_writes(venv_d
     site = glob.glob(os.path.join(venv_dir, "lib", "python3*", "site-packages"))
     with open(os.path.join(site[0], "zz_escapes.pth"), "w") as f:
         f.write(ESCAPES)
-    common = ["python", "--venv", venv_dir, "--python", SYSTEM_PYTHON, "--no-index", "--find-links", wheels]
+    # pip, not uv: the planted line would break uv's query of the interpreter
+    # (where uv is installed), which reads its stdout as JSON.
+    common = ["python", "--venv", venv_dir, "--python", SYSTEM_PYTHON, "--no-index", "--find-links", wheels,
+              "--no-use-uv"]
     installed = subprocess.run([sys.executable, "-m", "heel", *common, "-p", "heelalpha", "-c",
                                 "import sys; sys.stderr.write('\\x1b[0mown\\n')"],
                                capture_output=True, timeout=180)
