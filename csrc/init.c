@@ -827,8 +827,9 @@ static void kill_descendants(struct command *c)
     const struct timespec pause = {.tv_sec = 0, .tv_nsec = 1000 * 1000};
 
     /* In a signal-scoped domain of its own, the init may signal this
-     * command's processes and no others (not heel-init, pid 1, which
-     * kill(-1) skips anyway, nor another command's), so one kill(-1)
+     * command's processes and no others (not heel-init, in a parent
+     * domain, nor another command's, nor, without a pid namespace, any of
+     * the host's), so one kill(-1)
      * reaches the whole tree at once: the kernel signals every process
      * under one lock that fork takes too, and a process with SIGKILL
      * pending forks no more.  A fork bomb whose processes fork and exit
@@ -879,8 +880,12 @@ static void command_init(const struct zygote *z, struct command *c)
      * own is nested: the init can signal the command's processes and
      * nothing of another command's (their inits and processes are in
      * sibling domains), and the command cannot signal its init (a parent
-     * domain).  See kill_descendants. */
-    if (z->pidns && z->own_domain && (z->scope & HEEL_LANDLOCK_SCOPE_SIGNAL) &&
+     * domain).  See kill_descendants.  Without a pid namespace too: the
+     * scope, not the namespace, is what keeps its kill(-1) from the host's
+     * processes (Landlock refuses a signal to any process outside the
+     * init's domain and the domains nested in it, root's included, and
+     * only the init's own descendants can be in those). */
+    if (z->own_domain && (z->scope & HEEL_LANDLOCK_SCOPE_SIGNAL) &&
         enter_own_domain(z->landlock_abi, z->scope) == 0)
         c->scoped = 1;
 

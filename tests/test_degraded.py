@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -69,6 +71,66 @@ async def test_best_effort_timeout_kills_daemons_through_the_subreaper(no_namesp
         with trio.fail_after(10):
             while processes_with(marker):
                 await trio.sleep(0.05)
+
+
+#: A command that forks watchers of itself: each reads the command's state
+#: over and over, and writes a line to argv[1] if it ever sees it stopped
+#: (`T`); argv[2] tells that it ran.
+WATCHERS = r"""
+import os, sys, time
+parent = os.getpid()
+for _ in range(4):
+    if os.fork() == 0:
+        path = "/proc/%d/stat" % parent
+        while True:
+            try:
+                with open(path, "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == b"T":
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                os.write(fd, b"seen\n")
+                os._exit(0)
+open(sys.argv[2], "w").close()
+while True:
+    time.sleep(100)
+"""
+
+
+async def test_best_effort_a_commands_end_is_one_kill_that_reaches_nothing_else(no_namespaces):
+    """Without a pid namespace too, a command's init sits in a signal-scoped
+    Landlock domain of its own (ABI 6) and ends the command's tree with one
+    kill(-1), which the kernel delivers to the whole tree at once.  It had
+    walked the host's /proc, stopping the tree top-down before killing it,
+    which a fork-and-exit bomb can race (see test_lifecycle.py's bomb):
+    watchers in the tree saw their parent stopped in every run (10 of 10).
+    Scoping, not a namespace, is what keeps that kill(-1) in the tree: a
+    process of the host's with the same uid, and another command of the
+    same sandbox, live on."""
+    if heel.probe().landlock_abi < 6:
+        pytest.skip("needs Landlock's signal scoping (ABI 6): the init stops the tree first there")
+    marker = unique_marker()
+    host = subprocess.Popen(["sleep", "60", marker])
+    try:
+        async with heel.Sandbox(heel.SandboxConfig(best_effort=True)) as sb:
+            assert "user namespaces" in sb.degraded
+            neighbour = await sb.command("sleep").args(["60", marker]).spawn()
+            seen, ran = sb.workdir / "seen", sb.workdir / "ran"
+            with trio.fail_after(30):
+                out = await sb.command("python3").args(["-c", WATCHERS, str(seen), str(ran), marker]) \
+                    .timeout(1).output()
+            assert out.timed_out and ran.exists(), explain(out)  # the control: the watchers ran
+            await trio.sleep(0.2)
+            assert not seen.exists(), "a watcher saw the command stopped before it was killed"
+            left = processes_with(marker)  # the host's sleep and the neighbour's (its init's is sleep's parent)
+            assert host.pid in left and len(left) == 2, left
+            assert host.poll() is None and neighbour.poll() is None
+            neighbour.kill()
+            assert await neighbour.wait() == -signal.SIGKILL
+    finally:
+        host.kill()
+        host.wait()
 
 
 async def test_best_effort_leaves_the_hosts_terminals_closed(no_namespaces):
