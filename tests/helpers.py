@@ -301,3 +301,22 @@ for path in sys.argv[1:]:
     except OSError as e:
         print('refused', path, e.errno, flush=True)
 """
+
+
+def compile_c(source: str, directory, name: str, *flags: str) -> str:
+    """Build a test program from C source text with gcc, in ``directory``
+    (kept out of the sandbox's way by the caller): its path.  Skips the test
+    where there is no gcc."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the test program")
+    path = os.path.join(str(directory), name + ".c")
+    binary = os.path.join(str(directory), name)
+    with open(path, "w") as f:
+        f.write(source)
+    subprocess.run(["gcc", *flags, "-o", binary, path], check=True, timeout=60)
+    return binary

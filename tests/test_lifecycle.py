@@ -22,7 +22,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, kill_marked, process_start, processes_with, py, sh, unique_marker, wait_for_processes
+from helpers import compile_c, explain, kill_marked, process_start, processes_with, py, sh, unique_marker, wait_for_processes
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 
@@ -610,19 +610,12 @@ async def test_a_tree_is_stopped_whole_before_any_of_it_is_killed(outside_dir, m
     pid namespace, and ran on under the host's init (found by review).
     Every process is now stopped first, top-down, and only then killed: no
     process of this tree gets to act on its parent's death."""
-    import shutil
-
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the test program")
+    binary = compile_c(HYDRA_C, outside_dir, "hydra", "-O1")
     if namespaces == "none":
         from heel import _probe
 
         env, _ = _probe.environment()
         monkeypatch.setattr(_probe, "environment", lambda: (env._replace(namespaces=False), "off for this test"))
-    source, binary = os.path.join(outside_dir, "hydra.c"), os.path.join(outside_dir, "hydra")
-    with open(source, "w") as f:
-        f.write(HYDRA_C)
-    subprocess.run(["gcc", "-O1", "-o", binary, source], check=True, timeout=60)
     acted, ready, marker = os.path.join(outside_dir, "acted"), os.path.join(outside_dir, "ready"), unique_marker()
     config = heel.SandboxConfig(level=DEFAULT, writable=[outside_dir], best_effort=True)
     try:
@@ -681,14 +674,7 @@ async def test_a_fork_and_exit_bomb_is_killed_and_other_commands_live_on(outside
     tree at once.  The control: another command of the same sandbox, in a
     sibling domain, is not touched by that kill(-1).  The bomb stops at
     the default process limit (4096)."""
-    import shutil
-
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the test program")
-    source, binary = os.path.join(outside_dir, "hopper.c"), os.path.join(outside_dir, "hopper")
-    with open(source, "w") as f:
-        f.write(HOPPER_C)
-    subprocess.run(["gcc", "-O1", "-o", binary, source], check=True, timeout=60)
+    binary = compile_c(HOPPER_C, outside_dir, "hopper", "-O1")
     ran, marker = os.path.join(outside_dir, "ran"), unique_marker()
     config = heel.SandboxConfig(level=DEFAULT, writable=[outside_dir])
     try:

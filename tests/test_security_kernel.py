@@ -23,7 +23,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, host_py, py, sh
+from helpers import compile_c, explain, host_py, py, sh
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 STRICT = heel.IsolationLevel.STRICT
@@ -225,12 +225,7 @@ int main(void)
 async def test_int80_32bit_syscall_is_refused(tmp_path):
     if platform.machine() != "x86_64":
         pytest.skip("int 0x80 is an x86-64 question")
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the int 0x80 program")
-    source = tmp_path / "int80.c"
-    source.write_text(INT80)
-    binary = tmp_path / "int80"
-    subprocess.run(["gcc", "-O0", "-o", str(binary), str(source)], check=True, timeout=60)
+    binary = compile_c(INT80, tmp_path, "int80", "-O0")
     host = subprocess.run([str(binary)], capture_output=True, timeout=10)
     if host.returncode != 0 or int(host.stdout) <= 0:
         pytest.skip(f"this kernel has no 32-bit syscall table to attack: {host!r}")
@@ -402,11 +397,7 @@ int main(void)
 
 
 async def test_setuid_root_binary_gains_no_capabilities(root_only, outside_dir):
-    source = os.path.join(outside_dir, "setuid.c")
-    binary = os.path.join(outside_dir, "setuid-probe")
-    with open(source, "w") as f:
-        f.write(SETUID_PROBE)
-    subprocess.run(["gcc", "-o", binary, source], check=True, timeout=60)
+    binary = compile_c(SETUID_PROBE, outside_dir, "setuid-probe")
     os.chown(binary, 0, 0)
     os.chmod(binary, 0o4755)
     # Control: run by an unprivileged user on the host, the setuid bit makes it root.
