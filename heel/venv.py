@@ -281,11 +281,12 @@ class VenvManager:
                         with contextlib.suppress(OSError):
                             make_path_nofollow(os.fspath(path))  # the empty directory it was given
                     raise
-            installed = installed_distributions(path)
+            # Off trio's thread: it lists directories a sandbox may fill.
+            installed = await trio.to_thread.run_sync(installed_distributions, path)
             missing = [req for req in config.packages if not _satisfied(req, installed)]
             if missing:
                 await _install(config, path, base, uv, missing, report, resolver, timeout)
-                installed = installed_distributions(path)
+                installed = await trio.to_thread.run_sync(installed_distributions, path)
                 still = [req for req in missing if not _satisfied(req, installed)]
                 if still:
                     raise InstallError(f"the installer finished but {', '.join(still)} is not installed in {path}")
@@ -585,14 +586,36 @@ def _cfg_version(cfg: dict[str, str]) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+#: The most names heel reads in one directory of an environment (lib,
+#: site-packages): a sandbox that may write it could make millions, which
+#: the host would list, and hold, each time the environment is opened.
+#: Real environments have a few thousand at most.
+MAX_LISTED = 100_000
+
+
+def _listed(directory: Path, keep) -> list:
+    """``keep(entry)`` of each entry of ``directory`` that it does not map
+    to None; BrokenVenv past MAX_LISTED entries, kept or not."""
+    kept = []
+    with os.scandir(directory) as entries:
+        for count, entry in enumerate(entries, 1):
+            if count > MAX_LISTED:
+                raise BrokenVenv(f"{directory} holds more than {MAX_LISTED:,} names, which no environment "
+                                 "heel made does: remove the environment and let heel make it again")
+            value = keep(entry)
+            if value is not None:
+                kept.append(value)
+    return kept
+
+
 def site_packages(path: Path) -> list[Path]:
     """The environment's lib/python*/site-packages, each step a directory
     of its own, not a link: a sandbox that may write the environment could
     point one at a host directory, whose names heel would then read."""
     def directories(parent: Path, match) -> list[Path]:
         try:
-            with os.scandir(parent) as entries:
-                return [Path(e.path) for e in entries if match(e.name) and e.is_dir(follow_symlinks=False)]
+            return _listed(parent, lambda e: Path(e.path) if match(e.name) and e.is_dir(follow_symlinks=False)
+                           else None)
         except OSError:
             return []
 
@@ -609,8 +632,7 @@ def installed_distributions(path: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     for directory in site_packages(path):
         try:
-            with os.scandir(directory) as entries:
-                names = [e.name for e in entries if e.name.endswith(".dist-info")]
+            names = _listed(directory, lambda e: e.name if e.name.endswith(".dist-info") else None)
         except OSError:
             continue
         for entry in names:

@@ -540,6 +540,34 @@ def test_tilde_in_an_environment_path_is_never_the_root(monkeypatch):
         assert str(heel.PythonConfig("~/v").venv) == os.path.join(os.path.realpath(home), "v")
 
 
+async def test_a_site_packages_with_too_many_names_is_refused_not_listed(venv_dir, monkeypatch):
+    """A sandbox that may write an environment could fill its site-packages
+    (or lib) with millions of names, which the host listed, on trio's
+    thread and all in memory, each time the environment was opened.  Past
+    heel.venv.MAX_LISTED names (100,000; 50 here) the environment is
+    refused.  Control: at the bound every name is read."""
+    import heel.venv
+
+    monkeypatch.setattr(heel.venv, "MAX_LISTED", 50)
+    config = heel.VenvConfig(venv_dir, python=SYSTEM_PYTHON)
+    made = await heel.VenvManager.create(config)
+    site, = heel.venv.site_packages(made.path)
+    for name in os.listdir(site):
+        shutil.rmtree(os.path.join(site, name))
+    for i in range(50):
+        os.mkdir(os.path.join(site, f"planted{i}-1.0.dist-info"))
+    assert len((await heel.VenvManager.create(config)).packages) == 50  # the control
+    open(os.path.join(site, "one-more"), "w").close()
+    with pytest.raises(heel.BrokenVenv, match="more than 50 names"):
+        await heel.VenvManager.create(config)
+    lib = os.path.join(venv_dir, "lib")
+    shutil.rmtree(site)
+    for i in range(51):
+        open(os.path.join(lib, f"x{i}"), "w").close()
+    with pytest.raises(heel.BrokenVenv, match="more than 50 names"):
+        await heel.VenvManager.create(config)
+
+
 def test_installed_packages_are_read_without_following_links(venv_dir, tmp_path):
     """A sandbox that may write the environment pointed site-packages (or
     lib) at a host directory: heel listed the *.dist-info names there (a
