@@ -527,9 +527,16 @@ class Sandbox(Generic[P]):
                                                      ctty=bridge.interactive)
         except BaseException:
             bridge.close()
+            # Closed at once, without a checkpoint: for a cancelled caller
+            # (cancelled here at launch_async's lock) the first stream's
+            # aclose() raised Cancelled again, and the rest were skipped:
+            # the other streams were left to the garbage collector, and a
+            # relayed stdin's read end (a host file as stdin) stayed open
+            # for good, one fd per cancelled command.  Nothing waits on
+            # these fds yet.
             for stream in streams + [relay[1] for relay in relays]:
                 if stream is not None:
-                    await stream.aclose()
+                    stream.close()
             for relay in relays:
                 if relay[0] is _relay_in:
                     os.close(relay[3])
