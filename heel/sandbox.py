@@ -182,7 +182,7 @@ class Sandbox(Generic[P]):
                                     require_secret=self._session.proxy_requires_secret,
                                     resolver=self._resolver, on_event=self.config.on_network_event)
                 await self._nursery.start(self._run_proxy, self._proxy)
-        except BaseException:
+        except BaseException as exc:
             # Cancelled (or failed) half open: close what is open, and leave
             # the nursery as if its body had ended (outside the shield: the
             # scopes must close in the order they opened), before the
@@ -191,7 +191,11 @@ class Sandbox(Generic[P]):
                 await self.aclose()
             manager = self.__dict__.pop("_nursery_manager", None)
             if entered:
-                await _exit_nursery(manager)
+                await _exit_nursery(manager, body_raised=True)
+            if isinstance(exc, BaseExceptionGroup):
+                # nursery.start() of a caller cancelled before the proxy
+                # started raises a group of the proxy task's Cancelled.
+                raise_bare_cancelled(exc)
             raise
         return self
 
@@ -258,9 +262,10 @@ class Sandbox(Generic[P]):
         try:
             await self.aclose()
         finally:
-            # The nursery's tasks never raise, and the body's exception is not
-            # the nursery's: it goes on as it is, not wrapped in a group.
-            await _exit_nursery(manager)
+            # The nursery's tasks never raise (but Cancelled, see
+            # _exit_nursery), and the body's exception is not the nursery's:
+            # it goes on as it is, not wrapped in a group.
+            await _exit_nursery(manager, body_raised=len(exc) > 1 and exc[1] is not None)
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -593,16 +598,30 @@ class Sandbox(Generic[P]):
         return done
 
 
-async def _exit_nursery(manager) -> None:
+async def _exit_nursery(manager, *, body_raised: bool = False) -> None:
     """Leave the sandbox's nursery.  Its tasks catch their errors, but a
     KeyboardInterrupt or SystemExit raised in one (an IPC handler, a
     network policy or an event callback that calls sys.exit()) comes out as
     itself, not nested in one group per nursery it crossed, so that
-    ``except KeyboardInterrupt`` and the interpreter's exit still see it."""
+    ``except KeyboardInterrupt`` and the interpreter's exit still see it.
+
+    A cancel of the caller's scope reaches the background tasks too (the
+    nursery lies inside that scope, and their own scopes do not catch a
+    cancel of an outer one): the group of Cancelled they raised came out of
+    ``async with Sandbox``, nested once per nursery (the proxy's and IPC's
+    have their own), where callers expect trio.Cancelled; and it took the
+    place of the body's exception, which the caller's scope then swallowed
+    with the group (a body that failed as its scope was cancelled: the
+    error lost).  Now the body's exception goes on when it raised one (the
+    cancel stays pending, for the caller's next checkpoint), else one bare
+    Cancelled."""
     try:
         await manager.__aexit__(None, None, None)
     except BaseExceptionGroup as group:
         raise_bare_interrupt(group)
+        if body_raised and _only_cancelled(group):
+            return
+        raise_bare_cancelled(group)
         raise
 
 
@@ -614,6 +633,22 @@ def raise_bare_interrupt(group: BaseExceptionGroup) -> None:
         first = next((leaf for leaf in leaves if isinstance(leaf, kind)), None)
         if first is not None and all(isinstance(leaf, (KeyboardInterrupt, SystemExit)) for leaf in leaves):
             raise first from None
+
+
+def _only_cancelled(group: BaseExceptionGroup) -> bool:
+    leaves = list(_leaves(group))
+    return bool(leaves) and all(isinstance(leaf, trio.Cancelled) for leaf in leaves)
+
+
+def raise_bare_cancelled(group: BaseExceptionGroup) -> None:
+    """Raise a group that holds nothing but trio.Cancelled, however deeply
+    nested, as one bare Cancelled; else return.  All of them are one
+    cancel, of a scope around the nursery they left (a cancel of a scope
+    inside it is caught there), so one stands for all; without the
+    traceback of the task that raised it, deep in heel."""
+    if _only_cancelled(group):
+        first = next(_leaves(group))
+        raise first.with_traceback(None) from None
 
 
 def _leaves(error: BaseException):
@@ -791,8 +826,12 @@ class Command:
                         await process.wait()
                 except BaseExceptionGroup as group:
                     # A Ctrl-C while output() waits comes out as itself,
-                    # not in a group that `except KeyboardInterrupt` misses.
+                    # not in a group that `except KeyboardInterrupt` misses;
+                    # so does a cancel of the caller's scope, which the
+                    # feeding and draining tasks raised too (a group of
+                    # Cancelled came out of output(), status() and run()).
                     raise_bare_interrupt(group)
+                    raise_bare_cancelled(group)
                     raise
             timed_out = scope.cancelled_caught
             if timed_out:
