@@ -4,9 +4,10 @@ test_api_concurrency.py cancels after wall-clock delays, which lands where
 it happens to.  Here a trio Instrument cancels the caller's scope at the
 k-th schedule point, for k = 0, 1, 2, ... until the operation completes
 without the cancel having fired, so that every place the operation yields
-to trio gets a cancel (the timing of threads and sockets varies the count
-a little from one run to the next; the sweep goes on until the end,
-whatever it is).  Two counts: the steps of the calling task only ("own"),
+to trio gets a cancel, and so does its start (k = -1: a scope cancelled
+before the call).  The timing of threads and sockets varies the count a
+little from one run to the next; the sweep goes on until the end,
+whatever it is.  Two counts: the steps of the calling task only ("own"),
 and every step of every task ("all": the cancel then also lands while the
 operation's helper tasks, the proxy, IPC, stdin feeding and output
 draining, are at each of their own points).
@@ -32,7 +33,7 @@ import pytest
 import trio
 
 import heel
-from helpers import explain, kill_marked, processes_with, unique_marker
+from helpers import explain, processes_with, unique_marker
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -181,8 +182,10 @@ def _fd_target(fd: int) -> str:
 
 
 async def _sweep(op, state: _Sweep, mode: str, *, after=None) -> None:
-    """Run ``op(instrument)`` under a cancel at step k, for k = 0, 1, ...
-    until the cancel no longer fires; check the state after each try, and
+    """Run ``op(instrument)`` under a cancel at step k, for k = -1 (the
+    scope cancelled before the operation starts: its first checkpoints,
+    which need not yield, see the cancel only so), 0, 1, ... until the
+    cancel no longer fires; check the state after each try, and
     ``await after()`` (the sandbox still serves, say)."""
     for k in range(-1, MAX_STEPS):
         raised = None
@@ -248,8 +251,10 @@ async def test_open_and_close_cancelled_at_every_step(private_tmp, name, mode):
 @pytest.mark.parametrize("name", ["default", "proxy", "ipc"])
 async def test_close_cancelled_from_outside_still_finishes(private_tmp, name, mode):
     """5. A cancel that fires while __aexit__ runs (counted from the end of
-    the body): the close finishes all the same and leaves nothing, and the
-    caller gets Cancelled."""
+    the body; k = -1, a scope cancelled from the start, cancels the spawn
+    instead): the close finishes all the same and leaves nothing, and the
+    caller gets Cancelled or, where nothing after the shielded close
+    checkpoints, nothing."""
     config = CONFIGS[name]()
     await _warm_up(config)
     marker = unique_marker()
@@ -422,3 +427,28 @@ async def test_the_bodys_error_survives_a_cancel_of_the_callers_scope(private_tm
                     scope.cancel()
                     raise BodyError("the body's own")
     assert os.listdir(private_tmp) == []
+
+
+@pytest.mark.parametrize("mode", ["own", "all"])
+async def test_run_python_cancelled_at_every_step(private_tmp, open_sandbox, mode):
+    """run_python(), cancelled at each step: the snippet it wrote to the
+    sandbox's private tmp is removed too."""
+    sb = open_sandbox
+    marker = unique_marker()
+    state = _Sweep(private_tmp, marker, children=False)
+    results = []
+
+    async def op(instrument) -> None:
+        results.append(await sb.run_python("import sys; print(sys.argv[1])", args=[marker], input=b"x"))
+
+    def snippets() -> list[str]:
+        return [name for name in os.listdir(sb.plan.host_tmp) if name.startswith("heel_python_")]
+
+    async def after() -> None:
+        assert snippets() == [], "a snippet was left in the sandbox's tmp"
+        await _sandbox_runs(sb)
+
+    with trio.fail_after(40):
+        await _sweep(op, state, mode, after=after)
+    assert state.cancelled > 0
+    assert results[-1].stdout == f"{marker}\n".encode(), explain(results[-1])
