@@ -501,6 +501,13 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
                     writers.append(bridge.out_fd)
                 else:
                     readers.append(bridge.master)
+            # Typed input goes on to the pty even once no fd of the command's
+            # holds it (pty_open False: it closed its stdio, as a daemon
+            # does): the pty is still its controlling terminal, so ^C typed
+            # at the raw host terminal must reach it, and nothing typed may
+            # be left in the host terminal's queue for the user's shell to
+            # run once heel is gone (as trio's runner does too).
+            if bridge.master >= 0:
                 if bridge.input_waiting:
                     writers.append(bridge.master)
                 elif bridge.may_read():
@@ -514,6 +521,7 @@ def _run(prepared: Prepared, argv: list[str], env: dict[str, str], cwd: str, rel
                     bridge.flush_output()
                 elif bridge.master in readable:
                     pty_open = bridge.copy_output()
+            if bridge.master >= 0:
                 if bridge.host_in in readable or (bridge.input_waiting and bridge.master in writable):
                     bridge.copy_input()
                 if bridge.host_gone and not killed:  # the user's terminal went away: so does the command
