@@ -869,6 +869,11 @@ async def _relay_out(stream: trio.lowlevel.FdStream, host_fd: int, errors: list,
         done.set()
 
 
+#: How often typed input waiting for room in a pty nothing holds is tried
+#: again (see _relay_terminal).
+UNHELD_RECHECK = 0.1
+
+
 async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.Event) -> None:
     """Copy between a host terminal and the command's pty (heel._terminal)
     until the command has ended; then pass on what it left there, restore
@@ -880,6 +885,8 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
         if bridge.host_gone:  # the user's terminal went away: so does the command
             process.kill()
 
+    unheld = []  # set once no fd holds the pty's end (the command closed its stdio)
+
     async def output() -> None:
         while True:
             if bridge.output_waiting:
@@ -888,12 +895,19 @@ async def _relay_terminal(bridge: TerminalBridge, process: Process, done: trio.E
             else:
                 await trio.lowlevel.wait_readable(bridge.master)
                 if not bridge.copy_output():
+                    unheld.append(True)
                     return
             hung_up()
 
     async def typed() -> None:
         while bridge.host_in >= 0:
-            if bridge.input_waiting:
+            if bridge.input_waiting and unheld:
+                # epoll reports the master HUP, so "writable", for ever once
+                # nothing holds the pty's end: a wait for room returned at
+                # once and the write failed with EAGAIN, at 100% of a core
+                # while the pty's input stayed full.  Look again in a while.
+                await trio.sleep(UNHELD_RECHECK)
+            elif bridge.input_waiting:
                 await trio.lowlevel.wait_writable(bridge.master)
             elif bridge.may_read():
                 await trio.lowlevel.wait_readable(bridge.host_in)
