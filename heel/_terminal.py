@@ -419,6 +419,14 @@ class TerminalBridge:
                 if _in_foreground(self._raw_fd):
                     try:
                         termios.tcsetattr(self._raw_fd, termios.TCSANOW, saved)
+                        # What was typed while the command ran is the
+                        # command's: what it left unread (a full pty's
+                        # input that it never read, its terminal's replies
+                        # to the queries it wrote) must not wait in the
+                        # terminal for the user's shell to run as a command
+                        # line.  (Not TCSAFLUSH: that waits for output to
+                        # drain, for ever on a terminal stopped with ^S.)
+                        termios.tcflush(self._raw_fd, termios.TCIFLUSH)
                     except (OSError, termios.error):
                         pass
             for fd in self._shared:

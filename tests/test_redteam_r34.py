@@ -218,6 +218,32 @@ def test_input_for_a_full_pty_nobody_holds_does_not_spin_heel(runner):
     assert seen["ticks"] < 0.25 * 2 * os.sysconf("SC_CLK_TCK"), seen  # under a quarter of a core
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_what_the_command_left_unread_is_not_left_for_the_shell(runner):
+    """The command sets its pty raw and does not read for a while: a paste
+    fills the pty's input, then heel's buffer, then the host terminal's own
+    queue, where it stayed after heel ended, for the user's shell to read
+    as typed (a line at its end would run there; review r34).  heel now
+    empties the host terminal's input as it gives the terminal back.  The
+    control: the command got the start of the paste."""
+    def paste(shell, master):
+        time.sleep(0.3)
+        os.set_blocking(master, False)
+        data, sent, end = b"y" * 30000 + b"\recho INJECTED\r", 0, time.monotonic() + 1.5
+        while sent < len(data) and time.monotonic() < end:
+            try:
+                sent += os.write(master, data[sent:sent + 4096])
+            except BlockingIOError:
+                time.sleep(0.01)
+
+    result = _heel_on_a_terminal([*HEEL_RUN, *RUNNERS[runner], "--", "sh", "-c",
+                                  "stty raw -echo; echo ready; sleep 2.5; "
+                                  "echo got=$(dd bs=1 count=5 2>/dev/null)"], [(b"ready", paste)])
+    assert result["code"] == 0 and "got=yyyyy" in result["output"], result
+    _left_as_it_was(result)
+    assert result["queued"] == "", result
+
+
 # ---- the host terminal's state, its job and its session ----------------------------
 
 #: Everything a command can do to its own terminal and session: its
