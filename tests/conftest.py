@@ -173,6 +173,15 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """A temp root of the test's own: what a sandbox leaves there shows."""
+    root = tmp_path / "tmproot"
+    root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(root))
+    return root
+
+
+@pytest.fixture
 def host_dir():
     """A directory on the host that the sandbox can see (unlike the host's /tmp)."""
     path = Path(tempfile.mkdtemp(prefix="heel-cli-test-", dir="/var/tmp"))

@@ -16,15 +16,6 @@ import heel
 from helpers import explain
 
 
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """A temp root of the test's own: what a sandbox leaves there shows."""
-    root = tmp_path / "tmproot"
-    root.mkdir()
-    monkeypatch.setenv("TMPDIR", str(root))
-    return root
-
-
 def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 

@@ -49,15 +49,6 @@ MAX_STEPS = 2000
 _HELPER_TASKS = {"feed", "drain", "relay", "_relay_in", "_relay_out", "_run_proxy"}
 
 
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """A temp root of the test's own: what a sandbox leaves there shows."""
-    root = tmp_path / "tmproot"
-    root.mkdir()
-    monkeypatch.setenv("TMPDIR", str(root))
-    return root
-
-
 def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 

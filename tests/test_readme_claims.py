@@ -10,7 +10,6 @@ import os
 import re
 import resource
 import shutil
-import tempfile
 
 import pytest
 import trio
@@ -211,12 +210,9 @@ async def test_renice_and_taskset_reach_the_sandboxs_own_processes_in_a_pid_name
 # ---- the limits: "No setuid/setgid bits at all" -------------------------------------------------
 
 @pytest.fixture
-def shared_dir():
-    """A directory in /var/tmp that every uid may use (root's sandboxes run as another uid)."""
-    path = tempfile.mkdtemp(prefix="heel-r35-", dir="/var/tmp")
-    os.chmod(path, 0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def shared_dir(host_dir):
+    """conftest's host_dir, as a string: every uid may use it (root's sandboxes run as another uid)."""
+    return str(host_dir)
 
 
 async def test_chmod_775_of_a_setgid_directory_is_refused(shared_dir):
