@@ -627,11 +627,16 @@ async def _exit_nursery(manager, *, body_raised: bool = False) -> None:
 
 def raise_bare_interrupt(group: BaseExceptionGroup) -> None:
     """Raise the KeyboardInterrupt (else the SystemExit) of a group that
-    holds nothing else, however deeply nested, as itself; else return."""
+    holds nothing else, however deeply nested, as itself; else return.
+    trio.Cancelled beside it is dropped: a cancel of a scope around the
+    sandbox (the caller's, or trio's own as it unwinds) that reached other
+    tasks meanwhile, which the interrupt, going past that scope, ends
+    anyway."""
     leaves = list(_leaves(group))
     for kind in (KeyboardInterrupt, SystemExit):
         first = next((leaf for leaf in leaves if isinstance(leaf, kind)), None)
-        if first is not None and all(isinstance(leaf, (KeyboardInterrupt, SystemExit)) for leaf in leaves):
+        if first is not None and all(isinstance(leaf, (KeyboardInterrupt, SystemExit, trio.Cancelled))
+                                     for leaf in leaves):
             raise first from None
 
 

@@ -258,6 +258,28 @@ async def test_handler_raising_systemexit_or_keyboardinterrupt_comes_out_as_itse
     assert workdir is not None and not workdir.exists()
 
 
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])
+async def test_handler_raising_systemexit_or_keyboardinterrupt_as_its_callers_scope_is_cancelled(kind):
+    """The same, while the scope around the sandbox is being cancelled: the
+    other tasks' Cancelled came out beside it, a group that `except
+    KeyboardInterrupt` and the interpreter's exit missed (r33's note)."""
+    router = heel.IpcRouter()
+    scope = trio.CancelScope()
+
+    @router.command("stop")
+    async def stop() -> None:
+        scope.cancel()
+        raise kind()
+
+    workdir = None
+    with pytest.raises(kind):
+        with trio.fail_after(30), scope:
+            async with heel.Sandbox(heel.SandboxConfig(ipc=router)) as sb:
+                workdir = sb.workdir
+                await sh(sb, "heel ipc stop; sleep 20")
+    assert workdir is not None and not workdir.exists()
+
+
 # ---- 5. concurrency ---------------------------------------------------------
 
 async def test_concurrent_callers_get_their_own_replies():
