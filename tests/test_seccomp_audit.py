@@ -285,3 +285,37 @@ def test_the_filter_alone_refuses_what_the_audit_found(audit, name, tmp_path):
         return
     assert filtered == expected, (name, os.strerror(filtered) if filtered else "ok")
     assert control != expected, f"the kernel here answers {name} with {errno.errorcode[control]} itself"
+
+
+# ---- the same, as an attack from a real sandbox ---------------------------------------------
+
+#: TIOCSSERIAL (reconfigure the serial port behind a terminal) on a pty of
+#: the command's own, next to TIOCGSERIAL, its reading twin, which the filter
+#: lets through: a pty has no serial port, and the kernel answers both with
+#: ENOTTY.  Prints "NAME errno" for each.
+TIOCSSERIAL_ATTACK = r"""
+import fcntl, os, termios
+master, slave = os.openpty()
+for name in ("TIOCGSERIAL", "TIOCSSERIAL"):
+    try:
+        fcntl.ioctl(slave, getattr(termios, name), bytes(256))
+        print(name, 0)
+    except OSError as exc:
+        print(name, exc.errno)
+"""
+
+
+async def test_tiocsserial_is_refused_in_a_sandbox():
+    import heel
+
+    from helpers import explain, host_py, py
+
+    # The control: on the host the kernel answers both with ENOTTY, not EPERM.
+    host = host_py(TIOCSSERIAL_ATTACK)
+    assert host.returncode == 0, explain(host)
+    assert host.stdout.split() == [b"TIOCGSERIAL", b"%d" % errno.ENOTTY, b"TIOCSSERIAL", b"%d" % errno.ENOTTY], \
+        explain(host)
+    async with heel.Sandbox(heel.SandboxConfig(level=heel.IsolationLevel.DEFAULT)) as sb:
+        out = await py(sb, TIOCSSERIAL_ATTACK)
+    assert out.returncode == 0, explain(out)
+    assert out.stdout.split() == [b"TIOCGSERIAL", b"%d" % errno.ENOTTY, b"TIOCSSERIAL", b"%d" % EPERM], explain(out)
