@@ -812,27 +812,38 @@ static void install_filter(const char *name)
         setup_failed("seccomp");
 }
 
-int main(int argc, char **argv)
+/* The probes a program runs: its lists, the probe itself, and an optional
+ * step before the filters (after no_new_privs) that returns -1 to go on,
+ * or the status to exit with (a parent that forked the probe). */
+struct probe_set {
+    const char *const *userns;
+    size_t n_userns;
+    const char *const *root;
+    size_t n_root;
+    int (*run)(const char *name);
+    int (*prepare)(const char *name);
+    const char *program;
+};
+
+static int probe_main(int argc, char **argv, const struct probe_set *set)
 {
-    size_t n_userns = sizeof(probes_userns) / sizeof(probes_userns[0]);
-    size_t n_root = sizeof(probes_root) / sizeof(probes_root[0]);
-    int root;
+    int root, status;
 
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc == 2 && !strcmp(argv[1], "--list")) {
-        for (size_t i = 0; i < n_userns; i++)
-            printf("%s userns\n", probes_userns[i]);
-        for (size_t i = 0; i < n_root; i++)
-            printf("%s root\n", probes_root[i]);
+        for (size_t i = 0; i < set->n_userns; i++)
+            printf("%s userns\n", set->userns[i]);
+        for (size_t i = 0; i < set->n_root; i++)
+            printf("%s root\n", set->root[i]);
         return 0;
     }
     if (argc != 4 || (strcmp(argv[2], "filtered") && strcmp(argv[2], "control"))) {
-        fprintf(stderr, "usage: filter_alone --list | NAME filtered|control DIR\n");
+        fprintf(stderr, "usage: %s --list | NAME filtered|control DIR\n", set->program);
         return 64;
     }
     probe_name = argv[1];
-    root = listed(probe_name, probes_root, n_root);
-    if (!root && !listed(probe_name, probes_userns, n_userns)) {
+    root = listed(probe_name, set->root, set->n_root);
+    if (!root && !listed(probe_name, set->userns, set->n_userns)) {
         printf("%s unknown\n", probe_name);
         return 3;
     }
@@ -844,7 +855,19 @@ int main(int argc, char **argv)
      * unprivileged process install one). */
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         setup_failed("no_new_privs");
+    if (set->prepare != NULL && (status = set->prepare(probe_name)) >= 0)
+        return status;
     if (!strcmp(argv[2], "filtered"))
         install_filter(probe_name);
-    return probe(probe_name);
+    return set->run(probe_name);
+}
+
+int main(int argc, char **argv)
+{
+    const struct probe_set set = {
+        probes_userns, sizeof(probes_userns) / sizeof(probes_userns[0]),
+        probes_root, sizeof(probes_root) / sizeof(probes_root[0]),
+        probe, NULL, "filter_alone",
+    };
+    return probe_main(argc, argv, &set);
 }

@@ -175,35 +175,12 @@ static int audit_probe(const char *name)
     return 3;
 }
 
-int main(int argc, char **argv)
+/* The _user_self probes name "every process of this uid": in a pid
+ * namespace of their own, so that a filter that lets them through changes
+ * nothing outside.  The marker filter goes under heel's. */
+static int audit_prepare(const char *name)
 {
-    size_t n_userns = sizeof(audit_userns) / sizeof(audit_userns[0]);
-    size_t n_root = sizeof(audit_root) / sizeof(audit_root[0]);
-    int root;
-
-    setvbuf(stdout, NULL, _IONBF, 0);
-    if (argc == 2 && !strcmp(argv[1], "--list")) {
-        for (size_t i = 0; i < n_userns; i++)
-            printf("%s userns\n", audit_userns[i]);
-        for (size_t i = 0; i < n_root; i++)
-            printf("%s root\n", audit_root[i]);
-        return 0;
-    }
-    if (argc != 4 || (strcmp(argv[2], "filtered") && strcmp(argv[2], "control"))) {
-        fprintf(stderr, "usage: audit --list | NAME filtered|control DIR\n");
-        return 64;
-    }
-    probe_name = argv[1];
-    root = listed(probe_name, audit_root, n_root);
-    if (!root && !listed(probe_name, audit_userns, n_userns)) {
-        printf("%s unknown\n", probe_name);
-        return 3;
-    }
-    if (chdir(argv[3]) < 0)
-        setup_failed("chdir");
-    if (!root)
-        enter_namespaces();
-    if (strstr(probe_name, "_user_self")) {
+    if (strstr(name, "_user_self")) {
         pid_t pid;
         int status;
 
@@ -218,13 +195,19 @@ int main(int argc, char **argv)
             return WIFEXITED(status) ? WEXITSTATUS(status) : 4;
         }
     }
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-        setup_failed("no_new_privs");
-    if (!strncmp(probe_name, "verdict_", 8))
-        install_marker(probe_name);
-    if (!strcmp(argv[2], "filtered"))
-        install_filter(probe_name);
-    return audit_probe(probe_name);
+    if (!strncmp(name, "verdict_", 8))
+        install_marker(name);
+    return -1;
+}
+
+int main(int argc, char **argv)
+{
+    const struct probe_set set = {
+        audit_userns, sizeof(audit_userns) / sizeof(audit_userns[0]),
+        audit_root, sizeof(audit_root) / sizeof(audit_root[0]),
+        audit_probe, audit_prepare, "audit",
+    };
+    return probe_main(argc, argv, &set);
 }
 """
 
