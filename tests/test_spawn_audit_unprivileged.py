@@ -1,0 +1,128 @@
+"""Probes that kill the survivors of a mutation audit of the spawn
+trampoline's paths that run for an unprivileged caller (csrc/spawn.c,
+heel/_spawn.py), r39: the user namespace's uid_map and gid_map (a non-root
+caller keeps its uid, mapped to itself), and the (stage, errno) report of
+a failed setup step, before and after the fd layout.
+
+The unprivileged run of the suite (.ci/run, as nobody) had no test in
+which the trampoline itself failed: the ones that do are root's.  A
+failure is provoked here through the plan Python hands the trampoline
+(heel._native.SpawnPlan, wrapped): the child really fails that step, in a
+real sandbox, and the error is read from outside, next to a control that
+opens the same sandbox unchanged."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+import heel
+from heel import _native
+from helpers import explain, sh
+
+DEFAULT = heel.IsolationLevel.DEFAULT
+
+
+@pytest.fixture
+def unprivileged():
+    # Root's sandboxes enter a prepared namespace (uid 0 inside, 2000000000
+    # outside) and write no map in the child: tests/test_spawn_audit.py.
+    if os.geteuid() == 0:
+        pytest.skip("this test is about an unprivileged caller")
+
+
+def _ids(text: str) -> list[list[int]]:
+    return [[int(field) for field in line.split()] for line in text.strip().splitlines()]
+
+
+def _heel_inits() -> list[int]:
+    """The host pids of this process's children whose argv[0] is heel-init
+    (its comm is the fd it was executed from)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0]
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if argv0 == b"heel-init" and ppid == os.getpid():
+            found.append(int(pid))
+    return found
+
+
+# ---- identity: the maps of an unprivileged caller's user namespace ------------------------------
+
+async def test_a_non_root_callers_uid_and_gid_are_mapped_to_themselves(unprivileged):
+    """README: "A non-root caller keeps its uid, mapped to itself."  The
+    trampoline writes "uid uid 1" and "gid gid 1" (after "deny" to
+    setgroups).  A map that sends the caller to 0 inside, or to another id,
+    or none at all (the kernel then shows the overflow id, 65534, which is
+    nobody's own: only the maps tell it apart) was not seen by any test.
+    Read from inside and, for heel-init, from the host; control: a file the
+    command makes is the caller's on the host."""
+    uid, gid = os.geteuid(), os.getegid()
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await sh(sb, "cat /proc/self/uid_map; echo --; cat /proc/self/gid_map; echo --; "
+                           "cat /proc/self/setgroups; echo --; id -u; id -g; echo x > made")
+        inits = _heel_inits()
+        outside = []
+        for pid in inits:
+            with open(f"/proc/{pid}/uid_map") as f, open(f"/proc/{pid}/gid_map") as g:
+                outside.append((_ids(f.read()), _ids(g.read())))
+        made = os.stat(sb.workdir / "made")
+    assert out.returncode == 0, explain(out)
+    uid_map, gid_map, setgroups, ids = out.stdout.decode().split("--\n")
+    assert _ids(uid_map) == [[uid, uid, 1]], explain(out)
+    assert _ids(gid_map) == [[gid, gid, 1]], explain(out)
+    assert setgroups.strip() == "deny", explain(out)
+    assert ids.split() == [str(uid), str(gid)], explain(out)
+    # From the host: heel-init's namespace maps the same ids (a reader in the
+    # parent namespace sees its own ids in the second column).
+    assert len(inits) == 1 and outside == [([[uid, uid, 1]], [[gid, gid, 1]])], outside
+    # Control: the host's own namespace is not the sandbox's.
+    with open("/proc/self/uid_map") as f:
+        assert _ids(f.read()) != [[uid, uid, 1]]
+    assert (made.st_uid, made.st_gid) == (uid, gid)
+
+
+MAPS_OF_A_CALLER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import trio, heel
+
+async def main():
+    async with heel.Sandbox(heel.SandboxConfig(level=heel.IsolationLevel.DEFAULT)) as sb:
+        out = await sb.command("sh").args(["-c", "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g"]).output()
+    sys.stdout.write(out.stdout.decode() + out.stderr.decode())
+
+trio.run(main)
+"""
+
+
+def test_a_callers_uid_and_gid_that_differ_are_each_mapped_to_themselves(root_only):
+    """The unprivileged run above has nobody's uid and gid, both 65534, and
+    the kernel's overflow id is 65534 too: a trampoline that wrote the gid
+    into uid_map (or the uid into gid_map) passes there.  Here root runs
+    heel as a caller whose uid and gid differ.  Control: the caller's ids
+    on the host."""
+    uid, gid = 65534, 65533
+    caller = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    host = subprocess.run([*caller, "sh", "-c", "id -u; id -g"], capture_output=True, timeout=10)
+    assert host.stdout.split() == [str(uid).encode(), str(gid).encode()], host
+    package_root = os.path.dirname(os.path.dirname(heel.__file__))
+    usable = subprocess.run([*caller, sys.executable, "-c", f"import sys; sys.path.insert(0, {package_root!r}); "
+                             "import heel, trio"], capture_output=True, timeout=30)
+    if usable.returncode != 0:
+        pytest.skip(f"this Python or heel is not usable by uid {uid}: {usable.stderr[-300:]!r}")
+    out = subprocess.run([*caller, sys.executable, "-c", MAPS_OF_A_CALLER, package_root],
+                         capture_output=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out
+    lines = out.stdout.decode().splitlines()
+    assert [line.split() for line in lines] == [
+        [str(uid), str(uid), "1"], [str(gid), str(gid), "1"], [str(uid)], [str(gid)]], out
