@@ -91,6 +91,82 @@ async def test_a_non_root_callers_uid_and_gid_are_mapped_to_themselves(unprivile
     assert (made.st_uid, made.st_gid) == (uid, gid)
 
 
+# ---- the trampoline's (stage, errno) report ---------------------------------------------------
+
+def _break_plan(monkeypatch, **changes):
+    """Make every SpawnPlan the trampoline gets carry ``changes``."""
+    real = _native.SpawnPlan
+
+    def broken(**kwargs):
+        kwargs.update(changes)
+        return real(**kwargs)
+
+    monkeypatch.setattr(_native, "SpawnPlan", broken)
+
+
+async def _opens(config: heel.SandboxConfig) -> None:
+    async with heel.Sandbox(config) as sb:
+        out = await sh(sb, "echo opened")
+    assert out.stdout == b"opened\n", explain(out)
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["", "network"])
+async def test_a_map_the_child_may_not_write_fails_the_start_as_userns_eperm(unprivileged, monkeypatch, network):
+    """A uid_map of two ids is refused to an unprivileged writer (EPERM):
+    the sandbox fails to open with SpawnError("userns", EPERM), the stage
+    and errno the trampoline sent.  Not "exited before it started", not
+    the stage of another step, not the errno swapped for the stage.  The
+    report comes before the proxy's listener (network) and the ptmx the
+    host waits for: the host must read it there as the error it is."""
+    config = heel.SandboxConfig(level=DEFAULT, network=heel.AllowAll() if network else heel.DenyAll())
+    await _opens(config)  # control (and heel's environment probe, before the plan is broken)
+    uid = os.geteuid()
+    _break_plan(monkeypatch, uid_map=f"{uid} {uid} 2\n".encode())
+    with pytest.raises(heel.SpawnError) as caught:
+        async with heel.Sandbox(config):
+            pass
+    assert (caught.value.stage, caught.value.errno) == ("userns", errno.EPERM), repr(caught.value)
+    monkeypatch.undo()
+    await _opens(config)
+
+
+async def test_a_workdir_the_child_cannot_enter_fails_the_start_as_chdir_enoent(monkeypatch):
+    """The trampoline's chdir into the sandbox's workdir (the one before
+    heel-init, not a command's own)."""
+    config = heel.SandboxConfig(level=DEFAULT)
+    await _opens(config)
+    _break_plan(monkeypatch, cwd="/no/such/heel-r39-dir")
+    with pytest.raises(heel.SpawnError) as caught:
+        async with heel.Sandbox(config):
+            pass
+    assert (caught.value.stage, caught.value.errno) == ("chdir", errno.ENOENT), repr(caught.value)
+
+
+async def test_a_failure_after_the_fd_layout_is_still_reported(monkeypatch, outside_dir):
+    """After layout_fds() the control socket is at report_fd, and every fd
+    above heel-init's is closed: the report must follow it there.  A
+    heel-init the kernel cannot run (not an executable format, where the
+    sandbox may execute) fails its execveat, after the layout, with
+    ENOEXEC: reported as ("exec_init", ENOEXEC), not lost (the host then
+    saw only "heel-init exited before it started") nor taken for the
+    command's own exec.  Control: the host refuses to run it alike."""
+    fake = os.path.join(outside_dir, "heel-init")
+    with open(fake, "wb") as f:
+        f.write(b"\x7fELF but not one\n" + b"\0" * 64)
+    os.chmod(fake, 0o755)
+    with pytest.raises(OSError) as host:
+        os.execv(fake, [fake])  # fails before anything of this process is replaced
+    assert host.value.errno == errno.ENOEXEC
+    config = heel.SandboxConfig(level=DEFAULT, executable=[outside_dir], readable=[outside_dir])
+    await _opens(config)
+    monkeypatch.setattr(_native, "INIT_PATH", fake)
+    with pytest.raises(heel.SpawnError) as caught:
+        async with heel.Sandbox(config):
+            pass
+    assert not isinstance(caught.value, heel.CommandNotFound)
+    assert (caught.value.stage, caught.value.errno) == ("exec_init", errno.ENOEXEC), repr(caught.value)
+
+
 MAPS_OF_A_CALLER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
