@@ -216,20 +216,8 @@ for fd in range(3, 64):  # before trio and heel open anything: every low fd is t
         os.dup2(source, fd, inheritable=True)
         planted.append(fd)
 import trio, heel
-
-def heel_inits():
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv0 = f.read().split(b"\0")[0]
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if argv0 == b"heel-init" and ppid == os.getpid():
-            found.append(pid)
-    return found
+sys.path.insert(0, sys.argv[3])
+from helpers import heel_init_children as heel_inits
 
 async def main():
     mine = sum(os.readlink(f"/proc/self/fd/{fd}") == marker for fd in planted)
@@ -270,7 +258,7 @@ def test_heel_init_inherits_no_fd_of_the_hosts(ipc, outside_dir):
         pytest.skip("heel-init's fd table can be read from the host by root only (it is not dumpable)")
     marker = os.path.join(outside_dir, "host-only")
     open(marker, "w").close()
-    out = _host_script(INHERITABLE_FDS, marker, ipc)
+    out = _host_script(INHERITABLE_FDS, marker, ipc, os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out
     assert out.stdout.decode().splitlines() == [
         "host True", "inits 1", "passed /dev/null True", "leaked []", "alive"], out

@@ -22,7 +22,7 @@ import pytest
 
 import heel
 from heel import _native
-from helpers import explain, sh
+from helpers import explain, heel_init_children, sh
 
 DEFAULT = heel.IsolationLevel.DEFAULT
 
@@ -39,23 +39,6 @@ def _ids(text: str) -> list[list[int]]:
     return [[int(field) for field in line.split()] for line in text.strip().splitlines()]
 
 
-def _heel_inits() -> list[int]:
-    """The host pids of this process's children whose argv[0] is heel-init
-    (its comm is the fd it was executed from)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv0 = f.read().split(b"\0")[0]
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if argv0 == b"heel-init" and ppid == os.getpid():
-            found.append(int(pid))
-    return found
-
-
 # ---- identity: the maps of an unprivileged caller's user namespace ------------------------------
 
 async def test_a_non_root_callers_uid_and_gid_are_mapped_to_themselves(unprivileged):
@@ -70,7 +53,7 @@ async def test_a_non_root_callers_uid_and_gid_are_mapped_to_themselves(unprivile
     async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
         out = await sh(sb, "cat /proc/self/uid_map; echo --; cat /proc/self/gid_map; echo --; "
                            "cat /proc/self/setgroups; echo --; id -u; id -g; echo x > made")
-        inits = _heel_inits()
+        inits = heel_init_children()
         outside = []
         for pid in inits:
             with open(f"/proc/{pid}/uid_map") as f, open(f"/proc/{pid}/gid_map") as g:
