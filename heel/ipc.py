@@ -581,7 +581,9 @@ class _DecodeShare:
     the time they took passes half of the time since the window began, the
     next waits until it is half again: the host's other tasks (the other
     sandboxes, the timeouts) get the rest.  Calls at an ordinary pace never
-    wait.  The window starts afresh each second."""
+    wait.  The window starts afresh each second, carrying over what is still
+    owed: a decode longer than the window (a large message on a loaded
+    machine) is still followed by as long for the host."""
 
     WINDOW = 1.0
 
@@ -602,9 +604,10 @@ class _DecodeShare:
     def _owed(self) -> float:
         """How long the next decode must wait for the host's half."""
         now = time.perf_counter()
+        owed = 2 * self._spent - (now - self._start)
         if now - self._start >= self.WINDOW:
-            self._start, self._spent = now, 0.0
-        return 2 * self._spent - (now - self._start)
+            self._start, self._spent = now, max(0.0, owed) / 2
+        return owed
 
     def _decode(self, connection: codec.Connection) -> codec.Event:
         start = time.perf_counter()
