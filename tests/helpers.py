@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+import trio
+
 import heel
 
 #: A bound on every command a test runs inside a sandbox.
@@ -337,3 +339,20 @@ def heel_init_children() -> list[int]:
         if argv0 == b"heel-init" and ppid == os.getpid():
             found.append(int(pid))
     return found
+
+
+class Ticks:
+    """A task of the host's that counts its sleeps of 10 ms until stopped:
+    what the rest of the host got of trio's thread meanwhile."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stop = trio.Event()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await trio.sleep(0.01)
+            self.count += 1
+
+    def stop(self) -> None:
+        self._stop.set()

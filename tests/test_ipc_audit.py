@@ -20,7 +20,7 @@ import trio
 
 import heel
 from heel._ipc_codec import PARSE_ERROR, Connection, ProtocolError
-from helpers import IPC_RAW as RAW, explain, host_py, py, sh
+from helpers import IPC_RAW as RAW, Ticks, explain, host_py, py, sh
 
 
 def frame(body: bytes) -> bytes:
@@ -533,23 +533,6 @@ time.sleep(20)
 
 # ---- a bug found on the way ------------------------------------------------------
 
-class _Ticks:
-    """A task of the host's that counts its sleeps of 10 ms until stopped:
-    what the rest of the host got of trio's thread meanwhile."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._stop = trio.Event()
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            await trio.sleep(0.01)
-            self.count += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 async def test_checking_many_unknown_parameters_leaves_the_host_time_to_run():
     """A request of the largest size whose params are some 650,000 names
     the command does not have.  Its decoding is paced (the host gets half of
@@ -571,7 +554,7 @@ while time.time() < deadline:
     sent += 1
 print("sent", sent, reply[2][0], flush=True)
 """
-    ticks = _Ticks()
+    ticks = Ticks()
     async with trio.open_nursery() as nursery:
         async with heel.Sandbox(heel.SandboxConfig(ipc=_router())) as sb:
             nursery.start_soon(ticks.run)

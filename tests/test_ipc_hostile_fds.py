@@ -18,7 +18,7 @@ import trio
 
 import heel
 from heel import ipc
-from helpers import IPC_RAW as RAW, explain, py, sh  # RAW: a raw connection, as heel.client opens one
+from helpers import IPC_RAW as RAW, Ticks, explain, py, sh  # RAW: a raw connection, as heel.client opens one
 
 
 def _add_router() -> heel.IpcRouter:
@@ -239,23 +239,6 @@ async def test_sandboxes_of_one_process_share_one_connection_budget():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-class _Ticks:
-    """A task of the host's that counts its sleeps of 10 ms until stopped:
-    what the rest of the host got of trio's thread meanwhile."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._stop = trio.Event()
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            await trio.sleep(0.01)
-            self.count += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 async def test_a_connection_made_blocking_again_does_not_block_the_host():
     """The connection's socket is the sandbox's own open file: it clears the
     O_NONBLOCK that the host set on it, then sends one byte and keeps quiet.
@@ -275,7 +258,7 @@ ours.send(b"\\0")  # a frame's first byte: the host reads it, and waits for more
 print("cleared", flush=True)
 time.sleep(60)
 """
-    ticks = _Ticks()
+    ticks = Ticks()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticks.run)
         async with heel.Sandbox(heel.SandboxConfig(ipc=_add_router())) as sb:
@@ -329,7 +312,7 @@ while time.time() < deadline:
                 at[fd], sent = 0, sent + 1
 print("sent", sent, flush=True)
 """
-    ticks = _Ticks()
+    ticks = Ticks()
     async with trio.open_nursery() as nursery:
         async with heel.Sandbox(heel.SandboxConfig(ipc=_add_router())) as sb:
             nursery.start_soon(ticks.run)
