@@ -3,6 +3,7 @@ executable that runs as the sandbox's pid 1 and starts its commands
 (csrc/init.c, with the seccomp filter of csrc/seccomp.c and the Landlock
 calls of csrc/landlock.c)."""
 import os
+import shlex
 import sys
 
 from setuptools import setup
@@ -33,13 +34,20 @@ class BuildExtWithInit(build_ext):
             extra_postargs=["-O2", "-Wall"],
         )
         package_dir = "heel" if self.inplace else os.path.join(self.build_lib, "heel")
+        # distutils links an executable with $CC alone, where it links the
+        # module with LDFLAGS and CFLAGS too: pass them here the same way, or
+        # a packager's linker options never reach heel-init, and a CFLAGS
+        # sanitizer's runtime is missing from its link.
+        user_flags = [word for name in ("LDFLAGS", "CFLAGS")
+                      for word in shlex.split(os.environ.get(name, ""))]
         # Static when the C library allows it: exec'ing a static binary skips
         # the dynamic loader, which is a good part of a command's start-up.
         try:
             compiler.link_executable(objects, "_heel_init", output_dir=package_dir,
-                                     extra_postargs=["-static"])
+                                     extra_preargs=user_flags, extra_postargs=["-static"])
         except LinkError:
-            compiler.link_executable(objects, "_heel_init", output_dir=package_dir)
+            compiler.link_executable(objects, "_heel_init", output_dir=package_dir,
+                                     extra_preargs=user_flags)
 
 
 setup(

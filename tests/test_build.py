@@ -1,0 +1,78 @@
+"""The build itself (setup.py): what a packager's flags reach, in both
+compiled parts, the cffi module and heel-init.
+One wheel is built from a copy of this checkout, the way pip builds it, and
+its binaries are read with binutils (which every gcc toolchain has)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: A build id no linker picks by itself: passed in LDFLAGS, found in a
+#: binary only if LDFLAGS reached its link.
+MARKER_BUILD_ID = "4845454c4c444653"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("readelf") is None,
+                       reason="needs gcc and binutils"),
+]
+
+
+def _setuptools_builds_this() -> bool:
+    """Whether this environment's setuptools reads pyproject.toml's license
+    (>= 77); otherwise pip builds in an isolated environment of its own."""
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return major >= 77
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The wheel's heel/_heel_init and heel/_heel.abi3.so, unpacked."""
+    base = tmp_path_factory.mktemp("build")
+    src = base / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    shutil.copytree(os.path.join(ROOT, "csrc"), src / "csrc",
+                    ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "heel"), src / "heel",
+                    ignore=shutil.ignore_patterns("*.so", "_heel_init", "__pycache__", "_heel.c"))
+    env = dict(os.environ, LDFLAGS=f"-Wl,--build-id=0x{MARKER_BUILD_ID}")
+    env.pop("CFLAGS", None)
+    isolation = ["--no-build-isolation"] if _setuptools_builds_this() else []
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
+                           "-w", str(base / "dist"), str(src)],
+                          env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
+    (wheel,) = (base / "dist").glob("heel-*.whl")
+    out = base / "unpacked"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(out)
+    init = out / "heel" / "_heel_init"
+    (module,) = (out / "heel").glob("_heel*.so")
+    return {"init": str(init), "module": str(module)}
+
+
+def _readelf(*args: str) -> str:
+    return subprocess.run(["readelf", "-W", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_ldflags_reach_both_links(built):
+    """LDFLAGS (a sanitizer's runtime, a packager's linker options) reach
+    heel-init's link as they reach the module's: distutils links an
+    executable with $CC alone, so setup.py has to pass them."""
+    for path in (built["module"], built["init"]):
+        assert MARKER_BUILD_ID in _readelf("-n", path), path
+
