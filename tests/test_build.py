@@ -1,5 +1,5 @@
-"""The build itself (setup.py): what a packager's flags reach, in both
-compiled parts, the cffi module and heel-init.
+"""The build itself (setup.py): what a packager's flags and heel's own
+hardening reach, in both compiled parts, the cffi module and heel-init.
 One wheel is built from a copy of this checkout, the way pip builds it, and
 its binaries are read with binutils (which every gcc toolchain has)."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,13 @@ def _readelf(*args: str) -> str:
     return subprocess.run(["readelf", "-W", *args], capture_output=True, text=True, check=True).stdout
 
 
+def _gcc_links(tmp_path, *flags: str) -> bool:
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    return subprocess.run(["gcc", *flags, str(probe), "-o", str(tmp_path / "probe")],
+                          capture_output=True).returncode == 0
+
+
 def test_ldflags_reach_both_links(built):
     """LDFLAGS (a sanitizer's runtime, a packager's linker options) reach
     heel-init's link as they reach the module's: distutils links an
@@ -76,3 +84,29 @@ def test_ldflags_reach_both_links(built):
     for path in (built["module"], built["init"]):
         assert MARKER_BUILD_ID in _readelf("-n", path), path
 
+
+def test_module_is_hardened(built):
+    """Each flag is one the compiler takes: gcc takes all of them."""
+    dynamic = _readelf("-d", built["module"])
+    assert "BIND_NOW" in dynamic
+    assert "GNU_RELRO" in _readelf("-l", built["module"])
+    symbols = _readelf("--dyn-syms", built["module"])
+    assert "__stack_chk_fail" in symbols        # -fstack-protector-strong
+    assert "__snprintf_chk" in symbols          # _FORTIFY_SOURCE
+
+
+def test_heel_init_is_static_and_hardened(built, tmp_path):
+    headers = _readelf("-l", built["init"])
+    assert "GNU_RELRO" in headers
+    if _gcc_links(tmp_path, "-static"):
+        assert "INTERP" not in headers, "heel-init is linked statically where the C library allows"
+    if _gcc_links(tmp_path, "-static-pie"):
+        # Its own address randomised, and its relocations read-only once done.
+        assert "DYN" in _readelf("-h", built["init"]), "static-pie where the toolchain has it"
+        assert "BIND_NOW" in _readelf("-d", built["init"])
+    symbols = _readelf("-s", built["init"])
+    assert "__snprintf_chk" in symbols          # _FORTIFY_SOURCE on heel-init's own calls
+    if platform.machine() == "x86_64":
+        main = subprocess.run(["objdump", "-d", "--disassemble=main", built["init"]],
+                              capture_output=True, text=True, check=True).stdout
+        assert "%fs:0x28" in main               # main's arrays have a stack canary
