@@ -38,10 +38,9 @@ def _setuptools_builds_this() -> bool:
     return major >= 77
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The wheel's heel/_heel_init and heel/_heel.abi3.so, unpacked."""
-    base = tmp_path_factory.mktemp("build")
+def _build_wheel(base, **env_vars: str) -> dict[str, str]:
+    """Build a wheel of a copy of this checkout with these environment
+    variables; the paths of its heel/_heel_init and heel/_heel.abi3.so."""
     src = base / "src"
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
@@ -50,8 +49,8 @@ def built(tmp_path_factory):
                     ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
     shutil.copytree(os.path.join(ROOT, "heel"), src / "heel",
                     ignore=shutil.ignore_patterns("*.so", "_heel_init", "__pycache__", "_heel.c"))
-    env = dict(os.environ, LDFLAGS=f"-Wl,--build-id=0x{MARKER_BUILD_ID}")
-    env.pop("CFLAGS", None)
+    env = {key: value for key, value in os.environ.items() if key not in ("CFLAGS", "LDFLAGS")}
+    env.update(env_vars)
     isolation = ["--no-build-isolation"] if _setuptools_builds_this() else []
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
                            "-w", str(base / "dist"), str(src)],
@@ -61,9 +60,14 @@ def built(tmp_path_factory):
     out = base / "unpacked"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(out)
-    init = out / "heel" / "_heel_init"
     (module,) = (out / "heel").glob("_heel*.so")
-    return {"init": str(init), "module": str(module)}
+    return {"init": str(out / "heel" / "_heel_init"), "module": str(module)}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A wheel built with an LDFLAGS build id, unpacked."""
+    return _build_wheel(tmp_path_factory.mktemp("build"), LDFLAGS=f"-Wl,--build-id=0x{MARKER_BUILD_ID}")
 
 
 def _readelf(*args: str) -> str:
@@ -110,3 +114,15 @@ def test_heel_init_is_static_and_hardened(built, tmp_path):
         main = subprocess.run(["objdump", "-d", "--disassemble=main", built["init"]],
                               capture_output=True, text=True, check=True).stdout
         assert "%fs:0x28" in main               # main's arrays have a stack canary
+
+
+def test_a_sanitizer_build_links(tmp_path):
+    """CFLAGS=-fsanitize=address (a developer's ASan build) builds: heel-init's
+    objects need the sanitizer's runtime at link time, and a sanitizer
+    cannot be linked statically, so heel-init comes out dynamic.  Before,
+    its link had neither CFLAGS nor the runtime, and the whole build failed."""
+    if not _gcc_links(tmp_path, "-fsanitize=address"):
+        pytest.skip("gcc has no AddressSanitizer runtime here")
+    built = _build_wheel(tmp_path, CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1")
+    for path in (built["module"], built["init"]):
+        assert "libasan" in _readelf("-d", path), path
