@@ -1,0 +1,141 @@
+"""What a mutation audit of heel/_netaddr.py and heel/_proxy_protocol.py
+found no test for: each test here fails under a mutant of those files that
+the rest of the suite let through.
+
+- the edges of every restricted network, first and last address in,
+  the neighbours out, so that no range can be widened or narrowed unseen;
+  Teredo judged by either of its addresses, the NAT64 local-use prefix
+  kept closed;
+- a port is ASCII digits only;
+- the length limit on a host holds for IPv4 spellings too;
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from heel._netaddr import is_restricted, normalize_host, parse_port
+from heel.errors import PolicyError
+from heel.policy import AllowAll, AllowList, NetworkRequest
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+# ---- the edges of the restricted networks ---------------------------------------
+
+#: Each restricted IPv4 network as its first and last address, and the
+#: addresses just outside it that are public (written out, not computed:
+#: what is_restricted's table says is what is under test).
+IPV4_EDGES = [
+    # (first, last, just outside and public)
+    ("0.0.0.0", "0.255.255.255", ["1.0.0.0"]),
+    ("10.0.0.0", "10.255.255.255", ["9.255.255.255", "11.0.0.0"]),
+    ("100.64.0.0", "100.127.255.255", ["100.63.255.255", "100.128.0.0"]),
+    ("127.0.0.0", "127.255.255.255", ["126.255.255.255", "128.0.0.0"]),
+    ("169.254.0.0", "169.254.255.255", ["169.253.255.255", "169.255.0.0"]),
+    ("172.16.0.0", "172.31.255.255", ["172.15.255.255", "172.32.0.0"]),
+    ("192.0.0.0", "192.0.0.255", ["191.255.255.255", "192.0.1.0"]),
+    ("192.0.2.0", "192.0.2.255", ["192.0.1.255", "192.0.3.0"]),
+    ("192.88.99.0", "192.88.99.255", ["192.88.98.255", "192.88.100.0"]),
+    ("192.168.0.0", "192.168.255.255", ["192.167.255.255", "192.169.0.0"]),
+    ("198.18.0.0", "198.19.255.255", ["198.17.255.255", "198.20.0.0"]),
+    ("198.51.100.0", "198.51.100.255", ["198.51.99.255", "198.51.101.0"]),
+    ("203.0.113.0", "203.0.113.255", ["203.0.112.255", "203.0.114.0"]),
+    ("224.0.0.0", "239.255.255.255", ["223.255.255.255"]),
+    ("240.0.0.0", "255.255.255.255", []),
+]
+
+#: The same for IPv6: what lies outside global unicast 2000::/3, and the
+#: special blocks inside it.
+IPV6_EDGES = [
+    ("::", "1fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", ["2000::"]),
+    ("4000::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", ["3ffe:ffff:ffff:ffff:ffff:ffff:ffff:ffff"]),
+    ("2001:1::", "2001:1ff:ffff:ffff:ffff:ffff:ffff:ffff", ["2000:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "2001:200::"]),
+    ("2001:db8::", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+     ["2001:db7:ffff:ffff:ffff:ffff:ffff:ffff", "2001:db9::"]),
+    ("3fff::", "3fff:fff:ffff:ffff:ffff:ffff:ffff:ffff", ["3ffe:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "3fff:1000::"]),
+]
+
+
+@pytest.mark.parametrize(("first", "last", "outside"), IPV4_EDGES + IPV6_EDGES, ids=lambda x: str(x))
+def test_each_restricted_network_ends_where_it_should(first, last, outside):
+    assert is_restricted(ip(first)), first
+    assert is_restricted(ip(last)), last
+    for address in outside:
+        assert not is_restricted(ip(address)), address
+
+
+@pytest.mark.parametrize(
+    ("address", "restricted"),
+    [
+        # Teredo 2001:0::/32: server, then the client XORed with ones.  Either
+        # one restricted makes the whole address so.
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", True),  # server 65.54.227.120, client 10.0.0.1
+        ("2001:0:a00:1:8000:63bf:a247:27dd", True),  # server 10.0.0.1, client 93.184.216.34
+        ("2001:0:4136:e378:8000:63bf:a247:27dd", False),  # both public
+        # Only the well-known NAT64 prefix 64:ff9b::/96 is judged by its IPv4
+        # address; the local-use 64:ff9b:1::/48 (RFC 8215) maps wherever its
+        # operator likes.
+        ("64:ff9b::808:808", False),
+        ("64:ff9b::a00:1", True),
+        ("64:ff9b:1::808:808", True),
+        ("64:ff9b:0:1::808:808", True),
+        # IPv4-mapped is ::ffff:0:0/96 only.
+        ("::fffe:808:808", True),
+        ("::1:ffff:808:808", True),
+        # 6to4 2002::/16: judged by the IPv4 address in bits 16 to 48.
+        ("2002:808:808::", False),
+        ("2002:a00:1::", True),
+        ("2002:c0a8:101:ffff::1", True),
+        ("2002:a9fe:a9fe:1234:5678::1", True),
+    ],
+)
+def test_addresses_that_carry_an_ipv4_address(address, restricted):
+    assert is_restricted(ip(address)) is restricted
+
+
+# ---- ports ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["\u0668\u0660", "\uff18\uff10", "8\u0660", "\u00b2", "\u0664\u0664\u0663"])
+def test_a_port_is_ascii_digits_only(text):
+    # str.isdigit() and int() read Arabic-Indic and full-width digits as 80.
+    assert parse_port(text) is None
+    with pytest.raises(PolicyError, match="port"):
+        AllowList([f"example.com:{text}"])
+
+
+# ---- the length of a host -------------------------------------------------------
+
+
+def test_the_length_limit_holds_for_ipv4_spellings_too():
+    # inet_aton reads any number of leading zeros; the limit on a host's
+    # length is the same for a spelling of an address as for a name.
+    longest = "0" * (254 - len("177.0.0.1")) + "177.0.0.1"
+    assert normalize_host(longest) == "127.0.0.1"
+    for extra in (1, 2, 50, 100, 1000):
+        with pytest.raises(ValueError, match="longer than 253"):
+            normalize_host("0" * extra + longest)
+
+
+# ---- IPv4 spellings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.0X1", "0X7F000001", "127.0X1", "127.0.0X1", "0X7f.0X0.0X0.0X1",
+                                      "127.0.0.0x01", "127.0.0.01"])
+def test_an_upper_case_hex_prefix_counts_in_the_last_part_too(spelling):
+    # inet_aton (and so getaddrinfo) takes 0X as well as 0x in any part: were
+    # "127.0.0.0X1" a name, the policy would see a name where the resolver
+    # reads an address.
+    assert normalize_host(spelling) == "127.0.0.1"
+
+
+async def test_an_address_spelled_with_0X_is_excluded_like_its_dotted_quad():
+    policy = AllowAll() & ~AllowList(["93.184.216.34"])
+    for spelling in ("93.184.216.34", "93.184.216.0X22", "0X5DB8D822", "93.0XB8D822"):
+        decision = await policy.decide(NetworkRequest(normalize_host(spelling), 443, "connect"))
+        assert not decision.allowed, spelling
