@@ -8,15 +8,26 @@ the rest of the suite let through.
   kept closed;
 - a port is ASCII digits only;
 - the length limit on a host holds for IPv4 spellings too;
+- ``0X`` (upper case) in the last part of an IPv4 spelling is hex there too,
+  and a fifth part is never part of an address, even when it is zero;
+
+and, through a real sandbox's proxy, that what those spellings name is what
+the policy sees and what is reached (or that they are refused as invalid).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
+import trio
 
+import heel
+from heel import _proxy_protocol as proto
 from heel._netaddr import is_restricted, normalize_host, parse_port
+from helpers import PROXY_CLIENT, explain, py
+from netservers import resolver_for
 from heel.errors import PolicyError
 from heel.policy import AllowAll, AllowList, NetworkRequest
 
@@ -139,3 +150,85 @@ async def test_an_address_spelled_with_0X_is_excluded_like_its_dotted_quad():
     for spelling in ("93.184.216.34", "93.184.216.0X22", "0X5DB8D822", "93.0XB8D822"):
         decision = await policy.decide(NetworkRequest(normalize_host(spelling), 443, "connect"))
         assert not decision.allowed, spelling
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.1.0", "1.2.3.4.0", "0.0.0.0.0", "127.0.0.1.0x0", "127.0.0.1.00"])
+def test_five_parts_are_no_address_even_when_the_fifth_is_zero(spelling):
+    # inet_aton reads at most four parts; a fifth part of 0 added nothing to
+    # the address in a parser that only checked what the last part may hold.
+    with pytest.raises(ValueError, match="not a valid one"):
+        normalize_host(spelling)
+
+
+# ---- through a real sandbox -------------------------------------------------------
+
+def _client_code() -> str:
+    """In the sandbox: CONNECT to each target of argv[1] (a JSON list)
+    through the proxy, send a marker when the tunnel is open, and print one
+    JSON line per target: the target, the status line and what came back."""
+    return PROXY_CLIENT + r"""
+import json
+for target in json.loads(sys.argv[1]):
+    s = connect_proxy()
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\n".encode() + auth + b"\r\n")
+    head, rest = read_head(s)
+    status = head.splitlines()[0] if head else "none"
+    if status.startswith("HTTP/1.1 200"):
+        s.sendall(b"through")
+        s.shutdown(socket.SHUT_WR)
+    print(json.dumps([target, status, read_all(s, rest).decode(errors="replace")]), flush=True)
+    s.close()
+"""
+
+
+#: Spellings of 127.0.0.1 that the proxy reads as that address.
+LOOPBACK_SPELLINGS = ["127.0.0.0X1", "0X7F000001", "127.0X1", "0" * (254 - len("177.0.0.1")) + "177.0.0.1"]
+#: What no resolver reads as an address, and the proxy refuses as invalid.
+INVALID_SPELLINGS = ["0" * (255 - len("177.0.0.1")) + "177.0.0.1", "127.0.0.1.0"]
+
+
+async def _connect_each(policy, targets: list[str]):
+    config = heel.SandboxConfig(network=policy, level=heel.IsolationLevel.PERMISSIVE)
+    async with heel.Sandbox(config, resolver=resolver_for({})) as sb:
+        out = await py(sb, _client_code(), json.dumps(targets), timeout=60)
+        with trio.fail_after(10):
+            while sb._proxy.open_connections:
+                await trio.sleep(0.01)
+        events = sb.network_events()
+    assert out.returncode == 0, explain(out)
+    results = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert [target for target, _, _ in results] == targets, explain(out)
+    return {target: (status, body) for target, status, body in results}, events
+
+
+async def test_spellings_reach_what_they_name_and_invalid_ones_nothing(echo):
+    """Observed from outside: under AllowAll every spelling of loopback is
+    refused as the internal address 127.0.0.1 (not looked up as a name,
+    which would fail otherwise), each invalid spelling is refused as
+    invalid, and nothing arrives; with 127.0.0.1 named, each spelling
+    reaches the echo server and the invalid ones still do not."""
+    targets = [f"{spelling}:{echo.port}" for spelling in LOOPBACK_SPELLINGS + INVALID_SPELLINGS]
+    answers, events = await _connect_each(heel.AllowAll(), targets)
+    assert echo.connections == 0
+    by_target = dict(zip(targets, events))
+    assert len(events) == len(targets), events
+    for spelling, target in zip(LOOPBACK_SPELLINGS + INVALID_SPELLINGS, targets):
+        status, body = answers[target]
+        event = by_target[target]
+        assert not event.allowed, event
+        if spelling in LOOPBACK_SPELLINGS:
+            assert status.startswith("HTTP/1.1 403"), (spelling, status, body)
+            assert event.host == "127.0.0.1" and "internal address" in event.reason, event
+        else:
+            assert status.startswith("HTTP/1.1 400"), (spelling, status, body)
+            assert event.reason.startswith("invalid host"), event
+
+    answers, events = await _connect_each(heel.AllowList([f"127.0.0.1:{echo.port}"]), targets)
+    for spelling, target in zip(LOOPBACK_SPELLINGS + INVALID_SPELLINGS, targets):
+        status, body = answers[target]
+        if spelling in LOOPBACK_SPELLINGS:
+            assert status.startswith("HTTP/1.1 200") and body == "through", (spelling, status, body)
+        else:
+            assert status.startswith("HTTP/1.1 400") and "through" not in body, (spelling, status, body)
+    assert echo.connections == len(LOOPBACK_SPELLINGS)
+    assert [e.host for e in events if e.allowed] == ["127.0.0.1"] * len(LOOPBACK_SPELLINGS), events
