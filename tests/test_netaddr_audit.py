@@ -17,6 +17,7 @@ the policy sees and what is reached (or that they are refused as invalid).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 
@@ -158,6 +159,35 @@ def test_five_parts_are_no_address_even_when_the_fifth_is_zero(spelling):
     # the address in a parser that only checked what the last part may hold.
     with pytest.raises(ValueError, match="not a valid one"):
         normalize_host(spelling)
+
+
+
+# ---- the proxy's parser -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["http://[::1]x/", "http://[::1].evil.test/", "http://[::1]evil.test:80/",
+                                    "http://[127.0.0.1]/", "http://[::1]]/"])
+def test_an_absolute_uri_has_nothing_between_its_bracketed_host_and_port(target):
+    # For CONNECT the missing port alone refuses "[::1]x"; a plain-HTTP URI
+    # has a default port, so the text after "]" must be refused on its own,
+    # not read as [::1] port 80 where another parser reads another host.
+    with pytest.raises(proto.ProtocolError) as caught:
+        proto.parse_http_head(f"GET {target} HTTP/1.1\r\n\r\n".encode())
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("padding", ["=", "=="])
+def test_basic_credentials_with_padding_after_the_padding_are_refused(padding):
+    # "cmd1:secret" ends in one "=" of padding; more after it is no base64
+    # (Python's b64decode reads it without validate=True).  Harmless to
+    # the secret, which must still match, but a credential reads one way.
+    credential = base64.b64encode(b"cmd1:secret").decode()
+    assert credential.endswith("=") and not credential.endswith("==")
+    head = f"CONNECT a.test:443 HTTP/1.1\r\nProxy-Authorization: Basic {credential}\r\n\r\n".encode()
+    assert proto.proxy_credentials(proto.parse_http_head(head)) == ("cmd1", "secret")
+    padded = head.replace(credential.encode(), (credential + padding).encode())
+    with pytest.raises(proto.ProtocolError, match="not base64"):
+        proto.proxy_credentials(proto.parse_http_head(padded))
 
 
 # ---- through a real sandbox -------------------------------------------------------
