@@ -7,9 +7,13 @@ the rest of the suite let through.
   Teredo judged by either of its addresses, the NAT64 local-use prefix
   kept closed;
 - a port is ASCII digits only;
-- the length limit on a host holds for IPv4 spellings too;
+- the length limit on a host holds for IPv4 spellings too, and a name of
+  254 characters is too long without its trailing dot as with it;
 - ``0X`` (upper case) in the last part of an IPv4 spelling is hex there too,
   and a fifth part is never part of an address, even when it is zero;
+- a plain-HTTP URI has nothing between ``[ipv6]`` and ``:port``; Basic
+  credentials are strict base64; a Connection header never strips
+  Transfer-Encoding from what goes upstream;
 
 and, through a real sandbox's proxy, that what those spellings name is what
 the policy sees and what is reached (or that they are refused as invalid).
@@ -134,6 +138,20 @@ def test_the_length_limit_holds_for_ipv4_spellings_too():
             normalize_host("0" * extra + longest)
 
 
+#: A name of 254 characters, every label within 63: one too long.
+NAME_254 = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 62])
+
+
+def test_a_name_of_254_characters_is_too_long_with_or_without_its_dot():
+    # The 254th character may be the trailing dot (the host-wide limit lets
+    # it through), but not a letter.
+    assert len(NAME_254) == 254
+    for host in (NAME_254, NAME_254 + ".", NAME_254.upper()):
+        with pytest.raises(ValueError, match="longer than 253"):
+            normalize_host(host)
+    assert normalize_host(NAME_254[1:] + ".") == NAME_254[1:]
+
+
 # ---- IPv4 spellings -------------------------------------------------------------
 
 
@@ -176,6 +194,17 @@ def test_an_absolute_uri_has_nothing_between_its_bracketed_host_and_port(target)
     assert caught.value.status == 400
 
 
+def test_connection_never_drops_what_frames_the_body():
+    # The proxy answers 411 to a chunked plain-HTTP request today; were that
+    # lifted, a Connection header listing Transfer-Encoding must not strip the
+    # framing on the way upstream (the server would read the body as the
+    # next request).
+    head = proto.parse_http_head(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Connection: transfer-encoding, x-hop\r\nX-Hop: 1\r\n\r\n")
+    sent = proto.forward_head(head).decode("latin-1").lower()
+    assert "transfer-encoding: chunked\r\n" in sent and "x-hop" not in sent, sent
+
+
 @pytest.mark.parametrize("padding", ["=", "=="])
 def test_basic_credentials_with_padding_after_the_padding_are_refused(padding):
     # "cmd1:secret" ends in one "=" of padding; more after it is no base64
@@ -213,8 +242,9 @@ for target in json.loads(sys.argv[1]):
 
 #: Spellings of 127.0.0.1 that the proxy reads as that address.
 LOOPBACK_SPELLINGS = ["127.0.0.0X1", "0X7F000001", "127.0X1", "0" * (254 - len("177.0.0.1")) + "177.0.0.1"]
-#: What no resolver reads as an address, and the proxy refuses as invalid.
-INVALID_SPELLINGS = ["0" * (255 - len("177.0.0.1")) + "177.0.0.1", "127.0.0.1.0"]
+#: What no resolver reads as an address, and the proxy refuses as invalid
+#: (the last: a name of 254 characters).
+INVALID_SPELLINGS = ["0" * (255 - len("177.0.0.1")) + "177.0.0.1", "127.0.0.1.0", NAME_254]
 
 
 async def _connect_each(policy, targets: list[str]):
