@@ -13,7 +13,9 @@ the rest of the suite let through.
   and a fifth part is never part of an address, even when it is zero;
 - a plain-HTTP URI has nothing between ``[ipv6]`` and ``:port``; Basic
   credentials are strict base64; a Connection header never strips
-  Transfer-Encoding from what goes upstream;
+  Transfer-Encoding from what goes upstream; the request line and a header
+  line may be MAX_LINE bytes and not one more; a 101 answer's bytes run
+  until the server closes;
 
 and, through a real sandbox's proxy, that what those spellings name is what
 the policy sees and what is reached (or that they are refused as invalid).
@@ -203,6 +205,31 @@ def test_connection_never_drops_what_frames_the_body():
                                  b"Connection: transfer-encoding, x-hop\r\nX-Hop: 1\r\n\r\n")
     sent = proto.forward_head(head).decode("latin-1").lower()
     assert "transfer-encoding: chunked\r\n" in sent and "x-hop" not in sent, sent
+
+
+def test_line_limits_are_exact():
+    # The request line and each header line may be MAX_LINE bytes, not one more.
+    prefix, suffix = "GET http://h/", " HTTP/1.1"
+    line = prefix + "a" * (proto.MAX_LINE - len(prefix) - len(suffix)) + suffix
+    assert len(line) == proto.MAX_LINE
+    assert proto.parse_http_head(f"{line}\r\n\r\n".encode()).path.startswith("/aaa")
+    with pytest.raises(proto.ProtocolError) as caught:
+        proto.parse_http_head(f"{line[:-len(suffix)]}a{suffix}\r\n\r\n".encode())
+    assert caught.value.status == 414
+    header = "X: " + "v" * (proto.MAX_LINE - 3)
+    assert proto.parse_http_head(f"GET http://h/ HTTP/1.1\r\n{header}\r\n\r\n".encode()).headers
+    with pytest.raises(proto.ProtocolError) as caught:
+        proto.parse_http_head(f"GET http://h/ HTTP/1.1\r\n{header}v\r\n\r\n".encode())
+    assert caught.value.status == 431
+
+
+def test_a_101_answer_runs_until_the_server_closes_whatever_its_content_length():
+    # After 101 Switching Protocols the bytes are another protocol's: a
+    # Content-Length on the 101 does not end them.
+    head = b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0\r\nUpgrade: x\r\n\r\n"
+    response = proto.parse_response_head(head)
+    assert response.status == 101 and not response.interim
+    assert proto.response_body_length(response, "GET") is None
 
 
 @pytest.mark.parametrize("padding", ["=", "=="])
