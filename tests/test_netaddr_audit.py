@@ -33,10 +33,10 @@ import trio
 import heel
 from heel import _proxy_protocol as proto
 from heel._netaddr import is_restricted, normalize_host, parse_port
-from helpers import PROXY_CLIENT, explain, py
-from netservers import resolver_for
 from heel.errors import PolicyError
 from heel.policy import AllowAll, AllowList, NetworkRequest
+from helpers import PROXY_CLIENT, explain, py
+from netservers import resolver_for
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
