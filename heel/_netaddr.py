@@ -76,6 +76,7 @@ _RESTRICTED_IPV4 = tuple(
         "10.0.0.0/8",  # private
         "100.64.0.0/10",  # shared address space (carrier NAT; Alibaba's metadata 100.100.100.200)
         "127.0.0.0/8",  # loopback
+        "168.63.129.16/32",  # Azure's platform endpoint (WireServer: a VM's certificates, extensions)
         "169.254.0.0/16",  # link-local (the cloud metadata service 169.254.169.254)
         "172.16.0.0/12",  # private
         "192.0.0.0/24",  # IETF protocol assignments
@@ -111,8 +112,10 @@ def is_restricted(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     IPv4: 0.0.0.0/8 (unspecified and "this network"), 10.0.0.0/8,
     172.16.0.0/12 and 192.168.0.0/16 (private), 100.64.0.0/10 (shared address
     space, where Alibaba Cloud's metadata service 100.100.100.200 lives),
-    127.0.0.0/8 (loopback), 169.254.0.0/16 (link-local, the cloud metadata
-    service 169.254.169.254), 192.0.0.0/24 (IETF protocol assignments),
+    127.0.0.0/8 (loopback), 168.63.129.16 (Azure's platform endpoint, a public
+    address every Azure VM reaches: its WireServer serves the VM's
+    certificates and extension settings), 169.254.0.0/16 (link-local, the
+    cloud metadata service 169.254.169.254), 192.0.0.0/24 (IETF protocol assignments),
     192.0.2.0/24, 198.51.100.0/24 and 203.0.113.0/24 (documentation),
     192.88.99.0/24 (6to4 relay anycast), 198.18.0.0/15 (benchmarking),
     224.0.0.0/4 (multicast), 240.0.0.0/4 (reserved, broadcast included).

@@ -177,6 +177,7 @@ async def test_ip_spellings_are_canonicalised_before_the_policy(echo, spelling):
 
 async def test_names_resolving_to_internal_addresses_are_refused(echo):
     names = {"sneaky.test": ["127.0.0.1"], "meta.test": ["169.254.169.254"], "lan.test": ["10.1.2.3"],
+             "azure.test": ["168.63.129.16"],
              "mixed.test": ["93.184.216.34", "192.168.1.1"]}
     async with sandbox(heel.AllowAll(), names) as sb:
         for name in names:
