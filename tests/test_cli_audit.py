@@ -1,0 +1,258 @@
+"""A mutation audit of ``heel run``'s options (r43): each test runs the real
+CLI in a subprocess and observes from outside that an option the command
+line gives is enforced as asked, no wider: a place left closed, a grant
+that gives no more than it names, a limit that holds, a timeout that ends
+the command in time and says so.  Each was written against a mutant of
+heel/_cliargs.py, heel/cli.py or heel/_sync.py that no other test caught.
+
+Synchronous on purpose (the CLI must not run inside trio).  Host-side
+fixtures live under /var/tmp: inside the sandbox /tmp is private.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import make_home_with_secrets
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
+
+
+def heel(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heel", *args], capture_output=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+# ---- the protections and their --no- forms ------------------------------------------------
+
+#: Reads each path given; prints "READ <path>" or "refused <path>".
+_READ_EACH = 'for f in "$@"; do if cat "$f" >/dev/null 2>&1; then echo "READ $f"; else echo "refused $f"; fi; done'
+
+
+@pytest.fixture
+def home(host_dir):
+    """A home under /var/tmp with a credential (~/.ssh), a cloud config
+    (~/.aws) and an ordinary file, each readable by every uid: only heel
+    stands between the sandbox and them."""
+    path, secrets, ordinary = make_home_with_secrets(str(host_dir), {".ssh": "id_ed25519", ".aws": "credentials"})
+    credential = os.path.join(path, ".ssh", "id_ed25519")
+    cloud = os.path.join(path, ".aws", "credentials")
+    plain = os.path.join(path, "notes.txt")
+    with open(plain, "w") as file:
+        file.write("ordinary\n")
+    os.chmod(plain, 0o666)
+    assert set(secrets) == {credential, cloud}
+    return path, {"credential": credential, "cloud": cloud, "plain": plain}
+
+
+def _readable(home_files: tuple[str, dict[str, str]], *options: str) -> set[str]:
+    """Which of the home's files a command in a sandbox with these options reads."""
+    path, files = home_files
+    result = heel("run", *options, "--", "sh", "-c", _READ_EACH, "sh", *files.values(),
+                  env={**os.environ, "HOME": path})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == len(files), result
+    by_path = {file: kind for kind, file in files.items()}
+    return {by_path[line.split(" ", 1)[1]] for line in lines if line.startswith("READ ")}
+
+
+@pytest.mark.parametrize("options, opened", [
+    ([], set()),
+    (["--no-protect-home"], {"plain"}),
+    (["--no-protect-home", "--no-protect-cloud"], {"plain", "cloud"}),
+    (["--no-protect-home", "--no-protect-credentials"], {"plain", "credential"}),
+    (["--no-protect-home", "--no-protect-credentials", "--no-protect-cloud"], {"plain", "credential", "cloud"}),
+    # the last of a flag and its --no- form wins, as with any option
+    (["--no-protect-home", "--no-protect-cloud", "--protect-cloud"], {"plain"}),
+    (["--no-protect-home", "--protect-home"], set()),
+])
+def test_each_no_protect_option_opens_its_own_place_and_no_other(home, options, opened):
+    """--no-protect-cloud opens the cloud configs, never the keys, and
+    --no-protect-credentials the reverse: an option wired to the other's
+    setting would open a place the command line kept closed."""
+    assert _readable(home, *options) == opened
+
+
+def test_a_protection_on_the_command_line_overrides_the_file(home, host_dir):
+    """A config file that opens everything, and a command line that closes
+    it again: the command line wins, flag by flag."""
+    config = host_dir / "open.toml"
+    config.write_text("protect_home = false\nprotect_credentials = false\nprotect_cloud = false\n")
+    assert _readable(home, "--config", str(config)) == {"plain", "credential", "cloud"}
+    assert _readable(home, "--config", str(config), "--protect-credentials") == {"plain", "cloud"}
+    assert _readable(home, "--config", str(config), "--protect-cloud") == {"plain", "credential"}
+    assert _readable(home, "--config", str(config), "--protect-home") == set()
+
+
+# ---- grants: each gives what it names, no more --------------------------------------------
+
+
+@pytest.fixture
+def tool_dir(host_dir):
+    """A directory with an executable script in it, open to every uid."""
+    tools = host_dir / "tools"
+    tools.mkdir()
+    tools.chmod(0o777)
+    script = tools / "tool.sh"
+    script.write_text("#!/bin/sh\necho tool ran\n")
+    script.chmod(0o755)
+    return tools
+
+
+def test_readable_grants_reading_not_executing(tool_dir):
+    """At STRICT, --readable DIR lets the command read DIR's files and not
+    run them; --executable DIR runs them."""
+    script = str(tool_dir / "tool.sh")
+    read = heel("run", "--level", "strict", "--readable", str(tool_dir), "--", "cat", script)
+    assert read.returncode == 0 and b"echo tool ran" in read.stdout, read
+    ran = heel("run", "--level", "strict", "--readable", str(tool_dir), "--", script)
+    assert b"tool ran" not in ran.stdout
+    assert ran.returncode == 126, ran  # found, but not executable there
+    ran = heel("run", "--level", "strict", "--executable", str(tool_dir), "--", script)
+    assert (ran.returncode, ran.stdout) == (0, b"tool ran\n"), ran
+
+
+@pytest.mark.parametrize("option", ["--readable", "--executable"])
+def test_readable_and_executable_grant_no_writing(tool_dir, option):
+    """Nothing written, changed or removed in a place granted for reading or
+    executing, looked at from the host; --writable, the control, writes."""
+    target = tool_dir / "made.txt"
+    script = f"echo made > {target}; echo changed >> {tool_dir / 'tool.sh'}; rm -f {tool_dir / 'tool.sh'}"
+    heel("run", "--level", "strict", option, str(tool_dir), "--", "sh", "-c", script)
+    assert not target.exists()
+    assert (tool_dir / "tool.sh").read_text() == "#!/bin/sh\necho tool ran\n"
+    result = heel("run", "--level", "strict", "--writable", str(tool_dir), "--", "sh", "-c", f"echo made > {target}")
+    assert result.returncode == 0, result.stderr
+    assert target.read_text() == "made\n"
+
+
+# ---- network -------------------------------------------------------------------------------
+
+
+def _proxy_inside(*options: str) -> str:
+    result = heel("run", *options, "--", "sh", "-c", "echo ${HTTP_PROXY:-none}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode().strip()
+
+
+def test_network_deny_given_explicitly_is_no_network(host_dir):
+    """`--network deny` is DenyAll, as no option is: no proxy inside (the
+    only way out of a sandbox); also over a file's `network = "allow"`."""
+    assert _proxy_inside("--network", "allow") != "none"  # the control: a proxy shows
+    assert _proxy_inside("--network", "deny") == "none"
+    assert _proxy_inside("--network=deny") == "none"
+    config = host_dir / "net.toml"
+    config.write_text('network = "allow"\n')
+    assert _proxy_inside("--config", str(config)) != "none"
+    assert _proxy_inside("--config", str(config), "--network", "deny") == "none"
+    config.write_text('network = "deny"\n')
+    assert _proxy_inside("--config", str(config)) == "none"
+
+
+# ---- limits ---------------------------------------------------------------------------------
+
+#: Forks children that wait on a pipe until it fails or 40 run, prints how
+#: many it started, then lets them all go.
+_FORK_UP_TO_40 = """
+import os
+r, w = os.pipe()
+n = 0
+for _ in range(40):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    n += 1
+print(n, flush=True)
+os.close(w)
+for _ in range(n):
+    os.wait()
+"""
+
+
+def test_max_procs_limits_the_processes():
+    free = heel("run", "--timeout", "30", "--", "python3", "-c", _FORK_UP_TO_40)
+    assert (free.returncode, free.stdout) == (0, b"40\n"), free  # the control: 40 start
+    limited = heel("run", "--timeout", "30", "--max-procs", "8", "--", "python3", "-c", _FORK_UP_TO_40)
+    assert limited.returncode == 0, limited.stderr
+    assert int(limited.stdout) < 8, limited
+
+
+def test_cpu_time_kills_a_spinning_command():
+    """--cpu-time 1: a busy loop is killed by the kernel (SIGXCPU) long
+    before the wall-clock backstop, which would be 124."""
+    result = heel("run", "--cpu-time", "1", "--timeout", "40", "--", "python3", "-c", "while True: pass")
+    assert result.returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL), result
+
+
+def test_max_file_size_bounds_what_is_written(host_dir):
+    """--max-file-size 4K: a 1 MB write stops at 4 KiB, seen on the host."""
+    result = heel("run", "--workdir", str(host_dir), "--max-file-size", "4K", "--", "sh", "-c",
+                  "head -c 1000000 /dev/zero > big")
+    assert result.returncode != 0, result
+    assert os.path.getsize(host_dir / "big") <= 4096
+
+
+# ---- the timeout: in time, and said --------------------------------------------------------
+
+
+@pytest.mark.parametrize("network", [[], ["--network", "allow"]], ids=["plain", "trio"])
+def test_the_timeout_ends_the_command_in_time_and_exits_124(host_dir, network):
+    """--timeout 1 ends the command before it writes, 1.5 s later, a file
+    the host looks for; heel says so and exits 124 on either runner (a
+    network runs the command under trio)."""
+    started = time.monotonic()
+    result = heel("run", *network, "--workdir", str(host_dir), "--timeout", "1", "--", "sh", "-c",
+                  "echo early > early; sleep 2.5; echo late > late")
+    assert result.returncode == 124, result
+    assert b"timed out after 1 seconds" in result.stderr, result.stderr
+    assert (host_dir / "early").exists()  # it did start
+    time.sleep(max(0.0, started + 3.5 - time.monotonic()))  # and nothing of it lived on to write it
+    assert not (host_dir / "late").exists()
+
+
+# ---- a repeated option: the last one counts, as argparse reads it ---------------------------
+
+
+def test_a_repeated_option_takes_its_last_value(host_dir):
+    """An alias or wrapper gives `--timeout 600`, the user adds `--timeout
+    1`: the last value counts (argparse's reading, which the fast parser
+    must share), never the first, which would be the weaker one here."""
+    started = time.monotonic()
+    result = heel("run", "--timeout", "30", "--timeout", "1", "--", "sleep", "20")
+    assert result.returncode == 124, result
+    assert time.monotonic() - started < 15
+    result = heel("run", "--timeout=30", "--timeout=1", "--", "sleep", "20")
+    assert result.returncode == 124, result
+    target = host_dir / "visible.txt"
+    target.write_text("readable\n")
+    target.chmod(0o644)
+    assert heel("run", "--level", "permissive", "--", "cat", str(target)).returncode == 0  # the control
+    result = heel("run", "--level", "permissive", "--level", "strict", "--", "cat", str(target))
+    assert result.returncode != 0 and b"readable" not in result.stdout, result
+    result = heel("run", "--memory", "4G", "--memory=256M", "--", "sh", "-c", "ulimit -d")
+    assert result.stdout.strip() == str(256 * 1024).encode(), result
+
+
+@pytest.mark.parametrize("args", [
+    ["--timeout", "30", "--timeout", "1"], ["--timeout=30", "--timeout", "1"], ["--level", "permissive", "--level=strict"],
+    ["--workdir", "/a", "--workdir", "/b"], ["--network", "allow", "--network", "deny"],
+    ["--max-procs", "100", "--max-procs=3"], ["--config", "/a.toml", "--config=/b.toml"],
+])
+def test_the_fast_parser_takes_the_last_of_a_repeated_option_as_argparse_does(args):
+    from heel import _cliargs
+
+    plain = _cliargs._parse_plainly("run", [*args, "--", "true"])
+    assert plain is not None
+    assert vars(plain) == vars(_cliargs.make_parser("run").parse_args([*args, "--", "true"]))
