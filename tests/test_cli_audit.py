@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from helpers import make_home_with_secrets
+from helpers import make_home_with_secrets, processes_with
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 
@@ -256,3 +256,93 @@ def test_the_fast_parser_takes_the_last_of_a_repeated_option_as_argparse_does(ar
     plain = _cliargs._parse_plainly("run", [*args, "--", "true"])
     assert plain is not None
     assert vars(plain) == vars(_cliargs.make_parser("run").parse_args([*args, "--", "true"]))
+
+
+# ---- --best-effort: only when asked, and never silent ---------------------------------------
+
+#: heel's CLI (main) on a machine taken to have no user namespaces: the
+#: probe says so, as conftest's no_namespaces fixture makes it for the library.
+_WITHOUT_NAMESPACES = """
+import sys
+from heel import _probe
+weak = _probe.assumed_environment()._replace(namespaces=False)
+_probe.assumed_environment = lambda: weak
+_probe.environment = lambda: (weak, "turned off for this test")
+from heel.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("network", [[], ["--network", "allow"]], ids=["plain", "trio"])
+def test_a_protection_this_machine_lacks_is_refused_unless_best_effort_and_then_said(host_dir, network):
+    """Without user namespaces, the default sandbox cannot be had: heel
+    refuses (125) and the command does not run; with --best-effort it runs
+    and heel says what it runs without."""
+    def run(*options):
+        return subprocess.run([sys.executable, "-c", _WITHOUT_NAMESPACES, "run", *network, *options,
+                               "--workdir", str(host_dir), "--", "sh", "-c", "echo ran > ran.txt"],
+                              capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    refused = run()
+    assert refused.returncode == 125, refused
+    assert b"cannot be enforced" in refused.stderr, refused.stderr
+    assert not (host_dir / "ran.txt").exists()
+    ran = run("--best-effort")
+    assert ran.returncode == 0, ran.stderr
+    assert (host_dir / "ran.txt").read_text() == "ran\n"
+    said = [line for line in ran.stderr.decode().splitlines() if line.startswith("heel: running without")]
+    assert len(said) == 1 and "--best-effort" in said[0], ran.stderr
+
+
+# ---- a signal that would end heel ends the command's whole tree first ------------------------
+
+
+@pytest.fixture
+def var_tmpdir():
+    """heel's $TMPDIR for one test, outside /tmp: what it leaves shows."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="heel-r43-tmpdir-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_ENDING = [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM]
+
+
+@pytest.mark.parametrize("network", [[], ["--network", "allow"]], ids=["plain", "trio"])
+@pytest.mark.parametrize("signum, namespaces", [(s, False) for s in _ENDING] + [(signal.SIGHUP, True)],
+                         ids=[f"{signal.Signals(s).name}, no namespaces" for s in _ENDING] + ["SIGHUP, namespaces"])
+def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, signum, network, namespaces):
+    """SIGHUP (a closed terminal), SIGQUIT, SIGUSR1/2, SIGALRM: heel unwinds,
+    kills every process of the command, removes its temporary directory and
+    exits 128+N.  Without a pid namespace (--best-effort on a machine
+    without user namespaces) nothing but heel's unwinding kills the
+    command's background children: a signal left to its default action
+    would end heel and leave them running."""
+    marker = f"{41000 + os.getpid() % 1000}.{signum}{len(network)}{int(namespaces)}"
+    heel_argv = ["-m", "heel"] if namespaces else ["-c", _WITHOUT_NAMESPACES]
+    command = f"sleep {marker} & sleep {marker} & echo ready; wait"
+    proc = subprocess.Popen([sys.executable, *heel_argv, "run", *network, "--best-effort", "--", "sh", "-c", command],
+                            env={**os.environ, "TMPDIR": var_tmpdir}, cwd="/", stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signum)
+        code = proc.wait(timeout=20)
+        said = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    deadline = time.monotonic() + 2
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = processes_with(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert (code, left, os.listdir(var_tmpdir)) == (128 + signum, [], []), said
