@@ -346,3 +346,68 @@ def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, s
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert (code, left, os.listdir(var_tmpdir)) == (128 + signum, [], []), said
+
+
+# ---- --allow-gpu / --no-allow-gpu ----------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_node():
+    """A stand-in GPU node, as test_gpu.py makes one: a character device
+    named like NVIDIA's (matched by the /dev/nvidia* grant) with the numbers
+    of /dev/null, so that writing to it works wherever Landlock lets it open."""
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("making a stand-in device node needs root")
+    path = f"/dev/nvidia-heelr43-{os.getpid()}"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError as exc:
+        pytest.skip(f"cannot make a device node here: {os.strerror(exc.errno)}")
+    try:
+        os.chmod(path, 0o666)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def test_no_allow_gpu_closes_the_gpu_nodes(gpu_node, host_dir):
+    """On by default; --no-allow-gpu closes the node (the open is refused),
+    as does a file's allow_gpu = false, which --allow-gpu overrides."""
+    write = ["--", "sh", "-c", f"echo x > {gpu_node} && echo opened"]
+    assert heel("run", *write).stdout == b"opened\n"  # the control
+    assert heel("run", "--allow-gpu", *write).stdout == b"opened\n"
+    closed = heel("run", "--no-allow-gpu", *write)
+    assert closed.returncode != 0 and b"opened" not in closed.stdout, closed
+    config = host_dir / "gpu.toml"
+    config.write_text("allow_gpu = false\n")
+    assert heel("run", "--config", str(config), *write).stdout == b""
+    assert heel("run", "--config", str(config), "--allow-gpu", *write).stdout == b"opened\n"
+    assert heel("run", "--allow-gpu", "--no-allow-gpu", *write).stdout == b""
+
+
+# ---- each option's value reaches the setting it names ---------------------------------------
+
+
+@pytest.mark.parametrize("parser", ["plain", "argparse"])
+def test_each_flag_reaches_its_own_setting_and_no_other(parser):
+    """In process, for both parsers: every --flag and --no-flag sets the
+    field it names to what it says, and leaves every other field at its
+    default.  (What each field then does is observed from outside above.)"""
+    from heel import _cliargs
+    from heel.config import SecurityConfig
+
+    fields = {"allow_gpu": "allow_gpu", "protect_home": "protect_user_home",
+              "protect_credentials": "protect_credentials", "protect_cloud": "protect_cloud_config"}
+    assert set(fields) == {s.key for s in _cliargs.SETTINGS if s.kind == "flag"}
+    default = SecurityConfig()
+    for key, field in fields.items():
+        for value in (True, False):
+            flag = ("--" if value else "--no-") + key.replace("_", "-")
+            args = [flag, "--", "true"]
+            namespace = _cliargs._parse_plainly("run", args) if parser == "plain" else \
+                _cliargs.make_parser("run").parse_args(args)
+            security = _cliargs.build_config(_cliargs.finish("run", namespace)).security
+            for name in SecurityConfig._fields:  # allow_unix_sockets and strict_network too
+                assert getattr(security, name) == (value if name == field else getattr(default, name)), (flag, name)
