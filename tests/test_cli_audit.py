@@ -222,6 +222,24 @@ def test_the_timeout_ends_the_command_in_time_and_exits_124(host_dir, network):
     assert not (host_dir / "late").exists()
 
 
+
+@pytest.mark.parametrize("network", [[], ["--network", "allow"]], ids=["plain", "trio"])
+def test_the_timeout_ends_a_command_that_never_stops_writing(host_dir, network):
+    """Output that keeps coming does not put the deadline off.  Into files:
+    heel relays a file's output itself (a pipe the command gets as it is),
+    so heel has something to copy at every turn of its loop."""
+    out, err = host_dir / "out", host_dir / "err"
+    started = time.monotonic()
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        code = subprocess.run([sys.executable, "-m", "heel", "run", *network, "--timeout", "1", "--", "sh", "-c",
+                               "while :; do echo x; echo y >&2; done"],
+                              stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, timeout=60).returncode
+    assert code == 124, err.read_bytes()[-300:]
+    assert time.monotonic() - started < 20
+    assert out.read_bytes().startswith(b"x\nx\n")  # it did write, through heel
+    assert err.read_bytes().rstrip().endswith(b"timed out after 1 seconds and was killed")
+
+
 # ---- a repeated option: the last one counts, as argparse reads it ---------------------------
 
 
@@ -321,7 +339,8 @@ def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, s
     exits 128+N.  Without a pid namespace (--best-effort on a machine
     without user namespaces) nothing but heel's unwinding kills the
     command's background children: a signal left to its default action
-    would end heel and leave them running."""
+    would end heel and leave them running (or its temporary directory,
+    with the command's files, when heel-init ends them)."""
     marker = f"{41000 + os.getpid() % 1000}.{signum}{len(network)}{int(namespaces)}"
     heel_argv = ["-m", "heel"] if namespaces else ["-c", _WITHOUT_NAMESPACES]
     command = f"sleep {marker} & sleep {marker} & echo ready; wait"
@@ -330,8 +349,12 @@ def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, s
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == b"ready\n"
+        signalled = time.monotonic()
         proc.send_signal(signum)
         code = proc.wait(timeout=20)
+        # at once: the tree is killed, not waited for (heel's runner gives
+        # a tree it did not kill 5 s before it moves on)
+        prompt = time.monotonic() - signalled < 4
         said = proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
@@ -345,7 +368,7 @@ def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, s
     left = processes_with(marker)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
-    assert (code, left, os.listdir(var_tmpdir)) == (128 + signum, [], []), said
+    assert (code, left, os.listdir(var_tmpdir), prompt) == (128 + signum, [], [], True), said
 
 
 # ---- --allow-gpu / --no-allow-gpu ----------------------------------------------------------
