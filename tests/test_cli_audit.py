@@ -434,3 +434,23 @@ def test_each_flag_reaches_its_own_setting_and_no_other(parser):
             security = _cliargs.build_config(_cliargs.finish("run", namespace)).security
             for name in SecurityConfig._fields:  # allow_unix_sockets and strict_network too
                 assert getattr(security, name) == (value if name == field else getattr(default, name)), (flag, name)
+
+
+# ---- a config file's empty path grants nothing ----------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["writable", "readable", "executable", "workdir"])
+def test_an_empty_path_in_a_config_file_is_refused_not_its_directory(host_dir, key):
+    """Relative paths in a file start from its directory: "" joined to it
+    would be that directory itself, granted whole.  Refused (125), and
+    nothing written there; on the command line "" is refused as well."""
+    config = host_dir / "c.toml"
+    config.write_text(f'{key} = {"" if key == "workdir" else [""]!r}\n'.replace("'", '"'))
+    target = host_dir / "written.txt"
+    result = heel("run", "--config", str(config), "--", "sh", "-c", f"echo x > {target}")
+    assert result.returncode == 125, result
+    assert b"'' is not a valid path" in result.stderr, result.stderr
+    assert not target.exists()
+    result = heel("run", f"--{key}", "", "--", "sh", "-c", f"echo x > {target}")
+    assert result.returncode == 125, result
+    assert not target.exists()
