@@ -464,33 +464,40 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
         finally:
             _say_output_errors(sandbox._output_errors)
 
+    # Ctrl-C, SIGTERM or a closed terminal: unwind, and the sandbox's close
+    # kills the whole tree.  Received by a trio signal receiver, not raised
+    # as KeyboardInterrupt somewhere inside trio.  A signal ignored when heel
+    # started (SIGHUP under nohup, SIGINT for a job a shell started in the
+    # background) stays ignored, as on the plain path.  As there too, only
+    # the first signal counts: the receiver stays open until the sandbox is
+    # closed, and the signals it holds unread then are redelivered to
+    # SIG_IGN, the handlers it saved.  (Closed after the first one, it put
+    # back the default actions, and a second signal, a supervisor's SIGTERM
+    # after its SIGINT, ended heel in the middle of the cleanup and left the
+    # sandbox's temporary directory behind.)  They stay blocked until the
+    # receiver is open: one that comes before unwinds too, and is not lost.
+    wanted = [s for s in (signal.SIGINT, *_ENDING_SIGNALS) if signal.getsignal(s) != signal.SIG_IGN]
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in wanted}
+
     async def main():  # -> ExitStatus | None (None: a signal ended it)
         status = None
         try:
-            async with trio.open_nursery() as nursery:
-                async def on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                    nonlocal signum
-                    # Ctrl-C, SIGTERM or a closed terminal: unwind, and the
-                    # sandbox's close kills the whole tree.  Received here, not
-                    # raised as KeyboardInterrupt somewhere inside trio.
-                    # A signal ignored when heel started (SIGHUP under nohup,
-                    # SIGINT for a job a shell started in the background) stays
-                    # ignored, as on the plain path.
-                    wanted = [s for s in (signal.SIGINT, *_ENDING_SIGNALS) if signal.getsignal(s) != signal.SIG_IGN]
-                    if not wanted:
-                        task_status.started()
-                        await trio.sleep_forever()
-                    with trio.open_signal_receiver(*wanted) as signals:
-                        task_status.started()
+            with trio.open_signal_receiver(*wanted) if wanted else _no_signals() as signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                async with trio.open_nursery() as nursery:
+                    async def on_signal() -> None:
+                        nonlocal signum
                         async for signum in signals:
                             nursery.cancel_scope.cancel()
                             return
 
-                # Started before the sandbox opens: a signal while it does
-                # (the probe, a venv build) unwinds too, and leaves nothing.
-                await nursery.start(on_signal)
-                status = await work()
-                nursery.cancel_scope.cancel()
+                    # Before the sandbox opens: a signal while it does (the
+                    # probe, a venv build) unwinds too, and leaves nothing.
+                    if wanted:
+                        nursery.start_soon(on_signal)
+                    status = await work()
+                    nursery.cancel_scope.cancel()
         except BaseException as exc:
             # The nursery wraps what work() raised in a group: the CLI
             # reports the error itself (HeelError -> one line, 125).
@@ -500,10 +507,28 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
             raise
         return status
 
-    status = trio.run(main)
+    try:
+        status = trio.run(main)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # if main never ran
+        # Once one came and the process ends after this command (the console
+        # script), the next ones stay ignored until then, as on the plain path.
+        if not (signum and _ENDS_AFTER):
+            for sig, action in previous.items():
+                signal.signal(sig, action)
     if signum or status is None:
         return 128 + signum
     return _exit_status(argv[0], config.limits.timeout, status.returncode, status.timed_out)
+
+
+class _no_signals:
+    """In place of trio's signal receiver when every signal is ignored."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info) -> None:
+        return None
 
 
 def _typer_main(args: list[str]) -> int:

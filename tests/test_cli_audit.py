@@ -286,8 +286,9 @@ from heel import _probe
 weak = _probe.assumed_environment()._replace(namespaces=False)
 _probe.assumed_environment = lambda: weak
 _probe.environment = lambda: (weak, "turned off for this test")
-from heel.cli import main
-sys.exit(main(sys.argv[1:]))
+from heel.cli import console
+sys.argv[0] = "heel"
+console()
 """
 
 
@@ -369,6 +370,44 @@ def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, s
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert (code, left, os.listdir(var_tmpdir), prompt) == (128 + signum, [], [], True), said
+
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no namespaces"])
+@pytest.mark.parametrize("network", [[], ["--network", "allow"]], ids=["plain", "trio"])
+def test_the_first_of_two_signals_decides_the_exit_status(var_tmpdir, network, namespaces):
+    """SIGINT, then at once SIGTERM (a supervisor that escalates): heel
+    exits 130, as the first one says, with the tree killed and nothing left.
+    (Python runs pending handlers lowest number first, so SIGINT goes first
+    even when both wait.)  Found by this audit: under trio (a network) the
+    SIGTERM ended heel by its default action in the middle of the cleanup,
+    which left the sandbox's temporary directory behind."""
+    marker = f"{43000 + os.getpid() % 1000}.{len(network)}{int(namespaces)}"
+    heel_argv = ["-m", "heel"] if namespaces else ["-c", _WITHOUT_NAMESPACES]
+    proc = subprocess.Popen([sys.executable, *heel_argv, "run", *network, "--best-effort", "--", "sh", "-c",
+                             f"sleep {marker} & echo ready; wait"],
+                            env={**os.environ, "TMPDIR": var_tmpdir}, cwd="/", stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        said = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    deadline = time.monotonic() + 2
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = processes_with(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert (code, left, os.listdir(var_tmpdir)) == (128 + signal.SIGINT, [], []), said
 
 
 # ---- --allow-gpu / --no-allow-gpu ----------------------------------------------------------
