@@ -240,6 +240,52 @@ def test_the_timeout_ends_a_command_that_never_stops_writing(host_dir, network):
     assert err.read_bytes().rstrip().endswith(b"timed out after 1 seconds and was killed")
 
 
+
+def test_the_timeout_ends_a_command_that_floods_the_terminal():
+    """A flood (yes) into heel's terminal: heel has output to copy at every
+    turn of its loop, and the deadline still holds.  The test's terminal is
+    drained and thrown away, so the flood costs no disk."""
+    import threading
+
+    master, slave = os.openpty()
+    drained = [0]
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: heel is gone and the terminal with it
+                return
+            if not data:
+                return
+            drained[0] += len(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "heel", "run", "--timeout", "1", "--", "yes"],
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, start_new_session=True)
+        os.close(slave)
+        slave = -1
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            said = proc.stderr.read()
+            proc.stderr.close()
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    assert code == 124, said
+    assert time.monotonic() - started < 20
+    assert drained[0] > 65536  # it did flood, through heel
+
+
 # ---- a repeated option: the last one counts, as argparse reads it ---------------------------
 
 
