@@ -2,8 +2,10 @@
 CLI in a subprocess and observes from outside that an option the command
 line gives is enforced as asked, no wider: a place left closed, a grant
 that gives no more than it names, a limit that holds, a timeout that ends
-the command in time and says so.  Each was written against a mutant of
-heel/_cliargs.py, heel/cli.py or heel/_sync.py that no other test caught.
+the command in time and says so, a signal to heel that ends the command's
+whole tree.  Each kills mutants of heel/_cliargs.py, heel/cli.py or
+heel/_sync.py that survived the other CLI tests (one found a bug: see
+test_the_first_of_two_signals_decides_the_exit_status).
 
 Synchronous on purpose (the CLI must not run inside trio).  Host-side
 fixtures live under /var/tmp: inside the sandbox /tmp is private.
@@ -40,7 +42,7 @@ def home(host_dir):
     """A home under /var/tmp with a credential (~/.ssh), a cloud config
     (~/.aws) and an ordinary file, each readable by every uid: only heel
     stands between the sandbox and them."""
-    path, secrets, ordinary = make_home_with_secrets(str(host_dir), {".ssh": "id_ed25519", ".aws": "credentials"})
+    path, secrets, _ = make_home_with_secrets(str(host_dir), {".ssh": "id_ed25519", ".aws": "credentials"})
     credential = os.path.join(path, ".ssh", "id_ed25519")
     cloud = os.path.join(path, ".aws", "credentials")
     plain = os.path.join(path, "notes.txt")
