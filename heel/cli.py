@@ -441,6 +441,8 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
     """_execute under trio: for a sandbox with a network (the proxy runs
     under trio) or a Python environment to build.  Each denial is one line
     on stderr."""
+    import contextlib
+
     import trio
 
     from .sandbox import Sandbox, Stdio
@@ -483,7 +485,7 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
     async def main():  # -> ExitStatus | None (None: a signal ended it)
         status = None
         try:
-            with trio.open_signal_receiver(*wanted) if wanted else _no_signals() as signals:
+            with trio.open_signal_receiver(*wanted) if wanted else contextlib.nullcontext() as signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 async with trio.open_nursery() as nursery:
                     async def on_signal() -> None:
@@ -519,16 +521,6 @@ def _execute_with_proxy(config: SandboxConfig, argv: list[str]) -> int:
     if signum or status is None:
         return 128 + signum
     return _exit_status(argv[0], config.limits.timeout, status.returncode, status.timed_out)
-
-
-class _no_signals:
-    """In place of trio's signal receiver when every signal is ignored."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info) -> None:
-        return None
 
 
 def _typer_main(args: list[str]) -> int:
