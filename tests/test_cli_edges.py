@@ -9,6 +9,7 @@ the sandbox /tmp is private).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import shutil
 import stat
@@ -873,9 +874,16 @@ def test_a_signal_ignored_when_heel_started_stays_ignored(network):
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd="/", preexec_fn=ignore)
 
-    proc = started("sh", "-c", "sleep 1.5; echo done")
+    def ready(proc) -> None:
+        # The command runs, so heel's signal handling is set: a fixed sleep
+        # here was sometimes too short on a loaded machine (heel died of the
+        # SIGTERM before it had its receiver, -15).
+        readable, _, _ = select.select([proc.stdout], [], [], 30)
+        assert readable and proc.stdout.readline() == b"ready\n"
+
+    proc = started("sh", "-c", "echo ready; sleep 1; echo done")
     try:
-        time.sleep(0.7)
+        ready(proc)
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGHUP)
         out, err = proc.communicate(timeout=30)
@@ -884,9 +892,9 @@ def test_a_signal_ignored_when_heel_started_stays_ignored(network):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    proc = started("sleep", "30")
+    proc = started("sh", "-c", "echo ready; exec sleep 30")
     try:
-        time.sleep(0.7)
+        ready(proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
