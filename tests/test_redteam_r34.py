@@ -211,7 +211,10 @@ def test_input_for_a_full_pty_nobody_holds_does_not_spin_heel(runner):
         seen["sent"] = sent
 
     result = _heel_on_a_terminal([*HEEL_RUN, *RUNNERS[runner], "--", "sh", "-c",
-                                  "stty raw; echo ready; exec </dev/null >/dev/null 2>&1; sleep 4"],
+                                  # The 2 s measured end well before the command
+                                  # does (up to 3.5 s after "ready"): heel's own
+                                  # end is not in them on a loaded machine.
+                                  "stty raw; echo ready; exec </dev/null >/dev/null 2>&1; sleep 6"],
                                  [(b"ready", paste_then_measure)])
     assert result["code"] == 0, result
     assert seen["sent"] > 8192, seen  # the pty's input is full
