@@ -200,3 +200,35 @@ def venv_dir():
     os.chmod(base, 0o755)
     yield os.path.join(base, "env")
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def var_tmpdir():
+    """A $TMPDIR outside /tmp, as many users set it (TMPDIR=/var/tmp, a
+    scratch disk): an ordinary directory, searchable by everyone; what heel
+    leaves in it shows."""
+    path = tempfile.mkdtemp(prefix="heel-test-tmpdir-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def gpu_node():
+    """A stand-in GPU node: a character device named like NVIDIA's (matched
+    by the /dev/nvidia* grant) with the numbers of /dev/null, so that writing
+    to it works wherever Landlock lets it open.  Root only."""
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("making a stand-in device node needs root")
+    path = f"/dev/nvidia-heeltest{os.getpid()}"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError as exc:
+        pytest.skip(f"cannot make a device node here: {os.strerror(exc.errno)}")
+    try:
+        os.chmod(path, 0o666)  # whatever the umask: only the sandbox may stand in the way
+        yield path
+    finally:
+        os.unlink(path)

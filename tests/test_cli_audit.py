@@ -224,7 +224,6 @@ def test_the_timeout_ends_the_command_in_time_and_exits_124(host_dir, network):
     assert not (host_dir / "late").exists()
 
 
-
 @pytest.mark.parametrize("network", [[], ["--network", "allow"]], ids=["plain", "trio"])
 def test_the_timeout_ends_a_command_that_never_stops_writing(host_dir, network):
     """Output that keeps coming does not put the deadline off.  Into files:
@@ -240,7 +239,6 @@ def test_the_timeout_ends_a_command_that_never_stops_writing(host_dir, network):
     assert time.monotonic() - started < 20
     assert out.read_bytes().startswith(b"x\nx\n")  # it did write, through heel
     assert err.read_bytes().rstrip().endswith(b"timed out after 1 seconds and was killed")
-
 
 
 def test_the_timeout_ends_a_command_that_floods_the_terminal():
@@ -364,16 +362,24 @@ def test_a_protection_this_machine_lacks_is_refused_unless_best_effort_and_then_
 # ---- a signal that would end heel ends the command's whole tree first ------------------------
 
 
-@pytest.fixture
-def var_tmpdir():
-    """heel's $TMPDIR for one test, outside /tmp: what it leaves shows."""
-    import shutil
-    import tempfile
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
 
-    path = tempfile.mkdtemp(prefix="heel-r43-tmpdir-", dir="/var/tmp")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+
+def _left_after(marker: str) -> list[int]:
+    """The processes still carrying marker after up to 2 s; killed, and
+    returned for the test to report."""
+    deadline = time.monotonic() + 2
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = processes_with(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 _ENDING = [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM]
@@ -406,19 +412,9 @@ def test_a_signal_that_ends_heel_kills_the_tree_and_leaves_nothing(var_tmpdir, s
         prompt = time.monotonic() - signalled < 4
         said = proc.stderr.read().decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    deadline = time.monotonic() + 2
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = processes_with(marker)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        _end(proc)
+    left = _left_after(marker)
     assert (code, left, os.listdir(var_tmpdir), prompt) == (128 + signum, [], [], True), said
-
 
 
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no namespaces"])
@@ -444,42 +440,12 @@ def test_the_first_of_two_signals_decides_the_exit_status(var_tmpdir, network, n
         code = proc.wait(timeout=20)
         said = proc.stderr.read().decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    deadline = time.monotonic() + 2
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = processes_with(marker)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        _end(proc)
+    left = _left_after(marker)
     assert (code, left, os.listdir(var_tmpdir)) == (128 + signal.SIGINT, [], []), said
 
 
 # ---- --allow-gpu / --no-allow-gpu ----------------------------------------------------------
-
-
-@pytest.fixture
-def gpu_node():
-    """A stand-in GPU node, as test_gpu.py makes one: a character device
-    named like NVIDIA's (matched by the /dev/nvidia* grant) with the numbers
-    of /dev/null, so that writing to it works wherever Landlock lets it open."""
-    import stat
-
-    if os.geteuid() != 0:
-        pytest.skip("making a stand-in device node needs root")
-    path = f"/dev/nvidia-heelr43-{os.getpid()}"
-    try:
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except OSError as exc:
-        pytest.skip(f"cannot make a device node here: {os.strerror(exc.errno)}")
-    try:
-        os.chmod(path, 0o666)
-        yield path
-    finally:
-        os.unlink(path)
 
 
 def test_no_allow_gpu_closes_the_gpu_nodes(gpu_node, host_dir):

@@ -41,16 +41,6 @@ def host_dir():
 # ---- $TMPDIR outside /tmp ------------------------------------------------------------
 
 
-@pytest.fixture
-def var_tmpdir():
-    """A $TMPDIR outside /tmp, as many users set it (TMPDIR=/var/tmp, a
-    scratch disk): an ordinary directory, searchable by everyone."""
-    path = tempfile.mkdtemp(prefix="heel-review2-tmpdir-", dir="/var/tmp")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_a_tmpdir_outside_tmp_runs_the_command(var_tmpdir):
     """As root, heel's temporary directory ($TMPDIR/heel-XXXX, mode 0700,
     root's) holds the workdir; outside /tmp it is not covered by the private

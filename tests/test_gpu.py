@@ -56,22 +56,6 @@ print(attempt(sys.argv[1]), "|", attempt("/dev/null"), "|", read_sys())
 """
 
 
-@pytest.fixture
-def gpu_node():
-    if os.geteuid() != 0:
-        pytest.skip("making a stand-in device node needs root")
-    path = f"/dev/nvidia-heeltest{os.getpid()}"
-    try:
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except OSError as exc:
-        pytest.skip(f"cannot make a device node here: {os.strerror(exc.errno)}")
-    try:
-        os.chmod(path, 0o666)  # whatever the umask: only the sandbox may stand in the way
-        yield path
-    finally:
-        os.unlink(path)
-
-
 def _report(out) -> list[str]:
     assert out.returncode == 0, explain(out)
     return [part.strip() for part in out.stdout.decode().split("|")]
