@@ -61,6 +61,7 @@
 
 
 #include "heel.h"
+#include "stack.h"
 #include "syscalls.h"
 
 /* New mount API flags, defined here for older headers. */
@@ -703,20 +704,20 @@ int heel_spawn(const struct heel_spawn_plan *plan, int *pidfd_out)
     if (plan->report_fd < 0 || plan->report_fd >= plan->nfds)
         return -EINVAL;
 
-    char *stack = mmap(NULL, HEEL_CHILD_STACK, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (stack == MAP_FAILED)
+    struct heel_stack stack;
+    char *top = heel_stack_alloc(&stack, HEEL_CHILD_STACK);
+    if (!top)
         return -errno;
 
     /* No signal handler of the parent may run on the child's stack. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = clone(child_main, stack + HEEL_CHILD_STACK,
+    pid = clone(child_main, top,
                 CLONE_VM | CLONE_VFORK | CLONE_PIDFD | plan->clone_flags | SIGCHLD,
                 &ctx, &pidfd);
     err = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    munmap(stack, HEEL_CHILD_STACK);
+    heel_stack_free(&stack);
 
     if (pid < 0)
         return -err;
@@ -774,16 +775,17 @@ static int limit_quotas_of(int userns_fd)
     struct quota_ctx ctx = {userns_fd, EIO};
     sigset_t all, saved;
     int pid, err;
-    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    struct heel_stack stack;
+    char *top = heel_stack_alloc(&stack, stack_size);
 
-    if (stack == MAP_FAILED)
+    if (!top)
         return -errno;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
-    pid = clone(quota_setter_main, stack + stack_size, CLONE_VM | CLONE_VFORK, &ctx);
+    pid = clone(quota_setter_main, top, CLONE_VM | CLONE_VFORK, &ctx);
     err = pid < 0 ? errno : 0;
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    munmap(stack, stack_size);
+    heel_stack_free(&stack);
     if (pid < 0)
         return -err;
     while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR)
@@ -807,9 +809,9 @@ int heel_userns_create(const char *uid_map, const char *gid_map)
 
     if (pipe2(pipefd, O_CLOEXEC) < 0)
         return -errno;
-    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (stack == MAP_FAILED) {
+    struct heel_stack stack;
+    char *top = heel_stack_alloc(&stack, stack_size);
+    if (!top) {
         err = errno;
         goto out_pipe;
     }
@@ -821,7 +823,7 @@ int heel_userns_create(const char *uid_map, const char *gid_map)
     sigset_t all, saved;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
-    pid = clone(holder_main, stack + stack_size, CLONE_VM | CLONE_NEWUSER | SIGCHLD, &ctx);
+    pid = clone(holder_main, top, CLONE_VM | CLONE_NEWUSER | SIGCHLD, &ctx);
     err = pid < 0 ? errno : 0;
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
     if (pid < 0)
@@ -847,7 +849,7 @@ int heel_userns_create(const char *uid_map, const char *gid_map)
         }
     }
 out_stack:
-    munmap(stack, stack_size);
+    heel_stack_free(&stack);
 out_pipe:
     close(pipefd[0]);
     if (pipefd[1] >= 0)
