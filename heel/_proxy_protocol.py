@@ -159,7 +159,10 @@ _VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 _DIGITS = re.compile(r"[0-9]+")  # str.isdigit() would take "²" as a digit
 _HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _IPV6_TEXT = re.compile(r"[0-9A-Fa-f:.]+")  # no "%zone": a scope names an interface of the host
-_BASE64 = re.compile(r"[A-Za-z0-9+/]+=*")
+# Padded base64 (RFC 4648 section 4), as RFC 7617 has Basic credentials: whole
+# blocks of four, the last padded with "=" only where it is short.  Python's
+# b64decode(validate=True) also takes "=" after a complete block ("dTpw=").
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _SUPPORTED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 _MAX_CONTENT_LENGTH_DIGITS = 19  # int() refuses thousands of digits; no body is that long anyway
 

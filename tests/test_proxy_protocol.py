@@ -342,6 +342,12 @@ def test_no_credentials_is_none():
         (["Proxy-Authorization: Basic !!!!"], 400),
         (["Proxy-Authorization: Basic dTpw dTpw"], 400),
         (["Proxy-Authorization: Basic dTp"], 400),  # bad padding
+        (["Proxy-Authorization: Basic dTpw="], 400),  # "=" after a complete block
+        (["Proxy-Authorization: Basic dTpw=="], 400),
+        (["Proxy-Authorization: Basic dTpwcQ="], 400),  # one "=" short
+        (["Proxy-Authorization: Basic dTpwcQ"], 400),  # unpadded
+        (["Proxy-Authorization: Basic dTpwcXI=="], 400),  # one "=" too many
+        (["Proxy-Authorization: Basic dTpwc"], 400),  # one character in the last block
         (["Proxy-Authorization: Basic " + base64.b64encode(b"no colon").decode()], 400),
         (["Proxy-Authorization: Basic " + base64.b64encode(b"u:\xff\xfe").decode()], 400),
         (["Proxy-Authorization: Basic " + base64.b64encode(b"u:p\x00").decode()], 400),
