@@ -46,12 +46,32 @@ CREDENTIALS_IN_HOME = (
     ".gnome2/keyrings", ".bash_history", ".zsh_history", ".sh_history", ".history",
     ".python_history", ".node_repl_history", ".psql_history", ".mysql_history",
     ".local/share/fish/fish_history", ".terraform.d/credentials.tfrc.json",
+    # More REPL histories (a redis AUTH or a connection string is typed there).
+    ".ipython/profile_default/history.sqlite", ".rediscli_history", ".sqlite_history",
+    ".dbshell", ".mongosh",
+    # git's other credential stores, HashiCorp Vault's token, registry logins
+    # (podman/buildah/skopeo, RubyGems, Composer), Maven's master password, the
+    # 1Password CLI, Python keyring's file store.
+    ".config/git/credentials", ".git-credential-cache", ".vault-token",
+    ".config/containers/auth.json", ".gem/credentials", ".config/composer/auth.json",
+    ".composer/auth.json", ".m2/settings-security.xml", ".config/op",
+    ".local/share/python_keyring",
+    # Browser and mail profiles: cookies and saved passwords (Firefox's cookies
+    # are a plain SQLite file).
+    ".mozilla", ".thunderbird", ".config/google-chrome", ".config/chromium",
+    ".config/BraveSoftware",
 )
 SYSTEM_CREDENTIALS = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
     "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*key", "/etc/security/opasswd",
 )
-CLOUD_IN_HOME = (".aws", ".azure", ".config/gcloud", ".kube", ".oci", ".config/doctl")
+CLOUD_IN_HOME = (
+    ".aws", ".azure", ".config/gcloud", ".kube", ".oci", ".config/doctl",
+    # s3cmd, boto/gsutil, rclone, OpenStack's clouds.yaml, Hetzner, Linode,
+    # Alibaba, IBM Cloud, Scaleway, Fly.io.
+    ".s3cfg", ".boto", ".config/rclone", ".config/openstack", ".config/hcloud",
+    ".config/linode-cli", ".aliyun", ".bluemix", ".config/scw", ".fly",
+)
 
 #: Outside id of a sandbox that root starts (it is uid/gid 0 inside its
 #: user namespace): it owns nothing on the host, and RLIMIT_NPROC binds it.

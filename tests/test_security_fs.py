@@ -858,7 +858,12 @@ REQUIRED_IN_HOME = {
 }
 #: heel's own lists may hold more: each is tried as well, as a directory when
 #: its name says so, else as a file.
-_DIRECTORY_PLACES = {".password-store", ".gnome2/keyrings", ".config/doctl"}
+_DIRECTORY_PLACES = {
+    ".password-store", ".gnome2/keyrings", ".config/doctl", ".mongosh", ".git-credential-cache",
+    ".config/op", ".local/share/python_keyring", ".mozilla", ".thunderbird",
+    ".config/google-chrome", ".config/chromium", ".config/BraveSoftware", ".config/rclone",
+    ".config/openstack", ".config/hcloud", ".aliyun", ".bluemix", ".config/scw", ".fly",
+}
 
 
 def _protected_in_home() -> dict[str, str | None]:
