@@ -73,6 +73,22 @@ CLOUD_IN_HOME = (
     ".config/linode-cli", ".aliyun", ".bluemix", ".config/scw", ".fly",
 )
 
+#: Where a tool's environment variable (of heel's own process: the user's)
+#: moves one of the places above: (variable, protection, the place relative to
+#: the value, "" for the value itself).  Only absolute values count, each
+#: element of a ":"-separated KUBECONFIG.  $XDG_CONFIG_HOME and $XDG_DATA_HOME
+#: move every place under ~/.config and ~/.local/share (see _moved_places).
+MOVED_BY_ENVIRONMENT = (
+    ("GNUPGHOME", "credentials", ""), ("DOCKER_CONFIG", "credentials", "config.json"),
+    ("CARGO_HOME", "credentials", "credentials"), ("CARGO_HOME", "credentials", "credentials.toml"),
+    ("GH_CONFIG_DIR", "credentials", ""), ("PASSWORD_STORE_DIR", "credentials", ""),
+    ("HISTFILE", "credentials", ""), ("VAULT_CONFIG_PATH", "credentials", ""),
+    ("AWS_SHARED_CREDENTIALS_FILE", "cloud", ""), ("AWS_CONFIG_FILE", "cloud", ""),
+    ("CLOUDSDK_CONFIG", "cloud", ""), ("AZURE_CONFIG_DIR", "cloud", ""),
+    ("KUBECONFIG", "cloud", ""), ("RCLONE_CONFIG", "cloud", ""),
+    ("OCI_CLI_CONFIG_FILE", "cloud", ""), ("BOTO_CONFIG", "cloud", ""),
+)
+
 #: Outside id of a sandbox that root starts (it is uid/gid 0 inside its
 #: user namespace): it owns nothing on the host, and RLIMIT_NPROC binds it.
 ROOT_SANDBOX_ID = 2_000_000_000
@@ -202,6 +218,7 @@ def protected_paths(config: SandboxConfig) -> list[str]:
             paths += [os.path.join(home, p) for p in CREDENTIALS_IN_HOME]
         if sec.protect_cloud_config:
             paths += [os.path.join(home, p) for p in CLOUD_IN_HOME]
+    paths += _moved_places(sec)
     if sec.protect_credentials:
         for pattern in SYSTEM_CREDENTIALS:
             # What the file permissions already close to this user needs no
@@ -213,6 +230,30 @@ def protected_paths(config: SandboxConfig) -> list[str]:
             if variant not in out:
                 out.append(variant)
     return out
+
+
+def _moved_places(sec) -> list[str]:
+    """The protected places that the user's environment moves out of the
+    home (MOVED_BY_ENVIRONMENT, $XDG_CONFIG_HOME, $XDG_DATA_HOME), for the
+    protections that are on.  A place that is "/" or holds the system
+    (GNUPGHOME=/usr), as a home there, or lies in the programs' part of it
+    (/usr/lib, never a user's secret) is not closed: it would close the
+    runtime.  One in /etc is (KUBECONFIG=/etc/kubernetes/admin.conf)."""
+    on = {"credentials": sec.protect_credentials, "cloud": sec.protect_cloud_config}
+    places = []
+    for variable, protection, inside in MOVED_BY_ENVIRONMENT:
+        if on[protection]:
+            for value in os.environ.get(variable, "").split(":" if variable == "KUBECONFIG" else None):
+                places.append(os.path.join(value, inside) if inside else value)
+    for variable, default in (("XDG_CONFIG_HOME", ".config/"), ("XDG_DATA_HOME", ".local/share/")):
+        base = os.environ.get(variable, "")
+        for protection, lists in (("credentials", CREDENTIALS_IN_HOME), ("cloud", CLOUD_IN_HOME)):
+            if on[protection] and base:
+                places += [os.path.join(base, p[len(default):]) for p in lists if p.startswith(default)]
+    programs = [d for d in RUNTIME_DIRS if d != "/etc"]
+    return [p for p in map(os.path.normpath, places)
+            if os.path.isabs(p) and not any(_under(d, p) for d in (*RUNTIME_DIRS, *SYSTEM_TREES))
+            and not any(_under(p, d) for d in programs)]
 
 
 def _accessible(path: str) -> bool:

@@ -899,6 +899,109 @@ async def test_every_protected_place_in_home_is_unreadable(level, outside_dir, m
         assert f"READ {path} {content}" in lines, (path, explain(out))
 
 
+#: Places the user's environment moves out of the home: variable -> (value
+#: relative to the test's directory, the secret's path relative to it).
+MOVED = {
+    "GNUPGHOME": ("gpg", "private-keys-v1.d/k.key"),
+    "DOCKER_CONFIG": ("docker", "config.json"),
+    "CARGO_HOME": ("cargo", "credentials.toml"),
+    "AWS_SHARED_CREDENTIALS_FILE": ("aws-credentials", ""),
+    "CLOUDSDK_CONFIG": ("gcloud", "credentials.db"),
+    "XDG_CONFIG_HOME": ("xdg-config", "gh/hosts.yml"),
+    "XDG_DATA_HOME": ("xdg-data", "keyrings/login.keyring"),
+}
+
+
+@pytest.mark.parametrize("level", [DEFAULT, PERMISSIVE])
+async def test_places_the_environment_moves_are_closed_too(level, outside_dir, monkeypatch):
+    """GNUPGHOME, DOCKER_CONFIG, XDG_CONFIG_HOME and the like move a tool's
+    secrets out of the home: there too the sandbox reads none of them.  Each
+    secret lies under /var/tmp, which the level opens; controls: a file
+    beside each moved place is read, and with the protections off the
+    secrets are too (it is the protection that closes them)."""
+    secrets, ordinary = {}, []
+    for n, (variable, (value, inner)) in enumerate(sorted(MOVED.items())):
+        place = os.path.join(outside_dir, "moved", value)
+        secret = os.path.join(place, inner) if inner else place
+        os.makedirs(os.path.dirname(secret), exist_ok=True)
+        with open(secret, "w") as f:
+            f.write(f"heel-moved-{n}")
+        secrets[secret] = f"heel-moved-{n}"
+        beside = os.path.join(outside_dir, "moved", f"beside-{n}")
+        with open(beside, "w") as f:
+            f.write(f"heel-beside-{n}")
+        ordinary.append(beside)
+        monkeypatch.setenv(variable, place)
+    # KUBECONFIG is a list: its second file counts as much as its first.
+    kube = [os.path.join(outside_dir, "moved", name) for name in ("kube-a", "kube-b")]
+    for n, path in enumerate(kube):
+        with open(path, "w") as f:
+            f.write(f"heel-kube-{n}")
+        secrets[path] = f"heel-kube-{n}"
+    monkeypatch.setenv("KUBECONFIG", ":".join(kube))
+    for root, _, files in os.walk(outside_dir):
+        os.chmod(root, 0o777)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666)
+
+    for protect in (True, False):
+        security = heel.SecurityConfig(protect_user_home=False, protect_credentials=protect,
+                                       protect_cloud_config=protect)
+        async with heel.Sandbox(heel.SandboxConfig(level=level, security=security)) as sb:
+            out = await py(sb, READ_EACH, *secrets, *ordinary)
+        assert out.returncode == 0, explain(out)
+        lines = out.stdout.decode().splitlines()
+        for path, content in secrets.items():
+            if protect:
+                assert content.encode() not in out.stdout, (path, explain(out))
+                assert any(line.startswith(f"refused {path} ") for line in lines), (path, explain(out))
+            else:
+                assert f"READ {path} {content}" in lines, (path, explain(out))
+        for path in ordinary:
+            assert f"READ {path} {open(path).read()}" in lines, (path, explain(out))
+
+
+@pytest.mark.parametrize("value", ["/", "/usr", "/usr/lib"])
+async def test_a_moved_place_that_holds_the_system_is_not_closed(value, monkeypatch):
+    """GNUPGHOME=/ would close the whole system: such a value is ignored, as
+    a home there is, as is one in the programs' part of the system, and
+    commands still run."""
+    monkeypatch.setenv("GNUPGHOME", value)
+    monkeypatch.setenv("XDG_CONFIG_HOME", value)
+    async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
+        out = await py(sb, "import os; print(sorted(os.listdir('/usr'))[:1])")
+    assert out.returncode == 0, explain(out)
+
+
+def test_moved_places_follow_the_protections(monkeypatch):
+    """Which protection each moved place belongs to, and what is ignored
+    (relative values, empty list elements)."""
+    from heel._plan import _moved_places
+
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("GNUPGHOME", "/srv/gpg")
+    monkeypatch.setenv("KUBECONFIG", "/srv/k1::relative/k:/srv/k2")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/srv/cfg")
+    both = _moved_places(heel.SecurityConfig())
+    assert {"/srv/gpg", "/srv/k1", "/srv/k2", "/srv/cfg/gh", "/srv/cfg/gcloud"} <= set(both)
+    assert not [p for p in both if not os.path.isabs(p)]
+    credentials = _moved_places(heel.SecurityConfig(protect_cloud_config=False))
+    assert "/srv/gpg" in credentials and "/srv/cfg/gh" in credentials
+    assert "/srv/k1" not in credentials and "/srv/cfg/gcloud" not in credentials
+    cloud = _moved_places(heel.SecurityConfig(protect_credentials=False))
+    assert "/srv/k1" in cloud and "/srv/cfg/gcloud" in cloud and "/srv/gpg" not in cloud
+    assert _moved_places(heel.SecurityConfig(protect_credentials=False, protect_cloud_config=False)) == []
+    # In /etc, where an administrator's kubeconfig lives, a place counts;
+    # in the programs' part of the system, or holding the system, it does not.
+    from heel._plan import MOVED_BY_ENVIRONMENT
+
+    for variable, _, _ in MOVED_BY_ENVIRONMENT:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("KUBECONFIG", "/etc/kubernetes/admin.conf:/usr/lib/k:/:/etc:/srv/..:/bin")
+    assert _moved_places(heel.SecurityConfig()) == ["/etc/kubernetes/admin.conf"]
+
+
 def _system_credentials() -> list[str]:
     """The system's credential files present here: the README's, and those
     of heel's own list (its globs expanded); a directory's files too."""
