@@ -237,8 +237,9 @@ def _moved_places(sec) -> list[str]:
     home (MOVED_BY_ENVIRONMENT, $XDG_CONFIG_HOME, $XDG_DATA_HOME), for the
     protections that are on.  A place that is "/" or holds the system
     (GNUPGHOME=/usr), as a home there, or lies in the programs' part of it
-    (/usr/lib, never a user's secret) is not closed: it would close the
-    runtime.  One in /etc is (KUBECONFIG=/etc/kubernetes/admin.conf)."""
+    or in /dev, /proc or /sys (/usr/lib, HISTFILE=/dev/null: never a user's
+    secret) is not closed: it would close the runtime.  One in /etc is
+    (KUBECONFIG=/etc/kubernetes/admin.conf)."""
     on = {"credentials": sec.protect_credentials, "cloud": sec.protect_cloud_config}
     places = []
     for variable, protection, inside in MOVED_BY_ENVIRONMENT:
@@ -250,7 +251,7 @@ def _moved_places(sec) -> list[str]:
         for protection, lists in (("credentials", CREDENTIALS_IN_HOME), ("cloud", CLOUD_IN_HOME)):
             if on[protection] and base:
                 places += [os.path.join(base, p[len(default):]) for p in lists if p.startswith(default)]
-    programs = [d for d in RUNTIME_DIRS if d != "/etc"]
+    programs = [d for d in (*RUNTIME_DIRS, *SYSTEM_TREES) if d != "/etc"]  # HISTFILE=/dev/null
     return [p for p in map(os.path.normpath, places)
             if os.path.isabs(p) and not any(_under(d, p) for d in (*RUNTIME_DIRS, *SYSTEM_TREES))
             and not any(_under(p, d) for d in programs)]

@@ -961,15 +961,16 @@ async def test_places_the_environment_moves_are_closed_too(level, outside_dir, m
             assert f"READ {path} {open(path).read()}" in lines, (path, explain(out))
 
 
-@pytest.mark.parametrize("value", ["/", "/usr", "/usr/lib"])
+@pytest.mark.parametrize("value", ["/", "/usr", "/usr/lib", "/dev/null"])
 async def test_a_moved_place_that_holds_the_system_is_not_closed(value, monkeypatch):
     """GNUPGHOME=/ would close the whole system: such a value is ignored, as
     a home there is, as is one in the programs' part of the system, and
     commands still run."""
     monkeypatch.setenv("GNUPGHOME", value)
     monkeypatch.setenv("XDG_CONFIG_HOME", value)
+    monkeypatch.setenv("HISTFILE", value)  # HISTFILE=/dev/null is a common idiom
     async with heel.Sandbox(heel.SandboxConfig(level=DEFAULT)) as sb:
-        out = await py(sb, "import os; print(sorted(os.listdir('/usr'))[:1])")
+        out = await py(sb, "import os; print(sorted(os.listdir('/usr'))[:1]); open('/dev/null', 'w').write('x')")
     assert out.returncode == 0, explain(out)
 
 
