@@ -83,6 +83,8 @@ MOVED_BY_ENVIRONMENT = (
     ("CARGO_HOME", "credentials", "credentials"), ("CARGO_HOME", "credentials", "credentials.toml"),
     ("GH_CONFIG_DIR", "credentials", ""), ("PASSWORD_STORE_DIR", "credentials", ""),
     ("HISTFILE", "credentials", ""), ("VAULT_CONFIG_PATH", "credentials", ""),
+    ("XDG_RUNTIME_DIR", "credentials", "containers/auth.json"),  # podman's login, by default
+    ("REGISTRY_AUTH_FILE", "credentials", ""),
     ("AWS_SHARED_CREDENTIALS_FILE", "cloud", ""), ("AWS_CONFIG_FILE", "cloud", ""),
     ("CLOUDSDK_CONFIG", "cloud", ""), ("AZURE_CONFIG_DIR", "cloud", ""),
     ("KUBECONFIG", "cloud", ""), ("RCLONE_CONFIG", "cloud", ""),

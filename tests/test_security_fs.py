@@ -909,6 +909,7 @@ MOVED = {
     "CLOUDSDK_CONFIG": ("gcloud", "credentials.db"),
     "XDG_CONFIG_HOME": ("xdg-config", "gh/hosts.yml"),
     "XDG_DATA_HOME": ("xdg-data", "keyrings/login.keyring"),
+    "XDG_RUNTIME_DIR": ("run-user", "containers/auth.json"),
 }
 
 
