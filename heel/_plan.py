@@ -226,12 +226,30 @@ def protected_paths(config: SandboxConfig) -> list[str]:
             # What the file permissions already close to this user needs no
             # rule (for uid 0 nothing is closed: every one of them counts).
             paths += [p for p in _existing([pattern]) if _accessible(p)]
-    out: list[str] = []
-    for path in paths:
-        for variant in (os.path.normpath(path), os.path.realpath(path)):
-            if variant not in out:
-                out.append(variant)
-    return out
+    out: dict[str, None] = {}  # ordered, without repeats
+    resolved: dict[str, str] = {}
+    for path in map(os.path.normpath, paths):
+        out.setdefault(path)
+        out.setdefault(_realpath(path, resolved))
+    return list(out)
+
+
+def _realpath(path: str, resolved: dict[str, str]) -> str:
+    """os.path.realpath(path) of a normalised absolute path, with the
+    directories resolved on the way kept in ``resolved``: the protected
+    places share their parents (the home, ~/.config), and realpath alone
+    looks at every component of every place again."""
+    parent, _, name = path.rpartition("/")
+    if not name:
+        return path  # "/"
+    if parent not in resolved:
+        resolved[parent] = _realpath(parent, resolved) if parent else ""
+    joined = resolved[parent].rstrip("/") + "/" + name
+    try:
+        is_link = stat.S_ISLNK(os.lstat(joined).st_mode)
+    except OSError:
+        return joined  # missing (or unreadable): nothing to follow, as realpath
+    return os.path.realpath(joined) if is_link else joined
 
 
 def _moved_places(sec) -> list[str]:

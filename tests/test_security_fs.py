@@ -1044,3 +1044,38 @@ async def test_the_systems_credentials_are_unreadable_by_roots_sandbox(root_only
     assert lines[0] == f"READ /etc/passwd {os.path.getsize('/etc/passwd')}", explain(out)
     assert [line.split()[1] for line in lines[1:] if not line.startswith("refused ")] == [], explain(out)
     assert len(lines) == 1 + len(paths), explain(out)
+
+
+def test_protected_places_resolve_as_realpath_does(tmp_path):
+    """protected_paths resolves each place with heel._plan._realpath, which
+    keeps the parents it resolved: it must give what os.path.realpath gives,
+    through links absolute and relative, chained, dangling, looping and
+    through files, for every path of a tree made of them."""
+    from heel._plan import _realpath
+
+    root = tmp_path / "t"
+    (root / "home" / ".config" / "gh").mkdir(parents=True)
+    (root / "elsewhere" / "cfg").mkdir(parents=True)
+    (root / "home" / "file").write_text("x")
+    links = {
+        "home/.aws": "../elsewhere",                     # relative
+        "home/.kube": str(root / "elsewhere" / "cfg"),   # absolute
+        "home/.chain": ".aws",                           # a link to a link
+        "home/.dangling": "no-such-place",
+        "home/.loop": ".loop2", "home/.loop2": ".loop",
+        "home/.config/git": "../../elsewhere/cfg/..",    # up again after a link
+        "elsewhere/cfg/up": "../../home",                # back into the home
+        "home/.through-file": "file/inside",
+    }
+    for link, target in links.items():
+        os.symlink(target, root / link)
+    names = ["", "x", "gh", "git", "credentials", "cfg", "up", ".aws", "inside", ".config"]
+    starts = [root / "home" / p for p in (".aws", ".kube", ".chain", ".dangling", ".loop", ".config",
+                                          ".config/git", ".config/gh", "file", ".through-file", "missing")]
+    starts += [root / "elsewhere" / "cfg" / "up"]
+    paths = {os.path.normpath(os.path.join(str(start), a, b)) for start in starts for a in names for b in names}
+    resolved: dict[str, str] = {}
+    differ = [(p, _realpath(p, resolved), os.path.realpath(p)) for p in sorted(paths)
+              if _realpath(p, resolved) != os.path.realpath(p)]
+    assert differ == []
+    assert len(paths) > 500
