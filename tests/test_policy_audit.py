@@ -1,0 +1,195 @@
+"""A mutation audit of heel/policy.py, and the tests it asked for.
+
+The audit: 155 mutants of heel/policy.py, each one small deliberate
+weakening of one line (a flipped condition, a dropped check, ``any`` for
+``all``, ``and`` for ``or``, an early return, a changed bound), run against
+tests/test_policy.py, test_netaddr_audit.py, test_proxy_review.py and
+test_network.py (and the survivors also against test_proxy_protocol.py,
+test_proxy_http.py, test_security_net_ipc.py, test_redteam_r30.py,
+test_config_validation.py and test_api.py).  A survivor that a fuzzer
+(random policy trees against random requests and resolved addresses,
+original against mutant) could not tell apart, and that a reading of the
+code shows cannot differ, was counted equivalent; every other survivor has
+a test here that fails under it.
+
+What no test caught before:
+
+- an exact name in an AllowList counted as naming a restricted address for
+  any host that merely ends in it (``evil-db.test`` for ``db.test``): under
+  ``AllowAll() | AllowList(["db.test"])`` a name that resolves to loopback
+  reached the loopback service.  Tried for real below;
+- a synchronous function given to CustomPolicy answered with a plain denial
+  rather than a failure, which ``~`` turns into an allow: the blocklist of
+  ``AllowAll() & ~CustomPolicy(sync_blocklist)`` let everything through;
+- the timeout of a CustomPolicy was not held to its value (four times as
+  long went unnoticed);
+- an AllowList read a host it cannot parse as naming every restricted
+  address, and a non-canonical spelling of a named host as naming none;
+- AllowAll and ``~DenyAll()`` surely allow, which an unasked ``&`` part of
+  an ``|`` needs to vouch for the address another of its parts names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import trio
+
+import heel
+from heel.policy import AllowAll, AllowList, CustomPolicy, DenyAll, NetworkRequest
+from helpers import explain
+from test_network import client, sandbox, settled_events
+
+
+def request(host: str, port: int = 443) -> NetworkRequest:
+    return NetworkRequest(host, port, "connect")
+
+
+def ip(text: str):
+    return ipaddress.ip_address(text)
+
+
+async def decide(policy, host: str = "x.test", port: int = 443):
+    return await policy.decide(request(host, port))
+
+
+# ---- an exact name names that host only, never one that ends in it ---------------------
+
+
+async def test_an_exact_name_vouches_for_that_host_only_not_for_one_that_ends_in_it(echo):
+    """`AllowAll() | AllowList(["db.test"])`: the internet, and db.test even
+    where it resolves to an internal address.  A name that merely ends in
+    "db.test" (evil-db.test, evildb.test) and resolves to loopback is
+    AllowAll's, which names no internal address: refused, and nothing
+    arrives.  db.test itself, to the same address and port, is the control.
+    (Mutant: ``host.endswith(pattern.target)`` for an exact name in
+    ``_names_restricted``.)"""
+    names = {"db.test": ["127.0.0.1"], "evil-db.test": ["127.0.0.1"], "evildb.test": ["127.0.0.1"]}
+    policy = AllowAll() | AllowList(["db.test"])
+    async with sandbox(policy, names) as sb:
+        refused = [await client(sb, "connect", f"{name}:{echo.port}", "never") for name in ("evil-db.test", "evildb.test")]
+        assert echo.connections == 0, [explain(out) for out in refused]
+        out = await client(sb, "connect", f"db.test:{echo.port}", "through")
+        events = await settled_events(sb)
+    for denied in refused:
+        assert "STATUS HTTP/1.1 403" in denied.stdout.decode() and "DATA" not in denied.stdout.decode(), explain(denied)
+    assert "DATA through" in out.stdout.decode(), explain(out)
+    assert echo.connections == 1  # the control only
+    assert [(e.host, e.allowed) for e in events] == [("evil-db.test", False), ("evildb.test", False), ("db.test", True)]
+    assert all("internal address" in e.reason for e in events[:2]), events
+
+
+# ---- CustomPolicy: every failure stays a failure, and the timeout is the timeout -------
+
+
+async def test_a_synchronous_function_is_a_failure_that_no_exclusion_turns_into_an_allow():
+    """A plain ``def`` given to CustomPolicy returns no awaitable: no
+    answer.  Under ``~`` (a blocklist) that must stay a denial, as an
+    exception does; a plain denial would be turned into an allow, and
+    ``AllowAll() & ~CustomPolicy(blocklist)`` would let everything through.
+    The sandbox reads only that the policy failed.  The control: the same
+    blocklist written async, answering "not listed", is turned around.
+    (Mutant: a ``Decision`` rather than a ``_Failed`` for a non-awaitable.)"""
+    def sync_blocklist(req):
+        return req.host == "blocked.test"
+
+    async def async_blocklist(req):
+        return req.host == "blocked.test"
+
+    for policy in (~CustomPolicy(sync_blocklist), AllowAll() & ~CustomPolicy(sync_blocklist),
+                   ~(AllowList(["y.test"]) | CustomPolicy(sync_blocklist))):
+        decision = await decide(policy)
+        assert not decision.allowed, (policy, decision)
+        assert "must be async" in decision.reason, decision
+        assert heel.policy.sandbox_reason(decision).endswith("the policy failed"), decision
+    assert (await decide(AllowAll() & ~CustomPolicy(async_blocklist))).allowed
+    assert not (await decide(AllowAll() & ~CustomPolicy(async_blocklist), "blocked.test")).allowed
+
+
+async def test_an_answer_after_the_timeout_is_a_denial_even_when_it_comes_soon_after():
+    """The answer must come within ``timeout``: one that comes at twice the
+    timeout is a denial (an allow, turned around by ``~``, stays a denial).
+    The control: an answer well within the timeout counts.  (Mutant: the
+    deadline four times the timeout.)"""
+    timeout = 0.25
+
+    async def slow_yes(req):
+        await trio.sleep(2 * timeout)
+        return True
+
+    async def slow_no(req):
+        await trio.sleep(2 * timeout)
+        return False
+
+    async def quick_yes(req):
+        return True
+
+    late = await decide(CustomPolicy(slow_yes, timeout=timeout))
+    assert not late.allowed and f"within {timeout:g} s" in late.reason, late
+    assert not (await decide(~CustomPolicy(slow_no, timeout=timeout))).allowed
+    assert (await decide(CustomPolicy(quick_yes, timeout=timeout))).allowed
+
+
+# ---- what an AllowList names ---------------------------------------------------------
+
+
+def test_a_host_that_is_no_host_names_nothing():
+    """permits_restricted for a request whose host cannot be read (the
+    proxy refuses those before any policy is asked, but the policy objects
+    are public): an AllowList names no address for it, so ``AllowAll() |
+    AllowList([...])`` does not open the internal network to it.  The
+    control: a readable host the list names.  (Mutant: True for a host
+    normalize_host refuses.)"""
+    policy = AllowAll() | AllowList(["db.internal", "10.9.0.0/16"])
+    for host in ("bad host", "a..b", "x\x00.test", ""):
+        assert not policy.permits_restricted(request(host, 5432), ip("10.0.0.1")), host
+        assert not AllowList(["db.internal"]).permits_restricted(request(host, 5432), ip("10.0.0.1")), host
+    assert policy.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
+
+
+async def test_a_named_host_counts_in_any_spelling_as_decide_reads_it():
+    """decide() matches ``DB.Internal.`` to the pattern db.internal; what
+    permits_restricted reads as named must be the same host.  (Mutant: the
+    request's host compared as written.)"""
+    policy = AllowList(["db.internal:5432"])
+    for spelling in ("DB.Internal.", "db.internal.", "Db.INTERNAL"):
+        assert (await decide(policy, spelling, 5432)).allowed, spelling
+        assert policy.permits_restricted(request(spelling, 5432), ip("10.0.0.1")), spelling
+        assert not policy.permits_restricted(request(spelling, 22), ip("10.0.0.1")), spelling  # not that port
+
+
+# ---- what surely allows: AllowAll and ~DenyAll ------------------------------------
+
+
+def test_an_unasked_and_part_vouches_when_its_allow_all_or_not_deny_all_surely_allows():
+    """In ``AllowAll() | (AllowList([name]) & X)`` the ``&`` part was not
+    asked (AllowAll allowed first); it vouches for the address its list
+    names only if X surely allows too.  AllowAll and ``~DenyAll()`` do; a
+    CustomPolicy, whose answer is unknown, does not (the control).
+    (Mutants: AllowAll._surely_allows False; DenyAll._might_allow True.)"""
+    req, private = request("db.internal", 5432), ip("10.0.0.1")
+    for sure in (AllowAll(), ~DenyAll(), ~DenyAll() & AllowAll()):
+        policy = AllowAll() | (AllowList(["db.internal"]) & sure)
+        assert policy.permits_restricted(req, private), policy
+        assert not policy.permits_restricted(request("other.internal", 5432), private), policy
+
+    async def yes(r):
+        return True
+
+    unknown = AllowAll() | (AllowList(["db.internal"]) & CustomPolicy(yes))
+    assert not unknown.permits_restricted(req, private)
+
+
+def test_custom_policies_that_differ_in_allow_restricted_are_not_equal():
+    """allow_restricted is part of the policy: a config that compares or
+    hashes policies must not take one that opens internal addresses for one
+    that does not.  The control: the same three arguments compare equal.
+    (Mutant: __eq__ without allow_restricted.)"""
+    async def f(r):
+        return True
+
+    assert CustomPolicy(f) != CustomPolicy(f, allow_restricted=True)
+    assert CustomPolicy(f, timeout=1) != CustomPolicy(f, timeout=2)
+    assert CustomPolicy(f, allow_restricted=True) == CustomPolicy(f, allow_restricted=True)
+    assert hash(CustomPolicy(f, allow_restricted=True)) == hash(CustomPolicy(f, allow_restricted=True))
+    assert len({CustomPolicy(f), CustomPolicy(f, allow_restricted=True)}) == 2
