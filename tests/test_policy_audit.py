@@ -193,3 +193,110 @@ def test_custom_policies_that_differ_in_allow_restricted_are_not_equal():
     assert CustomPolicy(f, allow_restricted=True) == CustomPolicy(f, allow_restricted=True)
     assert hash(CustomPolicy(f, allow_restricted=True)) == hash(CustomPolicy(f, allow_restricted=True))
     assert len({CustomPolicy(f), CustomPolicy(f, allow_restricted=True)}) == 2
+
+
+# ---- an unasked part vouches only for what its text surely allows ---------------------
+
+
+async def _blocklist(req):
+    """A blocklist (for ``~``) that lists a.test, b.test and c.test."""
+    return req.host in ("a.test", "b.test", "c.test")
+
+
+async def _no(req):
+    return False
+
+
+async def test_an_unasked_part_whose_answer_hangs_on_a_function_never_opens_an_internal_address(echo):
+    """``AllowAll() | (AllowList([name]) & X) | ...``: AllowAll allows
+    every name first, so the ``&`` parts are never asked; one vouches for the
+    internal address its list names only if X surely allows, which a part
+    that would ask a function cannot.  Three such parts, each of which would
+    have refused its name (a blocklist that lists it under ``~``; a function
+    that says no, or a DenyAll; the blocklist next to a list that names
+    nothing, under ``~``), and three names that resolve to loopback: none
+    arrives.  The control: ok.test, named by a plain AllowList part, does.
+    (Mutants: ``~`` surely allows where its inner policy does not surely
+    allow; ``|`` surely allows always; ``|`` might allow only when every
+    part might.)"""
+    policy = (AllowAll()
+              | (AllowList(["a.test"]) & ~CustomPolicy(_blocklist))
+              | (AllowList(["b.test"]) & (CustomPolicy(_no) | DenyAll()))
+              | (AllowList(["c.test"]) & ~(CustomPolicy(_blocklist) | AllowList(["nothing.test"])))
+              | AllowList(["ok.test"]))
+    names = {name: ["127.0.0.1"] for name in ("a.test", "b.test", "c.test", "ok.test")}
+    async with sandbox(policy, names) as sb:
+        refused = [await client(sb, "connect", f"{name}:{echo.port}", "never") for name in ("a.test", "b.test", "c.test")]
+        assert echo.connections == 0, [explain(out) for out in refused]
+        out = await client(sb, "connect", f"ok.test:{echo.port}", "through")
+        events = await settled_events(sb)
+    for denied in refused:
+        assert "STATUS HTTP/1.1 403" in denied.stdout.decode() and "DATA" not in denied.stdout.decode(), explain(denied)
+    assert "DATA through" in out.stdout.decode(), explain(out)
+    assert echo.connections == 1  # the control only
+    assert [(e.host, e.allowed) for e in events] == [
+        ("a.test", False), ("b.test", False), ("c.test", False), ("ok.test", True)], events
+
+
+def test_an_unasked_and_part_vouches_when_an_any_of_in_it_surely_allows():
+    """The other way round: ``(AllowList([name]) | CustomPolicy(f))`` surely
+    allows a request its list names, whatever f says, so the unasked ``&``
+    part that holds it vouches for the address.  (Mutant: ``|`` surely
+    allows only when every part does.)"""
+    policy = AllowAll() | (AllowList(["*.internal"]) & (AllowList(["db.internal"]) | CustomPolicy(_no)))
+    assert policy.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
+    assert not policy.permits_restricted(request("other.internal", 5432), ip("10.0.0.1"))
+
+
+# ---- what `|` remembers: one decision, of this request, until the next -----------------
+
+
+async def test_a_vouching_part_counts_for_the_request_it_allowed_and_only_until_it_denies():
+    """``CustomPolicy(vet, allow_restricted=True) | AllowList([])``: the
+    vetting function's allow counts for the request it allowed, not for
+    another request asked about without a decision, and not after the next
+    decision of the same request was a denial.  (Mutants: the record
+    matched to any request; a denial that leaves the last allow in place,
+    or records no part.)"""
+    state = {"vet": True}
+
+    async def vet(req):
+        return state["vet"] and req.host == "db.internal"
+
+    policy = CustomPolicy(vet, allow_restricted=True) | AllowList([])
+    db, other, private = request("db.internal", 5432), request("other.internal", 5432), ip("10.0.0.1")
+    assert (await policy.decide(db)).allowed
+    assert policy.permits_restricted(db, private)
+    assert not policy.permits_restricted(other, private)  # never decided: vet never said yes to it
+    state["vet"] = False
+    assert not (await policy.decide(db)).allowed
+    assert not policy.permits_restricted(db, private)
+    state["vet"] = True
+    assert (await policy.decide(db)).allowed and policy.permits_restricted(db, private)
+
+
+# ---- what denies everything ----------------------------------------------------------
+
+
+async def test_excluding_a_narrowed_allow_all_does_not_deny_everything():
+    """``~(AllowAll() & AllowList([x]))`` allows every host but x: the
+    sandbox must get its proxy (denies_everything False); and ``~(~DenyAll()
+    | x)`` allows nothing, so no proxy and no TCP at all.  (Mutants: ``&``
+    allows everything when any part does; ``~`` never allows everything.)"""
+    narrowed = ~(AllowAll() & AllowList(["x.test"]))
+    assert not narrowed.denies_everything
+    assert (await decide(narrowed, "y.test")).allowed and not (await decide(narrowed, "x.test")).allowed
+    for nothing in (~(~DenyAll() | AllowList(["x.test"])), ~(~DenyAll() & ~DenyAll()), ~(AllowAll() | ~DenyAll())):
+        assert nothing.denies_everything, nothing
+        assert not (await decide(nothing, "x.test")).allowed and not (await decide(nothing, "y.test")).allowed
+
+
+def test_an_exclusion_whose_text_surely_misses_the_request_stays_out_of_the_way():
+    """``AllowList(["db.internal"]) & ~(AllowList(["10.0.0.0/8"]) &
+    AllowList(["*.evil"]))``: internal addresses are excluded for names
+    under .evil only; db.internal is not one, so the exclusion surely allows
+    it and the list's name opens its internal address.  x.evil, which the
+    list allows too, resolving to the same address, is excluded.  (Mutants: ``&`` might allow when any part might, or always.)"""
+    policy = AllowList(["db.internal", "x.evil"]) & ~(AllowList(["10.0.0.0/8"]) & AllowList(["*.evil"]))
+    assert policy.permits_restricted(request("db.internal", 5432), ip("10.0.0.5"))
+    assert not policy.permits_restricted(request("x.evil", 5432), ip("10.0.0.5"))
