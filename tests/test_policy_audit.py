@@ -300,3 +300,16 @@ def test_an_exclusion_whose_text_surely_misses_the_request_stays_out_of_the_way(
     policy = AllowList(["db.internal", "x.evil"]) & ~(AllowList(["10.0.0.0/8"]) & AllowList(["*.evil"]))
     assert policy.permits_restricted(request("db.internal", 5432), ip("10.0.0.5"))
     assert not policy.permits_restricted(request("x.evil", 5432), ip("10.0.0.5"))
+
+
+def test_an_exclusion_of_an_exclusion_surely_allows_what_the_inner_list_names():
+    """``~(~AllowList([net]) & CustomPolicy(f))`` is ``net | ~f``: a request
+    going to an address in net is surely allowed, whatever f would say, so
+    ``AllowList(["db.internal"]) & ~(...)`` reaches db.internal there.  The
+    contrast: ``~(AllowList([net]) & CustomPolicy(f))`` means the address
+    and may exclude it, f unknown: closed.  (Mutant: ``~`` might allow
+    always.)"""
+    policy = AllowList(["db.internal"]) & ~(~AllowList(["10.0.0.0/8"]) & CustomPolicy(_no))
+    assert policy.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
+    excluding = AllowList(["db.internal"]) & ~(AllowList(["10.0.0.0/8"]) & CustomPolicy(_no))
+    assert not excluding.permits_restricted(request("db.internal", 5432), ip("10.0.0.1"))
