@@ -1,0 +1,282 @@
+"""A mutation audit of the trio API layer (heel/sandbox.py, heel/process.py).
+
+DOCSTRING-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+import heel
+from heel import AllowList, PolicyError, ResourceLimits, SandboxConfig, Stdio
+
+from helpers import COMMAND_TIMEOUT, explain, sh
+
+
+def _env_of(out: heel.Output) -> dict[str, str]:
+    assert out.returncode == 0, explain(out)
+    return dict(line.split("=", 1) for line in out.stdout.decode().splitlines() if "=" in line)
+
+
+# ---- errors raised early --------------------------------------------------
+
+@pytest.mark.parametrize("build", [
+    lambda: heel.Sandbox({"level": "strict"}),
+    lambda: heel.Sandbox("config"),
+    lambda: heel.Sandbox(SandboxConfig(), resolver="127.0.0.1"),
+    lambda: heel.Sandbox(SandboxConfig(), on_venv_progress=42),
+])
+def test_a_sandbox_of_what_is_no_config_or_callable_is_refused_when_built(build):
+    with pytest.raises(PolicyError):
+        build()
+    heel.Sandbox(SandboxConfig(), resolver=lambda host, port: [], on_venv_progress=print)  # the control
+
+
+async def test_a_sandbox_opens_once():
+    """Opened again, while open or after it closed, a Sandbox refuses with
+    SandboxClosed, and the first opening goes on unharmed (the control)."""
+    sb = heel.Sandbox()
+    async with sb:
+        with pytest.raises(heel.SandboxClosed):
+            await sb.__aenter__()
+        assert (await sb.command("true").timeout(COMMAND_TIMEOUT).status()).success
+    with pytest.raises(heel.SandboxClosed):
+        async with sb:
+            pass
+
+
+async def test_a_sandbox_closed_before_it_opened_never_opens(private_tmp):
+    """aclose() before ``async with``: the sandbox is closed for good.  It
+    opened regardless, and then its close at the end of the block was a
+    no-op (closed already): heel-init and the temporary directory stayed
+    for as long as the host lived."""
+    sb = heel.Sandbox()
+    await sb.aclose()
+    with pytest.raises(heel.SandboxClosed):
+        async with sb:
+            pass
+    assert os.listdir(private_tmp) == []
+
+
+# ---- the environment inside ---------------------------------------------
+
+async def test_env_remove_takes_back_a_value_the_command_set():
+    """env() then env_remove() of the same name: unset inside, as the
+    last call asked; env_remove() then env(): set.  A name never touched
+    (the control) keeps its value."""
+    async with heel.Sandbox(SandboxConfig(env={"KEPT": "k"})) as sb:
+        out = await (sb.command("env").env("GONE", "1").env_remove("GONE")
+                     .env_remove("BACK").env("BACK", "2").timeout(COMMAND_TIMEOUT).output())
+    env = _env_of(out)
+    assert "GONE" not in env
+    assert env["BACK"] == "2" and env["KEPT"] == "k"
+
+
+async def test_the_configs_env_wins_over_the_proxy_variables_and_the_commands_over_both():
+    """With a proxy heel sets http_proxy, NO_PROXY and the rest for each
+    command; a value the config gives for one of them is what the command
+    sees (as in the plan), and a command's own env() wins over the config."""
+    config = SandboxConfig(network=AllowList(["example.invalid"]), env={"NO_PROXY": "config-value",
+                                                                        "EXTRA": "config"})
+    async with heel.Sandbox(config) as sb:
+        out = await sb.command("env").env("EXTRA", "command").timeout(COMMAND_TIMEOUT).output()
+    env = _env_of(out)
+    assert env["NO_PROXY"] == "config-value"
+    assert env["EXTRA"] == "command"
+    assert env["http_proxy"].startswith("http://cmd")  # the control: the proxy's variables are set
+
+
+# ---- what goes where: the default streams -------------------------------
+
+async def test_run_without_capture_writes_to_the_hosts_own_stdout_and_stderr(capfd):
+    """run() leaves what it does not capture on the host's stdout and
+    stderr (relayed into capfd's files), and captures what it is asked to."""
+    async with heel.Sandbox() as sb:
+        done = await sb.run("echo to-out; echo to-err >&2")
+        assert (done.stdout, done.stderr) == (None, None)
+        host = capfd.readouterr()
+        assert (host.out, host.err) == ("to-out\n", "to-err\n")
+        captured = await sb.run("echo to-out; echo to-err >&2", capture_stdout=True, capture_stderr=True)
+        assert (captured.stdout, captured.stderr) == (b"to-out\n", b"to-err\n")
+        assert capfd.readouterr() == ("", "")
+
+
+async def test_status_inherits_the_hosts_stdout_all_copied_when_it_returns(capfd):
+    """status() leaves stdout/stderr on the host's own (here capfd's files,
+    so relayed): everything the command wrote is there when status()
+    returns, before any other checkpoint."""
+    size = 1 << 20
+    async with heel.Sandbox() as sb:
+        status = await sb.command("sh").args(["-c", f"head -c {size} /dev/zero | tr '\\0' x; echo err >&2"]) \
+            .timeout(COMMAND_TIMEOUT).status()
+        host = capfd.readouterr()  # no checkpoint since status() returned
+    assert status.success and not status.timed_out
+    assert host.out == "x" * size and host.err == "err\n"
+
+
+async def test_spawn_does_not_hand_over_the_hosts_stdin():
+    """spawn()'s stdin is /dev/null unless set: a pipe on the host's fd 0
+    with data in it is not the command's to read."""
+    saved = os.dup(0)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"host-stdin-data\n")
+        os.close(w)
+        os.dup2(r, 0)
+        async with heel.Sandbox() as sb:
+            process = await sb.command("cat").stdout(Stdio.PIPE).stderr(Stdio.PIPE).spawn()
+            async with process:
+                data = b""
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    while chunk := await process.stdout.receive_some(100):
+                        data += chunk
+                    assert await process.wait() == 0
+            assert data == b""
+            # The control: set to INHERIT, the host's pipe is read.
+            process = await sb.command("cat").stdin(Stdio.INHERIT).stdout(Stdio.PIPE).spawn()
+            async with process:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    data = b""
+                    while chunk := await process.stdout.receive_some(100):
+                        data += chunk
+            assert data == b"host-stdin-data\n"
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(r)
+
+
+async def test_stdin_takes_a_bytearray_and_a_memoryview():
+    async with heel.Sandbox() as sb:
+        for value in (bytearray(b"from-bytearray"), memoryview(b"from-memoryview")):
+            out = await sb.command("cat").stdin(value).timeout(COMMAND_TIMEOUT).output()
+            assert out.stdout == bytes(value), explain(out)
+
+
+async def test_arguments_may_be_bytes_and_paths():
+    async with heel.Sandbox() as sb:
+        out = await (sb.command(Path("printf")).arg("%s|%s|%s").arg(b"bytes").arg(Path("a/path"))
+                     .args([b"more"]).timeout(COMMAND_TIMEOUT).output())
+    assert out.stdout == b"bytes|a/path|more", explain(out)
+
+
+# ---- output_bytes -----------------------------------------------------------
+
+async def test_output_of_exactly_output_bytes_is_whole():
+    """The limit is the most kept: output of exactly that size is not
+    truncated (nor the command killed); one byte more is."""
+    async with heel.Sandbox(SandboxConfig(limits=ResourceLimits(output_bytes=10))) as sb:
+        whole = await sb.command("printf").arg("0123456789").timeout(COMMAND_TIMEOUT).output()
+        over = await sb.command("printf").arg("0123456789a").timeout(COMMAND_TIMEOUT).output()
+    assert (whole.stdout, whole.truncated, whole.returncode) == (b"0123456789", False, 0)
+    assert (over.stdout, over.truncated) == (b"0123456789", True)
+
+
+async def test_output_bytes_bounds_stdout_and_stderr_together():
+    """output_bytes is one budget for both streams: 6 bytes on each with a
+    limit of 10 keep 10 in all, and say truncated."""
+    async with heel.Sandbox(SandboxConfig(limits=ResourceLimits(output_bytes=10))) as sb:
+        out = await sh(sb, "printf 123456; printf abcdef >&2")
+        control = await sh(sb, "printf 1234; printf abcd >&2")
+    assert out.truncated and len(out.stdout) + len(out.stderr) == 10, explain(out)
+    assert (control.stdout, control.stderr, control.truncated) == (b"1234", b"abcd", False)
+
+
+# ---- timeouts ---------------------------------------------------------------
+
+async def test_run_timeout_with_check_false_returns_and_the_commands_timeout_wins():
+    """A timeout under run(check=False) is a result, not an error; with
+    check it is CommandTimeout (a TimeoutError) that names the command's
+    own timeout, not the config's."""
+    async with heel.Sandbox(SandboxConfig(limits=ResourceLimits(timeout=600))) as sb:
+        done = await sb.run(["sleep", "30"], timeout=1e-9, check=False)
+        assert done.returncode == -signal.SIGKILL
+        with pytest.raises(heel.CommandTimeout) as raised:
+            await sb.run(["sleep", "30"], timeout=1e-9)
+        assert isinstance(raised.value, TimeoutError) and isinstance(raised.value, heel.HeelError)
+        assert raised.value.timeout == 1e-9
+        assert (await sb.run(["true"])).returncode == 0  # the control
+
+
+async def test_status_reports_a_timeout():
+    async with heel.Sandbox() as sb:
+        status = await sb.command("sleep").arg("30").timeout(1e-9).status()
+        control = await sb.command("true").timeout(COMMAND_TIMEOUT).status()
+    assert status.timed_out and not status.success
+    assert control.success and not control.timed_out
+
+
+# ---- Process ----------------------------------------------------------------
+
+async def test_terminate_sends_sigterm():
+    async with heel.Sandbox() as sb:
+        process = await (sb.command("sh").args(["-c", "trap 'exit 7' TERM; trap 'exit 8' INT; echo ready; "
+                                                      "while :; do sleep 0.05; done"])
+                         .stdout(Stdio.PIPE).spawn())
+        async with process:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                assert await process.stdout.receive_some(100) == b"ready\n"
+                process.terminate()
+                assert await process.wait() == 7
+
+
+async def test_pid_of_a_process_first_asked_once_it_is_gone_is_minus_one():
+    async with heel.Sandbox() as sb:
+        process = await sb.command("true").spawn()
+        with trio.fail_after(COMMAND_TIMEOUT):
+            assert await process.wait() == 0
+        assert process.pid == -1
+        running = await sb.command("sleep").arg("30").spawn()
+        async with running:
+            assert running.pid > 0  # the control: a live one has its init's pid
+            os.kill(running.pid, 0)
+
+
+async def test_closing_the_sandbox_reaps_a_process_left_running():
+    """A spawned process the caller never waited for is killed and reaped
+    when the sandbox closes: its returncode says so afterwards."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sleep").arg("30").spawn()
+        assert process.returncode is None
+    assert process.returncode == -signal.SIGKILL
+
+
+async def test_leaving_a_process_block_closes_its_streams_and_kills_it():
+    """``async with process``: on the way out its streams are closed and
+    the command killed and reaped, by heel (not reported as an init killed
+    from outside, which the control is)."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sleep").arg("30").stdin(Stdio.PIPE).stdout(Stdio.PIPE).spawn()
+        with trio.fail_after(COMMAND_TIMEOUT):
+            async with process:
+                pass
+        assert process.returncode == -signal.SIGKILL
+        with pytest.raises(trio.ClosedResourceError):
+            await process.stdout.receive_some(1)
+        with pytest.raises(trio.ClosedResourceError):
+            await process.stdin.send_all(b"x")
+        assert sb._output_errors == []  # what the CLI reports: nothing
+        other = await sb.command("sleep").arg("30").spawn()
+        os.kill(other.pid, signal.SIGKILL)  # the control: the init killed from outside heel
+        with trio.fail_after(COMMAND_TIMEOUT):
+            assert await other.wait() == -signal.SIGKILL
+        assert [name for name, _ in sb._output_errors] == ["init"]
+
+
+async def test_signals_and_kills_after_the_end_are_no_ops():
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sh").args(["-c", "exit 3"]).spawn()
+        with trio.fail_after(COMMAND_TIMEOUT):
+            assert await process.wait() == 3
+        process.kill()
+        process.terminate()
+        process.send_signal(signal.SIGKILL)
+        process.send_signal(signal.SIGSTOP)
+        assert process.returncode == 3 and process.poll() == 3
+        with pytest.raises(PolicyError):
+            process.send_signal(0)  # the control: what is no signal is still refused
