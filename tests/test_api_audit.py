@@ -91,6 +91,23 @@ async def test_the_configs_env_wins_over_the_proxy_variables_and_the_commands_ov
     assert env["http_proxy"].startswith("http://cmd")  # the control: the proxy's variables are set
 
 
+async def test_the_proxys_record_of_command_names_is_bounded():
+    """Each command gets a proxy user name of its own, mapped to its program
+    for NetworkRequest.command; the map keeps the latest 4096, so a
+    long-lived sandbox does not grow it without end.  (Filled here by hand
+    to the bound: 4096 real commands take minutes on a loaded machine.)"""
+    async with heel.Sandbox(SandboxConfig(network=AllowList(["example.invalid"]))) as sb:
+        commands = sb._proxy.commands
+        out = await sb.command("printenv").arg("http_proxy").timeout(COMMAND_TIMEOUT).output()
+        first = out.stdout.decode().split("//")[1].split(":")[0]
+        assert commands == {first: "printenv"}, explain(out)  # the control
+        for i in range(4095):
+            commands[f"filler{i}"] = "filler"
+        out = await sb.command("true").timeout(COMMAND_TIMEOUT).output()
+        assert len(commands) == 4096
+        assert first not in commands and list(commands.values())[-1] == "true"
+
+
 # ---- what goes where: the default streams -------------------------------
 
 async def test_run_without_capture_writes_to_the_hosts_own_stdout_and_stderr(capfd):
@@ -280,3 +297,90 @@ async def test_signals_and_kills_after_the_end_are_no_ops():
         assert process.returncode == 3 and process.poll() == 3
         with pytest.raises(PolicyError):
             process.send_signal(0)  # the control: what is no signal is still refused
+
+
+# ---- run_python and python() -------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda sb: sb.run_python(b"print(1)"),
+    lambda sb: sb.run_python("print(1)", args="ab"),
+    lambda sb: sb.run_python("print(1)", args=b"ab"),
+    lambda sb: sb.run_python("print(1)", args=3),
+])
+async def test_run_python_refuses_what_is_no_source_or_no_argument_list(call):
+    async with heel.Sandbox() as sb:
+        with pytest.raises(PolicyError):
+            await call(sb)
+        out = await sb.run_python("import sys; print(sys.argv[1:])", args=["ab"])  # the control
+        assert out.stdout == b"['ab']\n", explain(out)
+
+
+async def test_run_python_feeds_its_input():
+    async with heel.Sandbox() as sb:
+        out = await sb.run_python("import sys; print(sys.stdin.read()[::-1])", input=b"olleh")
+        control = await sb.run_python("import sys; print(repr(sys.stdin.read()))")
+    assert out.stdout == b"hello\n", explain(out)
+    assert control.stdout == b"''\n", explain(control)
+
+
+async def test_run_python_never_writes_into_a_file_the_sandbox_planted(monkeypatch):
+    """The snippet's file in the private tmp is created afresh (O_EXCL): a
+    file the sandbox left under the name heel picks (here made predictable)
+    is passed over, not written into, and the snippet runs from a new one."""
+    import secrets
+
+    names = iter(["deadbeef", "cafef00d"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))
+    async with heel.Sandbox() as sb:
+        planted = os.path.join(sb.plan.host_tmp, "heel_python_1_deadbeef.py")
+        out = await sh(sb, f"printf '%s' 'print(\"planted\")  # the sandbox wrote this' > {sb.plan.tmp}/heel_python_1_deadbeef.py")
+        assert out.returncode == 0 and os.path.exists(planted), explain(out)
+        out = await sb.run_python("print('mine')")
+        assert out.stdout == b"mine\n", explain(out)
+        with open(planted) as f:
+            assert f.read() == 'print("planted")  # the sandbox wrote this'
+        assert not os.path.exists(os.path.join(sb.plan.host_tmp, "heel_python_1_cafef00d.py"))  # removed after
+
+
+async def test_python_is_the_configs_interpreter(host_dir):
+    """sb.python() (and run_python()) run the PythonConfig's interpreter,
+    not whatever python3 the PATH finds (the control, without one)."""
+    venv = host_dir / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (venv / "bin" / "python").write_text('#!/bin/sh\necho "the venv\'s python: $*"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    venv.chmod(0o755)
+    (venv / "bin").chmod(0o755)
+    async with heel.Sandbox(SandboxConfig(python=heel.PythonConfig(venv))) as sb:
+        out = await sb.python().arg("x").timeout(COMMAND_TIMEOUT).output()
+    assert out.stdout == b"the venv's python: x\n", explain(out)
+    async with heel.Sandbox() as sb:
+        out = await sb.python().args(["-c", "print('python3')"]).timeout(COMMAND_TIMEOUT).output()
+    assert out.stdout == b"python3\n", explain(out)
+
+
+async def test_run_python_has_a_timeout():
+    async with heel.Sandbox() as sb:
+        out = await sb.run_python("import time; time.sleep(30)", timeout=1e-9)
+        control = await sb.run_python("print(1)", timeout=COMMAND_TIMEOUT)
+    assert out.timed_out and out.returncode == -signal.SIGKILL, explain(out)
+    assert control.stdout == b"1\n" and not control.timed_out
+
+
+async def test_run_python_after_the_sandbox_closed_is_sandbox_closed():
+    sb = heel.Sandbox()
+    async with sb:
+        assert (await sb.run_python("print(1)")).stdout == b"1\n"  # the control
+    with pytest.raises(heel.SandboxClosed):
+        await sb.run_python("print(1)")
+    with pytest.raises(heel.SandboxClosed):
+        await sb.command("true").spawn()
+
+
+async def test_run_passes_env_and_cwd():
+    async with heel.Sandbox() as sb:
+        (sb.workdir / "sub").mkdir()
+        done = await sb.run(["sh", "-c", 'echo "$A $(pwd)"'], env={"A": "from-run"}, cwd="sub",
+                            capture_stdout=True)
+    assert done.stdout == f"from-run {sb.workdir}/sub\n".encode()
