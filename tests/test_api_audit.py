@@ -37,6 +37,51 @@ def test_a_sandbox_of_what_is_no_config_or_callable_is_refused_when_built(build)
     heel.Sandbox(SandboxConfig(), resolver=lambda host, port: [], on_venv_progress=print)  # the control
 
 
+@pytest.mark.parametrize("build", [
+    lambda cmd: cmd.timeout(True),
+    lambda cmd: cmd.timeout(float("nan")),
+    lambda cmd: cmd.timeout(float("inf")),
+    lambda cmd: cmd.timeout(0),
+    lambda cmd: cmd.timeout(0.0),
+    lambda cmd: cmd.timeout("1"),
+    lambda cmd: cmd.stderr("pipe"),
+    lambda cmd: cmd.stdout(None),
+    lambda cmd: cmd.envs([("A", "1")]),
+    lambda cmd: cmd.current_dir("sub\0dir"),
+    lambda cmd: cmd.arg("a\0b"),
+    lambda cmd: cmd.args(3),
+])
+async def test_the_builder_refuses_what_it_cannot_run_when_it_is_set(build):
+    async with heel.Sandbox() as sb:
+        with pytest.raises(PolicyError):
+            build(sb.command("true"))
+        control = sb.command("true").timeout(0.5).timeout(30).stderr(Stdio.PIPE).envs({"A": "1"}).current_dir("sub")
+        assert control.effective_timeout() == 30
+
+
+async def test_an_empty_program_name_is_refused():
+    async with heel.Sandbox() as sb:
+        for name in ("", b""):
+            with pytest.raises(PolicyError):
+                sb.command(name)
+
+
+async def test_the_configs_timeout_applies_unless_the_command_sets_one():
+    async with heel.Sandbox(SandboxConfig(limits=ResourceLimits(timeout=0.001))) as sb:
+        out = await sb.command("sleep").arg("30").output()
+        control = await sb.command("true").timeout(COMMAND_TIMEOUT).output()
+    assert out.timed_out and out.returncode == -signal.SIGKILL, explain(out)
+    assert control.returncode == 0 and not control.timed_out, explain(control)
+
+
+async def test_run_of_an_empty_argument_list_is_a_policy_error():
+    async with heel.Sandbox() as sb:
+        for empty in ([], ()):
+            with pytest.raises(PolicyError, match="needs a command"):
+                await sb.run(empty)
+        assert (await sb.run(["true"])).returncode == 0  # the control
+
+
 async def test_a_sandbox_opens_once():
     """Opened again, while open or after it closed, a Sandbox refuses with
     SandboxClosed, and the first opening goes on unharmed (the control)."""
@@ -166,6 +211,27 @@ async def test_spawn_does_not_hand_over_the_hosts_stdin():
         os.dup2(saved, 0)
         os.close(saved)
         os.close(r)
+
+
+async def test_null_streams_take_what_the_command_writes():
+    """Stdio.NULL is /dev/null opened for reading and writing: a command
+    writing to a NULL stdout or stderr succeeds, and reads end of file."""
+    async with heel.Sandbox() as sb:
+        status = await (sb.command("sh").args(["-c", "echo out || exit 8; echo err >&2 || exit 9; "
+                                                     "test -z \"$(cat)\" || exit 10"])
+                        .stdin(Stdio.NULL).stdout(Stdio.NULL).stderr(Stdio.NULL).timeout(COMMAND_TIMEOUT).status())
+        failed = await sh(sb, "exit 8")  # the control: a failure shows
+    assert status.returncode == 0 and failed.returncode == 8
+
+
+async def test_input_the_command_does_not_read_is_no_error():
+    """output() with more stdin bytes than a pipe holds, to a command that
+    reads none: the command's end is not the caller's failure."""
+    async with heel.Sandbox() as sb:
+        out = await sb.command("true").stdin(b"x" * (4 << 20)).timeout(COMMAND_TIMEOUT).output()
+        control = await sb.command("wc").arg("-c").stdin(b"x" * (4 << 20)).timeout(COMMAND_TIMEOUT).output()
+    assert out.returncode == 0, explain(out)
+    assert control.stdout.strip() == str(4 << 20).encode(), explain(control)
 
 
 async def test_stdin_takes_a_bytearray_and_a_memoryview():
