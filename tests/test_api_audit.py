@@ -15,7 +15,7 @@ import trio
 import heel
 from heel import AllowList, PolicyError, ResourceLimits, SandboxConfig, Stdio
 
-from helpers import COMMAND_TIMEOUT, explain, sh
+from helpers import COMMAND_TIMEOUT, explain, process_start, sh
 
 
 def _env_of(out: heel.Output) -> dict[str, str]:
@@ -286,6 +286,16 @@ async def test_run_timeout_with_check_false_returns_and_the_commands_timeout_win
         assert (await sb.run(["true"])).returncode == 0  # the control
 
 
+async def test_run_raises_for_a_command_killed_by_a_signal():
+    """check: a command that died of a signal (a negative returncode) failed
+    too, as with subprocess.run(check=True)."""
+    async with heel.Sandbox() as sb:
+        with pytest.raises(heel.CommandFailed) as failed:
+            await sb.run("kill -TERM $$")
+        assert failed.value.returncode == -signal.SIGTERM
+        assert (await sb.run("kill -TERM $$", check=False)).returncode == -signal.SIGTERM  # the control
+
+
 async def test_status_reports_a_timeout():
     async with heel.Sandbox() as sb:
         status = await sb.command("sleep").arg("30").timeout(1e-9).status()
@@ -349,6 +359,22 @@ async def test_leaving_a_process_block_closes_its_streams_and_kills_it():
         with trio.fail_after(COMMAND_TIMEOUT):
             assert await other.wait() == -signal.SIGKILL
         assert [name for name, _ in sb._output_errors] == ["init"]
+
+
+async def test_a_signal_for_a_command_whose_init_died_is_no_error():
+    """The init killed from outside, not reaped yet: a signal sent then
+    goes nowhere, without an error, and wait() tells what happened."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sleep").arg("30").spawn()
+        pid = process.pid
+        os.kill(pid, signal.SIGKILL)
+        with trio.fail_after(COMMAND_TIMEOUT):
+            while process_start(pid) is not None:
+                await trio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        process.terminate()
+        with trio.fail_after(COMMAND_TIMEOUT):
+            assert await process.wait() == -signal.SIGKILL
 
 
 async def test_signals_and_kills_after_the_end_are_no_ops():
