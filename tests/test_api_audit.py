@@ -339,6 +339,24 @@ async def test_closing_the_sandbox_reaps_a_process_left_running():
     assert process.returncode == -signal.SIGKILL
 
 
+async def test_a_long_lived_sandbox_keeps_no_record_of_finished_processes():
+    """The sandbox holds each of its processes until it is reaped, for its
+    close to kill; then it forgets it (it kept every Process, its args and
+    streams, for as long as the sandbox lived)."""
+    async with heel.Sandbox() as sb:
+        running = await sb.command("sleep").arg("30").spawn()
+        for _ in range(5):
+            assert (await sb.command("true").timeout(COMMAND_TIMEOUT).status()).returncode == 0
+            spawned = await sb.command("true").spawn()
+            with trio.fail_after(COMMAND_TIMEOUT):
+                await spawned.wait()
+        assert sb._processes == {running}  # the control: the live one is held
+        running.kill()
+        with trio.fail_after(COMMAND_TIMEOUT):
+            await running.wait()
+        assert sb._processes == set()
+
+
 async def test_leaving_a_process_block_closes_its_streams_and_kills_it():
     """``async with process``: on the way out its streams are closed and
     the command killed and reaped, by heel (not reported as an init killed
@@ -375,6 +393,18 @@ async def test_a_signal_for_a_command_whose_init_died_is_no_error():
         process.terminate()
         with trio.fail_after(COMMAND_TIMEOUT):
             assert await process.wait() == -signal.SIGKILL
+
+
+async def test_closing_a_process_whose_init_does_not_answer_still_kills_it():
+    """aclose() asks the command's init to kill the tree; an init that does
+    not answer (stopped here from the host) is SIGKILLed after a while,
+    and the close ends (it waited for ever)."""
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sleep").arg("30").spawn()
+        os.kill(process.pid, signal.SIGSTOP)
+        with trio.fail_after(60):
+            await process.aclose()
+        assert process.returncode == -signal.SIGKILL
 
 
 async def test_signals_and_kills_after_the_end_are_no_ops():
