@@ -181,6 +181,32 @@ async def test_status_inherits_the_hosts_stdout_all_copied_when_it_returns(capfd
     assert host.out == "x" * size and host.err == "err\n"
 
 
+async def test_a_host_file_that_refuses_the_output_is_reported(tmp_path):
+    """stdout a host file that takes no writes (opened read-only here; a
+    full disk in life): the copy ends, and the sandbox records why, for
+    the CLI to say.  The control: a writable file gets the output and no
+    report."""
+    refusing = tmp_path / "refusing"
+    refusing.write_text("")
+    saved = os.dup(1)
+    try:
+        for mode, expected in ((os.O_WRONLY, []), (os.O_RDONLY, ["stdout"])):
+            fd = os.open(refusing, mode)
+            try:
+                os.dup2(fd, 1)  # a host file: relayed
+                async with heel.Sandbox() as sb:
+                    await sb.command("echo").arg("x").timeout(COMMAND_TIMEOUT).status()
+                    assert [name for name, _ in sb._output_errors] == expected
+                    assert all(isinstance(exc, OSError) for _, exc in sb._output_errors)
+            finally:
+                os.dup2(saved, 1)
+                os.close(fd)
+            if not expected:
+                assert refusing.read_text() == "x\n"
+    finally:
+        os.close(saved)
+
+
 async def test_spawn_does_not_hand_over_the_hosts_stdin():
     """spawn()'s stdin is /dev/null unless set: a pipe on the host's fd 0
     with data in it is not the command's to read."""
@@ -294,6 +320,15 @@ async def test_run_raises_for_a_command_killed_by_a_signal():
             await sb.run("kill -TERM $$")
         assert failed.value.returncode == -signal.SIGTERM
         assert (await sb.run("kill -TERM $$", check=False)).returncode == -signal.SIGTERM  # the control
+
+
+def test_a_timed_out_result_is_no_success_even_with_code_zero():
+    """A command that exits 0 just as its time is up (the kill then finds it
+    gone) reads returncode 0 and timed_out: that is no success.  The race
+    cannot be arranged from outside, so the results are built here."""
+    assert not heel.Output(b"", b"", 0, timed_out=True).success
+    assert not heel.ExitStatus(0, timed_out=True).success
+    assert heel.Output(b"", b"", 0).success and heel.ExitStatus(0).success  # the control
 
 
 async def test_status_reports_a_timeout():
