@@ -341,18 +341,6 @@ async def test_status_reports_a_timeout():
 
 # ---- Process ----------------------------------------------------------------
 
-async def test_terminate_sends_sigterm():
-    async with heel.Sandbox() as sb:
-        process = await (sb.command("sh").args(["-c", "trap 'exit 7' TERM; trap 'exit 8' INT; echo ready; "
-                                                      "while :; do sleep 0.05; done"])
-                         .stdout(Stdio.PIPE).spawn())
-        async with process:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                assert await process.stdout.receive_some(100) == b"ready\n"
-                process.terminate()
-                assert await process.wait() == 7
-
-
 async def test_pid_of_a_process_first_asked_once_it_is_gone_is_minus_one():
     async with heel.Sandbox() as sb:
         process = await sb.command("true").spawn()
@@ -440,6 +428,27 @@ async def test_closing_a_process_whose_init_does_not_answer_still_kills_it():
         with trio.fail_after(60):
             await process.aclose()
         assert process.returncode == -signal.SIGKILL
+
+
+async def test_a_signal_sent_while_the_inits_socket_is_full_still_arrives():
+    """A flood of signals fills the socket to the command's init (stopped
+    here from the host, so that it reads none); a signal sent then goes to
+    the init directly, which forwards it once it runs again (it was
+    dropped without a word)."""
+    async with heel.Sandbox() as sb:
+        process = await (sb.command("sh").args(["-c", "trap 'exit 7' TERM; echo ready; "
+                                                      "while :; do sleep 0.05; done"])
+                         .stdout(Stdio.PIPE).spawn())
+        async with process:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                assert await process.stdout.receive_some(100) == b"ready\n"
+            os.kill(process.pid, signal.SIGSTOP)
+            for _ in range(20000):  # far more than the socket holds
+                process.send_signal(signal.SIGWINCH)  # ignored by sh
+            process.send_signal(signal.SIGTERM)
+            os.kill(process.pid, signal.SIGCONT)
+            with trio.fail_after(COMMAND_TIMEOUT):
+                assert await process.wait() == 7
 
 
 async def test_signals_and_kills_after_the_end_are_no_ops():
