@@ -418,18 +418,6 @@ async def test_a_signal_for_a_command_whose_init_died_is_no_error():
             assert await process.wait() == -signal.SIGKILL
 
 
-async def test_closing_a_process_whose_init_does_not_answer_still_kills_it():
-    """aclose() asks the command's init to kill the tree; an init that does
-    not answer (stopped here from the host) is SIGKILLed after a while,
-    and the close ends (it waited for ever)."""
-    async with heel.Sandbox() as sb:
-        process = await sb.command("sleep").arg("30").spawn()
-        os.kill(process.pid, signal.SIGSTOP)
-        with trio.fail_after(60):
-            await process.aclose()
-        assert process.returncode == -signal.SIGKILL
-
-
 async def test_a_signal_sent_while_the_inits_socket_is_full_still_arrives():
     """A flood of signals fills the socket to the command's init (stopped
     here from the host, so that it reads none); a signal sent then goes to
@@ -449,6 +437,40 @@ async def test_a_signal_sent_while_the_inits_socket_is_full_still_arrives():
             os.kill(process.pid, signal.SIGCONT)
             with trio.fail_after(COMMAND_TIMEOUT):
                 assert await process.wait() == 7
+
+
+CTRL_C_WHILE_A_PROCESS_CLOSES = r"""
+import os, signal, threading, time
+import trio, heel
+
+async def main():
+    async with heel.Sandbox() as sb:
+        process = await sb.command("sleep").arg("30").spawn()
+        os.kill(process.pid, signal.SIGSTOP)  # its init answers no kill: aclose() waits 5 s, then SIGKILLs it
+        def ctrl_c_once_closing():
+            while not process._killed:  # aclose() has asked for the kill, and waits
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=ctrl_c_once_closing, daemon=True).start()
+        try:
+            await process.aclose()
+            print("not interrupted", process.returncode)
+        except KeyboardInterrupt:
+            print("interrupted", process.returncode)
+
+trio.run(main)
+"""
+
+
+def test_ctrl_c_while_a_process_closes_is_raised_once_it_is_closed():
+    """A Ctrl-C while Process.aclose() waits for the kill: the close goes
+    on to its end (the process reaped), and then the KeyboardInterrupt is
+    raised, not swallowed."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_A_PROCESS_CLOSES], capture_output=True, timeout=120)
+    assert result.stdout.decode() == f"interrupted {-signal.SIGKILL}\n", result
 
 
 async def test_signals_and_kills_after_the_end_are_no_ops():
