@@ -440,20 +440,20 @@ async def test_a_signal_sent_while_the_inits_socket_is_full_still_arrives():
 
 
 CTRL_C_WHILE_A_PROCESS_CLOSES = r"""
-import os, signal, threading, time
+import os, signal
 import trio, heel
+
+@trio.lowlevel.enable_ki_protection  # the Ctrl-C waits for the next blocking await: aclose()'s wait
+async def ctrl_c_then_close(process):
+    os.kill(os.getpid(), signal.SIGINT)
+    await process.aclose()
 
 async def main():
     async with heel.Sandbox() as sb:
         process = await sb.command("sleep").arg("30").spawn()
         os.kill(process.pid, signal.SIGSTOP)  # its init answers no kill: aclose() waits 5 s, then SIGKILLs it
-        def ctrl_c_once_closing():
-            while not process._killed:  # aclose() has asked for the kill, and waits
-                time.sleep(0.01)
-            os.kill(os.getpid(), signal.SIGINT)
-        threading.Thread(target=ctrl_c_once_closing, daemon=True).start()
         try:
-            await process.aclose()
+            await ctrl_c_then_close(process)
             print("not interrupted", process.returncode)
         except KeyboardInterrupt:
             print("interrupted", process.returncode)
