@@ -1,6 +1,62 @@
 """A mutation audit of the trio API layer (heel/sandbox.py, heel/process.py).
 
-DOCSTRING-PLACEHOLDER
+143 mutants, each one small weakening of one line (a check dropped, a
+condition flipped, a bound moved, an env step, kill, reap or cleanup
+skipped, an error swallowed), were run against the existing tests of the
+layer (test_api, test_api_concurrency, test_cancel_sweep, test_lifecycle,
+test_lifecycle_audit, test_validation_audit, test_config_validation,
+test_security_isolation, test_network, and for the survivors the files that
+exercise the branch: test_cli, test_cli_edges, test_security_fs, test_venv).
+76 were caught.  Of the 67 that survived, the tests here kill 51; no
+production bug was found, only behaviour no test pinned (what a mutant
+did instead in brackets):
+
+- errors raised early: Sandbox() of what is no SandboxConfig or no callable
+  resolver; a Sandbox opened twice, or after aclose() before it ever opened
+  [it opened, and its close was then a no-op: heel-init and the temporary
+  directory stayed]; run([]); run_python() of bytes or of one string as
+  args; the builder's timeout(True / nan / inf / 0), stderr(), current_dir()
+  with NUL, an empty program name; run_python() after the sandbox closed
+  [an OSError, not SandboxClosed];
+- the environment: env_remove() after env() of one name; the config's env
+  over the proxy's variables, a command's env() over the config's;
+- streams: run() without capture and status() write to the host's own
+  stdout/stderr (all copied when they return); spawn() does not hand over
+  the host's stdin; NULL is writable; bytearray/memoryview stdin; bytes and
+  path arguments; input a command does not read is no error; a host file
+  that refuses output is recorded for the CLI;
+- output_bytes: exactly the limit is whole; the limit is one budget for
+  stdout and stderr together;
+- timeouts: run(check=False) returns a timed-out result; CommandTimeout is a
+  TimeoutError naming the command's own timeout, which wins over the
+  config's; the config's applies otherwise; status() and run_python()
+  report one; a timed-out result with code 0 is no success; run(check)
+  raises for a command killed by a signal (a negative code);
+- run_python(): its input, its args, its timeout, the PythonConfig's
+  interpreter (python()), and never writing into a file the sandbox planted
+  under the snippet's name (O_EXCL);
+- Process: pid is -1 once gone; signals and kills after the end are no-ops,
+  and so is a signal to a command whose init died unreaped; a signal sent
+  while the init's socket is full still arrives; ``async with process``
+  closes its streams and kills by heel's own request (no "init lost"); a
+  Ctrl-C while aclose() waits is raised once it is done; the sandbox forgets
+  reaped processes; the proxy's map of command names is bounded.
+
+Equivalent (11): O_NOFOLLOW beside O_EXCL (O_CREAT|O_EXCL never follows a
+link); env() discarding a pending env_remove() (removals are applied before
+the command's own values); a relative current_dir() not joined to the
+workdir (every init starts there, the zygote's cwd); the kill after a
+timeout, the kill-all-first loop of close, a second kill message, a signal
+after the end (aclose()/kill() or a closed socket do the same); an empty
+exception group (none exists); send_signal(SIGKILL) forwarded rather than
+kill() (heel-init kills the rest when the command dies); IPC started after
+close (close waits for it before closing the broker); _started() raising
+before it reaped (the caller's aclose() reaps).  Not killed (5), each only
+reachable in a race or a window a test cannot place: a relay started as the
+sandbox closes running uncancelled; close's grace for relays to copy what is
+left; SIGSTOP in the full-socket fallback (unseen while the init is
+stopped); a Ctrl-C ending finish_despite_ctrl_c's wait early; ECONNRESET
+before heel-init's first word.
 """
 
 from __future__ import annotations
