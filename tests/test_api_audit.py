@@ -514,6 +514,7 @@ async def main():
         except KeyboardInterrupt:
             print("interrupted", process.returncode)
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C, even where the test runner ignores SIGINT
 trio.run(main)
 """
 
