@@ -176,7 +176,10 @@ class Process:
                 with trio.move_on_after(5):
                     await finish_despite_ctrl_c(self.wait, interrupted)
                 if self.returncode is None:  # heel-init did not answer the kill message
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                    try:
+                        signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass  # the init has just ended, and been reaped: its end is on the way
                     await finish_despite_ctrl_c(self.wait, interrupted)
         if interrupted:
             raise interrupted[0]
