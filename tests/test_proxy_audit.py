@@ -112,6 +112,29 @@ def socks_greeting(user: str | None, password: str | None) -> bytes:
     return b"\x05\x01\x02" + b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p
 
 
+async def socks_exchange(port: int, user: str, password: str | None, name: str, target: int,
+                         payload: bytes = b"ping") -> bytes:
+    """A SOCKS5 client that waits for the answer to its greeting before it
+    sends its CONNECT (and then ``payload`` and a half-close) whatever that
+    answer was: all the proxy answers, as one string of bytes."""
+    sock = await connect(port)
+    with sock:
+        await sock.send(socks_greeting(user, password))
+        answer = b""
+        with trio.fail_after(TIMEOUT):
+            while len(answer) < (2 if password is None else 4):
+                chunk = await sock.recv(4 - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+        try:
+            await sock.send(socks_request(name, target) + payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # closed on us: that is an answer too
+        return await read_all(sock, answer)
+
+
 def socks_request(name: str, port: int) -> bytes:
     return b"\x05\x01\x00\x03" + bytes([len(name)]) + name.encode() + port.to_bytes(2, "big")
 
@@ -143,14 +166,12 @@ async def test_only_the_secret_opens_the_proxy_by_any_protocol(echo, web, passwo
         plain = f"GET http://web.test:{web.port}/audit HTTP/1.1\r\nHost: web.test\r\n".encode()
         connect_answer = await exchange(proxy.port, tunnel + auth(password=password) + b"\r\nping")
         http_answer = await exchange(proxy.port, plain + auth(password=password) + b"\r\n", half_close=False)
-        socks_answer = await exchange(proxy.port, socks_greeting("cmd1", password)
-                                      + socks_request("echo.test", echo.port) + b"ping")
+        socks_answer = await socks_exchange(proxy.port, "cmd1", password, "echo.test", echo.port)
         refused_events = await settled(proxy)
         # The control: the secret.
         good_connect = await exchange(proxy.port, tunnel + auth() + b"\r\nping")
         good_http = await exchange(proxy.port, plain + auth() + b"\r\n", half_close=False)
-        good_socks = await exchange(proxy.port, socks_greeting("cmd1", SECRET) + socks_request("echo.test", echo.port)
-                                    + b"ping")
+        good_socks = await socks_exchange(proxy.port, "cmd1", SECRET, "echo.test", echo.port)
         events = await settled(proxy)
     for answer in (connect_answer, http_answer):
         assert status(answer) == "HTTP/1.1 407 Proxy Authentication Required", answer
@@ -227,3 +248,269 @@ async def test_only_the_sandboxs_requests_are_events(echo):
         ("connect", 443, False), ("http", 8080, False), ("socks", 444, False), ("connect", 443, False)], events
     assert all("invalid host" in e.reason for e in events[:3]) and events[3].host == "other.test", events
     assert echo.connections == 0
+
+
+# ---- names, addresses and the way upstream ---------------------------------------
+
+
+async def test_every_address_a_name_resolves_to_is_checked_not_only_the_first(echo):
+    """The policy names 127.0.0.1 (so it may be reached) and allows
+    *.test: a name that resolves to 127.0.0.1 and then 127.0.0.2 (as a DNS
+    answer that also points inside could) is refused as a whole, though the
+    first address alone would be served; the name resolving to 127.0.0.1
+    alone is the control.  The same for an internal address in the
+    IPv4-mapped spelling a resolver may give (::ffff:127.0.0.2)."""
+    names = {"first.test": ["127.0.0.1", "127.0.0.2"], "mapped.test": ["127.0.0.1", "::ffff:127.0.0.2"],
+             "alone.test": ["127.0.0.1"], "mapped-alone.test": ["::ffff:127.0.0.2"]}
+    policy = AllowList(["*.test", f"127.0.0.1:{echo.port}"])
+    async with serving(policy, names=names) as proxy:
+        answers = {name: await exchange(proxy.port, f"CONNECT {name}:{echo.port} HTTP/1.1\r\n".encode() + auth()
+                                        + b"\r\nping") for name in names}
+        events = await settled(proxy)
+    for name in ("first.test", "mapped.test", "mapped-alone.test"):
+        assert status(answers[name]) == "HTTP/1.1 403 Forbidden", (name, answers[name])
+        assert b"resolves to an internal address" in answers[name] and b"127.0.0" not in answers[name], answers
+    assert answers["alone.test"].endswith(b"\r\n\r\nping"), answers
+    assert echo.connections == 1
+    assert [(e.host, e.allowed, e.failed) for e in events] == [
+        ("first.test", False, False), ("mapped.test", False, False), ("alone.test", True, False),
+        ("mapped-alone.test", False, False)], events
+    assert "resolves to 127.0.0.2" in events[0].reason, events[0]
+
+
+async def test_each_address_is_tried_in_turn_and_failures_are_failed_events(echo):
+    """Upstream failures are the proxy's 502 and a *failed* event (the
+    policy allowed it), not a denial: a name the resolver does not know,
+    one with no address, one it answers with something that is no address,
+    and an address where nothing listens.  A name whose first address
+    refuses and whose second listens reaches the second; the proxy
+    goes on serving."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]  # bound, never listening: refused
+    names = {"none.test": [], "odd.test": ["not-an-address"], "closed.test": ["127.0.0.1"],
+             "second.test": ["127.0.0.3", "127.0.0.1"]}
+    with closed:
+        async with serving(AllowAll() | AllowList(["127.0.0.0/8"]), names=names) as proxy:
+            answers = {}
+            for name, port in [("unknown.test", echo.port), ("none.test", echo.port), ("odd.test", echo.port),
+                               ("closed.test", closed_port), ("second.test", echo.port)]:
+                answers[name] = await exchange(proxy.port, f"CONNECT {name}:{port} HTTP/1.1\r\n".encode() + auth()
+                                               + b"\r\nping")
+            socks = await exchange(proxy.port, socks_greeting("cmd1", SECRET) + socks_request("closed.test", closed_port))
+            events = await settled(proxy)
+    for name in ("unknown.test", "none.test", "odd.test", "closed.test"):
+        assert status(answers[name]) == "HTTP/1.1 502 Bad Gateway", (name, answers[name])
+    assert socks[:4] == b"\x05\x02\x01\x00" and socks[5] == 5, socks  # connection refused
+    assert answers["second.test"].endswith(b"\r\n\r\nping"), answers["second.test"]
+    assert [(e.host, e.allowed, e.failed) for e in events] == [
+        ("unknown.test", False, True), ("none.test", False, True), ("odd.test", False, True),
+        ("closed.test", False, True), ("second.test", True, False), ("closed.test", False, True)], events
+    assert "has no address" in events[1].reason and "127.0.0.3" not in events[4].reason, events
+    assert not [e for e in events if "internal error" in e.reason]
+    assert all(e.describe().startswith("network failed: ") for e in events if e.failed), events
+
+
+async def test_events_name_the_host_as_the_policy_saw_it():
+    """A denied request's event names its host in canonical form (lower
+    case, an IP literal in its one spelling), as the policy saw it, by
+    each protocol: not as the sandbox spelled it."""
+    async with serving(AllowList(["allowed.test"])) as proxy:
+        await exchange(proxy.port, b"CONNECT Other.TEST:443 HTTP/1.1\r\n" + auth() + b"\r\n")
+        await exchange(proxy.port, b"GET http://Other.TEST:8080/ HTTP/1.1\r\n" + auth() + b"\r\n", half_close=False)
+        await socks_exchange(proxy.port, "cmd1", SECRET, "OTHER.Test", 444)
+        await exchange(proxy.port, b"CONNECT 0x7f.1:445 HTTP/1.1\r\n" + auth() + b"\r\n")
+        events = await settled(proxy)
+    assert [(e.host, e.port, e.protocol, e.allowed) for e in events] == [
+        ("other.test", 443, "connect", False), ("other.test", 8080, "http", False),
+        ("other.test", 444, "socks", False), ("127.0.0.1", 445, "connect", False)], events
+
+
+def reply_after_eof(conn: socket.socket, server: RawServer) -> None:
+    """Reads until the client's end of file, records it, then answers with
+    three bytes: what the client sent and what it got differ."""
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    server.lines.append(data.decode(errors="replace"))
+    conn.sendall(b"abc")
+    conn.close()
+
+
+async def test_a_tunnel_passes_what_was_sent_with_its_request_and_counts_both_ways():
+    """Bytes a client sends in the same packet as its CONNECT request (or
+    its SOCKS request) are the tunnel's first bytes: they reach the server,
+    and the event counts them; bytes each way are counted apart."""
+    server = RawServer(reply_after_eof)
+    try:
+        async with serving(AllowList(["raw.test"]), names={"raw.test": ["127.0.0.1"]}) as proxy:
+            sock = await connect(proxy.port)
+            with sock:
+                await sock.send(f"CONNECT raw.test:{server.port} HTTP/1.1\r\n".encode() + auth() + b"\r\nearly")
+                head = b""
+                with trio.fail_after(TIMEOUT):
+                    while b"\r\n\r\n" not in head:
+                        head += await sock.recv(1)
+                await sock.send(b"-later")
+                sock.shutdown(socket.SHUT_WR)
+                tunnel = await read_all(sock)
+            socks = await socks_exchange(proxy.port, "cmd1", SECRET, "raw.test", server.port, b"socks-early")
+            events = await settled(proxy)
+    finally:
+        server.close()
+    assert status(head).startswith("HTTP/1.1 200") and tunnel == b"abc", (head, tunnel)
+    assert socks.endswith(b"abc"), socks
+    assert sorted(server.lines) == ["early-later", "socks-early"], server.lines
+    assert [(e.protocol, e.allowed, e.bytes_sent, e.bytes_received) for e in events] == [
+        ("connect", True, len("early-later"), 3), ("socks", True, len("socks-early"), 3)], events
+
+
+# ---- plain HTTP: exactly one request up, exactly one response down ---------------
+
+
+class OneExchange(RawServer):
+    """Reads one request (its head, and its body by Content-Length), records
+    it with whatever else the proxy sends before it closes, and answers
+    with ``parts``: byte strings sent one by one, each after ``go`` (a
+    threading.Event the test sets) when ``wait`` says so."""
+
+    def __init__(self, parts: list[bytes], wait: bool = False) -> None:
+        import threading
+
+        self.parts, self.wait, self.go = parts, wait, threading.Event()
+        self.seen: list[tuple[bytes, bytes, bytes]] = []
+        super().__init__(self._answer)
+
+    def _answer(self, conn: socket.socket, server: RawServer) -> None:
+        conn.settimeout(TIMEOUT)
+        head, rest = self.read_head(conn)
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        for n, part in enumerate(self.parts):
+            if n and self.wait:
+                self.go.wait(TIMEOUT)
+            conn.sendall(part)
+        extra = rest[length:]
+        try:
+            while chunk := conn.recv(65536):
+                extra += chunk
+        except OSError:
+            pass
+        self.seen.append((head + b"\r\n\r\n", rest[:length], extra))
+        conn.close()
+
+
+async def served(server: OneExchange) -> tuple[bytes, bytes, bytes]:
+    with trio.fail_after(TIMEOUT):
+        while not server.seen:
+            await trio.sleep(0.01)
+    return server.seen[0]
+
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_body_that_comes_later_goes_up_to_its_length_and_no_further():
+    """A request whose body arrives after its head is passed on up to its
+    Content-Length; a second request in the same packet as the body's end
+    never reaches the server.  The event counts the head as sent and the
+    body; and the response as it came."""
+    server = OneExchange([RESPONSE])
+    try:
+        async with serving(AllowList(["raw.test"]), names={"raw.test": ["127.0.0.1"]}) as proxy:
+            sock = await connect(proxy.port)
+            with sock:
+                await sock.send(f"POST http://raw.test:{server.port}/up HTTP/1.1\r\nHost: raw.test\r\n"
+                                f"Content-Length: 10\r\n".encode() + auth() + b"\r\n")
+                with trio.fail_after(TIMEOUT):
+                    while not server.connections:  # the head went up alone
+                        await trio.sleep(0.01)
+                await sock.send(b"0123456789GET /smuggled HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+                answer = await read_all(sock)
+            head, body, extra = await served(server)
+            events = await settled(proxy)
+    finally:
+        server.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
+    assert head.startswith(b"POST /up HTTP/1.1\r\n") and body == b"0123456789" and extra == b"", (head, body, extra)
+    assert [(e.protocol, e.allowed, e.bytes_sent, e.bytes_received) for e in events] == [
+        ("http", True, len(head) + 10, len(RESPONSE))], events
+
+
+async def test_a_body_sent_with_its_head_goes_up_to_its_length_and_no_further():
+    """The same with the body, and a second request, in the head's packet."""
+    server = OneExchange([RESPONSE])
+    try:
+        async with serving(AllowList(["raw.test"]), names={"raw.test": ["127.0.0.1"]}) as proxy:
+            answer = await exchange(proxy.port, f"POST http://raw.test:{server.port}/up HTTP/1.1\r\nHost: raw.test\r\n"
+                                    f"Content-Length: 5\r\n".encode() + auth()
+                                    + b"\r\nhelloGET /smuggled HTTP/1.1\r\nHost: raw.test\r\n\r\n", half_close=False)
+            head, body, extra = await served(server)
+            events = await settled(proxy)
+    finally:
+        server.close()
+    assert answer.endswith(b"\r\n\r\nok") and body == b"hello" and extra == b"", (answer, body, extra)
+    assert [(e.bytes_sent, e.bytes_received) for e in events] == [(len(head) + 5, len(RESPONSE))], events
+
+
+async def test_the_response_ends_where_its_length_says():
+    """What a server sends past the end of its response (a second response
+    a client would take for the answer to its next request) never reaches
+    the client, whether it comes with the body or after the proxy read the
+    body's start; an interim 100 Continue is passed on before the final
+    response.  The bytes read from the server are counted."""
+    first = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234"
+    rest = b"56789HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED"
+    together = OneExchange([first + rest])
+    split = OneExchange([first, rest], wait=True)
+    try:
+        async with serving(AllowList(["raw.test"]), names={"raw.test": ["127.0.0.1"]}) as proxy:
+            answers = []
+            for server in (together, split):
+                sock = await connect(proxy.port)
+                with sock:
+                    await sock.send(f"GET http://raw.test:{server.port}/ HTTP/1.1\r\nHost: raw.test\r\n".encode()
+                                    + auth() + b"\r\n")
+                    data = b""
+                    with trio.fail_after(TIMEOUT):
+                        while not data.endswith(b"01234") and not data.endswith(b"0123456789"):
+                            chunk = await sock.recv(65536)
+                            assert chunk, data
+                            data += chunk
+                    server.go.set()  # the proxy has passed the body's start on
+                    answers.append(await read_all(sock, data))
+                await served(server)
+            events = await settled(proxy)
+    finally:
+        together.close()
+        split.close()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
+        assert answer.endswith(b"\r\n\r\n0123456789") and b"INJECTED" not in answer, answer
+    assert events[1].bytes_received == len(first) + 5, events
+
+
+async def test_the_policy_sees_the_method_and_url_of_plain_http_only(web):
+    """A CustomPolicy's NetworkRequest: a tunnel (CONNECT, SOCKS) has no
+    method and no URL; a plain HTTP request has its method and the URL the
+    server will serve, with the host in canonical form and the port when
+    it is not 80 (an IPv6 host in brackets): a policy that matches URLs
+    must not be steered by how the sandbox spells them."""
+    seen = []
+
+    async def decide(request):
+        seen.append((request.protocol, request.method, request.url))
+        return False
+
+    async with serving(CustomPolicy(decide)) as proxy:
+        await exchange(proxy.port, b"CONNECT Web.TEST:443 HTTP/1.1\r\n" + auth() + b"\r\n")
+        await socks_exchange(proxy.port, "cmd1", SECRET, "web.test", 443)
+        for target in ("http://Web.TEST:8080/a?b=c", "http://web.test/x", "http://[::1]:81/v6", "http://0x7f.1/"):
+            await exchange(proxy.port, f"PUT {target} HTTP/1.1\r\nContent-Length: 0\r\n".encode() + auth() + b"\r\n",
+                           half_close=False)
+        await settled(proxy)
+    assert seen == [("connect", None, None), ("socks", None, None),
+                    ("http", "PUT", "http://web.test:8080/a?b=c"), ("http", "PUT", "http://web.test/x"),
+                    ("http", "PUT", "http://[::1]:81/v6"), ("http", "PUT", "http://127.0.0.1/")], seen
