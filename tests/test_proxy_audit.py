@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import struct
 from contextlib import asynccontextmanager
 
 import pytest
@@ -94,6 +95,18 @@ async def read_all(sock, data: bytes = b"") -> bytes:
             data += chunk
 
 
+async def recv_exactly(sock, count: int) -> bytes:
+    """``count`` bytes, or fewer where the proxy closes first."""
+    data = b""
+    with trio.fail_after(TIMEOUT):
+        while len(data) < count:
+            chunk = await sock.recv(count - len(data))
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
 async def exchange(port: int, data: bytes, *, half_close: bool = True) -> bytes:
     """Send ``data`` to the proxy, (half-)close, and read its whole answer."""
     sock = await connect(port)
@@ -120,13 +133,7 @@ async def socks_exchange(port: int, user: str, password: str | None, name: str, 
     sock = await connect(port)
     with sock:
         await sock.send(socks_greeting(user, password))
-        answer = b""
-        with trio.fail_after(TIMEOUT):
-            while len(answer) < (2 if password is None else 4):
-                chunk = await sock.recv(4 - len(answer))
-                if not chunk:
-                    break
-                answer += chunk
+        answer = await recv_exactly(sock, 2 if password is None else 4)
         try:
             await sock.send(socks_request(name, target) + payload)
             sock.shutdown(socket.SHUT_WR)
@@ -514,3 +521,64 @@ async def test_the_policy_sees_the_method_and_url_of_plain_http_only(web):
     assert seen == [("connect", None, None), ("socks", None, None),
                     ("http", "PUT", "http://web.test:8080/a?b=c"), ("http", "PUT", "http://web.test/x"),
                     ("http", "PUT", "http://[::1]:81/v6"), ("http", "PUT", "http://127.0.0.1/")], seen
+
+
+# ---- cleanup ---------------------------------------------------------------------
+
+
+async def test_the_proxy_closes_every_socket_it_opens(echo, web):
+    """Each socket the proxy opens or accepts is closed by the proxy itself
+    once it is done with it (a tunnel, a plain HTTP request, a failed
+    connect, a refusal, the proxy's own copy of the listener), never left
+    to the garbage collector: Python warns (ResourceWarning) about every
+    socket it has to close itself."""
+    import gc
+    import warnings
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    names = {"echo.test": ["127.0.0.1"], "web.test": ["127.0.0.1"], "closed.test": ["127.0.0.1"]}
+    asked, reset_all = [], trio.Event()
+
+    async def resolve(host, port):
+        # gone.test: answered once the test has reset the client that asked.
+        if host == "gone.test":
+            asked.append(host)
+            await reset_all.wait()
+            return ["127.0.0.1"]
+        return await resolver_for(names)(host, port)
+
+    async def gone(request: bytes, socks: bool) -> None:
+        sock = await connect(proxy.port)
+        if socks:
+            await sock.send(socks_greeting("cmd1", SECRET))
+            assert await recv_exactly(sock, 4) == b"\x05\x02\x01\x00"
+        await sock.send(request)
+        with trio.fail_after(TIMEOUT):
+            while len(asked) < (2 if socks else 1):
+                await trio.sleep(0.01)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the proxy's answer will find the client gone
+
+    with closed, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async with serving(AllowList([*names, "gone.test"]), resolver=resolve) as proxy:
+            await gone(f"CONNECT gone.test:{echo.port} HTTP/1.1\r\n".encode() + auth() + b"\r\n", False)
+            await gone(socks_request("gone.test", echo.port), True)
+            reset_all.set()
+            await exchange(proxy.port, f"CONNECT echo.test:{echo.port} HTTP/1.1\r\n".encode() + auth() + b"\r\nx")
+            await socks_exchange(proxy.port, "cmd1", SECRET, "echo.test", echo.port)
+            await exchange(proxy.port, f"GET http://web.test:{web.port}/ HTTP/1.1\r\n".encode() + auth() + b"\r\n",
+                           half_close=False)
+            await exchange(proxy.port, f"CONNECT closed.test:{closed.getsockname()[1]} HTTP/1.1\r\n".encode()
+                           + auth() + b"\r\n")
+            await exchange(proxy.port, b"CONNECT other.test:1 HTTP/1.1\r\n" + auth() + b"\r\n")
+            events = await settled(proxy)
+        gc.collect()
+    assert sorted((e.host, e.allowed) for e in events) == [
+        ("closed.test", False), ("echo.test", True), ("echo.test", True), ("gone.test", True), ("gone.test", True),
+        ("other.test", False), ("web.test", True)], events
+    assert len([e for e in events if "gone before the tunnel opened" in e.reason]) == 2, events
+    assert echo.connections == 4
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaked == [], leaked
