@@ -26,6 +26,7 @@ import trio
 
 import heel
 import heel.proxy
+from heel import _proxy_protocol as proto
 from heel.policy import AllowAll, AllowList, CustomPolicy
 from heel.proxy import Proxy
 from netservers import RawServer, resolver_for
@@ -582,3 +583,69 @@ async def test_the_proxy_closes_every_socket_it_opens(echo, web):
     assert echo.connections == 4
     leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaked == [], leaked
+
+
+# ---- limits and timeouts ----------------------------------------------------------
+
+
+async def hold_the_slot(proxy, echo) -> trio.socket.SocketType:
+    """A tunnel that takes the proxy's one connection (max_connections = 1)."""
+    proxy.max_connections = 1
+    tunnel = await connect(proxy.port)
+    await tunnel.send(f"CONNECT echo.test:{echo.port} HTTP/1.1\r\n".encode() + auth() + b"\r\n")
+    assert await recv_exactly(tunnel, len(proto.CONNECT_ESTABLISHED)) == proto.CONNECT_ESTABLISHED
+    return tunnel
+
+
+async def test_a_connection_over_the_budget_that_says_nothing_is_closed_soon(echo):
+    """Over the budget, a client that sends no request is closed within
+    OVERLOAD_TIMEOUT (a second), not after the handshake timeout of a
+    connection being served (here a minute), and its answer slot is free
+    again: at most MAX_OVERLOAD_ANSWERS such clients wait at once."""
+    assert heel.proxy.OVERLOAD_TIMEOUT <= 5 < TIMEOUT
+    async with serving(AllowList(["echo.test"]), names={"echo.test": ["127.0.0.1"]}, handshake_timeout=60) as proxy:
+        tunnel = await hold_the_slot(proxy, echo)
+        with tunnel:
+            silent = await connect(proxy.port)
+            with silent:
+                assert await read_all(silent) == b""  # closed, unanswered, within TIMEOUT
+            with trio.fail_after(TIMEOUT):
+                while proxy.overload_answers:
+                    await trio.sleep(0.01)
+            assert proxy.open_connections == 1
+        await settled(proxy)
+
+
+async def test_at_most_so_many_connections_over_the_budget_wait_for_their_answer(echo, monkeypatch):
+    """MAX_OVERLOAD_ANSWERS connections over the budget wait for their
+    request, and each gets its 503; one more is closed at once, unanswered,
+    and costs the proxy nothing.  Once all are answered the count is back
+    to zero, and a request within the budget is served again."""
+    monkeypatch.setattr(heel.proxy, "OVERLOAD_TIMEOUT", TIMEOUT)  # none gives up while the test counts
+    limit = heel.proxy.MAX_OVERLOAD_ANSWERS
+    assert limit <= 64
+    async with serving(AllowList(["echo.test"]), names={"echo.test": ["127.0.0.1"]}) as proxy:
+        tunnel = await hold_the_slot(proxy, echo)
+        waiting = [await connect(proxy.port) for _ in range(limit)]
+        with trio.fail_after(TIMEOUT):
+            while proxy.overload_answers < limit:
+                await trio.sleep(0.01)
+        extra = await connect(proxy.port)
+        with extra:
+            assert await read_all(extra) == b""
+        answers = []
+        for sock in waiting:
+            with sock:
+                await sock.send(b"CONNECT echo.test:1 HTTP/1.1\r\n" + auth() + b"\r\n")
+                answers.append(status(await read_all(sock)))
+        with trio.fail_after(TIMEOUT):
+            while proxy.overload_answers:
+                await trio.sleep(0.01)
+        tunnel.close()
+        await settled(proxy)
+        after = await exchange(proxy.port, f"CONNECT echo.test:{echo.port} HTTP/1.1\r\n".encode() + auth()
+                               + b"\r\nafter")
+        events = await settled(proxy)
+    assert answers == ["HTTP/1.1 503 Service Unavailable"] * limit, answers
+    assert after.endswith(b"\r\n\r\nafter"), after
+    assert len([e for e in events if "too many connections (1)" in e.reason]) == limit, events
