@@ -649,3 +649,81 @@ async def test_at_most_so_many_connections_over_the_budget_wait_for_their_answer
     assert answers == ["HTTP/1.1 503 Service Unavailable"] * limit, answers
     assert after.endswith(b"\r\n\r\nafter"), after
     assert len([e for e in events if "too many connections (1)" in e.reason]) == limit, events
+
+
+def full_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that never accepts, its queue filled: a further connect
+    to it gets no answer (Linux drops the SYN), as a silent server's would."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(listener.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    return listener, fillers
+
+
+async def test_the_default_timeouts_end_what_never_finishes(echo):
+    """With the proxy's own timeouts (HANDSHAKE_TIMEOUT, CONNECT_TIMEOUT):
+    a client that trickles its request forever is dropped, a name whose
+    lookup never ends and a server that never answers the connect are each
+    a 502 and a failed event, and the socket of that connect is closed; all
+    at once, each well within the test's bound, next to a tunnel that works."""
+    import gc
+    import warnings
+
+    assert heel.proxy.HANDSHAKE_TIMEOUT <= 15 and heel.proxy.CONNECT_TIMEOUT <= 20
+    silent, fillers = full_listener()
+
+    async def resolve(host, port):
+        if host == "slow.test":
+            await trio.sleep_forever()
+        return ["127.0.0.1"]
+
+    outcome = {}
+
+    async def trickle(proxy) -> None:
+        sock = await connect(proxy.port)
+        with sock, trio.move_on_after(60):
+            for byte in b"CONNECT echo.test:1 HTTP/1.1\r\nX-Slow: ":
+                await sock.send(bytes([byte]))
+            while True:
+                try:
+                    await sock.send(b"x")
+                except OSError:
+                    break
+                with trio.move_on_after(1):
+                    if await sock.recv(100) == b"":
+                        break
+            outcome["trickle"] = "closed"
+
+    async def ask(proxy, name: str, port: int) -> None:
+        outcome[name] = status(await exchange(proxy.port, f"CONNECT {name}:{port} HTTP/1.1\r\n".encode() + auth()
+                                              + b"\r\n"))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with silent:
+            async with serving(AllowAll() | AllowList(["127.0.0.0/8"]), resolver=resolve) as proxy:
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(trickle, proxy)
+                        nursery.start_soon(ask, proxy, "slow.test", echo.port)
+                        nursery.start_soon(ask, proxy, "silent.test", silent.getsockname()[1])
+                        nursery.start_soon(ask, proxy, "echo.test", echo.port)
+                events = await settled(proxy)
+            for filler in fillers:
+                filler.close()
+        gc.collect()
+    assert outcome == {"trickle": "closed", "slow.test": "HTTP/1.1 502 Bad Gateway",
+                       "silent.test": "HTTP/1.1 502 Bad Gateway",
+                       "echo.test": "HTTP/1.1 200 Connection established"}, outcome
+    assert sorted((e.host, e.allowed, e.failed) for e in events) == [
+        ("echo.test", True, False), ("silent.test", False, True), ("slow.test", False, True)], events
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
