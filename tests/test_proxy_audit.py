@@ -130,7 +130,9 @@ async def socks_exchange(port: int, user: str, password: str | None, name: str, 
                          payload: bytes = b"ping") -> bytes:
     """A SOCKS5 client that waits for the answer to its greeting before it
     sends its CONNECT (and then ``payload`` and a half-close) whatever that
-    answer was: all the proxy answers, as one string of bytes."""
+    answer was: all the proxy answers, as one string of bytes.  (A payload
+    the proxy does not read, after a refusal, may reset the connection and
+    take the reply with it: send none where the request is refused.)"""
     sock = await connect(port)
     with sock:
         await sock.send(socks_greeting(user, password))
@@ -305,7 +307,7 @@ async def test_each_address_is_tried_in_turn_and_failures_are_failed_events(echo
                                ("closed.test", closed_port), ("second.test", echo.port)]:
                 answers[name] = await exchange(proxy.port, f"CONNECT {name}:{port} HTTP/1.1\r\n".encode() + auth()
                                                + b"\r\nping")
-            socks = await exchange(proxy.port, socks_greeting("cmd1", SECRET) + socks_request("closed.test", closed_port))
+            socks = await socks_exchange(proxy.port, "cmd1", SECRET, "closed.test", closed_port, b"")
             events = await settled(proxy)
     for name in ("unknown.test", "none.test", "odd.test", "closed.test"):
         assert status(answers[name]) == "HTTP/1.1 502 Bad Gateway", (name, answers[name])
@@ -326,7 +328,7 @@ async def test_events_name_the_host_as_the_policy_saw_it():
     async with serving(AllowList(["allowed.test"])) as proxy:
         await exchange(proxy.port, b"CONNECT Other.TEST:443 HTTP/1.1\r\n" + auth() + b"\r\n")
         await exchange(proxy.port, b"GET http://Other.TEST:8080/ HTTP/1.1\r\n" + auth() + b"\r\n", half_close=False)
-        await socks_exchange(proxy.port, "cmd1", SECRET, "OTHER.Test", 444)
+        await socks_exchange(proxy.port, "cmd1", SECRET, "OTHER.Test", 444, b"")
         await exchange(proxy.port, b"CONNECT 0x7f.1:445 HTTP/1.1\r\n" + auth() + b"\r\n")
         events = await settled(proxy)
     assert [(e.host, e.port, e.protocol, e.allowed) for e in events] == [
@@ -514,7 +516,7 @@ async def test_the_policy_sees_the_method_and_url_of_plain_http_only(web):
 
     async with serving(CustomPolicy(decide)) as proxy:
         await exchange(proxy.port, b"CONNECT Web.TEST:443 HTTP/1.1\r\n" + auth() + b"\r\n")
-        await socks_exchange(proxy.port, "cmd1", SECRET, "web.test", 443)
+        await socks_exchange(proxy.port, "cmd1", SECRET, "web.test", 443, b"")
         for target in ("http://Web.TEST:8080/a?b=c", "http://web.test/x", "http://[::1]:81/v6", "http://0x7f.1/"):
             await exchange(proxy.port, f"PUT {target} HTTP/1.1\r\nContent-Length: 0\r\n".encode() + auth() + b"\r\n",
                            half_close=False)
@@ -727,3 +729,52 @@ async def test_the_default_timeouts_end_what_never_finishes(echo):
     assert sorted((e.host, e.allowed, e.failed) for e in events) == [
         ("echo.test", True, False), ("silent.test", False, True), ("slow.test", False, True)], events
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# ---- events ---------------------------------------------------------------------
+
+
+async def test_a_callback_that_raises_changes_nothing_and_sees_every_event(echo):
+    """on_network_event is the host's code: one that raises neither takes
+    the proxy down nor loses the event; it is called with each event, in
+    the order the events are kept."""
+    got = []
+
+    def callback(event):
+        got.append(event)
+        raise RuntimeError("the host's callback fails")
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    with listener:
+        proxy = Proxy(AllowList(["echo.test"]), listener, secret=SECRET, require_secret=True,
+                      resolver=resolver_for({"echo.test": ["127.0.0.1"]}), on_event=callback)
+        port = listener.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            first = await exchange(port, b"CONNECT other.test:1 HTTP/1.1\r\n" + auth() + b"\r\n")
+            second = await exchange(port, f"CONNECT echo.test:{echo.port} HTTP/1.1\r\n".encode() + auth() + b"\r\nok")
+            events = await settled(proxy)
+            nursery.cancel_scope.cancel()
+    assert status(first) == "HTTP/1.1 403 Forbidden" and second.endswith(b"\r\n\r\nok"), (first, second)
+    assert got == events and [e.allowed for e in events] == [False, True], (got, events)
+
+
+def test_the_events_kept_are_bounded_apart_and_in_order():
+    """MAX_EVENTS of each kind are kept, in the order they came; one more
+    denial drops the oldest denial (counted), never an allowed event, and
+    the callback still sees it."""
+    seen = []
+    listener = socket.socket()
+    with listener:
+        proxy = Proxy(AllowAll(), listener, secret=SECRET, require_secret=True, on_event=seen.append)
+        limit = heel.proxy.MAX_EVENTS
+        assert 100 <= limit <= 100_000
+        allowed = heel.proxy.NetworkEvent(0.0, "kept.test", 443, "connect", True, "allowed")
+        proxy.record(allowed)
+        for n in range(limit + 1):
+            proxy.record(heel.proxy.NetworkEvent(float(n), "denied.test", n, "connect", False, "denied"))
+        events = proxy.events
+    assert len(events) == limit + 1 and proxy.events_dropped == 1 and len(seen) == limit + 2
+    assert events[0] == allowed and [e.port for e in events[1:]] == list(range(1, limit + 1))
