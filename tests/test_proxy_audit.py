@@ -778,3 +778,57 @@ def test_the_events_kept_are_bounded_apart_and_in_order():
         events = proxy.events
     assert len(events) == limit + 1 and proxy.events_dropped == 1 and len(seen) == limit + 2
     assert events[0] == allowed and [e.port for e in events[1:]] == list(range(1, limit + 1))
+
+
+# ---- after an answer --------------------------------------------------------------
+
+
+async def test_after_its_answer_a_client_that_never_closes_is_let_go(echo):
+    """After an HTTP answer the proxy reads and drops what the client still
+    sends for at most LINGER_TIMEOUT, then closes: a client that keeps its
+    socket open, after a 403, a 400 and a plain HTTP response, holds no
+    connection of the proxy's for longer than that."""
+    assert heel.proxy.LINGER_TIMEOUT <= 5 < TIMEOUT
+    server = OneExchange([RESPONSE])
+    try:
+        async with serving(AllowList(["raw.test"]), names={"raw.test": ["127.0.0.1"]}) as proxy:
+            kept = []
+            for request in (b"CONNECT other.test:1 HTTP/1.1\r\n", b"NOT HTTP AT ALL\r\n",
+                            f"GET http://raw.test:{server.port}/ HTTP/1.1\r\n".encode()):
+                sock = await connect(proxy.port)
+                await sock.send(request + auth() + b"\r\n")
+                kept.append((sock, await read_all(sock)))  # the answer, and the proxy's end of file
+            await settled(proxy)  # while every client still holds its socket
+            for sock, _ in kept:
+                sock.close()
+    finally:
+        server.close()
+    assert [status(answer) for _, answer in kept] == ["HTTP/1.1 403 Forbidden", "HTTP/1.1 400 Bad Request",
+                                                      "HTTP/1.1 200 OK"], kept
+
+
+async def test_an_answer_ends_at_once_and_an_overloaded_one_lingers_less(echo, monkeypatch):
+    """The end of an HTTP answer reaches the client as soon as the answer
+    is sent (the proxy shuts down its side and only then waits for the
+    client's), however long the proxy would linger; and a refusal over
+    the budget lingers only OVERLOAD_TIMEOUT, not LINGER_TIMEOUT."""
+    monkeypatch.setattr(heel.proxy, "LINGER_TIMEOUT", 120)  # longer than the test's bound
+    async with serving(AllowList(["echo.test"]), names={"echo.test": ["127.0.0.1"]}) as proxy:
+        refused = await connect(proxy.port)
+        with refused:
+            await refused.send(b"CONNECT other.test:1 HTTP/1.1\r\n" + auth() + b"\r\n")
+            answer = await read_all(refused)  # the end comes while the proxy still lingers
+            assert proxy.open_connections == 1
+        await settled(proxy)
+        tunnel = await hold_the_slot(proxy, echo)
+        with tunnel:
+            over = await connect(proxy.port)
+            with over:
+                await over.send(b"CONNECT echo.test:1 HTTP/1.1\r\n" + auth() + b"\r\n")
+                over_answer = await read_all(over)
+                with trio.fail_after(TIMEOUT):
+                    while proxy.overload_answers:  # let go while the client still holds its socket
+                        await trio.sleep(0.01)
+        await settled(proxy)
+    assert status(answer) == "HTTP/1.1 403 Forbidden", answer
+    assert status(over_answer) == "HTTP/1.1 503 Service Unavailable", over_answer
