@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import socket
 import struct
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -384,10 +385,10 @@ class OneExchange(RawServer):
     with ``parts``: byte strings sent one by one, each after ``go`` (a
     threading.Event the test sets) when ``wait`` says so."""
 
-    def __init__(self, parts: list[bytes], wait: bool = False) -> None:
+    def __init__(self, parts: list[bytes], wait: bool = False, pause: float = 0.0) -> None:
         import threading
 
-        self.parts, self.wait, self.go = parts, wait, threading.Event()
+        self.parts, self.wait, self.pause, self.go = parts, wait, pause, threading.Event()
         self.seen: list[tuple[bytes, bytes, bytes]] = []
         super().__init__(self._answer)
 
@@ -401,6 +402,8 @@ class OneExchange(RawServer):
         for n, part in enumerate(self.parts):
             if n and self.wait:
                 self.go.wait(TIMEOUT)
+            elif n:
+                time.sleep(self.pause)
             conn.sendall(part)
         extra = rest[length:]
         try:
@@ -500,6 +503,23 @@ async def test_the_response_ends_where_its_length_says():
         assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
         assert answer.endswith(b"\r\n\r\n0123456789") and b"INJECTED" not in answer, answer
     assert events[1].bytes_received == len(first) + 5, events
+
+
+async def test_a_long_interim_head_in_pieces_does_not_hide_the_final_one():
+    """An interim head that comes in two pieces, the first longer than the
+    final head after it, then the final response: the client gets both.
+    (Where the proxy reads the pieces at once, this is the simple case,
+    and passes as well.)"""
+    interim = b"HTTP/1.1 100 Continue\r\nX-Pad: " + b"p" * 2000
+    server = OneExchange([interim, b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], pause=0.3)
+    try:
+        async with serving(AllowList(["raw.test"]), names={"raw.test": ["127.0.0.1"]}) as proxy:
+            answer = await exchange(proxy.port, f"GET http://raw.test:{server.port}/ HTTP/1.1\r\n".encode() + auth()
+                                    + b"\r\n", half_close=False)
+            await settled(proxy)
+    finally:
+        server.close()
+    assert answer.startswith(interim + b"\r\n\r\nHTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
 
 
 async def test_the_policy_sees_the_method_and_url_of_plain_http_only(web):
@@ -832,3 +852,45 @@ async def test_an_answer_ends_at_once_and_an_overloaded_one_lingers_less(echo, m
         await settled(proxy)
     assert status(answer) == "HTTP/1.1 403 Forbidden", answer
     assert status(over_answer) == "HTTP/1.1 503 Service Unavailable", over_answer
+
+
+def test_an_ipv6_host_is_bracketed_where_an_event_is_described():
+    event = heel.proxy.NetworkEvent(0.0, "::1", 443, "connect", False, "denied", "curl")
+    assert event.describe() == "network denied: connect [::1]:443 by curl (denied)"
+
+
+#: Run in a process of its own: prints each proxy's connection budget
+#: (max_connections) under the soft RLIMIT_NOFILE given, and the budget
+#: of all the process's proxies together.
+BUDGET = r"""
+import resource, socket, sys
+import heel.proxy
+soft = int(sys.argv[1])
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+proxy = heel.proxy.Proxy(heel.AllowAll(), socket.socket(), secret="s", require_secret=True)
+print(proxy.max_connections, heel.proxy._process_budget())
+"""
+
+
+def test_the_connection_budget_keeps_the_tunnels_fds_within_the_fd_limit():
+    """The fds that the proxies' tunnels may hold at once (each tunnel's
+    FDS_PER_TUNNEL, and one each for the answers over the budget) fit in
+    the soft RLIMIT_NOFILE next to the rest of the host process; where
+    the limit is high, one proxy still takes at most 256 (MAX_CONNECTIONS,
+    as the README says)."""
+    import resource
+    import subprocess
+    import sys
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per_tunnel = heel.proxy.FDS_PER_TUNNEL + 2
+    for soft in (1024, 4096, hard if hard != resource.RLIM_INFINITY else 1 << 20):
+        if soft > hard:
+            continue
+        done = subprocess.run([sys.executable, "-c", BUDGET, str(soft)], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        one, process = map(int, done.stdout.split())
+        assert process * per_tunnel + 128 <= soft, (soft, process)
+        assert process >= min(16, soft // per_tunnel) and one == min(process, 256), (soft, one, process)
