@@ -939,3 +939,35 @@ def test_a_local_route_for_tcp_to_some_ports_only_is_refused(tmp_path):
     refused, allowed = report["refused_port"], report["allowed_port"]
     assert report["codes"] == {f"{target} {refused}": "403", f"{target} {allowed}": "200"}, report
     assert [tuple(a) for a in report["arrived"]] == [(target, allowed)], report
+
+
+async def test_an_invalid_host_is_kept_short_in_its_event():
+    """The sandbox writes the host: an invalid one of many kilobytes is cut
+    to what a host name can be in its event, by CONNECT and plain HTTP."""
+    long_host = "evil!" + "a" * 5000
+    async with serving(AllowAll()) as proxy:
+        for line in (f"CONNECT {long_host}:443 HTTP/1.1\r\n", f"GET http://{long_host}/ HTTP/1.1\r\n"):
+            answer = await exchange(proxy.port, line.encode() + auth() + b"\r\n", half_close=False)
+            assert status(answer) == "HTTP/1.1 400 Bad Request", answer[:200]
+        events = await settled(proxy)
+    assert [e.protocol for e in events] == ["connect", "http"], events
+    assert all(len(e.host) < 300 and "invalid host" in e.reason for e in events), [e.host[:50] for e in events]
+
+
+async def test_a_resolver_that_fails_oddly_is_an_internal_error_event_and_the_proxy_goes_on(echo):
+    """A resolver (or a policy) that raises what it should not ends that
+    connection, and the host learns why from an event; the next request
+    is served."""
+    async def resolve(host, port):
+        if host == "boom.test":
+            raise RuntimeError("resolver bug")
+        return ["127.0.0.1"]
+
+    async with serving(AllowList(["boom.test", "echo.test"]), resolver=resolve) as proxy:
+        boom = await exchange(proxy.port, f"CONNECT boom.test:{echo.port} HTTP/1.1\r\n".encode() + auth() + b"\r\n")
+        fine = await exchange(proxy.port, f"CONNECT echo.test:{echo.port} HTTP/1.1\r\n".encode() + auth()
+                              + b"\r\nfine")
+        events = await settled(proxy)
+    assert boom == b"" and fine.endswith(b"\r\n\r\nfine"), (boom, fine)
+    assert [(e.allowed, e.reason) for e in events] == [
+        (False, "internal error in heel's proxy: RuntimeError: resolver bug"), (True, "matches echo.test")], events
