@@ -935,34 +935,16 @@ def test_a_local_route_for_tcp_to_some_ports_only_is_refused(tmp_path):
     own; a lookup without the port would match no rule, find no route, and
     let the proxy connect.  Reached on the port the policy names with the
     address: the control."""
-    import json
-    import os
     import shutil
-    import subprocess
-    import sys
 
-    from test_proxy_review import LOCAL_ROUTES, _namespace_command
+    from test_proxy_review import run_local_routes
 
     if not shutil.which("unshare") or not shutil.which("ip") or not shutil.which("curl"):
         pytest.skip("needs unshare, ip and curl")
-    help_text = subprocess.run(["unshare", "--help"], capture_output=True, text=True, timeout=60).stdout
-    if "--keep-caps" not in help_text or "--map-user" not in help_text:
-        pytest.skip("this unshare has no --keep-caps or --map-user")
-    script = tmp_path / "local_routes.py"
-    script.write_text(LOCAL_ROUTES)
-    os.chmod(tmp_path, 0o755)
     target = "2600:7::7"
     setup = ["-6 route add local 2600:7::/64 dev lo table 107",
              "-6 rule add ipproto tcp dport 1024-65000 to 2600:7::/64 lookup 107"]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(heel.__file__))}
-    result = subprocess.run([*_namespace_command(), sys.executable, str(script), json.dumps([[target], "0", setup])],
-                            capture_output=True, timeout=240, env=env, cwd=str(tmp_path))
-    if result.returncode != 0 and b"unshare" in result.stderr:
-        pytest.skip(f"cannot make a network namespace here: {result.stderr.decode()[-200:]}")
-    assert result.returncode == 0, result
-    report = json.loads(result.stdout.decode().splitlines()[-1])
-    if "skip" in report:
-        pytest.skip(f"no sandbox inside a namespace here: {report['skip']}")
+    report = run_local_routes(tmp_path, [target], "0", setup)
     refused, allowed = report["refused_port"], report["allowed_port"]
     assert report["codes"] == {f"{target} {refused}": "403", f"{target} {allowed}": "200"}, report
     assert [tuple(a) for a in report["arrived"]] == [(target, allowed)], report

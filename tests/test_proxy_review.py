@@ -216,24 +216,16 @@ def _namespace_command() -> list[str]:
     return ["unshare", "--user", "--net", "--map-user=65534", "--map-group=65534", "--keep-caps"]
 
 
-@pytest.mark.skipif(not shutil.which("unshare") or not shutil.which("ip") or not shutil.which("curl"),
-                    reason="needs unshare, ip and curl")
-@pytest.mark.parametrize("nonlocal_bind", ["0", "1"], ids=["nonlocal_bind_off", "nonlocal_bind_on"])
-def test_a_local_route_of_either_family_is_refused_even_under_allow_all(tmp_path, nonlocal_bind):
-    """In a throwaway network namespace whose loopback takes public-looking
-    addresses (nothing leaves it), a daemon on the wildcard address is not
-    reachable through AllowAll at any address the kernel delivers to this
-    host, IPv6 AnyIP routes included; the same sandbox reaches it at each
-    address on the port its policy names with the address, so the 403s
-    are the local-route check's doing."""
+def run_local_routes(tmp_path, targets: list[str], nonlocal_bind: str, setup: list[str]) -> dict:
+    """LOCAL_ROUTES in a throwaway user and network namespace set up by the
+    ``ip`` commands of ``setup``: its report (skips where there is no such
+    namespace or sandbox)."""
     help_text = subprocess.run(["unshare", "--help"], capture_output=True, text=True, timeout=60).stdout
     if "--keep-caps" not in help_text or "--map-user" not in help_text:
         pytest.skip("this unshare has no --keep-caps or --map-user")
     script = tmp_path / "local_routes.py"
     script.write_text(LOCAL_ROUTES)
     os.chmod(tmp_path, 0o755)  # readable by the namespace's uid, whatever the host's is
-    targets = [target for _, target in LOCAL_ROUTE_CASES]
-    setup = [command for commands, _ in LOCAL_ROUTE_CASES for command in commands]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(heel.__file__))}  # this heel
     result = subprocess.run([*_namespace_command(), sys.executable, str(script),
                              json.dumps([targets, nonlocal_bind, setup])],
@@ -244,6 +236,22 @@ def test_a_local_route_of_either_family_is_refused_even_under_allow_all(tmp_path
     report = json.loads(result.stdout.decode().splitlines()[-1])
     if "skip" in report:
         pytest.skip(f"no sandbox inside a namespace here: {report['skip']}")
+    return report
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not shutil.which("ip") or not shutil.which("curl"),
+                    reason="needs unshare, ip and curl")
+@pytest.mark.parametrize("nonlocal_bind", ["0", "1"], ids=["nonlocal_bind_off", "nonlocal_bind_on"])
+def test_a_local_route_of_either_family_is_refused_even_under_allow_all(tmp_path, nonlocal_bind):
+    """In a throwaway network namespace whose loopback takes public-looking
+    addresses (nothing leaves it), a daemon on the wildcard address is not
+    reachable through AllowAll at any address the kernel delivers to this
+    host, IPv6 AnyIP routes included; the same sandbox reaches it at each
+    address on the port its policy names with the address, so the 403s
+    are the local-route check's doing."""
+    targets = [target for _, target in LOCAL_ROUTE_CASES]
+    setup = [command for commands, _ in LOCAL_ROUTE_CASES for command in commands]
+    report = run_local_routes(tmp_path, targets, nonlocal_bind, setup)
     refused, allowed = report["refused_port"], report["allowed_port"]
     assert report["codes"] == {**{f"{t} {refused}": "403" for t in targets},
                                **{f"{t} {allowed}": "200" for t in targets}}, report
